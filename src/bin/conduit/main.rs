@@ -1,0 +1,180 @@
+//! `conduit`: run the reference order pipeline and experiment with its settings.
+//!
+//! Data goes to stdout (`--format human|json`), progress and logs to stderr. Exit codes:
+//! 0 success, 1 the run broke an invariant or failed, 2 bad input (arguments or configuration).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use conduit::orders::{self, PipelineFile, RunError, RunReport};
+
+mod human;
+
+/// An embeddable event pipeline engine, driven from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "conduit", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Push a seeded workload of orders through the pipeline and report.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Orders to generate and submit.
+    #[arg(long, default_value_t = 100_000)]
+    orders: u64,
+    /// Seed of the workload and of every simulated fault (overrides the file).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// TOML file with `[engine]` and `[simulation]` tables.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Probability that a charge attempt fails transiently, 0 to 1 (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    payment_failure_rate: Option<f64>,
+    /// Fraction of SKUs out of stock, 0 to 1 (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    out_of_stock_rate: Option<f64>,
+    /// Worker threads per stage (overrides the file's default).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Events per batch (overrides the file's default).
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+    /// No progress bar, even on a terminal.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Bad input: reported with exit code 2.
+#[derive(Debug)]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Failure::Usage(UsageError(message))) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    Usage(UsageError),
+    Run(String),
+}
+
+impl From<UsageError> for Failure {
+    fn from(error: UsageError) -> Self {
+        Self::Usage(error)
+    }
+}
+
+/// Reads the file (if any) and lays the flags over it.
+fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig), UsageError> {
+    let mut file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| UsageError(format!("cannot read config file {}: {e}", path.display())))?;
+            PipelineFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?
+        }
+        None => PipelineFile::default(),
+    };
+    if let Some(seed) = args.seed {
+        file.simulation.seed = seed;
+    }
+    if let Some(rate) = args.payment_failure_rate {
+        file.simulation.payment_failure_rate = rate;
+    }
+    if let Some(rate) = args.out_of_stock_rate {
+        file.simulation.out_of_stock_rate = rate;
+    }
+    if let Some(workers) = args.workers {
+        file.engine.workers = Some(workers);
+    }
+    if let Some(batch) = args.batch {
+        file.engine.batch_events_max = Some(batch);
+    }
+    file.validate().map_err(|e| UsageError(e.to_string()))
+}
+
+fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
+    let (engine, sim) = plan(args)?;
+    let bar = progress_bar(args.orders, args.quiet);
+    let result = orders::run(&engine, &sim, args.orders, |submitted, finished| {
+        if let Some(bar) = &bar {
+            bar.set_position(submitted);
+            bar.set_message(format!("{finished} finished"));
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = match result {
+        Ok(report) => report,
+        Err(RunError::Build(error)) => return Err(Failure::Usage(UsageError(error.to_string()))),
+        Err(RunError::Poisoned { unsent, report }) => {
+            print_report(&report, args.format).map_err(Failure::Run)?;
+            return Err(Failure::Run(format!("the engine was poisoned; {unsent} orders were not submitted")));
+        }
+        Err(other) => return Err(Failure::Run(other.to_string())),
+    };
+    print_report(&report, args.format).map_err(Failure::Run)?;
+    let violations = report.violations();
+    if violations.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for violation in &violations {
+            eprintln!("invariant broken: {violation}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn print_report(report: &RunReport, format: Format) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    let written = match format {
+        Format::Json => serde_json::to_writer(&mut out, report)
+            .map_err(|e| e.to_string())
+            .and_then(|()| writeln!(out).map_err(|e| e.to_string())),
+        Format::Human => human::write_report(&mut out, report).map_err(|e| e.to_string()),
+    };
+    written.map_err(|e| format!("cannot write the report: {e}"))
+}
+
+fn progress_bar(total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} orders submitted, {msg} ({per_sec})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
+}

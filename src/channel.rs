@@ -1,0 +1,211 @@
+//! Batched, bounded channels over crossbeam, with recycled batch buffers.
+//!
+//! Each stage has one input queue: a bounded crossbeam channel of [`Batch`]es, fed by every
+//! upstream worker (or ingress) and drained by every worker of the stage (MPMC). A drained batch's
+//! buffer goes back through a second channel to whoever sends next, so steady state allocates
+//! nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvError, SendTimeoutError, Sender, TryRecvError, TrySendError};
+
+use crate::metrics::StageMetrics;
+use crate::stage::Envelope;
+
+/// How often a sender blocked on a full queue looks at the poison flag.
+const POISON_POLL: Duration = Duration::from_millis(50);
+
+/// Events moving together from one thread to the next: a transport unit, never a unit of failure.
+#[derive(Debug)]
+pub(crate) struct Batch<M> {
+    pub(crate) events: Vec<Envelope<M>>,
+    /// When the batch was handed to the queue: the start of the stage's latency.
+    pub(crate) sent_at: Instant,
+}
+
+/// Why a send did not happen; the batch comes back.
+#[derive(Debug)]
+pub(crate) enum SendFailure<M> {
+    /// The queue is full (only from `try_send`).
+    Full(Batch<M>),
+    /// No receiver is left, or the engine is poisoned.
+    Gone(Batch<M>),
+}
+
+/// Creates one stage's input queue.
+pub(crate) fn queue<M>(
+    capacity_batches: usize,
+    batch_events_max: usize,
+    metrics: Arc<StageMetrics>,
+    poisoned: Arc<AtomicBool>,
+) -> (BatchSender<M>, BatchReceiver<M>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity_batches);
+    // Room for every buffer that can be in flight: queued, being filled, being drained.
+    let (free_tx, free_rx) = crossbeam_channel::bounded(capacity_batches * 2 + 8);
+    let sender = BatchSender { tx, free_rx, batch_events_max, metrics: Arc::clone(&metrics), poisoned };
+    let receiver = BatchReceiver { rx, free_tx, metrics };
+    (sender, receiver)
+}
+
+/// The sending side of a stage's queue; cloned into every thread that feeds the stage.
+#[derive(Debug)]
+pub(crate) struct BatchSender<M> {
+    tx: Sender<Batch<M>>,
+    free_rx: Receiver<Vec<Envelope<M>>>,
+    batch_events_max: usize,
+    metrics: Arc<StageMetrics>,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl<M> Clone for BatchSender<M> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            free_rx: self.free_rx.clone(),
+            batch_events_max: self.batch_events_max,
+            metrics: Arc::clone(&self.metrics),
+            poisoned: Arc::clone(&self.poisoned),
+        }
+    }
+}
+
+impl<M> BatchSender<M> {
+    pub(crate) fn batch_events_max(&self) -> usize {
+        self.batch_events_max
+    }
+
+    /// An empty buffer: a recycled one when there is one.
+    pub(crate) fn buffer(&self) -> Vec<Envelope<M>> {
+        self.free_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(self.batch_events_max))
+    }
+
+    /// Sends, blocking while the queue is full; fails if the stage is gone or the engine poisoned.
+    pub(crate) fn send(&self, events: Vec<Envelope<M>>) -> Result<(), SendFailure<M>> {
+        debug_assert!(!events.is_empty(), "empty batches are never sent");
+        debug_assert!(events.len() <= self.batch_events_max, "batch of {} over its bound", events.len());
+        let count = events.len() as u64;
+        let mut batch = Batch { events, sent_at: Instant::now() };
+        self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
+        loop {
+            match self.tx.send_timeout(batch, POISON_POLL) {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Timeout(back)) => {
+                    if self.poisoned.load(Ordering::Acquire) {
+                        self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
+                        return Err(SendFailure::Gone(back));
+                    }
+                    batch = back;
+                }
+                Err(SendTimeoutError::Disconnected(back)) => {
+                    self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
+                    return Err(SendFailure::Gone(back));
+                }
+            }
+        }
+    }
+
+    /// Sends if there is room now.
+    pub(crate) fn try_send(&self, events: Vec<Envelope<M>>) -> Result<(), SendFailure<M>> {
+        let count = events.len() as u64;
+        self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
+        match self.tx.try_send(Batch { events, sent_at: Instant::now() }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(back)) => {
+                self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
+                Err(SendFailure::Full(back))
+            }
+            Err(TrySendError::Disconnected(back)) => {
+                self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
+                Err(SendFailure::Gone(back))
+            }
+        }
+    }
+}
+
+/// The receiving side of a stage's queue; cloned into each of the stage's workers.
+#[derive(Debug)]
+pub(crate) struct BatchReceiver<M> {
+    rx: Receiver<Batch<M>>,
+    free_tx: Sender<Vec<Envelope<M>>>,
+    metrics: Arc<StageMetrics>,
+}
+
+impl<M> Clone for BatchReceiver<M> {
+    fn clone(&self) -> Self {
+        Self { rx: self.rx.clone(), free_tx: self.free_tx.clone(), metrics: Arc::clone(&self.metrics) }
+    }
+}
+
+impl<M> BatchReceiver<M> {
+    /// A batch if one is queued now.
+    pub(crate) fn try_recv(&self) -> Result<Batch<M>, TryRecvError> {
+        let batch = self.rx.try_recv()?;
+        self.count_out(&batch);
+        Ok(batch)
+    }
+
+    /// Waits for a batch; fails once every sender is gone and the queue is empty.
+    pub(crate) fn recv(&self) -> Result<Batch<M>, RecvError> {
+        let batch = self.rx.recv()?;
+        self.count_out(&batch);
+        Ok(batch)
+    }
+
+    fn count_out(&self, batch: &Batch<M>) {
+        self.metrics.dequeued.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Hands a drained buffer back to the senders.
+    pub(crate) fn recycle(&self, mut buffer: Vec<Envelope<M>>) {
+        buffer.clear();
+        // A full free list means enough buffers circulate already: this one is simply dropped.
+        let _ = self.free_tx.try_send(buffer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(seq: u64) -> Envelope<u64> {
+        Envelope { key: seq, seq, attempt: 0, msg: seq }
+    }
+
+    fn test_queue(capacity: usize) -> (BatchSender<u64>, BatchReceiver<u64>) {
+        let metrics = Arc::new(StageMetrics::new("t".into(), 1, capacity * 4));
+        queue(capacity, 4, metrics, Arc::new(AtomicBool::new(false)))
+    }
+
+    #[test]
+    fn buffers_are_recycled() {
+        let (tx, rx) = test_queue(2);
+        let mut buffer = tx.buffer();
+        buffer.push(envelope(1));
+        let pointer = buffer.as_ptr();
+        tx.send(buffer).expect("room in queue");
+        let batch = rx.try_recv().expect("one batch queued");
+        assert_eq!(batch.events, vec![envelope(1)]);
+        rx.recycle(batch.events);
+        let again = tx.buffer();
+        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), pointer, "the drained buffer comes back");
+    }
+
+    #[test]
+    fn try_send_hands_the_batch_back_when_full() {
+        let (tx, rx) = test_queue(1);
+        tx.try_send(vec![envelope(1)]).expect("room for one");
+        let failure = tx.try_send(vec![envelope(2)]).expect_err("queue full");
+        assert!(matches!(failure, SendFailure::Full(ref b) if b.events == vec![envelope(2)]));
+        assert_eq!(rx.metrics.snapshot().queue_depth, 1);
+    }
+
+    #[test]
+    fn send_fails_once_receivers_are_gone() {
+        let (tx, rx) = test_queue(1);
+        drop(rx);
+        assert!(matches!(tx.send(vec![envelope(1)]), Err(SendFailure::Gone(_))));
+    }
+}

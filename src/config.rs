@@ -1,0 +1,292 @@
+//! Engine configuration: raw settings (serde, TOML) validated once into a typed [`EngineConfig`].
+//!
+//! Every bound is checked here, at construction, so the engine never meets a zero capacity or an
+//! unbounded retry count at run time. Units go last in names (`batch_events_max`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Inclusive bounds of every stage setting, checked by [`StageConfig::validate`].
+pub mod limits {
+    /// Most worker threads one stage may run.
+    pub const WORKERS_MAX: usize = 256;
+    /// Most batches one stage's input queue may hold.
+    pub const QUEUE_BATCHES_MAX: usize = 1 << 16;
+    /// Most events one batch may carry.
+    pub const BATCH_EVENTS_MAX: usize = 1 << 16;
+    /// Most attempts (first try included) an event may get in one stage.
+    pub const ATTEMPTS_MAX: u32 = 100;
+    /// Most events one stage's queue may hold in all (`queue_batches * batch_events_max`).
+    pub const QUEUE_EVENTS_MAX: usize = 1 << 26;
+}
+
+/// The settings of one stage's worker pool and input queue, all bounds checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Worker threads in the stage's pool (1..=256).
+    pub workers: usize,
+    /// Capacity of the stage's input queue, in batches (1..=65536).
+    pub queue_batches: usize,
+    /// Most events per batch sent to the stage (1..=65536).
+    pub batch_events_max: usize,
+    /// Attempts an event gets in this stage before it is dead-lettered (1..=100).
+    pub attempts_max: u32,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        Self { workers: 1, queue_batches: 64, batch_events_max: 256, attempts_max: 5 }
+    }
+}
+
+impl StageConfig {
+    /// Checks every field against [`limits`]; `scope` names the stage in the error.
+    pub fn validate(&self, scope: &str) -> Result<(), ConfigError> {
+        check_range(scope, "workers", self.workers, 1, limits::WORKERS_MAX)?;
+        check_range(scope, "queue_batches", self.queue_batches, 1, limits::QUEUE_BATCHES_MAX)?;
+        check_range(scope, "batch_events_max", self.batch_events_max, 1, limits::BATCH_EVENTS_MAX)?;
+        check_range(scope, "attempts_max", self.attempts_max as usize, 1, limits::ATTEMPTS_MAX as usize)?;
+        let queue_events = self.queue_batches * self.batch_events_max;
+        if queue_events > limits::QUEUE_EVENTS_MAX {
+            return Err(ConfigError::OutOfRange {
+                field: format!("{scope}.queue_batches * batch_events_max"),
+                value: queue_events.to_string(),
+                min: "1".into(),
+                max: limits::QUEUE_EVENTS_MAX.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The most events the stage's input queue holds.
+    #[must_use]
+    pub fn queue_events_max(&self) -> usize {
+        self.queue_batches * self.batch_events_max
+    }
+}
+
+fn check_range(scope: &str, field: &str, value: usize, min: usize, max: usize) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            field: format!("{scope}.{field}"),
+            value: value.to_string(),
+            min: min.to_string(),
+            max: max.to_string(),
+        })
+    }
+}
+
+/// Raw stage settings as written in a file: every field optional, falling back to the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSettings {
+    /// See [`StageConfig::workers`].
+    pub workers: Option<usize>,
+    /// See [`StageConfig::queue_batches`].
+    pub queue_batches: Option<usize>,
+    /// See [`StageConfig::batch_events_max`].
+    pub batch_events_max: Option<usize>,
+    /// See [`StageConfig::attempts_max`].
+    pub attempts_max: Option<u32>,
+}
+
+impl StageSettings {
+    fn over(&self, base: StageConfig) -> StageConfig {
+        StageConfig {
+            workers: self.workers.unwrap_or(base.workers),
+            queue_batches: self.queue_batches.unwrap_or(base.queue_batches),
+            batch_events_max: self.batch_events_max.unwrap_or(base.batch_events_max),
+            attempts_max: self.attempts_max.unwrap_or(base.attempts_max),
+        }
+    }
+}
+
+/// Raw engine settings as written in the `[engine]` table of a TOML file.
+///
+/// ```toml
+/// [engine]
+/// workers = 1              # defaults for every stage
+/// batch_events_max = 256
+///
+/// [engine.stages.payment]  # overrides for one stage
+/// workers = 2
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Default for every stage: see [`StageConfig::workers`].
+    pub workers: Option<usize>,
+    /// Default for every stage: see [`StageConfig::queue_batches`].
+    pub queue_batches: Option<usize>,
+    /// Default for every stage: see [`StageConfig::batch_events_max`].
+    pub batch_events_max: Option<usize>,
+    /// Default for every stage: see [`StageConfig::attempts_max`].
+    pub attempts_max: Option<u32>,
+    /// Per-stage overrides, by stage name.
+    #[serde(default)]
+    pub stages: BTreeMap<String, StageSettings>,
+}
+
+impl EngineSettings {
+    fn defaults(&self) -> StageSettings {
+        StageSettings {
+            workers: self.workers,
+            queue_batches: self.queue_batches,
+            batch_events_max: self.batch_events_max,
+            attempts_max: self.attempts_max,
+        }
+    }
+}
+
+/// The validated engine configuration: stage defaults and per-stage overrides.
+///
+/// Built by [`EngineConfig::builder`], [`EngineConfig::from_settings`] or
+/// [`EngineConfig::from_toml_str`]; every value in it is within [`limits`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct EngineConfig {
+    defaults: StageConfig,
+    stages: BTreeMap<String, StageConfig>,
+}
+
+impl EngineConfig {
+    /// A builder starting from the defaults.
+    #[must_use]
+    pub fn builder() -> EngineConfigBuilder {
+        EngineConfigBuilder { settings: EngineSettings::default() }
+    }
+
+    /// Validates raw settings.
+    pub fn from_settings(settings: &EngineSettings) -> Result<Self, ConfigError> {
+        let defaults = settings.defaults().over(StageConfig::default());
+        defaults.validate("engine")?;
+        let mut stages = BTreeMap::new();
+        for (name, stage) in &settings.stages {
+            if name.is_empty() {
+                return Err(ConfigError::Invalid("engine.stages: a stage name is empty".into()));
+            }
+            let config = stage.over(defaults);
+            config.validate(&format!("engine.stages.{name}"))?;
+            stages.insert(name.clone(), config);
+        }
+        Ok(Self { defaults, stages })
+    }
+
+    /// Parses and validates the `[engine]`-less form: the table's contents at top level.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let settings: EngineSettings = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Self::from_settings(&settings)
+    }
+
+    /// The configuration of the stage named `name` (its override, or the defaults).
+    #[must_use]
+    pub fn stage(&self, name: &str) -> StageConfig {
+        self.stages.get(name).copied().unwrap_or(self.defaults)
+    }
+
+    /// The defaults every stage without an override gets.
+    #[must_use]
+    pub fn defaults(&self) -> StageConfig {
+        self.defaults
+    }
+
+    /// Names of the stages with overrides.
+    pub fn overridden_stages(&self) -> impl Iterator<Item = &str> {
+        self.stages.keys().map(String::as_str)
+    }
+}
+
+/// Builds an [`EngineConfig`]; [`build`](Self::build) validates.
+#[derive(Debug, Clone)]
+pub struct EngineConfigBuilder {
+    settings: EngineSettings,
+}
+
+impl EngineConfigBuilder {
+    /// Default worker count for every stage.
+    #[must_use]
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.settings.workers = Some(workers);
+        self
+    }
+
+    /// Default input queue capacity, in batches.
+    #[must_use]
+    pub fn queue_batches(mut self, batches: usize) -> Self {
+        self.settings.queue_batches = Some(batches);
+        self
+    }
+
+    /// Default batch size in events.
+    #[must_use]
+    pub fn batch_events_max(mut self, events: usize) -> Self {
+        self.settings.batch_events_max = Some(events);
+        self
+    }
+
+    /// Default attempts per event per stage.
+    #[must_use]
+    pub fn attempts_max(mut self, attempts: u32) -> Self {
+        self.settings.attempts_max = Some(attempts);
+        self
+    }
+
+    /// Overrides for one stage.
+    #[must_use]
+    pub fn stage(mut self, name: &str, settings: StageSettings) -> Self {
+        self.settings.stages.insert(name.to_owned(), settings);
+        self
+    }
+
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<EngineConfig, ConfigError> {
+        EngineConfig::from_settings(&self.settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let config = EngineConfig::builder().build().expect("defaults are valid");
+        assert_eq!(config.stage("anything"), StageConfig::default());
+    }
+
+    #[test]
+    fn stage_override_inherits_unset_fields() {
+        let config = EngineConfig::from_toml_str("workers = 2\n[stages.payment]\nbatch_events_max = 64\n")
+            .expect("valid config");
+        let payment = config.stage("payment");
+        assert_eq!(payment.workers, 2);
+        assert_eq!(payment.batch_events_max, 64);
+        assert_eq!(config.stage("order").batch_events_max, 256);
+    }
+
+    #[test]
+    fn zero_capacity_is_refused_with_the_field_named() {
+        let err = EngineConfig::builder().queue_batches(0).build().expect_err("zero capacity");
+        assert!(err.to_string().contains("engine.queue_batches"), "{err}");
+        let err = EngineConfig::from_toml_str("[stages.sms]\nworkers = 0\n").expect_err("zero workers");
+        assert!(err.to_string().contains("engine.stages.sms.workers"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = EngineConfig::from_toml_str("wrokers = 2\n").expect_err("typo");
+        assert!(matches!(err, ConfigError::Parse(_)));
+        assert!(err.to_string().contains("wrokers"), "{err}");
+    }
+
+    #[test]
+    fn oversized_queue_is_refused() {
+        let err = EngineConfig::builder().queue_batches(65536).batch_events_max(65536).build();
+        assert!(matches!(err, Err(ConfigError::OutOfRange { .. })));
+    }
+}

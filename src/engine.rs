@@ -1,0 +1,454 @@
+//! Wiring and lifecycle: a [`Topology`] of named stages becomes a running [`Engine`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::channel::{self, BatchSender, SendFailure};
+use crate::config::EngineConfig;
+use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
+use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
+use crate::metrics::{Snapshot, StageMetrics};
+use crate::stage::{Envelope, Handler, Message, StageId};
+use crate::worker::{self, Shared, WorkerCtx};
+
+type Runner<M> = Arc<dyn Fn(WorkerCtx<M>) + Send + Sync>;
+
+struct StageDecl<M> {
+    name: String,
+    runner: Option<Runner<M>>,
+}
+
+/// The shape of a pipeline: named stages, the links between them, and the entry stage.
+///
+/// Links form a directed acyclic graph (a cycle of bounded queues can deadlock, and shutdown
+/// drains front to back). A handler may emit only to stages linked from its own.
+///
+/// ```
+/// use conduit::{Topology, Outcome, Envelope, Emitter, Message};
+///
+/// #[derive(Debug, Clone, Copy)]
+/// struct Ping(u64);
+/// impl Message for Ping { fn key(&self) -> u64 { self.0 } }
+///
+/// let mut topology = Topology::<Ping>::new();
+/// let first = topology.stage("first");
+/// let second = topology.stage("second");
+/// topology.link(first, second).entry(first);
+/// topology.handler(first, move |_worker| {
+///     move |event: &Envelope<Ping>, out: &mut Emitter<Ping>| {
+///         out.emit(second, event.msg);
+///         Outcome::Done
+///     }
+/// });
+/// topology.handler(second, |_worker| |_: &Envelope<Ping>, _: &mut Emitter<Ping>| Outcome::Done);
+/// ```
+pub struct Topology<M> {
+    stages: Vec<StageDecl<M>>,
+    links: Vec<(StageId, StageId)>,
+    entry: Option<StageId>,
+}
+
+impl<M> fmt::Debug for Topology<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Topology")
+            .field("stages", &self.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>())
+            .field("links", &self.links)
+            .field("entry", &self.entry)
+            .finish()
+    }
+}
+
+impl<M: Message> Default for Topology<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<M: Message> Topology<M> {
+    /// An empty topology.
+    #[must_use]
+    pub fn new() -> Self {
+        Self { stages: Vec::new(), links: Vec::new(), entry: None }
+    }
+
+    /// Declares a stage; its settings come from the [`EngineConfig`] entry of the same name.
+    ///
+    /// Names must be unique and non-empty; [`Engine::start`] checks.
+    pub fn stage(&mut self, name: &str) -> StageId {
+        let id = u16::try_from(self.stages.len()).unwrap_or(u16::MAX);
+        self.stages.push(StageDecl { name: name.to_owned(), runner: None });
+        StageId(id)
+    }
+
+    /// Lets handlers of `from` emit to `to`.
+    pub fn link(&mut self, from: StageId, to: StageId) -> &mut Self {
+        self.links.push((from, to));
+        self
+    }
+
+    /// Makes `stage` the one submitted messages enter.
+    pub fn entry(&mut self, stage: StageId) -> &mut Self {
+        self.entry = Some(stage);
+        self
+    }
+
+    /// Sets the handler of `stage`: `factory` builds one handler per worker, on its thread, with
+    /// the worker's index in the pool.
+    pub fn handler<H, F>(&mut self, stage: StageId, factory: F) -> &mut Self
+    where
+        H: Handler<M> + 'static,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        if let Some(decl) = self.stages.get_mut(stage.index()) {
+            decl.runner = Some(Arc::new(move |ctx: WorkerCtx<M>| {
+                let handler = factory(ctx.worker);
+                worker::run(ctx, handler);
+            }));
+        }
+        self
+    }
+
+    /// Checks the topology and returns the stages in an order where every link points forward.
+    fn validate(&self, config: &EngineConfig) -> Result<Vec<StageId>, BuildError> {
+        let invalid = |text: String| Err(BuildError::Topology(text));
+        if self.stages.is_empty() {
+            return invalid("no stages declared".into());
+        }
+        if self.stages.len() > usize::from(u16::MAX) {
+            return invalid(format!("{} stages declared; at most {} allowed", self.stages.len(), u16::MAX));
+        }
+        for (index, stage) in self.stages.iter().enumerate() {
+            if stage.name.is_empty() || stage.name.contains(char::is_whitespace) {
+                return invalid(format!("stage #{index} has an empty name or one with whitespace: {:?}", stage.name));
+            }
+            if self.stages[..index].iter().any(|other| other.name == stage.name) {
+                return invalid(format!("stage name {:?} is declared twice", stage.name));
+            }
+            if stage.runner.is_none() {
+                return invalid(format!("stage {:?} has no handler", stage.name));
+            }
+        }
+        for name in config.overridden_stages() {
+            if !self.stages.iter().any(|s| s.name == name) {
+                return Err(ConfigError::Invalid(format!(
+                    "engine.stages.{name} configures a stage the topology does not have (stages: {})",
+                    self.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+                .into());
+            }
+        }
+        let Some(entry) = self.entry else {
+            return invalid("no entry stage set".into());
+        };
+        let count = self.stages.len();
+        let mut indegree = vec![0usize; count];
+        let mut successors = vec![Vec::new(); count];
+        for &(from, to) in &self.links {
+            if from.index() >= count || to.index() >= count {
+                return invalid(format!("link {from:?} -> {to:?} names a stage of another topology"));
+            }
+            if from == to {
+                return invalid(format!("stage {:?} is linked to itself", self.stages[from.index()].name));
+            }
+            if !successors[from.index()].contains(&to) {
+                successors[from.index()].push(to);
+                indegree[to.index()] += 1;
+            }
+        }
+        // Kahn's algorithm: a full order exists exactly when the links have no cycle.
+        let mut ready: VecDeque<StageId> =
+            (0..count).filter(|&i| indegree[i] == 0).map(|i| StageId(u16::try_from(i).unwrap_or(u16::MAX))).collect();
+        let mut order = Vec::with_capacity(count);
+        while let Some(stage) = ready.pop_front() {
+            order.push(stage);
+            for &next in &successors[stage.index()] {
+                indegree[next.index()] -= 1;
+                if indegree[next.index()] == 0 {
+                    ready.push_back(next);
+                }
+            }
+        }
+        if order.len() != count {
+            return invalid("the links form a cycle; stages must form a directed acyclic graph".into());
+        }
+        let mut reachable = vec![false; count];
+        let mut stack = vec![entry];
+        while let Some(stage) = stack.pop() {
+            if !std::mem::replace(&mut reachable[stage.index()], true) {
+                stack.extend(successors[stage.index()].iter().copied());
+            }
+        }
+        if let Some(lost) = reachable.iter().position(|r| !r) {
+            return invalid(format!("stage {:?} cannot be reached from the entry stage", self.stages[lost].name));
+        }
+        Ok(order)
+    }
+}
+
+/// A running pipeline. Submit messages from any number of threads (`&Engine` is `Sync`), then
+/// [`shutdown`](Self::shutdown) to drain it and get the final report.
+pub struct Engine<M: Message> {
+    ingress: Option<BatchSender<M>>,
+    entry_batch_events_max: usize,
+    next_seq: AtomicU64,
+    submitted: AtomicU64,
+    metrics: Vec<Arc<StageMetrics>>,
+    /// Worker threads, stages in topological order so joining follows the drain.
+    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    dead_letters: Arc<dyn DeadLetterSink<M>>,
+    started: Instant,
+}
+
+impl<M: Message> fmt::Debug for Engine<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("stages", &self.metrics.iter().map(|m| m.name.as_str()).collect::<Vec<_>>())
+            .field("workers", &self.workers.len())
+            .field("submitted", &self.submitted.load(Ordering::Relaxed))
+            .field("poisoned", &self.poisoned())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Engine::shutdown`] returns: the final figures of a fully drained engine.
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    /// Figures after the last event was handled.
+    pub snapshot: Snapshot,
+}
+
+impl ShutdownReport {
+    /// Whether every worker stopped normally.
+    #[must_use]
+    pub fn is_clean(&self) -> bool {
+        self.snapshot.poisoned.is_none()
+    }
+}
+
+impl<M: Message> Engine<M> {
+    /// Starts the engine with dead letters kept in memory (see [`Engine::start_with`]).
+    pub fn start(topology: Topology<M>, config: &EngineConfig) -> Result<Self, BuildError> {
+        Self::start_with(topology, config, Arc::new(MemoryDeadLetters::<M>::default()))
+    }
+
+    /// Validates the topology against the configuration and starts every worker thread
+    /// (named `conduit:<stage>:<worker>`); dead letters go to `dead_letters`.
+    pub fn start_with(
+        topology: Topology<M>,
+        config: &EngineConfig,
+        dead_letters: Arc<dyn DeadLetterSink<M>>,
+    ) -> Result<Self, BuildError> {
+        let order = topology.validate(config)?;
+        let entry = topology.entry.expect("validate checked the entry stage is set");
+        let shared = Arc::new(Shared::default());
+        let stage_configs: Vec<_> = topology.stages.iter().map(|s| config.stage(&s.name)).collect();
+        for (decl, stage) in topology.stages.iter().zip(&stage_configs) {
+            stage.validate(&format!("engine.stages.{}", decl.name))?;
+        }
+        let metrics: Vec<Arc<StageMetrics>> = topology
+            .stages
+            .iter()
+            .zip(&stage_configs)
+            .map(|(decl, c)| Arc::new(StageMetrics::new(decl.name.clone(), c.workers, c.queue_events_max())))
+            .collect();
+        let queues: Vec<_> = stage_configs
+            .iter()
+            .zip(&metrics)
+            .map(|(c, m)| {
+                channel::queue(c.queue_batches, c.batch_events_max, Arc::clone(m), Arc::clone(&shared.poisoned))
+            })
+            .collect();
+
+        let mut engine = Self {
+            ingress: Some(queues[entry.index()].0.clone()),
+            entry_batch_events_max: stage_configs[entry.index()].batch_events_max,
+            next_seq: AtomicU64::new(0),
+            submitted: AtomicU64::new(0),
+            metrics,
+            workers: Vec::new(),
+            shared,
+            dead_letters,
+            started: Instant::now(),
+        };
+        for stage in order {
+            let index = stage.index();
+            let decl = &topology.stages[index];
+            let runner = decl.runner.as_ref().expect("validate checked every stage has a handler");
+            let stage_config = stage_configs[index];
+            for worker in 0..stage_config.workers {
+                let outputs = (0..topology.stages.len())
+                    .map(|to| {
+                        topology.links.iter().any(|&(f, t)| f == stage && t.index() == to).then(|| queues[to].0.clone())
+                    })
+                    .collect();
+                let name = format!("conduit:{}:{worker}", decl.name);
+                let ctx = WorkerCtx {
+                    name: name.clone(),
+                    stage_name: decl.name.clone(),
+                    worker,
+                    config: stage_config,
+                    input: queues[index].1.clone(),
+                    outputs,
+                    metrics: Arc::clone(&engine.metrics[index]),
+                    dead_letters: Arc::clone(&engine.dead_letters),
+                    shared: Arc::clone(&engine.shared),
+                };
+                let runner = Arc::clone(runner);
+                let handle = std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || runner(ctx))
+                    .map_err(|source| BuildError::Spawn { name, source })?;
+                engine.workers.push(handle);
+            }
+        }
+        // The queues' own ends are dropped here: from now on only ingress and workers hold them,
+        // so a stage's queue closes exactly when everything upstream of it has stopped.
+        drop(queues);
+        tracing::info!(stages = engine.metrics.len(), workers = engine.workers.len(), "engine started");
+        Ok(engine)
+    }
+
+    /// Submits one message, blocking while the entry queue is full.
+    pub fn submit(&self, msg: M) -> Result<(), SubmitError<M>> {
+        self.submit_many(std::iter::once(msg)).map(drop).map_err(|e| match e {
+            SubmitError::Closed(mut v) => SubmitError::Closed(v.pop().expect("the failed batch held the one message")),
+            SubmitError::Poisoned(mut v) => {
+                SubmitError::Poisoned(v.pop().expect("the failed batch held the one message"))
+            }
+        })
+    }
+
+    /// Submits one message if the entry queue has room now; otherwise hands it back in
+    /// [`TrySubmitError::Full`].
+    pub fn try_submit(&self, msg: M) -> Result<(), TrySubmitError<M>> {
+        let Some(ingress) = self.ingress.as_ref() else {
+            return Err(TrySubmitError::Closed(msg));
+        };
+        if self.shared.is_poisoned() {
+            return Err(TrySubmitError::Poisoned(msg));
+        }
+        let mut buffer = ingress.buffer();
+        buffer.push(self.envelope(msg));
+        match ingress.try_send(buffer) {
+            Ok(()) => {
+                self.submitted.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(failure) => {
+                let (full, batch) = match failure {
+                    SendFailure::Full(batch) => (true, batch),
+                    SendFailure::Gone(batch) => (false, batch),
+                };
+                let msg = batch.events.into_iter().next().expect("the failed batch held the one message").msg;
+                if full {
+                    Err(TrySubmitError::Full(msg))
+                } else {
+                    Err(TrySubmitError::Poisoned(msg))
+                }
+            }
+        }
+    }
+
+    /// Submits messages in batches of the entry stage's `batch_events_max`, blocking while the
+    /// entry queue is full. Returns how many were submitted.
+    ///
+    /// On failure the error holds every message not submitted: the batch that failed and the
+    /// rest of `msgs`, collected (so `msgs` must be finite).
+    pub fn submit_many(&self, msgs: impl IntoIterator<Item = M>) -> Result<u64, SubmitError<Vec<M>>> {
+        let mut msgs = msgs.into_iter().peekable();
+        let Some(ingress) = self.ingress.as_ref() else {
+            return Err(SubmitError::Closed(msgs.collect()));
+        };
+        let mut sent = 0u64;
+        loop {
+            if self.shared.is_poisoned() {
+                return Err(SubmitError::Poisoned(msgs.collect()));
+            }
+            if msgs.peek().is_none() {
+                return Ok(sent);
+            }
+            let mut buffer = ingress.buffer();
+            buffer.extend(msgs.by_ref().take(self.entry_batch_events_max).map(|msg| Envelope {
+                key: msg.key(),
+                seq: 0,
+                attempt: 0,
+                msg,
+            }));
+            let count = buffer.len() as u64;
+            let first_seq = self.next_seq.fetch_add(count, Ordering::Relaxed);
+            for (envelope, seq) in buffer.iter_mut().zip(first_seq..) {
+                envelope.seq = seq;
+            }
+            match ingress.send(buffer) {
+                Ok(()) => {
+                    self.submitted.fetch_add(count, Ordering::Relaxed);
+                    sent += count;
+                }
+                Err(SendFailure::Full(batch) | SendFailure::Gone(batch)) => {
+                    let mut unsent: Vec<M> = batch.events.into_iter().map(|e| e.msg).collect();
+                    unsent.extend(msgs);
+                    return Err(SubmitError::Poisoned(unsent));
+                }
+            }
+        }
+    }
+
+    fn envelope(&self, msg: M) -> Envelope<M> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        Envelope { key: msg.key(), seq, attempt: 0, msg }
+    }
+
+    /// Messages accepted so far.
+    pub fn submitted(&self) -> u64 {
+        self.submitted.load(Ordering::Relaxed)
+    }
+
+    /// Why the engine is poisoned, if a worker died.
+    pub fn poisoned(&self) -> Option<String> {
+        if self.shared.is_poisoned() {
+            self.shared.poison_reason.lock().clone()
+        } else {
+            None
+        }
+    }
+
+    /// The figures of every stage now.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            submitted: self.submitted(),
+            stages: self.metrics.iter().map(|m| m.snapshot()).collect(),
+            poisoned: self.poisoned(),
+        }
+    }
+
+    /// Stops intake, lets every stage drain front to back (retries included), joins every
+    /// worker and returns the final figures. Nothing accepted is dropped.
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop();
+        ShutdownReport { snapshot: self.snapshot() }
+    }
+
+    fn stop(&mut self) {
+        // Dropping the ingress sender closes the entry queue once it is drained; each stage's
+        // workers then stop and drop their senders, closing the next stage's queue, and so on.
+        self.ingress = None;
+        for handle in self.workers.drain(..) {
+            let name = handle.thread().name().unwrap_or("conduit worker").to_owned();
+            if handle.join().is_err() {
+                self.shared.poison(format!("worker {name} panicked"));
+            }
+        }
+    }
+}
+
+impl<M: Message> Drop for Engine<M> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

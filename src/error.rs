@@ -1,0 +1,116 @@
+//! Error types, one per operation. A send that fails hands its value back.
+
+use std::fmt;
+
+/// A configuration could not be parsed or is out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The text is not valid TOML, or names a key that does not exist.
+    #[error("cannot parse configuration: {0}")]
+    Parse(String),
+    /// A value lies outside its inclusive bounds.
+    #[error("{field} = {value} is out of range (allowed: {min} to {max})")]
+    OutOfRange {
+        /// Dotted path of the field, such as `engine.stages.payment.workers`.
+        field: String,
+        /// The value given.
+        value: String,
+        /// Smallest allowed value.
+        min: String,
+        /// Largest allowed value.
+        max: String,
+    },
+    /// Any other inconsistency, described.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The topology or configuration cannot be turned into a running engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The configuration is invalid for this topology.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The topology is malformed (described).
+    #[error("invalid topology: {0}")]
+    Topology(String),
+    /// A worker thread could not be spawned.
+    #[error("cannot spawn worker thread {name}: {source}")]
+    Spawn {
+        /// The thread's name.
+        name: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+/// A blocking submit failed; the message (or messages) come back.
+#[derive(PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError<T> {
+    /// The engine is shutting down or shut down and accepts nothing more.
+    #[error("the engine is closed")]
+    Closed(T),
+    /// A worker died; the engine accepts nothing more (see [`Engine::poisoned`](crate::Engine::poisoned)).
+    #[error("the engine is poisoned: a worker died")]
+    Poisoned(T),
+}
+
+impl<T> SubmitError<T> {
+    /// The value that was not submitted.
+    pub fn into_inner(self) -> T {
+        match self {
+            Self::Closed(value) | Self::Poisoned(value) => value,
+        }
+    }
+}
+
+impl<T> fmt::Debug for SubmitError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed(_) => f.write_str("Closed(..)"),
+            Self::Poisoned(_) => f.write_str("Poisoned(..)"),
+        }
+    }
+}
+
+/// A non-blocking submit failed; the message comes back.
+#[derive(PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrySubmitError<T> {
+    /// The entry queue is full: try again later, or use the blocking `submit`.
+    #[error("the entry queue is full")]
+    Full(T),
+    /// The engine is closed.
+    #[error("the engine is closed")]
+    Closed(T),
+    /// A worker died.
+    #[error("the engine is poisoned: a worker died")]
+    Poisoned(T),
+}
+
+impl<T> TrySubmitError<T> {
+    /// The value that was not submitted.
+    pub fn into_inner(self) -> T {
+        match self {
+            Self::Full(value) | Self::Closed(value) | Self::Poisoned(value) => value,
+        }
+    }
+
+    /// Whether the failure is only a full queue.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Full(_))
+    }
+}
+
+impl<T> fmt::Debug for TrySubmitError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full(_) => f.write_str("Full(..)"),
+            Self::Closed(_) => f.write_str("Closed(..)"),
+            Self::Poisoned(_) => f.write_str("Poisoned(..)"),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! # conduit
+//!
+//! An embeddable, single-process event pipeline engine: staged worker pools linked by bounded
+//! MPMC channels that carry *batches* of events, with per-event outcomes, dead letters, metrics
+//! and a graceful, draining shutdown. No async runtime: plain named threads.
+//!
+//! ```text
+//!  submit()/try_submit()/submit_many()
+//!       |
+//!       v
+//!  [entry stage] --batch--> [stage] --batch--> [stage] ...     every queue bounded
+//!       |  workers,            |                  |
+//!       |  one handler each    `--Retry--> same worker, next attempt
+//!       |                      `--Reject / attempts spent--> DeadLetterSink
+//!       v
+//!  Snapshot (per stage: processed, emitted, retried, dead-lettered, queue depth, latency)
+//! ```
+//!
+//! The crate also carries a reference application built only on this public API: the order
+//! pipeline in [`orders`] (order -> payment -> inventory -> email + SMS + shipping, with
+//! compensation), driven by the `conduit` command-line tool.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use conduit::{Emitter, Engine, EngineConfig, Envelope, Message, Outcome, Topology};
+//!
+//! #[derive(Debug, Clone, Copy)]
+//! struct Order { id: u64, cents: u64 }
+//! impl Message for Order { fn key(&self) -> u64 { self.id } }
+//!
+//! let mut topology = Topology::<Order>::new();
+//! let validate = topology.stage("validate");
+//! let charge = topology.stage("charge");
+//! topology.link(validate, charge).entry(validate);
+//! topology.handler(validate, move |_worker| {
+//!     move |event: &Envelope<Order>, out: &mut Emitter<Order>| {
+//!         if event.msg.cents == 0 {
+//!             return Outcome::Reject("empty order".into());
+//!         }
+//!         out.emit(charge, event.msg);
+//!         Outcome::Done
+//!     }
+//! });
+//! topology.handler(charge, |_worker| |_: &Envelope<Order>, _: &mut Emitter<Order>| Outcome::Done);
+//!
+//! let engine = Engine::start(topology, &EngineConfig::default())?;
+//! engine.submit_many((1..=1000).map(|id| Order { id, cents: id % 10 }))?;
+//! let report = engine.shutdown();
+//! assert_eq!(report.snapshot.stage("validate").unwrap().processed, 1000);
+//! assert_eq!(report.snapshot.stage("validate").unwrap().dead_lettered, 100);
+//! assert_eq!(report.snapshot.stage("charge").unwrap().processed, 900);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## API themes
+//!
+//! - **Errors** are precise `#[non_exhaustive]` enums per operation; a send that fails hands its
+//!   value back ([`TrySubmitError::Full`] holds the message).
+//! - **`try_` names** never block; their plain siblings block while a bounded queue is full.
+//!   Nothing is ever dropped silently: every queue is bounded, and backpressure reaches the caller.
+//! - **Limits** live in [`config::limits`] and are checked once, when an [`EngineConfig`] is built.
+//! - **Failures** are per event: a batch is a transport unit, never a unit of failure. A handler
+//!   panic is caught and counted as a retry; a worker that dies poisons the engine, so no caller
+//!   waits forever.
+
+mod channel;
+pub mod config;
+mod dead_letter;
+mod engine;
+mod error;
+pub mod metrics;
+pub mod orders;
+mod stage;
+mod worker;
+
+pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, StageConfig, StageSettings};
+pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, MemoryDeadLetters};
+pub use engine::{Engine, ShutdownReport, Topology};
+pub use error::{BuildError, ConfigError, SubmitError, TrySubmitError};
+pub use metrics::{LatencySummary, Snapshot, StageSnapshot};
+pub use stage::{Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};

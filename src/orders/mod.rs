@@ -1,0 +1,37 @@
+//! The reference order pipeline, built only on the engine's public API, as an embedding
+//! application would build it.
+//!
+//! ```text
+//! order --> payment --> inventory --+--> email
+//!              |            |       +--> sms
+//!              |            |       `--> shipping            (confirmed)
+//!              `------------+----------> compensation        (cancelled: release, refund)
+//! ```
+//!
+//! Every order ends in exactly one terminal state: confirmed (shipped), cancelled (compensations
+//! applied) or dead-lettered (compensations applied). The simulated ports are seeded, keep their
+//! books by idempotency key, and never charge an order twice; [`RunReport::violations`] checks
+//! the books balance.
+//!
+//! ```
+//! use conduit::orders::{self, SimConfig};
+//! use conduit::EngineConfig;
+//!
+//! let sim = SimConfig { payment_failure_rate: 0.3, out_of_stock_rate: 0.1, ..SimConfig::default() };
+//! let report = orders::run(&EngineConfig::default(), &sim, 10_000, |_, _| {})?;
+//! assert!(report.violations().is_empty(), "{:?}", report.violations());
+//! assert_eq!(report.orders.submitted, 10_000);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod domain;
+mod pipeline;
+pub mod ports;
+mod stages;
+
+pub use domain::{CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step, Workload};
+pub use pipeline::{
+    run, DeadLetterReport, EventCounts, LedgerReport, OrderCounts, OrderPipeline, PipelineFile, RunError, RunReport,
+    SimConfig, StockReport,
+};
+pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};

@@ -1,0 +1,550 @@
+//! Wiring the order pipeline onto the engine, running a workload, and the run report.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::domain::{Order, OrderEvent, Step, Workload};
+use super::ports::{
+    Channel, Faults, LedgerFigures, NotifyFigures, SimulatedGateway, SimulatedInventory, SimulatedNotifier,
+    StockFigures,
+};
+use super::stages::{
+    names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, Outcomes, PaymentStage,
+    ShippingStage,
+};
+use crate::{BuildError, ConfigError, Engine, EngineConfig, EngineSettings, SubmitError, Topology, TrySubmitError};
+
+/// The simulated world: workload shape and how the ports misbehave. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Seeds the workload and every simulated fault.
+    pub seed: u64,
+    /// Distinct SKUs ordered (1..=1,000,000).
+    pub skus: u32,
+    /// Distinct customers (at least 1).
+    pub customers: u64,
+    /// Units each SKU starts with (SKUs made empty by `out_of_stock_rate` start with none).
+    pub stock_per_sku: u32,
+    /// Fraction of SKUs that start out of stock, so about this fraction of orders is cancelled.
+    pub out_of_stock_rate: f64,
+    /// Probability that a charge attempt fails transiently (half before, half after charging).
+    pub payment_failure_rate: f64,
+    /// Probability that a charge is declined for good.
+    pub payment_decline_rate: f64,
+    /// Probability that a reservation attempt fails transiently.
+    pub inventory_failure_rate: f64,
+    /// Probability that a notification attempt fails transiently.
+    pub notify_failure_rate: f64,
+    /// Time each payment call takes, in microseconds.
+    pub payment_latency_us: u64,
+    /// Time each inventory call takes, in microseconds.
+    pub inventory_latency_us: u64,
+    /// Time each notification call takes, in microseconds.
+    pub notify_latency_us: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            skus: 1_000,
+            customers: 100_000,
+            stock_per_sku: 1_000_000_000,
+            out_of_stock_rate: 0.0,
+            payment_failure_rate: 0.0,
+            payment_decline_rate: 0.0,
+            inventory_failure_rate: 0.0,
+            notify_failure_rate: 0.0,
+            payment_latency_us: 0,
+            inventory_latency_us: 0,
+            notify_latency_us: 0,
+        }
+    }
+}
+
+/// Most latency a simulated port may be given: one second.
+const LATENCY_US_MAX: u64 = 1_000_000;
+
+impl SimConfig {
+    /// Checks every rate is a probability and every size within bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let rates = [
+            ("out_of_stock_rate", self.out_of_stock_rate),
+            ("payment_failure_rate", self.payment_failure_rate),
+            ("payment_decline_rate", self.payment_decline_rate),
+            ("inventory_failure_rate", self.inventory_failure_rate),
+            ("notify_failure_rate", self.notify_failure_rate),
+        ];
+        for (name, rate) in rates {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError::OutOfRange {
+                    field: format!("simulation.{name}"),
+                    value: rate.to_string(),
+                    min: "0".into(),
+                    max: "1".into(),
+                });
+            }
+        }
+        if !(1..=1_000_000).contains(&self.skus) {
+            return Err(out_of_range("skus", self.skus, 1, 1_000_000));
+        }
+        if self.customers == 0 {
+            return Err(out_of_range("customers", self.customers, 1, u64::MAX));
+        }
+        let latencies = [
+            ("payment_latency_us", self.payment_latency_us),
+            ("inventory_latency_us", self.inventory_latency_us),
+            ("notify_latency_us", self.notify_latency_us),
+        ];
+        for (name, latency) in latencies {
+            if latency > LATENCY_US_MAX {
+                return Err(out_of_range(name, latency, 0, LATENCY_US_MAX));
+            }
+        }
+        Ok(())
+    }
+
+    fn faults(&self, failure_rate: f64, latency_us: u64) -> Faults {
+        Faults { seed: self.seed, failure_rate, latency: Duration::from_micros(latency_us) }
+    }
+
+    /// SKUs that start with no stock.
+    #[must_use]
+    pub fn empty_skus(&self) -> u32 {
+        // A rate within [0, 1] times a u32 fits a u32; rounding keeps the fraction exact-ish.
+        let empty = (self.out_of_stock_rate * f64::from(self.skus)).round();
+        if empty >= f64::from(self.skus) {
+            self.skus
+        } else {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let empty = empty as u32;
+            empty
+        }
+    }
+}
+
+fn out_of_range(name: &str, value: impl ToString, min: impl ToString, max: impl ToString) -> ConfigError {
+    ConfigError::OutOfRange {
+        field: format!("simulation.{name}"),
+        value: value.to_string(),
+        min: min.to_string(),
+        max: max.to_string(),
+    }
+}
+
+/// A whole configuration file: `[engine]` and `[simulation]` tables.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Engine settings (see [`EngineSettings`]).
+    pub engine: EngineSettings,
+    /// The simulated world.
+    pub simulation: SimConfig,
+}
+
+impl PipelineFile {
+    /// Parses a TOML file's text; validation comes with [`PipelineFile::validate`].
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Validates both tables.
+    pub fn validate(&self) -> Result<(EngineConfig, SimConfig), ConfigError> {
+        let engine = EngineConfig::from_settings(&self.engine)?;
+        self.simulation.validate()?;
+        Ok((engine, self.simulation.clone()))
+    }
+}
+
+/// The simulated ports, shared by the stages and read by the report.
+#[derive(Debug, Clone)]
+struct Ports {
+    gateway: Arc<SimulatedGateway>,
+    inventory: Arc<SimulatedInventory>,
+    notifier: Arc<SimulatedNotifier>,
+}
+
+/// The reference order pipeline, running.
+pub struct OrderPipeline {
+    engine: Engine<OrderEvent>,
+    ports: Ports,
+    outcomes: Arc<Outcomes>,
+    dead_letters: Arc<OrderDeadLetters>,
+    sim: SimConfig,
+    started: Instant,
+}
+
+impl std::fmt::Debug for OrderPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderPipeline").field("engine", &self.engine).field("sim", &self.sim).finish_non_exhaustive()
+    }
+}
+
+impl OrderPipeline {
+    /// Builds the topology and starts the engine.
+    pub fn start(config: &EngineConfig, sim: &SimConfig) -> Result<Self, BuildError> {
+        sim.validate()?;
+        let ports = Ports {
+            gateway: Arc::new(SimulatedGateway::new(
+                sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
+                sim.payment_decline_rate,
+            )),
+            inventory: Arc::new(SimulatedInventory::new(
+                sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
+                sim.skus,
+                sim.stock_per_sku,
+                sim.empty_skus(),
+            )),
+            notifier: Arc::new(SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us))),
+        };
+        let outcomes = Arc::new(Outcomes::default());
+        let dead_letters = Arc::new(OrderDeadLetters {
+            inventory: ports.inventory.clone(),
+            gateway: ports.gateway.clone(),
+            outcomes: Arc::clone(&outcomes),
+            letters: Mutex::new(Vec::new()),
+            compensation_failures: AtomicU64::new(0),
+        });
+
+        let mut topology = Topology::new();
+        let order = topology.stage(names::ORDER);
+        let payment = topology.stage(names::PAYMENT);
+        let inventory = topology.stage(names::INVENTORY);
+        let email = topology.stage(names::EMAIL);
+        let sms = topology.stage(names::SMS);
+        let shipping = topology.stage(names::SHIPPING);
+        let compensation = topology.stage(names::COMPENSATION);
+        topology
+            .entry(order)
+            .link(order, payment)
+            .link(payment, inventory)
+            .link(payment, compensation)
+            .link(inventory, email)
+            .link(inventory, sms)
+            .link(inventory, shipping)
+            .link(inventory, compensation);
+
+        topology.handler(order, move |_| OrderStage { payment });
+        let gateway = ports.gateway.clone();
+        topology.handler(payment, move |_| PaymentStage { gateway: gateway.clone(), inventory, compensation });
+        let store = ports.inventory.clone();
+        topology.handler(inventory, move |_| InventoryStage {
+            inventory: store.clone(),
+            email,
+            sms,
+            shipping,
+            compensation,
+        });
+        for (stage, channel) in [(email, Channel::Email), (sms, Channel::Sms)] {
+            let notifier = ports.notifier.clone();
+            topology.handler(stage, move |_| NotifyStage { channel, notifier: notifier.clone() });
+        }
+        let shipped = Arc::clone(&outcomes);
+        topology.handler(shipping, move |_| ShippingStage { outcomes: Arc::clone(&shipped) });
+        let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
+        topology.handler(compensation, move |_| CompensationStage {
+            inventory: store.clone(),
+            gateway: gateway.clone(),
+            outcomes: Arc::clone(&cancelled),
+        });
+
+        let engine = Engine::start_with(topology, config, dead_letters.clone())?;
+        Ok(Self { engine, ports, outcomes, dead_letters, sim: sim.clone(), started: Instant::now() })
+    }
+
+    /// Places one order, blocking while the entry queue is full.
+    pub fn submit(&self, order: Order) -> Result<(), SubmitError<Order>> {
+        self.engine.submit(place(order)).map_err(|e| match e {
+            SubmitError::Closed(event) => SubmitError::Closed(event.order),
+            SubmitError::Poisoned(event) => SubmitError::Poisoned(event.order),
+        })
+    }
+
+    /// Places one order if there is room now; hands it back otherwise.
+    pub fn try_submit(&self, order: Order) -> Result<(), TrySubmitError<Order>> {
+        self.engine.try_submit(place(order)).map_err(|e| match e {
+            TrySubmitError::Full(event) => TrySubmitError::Full(event.order),
+            TrySubmitError::Closed(event) => TrySubmitError::Closed(event.order),
+            TrySubmitError::Poisoned(event) => TrySubmitError::Poisoned(event.order),
+        })
+    }
+
+    /// Places many orders in batches, blocking while the entry queue is full.
+    pub fn submit_many(&self, orders: impl IntoIterator<Item = Order>) -> Result<u64, SubmitError<Vec<OrderEvent>>> {
+        self.engine.submit_many(orders.into_iter().map(place))
+    }
+
+    /// The engine underneath, for snapshots.
+    pub fn engine(&self) -> &Engine<OrderEvent> {
+        &self.engine
+    }
+
+    /// Orders that reached a terminal state so far.
+    pub fn terminal(&self) -> u64 {
+        self.outcomes.figures().terminal()
+    }
+
+    /// Drains the pipeline and reports.
+    pub fn finish(self) -> RunReport {
+        let report = self.engine.shutdown();
+        let elapsed_s = self.started.elapsed().as_secs_f64();
+        let outcomes = self.outcomes.figures();
+        let snapshot = report.snapshot;
+        let submitted = snapshot.submitted;
+        let events_total = snapshot.events_processed();
+        let per_sec = |n: u64| if elapsed_s > 0.0 { n as f64 / elapsed_s } else { 0.0 };
+        let ledger = self.ports.gateway.ledger();
+        let dead_letter_count = self.dead_letters.letters.lock().len() as u64;
+        let notifications = self.ports.notifier.figures();
+        RunReport {
+            seed: self.sim.seed,
+            orders: OrderCounts {
+                submitted,
+                confirmed: outcomes.confirmed,
+                cancelled: outcomes.cancelled(),
+                cancelled_out_of_stock: outcomes.cancelled_out_of_stock,
+                cancelled_declined: outcomes.cancelled_declined,
+                dead_lettered: outcomes.dead_lettered,
+                in_flight: submitted.saturating_sub(outcomes.terminal()),
+            },
+            events: EventCounts { total: events_total, per_sec: per_sec(events_total) },
+            orders_per_sec: per_sec(submitted),
+            elapsed_s,
+            stages: snapshot.stages,
+            ledger: LedgerReport::new(ledger, outcomes.confirmed_total_cents),
+            stock: StockReport::new(self.ports.inventory.figures(), outcomes.confirmed_units),
+            notifications,
+            dead_letters: DeadLetterReport {
+                total: dead_letter_count,
+                by_stage: self.dead_letters.by_stage(),
+                compensation_failures: self
+                    .dead_letters
+                    .compensation_failures
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            },
+            poisoned: snapshot.poisoned,
+        }
+    }
+
+    /// The dead letters so far.
+    pub fn dead_letters(&self) -> Vec<super::stages::OrderDeadLetter> {
+        self.dead_letters.letters.lock().clone()
+    }
+}
+
+fn place(order: Order) -> OrderEvent {
+    OrderEvent { order, step: Step::Place }
+}
+
+/// Orders submitted in one go by [`run`]; bounds the memory of the generator's buffer.
+const SUBMIT_CHUNK: usize = 4_096;
+
+/// Generates `orders` seeded orders, pushes them through a new pipeline, drains it and reports.
+/// `progress` is called after each chunk with the orders submitted and finished so far.
+pub fn run(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    orders: u64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RunReport, RunError> {
+    let pipeline = OrderPipeline::start(config, sim)?;
+    let mut workload = Workload::new(sim.seed, sim.skus, sim.customers);
+    let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
+    let mut submitted = 0u64;
+    while submitted < orders {
+        let take = usize::try_from(orders - submitted).unwrap_or(usize::MAX).min(SUBMIT_CHUNK);
+        chunk.extend(workload.by_ref().take(take));
+        match pipeline.submit_many(chunk.drain(..)) {
+            Ok(count) => submitted += count,
+            Err(error) => {
+                let unsent = error.into_inner().len();
+                let report = pipeline.finish();
+                return Err(RunError::Poisoned { unsent, report: Box::new(report) });
+            }
+        }
+        progress(submitted, pipeline.terminal());
+    }
+    Ok(pipeline.finish())
+}
+
+/// A run that could not complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The pipeline could not start.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// A worker died mid-run; the report shows what was done.
+    #[error("the engine was poisoned with {unsent} orders not submitted: {}", report.poisoned.as_deref().unwrap_or("unknown cause"))]
+    Poisoned {
+        /// Orders not submitted.
+        unsent: usize,
+        /// What the pipeline did before it stopped.
+        report: Box<RunReport>,
+    },
+}
+
+/// Orders by where they ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OrderCounts {
+    /// Accepted by the pipeline.
+    pub submitted: u64,
+    /// Charged, reserved and shipped.
+    pub confirmed: u64,
+    /// Cancelled, with compensation applied.
+    pub cancelled: u64,
+    /// Of the cancelled: for lack of stock.
+    pub cancelled_out_of_stock: u64,
+    /// Of the cancelled: payment declined.
+    pub cancelled_declined: u64,
+    /// Given up on, with compensation applied.
+    pub dead_lettered: u64,
+    /// Not yet terminal (0 after a drained run).
+    pub in_flight: u64,
+}
+
+/// Events handled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EventCounts {
+    /// Events finished by all stages together.
+    pub total: u64,
+    /// `total / elapsed_s`.
+    pub per_sec: f64,
+}
+
+/// The payment ledger against the confirmed orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LedgerReport {
+    /// Sum of every charge.
+    pub charged_cents: u64,
+    /// Sum of every refund.
+    pub refunded_cents: u64,
+    /// What the confirmed orders cost.
+    pub confirmed_total_cents: u64,
+    /// Orders charged more than once.
+    pub double_charges: u64,
+    /// Repeated requests answered without a second effect.
+    pub idempotent_replays: u64,
+    /// `charged - refunded == confirmed_total` and no double charge.
+    pub balanced: bool,
+}
+
+impl LedgerReport {
+    fn new(ledger: LedgerFigures, confirmed_total_cents: u64) -> Self {
+        let balanced = ledger.double_charges == 0
+            && ledger.charged_cents.checked_sub(ledger.refunded_cents) == Some(confirmed_total_cents);
+        Self {
+            charged_cents: ledger.charged_cents,
+            refunded_cents: ledger.refunded_cents,
+            confirmed_total_cents,
+            double_charges: ledger.double_charges,
+            idempotent_replays: ledger.idempotent_replays,
+            balanced,
+        }
+    }
+}
+
+/// Stock movements against the confirmed orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StockReport {
+    /// Units reserved.
+    pub reserved_units: u64,
+    /// Units released by compensation.
+    pub released_units: u64,
+    /// Units in confirmed orders.
+    pub confirmed_units: u64,
+    /// `reserved - released == confirmed`.
+    pub balanced: bool,
+}
+
+impl StockReport {
+    fn new(stock: StockFigures, confirmed_units: u64) -> Self {
+        Self {
+            reserved_units: stock.reserved_units,
+            released_units: stock.released_units,
+            confirmed_units,
+            balanced: stock.reserved_units.checked_sub(stock.released_units) == Some(confirmed_units),
+        }
+    }
+}
+
+/// Dead letters by stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetterReport {
+    /// All dead letters, notifications included.
+    pub total: u64,
+    /// Count per stage.
+    pub by_stage: BTreeMap<String, u64>,
+    /// Dead-lettered orders whose compensation failed.
+    pub compensation_failures: u64,
+}
+
+/// Everything `conduit run` reports; `--format json` prints it as one object.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The seed of the workload and faults.
+    pub seed: u64,
+    /// Orders by where they ended.
+    pub orders: OrderCounts,
+    /// Events handled.
+    pub events: EventCounts,
+    /// Orders submitted per second of the whole run.
+    pub orders_per_sec: f64,
+    /// Seconds from start to fully drained.
+    pub elapsed_s: f64,
+    /// Per-stage figures.
+    pub stages: Vec<crate::StageSnapshot>,
+    /// The payment ledger.
+    pub ledger: LedgerReport,
+    /// Stock movements.
+    pub stock: StockReport,
+    /// Notifications sent.
+    pub notifications: NotifyFigures,
+    /// Dead letters.
+    pub dead_letters: DeadLetterReport,
+    /// Set if a worker died.
+    pub poisoned: Option<String>,
+}
+
+impl RunReport {
+    /// Every invariant the run must keep; empty when all hold.
+    #[must_use]
+    pub fn violations(&self) -> Vec<String> {
+        let mut violations = Vec::new();
+        let o = &self.orders;
+        if o.submitted != o.confirmed + o.cancelled + o.dead_lettered {
+            violations.push(format!(
+                "submitted {} != confirmed {} + cancelled {} + dead_lettered {}",
+                o.submitted, o.confirmed, o.cancelled, o.dead_lettered
+            ));
+        }
+        if o.in_flight != 0 {
+            violations.push(format!("{} orders still in flight", o.in_flight));
+        }
+        if !self.ledger.balanced {
+            violations.push(format!(
+                "ledger unbalanced: charged {} - refunded {} != confirmed {} (double charges: {})",
+                self.ledger.charged_cents,
+                self.ledger.refunded_cents,
+                self.ledger.confirmed_total_cents,
+                self.ledger.double_charges
+            ));
+        }
+        if !self.stock.balanced {
+            violations.push(format!(
+                "stock unbalanced: reserved {} - released {} != confirmed {}",
+                self.stock.reserved_units, self.stock.released_units, self.stock.confirmed_units
+            ));
+        }
+        if let Some(reason) = &self.poisoned {
+            violations.push(format!("engine poisoned: {reason}"));
+        }
+        violations
+    }
+}

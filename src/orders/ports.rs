@@ -1,0 +1,509 @@
+//! The outside world the order pipeline talks to, as traits, with seeded simulations.
+//!
+//! Every simulated decision (fail or not, before or after the effect) is a pure function of the
+//! seed, the order, the attempt and the port, so a run is reproducible whatever the thread
+//! schedule. Every effect is keyed by an [`IdempotencyKey`]: a repeated request returns the
+//! first result and never repeats the effect.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::Serialize;
+
+use super::domain::{Effect, IdempotencyKey, Order};
+use crate::Reason;
+
+/// Shards per simulated store: enough that workers rarely meet on one lock.
+const SHARDS: usize = 64;
+
+/// SplitMix64's finaliser: a fast, well-mixed hash of one word.
+#[must_use]
+pub(crate) fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A uniform number in [0, 1) decided by its inputs alone.
+fn chance(seed: u64, order: u64, attempt: u32, salt: u64) -> f64 {
+    let h = mix64(seed ^ mix64(order ^ mix64(u64::from(attempt) ^ mix64(salt))));
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn shard_of(order: u64) -> usize {
+    // Order ids are sequential; mixing spreads neighbours over shards.
+    (mix64(order) % SHARDS as u64) as usize
+}
+
+fn sharded<T: Default>() -> Box<[Mutex<T>]> {
+    (0..SHARDS).map(|_| Mutex::new(T::default())).collect()
+}
+
+fn pause(latency: Duration) {
+    if !latency.is_zero() {
+        std::thread::sleep(latency);
+    }
+}
+
+/// How a simulated port misbehaves; every rate is a probability per call.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Faults {
+    /// Decides the seeded coin flips.
+    pub seed: u64,
+    /// Probability of a transient failure.
+    pub failure_rate: f64,
+    /// Time every call takes.
+    pub latency: Duration,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Payment
+
+/// A payment gateway failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PaymentError {
+    /// Worth retrying with the same idempotency key (the charge may or may not have happened).
+    #[error("transient payment failure: {0}")]
+    Transient(Reason),
+    /// The charge was refused for good.
+    #[error("payment declined: {0}")]
+    Declined(Reason),
+}
+
+/// Charges and refunds, each keyed for idempotency.
+pub trait PaymentGateway: Send + Sync {
+    /// Charges `order.amount_cents`; a repeated key returns the first charge's result.
+    fn charge(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), PaymentError>;
+    /// Refunds the order's charge, if there is one and it is not refunded yet.
+    fn refund(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), PaymentError>;
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ChargeRecord {
+    key: IdempotencyKey,
+    amount_cents: u64,
+    refunded: bool,
+}
+
+/// The gateway's books, for the ledger invariant `charged - refunded = confirmed total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct LedgerFigures {
+    /// Sum of every charge.
+    pub charged_cents: u64,
+    /// Sum of every refund.
+    pub refunded_cents: u64,
+    /// Orders charged more than once (under different idempotency keys).
+    pub double_charges: u64,
+    /// Repeated requests answered from the ledger instead of charging or refunding again.
+    pub idempotent_replays: u64,
+}
+
+/// A simulated gateway keeping a ledger by order and idempotency key.
+///
+/// A failing call fails before the charge or, half the time, after it (a timeout that hides a
+/// successful charge): exactly the case idempotency keys exist for.
+#[derive(Debug)]
+pub struct SimulatedGateway {
+    faults: Faults,
+    decline_rate: f64,
+    ledger: Box<[Mutex<FxHashMap<u64, ChargeRecord>>]>,
+    charged_cents: AtomicU64,
+    refunded_cents: AtomicU64,
+    double_charges: AtomicU64,
+    replays: AtomicU64,
+}
+
+const SALT_CHARGE: u64 = 1;
+const SALT_CHARGE_AFTER: u64 = 2;
+const SALT_DECLINE: u64 = 3;
+const SALT_RESERVE: u64 = 4;
+const SALT_NOTIFY: u64 = 5;
+
+impl SimulatedGateway {
+    /// A gateway failing transiently at `faults.failure_rate` and declining at `decline_rate`.
+    #[must_use]
+    pub fn new(faults: Faults, decline_rate: f64) -> Self {
+        Self {
+            faults,
+            decline_rate,
+            ledger: sharded(),
+            charged_cents: AtomicU64::new(0),
+            refunded_cents: AtomicU64::new(0),
+            double_charges: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
+        }
+    }
+
+    /// The books now.
+    pub fn ledger(&self) -> LedgerFigures {
+        LedgerFigures {
+            charged_cents: self.charged_cents.load(Ordering::Relaxed),
+            refunded_cents: self.refunded_cents.load(Ordering::Relaxed),
+            double_charges: self.double_charges.load(Ordering::Relaxed),
+            idempotent_replays: self.replays.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the order has a charge that is not refunded.
+    pub fn is_charged(&self, order: u64) -> bool {
+        self.ledger[shard_of(order)].lock().get(&order).is_some_and(|r| !r.refunded)
+    }
+}
+
+impl PaymentGateway for SimulatedGateway {
+    fn charge(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), PaymentError> {
+        pause(self.faults.latency);
+        let seed = self.faults.seed;
+        let fails = chance(seed, order.id, attempt, SALT_CHARGE) < self.faults.failure_rate;
+        let fails_after_charging = fails && chance(seed, order.id, attempt, SALT_CHARGE_AFTER) < 0.5;
+        if fails && !fails_after_charging {
+            return Err(PaymentError::Transient("gateway unavailable".into()));
+        }
+        {
+            let mut ledger = self.ledger[shard_of(order.id)].lock();
+            match ledger.get(&order.id) {
+                Some(record) if record.key == key => {
+                    self.replays.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(_) => {
+                    // Another key for the same order: a real gateway charges again. Counted, so
+                    // the ledger audit catches a pipeline that derives keys wrongly.
+                    self.double_charges.fetch_add(1, Ordering::Relaxed);
+                    self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+                }
+                None => {
+                    if self.decline_rate > 0.0 && chance(seed, order.id, 0, SALT_DECLINE) < self.decline_rate {
+                        return Err(PaymentError::Declined("card declined".into()));
+                    }
+                    ledger.insert(order.id, ChargeRecord { key, amount_cents: order.amount_cents, refunded: false });
+                    self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+                }
+            }
+        }
+        if fails_after_charging {
+            return Err(PaymentError::Transient("gateway timed out after charging".into()));
+        }
+        Ok(())
+    }
+
+    fn refund(&self, key: IdempotencyKey, order: &Order, _attempt: u32) -> Result<(), PaymentError> {
+        debug_assert_eq!(key.effect, Effect::Refund);
+        pause(self.faults.latency);
+        let mut ledger = self.ledger[shard_of(order.id)].lock();
+        match ledger.get_mut(&order.id) {
+            Some(record) if !record.refunded => {
+                record.refunded = true;
+                self.refunded_cents.fetch_add(record.amount_cents, Ordering::Relaxed);
+            }
+            Some(_) => {
+                self.replays.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {} // Never charged: nothing to refund.
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inventory
+
+/// An inventory store failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InventoryError {
+    /// Worth retrying.
+    #[error("transient inventory failure: {0}")]
+    Transient(Reason),
+    /// Too few units left: a business outcome, not a fault.
+    #[error("sku {sku} is out of stock")]
+    OutOfStock {
+        /// The SKU.
+        sku: u32,
+    },
+}
+
+/// Reservations of stock, keyed for idempotency.
+pub trait InventoryStore: Send + Sync {
+    /// Reserves `order.quantity` units of `order.sku`; a repeated key changes nothing.
+    fn reserve(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), InventoryError>;
+    /// Returns the order's reserved units to stock, if it holds a reservation.
+    fn release(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), InventoryError>;
+}
+
+/// A simulated store with real per-SKU stock counters.
+#[derive(Debug)]
+pub struct SimulatedInventory {
+    faults: Faults,
+    stock: Box<[AtomicU32]>,
+    /// Order id to `released?` for every reservation made.
+    reservations: Box<[Mutex<FxHashMap<u64, bool>>]>,
+    reserved_units: AtomicU64,
+    released_units: AtomicU64,
+}
+
+/// Stock movements, for the invariant `reserved - released = units of confirmed orders`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct StockFigures {
+    /// Units reserved.
+    pub reserved_units: u64,
+    /// Units returned by compensation.
+    pub released_units: u64,
+}
+
+impl SimulatedInventory {
+    /// `skus` SKUs holding `stock_per_sku` units each, except the first `empty_skus`, which hold none.
+    #[must_use]
+    pub fn new(faults: Faults, skus: u32, stock_per_sku: u32, empty_skus: u32) -> Self {
+        let stock = (0..skus).map(|sku| AtomicU32::new(if sku < empty_skus { 0 } else { stock_per_sku })).collect();
+        Self {
+            faults,
+            stock,
+            reservations: sharded(),
+            reserved_units: AtomicU64::new(0),
+            released_units: AtomicU64::new(0),
+        }
+    }
+
+    /// Units reserved and released so far.
+    pub fn figures(&self) -> StockFigures {
+        StockFigures {
+            reserved_units: self.reserved_units.load(Ordering::Relaxed),
+            released_units: self.released_units.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Units of `sku` in stock now.
+    pub fn stock(&self, sku: u32) -> Option<u32> {
+        self.stock.get(sku as usize).map(|s| s.load(Ordering::Relaxed))
+    }
+}
+
+impl InventoryStore for SimulatedInventory {
+    fn reserve(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), InventoryError> {
+        debug_assert_eq!(key.effect, Effect::Reserve);
+        pause(self.faults.latency);
+        if chance(self.faults.seed, order.id, attempt, SALT_RESERVE) < self.faults.failure_rate {
+            return Err(InventoryError::Transient("inventory store unavailable".into()));
+        }
+        let Some(stock) = self.stock.get(order.sku as usize) else {
+            return Err(InventoryError::OutOfStock { sku: order.sku });
+        };
+        let mut reservations = self.reservations[shard_of(order.id)].lock();
+        if reservations.contains_key(&order.id) {
+            return Ok(());
+        }
+        stock
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |units| units.checked_sub(order.quantity))
+            .map_err(|_| InventoryError::OutOfStock { sku: order.sku })?;
+        reservations.insert(order.id, false);
+        self.reserved_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn release(&self, key: IdempotencyKey, order: &Order, _attempt: u32) -> Result<(), InventoryError> {
+        debug_assert_eq!(key.effect, Effect::Release);
+        pause(self.faults.latency);
+        let mut reservations = self.reservations[shard_of(order.id)].lock();
+        if let Some(released) = reservations.get_mut(&order.id) {
+            if !*released {
+                *released = true;
+                if let Some(stock) = self.stock.get(order.sku as usize) {
+                    stock.fetch_add(order.quantity, Ordering::AcqRel);
+                }
+                self.released_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Notification
+
+/// Which channel a notification goes out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// Email.
+    Email,
+    /// SMS.
+    Sms,
+}
+
+impl Channel {
+    /// The idempotency effect of a message on this channel.
+    #[must_use]
+    pub fn effect(self) -> Effect {
+        match self {
+            Self::Email => Effect::Email,
+            Self::Sms => Effect::Sms,
+        }
+    }
+}
+
+/// A notification failure (always worth retrying).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("notification failed: {0}")]
+pub struct NotifyError(pub Reason);
+
+/// Sends customer notifications, at most one per key.
+pub trait Notifier: Send + Sync {
+    /// Sends the confirmation for `order` on `channel`.
+    fn send(&self, channel: Channel, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), NotifyError>;
+}
+
+/// A simulated notifier counting what it sent and what it suppressed as a repeat.
+#[derive(Debug)]
+pub struct SimulatedNotifier {
+    faults: Faults,
+    sent: Box<[Mutex<FxHashSet<IdempotencyKey>>]>,
+    emails: AtomicU64,
+    sms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+/// What the notifier did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct NotifyFigures {
+    /// Emails sent.
+    pub email_sent: u64,
+    /// Text messages sent.
+    pub sms_sent: u64,
+    /// Repeated requests not sent again.
+    pub duplicates_suppressed: u64,
+}
+
+impl SimulatedNotifier {
+    /// A notifier failing transiently at `faults.failure_rate`.
+    #[must_use]
+    pub fn new(faults: Faults) -> Self {
+        Self {
+            faults,
+            sent: sharded(),
+            emails: AtomicU64::new(0),
+            sms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// What was sent so far.
+    pub fn figures(&self) -> NotifyFigures {
+        NotifyFigures {
+            email_sent: self.emails.load(Ordering::Relaxed),
+            sms_sent: self.sms.load(Ordering::Relaxed),
+            duplicates_suppressed: self.suppressed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Notifier for SimulatedNotifier {
+    fn send(&self, channel: Channel, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), NotifyError> {
+        pause(self.faults.latency);
+        if chance(self.faults.seed, order.id ^ ((key.effect as u64) << 56), attempt, SALT_NOTIFY)
+            < self.faults.failure_rate
+        {
+            return Err(NotifyError("provider unavailable".into()));
+        }
+        if !self.sent[shard_of(order.id)].lock().insert(key) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        match channel {
+            Channel::Email => self.emails.fetch_add(1, Ordering::Relaxed),
+            Channel::Sms => self.sms.fetch_add(1, Ordering::Relaxed),
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(id: u64) -> Order {
+        Order { id, customer: 1, sku: 0, quantity: 2, amount_cents: 500 }
+    }
+
+    #[test]
+    fn chance_is_uniform_enough_and_deterministic() {
+        let hits = (0..100_000).filter(|&i| chance(9, i, 0, 1) < 0.3).count();
+        assert!((29_000..31_000).contains(&hits), "{hits}");
+        assert_eq!(chance(1, 2, 3, 4).to_bits(), chance(1, 2, 3, 4).to_bits());
+    }
+
+    #[test]
+    fn a_repeated_charge_key_never_charges_twice() {
+        let gateway = SimulatedGateway::new(Faults::default(), 0.0);
+        let key = IdempotencyKey::new(1, Effect::Charge);
+        gateway.charge(key, &order(1), 0).expect("no faults");
+        gateway.charge(key, &order(1), 1).expect("replay");
+        let ledger = gateway.ledger();
+        assert_eq!((ledger.charged_cents, ledger.double_charges, ledger.idempotent_replays), (500, 0, 1));
+    }
+
+    #[test]
+    fn a_second_key_for_one_order_is_counted_as_a_double_charge() {
+        let gateway = SimulatedGateway::new(Faults::default(), 0.0);
+        gateway.charge(IdempotencyKey::new(1, Effect::Charge), &order(1), 0).expect("no faults");
+        gateway.charge(IdempotencyKey::new(1, Effect::Refund), &order(1), 0).expect("a wrong key charges");
+        assert_eq!(gateway.ledger().double_charges, 1);
+        assert_eq!(gateway.ledger().charged_cents, 1000);
+    }
+
+    #[test]
+    fn failures_after_charging_are_recovered_by_the_retry() {
+        let faults = Faults { seed: 3, failure_rate: 1.0, latency: Duration::ZERO };
+        let gateway = SimulatedGateway::new(faults, 0.0);
+        let key = IdempotencyKey::new(1, Effect::Charge);
+        let mut charged_while_failing = false;
+        for attempt in 0..64 {
+            assert!(gateway.charge(key, &order(1), attempt).is_err());
+            charged_while_failing |= gateway.is_charged(1);
+        }
+        assert!(charged_while_failing, "half the failures happen after the charge");
+        assert_eq!(gateway.ledger().charged_cents, 500, "but only once");
+    }
+
+    #[test]
+    fn refunds_are_idempotent_and_only_for_charges() {
+        let gateway = SimulatedGateway::new(Faults::default(), 0.0);
+        let refund = IdempotencyKey::new(1, Effect::Refund);
+        gateway.refund(refund, &order(1), 0).expect("nothing to refund");
+        assert_eq!(gateway.ledger().refunded_cents, 0);
+        gateway.charge(IdempotencyKey::new(1, Effect::Charge), &order(1), 0).expect("no faults");
+        gateway.refund(refund, &order(1), 0).expect("refund");
+        gateway.refund(refund, &order(1), 1).expect("replay");
+        assert_eq!(gateway.ledger().refunded_cents, 500);
+        assert!(!gateway.is_charged(1));
+    }
+
+    #[test]
+    fn stock_runs_out_and_comes_back_on_release() {
+        let inventory = SimulatedInventory::new(Faults::default(), 2, 3, 1);
+        let reserve =
+            |id| inventory.reserve(IdempotencyKey::new(id, Effect::Reserve), &Order { sku: 1, ..order(id) }, 0);
+        reserve(1).expect("3 units left");
+        reserve(1).expect("a repeat changes nothing");
+        assert_eq!(inventory.stock(1), Some(1));
+        assert_eq!(reserve(2), Err(InventoryError::OutOfStock { sku: 1 }));
+        let release = IdempotencyKey::new(1, Effect::Release);
+        inventory.release(release, &Order { sku: 1, ..order(1) }, 0).expect("release");
+        inventory.release(release, &Order { sku: 1, ..order(1) }, 0).expect("repeat");
+        assert_eq!(inventory.stock(1), Some(3));
+        let empty = inventory.reserve(IdempotencyKey::new(3, Effect::Reserve), &order(3), 0);
+        assert_eq!(empty, Err(InventoryError::OutOfStock { sku: 0 }), "sku 0 starts empty");
+    }
+
+    #[test]
+    fn a_notification_goes_out_once_per_key() {
+        let notifier = SimulatedNotifier::new(Faults::default());
+        for _ in 0..3 {
+            notifier.send(Channel::Email, IdempotencyKey::new(1, Effect::Email), &order(1), 0).expect("no faults");
+        }
+        notifier.send(Channel::Sms, IdempotencyKey::new(1, Effect::Sms), &order(1), 0).expect("no faults");
+        let figures = notifier.figures();
+        assert_eq!((figures.email_sent, figures.sms_sent, figures.duplicates_suppressed), (1, 1, 2));
+    }
+}

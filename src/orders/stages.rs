@@ -1,0 +1,310 @@
+//! The handlers of the order pipeline's stages, and what happens to an order's dead letter.
+//!
+//! ```text
+//! order --> payment --> inventory --+--> email
+//!              |            |       +--> sms
+//!              |            |       `--> shipping            (confirmed)
+//!              `------------+----------> compensation        (cancelled: release, refund)
+//! dead letter of an order-path stage --> compensate, count   (dead-lettered)
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::domain::{CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step};
+use super::ports::{Channel, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
+use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome, StageId};
+
+/// Stage names, as they appear in configuration and reports.
+pub mod names {
+    /// Validates new orders.
+    pub const ORDER: &str = "order";
+    /// Charges the customer.
+    pub const PAYMENT: &str = "payment";
+    /// Reserves stock.
+    pub const INVENTORY: &str = "inventory";
+    /// Sends the confirmation email.
+    pub const EMAIL: &str = "email";
+    /// Sends the confirmation SMS.
+    pub const SMS: &str = "sms";
+    /// Ships; the order is confirmed.
+    pub const SHIPPING: &str = "shipping";
+    /// Undoes side effects in reverse; the order is cancelled.
+    pub const COMPENSATION: &str = "compensation";
+}
+
+/// Where every order ended, counted once each.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    confirmed: AtomicU64,
+    confirmed_total_cents: AtomicU64,
+    confirmed_units: AtomicU64,
+    cancelled_out_of_stock: AtomicU64,
+    cancelled_declined: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// A copy of [`Outcomes`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct OutcomeFigures {
+    /// Orders shipped.
+    pub confirmed: u64,
+    /// What the confirmed orders cost their customers.
+    pub confirmed_total_cents: u64,
+    /// Units in the confirmed orders.
+    pub confirmed_units: u64,
+    /// Orders cancelled because the SKU ran out.
+    pub cancelled_out_of_stock: u64,
+    /// Orders cancelled because the payment was declined.
+    pub cancelled_declined: u64,
+    /// Orders that ended in the dead letters (after compensation).
+    pub dead_lettered: u64,
+}
+
+impl OutcomeFigures {
+    /// Orders cancelled, for any reason.
+    #[must_use]
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled_out_of_stock + self.cancelled_declined
+    }
+
+    /// Orders in a terminal state.
+    #[must_use]
+    pub fn terminal(&self) -> u64 {
+        self.confirmed + self.cancelled() + self.dead_lettered
+    }
+}
+
+impl Outcomes {
+    /// The counts now.
+    pub fn figures(&self) -> OutcomeFigures {
+        OutcomeFigures {
+            confirmed: self.confirmed.load(Ordering::Relaxed),
+            confirmed_total_cents: self.confirmed_total_cents.load(Ordering::Relaxed),
+            confirmed_units: self.confirmed_units.load(Ordering::Relaxed),
+            cancelled_out_of_stock: self.cancelled_out_of_stock.load(Ordering::Relaxed),
+            cancelled_declined: self.cancelled_declined.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Order stage: checks a new order and asks for payment.
+#[derive(Debug)]
+pub(crate) struct OrderStage {
+    pub(crate) payment: StageId,
+}
+
+impl Handler<OrderEvent> for OrderStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        let order = &event.msg.order;
+        if event.msg.step != Step::Place {
+            return unexpected(event);
+        }
+        if order.quantity == 0 || order.amount_cents == 0 {
+            return Outcome::Reject("invalid order: zero quantity or amount".into());
+        }
+        out.emit(self.payment, event.msg.then(Step::Charge));
+        Outcome::Done
+    }
+}
+
+/// Payment stage: charges once per order; a decline cancels it.
+pub(crate) struct PaymentStage {
+    pub(crate) gateway: Arc<dyn PaymentGateway>,
+    pub(crate) inventory: StageId,
+    pub(crate) compensation: StageId,
+}
+
+impl Handler<OrderEvent> for PaymentStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Charge {
+            return unexpected(event);
+        }
+        let order = &event.msg.order;
+        match self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, event.attempt) {
+            Ok(()) => out.emit(self.inventory, event.msg.then(Step::Reserve)),
+            Err(PaymentError::Transient(reason)) => return Outcome::Retry(reason),
+            Err(PaymentError::Declined(_)) => {
+                out.emit(self.compensation, event.msg.then(Step::Compensate(CancelReason::PaymentDeclined)));
+            }
+        }
+        Outcome::Done
+    }
+}
+
+/// Inventory stage: reserves stock; the confirmed order fans out to email, SMS and shipping.
+pub(crate) struct InventoryStage {
+    pub(crate) inventory: Arc<dyn InventoryStore>,
+    pub(crate) email: StageId,
+    pub(crate) sms: StageId,
+    pub(crate) shipping: StageId,
+    pub(crate) compensation: StageId,
+}
+
+impl Handler<OrderEvent> for InventoryStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Reserve {
+            return unexpected(event);
+        }
+        let order = &event.msg.order;
+        match self.inventory.reserve(IdempotencyKey::new(order.id, Effect::Reserve), order, event.attempt) {
+            Ok(()) => {
+                let notify = event.msg.then(Step::Notify);
+                out.emit(self.email, notify);
+                out.emit(self.sms, notify);
+                out.emit(self.shipping, event.msg.then(Step::Ship));
+            }
+            Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
+            Err(InventoryError::OutOfStock { .. }) => {
+                out.emit(self.compensation, event.msg.then(Step::Compensate(CancelReason::OutOfStock)));
+            }
+        }
+        Outcome::Done
+    }
+}
+
+/// Email and SMS stages: two subscribers of the same confirmation.
+pub(crate) struct NotifyStage {
+    pub(crate) channel: Channel,
+    pub(crate) notifier: Arc<dyn Notifier>,
+}
+
+impl Handler<OrderEvent> for NotifyStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, _out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Notify {
+            return unexpected(event);
+        }
+        let order = &event.msg.order;
+        let key = IdempotencyKey::new(order.id, self.channel.effect());
+        match self.notifier.send(self.channel, key, order, event.attempt) {
+            Ok(()) => Outcome::Done,
+            Err(error) => Outcome::Retry(error.0),
+        }
+    }
+}
+
+/// Shipping stage: the order is confirmed.
+pub(crate) struct ShippingStage {
+    pub(crate) outcomes: Arc<Outcomes>,
+}
+
+impl Handler<OrderEvent> for ShippingStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, _out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Ship {
+            return unexpected(event);
+        }
+        let order = &event.msg.order;
+        self.outcomes.confirmed.fetch_add(1, Ordering::Relaxed);
+        self.outcomes.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+        self.outcomes.confirmed_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+        Outcome::Done
+    }
+}
+
+/// Undoes an order's side effects in reverse order: release the stock, refund the charge.
+fn compensate(
+    inventory: &dyn InventoryStore,
+    gateway: &dyn PaymentGateway,
+    order: &Order,
+    attempt: u32,
+) -> Result<(), crate::Reason> {
+    inventory
+        .release(IdempotencyKey::new(order.id, Effect::Release), order, attempt)
+        .map_err(|e| crate::Reason::from(e.to_string()))?;
+    gateway
+        .refund(IdempotencyKey::new(order.id, Effect::Refund), order, attempt)
+        .map_err(|e| crate::Reason::from(e.to_string()))
+}
+
+/// Compensation stage: release, refund, then the order is cancelled.
+pub(crate) struct CompensationStage {
+    pub(crate) inventory: Arc<dyn InventoryStore>,
+    pub(crate) gateway: Arc<dyn PaymentGateway>,
+    pub(crate) outcomes: Arc<Outcomes>,
+}
+
+impl Handler<OrderEvent> for CompensationStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, _out: &mut Emitter<OrderEvent>) -> Outcome {
+        let Step::Compensate(reason) = event.msg.step else {
+            return unexpected(event);
+        };
+        if let Err(reason) = compensate(&*self.inventory, &*self.gateway, &event.msg.order, event.attempt) {
+            return Outcome::Retry(reason);
+        }
+        let counter = match reason {
+            CancelReason::OutOfStock => &self.outcomes.cancelled_out_of_stock,
+            CancelReason::PaymentDeclined => &self.outcomes.cancelled_declined,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Outcome::Done
+    }
+}
+
+fn unexpected(event: &Envelope<OrderEvent>) -> Outcome {
+    Outcome::Reject(format!("unexpected step {:?} for order {}", event.msg.step, event.key).into())
+}
+
+/// A dead letter as the order pipeline keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderDeadLetter {
+    /// The stage that gave up.
+    pub stage: String,
+    /// The class of failure (`rejected`, `retries_exhausted`, ...).
+    pub kind: String,
+    /// The last failure's reason.
+    pub reason: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The order.
+    pub order: Order,
+}
+
+/// Dead letters of the order pipeline: an order-path dead letter is compensated (release, refund)
+/// and ends the order; a notification's dead letter is only recorded (the order goes on).
+pub(crate) struct OrderDeadLetters {
+    pub(crate) inventory: Arc<dyn InventoryStore>,
+    pub(crate) gateway: Arc<dyn PaymentGateway>,
+    pub(crate) outcomes: Arc<Outcomes>,
+    pub(crate) letters: Mutex<Vec<OrderDeadLetter>>,
+    pub(crate) compensation_failures: AtomicU64,
+}
+
+impl OrderDeadLetters {
+    pub(crate) fn by_stage(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for letter in self.letters.lock().iter() {
+            *counts.entry(letter.stage.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
+    fn dead_letter(&self, letter: DeadLetter<OrderEvent>) {
+        let order = letter.envelope.msg.order;
+        let ends_order = !matches!(letter.stage.as_str(), names::EMAIL | names::SMS);
+        if ends_order {
+            // The compensation's own attempts are bounded: the ports are idempotent, so a few
+            // tries are safe; if all fail, the failure is counted and the ledger shows it.
+            let compensated =
+                (0..3).any(|attempt| compensate(&*self.inventory, &*self.gateway, &order, attempt).is_ok());
+            if !compensated {
+                tracing::error!(order = order.id, "dead-lettered order could not be compensated");
+                self.compensation_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            self.outcomes.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
+        self.letters.lock().push(OrderDeadLetter {
+            stage: letter.stage,
+            kind: letter.kind.to_string(),
+            reason: letter.reason.into_owned(),
+            attempts: letter.attempts,
+            order,
+        });
+    }
+}

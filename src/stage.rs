@@ -1,0 +1,128 @@
+//! What a stage's handler sees: envelopes in, outcomes and emitted events out.
+
+use std::borrow::Cow;
+
+/// A message the engine can carry: owned, sendable, and keyed.
+///
+/// The key groups messages that belong together (an order id, say): dead letters and reports name
+/// it, and later stages may partition by it.
+pub trait Message: Send + 'static {
+    /// The message's key, such as the order id it belongs to.
+    fn key(&self) -> u64;
+}
+
+/// Identifies a stage of a [`Topology`](crate::Topology); handed out by
+/// [`Topology::stage`](crate::Topology::stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StageId(pub(crate) u16);
+
+impl StageId {
+    /// The stage's position in its topology (declaration order).
+    #[must_use]
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// A message in flight, with the engine's bookkeeping around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope<M> {
+    /// The message's key (see [`Message::key`]).
+    pub key: u64,
+    /// The ingress sequence number of the submitted message this one descends from: every event
+    /// emitted while handling an envelope inherits its `seq`, so it works as a correlation id.
+    pub seq: u64,
+    /// Attempts already made on this envelope in its current stage (0 on the first try).
+    pub attempt: u32,
+    /// The message itself.
+    pub msg: M,
+}
+
+/// Why an event was retried or rejected: a static text costs no allocation.
+pub type Reason = Cow<'static, str>;
+
+/// What a handler decided for one event. Each event of a batch has its own outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Outcome {
+    /// Handled: the events emitted while handling it are sent on.
+    Done,
+    /// A transient failure: the emitted events are discarded and the event is tried again, until
+    /// the stage's `attempts_max` is spent; then it is dead-lettered.
+    Retry(Reason),
+    /// A permanent failure: the emitted events are discarded and the event is dead-lettered now.
+    Reject(Reason),
+}
+
+/// The per-stage logic. One instance per worker thread, so `&mut self` needs no locking.
+///
+/// A handler must not block for long: while it runs, its worker takes no other event. A panic
+/// inside [`handle`](Self::handle) is caught, counted and treated as [`Outcome::Retry`].
+pub trait Handler<M>: Send {
+    /// Handles one event; events to send on go through `out`.
+    fn handle(&mut self, event: &Envelope<M>, out: &mut Emitter<M>) -> Outcome;
+}
+
+impl<M, F> Handler<M> for F
+where
+    F: FnMut(&Envelope<M>, &mut Emitter<M>) -> Outcome + Send,
+{
+    fn handle(&mut self, event: &Envelope<M>, out: &mut Emitter<M>) -> Outcome {
+        self(event, out)
+    }
+}
+
+/// Collects the events a handler emits for one input event. They leave only if the handler
+/// returns [`Outcome::Done`].
+#[derive(Debug)]
+pub struct Emitter<M> {
+    pub(crate) staged: Vec<(StageId, Envelope<M>)>,
+    /// Bit `i` set: stage `i` is linked from this stage.
+    pub(crate) links: Vec<bool>,
+    pub(crate) unlinked: Option<StageId>,
+    pub(crate) key: u64,
+    pub(crate) seq: u64,
+}
+
+impl<M> Emitter<M> {
+    pub(crate) fn new(links: Vec<bool>) -> Self {
+        Self { staged: Vec::new(), links, unlinked: None, key: 0, seq: 0 }
+    }
+
+    pub(crate) fn begin(&mut self, key: u64, seq: u64) {
+        self.staged.clear();
+        self.unlinked = None;
+        self.key = key;
+        self.seq = seq;
+    }
+
+    /// Sends `msg` to stage `to`, with the key and sequence of the event being handled.
+    ///
+    /// `to` must be linked from this stage ([`Topology::link`](crate::Topology::link)); an emit to
+    /// an unlinked stage turns the handler's outcome into a rejection naming it.
+    pub fn emit(&mut self, to: StageId, msg: M) {
+        let key = self.key;
+        self.emit_keyed(to, key, msg);
+    }
+
+    /// Like [`emit`](Self::emit), with another key.
+    pub fn emit_keyed(&mut self, to: StageId, key: u64, msg: M) {
+        if self.links.get(to.index()).copied().unwrap_or(false) {
+            self.staged.push((to, Envelope { key, seq: self.seq, attempt: 0, msg }));
+        } else {
+            self.unlinked.get_or_insert(to);
+        }
+    }
+
+    /// Events emitted so far for the current input event.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Whether nothing has been emitted for the current input event.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.staged.is_empty()
+    }
+}

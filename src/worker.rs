@@ -1,0 +1,258 @@
+//! The worker loop: take a batch, handle each event on its own, send on in batches.
+//!
+//! Natural batching: emitted events collect in one outbox per linked stage and leave when the
+//! outbox is full or when this worker finds its own queue empty, so a lightly loaded pipeline adds
+//! no latency and a loaded one moves full batches.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::TryRecvError;
+use parking_lot::Mutex;
+
+use crate::channel::{BatchReceiver, BatchSender, SendFailure};
+use crate::config::StageConfig;
+use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
+use crate::metrics::{BatchTally, StageMetrics};
+use crate::stage::{Emitter, Envelope, Handler, Message, Outcome, Reason};
+
+/// State every thread of one engine shares: the poison flag and why it was raised.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) poisoned: Arc<AtomicBool>,
+    pub(crate) poison_reason: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn poison(&self, reason: String) {
+        tracing::error!(%reason, "engine poisoned");
+        self.poison_reason.lock().get_or_insert(reason);
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+}
+
+/// Poisons the engine if its worker thread unwinds: callers must never wait on a dead worker.
+struct PoisonGuard<'a> {
+    shared: &'a Shared,
+    name: &'a str,
+}
+
+impl Drop for PoisonGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.poison(format!("worker {} panicked outside its handler", self.name));
+        }
+    }
+}
+
+/// Everything a worker thread needs, built by the engine.
+pub(crate) struct WorkerCtx<M> {
+    pub(crate) name: String,
+    pub(crate) stage_name: String,
+    pub(crate) worker: usize,
+    pub(crate) config: StageConfig,
+    pub(crate) input: BatchReceiver<M>,
+    /// Indexed by [`StageId`](crate::StageId): a sender for every stage linked from this one.
+    pub(crate) outputs: Vec<Option<BatchSender<M>>>,
+    pub(crate) metrics: Arc<StageMetrics>,
+    pub(crate) dead_letters: Arc<dyn DeadLetterSink<M>>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// A downstream stage is gone (its workers died) or the engine is poisoned: this worker stops.
+#[derive(Debug)]
+pub(crate) struct DownstreamGone;
+
+/// Runs one worker until its queue is closed and drained and its retries are spent.
+pub(crate) fn run<M: Message, H: Handler<M>>(ctx: WorkerCtx<M>, handler: H) {
+    let shared = Arc::clone(&ctx.shared);
+    let name = ctx.name.clone();
+    let _guard = PoisonGuard { shared: &shared, name: &name };
+    let mut worker = Worker::new(ctx, handler);
+    if worker.run_loop().is_err() {
+        shared.poison(format!("worker {name} stopped: a downstream stage is gone"));
+    }
+}
+
+/// An outbox: emitted events bound for one stage, sent when full or when the worker goes idle.
+struct Outbox<M> {
+    sender: BatchSender<M>,
+    buffer: Vec<Envelope<M>>,
+}
+
+impl<M> Outbox<M> {
+    fn push(&mut self, envelope: Envelope<M>) -> Result<(), DownstreamGone> {
+        self.buffer.push(envelope);
+        if self.buffer.len() >= self.sender.batch_events_max() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), DownstreamGone> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buffer, self.sender.buffer());
+        match self.sender.send(full) {
+            Ok(()) => Ok(()),
+            Err(SendFailure::Full(_) | SendFailure::Gone(_)) => Err(DownstreamGone),
+        }
+    }
+}
+
+struct Worker<M, H> {
+    ctx: WorkerCtx<M>,
+    handler: H,
+    outboxes: Vec<Option<Outbox<M>>>,
+    emitter: Emitter<M>,
+    /// Events waiting for another attempt in this stage.
+    retries: VecDeque<Envelope<M>>,
+}
+
+/// What the next unit of work is.
+enum Next<M> {
+    Batch(crate::channel::Batch<M>),
+    Retries,
+    Stop,
+}
+
+impl<M: Message, H: Handler<M>> Worker<M, H> {
+    fn new(mut ctx: WorkerCtx<M>, handler: H) -> Self {
+        let outputs = std::mem::take(&mut ctx.outputs);
+        let links = outputs.iter().map(Option::is_some).collect();
+        let outboxes =
+            outputs.into_iter().map(|sender| sender.map(|sender| Outbox { buffer: sender.buffer(), sender })).collect();
+        Self { ctx, handler, outboxes, emitter: Emitter::new(links), retries: VecDeque::new() }
+    }
+
+    fn run_loop(&mut self) -> Result<(), DownstreamGone> {
+        loop {
+            match self.next()? {
+                Next::Batch(batch) => {
+                    self.ctx.metrics.busy_workers.fetch_add(1, Ordering::Relaxed);
+                    let count = batch.events.len() as u64;
+                    let mut events = batch.events;
+                    let mut tally = BatchTally::default();
+                    let result = events.drain(..).try_for_each(|event| self.handle(event, &mut tally));
+                    self.ctx.input.recycle(events);
+                    self.ctx.metrics.publish(&tally);
+                    self.ctx.metrics.record_latency(self.ctx.worker, batch.sent_at.elapsed(), count);
+                    self.ctx.metrics.busy_workers.fetch_sub(1, Ordering::Relaxed);
+                    result?;
+                }
+                Next::Retries => {
+                    let mut tally = BatchTally::default();
+                    let due = self.retries.len().min(self.ctx.config.batch_events_max);
+                    for _ in 0..due {
+                        if let Some(event) = self.retries.pop_front() {
+                            self.handle(event, &mut tally)?;
+                        }
+                    }
+                    self.ctx.metrics.publish(&tally);
+                }
+                Next::Stop => break,
+            }
+        }
+        self.flush_all()
+    }
+
+    fn next(&mut self) -> Result<Next<M>, DownstreamGone> {
+        match self.ctx.input.try_recv() {
+            Ok(batch) => Ok(Next::Batch(batch)),
+            Err(_) if !self.retries.is_empty() => Ok(Next::Retries),
+            Err(TryRecvError::Disconnected) => Ok(Next::Stop),
+            Err(TryRecvError::Empty) => {
+                // Nothing queued: send what is collected before waiting, so nothing lingers.
+                self.flush_all()?;
+                Ok(self.ctx.input.recv().map_or(Next::Stop, Next::Batch))
+            }
+        }
+    }
+
+    fn flush_all(&mut self) -> Result<(), DownstreamGone> {
+        self.outboxes.iter_mut().flatten().try_for_each(Outbox::flush)
+    }
+
+    fn handle(&mut self, mut event: Envelope<M>, tally: &mut BatchTally) -> Result<(), DownstreamGone> {
+        self.emitter.begin(event.key, event.seq);
+        let handler = &mut self.handler;
+        let emitter = &mut self.emitter;
+        let outcome = match catch_unwind(AssertUnwindSafe(|| handler.handle(&event, emitter))) {
+            Ok(outcome) => outcome,
+            Err(payload) => {
+                tally.panics += 1;
+                Outcome::Retry(panic_reason(payload.as_ref()))
+            }
+        };
+        if let Some(to) = self.emitter.unlinked {
+            self.emitter.staged.clear();
+            let reason = format!("emitted to stage #{} which is not linked from {}", to.index(), self.ctx.stage_name);
+            tally.processed += 1;
+            tally.dead_lettered += 1;
+            self.dead_letter(event, DeadLetterKind::UnlinkedEmit, reason.into());
+            return Ok(());
+        }
+        match outcome {
+            Outcome::Done => {
+                tally.processed += 1;
+                tally.emitted += self.emitter.staged.len() as u64;
+                for (to, envelope) in self.emitter.staged.drain(..) {
+                    self.outboxes[to.index()]
+                        .as_mut()
+                        .expect("the emitter stages only events for linked stages, which have outboxes")
+                        .push(envelope)?;
+                }
+            }
+            Outcome::Retry(reason) => {
+                self.emitter.staged.clear();
+                tally.retried += 1;
+                event.attempt += 1;
+                if event.attempt >= self.ctx.config.attempts_max {
+                    tally.processed += 1;
+                    tally.dead_lettered += 1;
+                    self.dead_letter(event, DeadLetterKind::RetriesExhausted, reason);
+                } else {
+                    self.retries.push_back(event);
+                }
+            }
+            Outcome::Reject(reason) => {
+                self.emitter.staged.clear();
+                tally.processed += 1;
+                tally.rejected += 1;
+                tally.dead_lettered += 1;
+                event.attempt += 1;
+                self.dead_letter(event, DeadLetterKind::Rejected, reason);
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
+        tracing::debug!(stage = %self.ctx.stage_name, key = envelope.key, %kind, %reason, "dead letter");
+        let attempts = envelope.attempt;
+        self.ctx.dead_letters.dead_letter(DeadLetter {
+            stage: self.ctx.stage_name.clone(),
+            kind,
+            reason,
+            attempts,
+            envelope,
+        });
+    }
+}
+
+fn panic_reason(payload: &(dyn Any + Send)) -> Reason {
+    let text = payload
+        .downcast_ref::<&'static str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text payload".to_owned());
+    format!("handler panicked: {text}").into()
+}
