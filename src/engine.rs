@@ -128,6 +128,8 @@ impl<M: Message> Topology<M> {
             if self.stages[..index].iter().any(|other| other.name == stage.name) {
                 return invalid(format!("stage name {:?} is declared twice", stage.name));
             }
+        }
+        for stage in &self.stages {
             if stage.runner.is_none() {
                 return invalid(format!("stage {:?} has no handler", stage.name));
             }
@@ -244,14 +246,14 @@ impl<M: Message> Engine<M> {
         dead_letters: Arc<dyn DeadLetterSink<M>>,
     ) -> Result<Self, BuildError> {
         let order = topology.validate(config)?;
-        let entry = topology.entry.expect("validate checked the entry stage is set");
+        let Topology { stages, links, entry } = topology;
+        let entry = entry.expect("validate checked the entry stage is set");
         let shared = Arc::new(Shared::default());
-        let stage_configs: Vec<_> = topology.stages.iter().map(|s| config.stage(&s.name)).collect();
-        for (decl, stage) in topology.stages.iter().zip(&stage_configs) {
+        let stage_configs: Vec<_> = stages.iter().map(|s| config.stage(&s.name)).collect();
+        for (decl, stage) in stages.iter().zip(&stage_configs) {
             stage.validate(&format!("engine.stages.{}", decl.name))?;
         }
-        let metrics: Vec<Arc<StageMetrics>> = topology
-            .stages
+        let metrics: Vec<Arc<StageMetrics>> = stages
             .iter()
             .zip(&stage_configs)
             .map(|(decl, c)| Arc::new(StageMetrics::new(decl.name.clone(), c.workers, c.queue_events_max())))
@@ -277,14 +279,12 @@ impl<M: Message> Engine<M> {
         };
         for stage in order {
             let index = stage.index();
-            let decl = &topology.stages[index];
+            let decl = &stages[index];
             let runner = decl.runner.as_ref().expect("validate checked every stage has a handler");
             let stage_config = stage_configs[index];
             for worker in 0..stage_config.workers {
-                let outputs = (0..topology.stages.len())
-                    .map(|to| {
-                        topology.links.iter().any(|&(f, t)| f == stage && t.index() == to).then(|| queues[to].0.clone())
-                    })
+                let outputs = (0..stages.len())
+                    .map(|to| links.iter().any(|&(f, t)| f == stage && t.index() == to).then(|| queues[to].0.clone()))
                     .collect();
                 let name = format!("conduit:{}:{worker}", decl.name);
                 let ctx = WorkerCtx {

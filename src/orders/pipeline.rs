@@ -129,10 +129,10 @@ impl SimConfig {
     }
 }
 
-fn out_of_range(name: &str, value: impl ToString, min: impl ToString, max: impl ToString) -> ConfigError {
+fn out_of_range(name: &str, value: impl Into<u64>, min: u64, max: u64) -> ConfigError {
     ConfigError::OutOfRange {
         field: format!("simulation.{name}"),
-        value: value.to_string(),
+        value: value.into().to_string(),
         min: min.to_string(),
         max: max.to_string(),
     }

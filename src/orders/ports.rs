@@ -18,7 +18,7 @@ use crate::Reason;
 /// Shards per simulated store: enough that workers rarely meet on one lock.
 const SHARDS: usize = 64;
 
-/// SplitMix64's finaliser: a fast, well-mixed hash of one word.
+/// `SplitMix64`'s finaliser: a fast, well-mixed hash of one word.
 #[must_use]
 pub(crate) fn mix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -35,7 +35,7 @@ fn chance(seed: u64, order: u64, attempt: u32, salt: u64) -> f64 {
 
 fn shard_of(order: u64) -> usize {
     // Order ids are sequential; mixing spreads neighbours over shards.
-    (mix64(order) % SHARDS as u64) as usize
+    usize::try_from(mix64(order) % SHARDS as u64).unwrap_or(0)
 }
 
 fn sharded<T: Default>() -> Box<[Mutex<T>]> {

@@ -1,0 +1,105 @@
+//! The `conduit` binary as a user runs it: the JSON report's schema, and clear errors with exit
+//! code 2 for bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn conduit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_conduit")).args(args).output().expect("the binary runs")
+}
+
+fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("conduit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write temp file");
+    path
+}
+
+fn json_run(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["run", "--format", "json"];
+    all.extend_from_slice(args);
+    let output = conduit(&all);
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("stdout is exactly one JSON object")
+}
+
+fn u(value: &serde_json::Value, pointer: &str) -> u64 {
+    value.pointer(pointer).and_then(serde_json::Value::as_u64).unwrap_or_else(|| panic!("{pointer} missing"))
+}
+
+#[test]
+fn json_report_has_the_documented_schema_and_balances() {
+    let report = json_run(&["--orders", "20000", "--payment-failure-rate", "0.3", "--out-of-stock-rate", "0.1"]);
+    let submitted = u(&report, "/orders/submitted");
+    assert_eq!(submitted, 20_000);
+    assert_eq!(
+        submitted,
+        u(&report, "/orders/confirmed") + u(&report, "/orders/cancelled") + u(&report, "/orders/dead_lettered")
+    );
+    assert_eq!(u(&report, "/orders/in_flight"), 0);
+    assert_eq!(u(&report, "/ledger/double_charges"), 0);
+    assert_eq!(
+        u(&report, "/ledger/charged_cents") - u(&report, "/ledger/refunded_cents"),
+        u(&report, "/ledger/confirmed_total_cents")
+    );
+    assert!(u(&report, "/events/total") > submitted);
+    for pointer in ["/events/per_sec", "/orders_per_sec", "/elapsed_s"] {
+        assert!(report.pointer(pointer).and_then(serde_json::Value::as_f64).is_some_and(|v| v > 0.0), "{pointer}");
+    }
+    let stages = report["stages"].as_array().expect("stages is an array");
+    let names: Vec<_> = stages.iter().map(|s| s["name"].as_str().expect("name")).collect();
+    assert_eq!(names, ["order", "payment", "inventory", "email", "sms", "shipping", "compensation"]);
+    for stage in stages {
+        for field in ["processed", "retried", "dead_lettered"] {
+            assert!(stage[field].is_u64(), "{field}");
+        }
+        for field in ["p50", "p99", "p999", "max"] {
+            assert!(stage["latency_us"][field].is_f64(), "latency_us.{field}");
+        }
+    }
+    assert!(u(&report, "/stages/1/retried") > 0, "payment failures were retried");
+}
+
+#[test]
+fn config_file_shapes_the_engine() {
+    let path = temp_file(
+        "shape.toml",
+        "[engine]\nworkers = 2\nbatch_events_max = 32\n[engine.stages.email]\nworkers = 1\n\n[simulation]\nseed = 9\n",
+    );
+    let report = json_run(&["--orders", "3000", "--config", path.to_str().expect("utf-8 path")]);
+    assert_eq!(u(&report, "/seed"), 9);
+    assert_eq!(u(&report, "/stages/0/workers"), 2);
+    assert_eq!(u(&report, "/stages/3/workers"), 1);
+}
+
+fn assert_refused(args: &[&str], needle: &str) {
+    let output = conduit(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "args {args:?}: stderr {stderr}");
+    assert!(stderr.contains(needle), "args {args:?}: stderr {stderr:?} should mention {needle:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.stdout.is_empty(), "no report on bad input");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_exit_code_2() {
+    assert_refused(&["run", "--payment-failure-rate", "-0.1"], "payment_failure_rate");
+    assert_refused(&["run", "--out-of-stock-rate", "1.5"], "out_of_stock_rate");
+    assert_refused(&["run", "--payment-failure-rate", "NaN"], "payment_failure_rate");
+    assert_refused(&["run", "--batch", "0"], "batch_events_max");
+    assert_refused(&["run", "--workers", "0"], "workers");
+    assert_refused(&["run", "--orders", "ten"], "invalid value");
+
+    let unknown_key = temp_file("unknown.toml", "[engine]\nwrokers = 2\n");
+    assert_refused(&["run", "--config", unknown_key.to_str().expect("utf-8")], "wrokers");
+    let zero_queue = temp_file("zero.toml", "[engine.stages.payment]\nqueue_batches = 0\n");
+    assert_refused(&["run", "--config", zero_queue.to_str().expect("utf-8")], "engine.stages.payment.queue_batches");
+    let unknown_stage = temp_file("stage.toml", "[engine.stages.paymnet]\nworkers = 2\n");
+    assert_refused(&["run", "--config", unknown_stage.to_str().expect("utf-8")], "paymnet");
+    let negative = temp_file("negative.toml", "[simulation]\nnotify_failure_rate = -1.0\n");
+    assert_refused(&["run", "--config", negative.to_str().expect("utf-8")], "notify_failure_rate");
+    let garbage = temp_file("garbage.toml", "\u{0}\u{1}not toml at all [[[");
+    assert_refused(&["run", "--config", garbage.to_str().expect("utf-8")], "cannot parse");
+    assert_refused(&["run", "--config", "/nonexistent/conduit.toml"], "cannot read config file");
+}

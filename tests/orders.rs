@@ -1,0 +1,125 @@
+//! The reference order pipeline: every order ends in exactly one terminal state, the books
+//! balance, and the outcome depends on the seed alone, whatever the pool and batch sizes.
+
+use conduit::orders::{self, Order, OrderPipeline, SimConfig};
+use conduit::{EngineConfig, StageSettings, TrySubmitError};
+use proptest::prelude::*;
+
+fn engine(workers: usize, batch: usize, queue: usize) -> EngineConfig {
+    EngineConfig::builder().workers(workers).batch_events_max(batch).queue_batches(queue).build().expect("valid")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Random failure rates, stock and engine shapes: the run always balances.
+    #[test]
+    fn every_order_reaches_one_terminal_state(
+        seed in any::<u64>(),
+        payment_failure_rate in 0.0..0.9f64,
+        payment_decline_rate in 0.0..0.2f64,
+        inventory_failure_rate in 0.0..0.5f64,
+        notify_failure_rate in 0.0..0.5f64,
+        out_of_stock_rate in 0.0..0.5f64,
+        stock_per_sku in 0u32..40,
+        workers in 1usize..4,
+        batch in 1usize..300,
+        queue in 1usize..8,
+    ) {
+        let sim = SimConfig {
+            seed,
+            skus: 50,
+            stock_per_sku,
+            payment_failure_rate,
+            payment_decline_rate,
+            inventory_failure_rate,
+            notify_failure_rate,
+            out_of_stock_rate,
+            ..SimConfig::default()
+        };
+        let report = orders::run(&engine(workers, batch, queue), &sim, 3_000, |_, _| {}).expect("runs");
+        prop_assert!(report.violations().is_empty(), "seed {seed}: {:?}", report.violations());
+        prop_assert_eq!(report.orders.submitted, 3_000);
+        prop_assert_eq!(report.ledger.double_charges, 0);
+        // Each confirmed order was notified on both channels, exactly once each.
+        let notified = &report.notifications;
+        let notify_dead = report.dead_letters.by_stage.get("email").copied().unwrap_or(0)
+            + report.dead_letters.by_stage.get("sms").copied().unwrap_or(0);
+        prop_assert_eq!(notified.email_sent + notified.sms_sent + notify_dead, 2 * report.orders.confirmed);
+    }
+}
+
+#[test]
+fn outcomes_depend_on_the_seed_not_on_the_engine_shape() {
+    let sim = SimConfig {
+        seed: 11,
+        payment_failure_rate: 0.4,
+        payment_decline_rate: 0.05,
+        inventory_failure_rate: 0.2,
+        out_of_stock_rate: 0.1,
+        ..SimConfig::default()
+    };
+    let run = |config: &EngineConfig| orders::run(config, &sim, 20_000, |_, _| {}).expect("runs");
+    let narrow = run(&engine(1, 1, 2));
+    let wide = run(&engine(3, 512, 16));
+    assert!(narrow.violations().is_empty() && wide.violations().is_empty());
+    assert_eq!(narrow.orders, wide.orders);
+    assert_eq!(narrow.ledger, wide.ledger);
+    assert!(narrow.orders.confirmed > 0 && narrow.orders.cancelled_out_of_stock > 0);
+    assert!(narrow.orders.cancelled_declined > 0 && narrow.orders.dead_lettered > 0);
+    assert!(narrow.ledger.idempotent_replays > 0, "timeouts after charging were retried");
+}
+
+#[test]
+fn failure_heavy_run_compensates_every_dead_lettered_order() {
+    let sim = SimConfig { seed: 5, payment_failure_rate: 0.9, out_of_stock_rate: 0.3, ..SimConfig::default() };
+    let config = EngineConfig::builder()
+        .stage("payment", StageSettings { attempts_max: Some(2), ..StageSettings::default() })
+        .build()
+        .expect("valid");
+    let report = orders::run(&config, &sim, 5_000, |_, _| {}).expect("runs");
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+    assert!(report.orders.dead_lettered > 3_000, "most orders exhaust two attempts at 90% failure");
+    assert!(report.ledger.refunded_cents > 0, "charges hidden by timeouts were refunded");
+    assert_eq!(report.dead_letters.by_stage.get("payment").copied(), Some(report.orders.dead_lettered));
+    assert_eq!(report.dead_letters.compensation_failures, 0);
+}
+
+#[test]
+fn invalid_orders_are_dead_lettered_by_the_order_stage() {
+    let pipeline = OrderPipeline::start(&EngineConfig::default(), &SimConfig::default()).expect("starts");
+    let good = Order { id: 1, customer: 1, sku: 3, quantity: 1, amount_cents: 250 };
+    pipeline.submit(good).expect("open");
+    pipeline.submit(Order { id: 2, quantity: 0, ..good }).expect("open");
+    let letters_before_finish = pipeline.dead_letters().len();
+    let report = pipeline.finish();
+    assert!(letters_before_finish <= 1);
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+    assert_eq!((report.orders.confirmed, report.orders.dead_lettered), (1, 1));
+    assert_eq!(report.dead_letters.by_stage.get("order").copied(), Some(1));
+}
+
+#[test]
+fn try_submit_hands_the_order_back_instead_of_dropping_it() {
+    // Slow payment calls and a tiny queue make the entry queue fill up quickly.
+    let sim = SimConfig { payment_latency_us: 2_000, ..SimConfig::default() };
+    let pipeline = OrderPipeline::start(&engine(1, 1, 1), &sim).expect("starts");
+    let mut workload = orders::Workload::new(1, 10, 10);
+    let mut accepted = 0u64;
+    let mut refused = None;
+    for _ in 0..1_000 {
+        let order = workload.next().expect("endless");
+        match pipeline.try_submit(order) {
+            Ok(()) => accepted += 1,
+            Err(error) => {
+                refused = Some((order, error));
+                break;
+            }
+        }
+    }
+    let (order, error) = refused.expect("a one-slot queue behind a slow stage fills up");
+    assert!(matches!(error, TrySubmitError::Full(back) if back == order));
+    let report = pipeline.finish();
+    assert_eq!(report.orders.submitted, accepted);
+    assert_eq!(report.orders.confirmed, accepted, "every accepted order was processed");
+}
