@@ -64,6 +64,8 @@
 //!   panic is caught and counted as a retry; a worker that dies poisons the engine, so no caller
 //!   waits forever.
 
+#[cfg(feature = "bench")]
+pub mod bench;
 mod channel;
 pub mod config;
 mod dead_letter;

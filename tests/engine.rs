@@ -112,13 +112,14 @@ fn summing_chain(sum: Arc<AtomicU64>, count: Arc<AtomicU64>) -> Topology<Job> {
     topology
 }
 
+const PRODUCERS: u64 = 4;
+const PER_PRODUCER: u64 = 25_000;
+
 #[test]
 fn shutdown_drains_every_stage_and_loses_nothing() {
     let (sum, count) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let config = EngineConfig::builder().workers(2).queue_batches(4).batch_events_max(64).build().expect("valid");
     let engine = Engine::start(summing_chain(Arc::clone(&sum), Arc::clone(&count)), &config).expect("valid");
-    const PRODUCERS: u64 = 4;
-    const PER_PRODUCER: u64 = 25_000;
     std::thread::scope(|scope| {
         for p in 0..PRODUCERS {
             let engine = &engine;

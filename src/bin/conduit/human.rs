@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 
+use conduit::bench::{BenchReport, SweepPoint};
 use conduit::orders::RunReport;
 
 fn millions(n: f64) -> String {
@@ -64,6 +65,42 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
     }
     if let Some(reason) = &report.poisoned {
         writeln!(out, "\n  POISONED: {reason}")?;
+    }
+    Ok(())
+}
+
+pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Result<()> {
+    writeln!(
+        out,
+        "conduit bench: {} orders ({} events) per run, median of {} runs, {} CPUs",
+        report.orders,
+        report.cases.first().map_or(0, |c| c.events),
+        report.repeat,
+        report.cpus
+    )?;
+    writeln!(out, "  {:<27} {:>14}  runs (M events/s)", "case", "M events/s")?;
+    for case in &report.cases {
+        let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
+        writeln!(out, "  {:<27} {:>14.2}  {}", case.name, case.events_per_sec / 1e6, runs.join(" "))?;
+    }
+    writeln!(out)?;
+    for (pair, ratio) in &report.ratios {
+        writeln!(out, "  {pair:<48} {ratio:>6.2}x")?;
+    }
+    Ok(())
+}
+
+pub(crate) fn write_sweep(out: &mut impl Write, points: &[SweepPoint]) -> io::Result<()> {
+    writeln!(out, "  {:>8} {:>8} {:>14} {:>12}", "batch", "workers", "M events/s", "x ceiling")?;
+    for p in points {
+        writeln!(
+            out,
+            "  {:>8} {:>8} {:>14.2} {:>12.2}",
+            p.batch_events_max,
+            p.workers,
+            p.events_per_sec / 1e6,
+            p.ratio_to_ceiling
+        )?;
     }
     Ok(())
 }

@@ -24,6 +24,33 @@ struct Cli {
 enum Command {
     /// Push a seeded workload of orders through the pipeline and report.
     Run(RunArgs),
+    /// Measure the engine against its baselines on the same workload, side by side.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Orders per run of each case (each order is 6 events).
+    #[arg(long, default_value_t = 1_000_000, conflicts_with = "events")]
+    orders: u64,
+    /// Events per run of each case, instead of --orders (rounded up to whole orders).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Runs per case; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Worker threads per engine stage.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Events per engine batch.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// Sweep the engine over batch sizes and pool sizes instead of running the cases.
+    #[arg(long)]
+    sweep: bool,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -71,6 +98,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),
+        Command::Bench(args) => bench(&args),
     };
     match result {
         Ok(code) => code,
@@ -177,4 +205,41 @@ fn progress_bar(total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     Some(bar)
+}
+
+fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
+    let orders = args.events.map_or(args.orders, |events| events.div_ceil(conduit::bench::EVENTS_PER_ORDER));
+    if orders == 0 || args.repeat == 0 {
+        return Err(UsageError("--orders, --events and --repeat must be at least 1".into()).into());
+    }
+    let mut builder = conduit::EngineConfig::builder();
+    if let Some(threads) = args.threads {
+        builder = builder.workers(threads);
+    }
+    if let Some(batch) = args.batch {
+        builder = builder.batch_events_max(batch);
+    }
+    let engine = builder.build().map_err(|e| UsageError(e.to_string()))?;
+    let config = conduit::bench::BenchConfig { orders, repeat: args.repeat, engine, ..Default::default() };
+    let mut out = std::io::stdout().lock();
+    let written = if args.sweep {
+        let batches = [16, 64, 256, 1_024, 4_096];
+        let workers = [1, 2, 4];
+        let points = conduit::bench::sweep(&config, &batches, &workers, |batch, workers| {
+            eprintln!("sweep: batch {batch}, workers {workers}");
+        })
+        .map_err(|e| UsageError(e.to_string()))?;
+        match args.format {
+            Format::Json => serde_json::to_writer(&mut out, &points).map_err(|e| e.to_string()),
+            Format::Human => human::write_sweep(&mut out, &points).map_err(|e| e.to_string()),
+        }
+    } else {
+        let report = conduit::bench::run(&config, |case, round| eprintln!("bench: {case} (run {})", round + 1));
+        match args.format {
+            Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
+            Format::Human => human::write_bench(&mut out, &report).map_err(|e| e.to_string()),
+        }
+    };
+    written.and_then(|()| writeln!(out).map_err(|e| e.to_string())).map_err(Failure::Run)?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,436 @@
+//! `conduit bench`: the engine against its baselines, on the same workload, in one process.
+//!
+//! This machine is shared and noisy, so absolute figures drift; what a run shows is the ratios
+//! between cases measured side by side. Runs of the cases are interleaved (A B C, A B C, ...) so
+//! a noisy moment hurts every case alike, and each case reports its median run.
+//!
+//! Every case does the same per-event work: the order pipeline's six steps (validate, charge,
+//! reserve, email, SMS, ship) against the same simulated ports, so `events = 6 x orders`.
+//!
+//! | case | what moves the events |
+//! |---|---|
+//! | `ceiling_one_thread` | nothing: all six steps inline, one thread |
+//! | `crossbeam_per_event_chain` | one thread per stage, crossbeam bounded channels, one event per message |
+//! | `disruptor_chain` | the `disruptor` crate: one ring, dependent consumers, batch publishing |
+//! | `engine_memory` | conduit's engine, default configuration, no log |
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::orders::ports::{
+    Channel, InventoryStore, Notifier, PaymentGateway, SimulatedGateway, SimulatedInventory, SimulatedNotifier,
+};
+use crate::orders::{self, Effect, IdempotencyKey, Order, SimConfig, Workload};
+use crate::EngineConfig;
+
+/// Events each order makes: validate, charge, reserve, email, SMS, ship.
+pub const EVENTS_PER_ORDER: u64 = 6;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Orders per run of each case.
+    pub orders: u64,
+    /// Runs per case; the median is reported.
+    pub repeat: u32,
+    /// The engine's configuration for `engine_memory`.
+    pub engine: EngineConfig,
+    /// Workload seed.
+    pub seed: u64,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self { orders: 1_000_000, repeat: 3, engine: EngineConfig::default(), seed: 42 }
+    }
+}
+
+/// One case's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    /// The case's name.
+    pub name: String,
+    /// Median events per second over the runs.
+    pub events_per_sec: f64,
+    /// Events per run.
+    pub events: u64,
+    /// Every run's events per second, in run order.
+    pub runs_events_per_sec: Vec<f64>,
+    /// How the case is set up.
+    pub setup: String,
+}
+
+/// A whole bench run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Every case, in run order.
+    pub cases: Vec<CaseResult>,
+    /// `a / b` for the pairs that matter.
+    pub ratios: BTreeMap<String, f64>,
+    /// Orders per run.
+    pub orders: u64,
+    /// Runs per case.
+    pub repeat: u32,
+    /// Logical CPUs this process could use.
+    pub cpus: usize,
+}
+
+/// One sweep point: the engine at a batch size and pool size.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPoint {
+    /// Events per batch.
+    pub batch_events_max: usize,
+    /// Workers per stage.
+    pub workers: usize,
+    /// Median events per second.
+    pub events_per_sec: f64,
+    /// Relative to the one-thread ceiling measured in the same sweep.
+    pub ratio_to_ceiling: f64,
+}
+
+type Case = (&'static str, String, Box<dyn Fn(&[Order]) -> Duration>);
+
+/// Runs every case `repeat` times, interleaved, and reports medians and ratios.
+/// `progress` hears each case's name before each of its runs.
+pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> BenchReport {
+    let workload: Vec<Order> =
+        Workload::new(config.seed, 1_000, 100_000).take(usize::try_from(config.orders).unwrap_or(usize::MAX)).collect();
+    let engine = config.engine.clone();
+    let cases: Vec<Case> = vec![
+        ("ceiling_one_thread", "six steps inline in one thread".into(), Box::new(ceiling_one_thread)),
+        (
+            "crossbeam_per_event_chain",
+            format!("one thread per stage, bounded({PER_EVENT_CAPACITY}) crossbeam channels, one event per message"),
+            Box::new(crossbeam_per_event_chain),
+        ),
+        (
+            "disruptor_chain",
+            format!(
+                "disruptor 4: ring of {DISRUPTOR_RING}, batch_publish({DISRUPTOR_BATCH}), best of busy-spin-with-hint and sleep waits"
+            ),
+            Box::new(disruptor_chain),
+        ),
+        (
+            "engine_memory",
+            format!("conduit engine, {:?}, memory only", config.engine.defaults()),
+            Box::new(move |orders: &[Order]| engine_memory(&engine, orders)),
+        ),
+    ];
+    let events = config.orders * EVENTS_PER_ORDER;
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for round in 0..config.repeat.max(1) {
+        for (i, (name, _, case)) in cases.iter().enumerate() {
+            progress(name, round);
+            let elapsed = case(&workload);
+            runs[i].push(events as f64 / elapsed.as_secs_f64().max(1e-9));
+        }
+    }
+    let results: Vec<CaseResult> = cases
+        .iter()
+        .zip(runs)
+        .map(|((name, setup, _), runs)| CaseResult {
+            name: (*name).to_owned(),
+            events_per_sec: median(&runs),
+            events,
+            runs_events_per_sec: runs,
+            setup: setup.clone(),
+        })
+        .collect();
+    let rate = |name: &str| results.iter().find(|c| c.name == name).map_or(0.0, |c| c.events_per_sec);
+    let mut ratios = BTreeMap::new();
+    for (a, b) in [
+        ("engine_memory", "ceiling_one_thread"),
+        ("engine_memory", "disruptor_chain"),
+        ("engine_memory", "crossbeam_per_event_chain"),
+    ] {
+        let denominator = rate(b);
+        if denominator > 0.0 {
+            ratios.insert(format!("{a} / {b}"), rate(a) / denominator);
+        }
+    }
+    BenchReport {
+        cases: results,
+        ratios,
+        orders: config.orders,
+        repeat: config.repeat,
+        cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+    }
+}
+
+/// Runs `engine_memory` at each batch size and pool size, against a ceiling measured alongside.
+pub fn sweep(
+    config: &BenchConfig,
+    batches: &[usize],
+    workers: &[usize],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<SweepPoint>, crate::ConfigError> {
+    let workload: Vec<Order> =
+        Workload::new(config.seed, 1_000, 100_000).take(usize::try_from(config.orders).unwrap_or(usize::MAX)).collect();
+    let events = (config.orders * EVENTS_PER_ORDER) as f64;
+    let mut points = Vec::new();
+    for &w in workers {
+        for &b in batches {
+            progress(b, w);
+            let engine = EngineConfig::builder().workers(w).batch_events_max(b).build()?;
+            let mut engine_runs = Vec::new();
+            let mut ceiling_runs = Vec::new();
+            for _ in 0..config.repeat.max(1) {
+                ceiling_runs.push(events / ceiling_one_thread(&workload).as_secs_f64().max(1e-9));
+                engine_runs.push(events / engine_memory(&engine, &workload).as_secs_f64().max(1e-9));
+            }
+            let events_per_sec = median(&engine_runs);
+            points.push(SweepPoint {
+                batch_events_max: b,
+                workers: w,
+                events_per_sec,
+                ratio_to_ceiling: events_per_sec / median(&ceiling_runs),
+            });
+        }
+    }
+    Ok(points)
+}
+
+/// The bench workload: `orders` seeded orders over 1,000 SKUs and 100,000 customers.
+#[must_use]
+pub fn workload(seed: u64, orders: u64) -> Vec<Order> {
+    Workload::new(seed, 1_000, 100_000).take(usize::try_from(orders).unwrap_or(usize::MAX)).collect()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]),
+    }
+}
+
+/// The six steps against fresh simulated ports, as the pipeline's handlers do them.
+struct Work {
+    gateway: SimulatedGateway,
+    inventory: SimulatedInventory,
+    notifier: SimulatedNotifier,
+    confirmed: AtomicU64,
+}
+
+impl Work {
+    fn new() -> Arc<Self> {
+        let sim = SimConfig::default();
+        let faults = crate::orders::ports::Faults { seed: sim.seed, ..Default::default() };
+        Arc::new(Self {
+            gateway: SimulatedGateway::new(faults, 0.0),
+            inventory: SimulatedInventory::new(faults, sim.skus, sim.stock_per_sku, 0),
+            notifier: SimulatedNotifier::new(faults),
+            confirmed: AtomicU64::new(0),
+        })
+    }
+
+    fn validate(order: &Order) -> bool {
+        order.quantity > 0 && order.amount_cents > 0
+    }
+
+    fn charge(&self, order: &Order) -> bool {
+        self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, 0).is_ok()
+    }
+
+    fn reserve(&self, order: &Order) -> bool {
+        self.inventory.reserve(IdempotencyKey::new(order.id, Effect::Reserve), order, 0).is_ok()
+    }
+
+    fn notify(&self, channel: Channel, order: &Order) {
+        let _ = self.notifier.send(channel, IdempotencyKey::new(order.id, channel.effect()), order, 0);
+    }
+
+    fn ship(&self, _order: &Order) {
+        self.confirmed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn check(&self, orders: &[Order]) {
+        assert_eq!(
+            self.confirmed.load(Ordering::Relaxed),
+            orders.len() as u64,
+            "a baseline must finish every order, or its figure means nothing"
+        );
+    }
+}
+
+/// All six steps inline in one thread: the ceiling a pipeline is measured against.
+pub fn ceiling_one_thread(orders: &[Order]) -> Duration {
+    let work = Work::new();
+    let start = Instant::now();
+    for order in orders {
+        if Work::validate(order) && work.charge(order) && work.reserve(order) {
+            work.notify(Channel::Email, order);
+            work.notify(Channel::Sms, order);
+            work.ship(order);
+        }
+    }
+    let elapsed = start.elapsed();
+    work.check(orders);
+    elapsed
+}
+
+const PER_EVENT_CAPACITY: usize = 1_024;
+
+/// One thread per stage linked by crossbeam channels, one event per message.
+pub fn crossbeam_per_event_chain(orders: &[Order]) -> Duration {
+    use crossbeam_channel::bounded;
+    let work = Work::new();
+    let (to_payment, payment_in) = bounded::<Order>(PER_EVENT_CAPACITY);
+    let (to_inventory, inventory_in) = bounded::<Order>(PER_EVENT_CAPACITY);
+    let (to_email, email_in) = bounded::<Order>(PER_EVENT_CAPACITY);
+    let (to_sms, sms_in) = bounded::<Order>(PER_EVENT_CAPACITY);
+    let (to_shipping, shipping_in) = bounded::<Order>(PER_EVENT_CAPACITY);
+    let (to_order, order_in) = bounded::<Order>(PER_EVENT_CAPACITY);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let w = &work;
+        scope.spawn(move || {
+            for order in order_in {
+                if Work::validate(&order) && to_payment.send(order).is_err() {
+                    return;
+                }
+            }
+        });
+        scope.spawn(move || {
+            for order in payment_in {
+                if w.charge(&order) && to_inventory.send(order).is_err() {
+                    return;
+                }
+            }
+        });
+        scope.spawn(move || {
+            for order in inventory_in {
+                if w.reserve(&order)
+                    && (to_email.send(order).is_err()
+                        || to_sms.send(order).is_err()
+                        || to_shipping.send(order).is_err())
+                {
+                    return;
+                }
+            }
+        });
+        scope.spawn(move || email_in.into_iter().for_each(|o| w.notify(Channel::Email, &o)));
+        scope.spawn(move || sms_in.into_iter().for_each(|o| w.notify(Channel::Sms, &o)));
+        scope.spawn(move || shipping_in.into_iter().for_each(|o| w.ship(&o)));
+        for order in orders {
+            if to_order.send(*order).is_err() {
+                break;
+            }
+        }
+        drop(to_order);
+    });
+    let elapsed = start.elapsed();
+    work.check(orders);
+    elapsed
+}
+
+const DISRUPTOR_RING: usize = 1 << 16;
+const DISRUPTOR_BATCH: usize = 256;
+
+/// A ring slot: the order, and what the steps decided (written by one, read by the next).
+struct Slot {
+    order: Order,
+    /// 0: nothing yet; 1: validated; 2: charged; 3: reserved. Each step advances it.
+    progress: AtomicU8,
+}
+
+/// The stages as dependent consumers of one `disruptor` ring; the better of two wait strategies.
+pub fn disruptor_chain(orders: &[Order]) -> Duration {
+    let spin = disruptor_chain_with(orders, disruptor::BusySpinWithSpinLoopHint);
+    let sleep = disruptor_chain_with(orders, disruptor::Sleep::new(Duration::from_micros(50)));
+    spin.min(sleep)
+}
+
+fn disruptor_chain_with<W: disruptor::wait_strategies::WaitStrategy + 'static>(orders: &[Order], wait: W) -> Duration {
+    use disruptor::{build_single_producer, Producer, Sequence};
+    let work = Work::new();
+    let empty = Order { id: 0, customer: 0, sku: 0, quantity: 0, amount_cents: 0 };
+    let factory = move || Slot { order: empty, progress: AtomicU8::new(0) };
+    let step = |from: u8, to: u8, f: fn(&Work, &Order) -> bool| {
+        let work = Arc::clone(&work);
+        move |slot: &Slot, _: Sequence, _: bool| {
+            if slot.progress.load(Ordering::Relaxed) == from && f(&work, &slot.order) {
+                slot.progress.store(to, Ordering::Relaxed);
+            }
+        }
+    };
+    let leaf = |f: fn(&Work, &Order)| {
+        let work = Arc::clone(&work);
+        move |slot: &Slot, _: Sequence, _: bool| {
+            if slot.progress.load(Ordering::Relaxed) == 3 {
+                f(&work, &slot.order);
+            }
+        }
+    };
+    let start = Instant::now();
+    {
+        let mut producer = build_single_producer(DISRUPTOR_RING, factory, wait)
+            .handle_events_with(step(0, 1, |_, o| Work::validate(o)))
+            .and_then()
+            .handle_events_with(step(1, 2, Work::charge))
+            .and_then()
+            .handle_events_with(step(2, 3, Work::reserve))
+            .and_then()
+            .handle_events_with(leaf(|w, o| w.notify(Channel::Email, o)))
+            .handle_events_with(leaf(|w, o| w.notify(Channel::Sms, o)))
+            .handle_events_with(leaf(Work::ship))
+            .build();
+        for chunk in orders.chunks(DISRUPTOR_BATCH) {
+            producer.batch_publish(chunk.len(), |slots| {
+                for (slot, order) in slots.zip(chunk) {
+                    slot.order = *order;
+                    *slot.progress.get_mut() = 0;
+                }
+            });
+        }
+        // Dropping the producer waits until every consumer has handled every event.
+    }
+    let elapsed = start.elapsed();
+    work.check(orders);
+    elapsed
+}
+
+/// The order pipeline on conduit's engine, no log.
+///
+/// # Panics
+/// If the configuration does not start or the run breaks an invariant: a bench of a broken run
+/// must not print a figure.
+pub fn engine_memory(config: &EngineConfig, orders: &[Order]) -> Duration {
+    let start = Instant::now();
+    let pipeline = orders::OrderPipeline::start(config, &SimConfig::default())
+        .expect("the bench's engine configuration was validated");
+    for chunk in orders.chunks(4_096) {
+        pipeline.submit_many(chunk.iter().copied()).expect("the engine is healthy during a bench");
+    }
+    let report = pipeline.finish();
+    let elapsed = start.elapsed();
+    assert!(report.violations().is_empty(), "engine run broke an invariant: {:?}", report.violations());
+    assert_eq!(report.events.total, orders.len() as u64 * EVENTS_PER_ORDER);
+    elapsed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_case_finishes_every_order_and_ratios_are_computed() {
+        let config = BenchConfig { orders: 5_000, repeat: 1, ..BenchConfig::default() };
+        let report = run(&config, |_, _| {});
+        assert_eq!(report.cases.len(), 4);
+        assert!(report.cases.iter().all(|c| c.events == 30_000 && c.events_per_sec > 0.0));
+        assert_eq!(report.ratios.len(), 3);
+    }
+
+    #[test]
+    fn median_of_even_and_odd_counts() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < f64::EPSILON);
+        assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < f64::EPSILON);
+    }
+}
