@@ -71,6 +71,7 @@ pub mod config;
 mod dead_letter;
 mod engine;
 mod error;
+pub mod log;
 pub mod metrics;
 pub mod orders;
 mod stage;

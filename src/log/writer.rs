@@ -1,0 +1,279 @@
+//! The log writer thread: drain the append queue, assign versions, pack frames, commit once,
+//! release acknowledgements. After a failed commit it acknowledges nothing ever again.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rustc_hash::FxHashMap;
+
+use super::format::{encode_frame, Frame, HEADER_LEN};
+use super::{bucket_of, storage, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, FRAMES};
+
+/// Bytes a record adds to a frame besides its payload and note (rkyv's fixed part, rounded up).
+const RECORD_FIXED_BYTES: usize = 80;
+
+pub(crate) struct WriterState {
+    shared: Arc<Shared>,
+    options: LogOptions,
+    /// Last committed version of every stream.
+    versions: FxHashMap<u64, u32>,
+    next_frame: u64,
+    /// Commits since the last durable one (Eventual mode).
+    undurable: bool,
+    last_durable: Instant,
+    frame: Frame,
+    frame_bytes: usize,
+    buckets: Vec<u64>,
+    encoded: Vec<u8>,
+}
+
+impl WriterState {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        options: LogOptions,
+        versions: FxHashMap<u64, u32>,
+        next_frame: u64,
+    ) -> Self {
+        Self {
+            shared,
+            options,
+            versions,
+            next_frame,
+            undurable: false,
+            last_durable: Instant::now(),
+            frame: Frame::default(),
+            frame_bytes: 0,
+            buckets: Vec::new(),
+            encoded: Vec::new(),
+        }
+    }
+}
+
+/// Replies owed once the group's transaction is settled.
+#[derive(Default)]
+struct Group {
+    commands: Vec<Command>,
+    records: usize,
+    wants_sync: bool,
+}
+
+pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
+    let mut group = Group::default();
+    loop {
+        let first = match state.options.durability {
+            Durability::Eventual { sync_interval_ms } if state.undurable => {
+                let wait = Duration::from_millis(sync_interval_ms).saturating_sub(state.last_durable.elapsed());
+                match receiver.recv_timeout(wait) {
+                    Ok(command) => command,
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Quiet for a whole interval: make the earlier commits durable now.
+                        let _ = state.commit_group(&mut Group { wants_sync: true, ..Group::default() });
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            _ => match receiver.recv() {
+                Ok(command) => command,
+                Err(_) => break,
+            },
+        };
+        group.push(first);
+        while group.records < state.options.group_records_max {
+            match receiver.try_recv() {
+                Ok(command) => group.push(command),
+                Err(_) => break,
+            }
+        }
+        let _ = state.commit_group(&mut group);
+    }
+    // Every producer is gone: whatever was committed without fsync becomes durable now.
+    if state.undurable {
+        let _ = state.commit_group(&mut Group { wants_sync: true, ..Group::default() });
+    }
+}
+
+impl Group {
+    fn push(&mut self, command: Command) {
+        match &command {
+            Command::Append { records, .. } | Command::Checked { records, .. } => self.records += records.len(),
+            Command::Sync { .. } => self.wants_sync = true,
+        }
+        self.commands.push(command);
+    }
+}
+
+impl WriterState {
+    fn failure(&self) -> Option<String> {
+        self.shared.has_failed.load(Ordering::Acquire).then(|| self.shared.failed.lock().clone()).flatten()
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "log commit failed; the log accepts nothing more");
+        self.shared.failed.lock().get_or_insert(reason);
+        self.shared.has_failed.store(true, Ordering::Release);
+    }
+
+    /// Writes one group in one transaction and answers everyone in it.
+    fn commit_group(&mut self, group: &mut Group) -> Result<(), LogError> {
+        let mut commands = std::mem::take(&mut group.commands);
+        let wants_sync = std::mem::take(&mut group.wants_sync);
+        group.records = 0;
+        if let Some(reason) = self.failure() {
+            answer(commands, &Err(LogError::Failed(reason)));
+            return Err(LogError::Closed);
+        }
+        let durable = match self.options.durability {
+            Durability::Immediate => true,
+            Durability::Eventual { sync_interval_ms } => {
+                wants_sync || self.last_durable.elapsed() >= Duration::from_millis(sync_interval_ms)
+            }
+        };
+        let mut conflicts: FxHashMap<usize, LogError> = FxHashMap::default();
+        let mut new_versions: FxHashMap<u64, u32> = FxHashMap::default();
+        let result = self.write(&mut commands, durable, &mut conflicts, &mut new_versions);
+        match result {
+            Ok(appended) => {
+                self.versions.extend(new_versions.iter().map(|(k, v)| (*k, *v)));
+                let counters = &self.shared.counters;
+                counters.events_appended.fetch_add(appended, Ordering::Relaxed);
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                if durable {
+                    counters.durable_commits.fetch_add(1, Ordering::Relaxed);
+                    self.undurable = false;
+                    self.last_durable = Instant::now();
+                } else {
+                    self.undurable = true;
+                }
+                answer_each(commands, &conflicts, &self.versions);
+                Ok(())
+            }
+            Err(error) => {
+                self.fail(error.to_string());
+                answer(commands, &Err(LogError::Failed(error.to_string())));
+                Err(error)
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        commands: &mut [Command],
+        durable: bool,
+        conflicts: &mut FxHashMap<usize, LogError>,
+        new_versions: &mut FxHashMap<u64, u32>,
+    ) -> Result<u64, LogError> {
+        let mut txn = self.shared.db.begin_write().map_err(storage)?;
+        txn.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
+            .map_err(storage)?;
+        let mut appended = 0u64;
+        {
+            let mut frames = txn.open_table(FRAMES).map_err(storage)?;
+            let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
+            for (index, command) in commands.iter_mut().enumerate() {
+                let records = match command {
+                    Command::Append { records, .. } => records,
+                    Command::Checked { stream, expected, records, .. } => {
+                        let actual =
+                            new_versions.get(stream).or_else(|| self.versions.get(stream)).copied().unwrap_or(0);
+                        let ok = match *expected {
+                            ExpectedVersion::Any => true,
+                            ExpectedVersion::NoStream => actual == 0,
+                            ExpectedVersion::Exact(v) => actual == v,
+                        };
+                        if !ok {
+                            conflicts.insert(
+                                index,
+                                LogError::VersionConflict { stream: *stream, expected: *expected, actual },
+                            );
+                            continue;
+                        }
+                        records
+                    }
+                    Command::Sync { .. } => continue,
+                };
+                for mut record in std::mem::take(records) {
+                    let version = match new_versions.get_mut(&record.stream) {
+                        Some(v) => v,
+                        None => new_versions
+                            .entry(record.stream)
+                            .or_insert(self.versions.get(&record.stream).copied().unwrap_or(0)),
+                    };
+                    *version += 1;
+                    record.version = *version;
+                    self.frame_bytes += RECORD_FIXED_BYTES + record.payload.len() + record.note.len();
+                    self.buckets.push(bucket_of(record.stream));
+                    self.frame.records.push(record);
+                    appended += 1;
+                    if self.frame_bytes >= self.options.frame_bytes_target {
+                        self.flush_frame(&mut frames, &mut buckets)?;
+                    }
+                }
+            }
+            self.flush_frame(&mut frames, &mut buckets)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(appended)
+    }
+
+    fn flush_frame(
+        &mut self,
+        frames: &mut redb::Table<'_, u64, &'static [u8]>,
+        buckets: &mut redb::Table<'_, (u64, u64), ()>,
+    ) -> Result<(), LogError> {
+        if self.frame.records.is_empty() {
+            return Ok(());
+        }
+        let seq = self.next_frame;
+        self.frame.seq = seq;
+        encode_frame(&self.frame, &mut self.encoded);
+        debug_assert!(self.encoded.len() > HEADER_LEN);
+        frames.insert(seq, self.encoded.as_slice()).map_err(storage)?;
+        self.buckets.sort_unstable();
+        self.buckets.dedup();
+        for &bucket in &self.buckets {
+            buckets.insert((bucket, seq), ()).map_err(storage)?;
+        }
+        let counters = &self.shared.counters;
+        counters.frames.fetch_add(1, Ordering::Relaxed);
+        counters.bytes.fetch_add(self.encoded.len() as u64, Ordering::Relaxed);
+        self.next_frame += 1;
+        self.frame.records.clear();
+        self.frame_bytes = 0;
+        self.buckets.clear();
+        Ok(())
+    }
+}
+
+fn answer(commands: Vec<Command>, result: &Result<(), LogError>) {
+    for command in commands {
+        match command {
+            Command::Append { ack: Some(ack), .. } | Command::Sync { reply: ack } => send(&ack, result.clone()),
+            Command::Append { ack: None, .. } => {}
+            Command::Checked { reply, .. } => send(&reply, result.clone().map(|()| 0)),
+        }
+    }
+}
+
+fn answer_each(commands: Vec<Command>, conflicts: &FxHashMap<usize, LogError>, versions: &FxHashMap<u64, u32>) {
+    for (index, command) in commands.into_iter().enumerate() {
+        match command {
+            Command::Append { ack: Some(ack), .. } | Command::Sync { reply: ack } => send(&ack, Ok(())),
+            Command::Append { ack: None, .. } => {}
+            Command::Checked { stream, reply, .. } => {
+                let result = match conflicts.get(&index) {
+                    Some(conflict) => Err(conflict.clone()),
+                    None => Ok(versions.get(&stream).copied().unwrap_or(0)),
+                };
+                send(&reply, result);
+            }
+        }
+    }
+}
+
+fn send<T>(reply: &Sender<T>, value: T) {
+    // The asker may have stopped waiting; that is its business.
+    let _ = reply.send(value);
+}
