@@ -76,6 +76,11 @@ impl<M> BatchSender<M> {
         self.batch_events_max
     }
 
+    /// Whether the queue has no room for another batch now.
+    pub(crate) fn is_full(&self) -> bool {
+        self.tx.is_full()
+    }
+
     /// An empty buffer: a recycled one when there is one.
     pub(crate) fn buffer(&self) -> Vec<Envelope<M>> {
         self.free_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(self.batch_events_max))
@@ -170,7 +175,7 @@ mod tests {
     use super::*;
 
     fn envelope(seq: u64) -> Envelope<u64> {
-        Envelope { key: seq, seq, attempt: 0, msg: seq }
+        Envelope { key: seq, seq, cause: 0, attempt: 0, msg: seq }
     }
 
     fn test_queue(capacity: usize) -> (BatchSender<u64>, BatchReceiver<u64>) {

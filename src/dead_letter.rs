@@ -14,8 +14,9 @@ pub enum DeadLetterKind {
     Rejected,
     /// The stage's `attempts_max` attempts all ended in a retry (or a panic).
     RetriesExhausted,
-    /// The handler emitted to a stage not linked from its own.
-    UnlinkedEmit,
+    /// The handler misused its emitter (emitted to a stage not linked from its own, or recorded
+    /// a reserved kind).
+    HandlerMisuse,
 }
 
 impl fmt::Display for DeadLetterKind {
@@ -23,7 +24,7 @@ impl fmt::Display for DeadLetterKind {
         f.write_str(match self {
             Self::Rejected => "rejected",
             Self::RetriesExhausted => "retries_exhausted",
-            Self::UnlinkedEmit => "unlinked_emit",
+            Self::HandlerMisuse => "handler_misuse",
         })
     }
 }

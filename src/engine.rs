@@ -7,11 +7,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+
 use crate::channel::{self, BatchSender, SendFailure};
 use crate::config::EngineConfig;
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
-use crate::metrics::{Snapshot, StageMetrics};
+use crate::journal::{Journal, JournalWriter};
+use crate::log::{AckWaiter, LogError, STAGE_INGRESS};
+use crate::metrics::{new_histogram, LatencySummary, Snapshot, StageMetrics};
 use crate::stage::{Envelope, Handler, Message, StageId};
 use crate::worker::{self, Shared, WorkerCtx};
 
@@ -195,14 +200,18 @@ impl<M: Message> Topology<M> {
 /// [`shutdown`](Self::shutdown) to drain it and get the final report.
 pub struct Engine<M: Message> {
     ingress: Option<BatchSender<M>>,
-    entry_batch_events_max: usize,
+    entry: StageId,
+    /// A sender into every stage, for [`Engine::inject_many`]; dropped at shutdown.
+    stage_senders: Vec<BatchSender<M>>,
     next_seq: AtomicU64,
     submitted: AtomicU64,
     metrics: Vec<Arc<StageMetrics>>,
     /// Worker threads, stages in topological order so joining follows the drain.
     workers: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
-    dead_letters: Arc<dyn DeadLetterSink<M>>,
+    journal: Option<Journal<M>>,
+    /// Time from journaling a submitted batch to its commit.
+    ack_latency: Mutex<Histogram<u64>>,
     started: Instant,
 }
 
@@ -212,6 +221,7 @@ impl<M: Message> fmt::Debug for Engine<M> {
             .field("stages", &self.metrics.iter().map(|m| m.name.as_str()).collect::<Vec<_>>())
             .field("workers", &self.workers.len())
             .field("submitted", &self.submitted.load(Ordering::Relaxed))
+            .field("journal", &self.journal)
             .field("poisoned", &self.poisoned())
             .finish_non_exhaustive()
     }
@@ -220,32 +230,93 @@ impl<M: Message> fmt::Debug for Engine<M> {
 /// What [`Engine::shutdown`] returns: the final figures of a fully drained engine.
 #[derive(Debug, Clone)]
 pub struct ShutdownReport {
-    /// Figures after the last event was handled.
+    /// Figures after the last event was handled (and, with a journal, made durable).
     pub snapshot: Snapshot,
+    /// With a journal: whether the final sync of the log succeeded.
+    pub log_sync: Option<Result<(), LogError>>,
 }
 
 impl ShutdownReport {
-    /// Whether every worker stopped normally.
+    /// Whether every worker stopped normally and the log (if any) synced.
     #[must_use]
     pub fn is_clean(&self) -> bool {
-        self.snapshot.poisoned.is_none()
+        self.snapshot.poisoned.is_none() && !matches!(self.log_sync, Some(Err(_)))
+    }
+}
+
+/// Starts an [`Engine`] with options beyond the configuration.
+pub struct EngineBuilder<M: Message> {
+    topology: Topology<M>,
+    config: EngineConfig,
+    dead_letters: Arc<dyn DeadLetterSink<M>>,
+    journal: Option<Journal<M>>,
+}
+
+impl<M: Message> fmt::Debug for EngineBuilder<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineBuilder").field("topology", &self.topology).field("config", &self.config).finish()
+    }
+}
+
+impl<M: Message> EngineBuilder<M> {
+    /// Stage settings (default: [`EngineConfig::default`]).
+    #[must_use]
+    pub fn config(mut self, config: &EngineConfig) -> Self {
+        self.config = config.clone();
+        self
+    }
+
+    /// Where dead letters go (default: kept in memory).
+    #[must_use]
+    pub fn dead_letters(mut self, sink: Arc<dyn DeadLetterSink<M>>) -> Self {
+        self.dead_letters = sink;
+        self
+    }
+
+    /// Journals submitted messages, recorded facts and dead letters to a durable log; `submit`
+    /// then returns only once its messages are committed.
+    #[must_use]
+    pub fn journal(mut self, journal: Journal<M>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Validates and starts every worker thread.
+    pub fn start(self) -> Result<Engine<M>, BuildError> {
+        Engine::launch(self)
     }
 }
 
 impl<M: Message> Engine<M> {
-    /// Starts the engine with dead letters kept in memory (see [`Engine::start_with`]).
-    pub fn start(topology: Topology<M>, config: &EngineConfig) -> Result<Self, BuildError> {
-        Self::start_with(topology, config, Arc::new(MemoryDeadLetters::<M>::default()))
+    /// A builder for an engine running `topology`.
+    pub fn builder(topology: Topology<M>) -> EngineBuilder<M> {
+        EngineBuilder {
+            topology,
+            config: EngineConfig::default(),
+            dead_letters: Arc::new(MemoryDeadLetters::<M>::default()),
+            journal: None,
+        }
     }
 
-    /// Validates the topology against the configuration and starts every worker thread
-    /// (named `conduit:<stage>:<worker>`); dead letters go to `dead_letters`.
+    /// Starts the engine with dead letters kept in memory and no journal.
+    pub fn start(topology: Topology<M>, config: &EngineConfig) -> Result<Self, BuildError> {
+        Self::builder(topology).config(config).start()
+    }
+
+    /// Starts the engine with dead letters going to `dead_letters` and no journal.
     pub fn start_with(
         topology: Topology<M>,
         config: &EngineConfig,
         dead_letters: Arc<dyn DeadLetterSink<M>>,
     ) -> Result<Self, BuildError> {
-        let order = topology.validate(config)?;
+        Self::builder(topology).config(config).dead_letters(dead_letters).start()
+    }
+
+    /// Validates the topology against the configuration and starts every worker thread
+    /// (named `conduit:<stage>:<worker>`).
+    fn launch(builder: EngineBuilder<M>) -> Result<Self, BuildError> {
+        let EngineBuilder { topology, config, dead_letters, journal } = builder;
+        let order = topology.validate(&config)?;
         let Topology { stages, links, entry } = topology;
         let entry = entry.expect("validate checked the entry stage is set");
         let shared = Arc::new(Shared::default());
@@ -268,13 +339,15 @@ impl<M: Message> Engine<M> {
 
         let mut engine = Self {
             ingress: Some(queues[entry.index()].0.clone()),
-            entry_batch_events_max: stage_configs[entry.index()].batch_events_max,
+            entry,
+            stage_senders: queues.iter().map(|(sender, _)| sender.clone()).collect(),
             next_seq: AtomicU64::new(0),
             submitted: AtomicU64::new(0),
             metrics,
             workers: Vec::new(),
             shared,
-            dead_letters,
+            journal,
+            ack_latency: Mutex::new(new_histogram()),
             started: Instant::now(),
         };
         for stage in order {
@@ -291,11 +364,13 @@ impl<M: Message> Engine<M> {
                     name: name.clone(),
                     stage_name: decl.name.clone(),
                     worker,
+                    stage: stage.0,
                     config: stage_config,
+                    journal: engine.journal.clone(),
                     input: queues[index].1.clone(),
                     outputs,
                     metrics: Arc::clone(&engine.metrics[index]),
-                    dead_letters: Arc::clone(&engine.dead_letters),
+                    dead_letters: Arc::clone(&dead_letters),
                     shared: Arc::clone(&engine.shared),
                 };
                 let runner = Arc::clone(runner);
@@ -306,25 +381,24 @@ impl<M: Message> Engine<M> {
                 engine.workers.push(handle);
             }
         }
-        // The queues' own ends are dropped here: from now on only ingress and workers hold them,
-        // so a stage's queue closes exactly when everything upstream of it has stopped.
+        // The queues' own ends are dropped here: from now on only the engine's senders and the
+        // workers hold them, so once the engine lets go, a stage's queue closes exactly when
+        // everything upstream of it has stopped.
         drop(queues);
         tracing::info!(stages = engine.metrics.len(), workers = engine.workers.len(), "engine started");
         Ok(engine)
     }
 
-    /// Submits one message, blocking while the entry queue is full.
+    /// Submits one message, blocking while the entry queue is full (and, with a journal, until
+    /// it is committed).
     pub fn submit(&self, msg: M) -> Result<(), SubmitError<M>> {
-        self.submit_many(std::iter::once(msg)).map(drop).map_err(|e| match e {
-            SubmitError::Closed(mut v) => SubmitError::Closed(v.pop().expect("the failed batch held the one message")),
-            SubmitError::Poisoned(mut v) => {
-                SubmitError::Poisoned(v.pop().expect("the failed batch held the one message"))
-            }
-        })
+        self.submit_many(std::iter::once(msg))
+            .map(drop)
+            .map_err(|e| e.map(|mut v| v.pop().expect("the failed batch held the one message")))
     }
 
     /// Submits one message if the entry queue has room now; otherwise hands it back in
-    /// [`TrySubmitError::Full`].
+    /// [`TrySubmitError::Full`]. With a journal it waits for the commit once it has room.
     pub fn try_submit(&self, msg: M) -> Result<(), TrySubmitError<M>> {
         let Some(ingress) = self.ingress.as_ref() else {
             return Err(TrySubmitError::Closed(msg));
@@ -332,8 +406,20 @@ impl<M: Message> Engine<M> {
         if self.shared.is_poisoned() {
             return Err(TrySubmitError::Poisoned(msg));
         }
+        if self.journal.is_some() {
+            // Once journaled, a message must enter the pipeline: check for room first.
+            if ingress.is_full() {
+                return Err(TrySubmitError::Full(msg));
+            }
+            return self.submit(msg).map_err(|e| match e {
+                SubmitError::Closed(m) => TrySubmitError::Closed(m),
+                SubmitError::LogFailed(m) => TrySubmitError::LogFailed(m),
+                SubmitError::Poisoned(m) => TrySubmitError::Poisoned(m),
+            });
+        }
         let mut buffer = ingress.buffer();
-        buffer.push(self.envelope(msg));
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        buffer.push(Envelope { key: msg.key(), seq, cause: 0, attempt: 0, msg });
         match ingress.try_send(buffer) {
             Ok(()) => {
                 self.submitted.fetch_add(1, Ordering::Relaxed);
@@ -357,50 +443,127 @@ impl<M: Message> Engine<M> {
     /// Submits messages in batches of the entry stage's `batch_events_max`, blocking while the
     /// entry queue is full. Returns how many were submitted.
     ///
-    /// On failure the error holds every message not submitted: the batch that failed and the
+    /// With a journal, each batch is journaled first and enters the pipeline only once its
+    /// records are committed; the next batch is journaled while the previous one commits.
+    ///
+    /// On failure the error holds every message not submitted: the batches that failed and the
     /// rest of `msgs`, collected (so `msgs` must be finite).
     pub fn submit_many(&self, msgs: impl IntoIterator<Item = M>) -> Result<u64, SubmitError<Vec<M>>> {
         let mut msgs = msgs.into_iter().peekable();
         let Some(ingress) = self.ingress.as_ref() else {
             return Err(SubmitError::Closed(msgs.collect()));
         };
+        let batch_events_max = ingress.batch_events_max();
+        let mut journal = self.journal.as_ref().map(|j| JournalWriter::new(j.clone(), STAGE_INGRESS));
+        let mut waiting: Option<(Vec<Envelope<M>>, AckWaiter, Instant)> = None;
         let mut sent = 0u64;
+        let unsent = |batches: Vec<Vec<Envelope<M>>>, rest: &mut dyn Iterator<Item = M>| -> Vec<M> {
+            let mut all: Vec<M> = batches.into_iter().flatten().map(|e| e.msg).collect();
+            all.extend(rest);
+            all
+        };
         loop {
             if self.shared.is_poisoned() {
-                return Err(SubmitError::Poisoned(msgs.collect()));
+                let pending = waiting.take().map(|(batch, _, _)| batch).into_iter().collect();
+                return Err(SubmitError::Poisoned(unsent(pending, &mut msgs)));
             }
-            if msgs.peek().is_none() {
-                return Ok(sent);
-            }
-            let mut buffer = ingress.buffer();
-            buffer.extend(msgs.by_ref().take(self.entry_batch_events_max).map(|msg| Envelope {
-                key: msg.key(),
-                seq: 0,
-                attempt: 0,
-                msg,
-            }));
-            let count = buffer.len() as u64;
-            let first_seq = self.next_seq.fetch_add(count, Ordering::Relaxed);
-            for (envelope, seq) in buffer.iter_mut().zip(first_seq..) {
-                envelope.seq = seq;
-            }
-            match ingress.send(buffer) {
-                Ok(()) => {
-                    self.submitted.fetch_add(count, Ordering::Relaxed);
-                    sent += count;
+            let mut next = None;
+            if msgs.peek().is_some() {
+                let mut buffer = ingress.buffer();
+                buffer.extend(msgs.by_ref().take(batch_events_max).map(|msg| Envelope {
+                    key: msg.key(),
+                    seq: 0,
+                    cause: 0,
+                    attempt: 0,
+                    msg,
+                }));
+                let first_seq = self.next_seq.fetch_add(buffer.len() as u64, Ordering::Relaxed);
+                for (envelope, seq) in buffer.iter_mut().zip(first_seq..) {
+                    envelope.seq = seq;
                 }
-                Err(SendFailure::Full(batch) | SendFailure::Gone(batch)) => {
-                    let mut unsent: Vec<M> = batch.events.into_iter().map(|e| e.msg).collect();
-                    unsent.extend(msgs);
-                    return Err(SubmitError::Poisoned(unsent));
+                next = Some(buffer);
+            }
+            // Journal the next batch before waiting on the previous one, so commits overlap.
+            let mut next_waiter = None;
+            if let (Some(buffer), Some(journal)) = (next.as_mut(), journal.as_mut()) {
+                journal.ingress(buffer);
+                match journal.flush_acked() {
+                    Ok(waiter) => next_waiter = Some((waiter, Instant::now())),
+                    Err(_) => {
+                        let mut batches: Vec<_> = waiting.take().map(|(b, _, _)| b).into_iter().collect();
+                        batches.extend(next);
+                        return Err(SubmitError::LogFailed(unsent(batches, &mut msgs)));
+                    }
                 }
+            }
+            if let Some((batch, waiter, since)) = waiting.take() {
+                if waiter.wait().is_err() {
+                    let batches = std::iter::once(batch).chain(next).collect();
+                    return Err(SubmitError::LogFailed(unsent(batches, &mut msgs)));
+                }
+                self.record_ack_latency(since);
+                sent += self.send_entry(ingress, batch, &mut msgs, next.take())?;
+            }
+            match (next, next_waiter) {
+                (None, _) => return Ok(sent),
+                (Some(batch), Some((waiter, since))) => waiting = Some((batch, waiter, since)),
+                (Some(batch), None) => sent += self.send_entry(ingress, batch, &mut msgs, None)?,
             }
         }
     }
 
-    fn envelope(&self, msg: M) -> Envelope<M> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        Envelope { key: msg.key(), seq, attempt: 0, msg }
+    fn send_entry(
+        &self,
+        ingress: &BatchSender<M>,
+        batch: Vec<Envelope<M>>,
+        rest: &mut dyn Iterator<Item = M>,
+        also_unsent: Option<Vec<Envelope<M>>>,
+    ) -> Result<u64, SubmitError<Vec<M>>> {
+        let count = batch.len() as u64;
+        match ingress.send(batch) {
+            Ok(()) => {
+                self.submitted.fetch_add(count, Ordering::Relaxed);
+                Ok(count)
+            }
+            Err(SendFailure::Full(batch) | SendFailure::Gone(batch)) => {
+                let mut unsent: Vec<M> =
+                    batch.events.into_iter().chain(also_unsent.into_iter().flatten()).map(|e| e.msg).collect();
+                unsent.extend(rest);
+                Err(SubmitError::Poisoned(unsent))
+            }
+        }
+    }
+
+    fn record_ack_latency(&self, since: Instant) {
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.ack_latency.lock().saturating_record(ns);
+    }
+
+    /// Puts events straight into `stage`'s queue, blocking while it is full; they are not
+    /// journaled again. For resuming work after a restart and for redriving dead letters: the
+    /// caller gives each envelope its key, correlation `seq` and `cause`.
+    pub fn inject_many(
+        &self,
+        stage: StageId,
+        events: impl IntoIterator<Item = Envelope<M>>,
+    ) -> Result<u64, SubmitError<Vec<M>>> {
+        let mut events = events.into_iter().peekable();
+        let Some(sender) = self.stage_senders.get(stage.index()) else {
+            return Err(SubmitError::Closed(events.map(|e| e.msg).collect()));
+        };
+        let mut sent = 0;
+        while events.peek().is_some() {
+            let mut buffer = sender.buffer();
+            buffer.extend(events.by_ref().take(sender.batch_events_max()));
+            let mut rest = events.by_ref().map(|e| e.msg);
+            sent += self.send_entry(sender, buffer, &mut rest, None)?;
+        }
+        Ok(sent)
+    }
+
+    /// The entry stage.
+    pub fn entry(&self) -> StageId {
+        self.entry
     }
 
     /// Messages accepted so far.
@@ -419,36 +582,42 @@ impl<M: Message> Engine<M> {
 
     /// The figures of every stage now.
     pub fn snapshot(&self) -> Snapshot {
+        let journal = self.journal.as_ref();
         Snapshot {
             uptime_s: self.started.elapsed().as_secs_f64(),
             submitted: self.submitted(),
             stages: self.metrics.iter().map(|m| m.snapshot()).collect(),
             poisoned: self.poisoned(),
+            log: journal.map(|j| j.log.stats()),
+            ack_latency_us: journal.map(|_| LatencySummary::from_histogram(&self.ack_latency.lock())),
         }
     }
 
     /// Stops intake, lets every stage drain front to back (retries included), joins every
-    /// worker and returns the final figures. Nothing accepted is dropped.
+    /// worker, makes the journal durable, and returns the final figures. Nothing accepted is
+    /// dropped.
     pub fn shutdown(mut self) -> ShutdownReport {
-        self.stop();
-        ShutdownReport { snapshot: self.snapshot() }
+        let log_sync = self.stop();
+        ShutdownReport { snapshot: self.snapshot(), log_sync }
     }
 
-    fn stop(&mut self) {
-        // Dropping the ingress sender closes the entry queue once it is drained; each stage's
+    fn stop(&mut self) -> Option<Result<(), LogError>> {
+        // Dropping the engine's senders closes the entry queue once it is drained; each stage's
         // workers then stop and drop their senders, closing the next stage's queue, and so on.
         self.ingress = None;
+        self.stage_senders.clear();
         for handle in self.workers.drain(..) {
             let name = handle.thread().name().unwrap_or("conduit worker").to_owned();
             if handle.join().is_err() {
                 self.shared.poison(format!("worker {name} panicked"));
             }
         }
+        self.journal.as_ref().map(|journal| journal.log.sync())
     }
 }
 
 impl<M: Message> Drop for Engine<M> {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }

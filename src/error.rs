@@ -56,13 +56,25 @@ pub enum SubmitError<T> {
     /// A worker died; the engine accepts nothing more (see [`Engine::poisoned`](crate::Engine::poisoned)).
     #[error("the engine is poisoned: a worker died")]
     Poisoned(T),
+    /// The journal's log failed; nothing more can be acknowledged as durable.
+    #[error("the log failed: nothing more can be made durable")]
+    LogFailed(T),
 }
 
 impl<T> SubmitError<T> {
     /// The value that was not submitted.
     pub fn into_inner(self) -> T {
         match self {
-            Self::Closed(value) | Self::Poisoned(value) => value,
+            Self::Closed(value) | Self::Poisoned(value) | Self::LogFailed(value) => value,
+        }
+    }
+
+    /// The same failure around another value.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> SubmitError<U> {
+        match self {
+            Self::Closed(value) => SubmitError::Closed(f(value)),
+            Self::Poisoned(value) => SubmitError::Poisoned(f(value)),
+            Self::LogFailed(value) => SubmitError::LogFailed(f(value)),
         }
     }
 }
@@ -72,6 +84,7 @@ impl<T> fmt::Debug for SubmitError<T> {
         match self {
             Self::Closed(_) => f.write_str("Closed(..)"),
             Self::Poisoned(_) => f.write_str("Poisoned(..)"),
+            Self::LogFailed(_) => f.write_str("LogFailed(..)"),
         }
     }
 }
@@ -89,13 +102,26 @@ pub enum TrySubmitError<T> {
     /// A worker died.
     #[error("the engine is poisoned: a worker died")]
     Poisoned(T),
+    /// The journal's log failed.
+    #[error("the log failed: nothing more can be made durable")]
+    LogFailed(T),
 }
 
 impl<T> TrySubmitError<T> {
     /// The value that was not submitted.
     pub fn into_inner(self) -> T {
         match self {
-            Self::Full(value) | Self::Closed(value) | Self::Poisoned(value) => value,
+            Self::Full(value) | Self::Closed(value) | Self::Poisoned(value) | Self::LogFailed(value) => value,
+        }
+    }
+
+    /// The same failure around another value.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> TrySubmitError<U> {
+        match self {
+            Self::Full(value) => TrySubmitError::Full(f(value)),
+            Self::Closed(value) => TrySubmitError::Closed(f(value)),
+            Self::Poisoned(value) => TrySubmitError::Poisoned(f(value)),
+            Self::LogFailed(value) => TrySubmitError::LogFailed(f(value)),
         }
     }
 
@@ -111,6 +137,7 @@ impl<T> fmt::Debug for TrySubmitError<T> {
             Self::Full(_) => f.write_str("Full(..)"),
             Self::Closed(_) => f.write_str("Closed(..)"),
             Self::Poisoned(_) => f.write_str("Poisoned(..)"),
+            Self::LogFailed(_) => f.write_str("LogFailed(..)"),
         }
     }
 }

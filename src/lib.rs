@@ -71,6 +71,7 @@ pub mod config;
 mod dead_letter;
 mod engine;
 mod error;
+mod journal;
 pub mod log;
 pub mod metrics;
 pub mod orders;
@@ -79,7 +80,8 @@ mod worker;
 
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, StageConfig, StageSettings};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, MemoryDeadLetters};
-pub use engine::{Engine, ShutdownReport, Topology};
+pub use engine::{Engine, EngineBuilder, ShutdownReport, Topology};
 pub use error::{BuildError, ConfigError, SubmitError, TrySubmitError};
+pub use journal::{Journal, JournalCodec};
 pub use metrics::{LatencySummary, Snapshot, StageSnapshot};
 pub use stage::{Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};

@@ -190,6 +190,10 @@ pub struct Snapshot {
     pub stages: Vec<StageSnapshot>,
     /// Set when a worker died: which one and why.
     pub poisoned: Option<String>,
+    /// With a journal: what its log has written.
+    pub log: Option<crate::log::LogStats>,
+    /// With a journal: time from journaling a submitted batch to its commit.
+    pub ack_latency_us: Option<LatencySummary>,
 }
 
 impl Snapshot {

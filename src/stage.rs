@@ -32,6 +32,9 @@ pub struct Envelope<M> {
     /// The ingress sequence number of the submitted message this one descends from: every event
     /// emitted while handling an envelope inherits its `seq`, so it works as a correlation id.
     pub seq: u64,
+    /// Id of the journal record this message derives from (0 without a journal): the causation
+    /// id of whatever its handler records.
+    pub cause: u64,
     /// Attempts already made on this envelope in its current stage (0 on the first try).
     pub attempt: u32,
     /// The message itself.
@@ -72,34 +75,58 @@ where
     }
 }
 
-/// Collects the events a handler emits for one input event. They leave only if the handler
-/// returns [`Outcome::Done`].
+/// Collects the events a handler emits and the facts it records for one input event. They leave
+/// only if the handler returns [`Outcome::Done`].
 #[derive(Debug)]
 pub struct Emitter<M> {
     pub(crate) staged: Vec<(StageId, Envelope<M>)>,
-    /// Bit `i` set: stage `i` is linked from this stage.
+    /// `(kind, start, end)` of each recorded fact, its payload in `record_bytes[start..end]`.
+    pub(crate) records: Vec<(u16, usize, usize)>,
+    pub(crate) record_bytes: Vec<u8>,
+    /// Whether records go anywhere (the engine has a journal).
+    pub(crate) journaling: bool,
+    /// Indexed by stage: whether it is linked from this stage.
     pub(crate) links: Vec<bool>,
-    pub(crate) unlinked: Option<StageId>,
+    /// Set when the handler misused the emitter; the outcome becomes a dead letter with it.
+    pub(crate) misuse: Option<Reason>,
     pub(crate) key: u64,
     pub(crate) seq: u64,
+    pub(crate) cause: u64,
 }
 
 impl<M> Emitter<M> {
-    pub(crate) fn new(links: Vec<bool>) -> Self {
-        Self { staged: Vec::new(), links, unlinked: None, key: 0, seq: 0 }
+    pub(crate) fn new(links: Vec<bool>, journaling: bool) -> Self {
+        Self {
+            staged: Vec::new(),
+            records: Vec::new(),
+            record_bytes: Vec::new(),
+            journaling,
+            links,
+            misuse: None,
+            key: 0,
+            seq: 0,
+            cause: 0,
+        }
     }
 
-    pub(crate) fn begin(&mut self, key: u64, seq: u64) {
-        self.staged.clear();
-        self.unlinked = None;
+    pub(crate) fn begin(&mut self, key: u64, seq: u64, cause: u64) {
+        self.clear();
+        self.misuse = None;
         self.key = key;
         self.seq = seq;
+        self.cause = cause;
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.staged.clear();
+        self.records.clear();
+        self.record_bytes.clear();
     }
 
     /// Sends `msg` to stage `to`, with the key and sequence of the event being handled.
     ///
     /// `to` must be linked from this stage ([`Topology::link`](crate::Topology::link)); an emit to
-    /// an unlinked stage turns the handler's outcome into a rejection naming it.
+    /// an unlinked stage turns the handler's outcome into a dead letter naming it.
     pub fn emit(&mut self, to: StageId, msg: M) {
         let key = self.key;
         self.emit_keyed(to, key, msg);
@@ -108,9 +135,25 @@ impl<M> Emitter<M> {
     /// Like [`emit`](Self::emit), with another key.
     pub fn emit_keyed(&mut self, to: StageId, key: u64, msg: M) {
         if self.links.get(to.index()).copied().unwrap_or(false) {
-            self.staged.push((to, Envelope { key, seq: self.seq, attempt: 0, msg }));
-        } else {
-            self.unlinked.get_or_insert(to);
+            let envelope = Envelope { key, seq: self.seq, cause: self.cause, attempt: 0, msg };
+            self.staged.push((to, envelope));
+        } else if self.misuse.is_none() {
+            self.misuse = Some(format!("emitted to stage #{}, which is not linked from this stage", to.index()).into());
+        }
+    }
+
+    /// Records a fact about the event's key in the engine's journal (the durable log), if it has
+    /// one: `kind` is the application's (below [`crate::log::KIND_RESERVED_MIN`]), `payload`
+    /// its bytes. Emitted events carry the record's id as their `cause`.
+    pub fn record(&mut self, kind: u16, payload: &[u8]) {
+        if kind >= crate::log::KIND_RESERVED_MIN {
+            self.misuse.get_or_insert_with(|| format!("record kind {kind:#x} is reserved for the engine").into());
+            return;
+        }
+        if self.journaling {
+            let start = self.record_bytes.len();
+            self.record_bytes.extend_from_slice(payload);
+            self.records.push((kind, start, self.record_bytes.len()));
         }
     }
 

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use crate::channel::{BatchReceiver, BatchSender, SendFailure};
 use crate::config::StageConfig;
 use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
+use crate::journal::{Journal, JournalWriter};
 use crate::metrics::{BatchTally, StageMetrics};
 use crate::stage::{Emitter, Envelope, Handler, Message, Outcome, Reason};
 
@@ -57,7 +58,10 @@ pub(crate) struct WorkerCtx<M> {
     pub(crate) name: String,
     pub(crate) stage_name: String,
     pub(crate) worker: usize,
+    /// The stage's index in its topology.
+    pub(crate) stage: u16,
     pub(crate) config: StageConfig,
+    pub(crate) journal: Option<Journal<M>>,
     pub(crate) input: BatchReceiver<M>,
     /// Indexed by [`StageId`](crate::StageId): a sender for every stage linked from this one.
     pub(crate) outputs: Vec<Option<BatchSender<M>>>,
@@ -66,9 +70,14 @@ pub(crate) struct WorkerCtx<M> {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// A downstream stage is gone (its workers died) or the engine is poisoned: this worker stops.
+/// Why a worker stops early.
 #[derive(Debug)]
-pub(crate) struct DownstreamGone;
+pub(crate) enum Stop {
+    /// A downstream stage is gone (its workers died) or the engine is poisoned.
+    DownstreamGone,
+    /// The log refused an append: nothing more can be made durable.
+    Log(crate::log::LogError),
+}
 
 /// Runs one worker until its queue is closed and drained and its retries are spent.
 pub(crate) fn run<M: Message, H: Handler<M>>(ctx: WorkerCtx<M>, handler: H) {
@@ -76,8 +85,10 @@ pub(crate) fn run<M: Message, H: Handler<M>>(ctx: WorkerCtx<M>, handler: H) {
     let name = ctx.name.clone();
     let _guard = PoisonGuard { shared: &shared, name: &name };
     let mut worker = Worker::new(ctx, handler);
-    if worker.run_loop().is_err() {
-        shared.poison(format!("worker {name} stopped: a downstream stage is gone"));
+    match worker.run_loop() {
+        Ok(()) => {}
+        Err(Stop::DownstreamGone) => shared.poison(format!("worker {name} stopped: a downstream stage is gone")),
+        Err(Stop::Log(error)) => shared.poison(format!("worker {name} stopped: {error}")),
     }
 }
 
@@ -88,22 +99,20 @@ struct Outbox<M> {
 }
 
 impl<M> Outbox<M> {
-    fn push(&mut self, envelope: Envelope<M>) -> Result<(), DownstreamGone> {
+    /// Adds an event; true when the outbox is full and must be flushed.
+    fn push(&mut self, envelope: Envelope<M>) -> bool {
         self.buffer.push(envelope);
-        if self.buffer.len() >= self.sender.batch_events_max() {
-            self.flush()?;
-        }
-        Ok(())
+        self.buffer.len() >= self.sender.batch_events_max()
     }
 
-    fn flush(&mut self) -> Result<(), DownstreamGone> {
+    fn flush(&mut self) -> Result<(), Stop> {
         if self.buffer.is_empty() {
             return Ok(());
         }
         let full = std::mem::replace(&mut self.buffer, self.sender.buffer());
         match self.sender.send(full) {
             Ok(()) => Ok(()),
-            Err(SendFailure::Full(_) | SendFailure::Gone(_)) => Err(DownstreamGone),
+            Err(SendFailure::Full(_) | SendFailure::Gone(_)) => Err(Stop::DownstreamGone),
         }
     }
 }
@@ -113,6 +122,7 @@ struct Worker<M, H> {
     handler: H,
     outboxes: Vec<Option<Outbox<M>>>,
     emitter: Emitter<M>,
+    journal: Option<JournalWriter<M>>,
     /// Events waiting for another attempt in this stage.
     retries: VecDeque<Envelope<M>>,
 }
@@ -130,10 +140,12 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         let links = outputs.iter().map(Option::is_some).collect();
         let outboxes =
             outputs.into_iter().map(|sender| sender.map(|sender| Outbox { buffer: sender.buffer(), sender })).collect();
-        Self { ctx, handler, outboxes, emitter: Emitter::new(links), retries: VecDeque::new() }
+        let journal = ctx.journal.take().map(|journal| JournalWriter::new(journal, ctx.stage));
+        let emitter = Emitter::new(links, journal.is_some());
+        Self { ctx, handler, outboxes, emitter, journal, retries: VecDeque::new() }
     }
 
-    fn run_loop(&mut self) -> Result<(), DownstreamGone> {
+    fn run_loop(&mut self) -> Result<(), Stop> {
         loop {
             match self.next()? {
                 Next::Batch(batch) => {
@@ -141,6 +153,9 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     let count = batch.events.len() as u64;
                     let mut events = batch.events;
                     let mut tally = BatchTally::default();
+                    if let Some(journal) = &mut self.journal {
+                        journal.stamp();
+                    }
                     let result = events.drain(..).try_for_each(|event| self.handle(event, &mut tally));
                     self.ctx.input.recycle(events);
                     self.ctx.metrics.publish(&tally);
@@ -164,7 +179,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         self.flush_all()
     }
 
-    fn next(&mut self) -> Result<Next<M>, DownstreamGone> {
+    fn next(&mut self) -> Result<Next<M>, Stop> {
         match self.ctx.input.try_recv() {
             Ok(batch) => Ok(Next::Batch(batch)),
             Err(_) if !self.retries.is_empty() => Ok(Next::Retries),
@@ -177,12 +192,22 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         }
     }
 
-    fn flush_all(&mut self) -> Result<(), DownstreamGone> {
+    /// Sends the journal's records, then every outbox: a stream's records must reach the log
+    /// before anything downstream can record a later fact about it.
+    fn flush_all(&mut self) -> Result<(), Stop> {
+        self.flush_journal()?;
         self.outboxes.iter_mut().flatten().try_for_each(Outbox::flush)
     }
 
-    fn handle(&mut self, mut event: Envelope<M>, tally: &mut BatchTally) -> Result<(), DownstreamGone> {
-        self.emitter.begin(event.key, event.seq);
+    fn flush_journal(&mut self) -> Result<(), Stop> {
+        match &mut self.journal {
+            Some(journal) => journal.flush().map_err(Stop::Log),
+            None => Ok(()),
+        }
+    }
+
+    fn handle(&mut self, mut event: Envelope<M>, tally: &mut BatchTally) -> Result<(), Stop> {
+        self.emitter.begin(event.key, event.seq, event.cause);
         let handler = &mut self.handler;
         let emitter = &mut self.emitter;
         let outcome = match catch_unwind(AssertUnwindSafe(|| handler.handle(&event, emitter))) {
@@ -192,27 +217,39 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 Outcome::Retry(panic_reason(payload.as_ref()))
             }
         };
-        if let Some(to) = self.emitter.unlinked {
-            self.emitter.staged.clear();
-            let reason = format!("emitted to stage #{} which is not linked from {}", to.index(), self.ctx.stage_name);
+        if let Some(reason) = self.emitter.misuse.take() {
+            self.emitter.clear();
             tally.processed += 1;
             tally.dead_lettered += 1;
-            self.dead_letter(event, DeadLetterKind::UnlinkedEmit, reason.into());
+            self.dead_letter(event, DeadLetterKind::HandlerMisuse, reason);
             return Ok(());
         }
         match outcome {
             Outcome::Done => {
                 tally.processed += 1;
                 tally.emitted += self.emitter.staged.len() as u64;
-                for (to, envelope) in self.emitter.staged.drain(..) {
-                    self.outboxes[to.index()]
+                let cause = match &mut self.journal {
+                    Some(journal) => journal.commit(&event, &self.emitter),
+                    None => event.cause,
+                };
+                let mut staged = std::mem::take(&mut self.emitter.staged);
+                for (to, mut envelope) in staged.drain(..) {
+                    envelope.cause = cause;
+                    let outbox = self.outboxes[to.index()]
                         .as_mut()
-                        .expect("the emitter stages only events for linked stages, which have outboxes")
-                        .push(envelope)?;
+                        .expect("the emitter stages only events for linked stages, which have outboxes");
+                    if outbox.push(envelope) {
+                        if let Some(journal) = &mut self.journal {
+                            journal.flush().map_err(Stop::Log)?;
+                        }
+                        outbox.flush()?;
+                    }
                 }
+                self.emitter.staged = staged;
+                self.emitter.clear();
             }
             Outcome::Retry(reason) => {
-                self.emitter.staged.clear();
+                self.emitter.clear();
                 tally.retried += 1;
                 event.attempt += 1;
                 if event.attempt >= self.ctx.config.attempts_max {
@@ -224,7 +261,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 }
             }
             Outcome::Reject(reason) => {
-                self.emitter.staged.clear();
+                self.emitter.clear();
                 tally.processed += 1;
                 tally.rejected += 1;
                 tally.dead_lettered += 1;
@@ -235,9 +272,12 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         Ok(())
     }
 
-    fn dead_letter(&self, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
+    fn dead_letter(&mut self, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
         tracing::debug!(stage = %self.ctx.stage_name, key = envelope.key, %kind, %reason, "dead letter");
         let attempts = envelope.attempt;
+        if let Some(journal) = &mut self.journal {
+            journal.dead_letter(&envelope, &kind, &reason, attempts);
+        }
         self.ctx.dead_letters.dead_letter(DeadLetter {
             stage: self.ctx.stage_name.clone(),
             kind,

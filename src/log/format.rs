@@ -5,7 +5,7 @@
 //! offset  size  field
 //!      0     4  magic            b"CDLF"
 //!      4     2  format version   u16 little-endian (1)
-//!      6     2  flags            u16 little-endian (0; reserved)
+//!      6     2  flags            u16 little-endian (0; reserved, any other value is refused)
 //!      8     4  body length      u32 little-endian, bytes after the header
 //!     12     4  body CRC32C      u32 little-endian (Castagnoli)
 //!     16     n  body             rkyv archive of `Frame` (little-endian, unaligned, 32-bit offsets)
@@ -95,6 +95,12 @@ pub enum FrameError {
         /// The version found.
         found: u16,
     },
+    /// Flags this build does not know are set.
+    #[error("frame flags {found:#06x} are not supported (this build knows none)")]
+    UnsupportedFlags {
+        /// The flags found.
+        found: u16,
+    },
     /// The declared body length disagrees with the bytes present.
     #[error("frame body is {actual} bytes but its header declares {declared}")]
     Length {
@@ -157,6 +163,10 @@ pub fn check_header(bytes: &[u8]) -> Result<&[u8], FrameError> {
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
     if version != FORMAT_VERSION {
         return Err(FrameError::UnsupportedVersion { found: version });
+    }
+    let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if flags != 0 {
+        return Err(FrameError::UnsupportedFlags { found: flags });
     }
     let declared = word(8) as usize;
     let body = &bytes[HEADER_LEN..];

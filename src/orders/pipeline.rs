@@ -260,19 +260,12 @@ impl OrderPipeline {
 
     /// Places one order, blocking while the entry queue is full.
     pub fn submit(&self, order: Order) -> Result<(), SubmitError<Order>> {
-        self.engine.submit(place(order)).map_err(|e| match e {
-            SubmitError::Closed(event) => SubmitError::Closed(event.order),
-            SubmitError::Poisoned(event) => SubmitError::Poisoned(event.order),
-        })
+        self.engine.submit(place(order)).map_err(|e| e.map(|event| event.order))
     }
 
     /// Places one order if there is room now; hands it back otherwise.
     pub fn try_submit(&self, order: Order) -> Result<(), TrySubmitError<Order>> {
-        self.engine.try_submit(place(order)).map_err(|e| match e {
-            TrySubmitError::Full(event) => TrySubmitError::Full(event.order),
-            TrySubmitError::Closed(event) => TrySubmitError::Closed(event.order),
-            TrySubmitError::Poisoned(event) => TrySubmitError::Poisoned(event.order),
-        })
+        self.engine.try_submit(place(order)).map_err(|e| e.map(|event| event.order))
     }
 
     /// Places many orders in batches, blocking while the entry queue is full.

@@ -1,0 +1,158 @@
+//! The engine's journal: what it writes to the durable log, and when.
+//!
+//! - **Ingress**: every submitted message, encoded by the application's [`JournalCodec`];
+//!   `submit` returns once those records are committed, and only then do the messages enter the
+//!   pipeline.
+//! - **Stages**: the facts a handler records with [`Emitter::record`](crate::Emitter::record)
+//!   for an event it finished, and a [`KIND_DEAD_LETTER`] record for every dead letter.
+//!
+//! A worker appends its batch's records *before* it sends the batch's emitted events on, so a
+//! stream's records are always in causal order in the log. Records are built (and their payloads
+//! copied) on the producing thread; the writer thread only assigns versions and packs frames.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::dead_letter::DeadLetterKind;
+use crate::log::{Log, LogError, Record, KIND_DEAD_LETTER};
+use crate::stage::{Emitter, Envelope, Reason};
+
+/// Turns the application's messages into log records (for ingress and dead letters).
+pub trait JournalCodec<M>: Send + Sync {
+    /// Appends `msg`'s payload to `payload` and returns its record kind (below
+    /// [`KIND_RESERVED_MIN`](crate::log::KIND_RESERVED_MIN)).
+    fn encode(&self, msg: &M, payload: &mut Vec<u8>) -> u16;
+}
+
+/// A log and the codec for the engine's messages.
+pub struct Journal<M> {
+    pub(crate) log: Arc<Log>,
+    pub(crate) codec: Arc<dyn JournalCodec<M>>,
+}
+
+impl<M> Clone for Journal<M> {
+    fn clone(&self) -> Self {
+        Self { log: Arc::clone(&self.log), codec: Arc::clone(&self.codec) }
+    }
+}
+
+impl<M> std::fmt::Debug for Journal<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("log", &self.log).finish_non_exhaustive()
+    }
+}
+
+impl<M> Journal<M> {
+    /// Journals to `log`, encoding messages with `codec`.
+    pub fn new(log: Arc<Log>, codec: Arc<dyn JournalCodec<M>>) -> Self {
+        Self { log, codec }
+    }
+
+    /// The log.
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Ids reserved per trip to the log's shared counter.
+const ID_BLOCK: u64 = 4_096;
+
+/// One thread's journal: records pile up here and leave in one append.
+pub(crate) struct JournalWriter<M> {
+    journal: Journal<M>,
+    stage: u16,
+    pending: Vec<Record>,
+    ids: Range<u64>,
+    timestamp_us: u64,
+}
+
+impl<M> JournalWriter<M> {
+    pub(crate) fn new(journal: Journal<M>, stage: u16) -> Self {
+        Self { journal, stage, pending: Vec::new(), ids: 0..0, timestamp_us: unix_micros() }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        if self.ids.is_empty() {
+            let first = self.journal.log.reserve_ids(ID_BLOCK);
+            self.ids = first..first + ID_BLOCK;
+        }
+        let id = self.ids.start;
+        self.ids.start += 1;
+        id
+    }
+
+    /// Sets the timestamp of the records that follow (one clock read per batch).
+    pub(crate) fn stamp(&mut self) {
+        self.timestamp_us = unix_micros();
+    }
+
+    fn record(&mut self, stream: u64, kind: u16, correlation: u64, causation: u64, payload: Vec<u8>) -> &mut Record {
+        let id = self.next_id();
+        self.pending.push(Record {
+            id,
+            stream,
+            version: 0,
+            kind,
+            stage: self.stage,
+            attempts: 0,
+            cause_kind: 0,
+            timestamp_us: self.timestamp_us,
+            correlation,
+            causation,
+            payload,
+            note: String::new(),
+        });
+        self.pending.last_mut().expect("just pushed")
+    }
+
+    /// Journals the facts a handler recorded for `event`; returns the id its emitted events
+    /// carry as their cause (the last record's, or the event's own cause if it recorded none).
+    pub(crate) fn commit(&mut self, event: &Envelope<M>, emitter: &Emitter<M>) -> u64 {
+        let mut cause = event.cause;
+        for &(kind, start, end) in &emitter.records {
+            let payload = emitter.record_bytes[start..end].to_vec();
+            cause = self.record(event.key, kind, event.seq, event.cause, payload).id;
+        }
+        cause
+    }
+
+    /// Journals a dead letter with the original event.
+    pub(crate) fn dead_letter(&mut self, event: &Envelope<M>, kind: &DeadLetterKind, reason: &Reason, attempts: u32) {
+        let mut payload = Vec::new();
+        let original_kind = self.journal.codec.encode(&event.msg, &mut payload);
+        let record = self.record(event.key, KIND_DEAD_LETTER, event.seq, event.cause, payload);
+        record.attempts = attempts;
+        record.cause_kind = original_kind;
+        record.note = format!("{kind}: {reason}");
+    }
+
+    /// Journals submitted messages; each envelope's `cause` becomes its record's id.
+    pub(crate) fn ingress(&mut self, events: &mut [Envelope<M>]) {
+        self.stamp();
+        for event in events {
+            let mut payload = Vec::new();
+            let kind = self.journal.codec.encode(&event.msg, &mut payload);
+            let (stream, seq) = (event.key, event.seq);
+            event.cause = self.record(stream, kind, seq, 0, payload).id;
+        }
+    }
+
+    /// Hands the pending records to the log writer without waiting for the commit.
+    pub(crate) fn flush(&mut self) -> Result<(), LogError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.journal.log.append_detached(std::mem::take(&mut self.pending))
+    }
+
+    /// Hands the pending records to the log writer; the waiter is released at their commit.
+    pub(crate) fn flush_acked(&mut self) -> Result<crate::log::AckWaiter, LogError> {
+        self.journal.log.append(std::mem::take(&mut self.pending))
+    }
+}
