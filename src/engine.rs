@@ -196,6 +196,12 @@ impl<M: Message> Topology<M> {
     }
 }
 
+/// A journaled window of batches waiting for its commit.
+type Pending<M> = (Vec<Vec<Envelope<M>>>, AckWaiter, Instant);
+
+/// Most messages journaled in one append (one commit acknowledgement) by `submit_many`.
+pub const INGRESS_WINDOW_EVENTS: usize = 16_384;
+
 /// A running pipeline. Submit messages from any number of threads (`&Engine` is `Sync`), then
 /// [`shutdown`](Self::shutdown) to drain it and get the final report.
 pub struct Engine<M: Message> {
@@ -254,7 +260,11 @@ pub struct EngineBuilder<M: Message> {
 
 impl<M: Message> fmt::Debug for EngineBuilder<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EngineBuilder").field("topology", &self.topology).field("config", &self.config).finish()
+        f.debug_struct("EngineBuilder")
+            .field("topology", &self.topology)
+            .field("config", &self.config)
+            .field("journal", &self.journal)
+            .finish_non_exhaustive()
     }
 }
 
@@ -443,8 +453,9 @@ impl<M: Message> Engine<M> {
     /// Submits messages in batches of the entry stage's `batch_events_max`, blocking while the
     /// entry queue is full. Returns how many were submitted.
     ///
-    /// With a journal, each batch is journaled first and enters the pipeline only once its
-    /// records are committed; the next batch is journaled while the previous one commits.
+    /// With a journal, messages are journaled in windows of up to [`INGRESS_WINDOW_EVENTS`]
+    /// (one append, one acknowledgement each) and enter the pipeline only once their window is
+    /// committed; the next window is journaled while the previous one commits.
     ///
     /// On failure the error holds every message not submitted: the batches that failed and the
     /// rest of `msgs`, collected (so `msgs` must be finite).
@@ -453,85 +464,107 @@ impl<M: Message> Engine<M> {
         let Some(ingress) = self.ingress.as_ref() else {
             return Err(SubmitError::Closed(msgs.collect()));
         };
-        let batch_events_max = ingress.batch_events_max();
         let mut journal = self.journal.as_ref().map(|j| JournalWriter::new(j.clone(), STAGE_INGRESS));
-        let mut waiting: Option<(Vec<Envelope<M>>, AckWaiter, Instant)> = None;
+        let mut waiting: Option<Pending<M>> = None;
         let mut sent = 0u64;
-        let unsent = |batches: Vec<Vec<Envelope<M>>>, rest: &mut dyn Iterator<Item = M>| -> Vec<M> {
-            let mut all: Vec<M> = batches.into_iter().flatten().map(|e| e.msg).collect();
+        let unsent = |windows: &mut [&mut Vec<Vec<Envelope<M>>>], rest: &mut dyn Iterator<Item = M>| -> Vec<M> {
+            let mut all: Vec<M> = windows.iter_mut().flat_map(|w| w.drain(..)).flatten().map(|e| e.msg).collect();
             all.extend(rest);
             all
         };
         loop {
             if self.shared.is_poisoned() {
-                let pending = waiting.take().map(|(batch, _, _)| batch).into_iter().collect();
-                return Err(SubmitError::Poisoned(unsent(pending, &mut msgs)));
+                let mut previous = waiting.take().map(|(w, _, _)| w).unwrap_or_default();
+                return Err(SubmitError::Poisoned(unsent(&mut [&mut previous], &mut msgs)));
             }
-            let mut next = None;
-            if msgs.peek().is_some() {
-                let mut buffer = ingress.buffer();
-                buffer.extend(msgs.by_ref().take(batch_events_max).map(|msg| Envelope {
-                    key: msg.key(),
-                    seq: 0,
-                    cause: 0,
-                    attempt: 0,
-                    msg,
-                }));
-                let first_seq = self.next_seq.fetch_add(buffer.len() as u64, Ordering::Relaxed);
-                for (envelope, seq) in buffer.iter_mut().zip(first_seq..) {
-                    envelope.seq = seq;
+            let mut window = self.next_window(ingress, &mut msgs);
+            // Journal this window before waiting on the previous one, so commits overlap.
+            let mut window_ack = None;
+            if let (false, Some(journal)) = (window.is_empty(), journal.as_mut()) {
+                for batch in &mut window {
+                    journal.ingress(batch);
                 }
-                next = Some(buffer);
+                let Ok(waiter) = journal.flush_acked() else {
+                    let mut previous = waiting.take().map(|(w, _, _)| w).unwrap_or_default();
+                    return Err(SubmitError::LogFailed(unsent(&mut [&mut previous, &mut window], &mut msgs)));
+                };
+                window_ack = Some((waiter, Instant::now()));
             }
-            // Journal the next batch before waiting on the previous one, so commits overlap.
-            let mut next_waiter = None;
-            if let (Some(buffer), Some(journal)) = (next.as_mut(), journal.as_mut()) {
-                journal.ingress(buffer);
-                match journal.flush_acked() {
-                    Ok(waiter) => next_waiter = Some((waiter, Instant::now())),
-                    Err(_) => {
-                        let mut batches: Vec<_> = waiting.take().map(|(b, _, _)| b).into_iter().collect();
-                        batches.extend(next);
-                        return Err(SubmitError::LogFailed(unsent(batches, &mut msgs)));
-                    }
-                }
-            }
-            if let Some((batch, waiter, since)) = waiting.take() {
+            if let Some((mut previous, waiter, since)) = waiting.take() {
                 if waiter.wait().is_err() {
-                    let batches = std::iter::once(batch).chain(next).collect();
-                    return Err(SubmitError::LogFailed(unsent(batches, &mut msgs)));
+                    return Err(SubmitError::LogFailed(unsent(&mut [&mut previous, &mut window], &mut msgs)));
                 }
                 self.record_ack_latency(since);
-                sent += self.send_entry(ingress, batch, &mut msgs, next.take())?;
+                if let Ok(count) = self.send_window(ingress, &mut previous) {
+                    sent += count;
+                } else {
+                    return Err(SubmitError::Poisoned(unsent(&mut [&mut previous, &mut window], &mut msgs)));
+                }
             }
-            match (next, next_waiter) {
-                (None, _) => return Ok(sent),
-                (Some(batch), Some((waiter, since))) => waiting = Some((batch, waiter, since)),
-                (Some(batch), None) => sent += self.send_entry(ingress, batch, &mut msgs, None)?,
+            if window.is_empty() {
+                return Ok(sent);
+            }
+            match window_ack {
+                Some((waiter, since)) => waiting = Some((window, waiter, since)),
+                None => {
+                    if let Ok(count) = self.send_window(ingress, &mut window) {
+                        sent += count;
+                    } else {
+                        return Err(SubmitError::Poisoned(unsent(&mut [&mut window], &mut msgs)));
+                    }
+                }
             }
         }
     }
 
-    fn send_entry(
+    /// Takes up to [`INGRESS_WINDOW_EVENTS`] messages, in numbered batches.
+    fn next_window(
         &self,
         ingress: &BatchSender<M>,
-        batch: Vec<Envelope<M>>,
-        rest: &mut dyn Iterator<Item = M>,
-        also_unsent: Option<Vec<Envelope<M>>>,
-    ) -> Result<u64, SubmitError<Vec<M>>> {
-        let count = batch.len() as u64;
-        match ingress.send(batch) {
-            Ok(()) => {
-                self.submitted.fetch_add(count, Ordering::Relaxed);
-                Ok(count)
+        msgs: &mut std::iter::Peekable<impl Iterator<Item = M>>,
+    ) -> Vec<Vec<Envelope<M>>> {
+        let batch_events_max = ingress.batch_events_max();
+        let mut window = Vec::new();
+        let mut taken = 0;
+        while taken < INGRESS_WINDOW_EVENTS && msgs.peek().is_some() {
+            let mut buffer = ingress.buffer();
+            let take = batch_events_max.min(INGRESS_WINDOW_EVENTS - taken);
+            buffer.extend(msgs.by_ref().take(take).map(|msg| Envelope {
+                key: msg.key(),
+                seq: 0,
+                cause: 0,
+                attempt: 0,
+                msg,
+            }));
+            let first_seq = self.next_seq.fetch_add(buffer.len() as u64, Ordering::Relaxed);
+            for (envelope, seq) in buffer.iter_mut().zip(first_seq..) {
+                envelope.seq = seq;
             }
-            Err(SendFailure::Full(batch) | SendFailure::Gone(batch)) => {
-                let mut unsent: Vec<M> =
-                    batch.events.into_iter().chain(also_unsent.into_iter().flatten()).map(|e| e.msg).collect();
-                unsent.extend(rest);
-                Err(SubmitError::Poisoned(unsent))
+            taken += buffer.len();
+            window.push(buffer);
+        }
+        window
+    }
+
+    /// Sends a window's batches in order; on failure the unsent batches stay in `window`.
+    fn send_window(&self, sender: &BatchSender<M>, window: &mut Vec<Vec<Envelope<M>>>) -> Result<u64, ()> {
+        let mut sent = 0;
+        let mut batches = std::mem::take(window).into_iter();
+        while let Some(batch) = batches.next() {
+            let count = batch.len() as u64;
+            match sender.send(batch) {
+                Ok(()) => {
+                    self.submitted.fetch_add(count, Ordering::Relaxed);
+                    sent += count;
+                }
+                Err(SendFailure::Full(back) | SendFailure::Gone(back)) => {
+                    window.push(back.events);
+                    window.extend(batches);
+                    return Err(());
+                }
             }
         }
+        Ok(sent)
     }
 
     fn record_ack_latency(&self, since: Instant) {
@@ -555,8 +588,14 @@ impl<M: Message> Engine<M> {
         while events.peek().is_some() {
             let mut buffer = sender.buffer();
             buffer.extend(events.by_ref().take(sender.batch_events_max()));
-            let mut rest = events.by_ref().map(|e| e.msg);
-            sent += self.send_entry(sender, buffer, &mut rest, None)?;
+            let mut window = vec![buffer];
+            if let Ok(count) = self.send_window(sender, &mut window) {
+                sent += count;
+            } else {
+                let mut unsent: Vec<M> = window.into_iter().flatten().map(|e| e.msg).collect();
+                unsent.extend(events.map(|e| e.msg));
+                return Err(SubmitError::Poisoned(unsent));
+            }
         }
         Ok(sent)
     }

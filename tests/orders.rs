@@ -37,7 +37,7 @@ proptest! {
             out_of_stock_rate,
             ..SimConfig::default()
         };
-        let report = orders::run(&engine(workers, batch, queue), &sim, 3_000, |_, _| {}).expect("runs");
+        let report = orders::run(&engine(workers, batch, queue), &sim, 3_000, None, |_, _| {}).expect("runs");
         prop_assert!(report.violations().is_empty(), "seed {seed}: {:?}", report.violations());
         prop_assert_eq!(report.orders.submitted, 3_000);
         prop_assert_eq!(report.ledger.double_charges, 0);
@@ -59,7 +59,7 @@ fn outcomes_depend_on_the_seed_not_on_the_engine_shape() {
         out_of_stock_rate: 0.1,
         ..SimConfig::default()
     };
-    let run = |config: &EngineConfig| orders::run(config, &sim, 20_000, |_, _| {}).expect("runs");
+    let run = |config: &EngineConfig| orders::run(config, &sim, 20_000, None, |_, _| {}).expect("runs");
     let narrow = run(&engine(1, 1, 2));
     let wide = run(&engine(3, 512, 16));
     assert!(narrow.violations().is_empty() && wide.violations().is_empty());
@@ -77,7 +77,7 @@ fn failure_heavy_run_compensates_every_dead_lettered_order() {
         .stage("payment", StageSettings { attempts_max: Some(2), ..StageSettings::default() })
         .build()
         .expect("valid");
-    let report = orders::run(&config, &sim, 5_000, |_, _| {}).expect("runs");
+    let report = orders::run(&config, &sim, 5_000, None, |_, _| {}).expect("runs");
     assert!(report.violations().is_empty(), "{:?}", report.violations());
     assert!(report.orders.dead_lettered > 3_000, "most orders exhaust two attempts at 90% failure");
     assert!(report.ledger.refunded_cents > 0, "charges hidden by timeouts were refunded");

@@ -331,6 +331,16 @@ impl Log {
         Ok(Self { path, shared, sender: Mutex::new(Some(sender)), writer: Mutex::new(Some(writer)), options, summary })
     }
 
+    /// Opens an existing log (see [`Log::open`]); a missing file is an error, not a new log.
+    pub fn open_existing(path: impl AsRef<Path>, options: LogOptions) -> Result<Self, LogError> {
+        let path = path.as_ref();
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => Self::open(path, options),
+            Ok(_) => Err(LogError::NotALog { path: path.to_owned(), reason: "not a regular file".into() }),
+            Err(e) => Err(LogError::Storage(format!("{}: {e}", path.display()))),
+        }
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -18,20 +18,22 @@
 //! use conduit::EngineConfig;
 //!
 //! let sim = SimConfig { payment_failure_rate: 0.3, out_of_stock_rate: 0.1, ..SimConfig::default() };
-//! let report = orders::run(&EngineConfig::default(), &sim, 10_000, |_, _| {})?;
+//! let report = orders::run(&EngineConfig::default(), &sim, 10_000, None, |_, _| {})?;
 //! assert!(report.violations().is_empty(), "{:?}", report.violations());
 //! assert_eq!(report.orders.submitted, 10_000);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod domain;
+mod history;
 mod pipeline;
 pub mod ports;
 mod stages;
 
-pub use domain::{CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step, Workload};
+pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
+pub use history::{Histories, OrderHistory, OrderStatus, VerifiedLedger, VerifyReport};
 pub use pipeline::{
-    run, DeadLetterReport, EventCounts, LedgerReport, OrderCounts, OrderPipeline, PipelineFile, RunError, RunReport,
-    SimConfig, StockReport,
+    recover, run, verify, DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, OrderPipeline,
+    PipelineFile, RecoverReport, RunError, RunReport, SimConfig, StockReport,
 };
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};

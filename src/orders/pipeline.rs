@@ -8,16 +8,21 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::domain::{Order, OrderEvent, Step, Workload};
+use super::domain::{Order, OrderCodec, OrderEvent, Step, Workload};
+use super::history::{Histories, OrderStatus, VerifyReport};
 use super::ports::{
     Channel, Faults, LedgerFigures, NotifyFigures, SimulatedGateway, SimulatedInventory, SimulatedNotifier,
     StockFigures,
 };
 use super::stages::{
-    names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, Outcomes, PaymentStage,
-    ShippingStage,
+    names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, OutcomeFigures, Outcomes,
+    PaymentStage, ShippingStage,
 };
-use crate::{BuildError, ConfigError, Engine, EngineConfig, EngineSettings, SubmitError, Topology, TrySubmitError};
+use crate::log::{Durability, Log, LogError, LogStats};
+use crate::{
+    BuildError, ConfigError, Engine, EngineConfig, EngineSettings, Envelope, Journal, LatencySummary, StageId,
+    SubmitError, Topology, TrySubmitError,
+};
 
 /// The simulated world: workload shape and how the ports misbehave. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +178,10 @@ struct Ports {
 /// The reference order pipeline, running.
 pub struct OrderPipeline {
     engine: Engine<OrderEvent>,
+    stages: Vec<(&'static str, StageId)>,
+    log: Option<Arc<Log>>,
+    /// Orders placed by earlier runs of this log (recovery).
+    submitted_before: u64,
     ports: Ports,
     outcomes: Arc<Outcomes>,
     dead_letters: Arc<OrderDeadLetters>,
@@ -187,8 +196,20 @@ impl std::fmt::Debug for OrderPipeline {
 }
 
 impl OrderPipeline {
-    /// Builds the topology and starts the engine.
+    /// Builds the topology and starts the engine, in memory only.
     pub fn start(config: &EngineConfig, sim: &SimConfig) -> Result<Self, BuildError> {
+        Self::start_with(config, sim, None, None)
+    }
+
+    /// Builds the topology and starts the engine; with a log, every order's facts are journaled
+    /// to it. `restore` carries the state of earlier runs of the same log into the simulated
+    /// ports and the counts (see [`recover`]).
+    pub fn start_with(
+        config: &EngineConfig,
+        sim: &SimConfig,
+        log: Option<Arc<Log>>,
+        restore: Option<&Histories>,
+    ) -> Result<Self, BuildError> {
         sim.validate()?;
         let ports = Ports {
             gateway: Arc::new(SimulatedGateway::new(
@@ -254,8 +275,56 @@ impl OrderPipeline {
             outcomes: Arc::clone(&cancelled),
         });
 
-        let engine = Engine::start_with(topology, config, dead_letters.clone())?;
-        Ok(Self { engine, ports, outcomes, dead_letters, sim: sim.clone(), started: Instant::now() })
+        let submitted_before = restore.map_or(0, |histories| restore_ports(histories, &ports, &outcomes));
+        let mut builder = Engine::builder(topology).config(config).dead_letters(dead_letters.clone());
+        if let Some(log) = &log {
+            builder = builder.journal(Journal::new(Arc::clone(log), Arc::new(OrderCodec)));
+        }
+        let engine = builder.start()?;
+        let stages = vec![
+            (names::ORDER, order),
+            (names::PAYMENT, payment),
+            (names::INVENTORY, inventory),
+            (names::EMAIL, email),
+            (names::SMS, sms),
+            (names::SHIPPING, shipping),
+            (names::COMPENSATION, compensation),
+        ];
+        debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
+        Ok(Self {
+            engine,
+            stages,
+            log,
+            submitted_before,
+            ports,
+            outcomes,
+            dead_letters,
+            sim: sim.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Injects the next step of every in-flight order of `histories`; returns how many events
+    /// went to each stage.
+    pub fn resume(&self, histories: &Histories) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
+        let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
+        let mut ids: Vec<&u64> = histories.orders.keys().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let history = &histories.orders[id];
+            for (stage, msg) in history.resume() {
+                let envelope = Envelope { key: *id, seq: history.correlation, cause: history.last_id, attempt: 0, msg };
+                by_stage.entry(stage).or_default().push(envelope);
+            }
+        }
+        let mut counts = BTreeMap::new();
+        // Front to back, so nothing resumed downstream waits behind a full upstream queue.
+        for (name, stage) in &self.stages {
+            if let Some(events) = by_stage.remove(name) {
+                counts.insert((*name).to_owned(), self.engine.inject_many(*stage, events)?);
+            }
+        }
+        Ok(counts)
     }
 
     /// Places one order, blocking while the entry queue is full.
@@ -289,8 +358,15 @@ impl OrderPipeline {
         let elapsed_s = self.started.elapsed().as_secs_f64();
         let outcomes = self.outcomes.figures();
         let snapshot = report.snapshot;
-        let submitted = snapshot.submitted;
-        let events_total = snapshot.events_processed();
+        let submitted = self.submitted_before + snapshot.submitted;
+        // Every submitted message is an event, and so is every event a stage finished.
+        let events_total = snapshot.submitted + snapshot.events_processed();
+        let log = self.log.as_ref().map(|log| LogReport {
+            path: log.path().display().to_string(),
+            durability: log.options().durability,
+            stats: log.stats(),
+            sync_error: report.log_sync.clone().and_then(Result::err).map(|e| e.to_string()),
+        });
         let per_sec = |n: u64| if elapsed_s > 0.0 { n as f64 / elapsed_s } else { 0.0 };
         let ledger = self.ports.gateway.ledger();
         let dead_letter_count = self.dead_letters.letters.lock().len() as u64;
@@ -322,6 +398,8 @@ impl OrderPipeline {
                     .load(std::sync::atomic::Ordering::Relaxed),
             },
             poisoned: snapshot.poisoned,
+            log,
+            ack_latency_us: snapshot.ack_latency_us,
         }
     }
 
@@ -335,18 +413,63 @@ fn place(order: Order) -> OrderEvent {
     OrderEvent { order, step: Step::Place }
 }
 
+/// Counts carried over from the log into the ports and outcomes; returns the orders placed.
+fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Outcomes) -> u64 {
+    let mut figures = OutcomeFigures::default();
+    let mut placed = 0;
+    for history in histories.orders.values() {
+        let Some(order) = history.order else { continue };
+        placed += 1;
+        if history.charged() {
+            ports.gateway.restore_charge(&order, history.compensated());
+        }
+        if history.reserved() {
+            ports.inventory.restore_reservation(&order, history.compensated());
+        }
+        if history.counts[usize::from(super::domain::kinds::EMAILED)] > 0 {
+            ports.notifier.restore_sent(Channel::Email, order.id);
+        }
+        if history.counts[usize::from(super::domain::kinds::TEXTED)] > 0 {
+            ports.notifier.restore_sent(Channel::Sms, order.id);
+        }
+        match history.status() {
+            OrderStatus::Confirmed => {
+                figures.confirmed += 1;
+                figures.confirmed_total_cents += order.amount_cents;
+                figures.confirmed_units += u64::from(order.quantity);
+            }
+            OrderStatus::Cancelled => match history.cancel_reason {
+                Some(super::domain::CancelReason::PaymentDeclined) => figures.cancelled_declined += 1,
+                _ => figures.cancelled_out_of_stock += 1,
+            },
+            OrderStatus::DeadLettered => figures.dead_lettered += 1,
+            OrderStatus::InFlight => {}
+        }
+    }
+    outcomes.restore(&figures);
+    placed
+}
+
 /// Orders submitted in one go by [`run`]; bounds the memory of the generator's buffer.
 const SUBMIT_CHUNK: usize = 4_096;
 
-/// Generates `orders` seeded orders, pushes them through a new pipeline, drains it and reports.
-/// `progress` is called after each chunk with the orders submitted and finished so far.
+/// Generates `orders` seeded orders, pushes them through a new pipeline (journaled to `log` if
+/// given), drains it and reports. `progress` is called after each chunk with the orders
+/// submitted and finished so far.
 pub fn run(
     config: &EngineConfig,
     sim: &SimConfig,
     orders: u64,
+    log: Option<Arc<Log>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
-    let pipeline = OrderPipeline::start(config, sim)?;
+    if let Some(log) = &log {
+        let held = log.opened_with().records;
+        if held > 0 {
+            return Err(RunError::LogNotEmpty { path: log.path().display().to_string(), records: held });
+        }
+    }
+    let pipeline = OrderPipeline::start_with(config, sim, log, None)?;
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;
@@ -366,6 +489,44 @@ pub fn run(
     Ok(pipeline.finish())
 }
 
+/// What [`recover`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoverReport {
+    /// Orders found in the log.
+    pub orders_found: u64,
+    /// Events injected to resume in-flight orders, by stage.
+    pub resumed: BTreeMap<String, u64>,
+    /// The recovery run; its counts and ledger cover every order in the log.
+    pub run: RunReport,
+    /// The log verified after recovery.
+    pub verify: VerifyReport,
+}
+
+/// Reopens a log's orders: rebuilds each from its records (frames decoded in parallel), carries
+/// the ports' books over, resumes every in-flight order at its next step, drains, and verifies
+/// the log again. Idempotency keys make a resumed step that already happened a no-op, so no
+/// order is charged twice.
+pub fn recover(config: &EngineConfig, sim: &SimConfig, log: &Arc<Log>) -> Result<RecoverReport, RunError> {
+    let histories = Histories::read(log)?;
+    let pipeline = OrderPipeline::start_with(config, sim, Some(Arc::clone(log)), Some(&histories))?;
+    let resumed = match pipeline.resume(&histories) {
+        Ok(resumed) => resumed,
+        Err(error) => {
+            let unsent = error.into_inner().len();
+            return Err(RunError::Poisoned { unsent, report: Box::new(pipeline.finish()) });
+        }
+    };
+    let run = pipeline.finish();
+    let verify = Histories::read(log)?.verify();
+    Ok(RecoverReport { orders_found: histories.orders.len() as u64, resumed, run, verify })
+}
+
+/// Reads and checks a log: frame checksums and archives, contiguous versions, every order's
+/// history, every order terminal or resumable, the ledger.
+pub fn verify(log: &Log) -> Result<VerifyReport, LogError> {
+    Ok(Histories::read(log)?.verify())
+}
+
 /// A run that could not complete.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -373,6 +534,17 @@ pub enum RunError {
     /// The pipeline could not start.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// `run` refuses a log that already holds orders: their ids would collide.
+    #[error("{path} already holds {records} events; use `conduit recover` on it, or a new path")]
+    LogNotEmpty {
+        /// The log.
+        path: String,
+        /// Records in it.
+        records: u64,
+    },
     /// A worker died mid-run; the report shows what was done.
     #[error("the engine was poisoned with {unsent} orders not submitted: {}", report.poisoned.as_deref().unwrap_or("unknown cause"))]
     Poisoned {
@@ -503,6 +675,24 @@ pub struct RunReport {
     pub dead_letters: DeadLetterReport,
     /// Set if a worker died.
     pub poisoned: Option<String>,
+    /// The log, when the run was journaled.
+    pub log: Option<LogReport>,
+    /// With a log: time from journaling a submitted batch to its commit.
+    pub ack_latency_us: Option<LatencySummary>,
+}
+
+/// The log's part of a run report.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogReport {
+    /// The file.
+    pub path: String,
+    /// When commits were durable.
+    pub durability: Durability,
+    /// What the log wrote.
+    #[serde(flatten)]
+    pub stats: LogStats,
+    /// Set when the final sync failed.
+    pub sync_error: Option<String>,
 }
 
 impl RunReport {
@@ -537,6 +727,17 @@ impl RunReport {
         }
         if let Some(reason) = &self.poisoned {
             violations.push(format!("engine poisoned: {reason}"));
+        }
+        if let Some(log) = &self.log {
+            if log.stats.events_appended != self.events.total {
+                violations.push(format!(
+                    "log appended {} events but the pipeline handled {}",
+                    log.stats.events_appended, self.events.total
+                ));
+            }
+            if let Some(error) = &log.sync_error {
+                violations.push(format!("final log sync failed: {error}"));
+            }
         }
         violations
     }

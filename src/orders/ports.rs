@@ -147,6 +147,20 @@ impl SimulatedGateway {
         }
     }
 
+    /// Restores a charge made by an earlier run (recovery from the log).
+    pub fn restore_charge(&self, order: &Order, refunded: bool) {
+        let record = ChargeRecord {
+            key: IdempotencyKey::new(order.id, Effect::Charge),
+            amount_cents: order.amount_cents,
+            refunded,
+        };
+        self.ledger[shard_of(order.id)].lock().insert(order.id, record);
+        self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+        if refunded {
+            self.refunded_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+        }
+    }
+
     /// Whether the order has a charge that is not refunded.
     pub fn is_charged(&self, order: u64) -> bool {
         self.ledger[shard_of(order)].lock().get(&order).is_some_and(|r| !r.refunded)
@@ -263,6 +277,17 @@ impl SimulatedInventory {
             reservations: sharded(),
             reserved_units: AtomicU64::new(0),
             released_units: AtomicU64::new(0),
+        }
+    }
+
+    /// Restores a reservation made by an earlier run (recovery from the log).
+    pub fn restore_reservation(&self, order: &Order, released: bool) {
+        self.reservations[shard_of(order.id)].lock().insert(order.id, released);
+        self.reserved_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+        if released {
+            self.released_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+        } else if let Some(stock) = self.stock.get(order.sku as usize) {
+            let _ = stock.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(order.quantity)));
         }
     }
 
@@ -385,6 +410,16 @@ impl SimulatedNotifier {
             emails: AtomicU64::new(0),
             sms: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Restores a notification sent by an earlier run (recovery from the log).
+    pub fn restore_sent(&self, channel: Channel, order: u64) {
+        if self.sent[shard_of(order)].lock().insert(IdempotencyKey::new(order, channel.effect())) {
+            match channel {
+                Channel::Email => self.emails.fetch_add(1, Ordering::Relaxed),
+                Channel::Sms => self.sms.fetch_add(1, Ordering::Relaxed),
+            };
         }
     }
 

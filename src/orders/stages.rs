@@ -15,12 +15,21 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::domain::{CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step};
+use super::domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step};
 use super::ports::{Channel, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
 use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome, StageId};
 
 /// Stage names, as they appear in configuration and reports.
 pub mod names {
+    /// Every stage, in declaration order: a stage's index here is its `stage` in journal records.
+    pub const ALL: [&str; 7] = [ORDER, PAYMENT, INVENTORY, EMAIL, SMS, SHIPPING, COMPENSATION];
+
+    /// The name of the stage with journal index `index`.
+    #[must_use]
+    pub fn of_index(index: u16) -> &'static str {
+        ALL.get(usize::from(index)).copied().unwrap_or(if index == crate::log::STAGE_INGRESS { "ingress" } else { "?" })
+    }
+
     /// Validates new orders.
     pub const ORDER: &str = "order";
     /// Charges the customer.
@@ -80,6 +89,16 @@ impl OutcomeFigures {
 }
 
 impl Outcomes {
+    /// Adds counts carried over from an earlier run (recovery).
+    pub(crate) fn restore(&self, f: &OutcomeFigures) {
+        self.confirmed.fetch_add(f.confirmed, Ordering::Relaxed);
+        self.confirmed_total_cents.fetch_add(f.confirmed_total_cents, Ordering::Relaxed);
+        self.confirmed_units.fetch_add(f.confirmed_units, Ordering::Relaxed);
+        self.cancelled_out_of_stock.fetch_add(f.cancelled_out_of_stock, Ordering::Relaxed);
+        self.cancelled_declined.fetch_add(f.cancelled_declined, Ordering::Relaxed);
+        self.dead_lettered.fetch_add(f.dead_lettered, Ordering::Relaxed);
+    }
+
     /// The counts now.
     pub fn figures(&self) -> OutcomeFigures {
         OutcomeFigures {
@@ -108,6 +127,7 @@ impl Handler<OrderEvent> for OrderStage {
         if order.quantity == 0 || order.amount_cents == 0 {
             return Outcome::Reject("invalid order: zero quantity or amount".into());
         }
+        out.record(kinds::ACCEPTED, &[]);
         out.emit(self.payment, event.msg.then(Step::Charge));
         Outcome::Done
     }
@@ -127,9 +147,13 @@ impl Handler<OrderEvent> for PaymentStage {
         }
         let order = &event.msg.order;
         match self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, event.attempt) {
-            Ok(()) => out.emit(self.inventory, event.msg.then(Step::Reserve)),
+            Ok(()) => {
+                out.record(kinds::CHARGED, &[]);
+                out.emit(self.inventory, event.msg.then(Step::Reserve));
+            }
             Err(PaymentError::Transient(reason)) => return Outcome::Retry(reason),
             Err(PaymentError::Declined(_)) => {
+                out.record(kinds::DECLINED, &[]);
                 out.emit(self.compensation, event.msg.then(Step::Compensate(CancelReason::PaymentDeclined)));
             }
         }
@@ -154,6 +178,7 @@ impl Handler<OrderEvent> for InventoryStage {
         let order = &event.msg.order;
         match self.inventory.reserve(IdempotencyKey::new(order.id, Effect::Reserve), order, event.attempt) {
             Ok(()) => {
+                out.record(kinds::RESERVED, &[]);
                 let notify = event.msg.then(Step::Notify);
                 out.emit(self.email, notify);
                 out.emit(self.sms, notify);
@@ -161,6 +186,7 @@ impl Handler<OrderEvent> for InventoryStage {
             }
             Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
             Err(InventoryError::OutOfStock { .. }) => {
+                out.record(kinds::OUT_OF_STOCK, &[]);
                 out.emit(self.compensation, event.msg.then(Step::Compensate(CancelReason::OutOfStock)));
             }
         }
@@ -175,14 +201,23 @@ pub(crate) struct NotifyStage {
 }
 
 impl Handler<OrderEvent> for NotifyStage {
-    fn handle(&mut self, event: &Envelope<OrderEvent>, _out: &mut Emitter<OrderEvent>) -> Outcome {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
         if event.msg.step != Step::Notify {
             return unexpected(event);
         }
         let order = &event.msg.order;
         let key = IdempotencyKey::new(order.id, self.channel.effect());
         match self.notifier.send(self.channel, key, order, event.attempt) {
-            Ok(()) => Outcome::Done,
+            Ok(()) => {
+                out.record(
+                    match self.channel {
+                        Channel::Email => kinds::EMAILED,
+                        Channel::Sms => kinds::TEXTED,
+                    },
+                    &[],
+                );
+                Outcome::Done
+            }
             Err(error) => Outcome::Retry(error.0),
         }
     }
@@ -194,10 +229,11 @@ pub(crate) struct ShippingStage {
 }
 
 impl Handler<OrderEvent> for ShippingStage {
-    fn handle(&mut self, event: &Envelope<OrderEvent>, _out: &mut Emitter<OrderEvent>) -> Outcome {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
         if event.msg.step != Step::Ship {
             return unexpected(event);
         }
+        out.record(kinds::SHIPPED, &[]);
         let order = &event.msg.order;
         self.outcomes.confirmed.fetch_add(1, Ordering::Relaxed);
         self.outcomes.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
@@ -229,7 +265,7 @@ pub(crate) struct CompensationStage {
 }
 
 impl Handler<OrderEvent> for CompensationStage {
-    fn handle(&mut self, event: &Envelope<OrderEvent>, _out: &mut Emitter<OrderEvent>) -> Outcome {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
         let Step::Compensate(reason) = event.msg.step else {
             return unexpected(event);
         };
@@ -241,6 +277,7 @@ impl Handler<OrderEvent> for CompensationStage {
             CancelReason::PaymentDeclined => &self.outcomes.cancelled_declined,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        out.record(kinds::CANCELLED, &[reason.code()]);
         Outcome::Done
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use conduit::bench::{BenchReport, SweepPoint};
-use conduit::orders::RunReport;
+use conduit::orders::{RecoverReport, RunReport, VerifyReport};
 
 fn millions(n: f64) -> String {
     format!("{:.2} M", n / 1e6)
@@ -63,10 +63,71 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
             s.latency_us.max
         )?;
     }
+    if let Some(log) = &report.log {
+        let s = &log.stats;
+        writeln!(
+            out,
+            "\n  log          {} ({:?}): {} events, {} commits ({} durable), {} frames, {:.1} MiB",
+            log.path,
+            log.durability,
+            s.events_appended,
+            s.commits,
+            s.durable_commits,
+            s.frames,
+            s.bytes as f64 / f64::from(1 << 20)
+        )?;
+    }
+    if let Some(ack) = &report.ack_latency_us {
+        writeln!(
+            out,
+            "  ack latency  p50 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
+            ack.p50, ack.p99, ack.p999, ack.max
+        )?;
+    }
     if let Some(reason) = &report.poisoned {
         writeln!(out, "\n  POISONED: {reason}")?;
     }
     Ok(())
+}
+
+pub(crate) fn write_verify(out: &mut impl Write, path: &str, v: &VerifyReport) -> io::Result<()> {
+    writeln!(out, "{path}: {}", if v.ok { "ok" } else { "INVARIANTS BROKEN" })?;
+    writeln!(out, "  {} frames, {} records, {} orders", v.frames, v.records, v.orders)?;
+    writeln!(
+        out,
+        "  confirmed {}  cancelled {}  dead-lettered {}  in flight {} ({} resumable)",
+        v.confirmed, v.cancelled, v.dead_lettered, v.in_flight, v.resumable
+    )?;
+    let l = &v.ledger;
+    writeln!(
+        out,
+        "  ledger       charged {}  refunded {}  confirmed {}  double charges {}  {}",
+        l.charged_cents,
+        l.refunded_cents,
+        l.confirmed_total_cents,
+        l.double_charges,
+        if l.balanced { "balanced" } else { "UNBALANCED" }
+    )?;
+    for problem in &v.problems {
+        writeln!(out, "  problem: {problem}")?;
+    }
+    if v.problem_count > 20 {
+        writeln!(out, "  ... {} orders with problems in all", v.problem_count)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn write_recover(out: &mut impl Write, r: &RecoverReport) -> io::Result<()> {
+    let resumed: Vec<String> = r.resumed.iter().map(|(stage, n)| format!("{stage} {n}")).collect();
+    writeln!(
+        out,
+        "conduit recover: {} orders in the log; resumed: {}",
+        r.orders_found,
+        if resumed.is_empty() { "nothing".to_owned() } else { resumed.join(", ") }
+    )?;
+    write_report(out, &r.run)?;
+    writeln!(out)?;
+    write_verify(out, "verified after recovery", &r.verify)
 }
 
 pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Result<()> {

@@ -4,13 +4,16 @@
 //! 0 success, 1 the run broke an invariant or failed, 2 bad input (arguments or configuration).
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use conduit::log::{Durability, Log, LogOptions};
 use conduit::orders::{self, PipelineFile, RunError, RunReport};
 
 mod human;
+mod logcmd;
 
 /// An embeddable event pipeline engine, driven from the command line.
 #[derive(Debug, Parser)]
@@ -26,11 +29,74 @@ enum Command {
     Run(RunArgs),
     /// Measure the engine against its baselines on the same workload, side by side.
     Bench(BenchArgs),
+    /// Read and check an event log.
+    #[command(subcommand)]
+    Log(logcmd::LogCommand),
+    /// Rebuild one order from its events, now or at a past point.
+    Replay(logcmd::ReplayArgs),
+    /// Resume every in-flight order of a log after a crash, then verify the log.
+    Recover(RecoverArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DurabilityArg {
+    /// fsync every group commit; `submit` returns after its orders are durable.
+    Immediate,
+    /// Commit without fsync; a durable commit at least every --sync-interval-ms.
+    Eventual,
+    /// No log at all.
+    Memory,
+}
+
+#[derive(Debug, clap::Args)]
+struct LogArgs {
+    /// Journal every event to this log file (created if missing; must hold no events yet).
+    #[arg(long, value_name = "PATH")]
+    log: Option<PathBuf>,
+    /// When commits are durable (default: immediate with --log, memory without).
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityArg>,
+    /// With --durability eventual: most milliseconds between durable commits.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    sync_interval_ms: u64,
+}
+
+impl LogArgs {
+    /// The log to open, if any, with its options; bad combinations are usage errors.
+    fn plan(&self) -> Result<Option<(PathBuf, LogOptions)>, UsageError> {
+        let durability = match (self.durability, &self.log) {
+            (Some(DurabilityArg::Memory) | None, None) => return Ok(None),
+            (Some(DurabilityArg::Memory), Some(_)) => {
+                return Err(UsageError(
+                    "--durability memory writes no log: drop --log, or choose immediate or eventual".into(),
+                ))
+            }
+            (Some(_), None) => return Err(UsageError("--durability immediate|eventual needs --log PATH".into())),
+            (Some(DurabilityArg::Immediate) | None, Some(_)) => Durability::Immediate,
+            (Some(DurabilityArg::Eventual), Some(_)) => {
+                Durability::Eventual { sync_interval_ms: self.sync_interval_ms }
+            }
+        };
+        let path = self.log.clone().expect("every arm without a path returned");
+        Ok(Some((path, LogOptions { durability, ..LogOptions::default() })))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct RecoverArgs {
+    /// The log to recover.
+    path: PathBuf,
+    /// TOML file with `[engine]` and `[simulation]` tables (as for `run`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
 }
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// Orders per run of each case (each order is 6 events).
+    /// Orders per run of each case (each order is 7 events: its placement and six steps).
     #[arg(long, default_value_t = 1_000_000, conflicts_with = "events")]
     orders: u64,
     /// Events per run of each case, instead of --orders (rounded up to whole orders).
@@ -88,17 +154,22 @@ struct RunArgs {
     /// No progress bar, even on a terminal.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 /// Bad input: reported with exit code 2.
 #[derive(Debug)]
-struct UsageError(String);
+pub(crate) struct UsageError(pub(crate) String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),
         Command::Bench(args) => bench(&args),
+        Command::Log(command) => logcmd::run(&command),
+        Command::Replay(args) => logcmd::replay(&args),
+        Command::Recover(args) => recover(&args),
     };
     match result {
         Ok(code) => code,
@@ -113,7 +184,7 @@ fn main() -> ExitCode {
     }
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Usage(UsageError),
     Run(String),
 }
@@ -124,16 +195,21 @@ impl From<UsageError> for Failure {
     }
 }
 
-/// Reads the file (if any) and lays the flags over it.
-fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig), UsageError> {
-    let mut file = match &args.config {
+/// Reads a configuration file, or the defaults without one.
+fn read_config(path: Option<&Path>) -> Result<PipelineFile, UsageError> {
+    match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| UsageError(format!("cannot read config file {}: {e}", path.display())))?;
-            PipelineFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?
+            PipelineFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))
         }
-        None => PipelineFile::default(),
-    };
+        None => Ok(PipelineFile::default()),
+    }
+}
+
+/// Reads the file (if any) and lays the flags over it.
+fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig), UsageError> {
+    let mut file = read_config(args.config.as_deref())?;
     if let Some(seed) = args.seed {
         file.simulation.seed = seed;
     }
@@ -154,8 +230,14 @@ fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig), Us
 
 fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let (engine, sim) = plan(args)?;
+    let log = match args.log.plan()? {
+        Some((path, options)) => {
+            Some(Arc::new(Log::open(&path, options).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?))
+        }
+        None => None,
+    };
     let bar = progress_bar(args.orders, args.quiet);
-    let result = orders::run(&engine, &sim, args.orders, |submitted, finished| {
+    let result = orders::run(&engine, &sim, args.orders, log.clone(), |submitted, finished| {
         if let Some(bar) = &bar {
             bar.set_position(submitted);
             bar.set_message(format!("{finished} finished"));
@@ -167,12 +249,16 @@ fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let report = match result {
         Ok(report) => report,
         Err(RunError::Build(error)) => return Err(Failure::Usage(UsageError(error.to_string()))),
+        Err(error @ RunError::LogNotEmpty { .. }) => return Err(Failure::Usage(UsageError(error.to_string()))),
         Err(RunError::Poisoned { unsent, report }) => {
             print_report(&report, args.format).map_err(Failure::Run)?;
             return Err(Failure::Run(format!("the engine was poisoned; {unsent} orders were not submitted")));
         }
         Err(other) => return Err(Failure::Run(other.to_string())),
     };
+    if let Some(log) = log {
+        log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
+    }
     print_report(&report, args.format).map_err(Failure::Run)?;
     let violations = report.violations();
     if violations.is_empty() {
@@ -242,4 +328,30 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
     };
     written.and_then(|()| writeln!(out).map_err(|e| e.to_string())).map_err(Failure::Run)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn recover(args: &RecoverArgs) -> Result<ExitCode, Failure> {
+    let (engine, sim) = read_config(args.config.as_deref())?.validate().map_err(|e| UsageError(e.to_string()))?;
+    let log = Arc::new(
+        Log::open_existing(&args.path, LogOptions::default())
+            .map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?,
+    );
+    let report = match orders::recover(&engine, &sim, &log) {
+        Ok(report) => report,
+        Err(RunError::Build(error)) => return Err(Failure::Usage(UsageError(error.to_string()))),
+        Err(error) => return Err(Failure::Run(error.to_string())),
+    };
+    log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
+    let mut out = std::io::stdout().lock();
+    let written = match args.format {
+        Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
+        Format::Human => human::write_recover(&mut out, &report).map_err(|e| e.to_string()),
+    };
+    written.and_then(|()| writeln!(out).map_err(|e| e.to_string())).map_err(Failure::Run)?;
+    let mut broken = report.run.violations();
+    broken.extend(report.verify.problems.iter().cloned());
+    for problem in &broken {
+        eprintln!("invariant broken: {problem}");
+    }
+    Ok(if broken.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -1,0 +1,258 @@
+//! `conduit log verify|inspect` and `conduit replay`: reading a log, never changing what it says.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::Subcommand;
+use conduit::log::{Aggregate, Log, LogOptions, Record, KIND_DEAD_LETTER};
+use conduit::orders::{self, kinds, names, OrderEvent, OrderHistory, OrderStatus};
+use serde::Serialize;
+
+use crate::{human, Failure, Format, UsageError};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LogCommand {
+    /// Check every invariant: frame checksums, contiguous versions, every order terminal or
+    /// resumable, the ledger balanced. Exit 0 only if all hold.
+    Verify {
+        /// The log file.
+        path: PathBuf,
+        /// Report format on stdout.
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Print events decoded, with versions and timestamps (JSON: one object per line).
+    Inspect {
+        /// The log file.
+        path: PathBuf,
+        /// Only this order's events (found through the index, without a full scan).
+        #[arg(long, value_name = "ID")]
+        order: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Output format on stdout.
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReplayArgs {
+    /// The log file.
+    path: PathBuf,
+    /// The order to rebuild.
+    #[arg(long, value_name = "ID")]
+    order: u64,
+    /// The state after this version.
+    #[arg(long, value_name = "V", conflicts_with = "as_of")]
+    at_version: Option<u32>,
+    /// The state at this time: RFC 3339 (`2026-11-27T04:00:00Z`) or microseconds since the epoch.
+    #[arg(long, value_name = "TIME")]
+    as_of: Option<String>,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
+
+fn open(path: &PathBuf) -> Result<Log, Failure> {
+    Log::open_existing(path, LogOptions::default()).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))
+}
+
+fn io(e: impl std::fmt::Display) -> Failure {
+    Failure::Run(format!("cannot write the output: {e}"))
+}
+
+pub(crate) fn run(command: &LogCommand) -> Result<ExitCode, Failure> {
+    match command {
+        LogCommand::Verify { path, format } => verify(path, *format),
+        LogCommand::Inspect { path, order, limit, format } => inspect(path, *order, *limit, *format),
+    }
+}
+
+fn verify(path: &PathBuf, format: Format) -> Result<ExitCode, Failure> {
+    let log = open(path)?;
+    let report = orders::verify(&log).map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            serde_json::to_writer(&mut out, &report).map_err(io).and_then(|()| writeln!(out).map_err(io))?;
+        }
+        Format::Human => human::write_verify(&mut out, &path.display().to_string(), &report).map_err(io)?,
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// A record as `inspect` and `replay` show it.
+#[derive(Debug, Serialize)]
+struct RecordView<'a> {
+    id: u64,
+    stream: u64,
+    version: u32,
+    kind: &'static str,
+    stage: &'static str,
+    time: String,
+    timestamp_us: u64,
+    correlation: u64,
+    causation: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order: Option<conduit::orders::Order>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    note: &'a str,
+    #[serde(skip_serializing_if = "is_zero")]
+    attempts: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn rfc3339(timestamp_us: u64) -> String {
+    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(timestamp_us)).to_string()
+}
+
+fn view(record: &Record) -> RecordView<'_> {
+    RecordView {
+        id: record.id,
+        stream: record.stream,
+        version: record.version,
+        kind: kinds::name(if record.kind == KIND_DEAD_LETTER { KIND_DEAD_LETTER } else { record.kind }),
+        stage: names::of_index(record.stage),
+        time: rfc3339(record.timestamp_us),
+        timestamp_us: record.timestamp_us,
+        correlation: record.correlation,
+        causation: record.causation,
+        order: OrderEvent::decode(&record.payload).map(|e| e.order),
+        note: &record.note,
+        attempts: record.attempts,
+    }
+}
+
+fn write_view(out: &mut impl Write, record: &Record, format: Format) -> std::io::Result<()> {
+    let v = view(record);
+    match format {
+        Format::Json => {
+            serde_json::to_writer(&mut *out, &v)?;
+            writeln!(out)
+        }
+        Format::Human => {
+            write!(out, "{} order {:>8} v{:<3} {:<13} {:<12}", v.time, v.stream, v.version, v.kind, v.stage)?;
+            if let Some(order) = v.order {
+                write!(out, " sku {} x{} {} cents", order.sku, order.quantity, order.amount_cents)?;
+            }
+            if !v.note.is_empty() {
+                write!(out, " after {} attempts: {}", v.attempts, v.note)?;
+            }
+            writeln!(out)
+        }
+    }
+}
+
+fn inspect(path: &PathBuf, order: Option<u64>, limit: Option<u64>, format: Format) -> Result<ExitCode, Failure> {
+    let log = open(path)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let limit = limit.unwrap_or(u64::MAX);
+    let mut shown = 0;
+    let mut failed = None;
+    let result = match order {
+        Some(id) => log.stream(id).map(|records| {
+            for record in records.iter().take(usize::try_from(limit).unwrap_or(usize::MAX)) {
+                if let Err(e) = write_view(&mut out, record, format) {
+                    failed.get_or_insert(e);
+                }
+            }
+        }),
+        None => log.for_each(|record| {
+            if shown < limit && failed.is_none() {
+                shown += 1;
+                if let Err(e) = write_view(&mut out, record, format) {
+                    failed = Some(e);
+                }
+            }
+        }),
+    };
+    out.flush().map_err(io)?;
+    if let Some(e) = failed {
+        // A closed pipe (`| head`) is a normal way to stop reading.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(io(e));
+        }
+    }
+    result.map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct Replay<'a> {
+    order_id: u64,
+    order: Option<conduit::orders::Order>,
+    version: u32,
+    status: OrderStatus,
+    next: Vec<&'static str>,
+    problem: Option<String>,
+    events: Vec<RecordView<'a>>,
+}
+
+fn parse_time(text: &str) -> Result<u64, UsageError> {
+    if let Ok(micros) = text.parse::<u64>() {
+        return Ok(micros);
+    }
+    let time = humantime::parse_rfc3339_weak(text).map_err(|e| {
+        UsageError(format!(
+            "--as-of {text:?}: {e} (give RFC 3339, such as 2026-11-27T04:00:00Z, or epoch microseconds)"
+        ))
+    })?;
+    let since = time.duration_since(UNIX_EPOCH).map_err(|_| UsageError(format!("--as-of {text:?} is before 1970")))?;
+    Ok(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn replay(args: &ReplayArgs) -> Result<ExitCode, Failure> {
+    let as_of = args.as_of.as_deref().map(parse_time).transpose()?;
+    let log = open(&args.path)?;
+    let records = log.stream(args.order).map_err(|e| Failure::Run(format!("{}: {e}", args.path.display())))?;
+    let kept: Vec<&Record> = records
+        .iter()
+        .take_while(|r| args.at_version.is_none_or(|v| r.version <= v) && as_of.is_none_or(|t| r.timestamp_us <= t))
+        .collect();
+    if kept.is_empty() && records.is_empty() {
+        return Err(Failure::Run(format!("order {} has no events in {}", args.order, args.path.display())));
+    }
+    let mut history = OrderHistory::default();
+    for record in &kept {
+        history.apply(record);
+    }
+    let replay = Replay {
+        order_id: args.order,
+        order: history.order,
+        version: history.version,
+        status: history.status(),
+        next: history.resume().into_iter().map(|(stage, _)| stage).collect(),
+        problem: history.problem.clone(),
+        events: kept.iter().map(|r| view(r)).collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => {
+            serde_json::to_writer(&mut out, &replay).map_err(io).and_then(|()| writeln!(out).map_err(io))?;
+        }
+        Format::Human => {
+            writeln!(
+                out,
+                "order {} at version {} of {}: {:?}{}",
+                replay.order_id,
+                replay.version,
+                records.last().map_or(0, |r| r.version),
+                replay.status,
+                if replay.next.is_empty() { String::new() } else { format!(", next: {}", replay.next.join(", ")) }
+            )
+            .map_err(io)?;
+            for record in &kept {
+                write_view(&mut out, record, Format::Human).map_err(io)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,399 @@
+//! An order's history as the journal tells it: folding records into per-order state, checking
+//! the invariants (`conduit log verify`), and planning what to resume after a restart.
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+use super::domain::{kinds, CancelReason, Order, OrderEvent, Step};
+use super::stages::names;
+use crate::log::{Aggregate, Log, LogError, Record, KIND_DEAD_LETTER, STAGE_INGRESS};
+
+/// Facts tracked per order, by kind (index = kind, 1..=10).
+const FACTS: usize = 11;
+
+/// One order's state, rebuilt from its records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderHistory {
+    /// The order, from its `placed` record.
+    pub order: Option<Order>,
+    /// Last version applied.
+    pub version: u32,
+    /// Times each fact was recorded, by kind.
+    pub counts: [u8; FACTS],
+    /// Stage index of the order-path dead letter that ended it, if one did.
+    pub dead_letter_stage: Option<u16>,
+    /// Whether the email / SMS was dead-lettered.
+    pub notify_dead: [bool; 2],
+    /// Why it was cancelled.
+    pub cancel_reason: Option<CancelReason>,
+    /// Id of the last record: the cause of whatever is resumed.
+    pub last_id: u64,
+    /// The correlation id of its records.
+    pub correlation: u64,
+    /// Timestamp of the last record.
+    pub last_timestamp_us: u64,
+    /// The first inconsistency met while folding.
+    pub problem: Option<String>,
+}
+
+/// Where an order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    /// Shipped.
+    Confirmed,
+    /// Compensated and cancelled.
+    Cancelled,
+    /// Given up on (and compensated).
+    DeadLettered,
+    /// Not terminal: it can be resumed.
+    InFlight,
+}
+
+impl OrderHistory {
+    fn has(&self, kind: u16) -> bool {
+        self.counts.get(usize::from(kind)).is_some_and(|&n| n > 0)
+    }
+
+    fn note(&mut self, problem: String) {
+        self.problem.get_or_insert(problem);
+    }
+
+    /// Where the order stands.
+    #[must_use]
+    pub fn status(&self) -> OrderStatus {
+        if self.dead_letter_stage.is_some() {
+            OrderStatus::DeadLettered
+        } else if self.has(kinds::CANCELLED) {
+            OrderStatus::Cancelled
+        } else if self.has(kinds::SHIPPED) {
+            OrderStatus::Confirmed
+        } else {
+            OrderStatus::InFlight
+        }
+    }
+
+    /// Whether the customer was charged.
+    #[must_use]
+    pub fn charged(&self) -> bool {
+        self.has(kinds::CHARGED)
+    }
+
+    /// Whether the order holds a reservation.
+    #[must_use]
+    pub fn reserved(&self) -> bool {
+        self.has(kinds::RESERVED)
+    }
+
+    /// Whether its side effects were (or are to be) undone.
+    #[must_use]
+    pub fn compensated(&self) -> bool {
+        matches!(self.status(), OrderStatus::Cancelled | OrderStatus::DeadLettered)
+    }
+
+    /// Whether the notification on `channel` (0 email, 1 SMS) is settled: sent or dead-lettered.
+    fn notified(&self, kind: u16, channel: usize) -> bool {
+        self.has(kind) || self.notify_dead[channel]
+    }
+
+    /// The events to inject, by stage name, to take the order to its end from here.
+    #[must_use]
+    pub fn resume(&self) -> Vec<(&'static str, OrderEvent)> {
+        let Some(order) = self.order else { return Vec::new() };
+        let event = |stage, step| (stage, OrderEvent { order, step });
+        if matches!(self.status(), OrderStatus::Cancelled | OrderStatus::DeadLettered) {
+            return Vec::new();
+        }
+        if self.has(kinds::RESERVED) {
+            let mut steps = Vec::new();
+            if !self.has(kinds::SHIPPED) {
+                steps.push(event(names::SHIPPING, Step::Ship));
+            }
+            if !self.notified(kinds::EMAILED, 0) {
+                steps.push(event(names::EMAIL, Step::Notify));
+            }
+            if !self.notified(kinds::TEXTED, 1) {
+                steps.push(event(names::SMS, Step::Notify));
+            }
+            return steps;
+        }
+        let step = if self.has(kinds::DECLINED) {
+            event(names::COMPENSATION, Step::Compensate(CancelReason::PaymentDeclined))
+        } else if self.has(kinds::OUT_OF_STOCK) {
+            event(names::COMPENSATION, Step::Compensate(CancelReason::OutOfStock))
+        } else if self.has(kinds::CHARGED) {
+            event(names::INVENTORY, Step::Reserve)
+        } else if self.has(kinds::ACCEPTED) {
+            event(names::PAYMENT, Step::Charge)
+        } else {
+            event(names::ORDER, Step::Place)
+        };
+        vec![step]
+    }
+
+    /// The facts this history must never hold together, or in this order.
+    fn check(&mut self) {
+        let rules: [(bool, &str); 10] = [
+            (self.order.is_none(), "records without a placed order"),
+            (self.has(kinds::ACCEPTED) && self.counts[usize::from(kinds::PLACED)] == 0, "accepted but never placed"),
+            (self.has(kinds::CHARGED) && !self.has(kinds::ACCEPTED), "charged but never accepted"),
+            (self.has(kinds::CHARGED) && self.has(kinds::DECLINED), "both charged and declined"),
+            (self.has(kinds::RESERVED) && !self.has(kinds::CHARGED), "reserved but never charged"),
+            (self.has(kinds::RESERVED) && self.has(kinds::OUT_OF_STOCK), "both reserved and out of stock"),
+            (self.has(kinds::SHIPPED) && !self.has(kinds::RESERVED), "shipped but never reserved"),
+            (
+                (self.has(kinds::EMAILED) || self.has(kinds::TEXTED)) && !self.has(kinds::RESERVED),
+                "notified but never reserved",
+            ),
+            (
+                self.has(kinds::CANCELLED) && !(self.has(kinds::DECLINED) || self.has(kinds::OUT_OF_STOCK)),
+                "cancelled without a reason",
+            ),
+            (self.has(kinds::SHIPPED) && self.has(kinds::CANCELLED), "both shipped and cancelled"),
+        ];
+        if let Some((_, problem)) = rules.iter().find(|(broken, _)| *broken) {
+            self.note((*problem).to_owned());
+        }
+        for kind in 1..FACTS {
+            if self.counts[kind] > 1 {
+                let kind = u16::try_from(kind).unwrap_or(0);
+                self.note(format!("{} recorded {} times", kinds::name(kind), self.counts[usize::from(kind)]));
+            }
+        }
+    }
+}
+
+impl Aggregate for OrderHistory {
+    fn apply(&mut self, record: &Record) {
+        if record.version != self.version + 1 {
+            self.note(format!("version {} follows version {}", record.version, self.version));
+        }
+        self.version = record.version;
+        self.last_id = record.id;
+        self.correlation = record.correlation;
+        self.last_timestamp_us = record.timestamp_us;
+        match record.kind {
+            KIND_DEAD_LETTER => {
+                let stage = names::of_index(record.stage);
+                if stage == names::EMAIL {
+                    self.notify_dead[0] = true;
+                } else if stage == names::SMS {
+                    self.notify_dead[1] = true;
+                } else {
+                    self.dead_letter_stage.get_or_insert(record.stage);
+                }
+                if self.order.is_none() {
+                    self.order = OrderEvent::decode(&record.payload).map(|e| e.order);
+                }
+            }
+            kind if usize::from(kind) < FACTS && kind > 0 => {
+                let count = &mut self.counts[usize::from(kind)];
+                *count = count.saturating_add(1);
+                if kind == kinds::PLACED {
+                    if record.stage != STAGE_INGRESS {
+                        self.note(format!("placed by stage {}", names::of_index(record.stage)));
+                    }
+                    match OrderEvent::decode(&record.payload) {
+                        Some(event) if event.order.id == record.stream => self.order = Some(event.order),
+                        _ => self.note("placed record holds no valid order".into()),
+                    }
+                }
+                if kind == kinds::CANCELLED {
+                    self.cancel_reason = record.payload.first().and_then(|&c| CancelReason::from_code(c));
+                }
+            }
+            other => self.note(format!("unknown record kind {other}")),
+        }
+    }
+}
+
+/// Every order's history in a log.
+#[derive(Debug, Default)]
+pub struct Histories {
+    /// By order id.
+    pub orders: FxHashMap<u64, OrderHistory>,
+    /// Frames read.
+    pub frames: u64,
+    /// Records read.
+    pub records: u64,
+}
+
+impl Histories {
+    /// Reads the whole log (frames decoded in parallel) and folds every record.
+    pub fn read(log: &Log) -> Result<Self, LogError> {
+        let mut histories = Self::default();
+        log.for_each_frame(|_, frame| {
+            histories.frames += 1;
+            histories.records += frame.records.len() as u64;
+            for record in &frame.records {
+                histories.orders.entry(record.stream).or_default().apply(record);
+            }
+            Ok(())
+        })?;
+        for history in histories.orders.values_mut() {
+            history.check();
+        }
+        Ok(histories)
+    }
+
+    /// Counts by status and the ledger, as the log tells them.
+    #[must_use]
+    pub fn verify(&self) -> VerifyReport {
+        let mut report = VerifyReport { frames: self.frames, records: self.records, ..VerifyReport::default() };
+        let mut problems: BTreeMap<u64, String> = BTreeMap::new();
+        for (&id, history) in &self.orders {
+            report.orders += 1;
+            let amount = history.order.map_or(0, |o| o.amount_cents);
+            match history.status() {
+                OrderStatus::Confirmed => {
+                    report.confirmed += 1;
+                    report.ledger.confirmed_total_cents += amount;
+                }
+                OrderStatus::Cancelled => report.cancelled += 1,
+                OrderStatus::DeadLettered => report.dead_lettered += 1,
+                OrderStatus::InFlight => {
+                    report.in_flight += 1;
+                    if !history.resume().is_empty() {
+                        report.resumable += 1;
+                    }
+                }
+            }
+            if history.status() != OrderStatus::InFlight && history.charged() {
+                report.ledger.charged_cents += amount;
+                if history.compensated() {
+                    report.ledger.refunded_cents += amount;
+                }
+            }
+            if history.counts[usize::from(kinds::CHARGED)] > 1 {
+                report.ledger.double_charges += 1;
+            }
+            if let Some(problem) = &history.problem {
+                problems.insert(id, problem.clone());
+            }
+        }
+        let ledger = &mut report.ledger;
+        ledger.balanced = ledger.double_charges == 0
+            && ledger.charged_cents.checked_sub(ledger.refunded_cents) == Some(ledger.confirmed_total_cents);
+        report.problem_count = problems.len() as u64;
+        report.problems = problems.into_iter().take(20).map(|(id, p)| format!("order {id}: {p}")).collect();
+        if report.in_flight != report.resumable {
+            report.problems.push(format!("{} in-flight orders cannot be resumed", report.in_flight - report.resumable));
+        }
+        if !report.ledger.balanced {
+            report.problems.push(format!(
+                "ledger unbalanced: charged {} - refunded {} != confirmed {} (double charges: {})",
+                report.ledger.charged_cents,
+                report.ledger.refunded_cents,
+                report.ledger.confirmed_total_cents,
+                report.ledger.double_charges
+            ));
+        }
+        report.ok = report.problems.is_empty();
+        report
+    }
+}
+
+/// The ledger as the log tells it, over terminal orders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct VerifiedLedger {
+    /// Charges of terminal orders.
+    pub charged_cents: u64,
+    /// Of those, compensated (cancelled or dead-lettered).
+    pub refunded_cents: u64,
+    /// What confirmed orders cost.
+    pub confirmed_total_cents: u64,
+    /// Orders with more than one charge.
+    pub double_charges: u64,
+    /// `charged - refunded == confirmed_total` and no double charge.
+    pub balanced: bool,
+}
+
+/// What `conduit log verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Whether every invariant holds.
+    pub ok: bool,
+    /// Frames read (every checksum and archive checked).
+    pub frames: u64,
+    /// Records read.
+    pub records: u64,
+    /// Distinct orders.
+    pub orders: u64,
+    /// Shipped.
+    pub confirmed: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+    /// Dead-lettered.
+    pub dead_lettered: u64,
+    /// Not terminal.
+    pub in_flight: u64,
+    /// Of those, with a known next step.
+    pub resumable: u64,
+    /// The ledger over terminal orders.
+    pub ledger: VerifiedLedger,
+    /// Orders whose history breaks an invariant.
+    pub problem_count: u64,
+    /// The first problems found, described.
+    pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(stream: u64, version: u32, kind: u16, payload: Vec<u8>) -> Record {
+        Record { stream, version, kind, payload, id: u64::from(version), ..Record::default() }
+    }
+
+    fn placed(id: u64) -> Record {
+        let mut payload = Vec::new();
+        let order = Order { id, customer: 1, sku: 2, quantity: 1, amount_cents: 500 };
+        OrderEvent { order, step: Step::Place }.encode(&mut payload);
+        Record { stage: STAGE_INGRESS, ..record(id, 1, kinds::PLACED, payload) }
+    }
+
+    fn fold(kinds: &[u16]) -> OrderHistory {
+        let mut history = OrderHistory::default();
+        history.apply(&placed(9));
+        for (i, &kind) in kinds.iter().enumerate() {
+            history.apply(&record(9, u32::try_from(i).unwrap_or(0) + 2, kind, Vec::new()));
+        }
+        history.check();
+        history
+    }
+
+    #[test]
+    fn each_stop_resumes_at_the_next_stage() {
+        let next = |facts: &[u16]| fold(facts).resume().iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        assert_eq!(next(&[]), [names::ORDER]);
+        assert_eq!(next(&[kinds::ACCEPTED]), [names::PAYMENT]);
+        assert_eq!(next(&[kinds::ACCEPTED, kinds::CHARGED]), [names::INVENTORY]);
+        assert_eq!(
+            next(&[kinds::ACCEPTED, kinds::CHARGED, kinds::RESERVED]),
+            [names::SHIPPING, names::EMAIL, names::SMS]
+        );
+        assert_eq!(
+            next(&[kinds::ACCEPTED, kinds::CHARGED, kinds::RESERVED, kinds::TEXTED]),
+            [names::SHIPPING, names::EMAIL]
+        );
+        assert_eq!(next(&[kinds::ACCEPTED, kinds::CHARGED, kinds::OUT_OF_STOCK]), [names::COMPENSATION]);
+        assert_eq!(next(&[kinds::ACCEPTED, kinds::DECLINED]), [names::COMPENSATION]);
+        let done =
+            fold(&[kinds::ACCEPTED, kinds::CHARGED, kinds::RESERVED, kinds::SHIPPED, kinds::EMAILED, kinds::TEXTED]);
+        assert_eq!((done.status(), done.resume().len(), done.problem.clone()), (OrderStatus::Confirmed, 0, None));
+    }
+
+    #[test]
+    fn impossible_histories_are_reported() {
+        assert!(fold(&[kinds::ACCEPTED, kinds::CHARGED, kinds::CHARGED])
+            .problem
+            .is_some_and(|p| p.contains("charged recorded 2 times")));
+        assert!(fold(&[kinds::SHIPPED]).problem.is_some_and(|p| p.contains("shipped but never reserved")));
+        let mut gap = OrderHistory::default();
+        gap.apply(&placed(9));
+        gap.apply(&record(9, 3, kinds::ACCEPTED, Vec::new()));
+        assert!(gap.problem.is_some_and(|p| p.contains("version 3 follows version 1")));
+    }
+}
