@@ -495,7 +495,7 @@ impl<M: Message> Engine<M> {
                     return Err(SubmitError::LogFailed(unsent(&mut [&mut previous, &mut window], &mut msgs)));
                 }
                 self.record_ack_latency(since);
-                if let Ok(count) = self.send_window(ingress, &mut previous) {
+                if let Ok(count) = self.send_window(ingress, &mut previous, true) {
                     sent += count;
                 } else {
                     return Err(SubmitError::Poisoned(unsent(&mut [&mut previous, &mut window], &mut msgs)));
@@ -507,7 +507,7 @@ impl<M: Message> Engine<M> {
             match window_ack {
                 Some((waiter, since)) => waiting = Some((window, waiter, since)),
                 None => {
-                    if let Ok(count) = self.send_window(ingress, &mut window) {
+                    if let Ok(count) = self.send_window(ingress, &mut window, true) {
                         sent += count;
                     } else {
                         return Err(SubmitError::Poisoned(unsent(&mut [&mut window], &mut msgs)));
@@ -546,15 +546,23 @@ impl<M: Message> Engine<M> {
         window
     }
 
-    /// Sends a window's batches in order; on failure the unsent batches stay in `window`.
-    fn send_window(&self, sender: &BatchSender<M>, window: &mut Vec<Vec<Envelope<M>>>) -> Result<u64, ()> {
+    /// Sends a window's batches in order, counting them as submitted if `submitted`; on failure
+    /// the unsent batches stay in `window`.
+    fn send_window(
+        &self,
+        sender: &BatchSender<M>,
+        window: &mut Vec<Vec<Envelope<M>>>,
+        submitted: bool,
+    ) -> Result<u64, ()> {
         let mut sent = 0;
         let mut batches = std::mem::take(window).into_iter();
         while let Some(batch) = batches.next() {
             let count = batch.len() as u64;
             match sender.send(batch) {
                 Ok(()) => {
-                    self.submitted.fetch_add(count, Ordering::Relaxed);
+                    if submitted {
+                        self.submitted.fetch_add(count, Ordering::Relaxed);
+                    }
                     sent += count;
                 }
                 Err(SendFailure::Full(back) | SendFailure::Gone(back)) => {
@@ -589,7 +597,7 @@ impl<M: Message> Engine<M> {
             let mut buffer = sender.buffer();
             buffer.extend(events.by_ref().take(sender.batch_events_max()));
             let mut window = vec![buffer];
-            if let Ok(count) = self.send_window(sender, &mut window) {
+            if let Ok(count) = self.send_window(sender, &mut window, false) {
                 sent += count;
             } else {
                 let mut unsent: Vec<M> = window.into_iter().flatten().map(|e| e.msg).collect();

@@ -383,7 +383,7 @@ impl OrderPipeline {
                 in_flight: submitted.saturating_sub(outcomes.terminal()),
             },
             events: EventCounts { total: events_total, per_sec: per_sec(events_total) },
-            orders_per_sec: per_sec(submitted),
+            orders_per_sec: per_sec(snapshot.submitted),
             elapsed_s,
             stages: snapshot.stages,
             ledger: LedgerReport::new(ledger, outcomes.confirmed_total_cents),

@@ -1,0 +1,127 @@
+//! kill -9: a child process runs the order pipeline on an immediate log and prints every order it
+//! has had acknowledged; the parent kills it at random moments, again and again on the same log.
+//! Each new child first recovers what the last one left in flight (so some kills land during a
+//! recovery), then takes new orders. At the end the parent recovers once more and checks that
+//! every acknowledged order is in the log, every order reached exactly one terminal state, and
+//! no order was charged twice.
+//!
+//! The child is this test binary itself, started with `CONDUIT_CRASH_CHILD` set.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conduit::log::{Log, LogOptions};
+use conduit::orders::{self, Histories, OrderPipeline, OrderStatus, SimConfig, Workload};
+use conduit::EngineConfig;
+use rand::{Rng, SeedableRng};
+
+const CHILD_ENV: &str = "CONDUIT_CRASH_CHILD";
+/// Kill cycles; the CI tier of the reliability suite asks for at least 20.
+const CYCLES: usize = 24;
+
+fn sim() -> SimConfig {
+    SimConfig { payment_failure_rate: 0.2, out_of_stock_rate: 0.1, seed: 3, ..SimConfig::default() }
+}
+
+fn engine() -> EngineConfig {
+    EngineConfig::builder().batch_events_max(64).build().expect("valid")
+}
+
+/// The child: recover, then place orders forever, printing `ack <highest id>` after each
+/// acknowledged chunk.
+fn child(path: &str) {
+    let log = Arc::new(Log::open(path, LogOptions::default()).expect("child opens the log"));
+    let histories = Histories::read(&log).expect("child reads the log");
+    let first_id = histories.orders.keys().max().copied().unwrap_or(0) + 1;
+    let pipeline =
+        OrderPipeline::start_with(&engine(), &sim(), Some(Arc::clone(&log)), Some(&histories)).expect("starts");
+    pipeline.resume(&histories).expect("resumes");
+    println!("ready {first_id}");
+    let mut workload = Workload::new(first_id, 100, 1_000).map(|mut order| {
+        order.id += first_id - 1;
+        order
+    });
+    loop {
+        let chunk: Vec<_> = workload.by_ref().take(200).collect();
+        let last = chunk.last().map_or(0, |o| o.id);
+        pipeline.submit_many(chunk).expect("the child's pipeline stays healthy until it is killed");
+        println!("ack {last}");
+    }
+}
+
+#[test]
+fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        child(&path);
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("crash.redb");
+    let seed: u64 = std::env::var("CONDUIT_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    println!("kill -9 cycles with seed {seed} (set CONDUIT_CRASH_SEED to replay)");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut acked_max = 0u64;
+    for cycle in 0..CYCLES {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "acknowledged_orders_survive_kill_9_and_finish_exactly_once", "--nocapture"])
+            .env(CHILD_ENV, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("child starts");
+        let stdout = child.stdout.take().expect("piped");
+        // Read acknowledgements on a thread while the parent waits a random time, then kills.
+        let reader = std::thread::spawn(move || {
+            let mut acked = 0u64;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(id) = line.strip_prefix("ack ").and_then(|n| n.parse::<u64>().ok()) {
+                    acked = acked.max(id);
+                }
+            }
+            acked
+        });
+        let wait = Duration::from_millis(rng.random_range(30..400));
+        let started = Instant::now();
+        while started.elapsed() < wait {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("cycle {cycle}: the child exited by itself with {status}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().expect("kill -9");
+        child.wait().expect("reaped");
+        let acked = reader.join().expect("reader");
+        acked_max = acked_max.max(acked);
+
+        // Every acknowledged order must be in the log now, whatever the kill interrupted.
+        let log = Log::open(&path, LogOptions::default()).expect("reopens after kill -9");
+        let histories = Histories::read(&log).expect("readable after kill -9");
+        let missing: Vec<u64> = (1..=acked_max).filter(|id| !histories.orders.contains_key(id)).take(5).collect();
+        assert!(missing.is_empty(), "cycle {cycle} (seed {seed}): acknowledged orders missing: {missing:?}");
+        let report = histories.verify();
+        assert_eq!(report.ledger.double_charges, 0, "cycle {cycle} (seed {seed})");
+        assert_eq!(report.problem_count, 0, "cycle {cycle} (seed {seed}): {:?}", report.problems);
+        assert_eq!(report.in_flight, report.resumable, "cycle {cycle}: everything in flight can resume");
+    }
+    assert!(acked_max > 0, "some orders were acknowledged over {CYCLES} cycles");
+    println!("{acked_max} orders acknowledged over {CYCLES} kill -9 cycles");
+
+    let log = Arc::new(Log::open(&path, LogOptions::default()).expect("reopens"));
+    let recovered = orders::recover(&engine(), &sim(), &log).expect("final recovery");
+    let verify = &recovered.verify;
+    assert!(verify.ok, "seed {seed}: {:?}", verify.problems);
+    assert_eq!(verify.in_flight, 0);
+    assert_eq!(verify.orders, verify.confirmed + verify.cancelled + verify.dead_lettered);
+    assert_eq!(verify.ledger.double_charges, 0);
+    assert!(recovered.run.violations().is_empty(), "{:?}", recovered.run.violations());
+    let histories = Histories::read(&log).expect("readable");
+    for id in 1..=acked_max {
+        let status = histories.orders.get(&id).map(conduit::orders::OrderHistory::status);
+        assert!(
+            matches!(status, Some(OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::DeadLettered)),
+            "acknowledged order {id} ended as {status:?}"
+        );
+    }
+}
