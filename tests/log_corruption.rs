@@ -47,8 +47,7 @@ fn survives(dir: &Path, name: &str, bytes: &[u8]) -> Result<u64, String> {
 }
 
 fn verify_cli(path: &PathBuf) -> (Option<i32>, String) {
-    let output =
-        Command::new(env!("CARGO_BIN_EXE_conduit")).args(["log", "verify"]).arg(path).output().expect("runs");
+    let output = Command::new(env!("CARGO_BIN_EXE_conduit")).args(["log", "verify"]).arg(path).output().expect("runs");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "{stderr}");
     (output.status.code(), stderr)
