@@ -272,6 +272,30 @@ impl Log {
         options.validate()?;
         let path = path.as_ref().to_owned();
         let db = open_database(&path, true)?;
+        Self::start(path, db, options)
+    }
+
+    /// Opens a log on any redb storage backend: in memory, or one that fails or tears writes
+    /// on purpose in tests. `label` names it in errors and reports.
+    pub fn open_with_backend(
+        label: impl Into<PathBuf>,
+        backend: impl redb::StorageBackend,
+        options: LogOptions,
+    ) -> Result<Self, LogError> {
+        options.validate()?;
+        let path = label.into();
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            redb::Database::builder().create_with_backend(backend)
+        }));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(error)) => return Err(LogError::NotALog { path, reason: error.to_string() }),
+            Err(_) => return Err(LogError::NotALog { path, reason: "the storage engine could not read it".into() }),
+        };
+        Self::start(path, db, options)
+    }
+
+    fn start(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
         {
             let txn = db.begin_write().map_err(storage)?;
             {
