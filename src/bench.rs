@@ -14,18 +14,30 @@
 //! | `crossbeam_per_event_chain` | one thread per stage, crossbeam bounded channels, one event per message |
 //! | `disruptor_chain` | the `disruptor` crate: one ring, dependent consumers, batch publishing |
 //! | `engine_memory` | conduit's engine, default configuration, no log |
+//!
+//! The durable cases run on fewer orders (`durable_orders`) and write to files under `dir`:
+//!
+//! | case | what it writes, every commit fsynced |
+//! |---|---|
+//! | `redb_rows_batch10k` | one redb row per event (the event's encoded size), 10,000 rows per transaction |
+//! | `log_writer` | conduit's log alone: the same events appended from one thread, frames, one commit per group |
+//! | `disk_seq_write_fsync` | the same bytes appended to a plain file, fdatasync per ~10,000 events: the physical limit |
+//! | `engine_durable` | conduit's pipeline with an immediate log |
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
 use crate::orders::ports::{
     Channel, InventoryStore, Notifier, PaymentGateway, SimulatedGateway, SimulatedInventory, SimulatedNotifier,
 };
-use crate::orders::{self, Effect, IdempotencyKey, Order, SimConfig, Workload};
+use crate::orders::{self, Effect, IdempotencyKey, Order, OrderEvent, SimConfig, Step, Workload};
 use crate::EngineConfig;
 
 /// Events each order makes: its placement, then validate, charge, reserve, email, SMS, ship
@@ -43,11 +55,22 @@ pub struct BenchConfig {
     pub engine: EngineConfig,
     /// Workload seed.
     pub seed: u64,
+    /// Orders per run of the durable cases (0 skips them).
+    pub durable_orders: u64,
+    /// Where the durable cases write their files (removed after each run).
+    pub dir: PathBuf,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        Self { orders: 1_000_000, repeat: 3, engine: EngineConfig::default(), seed: 42 }
+        Self {
+            orders: 1_000_000,
+            repeat: 3,
+            engine: EngineConfig::default(),
+            seed: 42,
+            durable_orders: 300_000,
+            dir: std::env::temp_dir(),
+        }
     }
 }
 
@@ -62,6 +85,9 @@ pub struct CaseResult {
     pub events: u64,
     /// Every run's events per second, in run order.
     pub runs_events_per_sec: Vec<f64>,
+    /// Bytes per event the case writes (durable cases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_bytes: Option<usize>,
     /// How the case is set up.
     pub setup: String,
 }
@@ -94,63 +120,121 @@ pub struct SweepPoint {
     pub ratio_to_ceiling: f64,
 }
 
-type Case = (&'static str, String, Box<dyn Fn(&[Order]) -> Duration>);
+/// A case: name, setup, events per run, and the run itself (returns its duration).
+type Case<'a> = (&'static str, String, u64, Box<dyn Fn() -> Duration + 'a>);
 
 /// Runs every case `repeat` times, interleaved, and reports medians and ratios.
 /// `progress` hears each case's name before each of its runs.
-pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> BenchReport {
-    let workload: Vec<Order> =
-        Workload::new(config.seed, 1_000, 100_000).take(usize::try_from(config.orders).unwrap_or(usize::MAX)).collect();
+pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<BenchReport, String> {
+    let durable = workload(config.seed, config.durable_orders);
+    let workload = workload(config.seed, config.orders);
+    let events = config.orders * EVENTS_PER_ORDER;
+    let durable_events = config.durable_orders * EVENTS_PER_ORDER;
     let engine = config.engine.clone();
-    let cases: Vec<Case> = vec![
-        ("ceiling_one_thread", "six steps inline in one thread".into(), Box::new(ceiling_one_thread)),
+    let records = typical_records(durable_events);
+    let event_bytes = encoded_event_bytes(&records);
+    let dir = config.dir.as_path();
+    let mut cases: Vec<Case<'_>> = vec![
+        ("ceiling_one_thread", "six steps inline in one thread".into(), events, Box::new(|| ceiling_one_thread(&workload))),
         (
             "crossbeam_per_event_chain",
             format!("one thread per stage, bounded({PER_EVENT_CAPACITY}) crossbeam channels, one event per message"),
-            Box::new(crossbeam_per_event_chain),
+            events,
+            Box::new(|| crossbeam_per_event_chain(&workload)),
         ),
         (
             "disruptor_chain",
             format!(
                 "disruptor 4: ring of {DISRUPTOR_RING}, batch_publish({DISRUPTOR_BATCH}), best of busy-spin-with-hint and sleep waits"
             ),
-            Box::new(disruptor_chain),
+            events,
+            Box::new(|| disruptor_chain(&workload)),
         ),
         (
             "engine_memory",
             format!("conduit engine, {:?}, memory only", config.engine.defaults()),
-            Box::new(move |orders: &[Order]| engine_memory(&engine, orders)),
+            events,
+            Box::new(|| engine_memory(&engine, &workload)),
         ),
     ];
-    let events = config.orders * EVENTS_PER_ORDER;
+    if config.durable_orders > 0 {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        cases.extend([
+            (
+                "redb_rows_batch10k",
+                format!("redb, one {event_bytes}-byte row per event, 10,000 rows per immediate transaction"),
+                durable_events,
+                Box::new(|| redb_rows_batch10k(dir, &records, event_bytes)) as Box<dyn Fn() -> Duration>,
+            ),
+            (
+                "log_writer",
+                "conduit log alone, immediate, appends of 4,096 events from one thread".into(),
+                durable_events,
+                Box::new(|| log_writer(dir, &records)),
+            ),
+            (
+                "disk_seq_write_fsync",
+                format!("plain file, {event_bytes} bytes per event, write + fdatasync per 10,000 events"),
+                durable_events,
+                Box::new(|| disk_seq_write_fsync(dir, durable_events, event_bytes)),
+            ),
+            (
+                "engine_durable",
+                format!("conduit engine, {:?}, immediate log", config.engine.defaults()),
+                durable_events,
+                Box::new(|| engine_durable(&engine, &durable, dir)),
+            ),
+        ]);
+    }
+    let results = measure(&cases, config.repeat, event_bytes, &mut progress);
+    Ok(report(results, config))
+}
+
+/// Runs the cases `repeat` times, interleaved; the median of each.
+fn measure(
+    cases: &[Case<'_>],
+    repeat: u32,
+    event_bytes: usize,
+    progress: &mut impl FnMut(&str, u32),
+) -> Vec<CaseResult> {
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    for round in 0..config.repeat.max(1) {
-        for (i, (name, _, case)) in cases.iter().enumerate() {
+    for round in 0..repeat.max(1) {
+        for (i, (name, _, events, case)) in cases.iter().enumerate() {
             progress(name, round);
-            let elapsed = case(&workload);
-            runs[i].push(events as f64 / elapsed.as_secs_f64().max(1e-9));
+            let elapsed = case();
+            runs[i].push(*events as f64 / elapsed.as_secs_f64().max(1e-9));
         }
     }
-    let results: Vec<CaseResult> = cases
+    let durable_names = ["redb_rows_batch10k", "log_writer", "disk_seq_write_fsync", "engine_durable"];
+    cases
         .iter()
         .zip(runs)
-        .map(|((name, setup, _), runs)| CaseResult {
+        .map(|((name, setup, events, _), runs)| CaseResult {
             name: (*name).to_owned(),
             events_per_sec: median(&runs),
-            events,
+            events: *events,
             runs_events_per_sec: runs,
+            event_bytes: durable_names.contains(name).then_some(event_bytes),
             setup: setup.clone(),
         })
-        .collect();
+        .collect()
+}
+
+/// The cases' medians and the ratios that matter.
+fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
     let rate = |name: &str| results.iter().find(|c| c.name == name).map_or(0.0, |c| c.events_per_sec);
     let mut ratios = BTreeMap::new();
     for (a, b) in [
         ("engine_memory", "ceiling_one_thread"),
         ("engine_memory", "disruptor_chain"),
         ("engine_memory", "crossbeam_per_event_chain"),
+        ("engine_durable", "redb_rows_batch10k"),
+        ("engine_durable", "disk_seq_write_fsync"),
+        ("log_writer", "redb_rows_batch10k"),
+        ("log_writer", "disk_seq_write_fsync"),
     ] {
         let denominator = rate(b);
-        if denominator > 0.0 {
+        if denominator > 0.0 && rate(a) > 0.0 {
             ratios.insert(format!("{a} / {b}"), rate(a) / denominator);
         }
     }
@@ -161,6 +245,131 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> BenchRe
         repeat: config.repeat,
         cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
     }
+}
+
+/// The records a pipeline run journals for `events` events: one placement (with its 34-byte
+/// payload) then six facts without payload, per order.
+fn typical_records(events: u64) -> Vec<Record> {
+    (0..events)
+        .map(|i| {
+            let order = i / EVENTS_PER_ORDER + 1;
+            let mut payload = Vec::new();
+            let kind = u16::try_from(i % EVENTS_PER_ORDER).unwrap_or(0) + 1;
+            if kind == 1 {
+                let event = OrderEvent {
+                    order: Order { id: order, customer: 7, sku: 3, quantity: 1, amount_cents: 990 },
+                    step: Step::Place,
+                };
+                event.encode(&mut payload);
+            }
+            Record {
+                id: i + 1,
+                stream: order,
+                kind,
+                stage: if kind == 1 { STAGE_INGRESS } else { 0 },
+                timestamp_us: 1_795_000_000_000_000 + i,
+                correlation: order,
+                causation: i,
+                payload,
+                ..Record::default()
+            }
+        })
+        .collect()
+}
+
+/// Bytes per event in a full frame of typical records.
+fn encoded_event_bytes(records: &[Record]) -> usize {
+    let sample: Vec<Record> = records.iter().take(4_096).cloned().collect();
+    let count = sample.len().max(1);
+    let mut bytes = Vec::new();
+    encode_frame(&Frame { seq: 0, records: sample }, &mut bytes);
+    bytes.len().div_ceil(count)
+}
+
+/// A file path for one run of a case; any leftover from an earlier run is removed.
+fn scratch(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("conduit-bench-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// One redb row per event, 10,000 per durable transaction: what a naive event store does.
+pub fn redb_rows_batch10k(dir: &Path, records: &[Record], event_bytes: usize) -> Duration {
+    const ROWS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("rows");
+    let path = scratch(dir, "rows.redb");
+    let db = redb::Database::create(&path).expect("the bench directory is writable");
+    let row = vec![0x5Au8; event_bytes];
+    let start = Instant::now();
+    for (chunk_index, chunk) in records.chunks(10_000).enumerate() {
+        let txn = db.begin_write().expect("begin");
+        {
+            let mut table = txn.open_table(ROWS).expect("table");
+            for (i, _) in chunk.iter().enumerate() {
+                table.insert((chunk_index * 10_000 + i) as u64, row.as_slice()).expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let elapsed = start.elapsed();
+    drop(db);
+    let _ = std::fs::remove_file(&path);
+    elapsed
+}
+
+/// conduit's log alone: appends of 4,096 records from one thread, immediate durability.
+pub fn log_writer(dir: &Path, records: &[Record]) -> Duration {
+    let path = scratch(dir, "log.redb");
+    let log = Log::open(&path, LogOptions::default()).expect("the bench directory is writable");
+    let batches: Vec<Vec<Record>> = records.chunks(4_096).map(<[Record]>::to_vec).collect();
+    let start = Instant::now();
+    for batch in batches {
+        log.append_detached(batch).expect("healthy log");
+    }
+    log.sync().expect("healthy log");
+    let elapsed = start.elapsed();
+    assert_eq!(log.stats().events_appended, records.len() as u64);
+    drop(log);
+    let _ = std::fs::remove_file(&path);
+    elapsed
+}
+
+/// The same bytes to a plain file: 10,000 events per write and fdatasync.
+pub fn disk_seq_write_fsync(dir: &Path, events: u64, event_bytes: usize) -> Duration {
+    let path = scratch(dir, "seq.bin");
+    let mut file = std::fs::File::create(&path).expect("the bench directory is writable");
+    let chunk = vec![0xA5u8; event_bytes * 10_000];
+    let start = Instant::now();
+    let mut left = events;
+    while left > 0 {
+        let n = left.min(10_000);
+        let len = usize::try_from(n).unwrap_or(10_000) * event_bytes;
+        file.write_all(&chunk[..len]).expect("write");
+        file.sync_data().expect("fdatasync");
+        left -= n;
+    }
+    let elapsed = start.elapsed();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    elapsed
+}
+
+/// The order pipeline with an immediate log.
+pub fn engine_durable(config: &EngineConfig, orders: &[Order], dir: &Path) -> Duration {
+    let path = scratch(dir, "engine.redb");
+    let start = Instant::now();
+    let log = Arc::new(Log::open(&path, LogOptions::default()).expect("the bench directory is writable"));
+    let pipeline = orders::OrderPipeline::start_with(config, &SimConfig::default(), Some(Arc::clone(&log)), None)
+        .expect("the bench's engine configuration was validated");
+    for chunk in orders.chunks(4_096) {
+        pipeline.submit_many(chunk.iter().copied()).expect("the engine is healthy during a bench");
+    }
+    let report = pipeline.finish();
+    log.close().expect("healthy log");
+    let elapsed = start.elapsed();
+    assert!(report.violations().is_empty(), "durable run broke an invariant: {:?}", report.violations());
+    drop(log);
+    let _ = std::fs::remove_file(&path);
+    elapsed
 }
 
 /// Runs `engine_memory` at each batch size and pool size, against a ceiling measured alongside.
@@ -423,11 +632,13 @@ mod tests {
 
     #[test]
     fn every_case_finishes_every_order_and_ratios_are_computed() {
-        let config = BenchConfig { orders: 5_000, repeat: 1, ..BenchConfig::default() };
-        let report = run(&config, |_, _| {});
-        assert_eq!(report.cases.len(), 4);
-        assert!(report.cases.iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert_eq!(report.ratios.len(), 3);
+        let dir = std::env::temp_dir().join(format!("conduit-bench-test-{}", std::process::id()));
+        let config = BenchConfig { orders: 5_000, durable_orders: 2_000, repeat: 1, dir, ..BenchConfig::default() };
+        let report = run(&config, |_, _| {}).expect("runs");
+        assert_eq!(report.cases.len(), 8);
+        assert!(report.cases[..4].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
+        assert!(report.cases[4..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
+        assert_eq!(report.ratios.len(), 7);
     }
 
     #[test]

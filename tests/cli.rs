@@ -109,7 +109,8 @@ fn a_durable_run_verifies_inspects_replays_and_recovers() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("orders.redb");
     let log_arg = log.to_str().expect("utf-8 path");
-    let report = json_run(&["--orders", "3000", "--log", log_arg, "--durability", "immediate", "--payment-failure-rate", "0.2"]);
+    let report =
+        json_run(&["--orders", "3000", "--log", log_arg, "--durability", "immediate", "--payment-failure-rate", "0.2"]);
     assert_eq!(u(&report, "/log/events_appended"), u(&report, "/events/total"));
     assert!(u(&report, "/log/commits") > 0 && u(&report, "/log/bytes") > 0);
     assert_eq!(report["log"]["durability"], "immediate");

@@ -111,6 +111,12 @@ struct BenchArgs {
     /// Events per engine batch.
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
+    /// Orders per run of the durable cases (0 skips them).
+    #[arg(long, default_value_t = 300_000)]
+    durable_orders: u64,
+    /// Directory for the durable cases' files.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
     /// Sweep the engine over batch sizes and pool sizes instead of running the cases.
     #[arg(long)]
     sweep: bool,
@@ -306,7 +312,16 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         builder = builder.batch_events_max(batch);
     }
     let engine = builder.build().map_err(|e| UsageError(e.to_string()))?;
-    let config = conduit::bench::BenchConfig { orders, repeat: args.repeat, engine, ..Default::default() };
+    let mut config = conduit::bench::BenchConfig {
+        orders,
+        repeat: args.repeat,
+        engine,
+        durable_orders: args.durable_orders,
+        ..Default::default()
+    };
+    if let Some(dir) = &args.dir {
+        config.dir.clone_from(dir);
+    }
     let mut out = std::io::stdout().lock();
     let written = if args.sweep {
         let batches = [16, 64, 256, 1_024, 4_096];
@@ -320,7 +335,8 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
             Format::Human => human::write_sweep(&mut out, &points).map_err(|e| e.to_string()),
         }
     } else {
-        let report = conduit::bench::run(&config, |case, round| eprintln!("bench: {case} (run {})", round + 1));
+        let report = conduit::bench::run(&config, |case, round| eprintln!("bench: {case} (run {})", round + 1))
+            .map_err(Failure::Run)?;
         match args.format {
             Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
             Format::Human => human::write_bench(&mut out, &report).map_err(|e| e.to_string()),
