@@ -148,7 +148,8 @@ impl<M> JournalWriter<M> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.journal.log.append_detached(std::mem::take(&mut self.pending))
+        let capacity = self.pending.len();
+        self.journal.log.append_detached(std::mem::replace(&mut self.pending, Vec::with_capacity(capacity)))
     }
 
     /// Hands the pending records to the log writer; the waiter is released at their commit.

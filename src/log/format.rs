@@ -137,16 +137,20 @@ pub enum FrameError {
 pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    let mut body = rkyv::to_bytes::<rancor::Error>(frame).expect("serializing plain owned data cannot fail");
+    // The archive is position-independent (relative pointers, no alignment with `unaligned`),
+    // so it is serialized straight after the header into the reused buffer.
+    let mut buffer = std::mem::take(out);
+    buffer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(frame, buffer)
+        .expect("serializing plain owned data into a Vec cannot fail");
+    *out = buffer;
+    let body = &out[HEADER_LEN..];
     let len = u32::try_from(body.len()).expect("frames are sized far below 4 GiB");
-    let crc = crc32c::crc32c(&body);
+    let crc = crc32c::crc32c(body);
     out[0..4].copy_from_slice(&MAGIC);
     out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     out[6..8].copy_from_slice(&0u16.to_le_bytes());
     out[8..12].copy_from_slice(&len.to_le_bytes());
     out[12..16].copy_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&body);
-    body.clear();
     debug_assert!(check_header(out).is_ok(), "a frame must read back as written");
 }
 

@@ -132,11 +132,11 @@ impl WriterState {
             }
         };
         let mut conflicts: FxHashMap<usize, LogError> = FxHashMap::default();
-        let mut new_versions: FxHashMap<u64, u32> = FxHashMap::default();
-        let result = self.write(&mut commands, durable, &mut conflicts, &mut new_versions);
+        // Versions are assigned in place: if the commit fails, the log fails for good, so the
+        // map never needs rolling back.
+        let result = self.write(&mut commands, durable, &mut conflicts);
         match result {
             Ok(appended) => {
-                self.versions.extend(new_versions.iter().map(|(k, v)| (*k, *v)));
                 let counters = &self.shared.counters;
                 counters.events_appended.fetch_add(appended, Ordering::Relaxed);
                 counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -163,7 +163,6 @@ impl WriterState {
         commands: &mut [Command],
         durable: bool,
         conflicts: &mut FxHashMap<usize, LogError>,
-        new_versions: &mut FxHashMap<u64, u32>,
     ) -> Result<u64, LogError> {
         let mut txn = self.shared.db.begin_write().map_err(storage)?;
         txn.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
@@ -176,8 +175,7 @@ impl WriterState {
                 let records = match command {
                     Command::Append { records, .. } => records,
                     Command::Checked { stream, expected, records, .. } => {
-                        let actual =
-                            new_versions.get(stream).or_else(|| self.versions.get(stream)).copied().unwrap_or(0);
+                        let actual = self.versions.get(stream).copied().unwrap_or(0);
                         let ok = match *expected {
                             ExpectedVersion::Any => true,
                             ExpectedVersion::NoStream => actual == 0,
@@ -195,12 +193,7 @@ impl WriterState {
                     Command::Sync { .. } => continue,
                 };
                 for mut record in std::mem::take(records) {
-                    let version = match new_versions.get_mut(&record.stream) {
-                        Some(v) => v,
-                        None => new_versions
-                            .entry(record.stream)
-                            .or_insert(self.versions.get(&record.stream).copied().unwrap_or(0)),
-                    };
+                    let version = self.versions.entry(record.stream).or_insert(0);
                     *version += 1;
                     record.version = *version;
                     self.frame_bytes += RECORD_FIXED_BYTES + record.payload.len() + record.note.len();
