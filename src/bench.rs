@@ -59,6 +59,8 @@ pub struct BenchConfig {
     pub durable_orders: u64,
     /// Where the durable cases write their files (removed after each run).
     pub dir: PathBuf,
+    /// Orders pushed through the overload memory measurement (0 skips it).
+    pub overload_orders: u64,
 }
 
 impl Default for BenchConfig {
@@ -70,6 +72,7 @@ impl Default for BenchConfig {
             seed: 42,
             durable_orders: 300_000,
             dir: std::env::temp_dir(),
+            overload_orders: 40_000,
         }
     }
 }
@@ -105,6 +108,85 @@ pub struct BenchReport {
     pub repeat: u32,
     /// Logical CPUs this process could use.
     pub cpus: usize,
+    /// Memory under overload (Linux only; `null` elsewhere or when skipped).
+    pub memory: Option<MemoryReport>,
+}
+
+/// Memory under overload: a producer far faster than the pipeline drains.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// Orders pushed.
+    pub orders: u64,
+    /// How fast the producer hands orders to a pipeline running at full speed (orders/s).
+    pub producer_orders_per_sec: f64,
+    /// How fast the pipeline drained them (orders/s).
+    pub drain_orders_per_sec: f64,
+    /// `producer / drain`.
+    pub overload_factor: f64,
+    /// Resident memory once every queue had filled (MiB).
+    pub steady_rss_mib: f64,
+    /// Largest resident memory sampled after that (MiB).
+    pub peak_rss_mib: f64,
+    /// `peak - steady` (MiB); the goal is at most 64.
+    pub growth_mib: f64,
+    /// Events all stage queues hold at most together.
+    pub queue_capacity_events: u64,
+}
+
+/// The resident set size of this process, from `/proc/self/status` (Linux only).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Pushes `orders` into a pipeline whose payment calls sleep 10 us (about 60 us in practice), from a producer
+/// that never pauses, sampling resident memory every 10 ms. `None` where `/proc` is missing.
+pub fn overload_memory(config: &EngineConfig, orders: u64) -> Option<MemoryReport> {
+    rss_bytes()?;
+    let sim = SimConfig { payment_latency_us: 10, ..SimConfig::default() };
+    let workload = workload(42, orders);
+    // What the producer can push: the same orders through the pipeline at full speed.
+    let producer_rate = orders as f64 / engine_memory(config, &workload).as_secs_f64().max(1e-9);
+    let pipeline = orders::OrderPipeline::start(config, &sim).expect("the bench's engine configuration was validated");
+    let capacity: u64 = pipeline.engine().snapshot().stages.iter().map(|s| s.queue_capacity as u64).sum();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let start = Instant::now();
+    let samples = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut samples = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                samples.push((start.elapsed(), rss_bytes().unwrap_or(0)));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            samples
+        });
+        for chunk in workload.chunks(1_024) {
+            pipeline.submit_many(chunk.iter().copied()).expect("the engine is healthy during a bench");
+        }
+        let report = pipeline.finish();
+        done.store(true, Ordering::Relaxed);
+        assert!(report.violations().is_empty(), "overload run broke an invariant: {:?}", report.violations());
+        sampler.join().expect("sampler")
+    });
+    let elapsed = start.elapsed();
+    // Steady state: once the first tenth of the run has passed, every queue is full.
+    let settle = elapsed / 10;
+    let steady = samples.iter().find(|(t, _)| *t >= settle).map_or(0, |(_, rss)| *rss);
+    let peak = samples.iter().filter(|(t, _)| *t >= settle).map(|(_, rss)| *rss).max().unwrap_or(steady);
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let drain_rate = orders as f64 / elapsed.as_secs_f64().max(1e-9);
+    Some(MemoryReport {
+        orders,
+        producer_orders_per_sec: producer_rate,
+        drain_orders_per_sec: drain_rate,
+        overload_factor: producer_rate / drain_rate,
+        steady_rss_mib: mib(steady),
+        peak_rss_mib: mib(peak),
+        growth_mib: mib(peak.saturating_sub(steady)),
+        queue_capacity_events: capacity,
+    })
 }
 
 /// One sweep point: the engine at a batch size and pool size.
@@ -187,7 +269,12 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
         ]);
     }
     let results = measure(&cases, config.repeat, event_bytes, &mut progress);
-    Ok(report(results, config))
+    let mut report = report(results, config);
+    if config.overload_orders > 0 {
+        progress("overload_memory", 0);
+        report.memory = overload_memory(&config.engine, config.overload_orders);
+    }
+    Ok(report)
 }
 
 /// Runs the cases `repeat` times, interleaved; the median of each.
@@ -244,6 +331,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         orders: config.orders,
         repeat: config.repeat,
         cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        memory: None,
     }
 }
 
@@ -633,12 +721,23 @@ mod tests {
     #[test]
     fn every_case_finishes_every_order_and_ratios_are_computed() {
         let dir = std::env::temp_dir().join(format!("conduit-bench-test-{}", std::process::id()));
-        let config = BenchConfig { orders: 5_000, durable_orders: 2_000, repeat: 1, dir, ..BenchConfig::default() };
+        let config = BenchConfig {
+            orders: 5_000,
+            durable_orders: 2_000,
+            overload_orders: 200,
+            repeat: 1,
+            dir,
+            ..BenchConfig::default()
+        };
         let report = run(&config, |_, _| {}).expect("runs");
         assert_eq!(report.cases.len(), 8);
         assert!(report.cases[..4].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
         assert!(report.cases[4..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
         assert_eq!(report.ratios.len(), 7);
+        if let Some(memory) = report.memory {
+            assert_eq!(memory.orders, 200);
+            assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
+        }
     }
 
     #[test]

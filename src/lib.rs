@@ -76,6 +76,7 @@ pub mod log;
 pub mod metrics;
 pub mod orders;
 mod stage;
+pub mod wheel;
 mod worker;
 
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, StageConfig, StageSettings};

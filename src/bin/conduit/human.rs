@@ -148,6 +148,20 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
     for (pair, ratio) in &report.ratios {
         writeln!(out, "  {pair:<48} {ratio:>6.2}x")?;
     }
+    if let Some(m) = &report.memory {
+        writeln!(
+            out,
+            "\n  overload: {} orders, producer {:.0}x faster than the drain ({:.0} orders/s); \
+             RSS steady {:.1} MiB, peak {:.1} MiB, growth {:.1} MiB (queues hold at most {} events)",
+            m.orders,
+            m.overload_factor,
+            m.drain_orders_per_sec,
+            m.steady_rss_mib,
+            m.peak_rss_mib,
+            m.growth_mib,
+            m.queue_capacity_events
+        )?;
+    }
     Ok(())
 }
 

@@ -114,6 +114,9 @@ struct BenchArgs {
     /// Orders per run of the durable cases (0 skips them).
     #[arg(long, default_value_t = 300_000)]
     durable_orders: u64,
+    /// Orders for the overload memory measurement (0 skips it).
+    #[arg(long, default_value_t = 40_000)]
+    overload_orders: u64,
     /// Directory for the durable cases' files.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -317,6 +320,7 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         repeat: args.repeat,
         engine,
         durable_orders: args.durable_orders,
+        overload_orders: args.overload_orders,
         ..Default::default()
     };
     if let Some(dir) = &args.dir {
