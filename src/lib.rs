@@ -75,6 +75,7 @@ mod journal;
 pub mod log;
 pub mod metrics;
 pub mod orders;
+pub mod routing;
 mod stage;
 pub mod wheel;
 mod worker;
