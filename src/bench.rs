@@ -61,6 +61,9 @@ pub struct BenchConfig {
     pub dir: PathBuf,
     /// Orders pushed through the overload memory measurement (0 skips it).
     pub overload_orders: u64,
+    /// With `Some(n)`: also run a synthetic chain of `n` pass-through stages (engine, per-event
+    /// crossbeam, and the same work in one thread), to see the engine's own cost per hop.
+    pub chain_stages: Option<usize>,
 }
 
 impl Default for BenchConfig {
@@ -73,6 +76,7 @@ impl Default for BenchConfig {
             durable_orders: 300_000,
             dir: std::env::temp_dir(),
             overload_orders: 40_000,
+            chain_stages: None,
         }
     }
 }
@@ -239,6 +243,30 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             Box::new(|| engine_memory(&engine, &workload)),
         ),
     ];
+    if let Some(stages) = config.chain_stages {
+        let chain_events = config.orders;
+        let engine = &engine;
+        cases.extend([
+            (
+                "chain_ceiling_one_thread",
+                format!("{stages} pass-through steps inline in one thread"),
+                chain_events,
+                Box::new(move || chain_ceiling(stages, chain_events)) as Box<dyn Fn() -> Duration>,
+            ),
+            (
+                "chain_crossbeam_per_event",
+                format!("{stages} threads, bounded({PER_EVENT_CAPACITY}) crossbeam channels, one event per message"),
+                chain_events,
+                Box::new(move || chain_crossbeam(stages, chain_events)),
+            ),
+            (
+                "chain_engine",
+                format!("{stages} pass-through engine stages, {:?}", config.engine.defaults()),
+                chain_events,
+                Box::new(move || chain_engine(engine, stages, chain_events)),
+            ),
+        ]);
+    }
     if config.durable_orders > 0 {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         cases.extend([
@@ -285,6 +313,7 @@ fn measure(
     progress: &mut impl FnMut(&str, u32),
 ) -> Vec<CaseResult> {
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    debug_assert!(!cases.is_empty());
     for round in 0..repeat.max(1) {
         for (i, (name, _, events, case)) in cases.iter().enumerate() {
             progress(name, round);
@@ -319,6 +348,8 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_durable", "disk_seq_write_fsync"),
         ("log_writer", "redb_rows_batch10k"),
         ("log_writer", "disk_seq_write_fsync"),
+        ("chain_engine", "chain_ceiling_one_thread"),
+        ("chain_engine", "chain_crossbeam_per_event"),
     ] {
         let denominator = rate(b);
         if denominator > 0.0 && rate(a) > 0.0 {
@@ -491,6 +522,93 @@ pub fn sweep(
         }
     }
     Ok(points)
+}
+
+/// The per-event work of one synthetic stage: a few multiply-xorshift rounds.
+fn chain_step(x: u64) -> u64 {
+    let mut h = x;
+    for _ in 0..4 {
+        h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    }
+    h
+}
+
+/// A chain's work done inline.
+pub fn chain_ceiling(stages: usize, events: u64) -> Duration {
+    let start = Instant::now();
+    let mut sum = 0u64;
+    for i in 0..events {
+        let mut x = i;
+        for _ in 0..stages {
+            x = chain_step(x);
+        }
+        sum = sum.wrapping_add(x);
+    }
+    std::hint::black_box(sum);
+    start.elapsed()
+}
+
+/// A chain of threads linked by crossbeam channels, one event per message.
+pub fn chain_crossbeam(stages: usize, events: u64) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let (first, mut input) = crossbeam_channel::bounded::<u64>(PER_EVENT_CAPACITY);
+        for _ in 0..stages.saturating_sub(1) {
+            let (tx, rx) = crossbeam_channel::bounded::<u64>(PER_EVENT_CAPACITY);
+            let from = std::mem::replace(&mut input, rx);
+            scope.spawn(move || from.into_iter().for_each(|x| tx.send(chain_step(x)).expect("open")));
+        }
+        let sink = scope.spawn(move || input.into_iter().fold(0u64, |s, x| s.wrapping_add(chain_step(x))));
+        (0..events).for_each(|i| first.send(i).expect("open"));
+        drop(first);
+        std::hint::black_box(sink.join().expect("sink"));
+    });
+    start.elapsed()
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ChainEvent(u64);
+
+impl crate::Message for ChainEvent {
+    fn key(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A chain of pass-through engine stages.
+///
+/// # Panics
+/// If the configuration does not start the engine or an event goes missing.
+pub fn chain_engine(config: &EngineConfig, stages: usize, events: u64) -> Duration {
+    use crate::{Emitter, Engine, Envelope, Outcome, Topology};
+    let mut topology = Topology::new();
+    let ids: Vec<_> = (0..stages.max(1)).map(|i| topology.stage(&format!("s{i}"))).collect();
+    topology.entry(ids[0]);
+    for pair in ids.windows(2) {
+        topology.link(pair[0], pair[1]);
+    }
+    for (i, &id) in ids.iter().enumerate() {
+        let next = ids.get(i + 1).copied();
+        topology.handler(id, move |_| {
+            move |event: &Envelope<ChainEvent>, out: &mut Emitter<ChainEvent>| {
+                let x = chain_step(event.msg.0);
+                if let Some(next) = next {
+                    out.emit(next, ChainEvent(x));
+                }
+                std::hint::black_box(x);
+                Outcome::Done
+            }
+        });
+    }
+    let start = Instant::now();
+    let engine = Engine::start(topology, config).expect("the bench's engine configuration was validated");
+    for chunk in 0..events.div_ceil(4_096) {
+        let first = chunk * 4_096;
+        engine.submit_many((first..(first + 4_096).min(events)).map(ChainEvent)).expect("healthy engine");
+    }
+    let report = engine.shutdown();
+    assert!(report.snapshot.stages.iter().all(|s| s.processed == events), "every event passed every stage");
+    start.elapsed()
 }
 
 /// The bench workload: `orders` seeded orders over 1,000 SKUs and 100,000 customers.

@@ -111,6 +111,10 @@ struct BenchArgs {
     /// Events per engine batch.
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
+    /// Also run a synthetic chain of N pass-through stages (engine, per-event crossbeam, one
+    /// thread), --orders events per run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    stages: Option<u16>,
     /// Orders per run of the durable cases (0 skips them).
     #[arg(long, default_value_t = 300_000)]
     durable_orders: u64,
@@ -321,6 +325,7 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         engine,
         durable_orders: args.durable_orders,
         overload_orders: args.overload_orders,
+        chain_stages: args.stages.map(usize::from),
         ..Default::default()
     };
     if let Some(dir) = &args.dir {
