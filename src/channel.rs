@@ -129,6 +129,49 @@ impl<M> BatchSender<M> {
     }
 }
 
+/// Where events for one stage go: its one queue shared by every worker, or, for a stage ordered
+/// by key, one queue per worker with each key always in the same one.
+#[derive(Debug)]
+pub(crate) struct StageInput<M> {
+    partitions: Vec<BatchSender<M>>,
+}
+
+impl<M> Clone for StageInput<M> {
+    fn clone(&self) -> Self {
+        Self { partitions: self.partitions.clone() }
+    }
+}
+
+impl<M> StageInput<M> {
+    pub(crate) fn new(partitions: Vec<BatchSender<M>>) -> Self {
+        debug_assert!(!partitions.is_empty());
+        Self { partitions }
+    }
+
+    /// Queues behind this input (1 unless the stage is ordered).
+    pub(crate) fn partitions(&self) -> usize {
+        self.partitions.len()
+    }
+
+    /// The queue of `key`: a multiplicative hash, so neighbouring keys spread evenly.
+    pub(crate) fn partition_of(&self, key: u64) -> usize {
+        let n = self.partitions.len() as u64;
+        if n == 1 {
+            0
+        } else {
+            usize::try_from((key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n).unwrap_or(0)
+        }
+    }
+
+    pub(crate) fn sender(&self, partition: usize) -> &BatchSender<M> {
+        &self.partitions[partition]
+    }
+
+    pub(crate) fn batch_events_max(&self) -> usize {
+        self.partitions[0].batch_events_max()
+    }
+}
+
 /// The receiving side of a stage's queue; cloned into each of the stage's workers.
 #[derive(Debug)]
 pub(crate) struct BatchReceiver<M> {

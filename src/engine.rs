@@ -10,7 +10,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
-use crate::channel::{self, BatchSender, SendFailure};
+use crate::channel::{self, BatchReceiver, SendFailure, StageInput};
 use crate::config::EngineConfig;
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
@@ -25,6 +25,8 @@ type Runner<M> = Arc<dyn Fn(WorkerCtx<M>) + Send + Sync>;
 struct StageDecl<M> {
     name: String,
     runner: Option<Runner<M>>,
+    /// Events of one key go to one worker, in order, never two at once.
+    ordered: bool,
 }
 
 /// The shape of a pipeline: named stages, the links between them, and the entry stage.
@@ -85,13 +87,23 @@ impl<M: Message> Topology<M> {
     /// Names must be unique and non-empty; [`Engine::start`] checks.
     pub fn stage(&mut self, name: &str) -> StageId {
         let id = u16::try_from(self.stages.len()).unwrap_or(u16::MAX);
-        self.stages.push(StageDecl { name: name.to_owned(), runner: None });
+        self.stages.push(StageDecl { name: name.to_owned(), runner: None, ordered: false });
         StageId(id)
     }
 
     /// Lets handlers of `from` emit to `to`.
     pub fn link(&mut self, from: StageId, to: StageId) -> &mut Self {
         self.links.push((from, to));
+        self
+    }
+
+    /// Orders `stage` by key, as Kafka partitions do: each worker gets its own queue, every event
+    /// of one key goes to the same worker (by key hash), so a key's events are handled in order
+    /// and never concurrently; a key waiting for a retry holds its later events back.
+    pub fn ordered_by_key(&mut self, stage: StageId) -> &mut Self {
+        if let Some(decl) = self.stages.get_mut(stage.index()) {
+            decl.ordered = true;
+        }
         self
     }
 
@@ -196,8 +208,11 @@ impl<M: Message> Topology<M> {
     }
 }
 
+/// Batches, each with the partition of its stage's input it goes to.
+type Window<M> = Vec<(usize, Vec<Envelope<M>>)>;
+
 /// A journaled window of batches waiting for its commit.
-type Pending<M> = (Vec<Vec<Envelope<M>>>, AckWaiter, Instant);
+type Pending<M> = (Window<M>, AckWaiter, Instant);
 
 /// Most messages journaled in one append (one commit acknowledgement) by `submit_many`.
 pub const INGRESS_WINDOW_EVENTS: usize = 16_384;
@@ -205,10 +220,10 @@ pub const INGRESS_WINDOW_EVENTS: usize = 16_384;
 /// A running pipeline. Submit messages from any number of threads (`&Engine` is `Sync`), then
 /// [`shutdown`](Self::shutdown) to drain it and get the final report.
 pub struct Engine<M: Message> {
-    ingress: Option<BatchSender<M>>,
+    ingress: Option<StageInput<M>>,
     entry: StageId,
-    /// A sender into every stage, for [`Engine::inject_many`]; dropped at shutdown.
-    stage_senders: Vec<BatchSender<M>>,
+    /// The input of every stage, for [`Engine::inject_many`]; dropped at shutdown.
+    stage_senders: Vec<StageInput<M>>,
     next_seq: AtomicU64,
     submitted: AtomicU64,
     metrics: Vec<Arc<StageMetrics>>,
@@ -339,18 +354,26 @@ impl<M: Message> Engine<M> {
             .zip(&stage_configs)
             .map(|(decl, c)| Arc::new(StageMetrics::new(decl.name.clone(), c.workers, c.queue_events_max())))
             .collect();
-        let queues: Vec<_> = stage_configs
+        // One queue per stage, or one per worker for a stage ordered by key.
+        let queues: Vec<(StageInput<M>, Vec<BatchReceiver<M>>)> = stages
             .iter()
+            .zip(&stage_configs)
             .zip(&metrics)
-            .map(|(c, m)| {
-                channel::queue(c.queue_batches, c.batch_events_max, Arc::clone(m), Arc::clone(&shared.poisoned))
+            .map(|((decl, c), m)| {
+                let partitions = if decl.ordered { c.workers } else { 1 };
+                let (senders, receivers) = (0..partitions)
+                    .map(|_| {
+                        channel::queue(c.queue_batches, c.batch_events_max, Arc::clone(m), Arc::clone(&shared.poisoned))
+                    })
+                    .unzip();
+                (StageInput::new(senders), receivers)
             })
             .collect();
 
         let mut engine = Self {
             ingress: Some(queues[entry.index()].0.clone()),
             entry,
-            stage_senders: queues.iter().map(|(sender, _)| sender.clone()).collect(),
+            stage_senders: queues.iter().map(|(input, _)| input.clone()).collect(),
             next_seq: AtomicU64::new(0),
             submitted: AtomicU64::new(0),
             metrics,
@@ -377,7 +400,7 @@ impl<M: Message> Engine<M> {
                     stage: stage.0,
                     config: stage_config,
                     journal: engine.journal.clone(),
-                    input: queues[index].1.clone(),
+                    input: queues[index].1[worker % queues[index].1.len()].clone(),
                     outputs,
                     metrics: Arc::clone(&engine.metrics[index]),
                     dead_letters: Arc::clone(&dead_letters),
@@ -416,9 +439,11 @@ impl<M: Message> Engine<M> {
         if self.shared.is_poisoned() {
             return Err(TrySubmitError::Poisoned(msg));
         }
+        let partition = ingress.partition_of(msg.key());
+        let sender = ingress.sender(partition);
         if self.journal.is_some() {
             // Once journaled, a message must enter the pipeline: check for room first.
-            if ingress.is_full() {
+            if sender.is_full() {
                 return Err(TrySubmitError::Full(msg));
             }
             return self.submit(msg).map_err(|e| match e {
@@ -427,10 +452,10 @@ impl<M: Message> Engine<M> {
                 SubmitError::Poisoned(m) => TrySubmitError::Poisoned(m),
             });
         }
-        let mut buffer = ingress.buffer();
+        let mut buffer = sender.buffer();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         buffer.push(Envelope { key: msg.key(), seq, cause: 0, attempt: 0, msg });
-        match ingress.try_send(buffer) {
+        match sender.try_send(buffer) {
             Ok(()) => {
                 self.submitted.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -467,8 +492,9 @@ impl<M: Message> Engine<M> {
         let mut journal = self.journal.as_ref().map(|j| JournalWriter::new(j.clone(), STAGE_INGRESS));
         let mut waiting: Option<Pending<M>> = None;
         let mut sent = 0u64;
-        let unsent = |windows: &mut [&mut Vec<Vec<Envelope<M>>>], rest: &mut dyn Iterator<Item = M>| -> Vec<M> {
-            let mut all: Vec<M> = windows.iter_mut().flat_map(|w| w.drain(..)).flatten().map(|e| e.msg).collect();
+        let unsent = |windows: &mut [&mut Window<M>], rest: &mut dyn Iterator<Item = M>| -> Vec<M> {
+            let mut all: Vec<M> =
+                windows.iter_mut().flat_map(|w| w.drain(..)).flat_map(|(_, batch)| batch).map(|e| e.msg).collect();
             all.extend(rest);
             all
         };
@@ -481,7 +507,7 @@ impl<M: Message> Engine<M> {
             // Journal this window before waiting on the previous one, so commits overlap.
             let mut window_ack = None;
             if let (false, Some(journal)) = (window.is_empty(), journal.as_mut()) {
-                for batch in &mut window {
+                for (_, batch) in &mut window {
                     journal.ingress(batch);
                 }
                 let Ok(waiter) = journal.flush_acked() else {
@@ -517,48 +543,36 @@ impl<M: Message> Engine<M> {
         }
     }
 
-    /// Takes up to [`INGRESS_WINDOW_EVENTS`] messages, in numbered batches.
+    /// Takes up to [`INGRESS_WINDOW_EVENTS`] messages, numbered, in batches by partition.
     fn next_window(
         &self,
-        ingress: &BatchSender<M>,
+        ingress: &StageInput<M>,
         msgs: &mut std::iter::Peekable<impl Iterator<Item = M>>,
-    ) -> Vec<Vec<Envelope<M>>> {
-        let batch_events_max = ingress.batch_events_max();
-        let mut window = Vec::new();
-        let mut taken = 0;
-        while taken < INGRESS_WINDOW_EVENTS && msgs.peek().is_some() {
-            let mut buffer = ingress.buffer();
-            let take = batch_events_max.min(INGRESS_WINDOW_EVENTS - taken);
-            buffer.extend(msgs.by_ref().take(take).map(|msg| Envelope {
-                key: msg.key(),
-                seq: 0,
-                cause: 0,
-                attempt: 0,
-                msg,
-            }));
-            let first_seq = self.next_seq.fetch_add(buffer.len() as u64, Ordering::Relaxed);
-            for (envelope, seq) in buffer.iter_mut().zip(first_seq..) {
-                envelope.seq = seq;
-            }
-            taken += buffer.len();
-            window.push(buffer);
+    ) -> Window<M> {
+        let taken = msgs.by_ref().take(INGRESS_WINDOW_EVENTS).zip(0u64..).map(|(msg, i)| Envelope {
+            key: msg.key(),
+            seq: i,
+            cause: 0,
+            attempt: 0,
+            msg,
+        });
+        let mut window = fill_window(ingress, taken);
+        let count: usize = window.iter().map(|(_, b)| b.len()).sum();
+        let first_seq = self.next_seq.fetch_add(count as u64, Ordering::Relaxed);
+        for envelope in window.iter_mut().flat_map(|(_, b)| b.iter_mut()) {
+            envelope.seq += first_seq;
         }
         window
     }
 
     /// Sends a window's batches in order, counting them as submitted if `submitted`; on failure
     /// the unsent batches stay in `window`.
-    fn send_window(
-        &self,
-        sender: &BatchSender<M>,
-        window: &mut Vec<Vec<Envelope<M>>>,
-        submitted: bool,
-    ) -> Result<u64, ()> {
+    fn send_window(&self, input: &StageInput<M>, window: &mut Window<M>, submitted: bool) -> Result<u64, ()> {
         let mut sent = 0;
         let mut batches = std::mem::take(window).into_iter();
-        while let Some(batch) = batches.next() {
+        while let Some((partition, batch)) = batches.next() {
             let count = batch.len() as u64;
-            match sender.send(batch) {
+            match input.sender(partition).send(batch) {
                 Ok(()) => {
                     if submitted {
                         self.submitted.fetch_add(count, Ordering::Relaxed);
@@ -566,7 +580,7 @@ impl<M: Message> Engine<M> {
                     sent += count;
                 }
                 Err(SendFailure::Full(back) | SendFailure::Gone(back)) => {
-                    window.push(back.events);
+                    window.push((partition, back.events));
                     window.extend(batches);
                     return Err(());
                 }
@@ -589,18 +603,16 @@ impl<M: Message> Engine<M> {
         events: impl IntoIterator<Item = Envelope<M>>,
     ) -> Result<u64, SubmitError<Vec<M>>> {
         let mut events = events.into_iter().peekable();
-        let Some(sender) = self.stage_senders.get(stage.index()) else {
+        let Some(input) = self.stage_senders.get(stage.index()) else {
             return Err(SubmitError::Closed(events.map(|e| e.msg).collect()));
         };
         let mut sent = 0;
         while events.peek().is_some() {
-            let mut buffer = sender.buffer();
-            buffer.extend(events.by_ref().take(sender.batch_events_max()));
-            let mut window = vec![buffer];
-            if let Ok(count) = self.send_window(sender, &mut window, false) {
+            let mut window = fill_window(input, events.by_ref().take(INGRESS_WINDOW_EVENTS));
+            if let Ok(count) = self.send_window(input, &mut window, false) {
                 sent += count;
             } else {
-                let mut unsent: Vec<M> = window.into_iter().flatten().map(|e| e.msg).collect();
+                let mut unsent: Vec<M> = window.into_iter().flat_map(|(_, b)| b).map(|e| e.msg).collect();
                 unsent.extend(events.map(|e| e.msg));
                 return Err(SubmitError::Poisoned(unsent));
             }
@@ -661,6 +673,26 @@ impl<M: Message> Engine<M> {
         }
         self.journal.as_ref().map(|journal| journal.log.sync())
     }
+}
+
+/// Splits events into batches of at most `batch_events_max`, by the partition of their key.
+fn fill_window<M>(input: &StageInput<M>, events: impl Iterator<Item = Envelope<M>>) -> Window<M> {
+    let batch_events_max = input.batch_events_max();
+    let mut open: Vec<Vec<Envelope<M>>> = (0..input.partitions()).map(|_| Vec::new()).collect();
+    let mut window = Vec::new();
+    for event in events {
+        let partition = input.partition_of(event.key);
+        let buffer = &mut open[partition];
+        if buffer.capacity() == 0 {
+            *buffer = input.sender(partition).buffer();
+        }
+        buffer.push(event);
+        if buffer.len() >= batch_events_max {
+            window.push((partition, std::mem::take(buffer)));
+        }
+    }
+    window.extend(open.into_iter().enumerate().filter(|(_, b)| !b.is_empty()));
+    window
 }
 
 impl<M: Message> Drop for Engine<M> {

@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::TryRecvError;
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 
-use crate::channel::{BatchReceiver, BatchSender, SendFailure};
+use crate::channel::{BatchReceiver, BatchSender, SendFailure, StageInput};
 use crate::config::StageConfig;
 use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
 use crate::journal::{Journal, JournalWriter};
@@ -63,8 +64,8 @@ pub(crate) struct WorkerCtx<M> {
     pub(crate) config: StageConfig,
     pub(crate) journal: Option<Journal<M>>,
     pub(crate) input: BatchReceiver<M>,
-    /// Indexed by [`StageId`](crate::StageId): a sender for every stage linked from this one.
-    pub(crate) outputs: Vec<Option<BatchSender<M>>>,
+    /// Indexed by [`StageId`](crate::StageId): the input of every stage linked from this one.
+    pub(crate) outputs: Vec<Option<StageInput<M>>>,
     pub(crate) metrics: Arc<StageMetrics>,
     pub(crate) dead_letters: Arc<dyn DeadLetterSink<M>>,
     pub(crate) shared: Arc<Shared>,
@@ -117,14 +118,31 @@ impl<M> Outbox<M> {
     }
 }
 
+/// The outboxes of one linked stage: one per partition of its input.
+struct Outboxes<M> {
+    input: StageInput<M>,
+    partitions: Vec<Outbox<M>>,
+}
+
 struct Worker<M, H> {
     ctx: WorkerCtx<M>,
     handler: H,
-    outboxes: Vec<Option<Outbox<M>>>,
+    outboxes: Vec<Option<Outboxes<M>>>,
     emitter: Emitter<M>,
     journal: Option<JournalWriter<M>>,
-    /// Events waiting for another attempt in this stage.
-    retries: VecDeque<Envelope<M>>,
+    /// Events waiting for another attempt, parked by key: while a key waits, its later events
+    /// wait behind it, so a retry never reorders a key's events within this worker.
+    parked: FxHashMap<u64, VecDeque<Envelope<M>>>,
+    /// Parked keys, in the order their heads are to be tried again.
+    retry_keys: VecDeque<u64>,
+}
+
+/// What became of one event.
+enum Handled<M> {
+    /// Finished: done, rejected or dead-lettered.
+    Finished,
+    /// To be tried again.
+    Retry(Envelope<M>),
 }
 
 /// What the next unit of work is.
@@ -138,11 +156,56 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     fn new(mut ctx: WorkerCtx<M>, handler: H) -> Self {
         let outputs = std::mem::take(&mut ctx.outputs);
         let links = outputs.iter().map(Option::is_some).collect();
-        let outboxes =
-            outputs.into_iter().map(|sender| sender.map(|sender| Outbox { buffer: sender.buffer(), sender })).collect();
+        let outboxes = outputs
+            .into_iter()
+            .map(|input| {
+                input.map(|input| {
+                    let partitions = (0..input.partitions())
+                        .map(|p| {
+                            let sender = input.sender(p).clone();
+                            Outbox { buffer: sender.buffer(), sender }
+                        })
+                        .collect();
+                    Outboxes { input, partitions }
+                })
+            })
+            .collect();
         let journal = ctx.journal.take().map(|journal| JournalWriter::new(journal, ctx.stage));
         let emitter = Emitter::new(links, journal.is_some());
-        Self { ctx, handler, outboxes, emitter, journal, retries: VecDeque::new() }
+        Self { ctx, handler, outboxes, emitter, journal, parked: FxHashMap::default(), retry_keys: VecDeque::new() }
+    }
+
+    /// Handles an event from the queue, unless its key is parked: then it waits behind.
+    fn take(&mut self, event: Envelope<M>, tally: &mut BatchTally) -> Result<(), Stop> {
+        if let Some(queue) = self.parked.get_mut(&event.key) {
+            queue.push_back(event);
+            return Ok(());
+        }
+        if let Handled::Retry(event) = self.handle(event, tally)? {
+            self.retry_keys.push_back(event.key);
+            self.parked.entry(event.key).or_default().push_back(event);
+        }
+        Ok(())
+    }
+
+    /// Tries the head of the next parked key again.
+    fn retry_next(&mut self, tally: &mut BatchTally) -> Result<(), Stop> {
+        let Some(key) = self.retry_keys.pop_front() else { return Ok(()) };
+        let Some(event) = self.parked.get_mut(&key).and_then(VecDeque::pop_front) else {
+            self.parked.remove(&key);
+            return Ok(());
+        };
+        let handled = self.handle(event, tally)?;
+        let queue = self.parked.get_mut(&key).expect("a key stays parked until its queue is empty");
+        if let Handled::Retry(event) = handled {
+            queue.push_front(event);
+        }
+        if queue.is_empty() {
+            self.parked.remove(&key);
+        } else {
+            self.retry_keys.push_back(key);
+        }
+        Ok(())
     }
 
     fn run_loop(&mut self) -> Result<(), Stop> {
@@ -156,7 +219,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     if let Some(journal) = &mut self.journal {
                         journal.stamp();
                     }
-                    let result = events.drain(..).try_for_each(|event| self.handle(event, &mut tally));
+                    let result = events.drain(..).try_for_each(|event| self.take(event, &mut tally));
                     self.ctx.input.recycle(events);
                     self.ctx.metrics.publish(&tally);
                     self.ctx.metrics.record_latency(self.ctx.worker, batch.sent_at.elapsed(), count);
@@ -165,11 +228,9 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 }
                 Next::Retries => {
                     let mut tally = BatchTally::default();
-                    let due = self.retries.len().min(self.ctx.config.batch_events_max);
+                    let due = self.retry_keys.len().min(self.ctx.config.batch_events_max);
                     for _ in 0..due {
-                        if let Some(event) = self.retries.pop_front() {
-                            self.handle(event, &mut tally)?;
-                        }
+                        self.retry_next(&mut tally)?;
                     }
                     self.ctx.metrics.publish(&tally);
                 }
@@ -182,7 +243,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     fn next(&mut self) -> Result<Next<M>, Stop> {
         match self.ctx.input.try_recv() {
             Ok(batch) => Ok(Next::Batch(batch)),
-            Err(_) if !self.retries.is_empty() => Ok(Next::Retries),
+            Err(_) if !self.retry_keys.is_empty() => Ok(Next::Retries),
             Err(TryRecvError::Disconnected) => Ok(Next::Stop),
             Err(TryRecvError::Empty) => {
                 // Nothing queued: send what is collected before waiting, so nothing lingers.
@@ -196,7 +257,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     /// before anything downstream can record a later fact about it.
     fn flush_all(&mut self) -> Result<(), Stop> {
         self.flush_journal()?;
-        self.outboxes.iter_mut().flatten().try_for_each(Outbox::flush)
+        self.outboxes.iter_mut().flatten().flat_map(|o| o.partitions.iter_mut()).try_for_each(Outbox::flush)
     }
 
     fn flush_journal(&mut self) -> Result<(), Stop> {
@@ -206,7 +267,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         }
     }
 
-    fn handle(&mut self, mut event: Envelope<M>, tally: &mut BatchTally) -> Result<(), Stop> {
+    fn handle(&mut self, mut event: Envelope<M>, tally: &mut BatchTally) -> Result<Handled<M>, Stop> {
         self.emitter.begin(event.key, event.seq, event.cause);
         let handler = &mut self.handler;
         let emitter = &mut self.emitter;
@@ -222,7 +283,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             tally.processed += 1;
             tally.dead_lettered += 1;
             self.dead_letter(event, DeadLetterKind::HandlerMisuse, reason);
-            return Ok(());
+            return Ok(Handled::Finished);
         }
         match outcome {
             Outcome::Done => {
@@ -235,9 +296,10 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 let mut staged = std::mem::take(&mut self.emitter.staged);
                 for (to, mut envelope) in staged.drain(..) {
                     envelope.cause = cause;
-                    let outbox = self.outboxes[to.index()]
+                    let outboxes = self.outboxes[to.index()]
                         .as_mut()
                         .expect("the emitter stages only events for linked stages, which have outboxes");
+                    let outbox = &mut outboxes.partitions[outboxes.input.partition_of(envelope.key)];
                     if outbox.push(envelope) {
                         if let Some(journal) = &mut self.journal {
                             journal.flush().map_err(Stop::Log)?;
@@ -257,7 +319,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     tally.dead_lettered += 1;
                     self.dead_letter(event, DeadLetterKind::RetriesExhausted, reason);
                 } else {
-                    self.retries.push_back(event);
+                    return Ok(Handled::Retry(event));
                 }
             }
             Outcome::Reject(reason) => {
@@ -269,7 +331,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 self.dead_letter(event, DeadLetterKind::Rejected, reason);
             }
         }
-        Ok(())
+        Ok(Handled::Finished)
     }
 
     fn dead_letter(&mut self, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
