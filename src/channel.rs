@@ -134,18 +134,26 @@ impl<M> BatchSender<M> {
 #[derive(Debug)]
 pub(crate) struct StageInput<M> {
     partitions: Vec<BatchSender<M>>,
+    /// The stage's name, for dead letters of events it could not take.
+    pub(crate) stage: Arc<str>,
+    pub(crate) overflow: crate::config::Overflow,
 }
 
 impl<M> Clone for StageInput<M> {
     fn clone(&self) -> Self {
-        Self { partitions: self.partitions.clone() }
+        Self { partitions: self.partitions.clone(), stage: Arc::clone(&self.stage), overflow: self.overflow }
     }
 }
 
 impl<M> StageInput<M> {
-    pub(crate) fn new(partitions: Vec<BatchSender<M>>) -> Self {
+    pub(crate) fn new(partitions: Vec<BatchSender<M>>, stage: Arc<str>, overflow: crate::config::Overflow) -> Self {
         debug_assert!(!partitions.is_empty());
-        Self { partitions }
+        Self { partitions, stage, overflow }
+    }
+
+    /// Counts events the stage refused for lack of room.
+    pub(crate) fn count_overflow(&self, events: u64) {
+        self.partitions[0].metrics.overflowed.fetch_add(events, Ordering::Relaxed);
     }
 
     /// Queues behind this input (1 unless the stage is ordered).

@@ -23,6 +23,18 @@ pub mod limits {
     pub const QUEUE_EVENTS_MAX: usize = 1 << 26;
 }
 
+/// What a sender does when a stage's input queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Wait for room: backpressure reaches every upstream stage and, in the end, `submit`.
+    #[default]
+    Block,
+    /// Dead-letter the batch that does not fit (reason `overflow`), so a slow subscriber never
+    /// holds back its publisher or the other subscribers. Nothing is lost: it waits for redrive.
+    DeadLetter,
+}
+
 /// The settings of one stage's worker pool and input queue, all bounds checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,11 +47,13 @@ pub struct StageConfig {
     pub batch_events_max: usize,
     /// Attempts an event gets in this stage before it is dead-lettered (1..=100).
     pub attempts_max: u32,
+    /// What senders do when the stage's queue is full.
+    pub overflow: Overflow,
 }
 
 impl Default for StageConfig {
     fn default() -> Self {
-        Self { workers: 1, queue_batches: 64, batch_events_max: 256, attempts_max: 5 }
+        Self { workers: 1, queue_batches: 64, batch_events_max: 256, attempts_max: 5, overflow: Overflow::Block }
     }
 }
 
@@ -94,6 +108,8 @@ pub struct StageSettings {
     pub batch_events_max: Option<usize>,
     /// See [`StageConfig::attempts_max`].
     pub attempts_max: Option<u32>,
+    /// See [`StageConfig::overflow`].
+    pub overflow: Option<Overflow>,
 }
 
 impl StageSettings {
@@ -103,6 +119,7 @@ impl StageSettings {
             queue_batches: self.queue_batches.unwrap_or(base.queue_batches),
             batch_events_max: self.batch_events_max.unwrap_or(base.batch_events_max),
             attempts_max: self.attempts_max.unwrap_or(base.attempts_max),
+            overflow: self.overflow.unwrap_or(base.overflow),
         }
     }
 }
@@ -128,6 +145,8 @@ pub struct EngineSettings {
     pub batch_events_max: Option<usize>,
     /// Default for every stage: see [`StageConfig::attempts_max`].
     pub attempts_max: Option<u32>,
+    /// Default for every stage: see [`StageConfig::overflow`].
+    pub overflow: Option<Overflow>,
     /// Per-stage overrides, by stage name.
     #[serde(default)]
     pub stages: BTreeMap<String, StageSettings>,
@@ -140,6 +159,7 @@ impl EngineSettings {
             queue_batches: self.queue_batches,
             batch_events_max: self.batch_events_max,
             attempts_max: self.attempts_max,
+            overflow: self.overflow,
         }
     }
 }

@@ -14,6 +14,10 @@ pub enum DeadLetterKind {
     Rejected,
     /// The stage's `attempts_max` attempts all ended in a retry (or a panic).
     RetriesExhausted,
+    /// Published with a routing key no queue is bound to (when the topology dead-letters those).
+    Unroutable,
+    /// The destination stage's queue was full and its overflow policy is `dead_letter`.
+    Overflow,
     /// The handler misused its emitter (emitted to a stage not linked from its own, or recorded
     /// a reserved kind).
     HandlerMisuse,
@@ -25,6 +29,8 @@ impl fmt::Display for DeadLetterKind {
             Self::Rejected => "rejected",
             Self::RetriesExhausted => "retries_exhausted",
             Self::HandlerMisuse => "handler_misuse",
+            Self::Unroutable => "unroutable",
+            Self::Overflow => "overflow",
         })
     }
 }

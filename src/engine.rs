@@ -17,6 +17,7 @@ use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
 use crate::journal::{Journal, JournalWriter};
 use crate::log::{AckWaiter, LogError, STAGE_INGRESS};
 use crate::metrics::{new_histogram, LatencySummary, Snapshot, StageMetrics};
+use crate::routing::{ExchangeBuilder, RouteId, RoutingError};
 use crate::stage::{Envelope, Handler, Message, StageId};
 use crate::worker::{self, Shared, WorkerCtx};
 
@@ -57,6 +58,9 @@ pub struct Topology<M> {
     stages: Vec<StageDecl<M>>,
     links: Vec<(StageId, StageId)>,
     entry: Option<StageId>,
+    exchange: ExchangeBuilder<StageId>,
+    publishes: Vec<(StageId, RouteId)>,
+    dead_letter_unroutable: bool,
 }
 
 impl<M> fmt::Debug for Topology<M> {
@@ -65,6 +69,9 @@ impl<M> fmt::Debug for Topology<M> {
             .field("stages", &self.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>())
             .field("links", &self.links)
             .field("entry", &self.entry)
+            .field("exchange", &self.exchange)
+            .field("publishes", &self.publishes)
+            .field("dead_letter_unroutable", &self.dead_letter_unroutable)
             .finish()
     }
 }
@@ -79,7 +86,14 @@ impl<M: Message> Topology<M> {
     /// An empty topology.
     #[must_use]
     pub fn new() -> Self {
-        Self { stages: Vec::new(), links: Vec::new(), entry: None }
+        Self {
+            stages: Vec::new(),
+            links: Vec::new(),
+            entry: None,
+            exchange: ExchangeBuilder::new(),
+            publishes: Vec::new(),
+            dead_letter_unroutable: false,
+        }
     }
 
     /// Declares a stage; its settings come from the [`EngineConfig`] entry of the same name.
@@ -94,6 +108,28 @@ impl<M: Message> Topology<M> {
     /// Lets handlers of `from` emit to `to`.
     pub fn link(&mut self, from: StageId, to: StageId) -> &mut Self {
         self.links.push((from, to));
+        self
+    }
+
+    /// Binds `stage`'s queue to the topology's topic exchange with `pattern` (`*` one word, `#`
+    /// zero or more; RabbitMQ's semantics, see [`crate::routing`]).
+    pub fn bind(&mut self, stage: StageId, pattern: &str) -> Result<&mut Self, RoutingError> {
+        self.exchange.bind(pattern, stage)?;
+        Ok(self)
+    }
+
+    /// Declares that handlers of `from` publish with routing key `key`; returns the route to
+    /// pass to [`Emitter::publish`](crate::Emitter::publish). Links from `from` to every stage
+    /// bound to the key are added when the engine starts, and routing is then a table look-up.
+    pub fn publishes(&mut self, from: StageId, key: &str) -> Result<RouteId, RoutingError> {
+        let route = self.exchange.key(key)?;
+        self.publishes.push((from, route));
+        Ok(route)
+    }
+
+    /// Dead-letters events published with a key no stage is bound to (they are always counted).
+    pub fn dead_letter_unroutable(&mut self, yes: bool) -> &mut Self {
+        self.dead_letter_unroutable = yes;
         self
     }
 
@@ -340,9 +376,23 @@ impl<M: Message> Engine<M> {
     /// Validates the topology against the configuration and starts every worker thread
     /// (named `conduit:<stage>:<worker>`).
     fn launch(builder: EngineBuilder<M>) -> Result<Self, BuildError> {
-        let EngineBuilder { topology, config, dead_letters, journal } = builder;
+        let EngineBuilder { mut topology, config, dead_letters, journal } = builder;
+        let exchange = Arc::new(std::mem::take(&mut topology.exchange).build());
+        let mut may_publish = vec![Vec::new(); topology.stages.len()];
+        for &(from, route) in &topology.publishes {
+            for &to in exchange.destinations(route) {
+                topology.links.push((from, to));
+            }
+            if let Some(routes) = may_publish.get_mut(from.index()) {
+                if routes.len() <= route.index() {
+                    routes.resize(route.index() + 1, false);
+                }
+                routes[route.index()] = true;
+            }
+        }
         let order = topology.validate(&config)?;
-        let Topology { stages, links, entry } = topology;
+        let dead_letter_unroutable = topology.dead_letter_unroutable;
+        let Topology { stages, links, entry, .. } = topology;
         let entry = entry.expect("validate checked the entry stage is set");
         let shared = Arc::new(Shared::default());
         let stage_configs: Vec<_> = stages.iter().map(|s| config.stage(&s.name)).collect();
@@ -366,7 +416,7 @@ impl<M: Message> Engine<M> {
                         channel::queue(c.queue_batches, c.batch_events_max, Arc::clone(m), Arc::clone(&shared.poisoned))
                     })
                     .unzip();
-                (StageInput::new(senders), receivers)
+                (StageInput::new(senders, decl.name.as_str().into(), c.overflow), receivers)
             })
             .collect();
 
@@ -400,6 +450,7 @@ impl<M: Message> Engine<M> {
                     stage: stage.0,
                     config: stage_config,
                     journal: engine.journal.clone(),
+                    routes: Some((Arc::clone(&exchange), may_publish[index].clone(), dead_letter_unroutable)),
                     input: queues[index].1[worker % queues[index].1.len()].clone(),
                     outputs,
                     metrics: Arc::clone(&engine.metrics[index]),

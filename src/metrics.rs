@@ -34,6 +34,10 @@ pub(crate) struct StageMetrics {
     pub(crate) rejected: CachePadded<AtomicU64>,
     pub(crate) dead_lettered: CachePadded<AtomicU64>,
     pub(crate) panics: CachePadded<AtomicU64>,
+    /// Events this stage published with a key no queue is bound to.
+    pub(crate) unroutable: CachePadded<AtomicU64>,
+    /// Events dead-lettered because this stage's queue was full (overflow policy).
+    pub(crate) overflowed: CachePadded<AtomicU64>,
     /// Events handed to the stage's queue (by upstream workers or ingress).
     pub(crate) enqueued: CachePadded<AtomicU64>,
     /// Events taken off the stage's queue by its workers.
@@ -52,6 +56,7 @@ pub(crate) struct BatchTally {
     pub(crate) rejected: u64,
     pub(crate) dead_lettered: u64,
     pub(crate) panics: u64,
+    pub(crate) unroutable: u64,
 }
 
 impl StageMetrics {
@@ -66,6 +71,8 @@ impl StageMetrics {
             rejected: CachePadded::default(),
             dead_lettered: CachePadded::default(),
             panics: CachePadded::default(),
+            unroutable: CachePadded::default(),
+            overflowed: CachePadded::default(),
             enqueued: CachePadded::default(),
             dequeued: CachePadded::default(),
             busy_workers: CachePadded::default(),
@@ -85,6 +92,7 @@ impl StageMetrics {
         add(&self.rejected, tally.rejected);
         add(&self.dead_lettered, tally.dead_lettered);
         add(&self.panics, tally.panics);
+        add(&self.unroutable, tally.unroutable);
     }
 
     pub(crate) fn record_latency(&self, worker: usize, latency: Duration, events: u64) {
@@ -110,6 +118,8 @@ impl StageMetrics {
             rejected: self.rejected.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             panics: self.panics.load(Ordering::Relaxed),
+            unroutable: self.unroutable.load(Ordering::Relaxed),
+            overflowed: self.overflowed.load(Ordering::Relaxed),
             queue_depth: enqueued.saturating_sub(dequeued),
             queue_capacity: self.queue_capacity_events,
             latency_us: LatencySummary::from_histogram(&merged),
@@ -171,6 +181,10 @@ pub struct StageSnapshot {
     pub dead_lettered: u64,
     /// Handler panics caught.
     pub panics: u64,
+    /// Events this stage published with a routing key no queue is bound to.
+    pub unroutable: u64,
+    /// Events dead-lettered because this stage's queue was full (overflow `dead_letter`).
+    pub overflowed: u64,
     /// Events waiting in the stage's input queue.
     pub queue_depth: u64,
     /// Most events the input queue holds.

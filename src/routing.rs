@@ -131,6 +131,7 @@ impl Pattern {
 
 /// Declares bindings and the routing keys publishers will use.
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct ExchangeBuilder<Q> {
     bindings: Vec<(Pattern, Q)>,
     keys: Vec<String>,
@@ -144,7 +145,6 @@ impl<Q> Default for ExchangeBuilder<Q> {
 
 impl<Q: Copy + PartialEq> ExchangeBuilder<Q> {
     /// An exchange with no bindings.
-    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }

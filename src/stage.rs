@@ -1,6 +1,9 @@
 //! What a stage's handler sees: envelopes in, outcomes and emitted events out.
 
 use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::routing::{Exchange, RouteId};
 
 /// A message the engine can carry: owned, sendable, and keyed.
 ///
@@ -92,6 +95,14 @@ pub struct Emitter<M> {
     pub(crate) key: u64,
     pub(crate) seq: u64,
     pub(crate) cause: u64,
+    /// The topology's exchange, the routes this stage may publish, and whether unroutable
+    /// events are dead-lettered.
+    pub(crate) exchange: Option<Arc<Exchange<StageId>>>,
+    pub(crate) may_publish: Vec<bool>,
+    pub(crate) dead_letter_unroutable: bool,
+    /// Published events no queue was bound to, counted (and kept, to dead-letter them).
+    pub(crate) unroutable_count: u64,
+    pub(crate) unroutable: Vec<M>,
 }
 
 impl<M> Emitter<M> {
@@ -106,7 +117,18 @@ impl<M> Emitter<M> {
             key: 0,
             seq: 0,
             cause: 0,
+            exchange: None,
+            may_publish: Vec::new(),
+            dead_letter_unroutable: false,
+            unroutable_count: 0,
+            unroutable: Vec::new(),
         }
+    }
+
+    pub(crate) fn set_routes(&mut self, exchange: Arc<Exchange<StageId>>, may_publish: Vec<bool>, dead_letter: bool) {
+        self.exchange = Some(exchange);
+        self.may_publish = may_publish;
+        self.dead_letter_unroutable = dead_letter;
     }
 
     pub(crate) fn begin(&mut self, key: u64, seq: u64, cause: u64) {
@@ -121,6 +143,8 @@ impl<M> Emitter<M> {
         self.staged.clear();
         self.records.clear();
         self.record_bytes.clear();
+        self.unroutable.clear();
+        self.unroutable_count = 0;
     }
 
     /// Sends `msg` to stage `to`, with the key and sequence of the event being handled.
@@ -154,6 +178,35 @@ impl<M> Emitter<M> {
             let start = self.record_bytes.len();
             self.record_bytes.extend_from_slice(payload);
             self.records.push((kind, start, self.record_bytes.len()));
+        }
+    }
+
+    /// Publishes `msg` through the topology's exchange: a copy goes to every stage bound to the
+    /// route's key (see [`Topology::bind`](crate::Topology::bind)). The stage must have declared
+    /// the key with [`Topology::publishes`](crate::Topology::publishes). A key no stage is bound
+    /// to is counted as unroutable, and dead-lettered if the topology says so.
+    pub fn publish(&mut self, route: RouteId, msg: M)
+    where
+        M: Clone,
+    {
+        if !self.may_publish.get(route.index()).copied().unwrap_or(false) {
+            self.misuse.get_or_insert_with(|| "published a routing key this stage did not declare".into());
+            return;
+        }
+        let Some(exchange) = self.exchange.clone() else { return };
+        match exchange.destinations(route) {
+            [] => {
+                self.unroutable_count += 1;
+                if self.dead_letter_unroutable {
+                    self.unroutable.push(msg);
+                }
+            }
+            [rest @ .., last] => {
+                for &to in rest {
+                    self.emit(to, msg.clone());
+                }
+                self.emit(*last, msg);
+            }
         }
     }
 

@@ -15,10 +15,12 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
 use crate::channel::{BatchReceiver, BatchSender, SendFailure, StageInput};
-use crate::config::StageConfig;
+use crate::config::{Overflow, StageConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
 use crate::journal::{Journal, JournalWriter};
 use crate::metrics::{BatchTally, StageMetrics};
+use crate::routing::Exchange;
+use crate::stage::StageId;
 use crate::stage::{Emitter, Envelope, Handler, Message, Outcome, Reason};
 
 /// State every thread of one engine shares: the poison flag and why it was raised.
@@ -63,6 +65,8 @@ pub(crate) struct WorkerCtx<M> {
     pub(crate) stage: u16,
     pub(crate) config: StageConfig,
     pub(crate) journal: Option<Journal<M>>,
+    /// The topology's exchange and which of its routes this stage publishes.
+    pub(crate) routes: Option<(Arc<Exchange<StageId>>, Vec<bool>, bool)>,
     pub(crate) input: BatchReceiver<M>,
     /// Indexed by [`StageId`](crate::StageId): the input of every stage linked from this one.
     pub(crate) outputs: Vec<Option<StageInput<M>>>,
@@ -104,17 +108,6 @@ impl<M> Outbox<M> {
     fn push(&mut self, envelope: Envelope<M>) -> bool {
         self.buffer.push(envelope);
         self.buffer.len() >= self.sender.batch_events_max()
-    }
-
-    fn flush(&mut self) -> Result<(), Stop> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let full = std::mem::replace(&mut self.buffer, self.sender.buffer());
-        match self.sender.send(full) {
-            Ok(()) => Ok(()),
-            Err(SendFailure::Full(_) | SendFailure::Gone(_)) => Err(Stop::DownstreamGone),
-        }
     }
 }
 
@@ -171,7 +164,10 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             })
             .collect();
         let journal = ctx.journal.take().map(|journal| JournalWriter::new(journal, ctx.stage));
-        let emitter = Emitter::new(links, journal.is_some());
+        let mut emitter = Emitter::new(links, journal.is_some());
+        if let Some((exchange, may_publish, dead_letter_unroutable)) = ctx.routes.take() {
+            emitter.set_routes(exchange, may_publish, dead_letter_unroutable);
+        }
         Self { ctx, handler, outboxes, emitter, journal, parked: FxHashMap::default(), retry_keys: VecDeque::new() }
     }
 
@@ -257,7 +253,41 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     /// before anything downstream can record a later fact about it.
     fn flush_all(&mut self) -> Result<(), Stop> {
         self.flush_journal()?;
-        self.outboxes.iter_mut().flatten().flat_map(|o| o.partitions.iter_mut()).try_for_each(Outbox::flush)
+        for to in 0..self.outboxes.len() {
+            let partitions = self.outboxes[to].as_ref().map_or(0, |o| o.partitions.len());
+            for partition in 0..partitions {
+                self.flush_outbox(to, partition)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one outbox. A destination whose overflow policy is `dead_letter` and whose queue is
+    /// full gets the batch dead-lettered instead of holding this worker back.
+    fn flush_outbox(&mut self, to: usize, partition: usize) -> Result<(), Stop> {
+        let Some(outboxes) = self.outboxes[to].as_mut() else { return Ok(()) };
+        let outbox = &mut outboxes.partitions[partition];
+        if outbox.buffer.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut outbox.buffer, outbox.sender.buffer());
+        let sent = match outboxes.input.overflow {
+            Overflow::Block => outbox.sender.send(full),
+            Overflow::DeadLetter => outbox.sender.try_send(full),
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(SendFailure::Full(batch)) => {
+                outboxes.input.count_overflow(batch.events.len() as u64);
+                let stage = outboxes.input.stage.clone();
+                let reason: Reason = format!("the queue of stage {stage} was full").into();
+                for event in batch.events {
+                    self.dead_letter_in(&stage, event, DeadLetterKind::Overflow, reason.clone());
+                }
+                Ok(())
+            }
+            Err(SendFailure::Gone(_)) => Err(Stop::DownstreamGone),
+        }
     }
 
     fn flush_journal(&mut self) -> Result<(), Stop> {
@@ -299,15 +329,26 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     let outboxes = self.outboxes[to.index()]
                         .as_mut()
                         .expect("the emitter stages only events for linked stages, which have outboxes");
-                    let outbox = &mut outboxes.partitions[outboxes.input.partition_of(envelope.key)];
-                    if outbox.push(envelope) {
-                        if let Some(journal) = &mut self.journal {
-                            journal.flush().map_err(Stop::Log)?;
-                        }
-                        outbox.flush()?;
+                    let partition = outboxes.input.partition_of(envelope.key);
+                    if outboxes.partitions[partition].push(envelope) {
+                        self.flush_journal()?;
+                        self.flush_outbox(to.index(), partition)?;
                     }
                 }
                 self.emitter.staged = staged;
+                tally.unroutable += self.emitter.unroutable_count;
+                let unroutable = std::mem::take(&mut self.emitter.unroutable);
+                for msg in unroutable {
+                    let envelope = Envelope { key: event.key, seq: event.seq, cause, attempt: 0, msg };
+                    tally.dead_lettered += 1;
+                    let stage = self.ctx.stage_name.clone();
+                    self.dead_letter_in(
+                        &stage,
+                        envelope,
+                        DeadLetterKind::Unroutable,
+                        "no queue is bound to its routing key".into(),
+                    );
+                }
                 self.emitter.clear();
             }
             Outcome::Retry(reason) => {
@@ -335,18 +376,18 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     }
 
     fn dead_letter(&mut self, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
-        tracing::debug!(stage = %self.ctx.stage_name, key = envelope.key, %kind, %reason, "dead letter");
+        let stage = self.ctx.stage_name.clone();
+        self.dead_letter_in(&stage, envelope, kind, reason);
+    }
+
+    /// Dead-letters an event on behalf of `stage` (this one, or a destination that refused it).
+    fn dead_letter_in(&mut self, stage: &str, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
+        tracing::debug!(%stage, key = envelope.key, %kind, %reason, "dead letter");
         let attempts = envelope.attempt;
         if let Some(journal) = &mut self.journal {
             journal.dead_letter(&envelope, &kind, &reason, attempts);
         }
-        self.ctx.dead_letters.dead_letter(DeadLetter {
-            stage: self.ctx.stage_name.clone(),
-            kind,
-            reason,
-            attempts,
-            envelope,
-        });
+        self.ctx.dead_letters.dead_letter(DeadLetter { stage: stage.to_owned(), kind, reason, attempts, envelope });
     }
 }
 
