@@ -173,9 +173,11 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
 
     /// Handles an event from the queue, unless its key is parked: then it waits behind.
     fn take(&mut self, event: Envelope<M>, tally: &mut BatchTally) -> Result<(), Stop> {
-        if let Some(queue) = self.parked.get_mut(&event.key) {
-            queue.push_back(event);
-            return Ok(());
+        if !self.parked.is_empty() {
+            if let Some(queue) = self.parked.get_mut(&event.key) {
+                queue.push_back(event);
+                return Ok(());
+            }
         }
         if let Handled::Retry(event) = self.handle(event, tally)? {
             self.retry_keys.push_back(event.key);
