@@ -153,6 +153,28 @@ pub struct EngineSettings {
 }
 
 impl EngineSettings {
+    /// Lays `other` over these settings: every value `other` sets wins, stage by stage.
+    pub fn overlay(&mut self, other: &EngineSettings) {
+        fn pick<T: Copy>(mine: &mut Option<T>, theirs: Option<T>) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+        pick(&mut self.workers, other.workers);
+        pick(&mut self.queue_batches, other.queue_batches);
+        pick(&mut self.batch_events_max, other.batch_events_max);
+        pick(&mut self.attempts_max, other.attempts_max);
+        pick(&mut self.overflow, other.overflow);
+        for (name, theirs) in &other.stages {
+            let mine = self.stages.entry(name.clone()).or_default();
+            pick(&mut mine.workers, theirs.workers);
+            pick(&mut mine.queue_batches, theirs.queue_batches);
+            pick(&mut mine.batch_events_max, theirs.batch_events_max);
+            pick(&mut mine.attempts_max, theirs.attempts_max);
+            pick(&mut mine.overflow, theirs.overflow);
+        }
+    }
+
     fn defaults(&self) -> StageSettings {
         StageSettings {
             workers: self.workers,

@@ -166,3 +166,32 @@ fn log_flags_are_checked() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("none.redb"));
 }
+
+#[test]
+fn the_example_topology_runs_and_balances() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/topology.toml");
+    let report = json_run(&[
+        "--orders",
+        "20000",
+        "--topology",
+        example,
+        "--payment-failure-rate",
+        "0.3",
+        "--out-of-stock-rate",
+        "0.1",
+    ]);
+    let submitted = u(&report, "/orders/submitted");
+    assert_eq!(
+        submitted,
+        u(&report, "/orders/confirmed") + u(&report, "/orders/cancelled") + u(&report, "/orders/dead_lettered")
+    );
+    assert_eq!(report["ledger"]["balanced"], true);
+    assert_eq!(u(&report, "/stages/1/workers"), 2, "the file's [engine] table applies");
+
+    let unknown_stage = temp_file("topology-typo.toml", "[bindings]\nshiping = [\"order.#\"]\n");
+    assert_refused(&["run", "--topology", unknown_stage.to_str().expect("utf-8")], "shiping");
+    let unreachable = temp_file("topology-unbound.toml", "[bindings]\nshipping = []\n");
+    assert_refused(&["run", "--topology", unreachable.to_str().expect("utf-8")], "cannot be reached");
+    let unknown_key = temp_file("topology-key.toml", "bindngs = {}\n");
+    assert_refused(&["run", "--topology", unknown_key.to_str().expect("utf-8")], "bindngs");
+}

@@ -123,3 +123,17 @@ fn try_submit_hands_the_order_back_instead_of_dropping_it() {
     assert_eq!(report.orders.submitted, accepted);
     assert_eq!(report.orders.confirmed, accepted, "every accepted order was processed");
 }
+
+#[test]
+fn rebound_and_ordered_stages_still_balance() {
+    let routing = orders::TopologyFile::from_toml_str(
+        "ordered_by_key = [\"payment\", \"inventory\"]\n[bindings]\nemail = [\"order.#.confirmed\"]\nsms = [\"#.notify.#\"]\n",
+    )
+    .expect("valid topology")
+    .routing();
+    let sim = SimConfig { payment_failure_rate: 0.3, out_of_stock_rate: 0.1, ..SimConfig::default() };
+    let report = orders::run_routed(&engine(3, 64, 4), &sim, &routing, 20_000, None, |_, _| {}).expect("runs");
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+    assert_eq!(report.notifications.email_sent, report.orders.confirmed);
+    assert_eq!(report.notifications.sms_sent, report.orders.confirmed);
+}

@@ -177,10 +177,14 @@ impl Aggregate for OrderHistory {
         match record.kind {
             KIND_DEAD_LETTER => {
                 let stage = names::of_index(record.stage);
+                let notification = OrderEvent::decode(&record.payload).is_some_and(|e| e.step == Step::Notify);
                 if stage == names::EMAIL {
                     self.notify_dead[0] = true;
                 } else if stage == names::SMS {
                     self.notify_dead[1] = true;
+                } else if notification {
+                    // Published with no notifier bound: neither channel will ever send it.
+                    self.notify_dead = [true, true];
                 } else {
                     self.dead_letter_stage.get_or_insert(record.stage);
                 }

@@ -33,7 +33,8 @@ mod stages;
 pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
 pub use history::{Histories, OrderHistory, OrderStatus, VerifiedLedger, VerifyReport};
 pub use pipeline::{
-    recover, run, verify, DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, OrderPipeline,
-    PipelineFile, RecoverReport, RunError, RunReport, SimConfig, StockReport,
+    keys, recover, run, run_routed, verify, DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts,
+    OrderPipeline, OrderRouting, PipelineFile, RecoverReport, RunError, RunReport, SimConfig, StockReport,
+    TopologyFile,
 };
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};

@@ -143,6 +143,116 @@ fn out_of_range(name: &str, value: impl Into<u64>, min: u64, max: u64) -> Config
     }
 }
 
+/// The routing keys the order pipeline's stages publish with.
+pub mod keys {
+    /// An accepted order, to charge.
+    pub const PAYMENT: &str = "order.payment.process";
+    /// A charged order, to reserve stock for.
+    pub const INVENTORY: &str = "order.inventory.reserve";
+    /// A declined charge, to compensate.
+    pub const DECLINED: &str = "order.compensation.declined";
+    /// A confirmed order, to notify the customer of.
+    pub const NOTIFY: &str = "order.notify.confirmed";
+    /// A confirmed order, to ship.
+    pub const SHIPPING: &str = "order.shipping.ship";
+    /// An order whose SKU ran out, to compensate.
+    pub const OUT_OF_STOCK: &str = "order.compensation.out_of_stock";
+}
+
+/// How the order pipeline's stages are bound to its routing keys, and which are ordered by key.
+/// Loaded from a topology file (`conduit run --topology FILE`) to experiment without
+/// recompiling; every field is optional.
+///
+/// ```toml
+/// ordered_by_key = ["payment"]
+/// [bindings]                          # stage -> patterns; a stage listed here gets only these
+/// email = ["order.notify.*"]
+/// sms = ["order.notify.#"]
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrderRouting {
+    /// Patterns each stage's queue is bound with, by stage name.
+    pub bindings: BTreeMap<String, Vec<String>>,
+    /// Stages whose events are partitioned over their workers by order id.
+    pub ordered_by_key: Vec<String>,
+}
+
+impl Default for OrderRouting {
+    fn default() -> Self {
+        let bind =
+            |stage: &str, patterns: &[&str]| (stage.to_owned(), patterns.iter().map(|&p| p.to_owned()).collect());
+        Self {
+            bindings: [
+                bind(names::PAYMENT, &[keys::PAYMENT]),
+                bind(names::INVENTORY, &[keys::INVENTORY]),
+                bind(names::EMAIL, &["order.notify.*"]),
+                bind(names::SMS, &["order.notify.*"]),
+                bind(names::SHIPPING, &[keys::SHIPPING]),
+                bind(names::COMPENSATION, &["order.compensation.*"]),
+            ]
+            .into_iter()
+            .collect(),
+            ordered_by_key: Vec::new(),
+        }
+    }
+}
+
+impl OrderRouting {
+    /// Binds and orders the stages of `topology` (stage names as in [`names`]).
+    fn apply(&self, topology: &mut Topology<OrderEvent>, stages: &[(&str, StageId)]) -> Result<(), BuildError> {
+        let stage = |name: &str| {
+            stages.iter().find(|(n, _)| *n == name).map(|(_, id)| *id).ok_or_else(|| {
+                BuildError::Topology(format!(
+                    "the topology names stage {name:?}; the order pipeline has {}",
+                    names::ALL.join(", ")
+                ))
+            })
+        };
+        for (name, patterns) in &self.bindings {
+            let id = stage(name)?;
+            for pattern in patterns {
+                topology.bind(id, pattern).map_err(|e| BuildError::Topology(e.to_string()))?;
+            }
+        }
+        for name in &self.ordered_by_key {
+            topology.ordered_by_key(stage(name)?);
+        }
+        Ok(())
+    }
+}
+
+/// A topology file: an optional `[engine]` table (as in a configuration file, overriding it) and
+/// the routing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopologyFile {
+    /// Engine settings: pool sizes, batch sizes, queue capacities.
+    pub engine: Option<EngineSettings>,
+    /// Bindings given here replace the default ones of the same stage.
+    pub bindings: BTreeMap<String, Vec<String>>,
+    /// Stages ordered by key.
+    pub ordered_by_key: Vec<String>,
+}
+
+impl TopologyFile {
+    /// Parses a topology file's text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// The routing: the defaults, with this file's bindings replacing those of the stages it names.
+    #[must_use]
+    pub fn routing(&self) -> OrderRouting {
+        let mut routing = OrderRouting::default();
+        for (stage, patterns) in &self.bindings {
+            routing.bindings.insert(stage.clone(), patterns.clone());
+        }
+        routing.ordered_by_key.clone_from(&self.ordered_by_key);
+        routing
+    }
+}
+
 /// A whole configuration file: `[engine]` and `[simulation]` tables.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -196,17 +306,28 @@ impl std::fmt::Debug for OrderPipeline {
 }
 
 impl OrderPipeline {
-    /// Builds the topology and starts the engine, in memory only.
+    /// Builds the topology and starts the engine, in memory only, with the default routing.
     pub fn start(config: &EngineConfig, sim: &SimConfig) -> Result<Self, BuildError> {
         Self::start_with(config, sim, None, None)
     }
 
-    /// Builds the topology and starts the engine; with a log, every order's facts are journaled
-    /// to it. `restore` carries the state of earlier runs of the same log into the simulated
-    /// ports and the counts (see [`recover`]).
+    /// [`OrderPipeline::start_routed`] with the default routing.
     pub fn start_with(
         config: &EngineConfig,
         sim: &SimConfig,
+        log: Option<Arc<Log>>,
+        restore: Option<&Histories>,
+    ) -> Result<Self, BuildError> {
+        Self::start_routed(config, sim, &OrderRouting::default(), log, restore)
+    }
+
+    /// Builds the topology with `routing`'s bindings and starts the engine; with a log, every
+    /// order's facts are journaled to it. `restore` carries the state of earlier runs of the same
+    /// log into the simulated ports and the counts (see [`recover`]).
+    pub fn start_routed(
+        config: &EngineConfig,
+        sim: &SimConfig,
+        routing: &OrderRouting,
         log: Option<Arc<Log>>,
         restore: Option<&Histories>,
     ) -> Result<Self, BuildError> {
@@ -241,26 +362,39 @@ impl OrderPipeline {
         let sms = topology.stage(names::SMS);
         let shipping = topology.stage(names::SHIPPING);
         let compensation = topology.stage(names::COMPENSATION);
-        topology
-            .entry(order)
-            .link(order, payment)
-            .link(payment, inventory)
-            .link(payment, compensation)
-            .link(inventory, email)
-            .link(inventory, sms)
-            .link(inventory, shipping)
-            .link(inventory, compensation);
+        let stages = vec![
+            (names::ORDER, order),
+            (names::PAYMENT, payment),
+            (names::INVENTORY, inventory),
+            (names::EMAIL, email),
+            (names::SMS, sms),
+            (names::SHIPPING, shipping),
+            (names::COMPENSATION, compensation),
+        ];
+        debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
+        // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
+        // compensated), which the report shows.
+        topology.entry(order).dead_letter_unroutable(true);
+        routing.apply(&mut topology, &stages)?;
+        let route = |topology: &mut Topology<OrderEvent>, from, key| {
+            topology.publishes(from, key).map_err(|e| BuildError::Topology(e.to_string()))
+        };
+        let accepted = route(&mut topology, order, keys::PAYMENT)?;
+        let (charged, declined) =
+            (route(&mut topology, payment, keys::INVENTORY)?, route(&mut topology, payment, keys::DECLINED)?);
+        let confirmed = route(&mut topology, inventory, keys::NOTIFY)?;
+        let ship = route(&mut topology, inventory, keys::SHIPPING)?;
+        let out_of_stock = route(&mut topology, inventory, keys::OUT_OF_STOCK)?;
 
-        topology.handler(order, move |_| OrderStage { payment });
+        topology.handler(order, move |_| OrderStage { accepted });
         let gateway = ports.gateway.clone();
-        topology.handler(payment, move |_| PaymentStage { gateway: gateway.clone(), inventory, compensation });
+        topology.handler(payment, move |_| PaymentStage { gateway: gateway.clone(), charged, declined });
         let store = ports.inventory.clone();
         topology.handler(inventory, move |_| InventoryStage {
             inventory: store.clone(),
-            email,
-            sms,
-            shipping,
-            compensation,
+            confirmed,
+            ship,
+            out_of_stock,
         });
         for (stage, channel) in [(email, Channel::Email), (sms, Channel::Sms)] {
             let notifier = ports.notifier.clone();
@@ -281,16 +415,6 @@ impl OrderPipeline {
             builder = builder.journal(Journal::new(Arc::clone(log), Arc::new(OrderCodec)));
         }
         let engine = builder.start()?;
-        let stages = vec![
-            (names::ORDER, order),
-            (names::PAYMENT, payment),
-            (names::INVENTORY, inventory),
-            (names::EMAIL, email),
-            (names::SMS, sms),
-            (names::SHIPPING, shipping),
-            (names::COMPENSATION, compensation),
-        ];
-        debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
         Ok(Self {
             engine,
             stages,
@@ -461,6 +585,18 @@ pub fn run(
     sim: &SimConfig,
     orders: u64,
     log: Option<Arc<Log>>,
+    progress: impl FnMut(u64, u64),
+) -> Result<RunReport, RunError> {
+    run_routed(config, sim, &OrderRouting::default(), orders, log, progress)
+}
+
+/// [`run`] with the stages bound as `routing` says.
+pub fn run_routed(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    routing: &OrderRouting,
+    orders: u64,
+    log: Option<Arc<Log>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
     if let Some(log) = &log {
@@ -469,7 +605,7 @@ pub fn run(
             return Err(RunError::LogNotEmpty { path: log.path().display().to_string(), records: held });
         }
     }
-    let pipeline = OrderPipeline::start_with(config, sim, log, None)?;
+    let pipeline = OrderPipeline::start_routed(config, sim, routing, log, None)?;
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;

@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step};
 use super::ports::{Channel, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
-use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome, StageId};
+use crate::routing::RouteId;
+use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome};
 
 /// Stage names, as they appear in configuration and reports.
 pub mod names {
@@ -115,7 +116,8 @@ impl Outcomes {
 /// Order stage: checks a new order and asks for payment.
 #[derive(Debug)]
 pub(crate) struct OrderStage {
-    pub(crate) payment: StageId,
+    /// `order.payment.process`.
+    pub(crate) accepted: RouteId,
 }
 
 impl Handler<OrderEvent> for OrderStage {
@@ -128,7 +130,7 @@ impl Handler<OrderEvent> for OrderStage {
             return Outcome::Reject("invalid order: zero quantity or amount".into());
         }
         out.record(kinds::ACCEPTED, &[]);
-        out.emit(self.payment, event.msg.then(Step::Charge));
+        out.publish(self.accepted, event.msg.then(Step::Charge));
         Outcome::Done
     }
 }
@@ -136,8 +138,10 @@ impl Handler<OrderEvent> for OrderStage {
 /// Payment stage: charges once per order; a decline cancels it.
 pub(crate) struct PaymentStage {
     pub(crate) gateway: Arc<dyn PaymentGateway>,
-    pub(crate) inventory: StageId,
-    pub(crate) compensation: StageId,
+    /// `order.inventory.reserve`.
+    pub(crate) charged: RouteId,
+    /// `order.compensation.declined`.
+    pub(crate) declined: RouteId,
 }
 
 impl Handler<OrderEvent> for PaymentStage {
@@ -149,12 +153,12 @@ impl Handler<OrderEvent> for PaymentStage {
         match self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, event.attempt) {
             Ok(()) => {
                 out.record(kinds::CHARGED, &[]);
-                out.emit(self.inventory, event.msg.then(Step::Reserve));
+                out.publish(self.charged, event.msg.then(Step::Reserve));
             }
             Err(PaymentError::Transient(reason)) => return Outcome::Retry(reason),
             Err(PaymentError::Declined(_)) => {
                 out.record(kinds::DECLINED, &[]);
-                out.emit(self.compensation, event.msg.then(Step::Compensate(CancelReason::PaymentDeclined)));
+                out.publish(self.declined, event.msg.then(Step::Compensate(CancelReason::PaymentDeclined)));
             }
         }
         Outcome::Done
@@ -164,10 +168,12 @@ impl Handler<OrderEvent> for PaymentStage {
 /// Inventory stage: reserves stock; the confirmed order fans out to email, SMS and shipping.
 pub(crate) struct InventoryStage {
     pub(crate) inventory: Arc<dyn InventoryStore>,
-    pub(crate) email: StageId,
-    pub(crate) sms: StageId,
-    pub(crate) shipping: StageId,
-    pub(crate) compensation: StageId,
+    /// `order.notify.confirmed` (email and SMS subscribe).
+    pub(crate) confirmed: RouteId,
+    /// `order.shipping.ship`.
+    pub(crate) ship: RouteId,
+    /// `order.compensation.out_of_stock`.
+    pub(crate) out_of_stock: RouteId,
 }
 
 impl Handler<OrderEvent> for InventoryStage {
@@ -179,15 +185,13 @@ impl Handler<OrderEvent> for InventoryStage {
         match self.inventory.reserve(IdempotencyKey::new(order.id, Effect::Reserve), order, event.attempt) {
             Ok(()) => {
                 out.record(kinds::RESERVED, &[]);
-                let notify = event.msg.then(Step::Notify);
-                out.emit(self.email, notify);
-                out.emit(self.sms, notify);
-                out.emit(self.shipping, event.msg.then(Step::Ship));
+                out.publish(self.confirmed, event.msg.then(Step::Notify));
+                out.publish(self.ship, event.msg.then(Step::Ship));
             }
             Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
             Err(InventoryError::OutOfStock { .. }) => {
                 out.record(kinds::OUT_OF_STOCK, &[]);
-                out.emit(self.compensation, event.msg.then(Step::Compensate(CancelReason::OutOfStock)));
+                out.publish(self.out_of_stock, event.msg.then(Step::Compensate(CancelReason::OutOfStock)));
             }
         }
         Outcome::Done
@@ -324,7 +328,8 @@ impl OrderDeadLetters {
 impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
     fn dead_letter(&self, letter: DeadLetter<OrderEvent>) {
         let order = letter.envelope.msg.order;
-        let ends_order = !matches!(letter.stage.as_str(), names::EMAIL | names::SMS);
+        // A notification's dead letter (in its own stage, or unroutable) leaves the order alone.
+        let ends_order = letter.envelope.msg.step != Step::Notify;
         if ends_order {
             // The compensation's own attempts are bounded: the ports are idempotent, so a few
             // tries are safe; if all fail, the failure is counted and the ledger shows it.

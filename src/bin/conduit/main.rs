@@ -149,6 +149,10 @@ struct RunArgs {
     /// TOML file with `[engine]` and `[simulation]` tables.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// TOML file with the stages' bindings to routing keys, stages ordered by key, and an
+    /// optional `[engine]` table (see examples/topology.toml).
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
     /// Probability that a charge attempt fails transiently, 0 to 1 (overrides the file).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     payment_failure_rate: Option<f64>,
@@ -220,9 +224,20 @@ fn read_config(path: Option<&Path>) -> Result<PipelineFile, UsageError> {
     }
 }
 
-/// Reads the file (if any) and lays the flags over it.
-fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig), UsageError> {
+/// Reads the files (if any) and lays the flags over them.
+fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig, orders::OrderRouting), UsageError> {
     let mut file = read_config(args.config.as_deref())?;
+    let mut routing = orders::OrderRouting::default();
+    if let Some(path) = &args.topology {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| UsageError(format!("cannot read topology file {}: {e}", path.display())))?;
+        let topology =
+            orders::TopologyFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+        if let Some(engine) = &topology.engine {
+            file.engine.overlay(engine);
+        }
+        routing = topology.routing();
+    }
     if let Some(seed) = args.seed {
         file.simulation.seed = seed;
     }
@@ -238,11 +253,12 @@ fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig), Us
     if let Some(batch) = args.batch {
         file.engine.batch_events_max = Some(batch);
     }
-    file.validate().map_err(|e| UsageError(e.to_string()))
+    let (engine, sim) = file.validate().map_err(|e| UsageError(e.to_string()))?;
+    Ok((engine, sim, routing))
 }
 
 fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
-    let (engine, sim) = plan(args)?;
+    let (engine, sim, routing) = plan(args)?;
     let log = match args.log.plan()? {
         Some((path, options)) => {
             Some(Arc::new(Log::open(&path, options).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?))
@@ -250,7 +266,7 @@ fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         None => None,
     };
     let bar = progress_bar(args.orders, args.quiet);
-    let result = orders::run(&engine, &sim, args.orders, log.clone(), |submitted, finished| {
+    let result = orders::run_routed(&engine, &sim, &routing, args.orders, log.clone(), |submitted, finished| {
         if let Some(bar) = &bar {
             bar.set_position(submitted);
             bar.set_message(format!("{finished} finished"));
