@@ -76,6 +76,7 @@ pub mod log;
 pub mod metrics;
 pub mod orders;
 pub mod routing;
+pub mod rpc;
 mod stage;
 pub mod wheel;
 mod worker;

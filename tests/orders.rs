@@ -137,3 +137,24 @@ fn rebound_and_ordered_stages_still_balance() {
     assert_eq!(report.notifications.email_sent, report.orders.confirmed);
     assert_eq!(report.notifications.sms_sent, report.orders.confirmed);
 }
+
+#[test]
+fn the_fraud_check_runs_over_request_reply_and_its_timeouts_are_retries() {
+    let sim = SimConfig { fraud_check: true, fraud_deny_rate: 0.1, seed: 9, ..SimConfig::default() };
+    let report = orders::run(&engine(2, 64, 4), &sim, 5_000, None, |_, _| {}).expect("runs");
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+    let denied = report.orders.cancelled_declined;
+    assert!((350..650).contains(&denied), "about a tenth denied: {denied}");
+    let fraud = report.fraud_check.expect("the fraud service ran");
+    assert_eq!((fraud.calls, fraud.replies, fraud.timeouts), (5_000, 5_000, 0));
+
+    // A fraud service slower than the payment stage waits: every call times out, is retried,
+    // and the order ends dead-lettered (and compensated) instead of hanging the stage.
+    let slow = SimConfig { fraud_check: true, fraud_latency_us: 3_000, fraud_timeout_us: 300, ..SimConfig::default() };
+    let report = orders::run(&engine(1, 16, 4), &slow, 40, None, |_, _| {}).expect("runs");
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+    assert_eq!(report.orders.dead_lettered, 40);
+    let fraud = report.fraud_check.expect("the fraud service ran");
+    assert_eq!(fraud.timeouts, 40 * 5, "five attempts per order, each timed out");
+    assert!(fraud.late_replies > 0, "replies after the timeout are dropped and counted");
+}

@@ -11,14 +11,15 @@ use serde::{Deserialize, Serialize};
 use super::domain::{Order, OrderCodec, OrderEvent, Step, Workload};
 use super::history::{Histories, OrderStatus, VerifyReport};
 use super::ports::{
-    Channel, Faults, LedgerFigures, NotifyFigures, SimulatedGateway, SimulatedInventory, SimulatedNotifier,
-    StockFigures,
+    Channel, Faults, FraudVerdict, LedgerFigures, NotifyFigures, SimulatedFraudCheck, SimulatedGateway,
+    SimulatedInventory, SimulatedNotifier, StockFigures,
 };
 use super::stages::{
     names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, OutcomeFigures, Outcomes,
     PaymentStage, ShippingStage,
 };
 use crate::log::{Durability, Log, LogError, LogStats};
+use crate::rpc::{RpcServer, RpcStats};
 use crate::{
     BuildError, ConfigError, Engine, EngineConfig, EngineSettings, Envelope, Journal, LatencySummary, StageId,
     SubmitError, Topology, TrySubmitError,
@@ -52,6 +53,15 @@ pub struct SimConfig {
     pub inventory_latency_us: u64,
     /// Time each notification call takes, in microseconds.
     pub notify_latency_us: u64,
+    /// Ask a fraud service over request/reply before every charge (a blocking call per order:
+    /// off by default, as it costs a thread hand-off each way).
+    pub fraud_check: bool,
+    /// Fraction of orders the fraud service denies (they are cancelled).
+    pub fraud_deny_rate: f64,
+    /// Time each fraud check takes, in microseconds.
+    pub fraud_latency_us: u64,
+    /// How long the payment stage waits for a verdict before retrying, in microseconds.
+    pub fraud_timeout_us: u64,
 }
 
 impl Default for SimConfig {
@@ -69,6 +79,10 @@ impl Default for SimConfig {
             payment_latency_us: 0,
             inventory_latency_us: 0,
             notify_latency_us: 0,
+            fraud_check: false,
+            fraud_deny_rate: 0.0,
+            fraud_latency_us: 0,
+            fraud_timeout_us: 50_000,
         }
     }
 }
@@ -85,6 +99,7 @@ impl SimConfig {
             ("payment_decline_rate", self.payment_decline_rate),
             ("inventory_failure_rate", self.inventory_failure_rate),
             ("notify_failure_rate", self.notify_failure_rate),
+            ("fraud_deny_rate", self.fraud_deny_rate),
         ];
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
@@ -106,11 +121,15 @@ impl SimConfig {
             ("payment_latency_us", self.payment_latency_us),
             ("inventory_latency_us", self.inventory_latency_us),
             ("notify_latency_us", self.notify_latency_us),
+            ("fraud_latency_us", self.fraud_latency_us),
         ];
         for (name, latency) in latencies {
             if latency > LATENCY_US_MAX {
                 return Err(out_of_range(name, latency, 0, LATENCY_US_MAX));
             }
+        }
+        if !(1..=60_000_000).contains(&self.fraud_timeout_us) {
+            return Err(out_of_range("fraud_timeout_us", self.fraud_timeout_us, 1, 60_000_000));
         }
         Ok(())
     }
@@ -285,9 +304,47 @@ struct Ports {
     notifier: Arc<SimulatedNotifier>,
 }
 
+impl Ports {
+    fn new(sim: &SimConfig) -> Self {
+        Self {
+            gateway: Arc::new(SimulatedGateway::new(
+                sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
+                sim.payment_decline_rate,
+            )),
+            inventory: Arc::new(SimulatedInventory::new(
+                sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
+                sim.skus,
+                sim.stock_per_sku,
+                sim.empty_skus(),
+            )),
+            notifier: Arc::new(SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us))),
+        }
+    }
+
+    /// The fraud service the payment stage calls, if the simulation asks for one.
+    fn fraud(sim: &SimConfig, workers: usize) -> Result<Option<FraudService>, BuildError> {
+        if !sim.fraud_check {
+            return Ok(None);
+        }
+        let service = SimulatedFraudCheck {
+            seed: sim.seed,
+            deny_rate: sim.fraud_deny_rate,
+            latency: Duration::from_micros(sim.fraud_latency_us),
+        };
+        let server = RpcServer::spawn("fraud", workers, 1_024, move |order: Order| service.check(&order))
+            .map_err(|source| BuildError::Spawn { name: "conduit:rpc:fraud".into(), source })?;
+        Ok(Some((Arc::new(server), Duration::from_micros(sim.fraud_timeout_us))))
+    }
+}
+
+/// A fraud service and how long to wait for its verdict.
+type FraudService = (Arc<RpcServer<Order, FraudVerdict>>, Duration);
+
 /// The reference order pipeline, running.
 pub struct OrderPipeline {
     engine: Engine<OrderEvent>,
+    /// The fraud service the payment stage calls, when the simulation asks for one.
+    fraud: Option<Arc<RpcServer<Order, FraudVerdict>>>,
     stages: Vec<(&'static str, StageId)>,
     log: Option<Arc<Log>>,
     /// Orders placed by earlier runs of this log (recovery).
@@ -332,19 +389,7 @@ impl OrderPipeline {
         restore: Option<&Histories>,
     ) -> Result<Self, BuildError> {
         sim.validate()?;
-        let ports = Ports {
-            gateway: Arc::new(SimulatedGateway::new(
-                sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
-                sim.payment_decline_rate,
-            )),
-            inventory: Arc::new(SimulatedInventory::new(
-                sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
-                sim.skus,
-                sim.stock_per_sku,
-                sim.empty_skus(),
-            )),
-            notifier: Arc::new(SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us))),
-        };
+        let ports = Ports::new(sim);
         let outcomes = Arc::new(Outcomes::default());
         let dead_letters = Arc::new(OrderDeadLetters {
             inventory: ports.inventory.clone(),
@@ -388,7 +433,14 @@ impl OrderPipeline {
 
         topology.handler(order, move |_| OrderStage { accepted });
         let gateway = ports.gateway.clone();
-        topology.handler(payment, move |_| PaymentStage { gateway: gateway.clone(), charged, declined });
+        let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers)?;
+        let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
+        topology.handler(payment, move |_| PaymentStage {
+            gateway: gateway.clone(),
+            fraud: fraud.clone(),
+            charged,
+            declined,
+        });
         let store = ports.inventory.clone();
         topology.handler(inventory, move |_| InventoryStage {
             inventory: store.clone(),
@@ -417,6 +469,7 @@ impl OrderPipeline {
         let engine = builder.start()?;
         Ok(Self {
             engine,
+            fraud: fraud_server,
             stages,
             log,
             submitted_before,
@@ -479,6 +532,7 @@ impl OrderPipeline {
     /// Drains the pipeline and reports.
     pub fn finish(self) -> RunReport {
         let report = self.engine.shutdown();
+        let fraud_check = self.fraud.as_ref().map(|server| server.stats());
         let elapsed_s = self.started.elapsed().as_secs_f64();
         let outcomes = self.outcomes.figures();
         let snapshot = report.snapshot;
@@ -524,6 +578,7 @@ impl OrderPipeline {
             poisoned: snapshot.poisoned,
             log,
             ack_latency_us: snapshot.ack_latency_us,
+            fraud_check,
         }
     }
 
@@ -815,6 +870,8 @@ pub struct RunReport {
     pub log: Option<LogReport>,
     /// With a log: time from journaling a submitted batch to its commit.
     pub ack_latency_us: Option<LatencySummary>,
+    /// With `simulation.fraud_check`: the request/reply traffic to the fraud service.
+    pub fraud_check: Option<RpcStats>,
 }
 
 /// The log's part of a run report.

@@ -121,6 +121,44 @@ const SALT_CHARGE_AFTER: u64 = 2;
 const SALT_DECLINE: u64 = 3;
 const SALT_RESERVE: u64 = 4;
 const SALT_NOTIFY: u64 = 5;
+const SALT_FRAUD: u64 = 6;
+
+// ---------------------------------------------------------------------------------------------
+// Fraud check (served over request/reply)
+
+/// A fraud service's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FraudVerdict {
+    /// Go ahead and charge.
+    Approve,
+    /// Do not charge: the order is cancelled.
+    Deny,
+}
+
+/// A simulated fraud service: denies a seeded fraction of orders, taking `latency` per check.
+#[derive(Debug, Clone, Copy)]
+pub struct SimulatedFraudCheck {
+    /// Decides the seeded verdicts.
+    pub seed: u64,
+    /// Fraction of orders denied.
+    pub deny_rate: f64,
+    /// Time each check takes.
+    pub latency: Duration,
+}
+
+impl SimulatedFraudCheck {
+    /// The verdict on `order` (the same every time it is asked).
+    #[must_use]
+    pub fn check(&self, order: &Order) -> FraudVerdict {
+        pause(self.latency);
+        if chance(self.seed, order.id, 0, SALT_FRAUD) < self.deny_rate {
+            FraudVerdict::Deny
+        } else {
+            FraudVerdict::Approve
+        }
+    }
+}
 
 impl SimulatedGateway {
     /// A gateway failing transiently at `faults.failure_rate` and declining at `decline_rate`.

@@ -11,13 +11,15 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step};
-use super::ports::{Channel, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
+use super::ports::{Channel, FraudVerdict, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
 use crate::routing::RouteId;
+use crate::rpc::RpcServer;
 use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome};
 
 /// Stage names, as they appear in configuration and reports.
@@ -138,6 +140,8 @@ impl Handler<OrderEvent> for OrderStage {
 /// Payment stage: charges once per order; a decline cancels it.
 pub(crate) struct PaymentStage {
     pub(crate) gateway: Arc<dyn PaymentGateway>,
+    /// The fraud service, asked over request/reply before charging, and how long to wait.
+    pub(crate) fraud: Option<(Arc<RpcServer<Order, FraudVerdict>>, Duration)>,
     /// `order.inventory.reserve`.
     pub(crate) charged: RouteId,
     /// `order.compensation.declined`.
@@ -150,6 +154,17 @@ impl Handler<OrderEvent> for PaymentStage {
             return unexpected(event);
         }
         let order = &event.msg.order;
+        if let Some((fraud, timeout)) = &self.fraud {
+            match fraud.call(*order, *timeout) {
+                Ok(FraudVerdict::Approve) => {}
+                Ok(FraudVerdict::Deny) => {
+                    out.record(kinds::DECLINED, &[]);
+                    out.publish(self.declined, event.msg.then(Step::Compensate(CancelReason::PaymentDeclined)));
+                    return Outcome::Done;
+                }
+                Err(error) => return Outcome::Retry(format!("fraud check: {error}").into()),
+            }
+        }
         match self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, event.attempt) {
             Ok(()) => {
                 out.record(kinds::CHARGED, &[]);
