@@ -487,6 +487,9 @@ impl<M: Message> Engine<M> {
         let Some(ingress) = self.ingress.as_ref() else {
             return Err(TrySubmitError::Closed(msg));
         };
+        if self.journal.as_ref().is_some_and(|j| j.log.failure().is_some()) {
+            return Err(TrySubmitError::LogFailed(msg));
+        }
         if self.shared.is_poisoned() {
             return Err(TrySubmitError::Poisoned(msg));
         }
@@ -550,6 +553,12 @@ impl<M: Message> Engine<M> {
             all
         };
         loop {
+            // A failed log is the precise reason, even when a worker noticed it first and
+            // poisoned the engine.
+            if self.journal.as_ref().is_some_and(|j| j.log.failure().is_some()) {
+                let mut previous = waiting.take().map(|(w, _, _)| w).unwrap_or_default();
+                return Err(SubmitError::LogFailed(unsent(&mut [&mut previous], &mut msgs)));
+            }
             if self.shared.is_poisoned() {
                 let mut previous = waiting.take().map(|(w, _, _)| w).unwrap_or_default();
                 return Err(SubmitError::Poisoned(unsent(&mut [&mut previous], &mut msgs)));
