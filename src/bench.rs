@@ -61,6 +61,8 @@ pub struct BenchConfig {
     pub dir: PathBuf,
     /// Orders pushed through the overload memory measurement (0 skips it).
     pub overload_orders: u64,
+    /// Events published per run of the fan-out cases (0 skips them).
+    pub fanout_events: u64,
     /// With `Some(n)`: also run a synthetic chain of `n` pass-through stages (engine, per-event
     /// crossbeam, and the same work in one thread), to see the engine's own cost per hop.
     pub chain_stages: Option<usize>,
@@ -77,6 +79,7 @@ impl Default for BenchConfig {
             dir: std::env::temp_dir(),
             overload_orders: 40_000,
             chain_stages: None,
+            fanout_events: 1_000_000,
         }
     }
 }
@@ -243,30 +246,7 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             Box::new(|| engine_memory(&engine, &workload)),
         ),
     ];
-    if let Some(stages) = config.chain_stages {
-        let chain_events = config.orders;
-        let engine = &engine;
-        cases.extend([
-            (
-                "chain_ceiling_one_thread",
-                format!("{stages} pass-through steps inline in one thread"),
-                chain_events,
-                Box::new(move || chain_ceiling(stages, chain_events)) as Box<dyn Fn() -> Duration>,
-            ),
-            (
-                "chain_crossbeam_per_event",
-                format!("{stages} threads, bounded({PER_EVENT_CAPACITY}) crossbeam channels, one event per message"),
-                chain_events,
-                Box::new(move || chain_crossbeam(stages, chain_events)),
-            ),
-            (
-                "chain_engine",
-                format!("{stages} pass-through engine stages, {:?}", config.engine.defaults()),
-                chain_events,
-                Box::new(move || chain_engine(engine, stages, chain_events)),
-            ),
-        ]);
-    }
+    cases.extend(synthetic_cases(config, &engine));
     if config.durable_orders > 0 {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         cases.extend([
@@ -303,6 +283,53 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
         report.memory = overload_memory(&config.engine, config.overload_orders);
     }
     Ok(report)
+}
+
+/// The optional synthetic cases: a chain of pass-through stages, publish/subscribe fan-out.
+fn synthetic_cases<'a>(config: &BenchConfig, engine: &'a EngineConfig) -> Vec<Case<'a>> {
+    let mut cases: Vec<Case<'a>> = Vec::new();
+    if let Some(stages) = config.chain_stages {
+        let chain_events = config.orders;
+        cases.extend([
+            (
+                "chain_ceiling_one_thread",
+                format!("{stages} pass-through steps inline in one thread"),
+                chain_events,
+                Box::new(move || chain_ceiling(stages, chain_events)) as Box<dyn Fn() -> Duration>,
+            ),
+            (
+                "chain_crossbeam_per_event",
+                format!("{stages} threads, bounded({PER_EVENT_CAPACITY}) crossbeam channels, one event per message"),
+                chain_events,
+                Box::new(move || chain_crossbeam(stages, chain_events)),
+            ),
+            (
+                "chain_engine",
+                format!("{stages} pass-through engine stages, {:?}", config.engine.defaults()),
+                chain_events,
+                Box::new(move || chain_engine(engine, stages, chain_events)),
+            ),
+        ]);
+    }
+    if config.fanout_events > 0 {
+        let fanout_events = config.fanout_events;
+        cases.extend([
+            (
+                "fanout_3_subscribers",
+                "one publisher, three subscribers bound to one key".into(),
+                fanout_events,
+                Box::new(move || fanout(engine, fanout_events, false)) as Box<dyn Fn() -> Duration>,
+            ),
+            (
+                "fanout_3_plus_slow_subscriber",
+                "the same, plus a subscriber waiting 20 us per event with overflow = dead_letter (fast ones timed)"
+                    .into(),
+                fanout_events,
+                Box::new(move || fanout(engine, fanout_events, true)),
+            ),
+        ]);
+    }
+    cases
 }
 
 /// Runs the cases `repeat` times, interleaved; the median of each.
@@ -349,6 +376,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("log_writer", "redb_rows_batch10k"),
         ("log_writer", "disk_seq_write_fsync"),
         ("chain_engine", "chain_ceiling_one_thread"),
+        ("fanout_3_plus_slow_subscriber", "fanout_3_subscribers"),
         ("chain_engine", "chain_crossbeam_per_event"),
     ] {
         let denominator = rate(b);
@@ -611,6 +639,84 @@ pub fn chain_engine(config: &EngineConfig, stages: usize, events: u64) -> Durati
     start.elapsed()
 }
 
+/// A subscriber's work: `rounds` multiply-xorshift steps.
+fn subscriber_work(x: u64, rounds: u32) -> u64 {
+    (0..rounds).fold(x, |h, _| chain_step(h))
+}
+
+/// Publish/subscribe fan-out: one publisher, three subscribers doing the same light work, and
+/// with `slow`, a fourth that waits on a slow provider (a 20 us sleep per event, over 100 times
+/// a fast subscriber's time per event) whose overflow policy is `dead_letter`. Times how long the
+/// three fast subscribers take to handle every event.
+///
+/// # Panics
+/// If the engine does not start or a fast subscriber misses an event.
+pub fn fanout(config: &EngineConfig, events: u64, slow: bool) -> Duration {
+    use crate::{Emitter, Engine, Envelope, Outcome, Overflow, StageSettings, Topology};
+    const FAST_ROUNDS: u32 = 8;
+    let mut topology = Topology::new();
+    let publisher = topology.stage("publisher");
+    topology.entry(publisher);
+    let mut subscribers: Vec<_> = ["fast_a", "fast_b", "fast_c"].iter().map(|n| topology.stage(n)).collect();
+    if slow {
+        subscribers.push(topology.stage("slow"));
+    }
+    for &stage in &subscribers {
+        topology.bind(stage, "user.#").expect("a valid pattern");
+    }
+    let route = topology.publishes(publisher, "user.registered").expect("a valid key");
+    topology.handler(publisher, move |_| {
+        move |event: &Envelope<ChainEvent>, out: &mut Emitter<ChainEvent>| {
+            out.publish(route, event.msg);
+            Outcome::Done
+        }
+    });
+    let done: Arc<AtomicU64> = Arc::new(AtomicU64::new(0));
+    for (i, &stage) in subscribers.iter().enumerate() {
+        let done = (i < 3).then(|| Arc::clone(&done));
+        topology.handler(stage, move |_| {
+            let done = done.clone();
+            move |event: &Envelope<ChainEvent>, _: &mut Emitter<ChainEvent>| {
+                std::hint::black_box(subscriber_work(event.msg.0, FAST_ROUNDS));
+                match &done {
+                    Some(done) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => std::thread::sleep(Duration::from_micros(20)),
+                }
+                Outcome::Done
+            }
+        });
+    }
+    let mut config = config.clone();
+    if slow {
+        let settings = StageSettings { overflow: Some(Overflow::DeadLetter), ..StageSettings::default() };
+        config = EngineConfig::builder()
+            .workers(config.defaults().workers)
+            .batch_events_max(config.defaults().batch_events_max)
+            .queue_batches(config.defaults().queue_batches)
+            .stage("slow", settings)
+            .build()
+            .expect("the bench's engine configuration was validated");
+    }
+    let engine = Engine::start(topology, &config).expect("the bench's engine configuration was validated");
+    let start = Instant::now();
+    for chunk in 0..events.div_ceil(4_096) {
+        let first = chunk * 4_096;
+        engine.submit_many((first..(first + 4_096).min(events)).map(ChainEvent)).expect("healthy engine");
+    }
+    while done.load(Ordering::Relaxed) < 3 * events {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let elapsed = start.elapsed();
+    let report = engine.shutdown();
+    if slow {
+        let slow = report.snapshot.stage("slow").expect("declared");
+        assert_eq!(slow.processed + slow.overflowed, events, "the slow subscriber lost nothing");
+    }
+    elapsed
+}
+
 /// The bench workload: `orders` seeded orders over 1,000 SKUs and 100,000 customers.
 #[must_use]
 pub fn workload(seed: u64, orders: u64) -> Vec<Order> {
@@ -843,15 +949,17 @@ mod tests {
             orders: 5_000,
             durable_orders: 2_000,
             overload_orders: 200,
+            fanout_events: 20_000,
             repeat: 1,
             dir,
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 8);
+        assert_eq!(report.cases.len(), 10);
         assert!(report.cases[..4].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert!(report.cases[4..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
-        assert_eq!(report.ratios.len(), 7);
+        assert!(report.cases[4..6].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
+        assert!(report.cases[6..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
+        assert_eq!(report.ratios.len(), 8);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);

@@ -1,6 +1,7 @@
 //! Dead letters: events a stage gave up on, with the story of why.
 
 use std::fmt;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -38,8 +39,8 @@ impl fmt::Display for DeadLetterKind {
 /// An event a stage gave up on.
 #[derive(Debug, Clone)]
 pub struct DeadLetter<M> {
-    /// The stage that gave up.
-    pub stage: String,
+    /// The stage that gave up (or, for an overflow, the stage whose queue was full).
+    pub stage: Arc<str>,
     /// The class of failure.
     pub kind: DeadLetterKind,
     /// The last failure's reason, as the handler (or the panic) gave it.

@@ -445,7 +445,7 @@ impl<M: Message> Engine<M> {
                 let name = format!("conduit:{}:{worker}", decl.name);
                 let ctx = WorkerCtx {
                     name: name.clone(),
-                    stage_name: decl.name.clone(),
+                    stage_name: decl.name.as_str().into(),
                     worker,
                     stage: stage.0,
                     config: stage_config,

@@ -59,7 +59,7 @@ impl Drop for PoisonGuard<'_> {
 /// Everything a worker thread needs, built by the engine.
 pub(crate) struct WorkerCtx<M> {
     pub(crate) name: String,
-    pub(crate) stage_name: String,
+    pub(crate) stage_name: Arc<str>,
     pub(crate) worker: usize,
     /// The stage's index in its topology.
     pub(crate) stage: u16,
@@ -282,7 +282,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             Err(SendFailure::Full(batch)) => {
                 outboxes.input.count_overflow(batch.events.len() as u64);
                 let stage = outboxes.input.stage.clone();
-                let reason: Reason = format!("the queue of stage {stage} was full").into();
+                let reason: Reason = "its queue was full".into();
                 for event in batch.events {
                     self.dead_letter_in(&stage, event, DeadLetterKind::Overflow, reason.clone());
                 }
@@ -383,7 +383,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     }
 
     /// Dead-letters an event on behalf of `stage` (this one, or a destination that refused it).
-    fn dead_letter_in(&mut self, stage: &str, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
+    fn dead_letter_in(&mut self, stage: &Arc<str>, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
         tracing::debug!(%stage, key = envelope.key, %kind, %reason, "dead letter");
         let attempts = envelope.attempt;
         if let Some(journal) = &mut self.journal {

@@ -229,7 +229,7 @@ fn outcomes_are_per_event_and_dead_letters_keep_the_original() {
     assert_eq!(count(DeadLetterKind::RetriesExhausted), 100);
     assert_eq!(count(DeadLetterKind::HandlerMisuse), 100);
     for letter in &letters {
-        assert_eq!(letter.stage, "judge");
+        assert_eq!(&*letter.stage, "judge");
         assert_eq!(letter.envelope.key, letter.envelope.msg.0);
         let expected_attempts = match letter.kind {
             DeadLetterKind::RetriesExhausted => 4,

@@ -140,6 +140,6 @@ fn a_slow_subscriber_overflows_into_dead_letters_and_holds_no_one_back() {
     assert!(overflowed > 0, "the slow subscriber's queue overflowed");
     let letters = letters.drain();
     assert_eq!(letters.len() as u64, overflowed);
-    assert!(letters.iter().all(|l| l.kind == DeadLetterKind::Overflow && l.stage == "slow"));
+    assert!(letters.iter().all(|l| l.kind == DeadLetterKind::Overflow && &*l.stage == "slow"));
     assert_eq!(slow_count.load(Ordering::Relaxed) + overflowed, EVENTS, "nothing lost: handled or dead-lettered");
 }

@@ -357,7 +357,7 @@ impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
             self.outcomes.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
         self.letters.lock().push(OrderDeadLetter {
-            stage: letter.stage,
+            stage: letter.stage.to_string(),
             kind: letter.kind.to_string(),
             reason: letter.reason.into_owned(),
             attempts: letter.attempts,

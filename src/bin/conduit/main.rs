@@ -118,6 +118,9 @@ struct BenchArgs {
     /// Orders per run of the durable cases (0 skips them).
     #[arg(long, default_value_t = 300_000)]
     durable_orders: u64,
+    /// Events per run of the publish/subscribe fan-out cases (0 skips them).
+    #[arg(long, default_value_t = 1_000_000)]
+    fanout_events: u64,
     /// Orders for the overload memory measurement (0 skips it).
     #[arg(long, default_value_t = 40_000)]
     overload_orders: u64,
@@ -342,6 +345,7 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         durable_orders: args.durable_orders,
         overload_orders: args.overload_orders,
         chain_stages: args.stages.map(usize::from),
+        fanout_events: args.fanout_events,
         ..Default::default()
     };
     if let Some(dir) = &args.dir {
