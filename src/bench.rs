@@ -79,7 +79,7 @@ impl Default for BenchConfig {
             dir: std::env::temp_dir(),
             overload_orders: 40_000,
             chain_stages: None,
-            fanout_events: 1_000_000,
+            fanout_events: 200_000,
         }
     }
 }

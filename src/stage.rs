@@ -193,7 +193,9 @@ impl<M> Emitter<M> {
             self.misuse.get_or_insert_with(|| "published a routing key this stage did not declare".into());
             return;
         }
-        let Some(exchange) = self.exchange.clone() else { return };
+        // Taken out and put back rather than cloned: an `Arc` clone per event would bounce its
+        // counter between the cores of every publishing worker.
+        let Some(exchange) = self.exchange.take() else { return };
         match exchange.destinations(route) {
             [] => {
                 self.unroutable_count += 1;
@@ -208,6 +210,7 @@ impl<M> Emitter<M> {
                 self.emit(*last, msg);
             }
         }
+        self.exchange = Some(exchange);
     }
 
     /// Events emitted so far for the current input event.

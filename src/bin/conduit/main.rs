@@ -119,7 +119,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 300_000)]
     durable_orders: u64,
     /// Events per run of the publish/subscribe fan-out cases (0 skips them).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 200_000)]
     fanout_events: u64,
     /// Orders for the overload memory measurement (0 skips it).
     #[arg(long, default_value_t = 40_000)]
