@@ -130,10 +130,12 @@ impl<M> BatchSender<M> {
 }
 
 /// Where events for one stage go: its one queue shared by every worker, or, for a stage ordered
-/// by key, one queue per worker with each key always in the same one.
+/// by key, one queue per worker with each key always in the same one; and within each, one queue
+/// per priority level. Queues are numbered `partition * levels + level`.
 #[derive(Debug)]
 pub(crate) struct StageInput<M> {
     partitions: Vec<BatchSender<M>>,
+    levels: usize,
     /// The stage's name, for dead letters of events it could not take.
     pub(crate) stage: Arc<str>,
     pub(crate) overflow: crate::config::Overflow,
@@ -141,14 +143,24 @@ pub(crate) struct StageInput<M> {
 
 impl<M> Clone for StageInput<M> {
     fn clone(&self) -> Self {
-        Self { partitions: self.partitions.clone(), stage: Arc::clone(&self.stage), overflow: self.overflow }
+        Self {
+            partitions: self.partitions.clone(),
+            levels: self.levels,
+            stage: Arc::clone(&self.stage),
+            overflow: self.overflow,
+        }
     }
 }
 
 impl<M> StageInput<M> {
-    pub(crate) fn new(partitions: Vec<BatchSender<M>>, stage: Arc<str>, overflow: crate::config::Overflow) -> Self {
-        debug_assert!(!partitions.is_empty());
-        Self { partitions, stage, overflow }
+    pub(crate) fn new(
+        partitions: Vec<BatchSender<M>>,
+        levels: usize,
+        stage: Arc<str>,
+        overflow: crate::config::Overflow,
+    ) -> Self {
+        debug_assert!(levels > 0 && !partitions.is_empty() && partitions.len() % levels == 0);
+        Self { partitions, levels, stage, overflow }
     }
 
     /// Counts events the stage refused for lack of room.
@@ -156,19 +168,21 @@ impl<M> StageInput<M> {
         self.partitions[0].metrics.overflowed.fetch_add(events, Ordering::Relaxed);
     }
 
-    /// Queues behind this input (1 unless the stage is ordered).
+    /// Queues behind this input (1 unless the stage is ordered or has priorities).
     pub(crate) fn partitions(&self) -> usize {
         self.partitions.len()
     }
 
-    /// The queue of `key`: a multiplicative hash, so neighbouring keys spread evenly.
-    pub(crate) fn partition_of(&self, key: u64) -> usize {
-        let n = self.partitions.len() as u64;
-        if n == 1 {
+    /// The queue of a message: its key's partition (a multiplicative hash, so neighbouring keys
+    /// spread evenly), then its priority's level.
+    pub(crate) fn queue_of(&self, key: u64, priority: u8) -> usize {
+        let partitions = (self.partitions.len() / self.levels) as u64;
+        let partition = if partitions == 1 {
             0
         } else {
-            usize::try_from((key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n).unwrap_or(0)
-        }
+            usize::try_from((key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % partitions).unwrap_or(0)
+        };
+        partition * self.levels + usize::from(priority).min(self.levels - 1)
     }
 
     pub(crate) fn sender(&self, partition: usize) -> &BatchSender<M> {
@@ -207,6 +221,34 @@ impl<M> BatchReceiver<M> {
         let batch = self.rx.recv()?;
         self.count_out(&batch);
         Ok(batch)
+    }
+
+    /// Waits for a batch on any of `receivers` (skipping those marked gone); `None` once every
+    /// one is disconnected and drained.
+    pub(crate) fn recv_any(receivers: &[Self], gone: &mut [bool]) -> Option<(usize, Batch<M>)> {
+        if let [only] = receivers {
+            return only.recv().ok().map(|batch| (0, batch));
+        }
+        loop {
+            let mut select = crossbeam_channel::Select::new();
+            let mut indices = Vec::with_capacity(receivers.len());
+            for (i, receiver) in receivers.iter().enumerate().filter(|(i, _)| !gone[*i]) {
+                select.recv(&receiver.rx);
+                indices.push(i);
+            }
+            if indices.is_empty() {
+                return None;
+            }
+            let operation = select.select();
+            let i = indices[operation.index()];
+            match operation.recv(&receivers[i].rx) {
+                Ok(batch) => {
+                    receivers[i].count_out(&batch);
+                    return Some((i, batch));
+                }
+                Err(_) => gone[i] = true,
+            }
+        }
     }
 
     fn count_out(&self, batch: &Batch<M>) {

@@ -19,6 +19,8 @@ pub mod limits {
     pub const BATCH_EVENTS_MAX: usize = 1 << 16;
     /// Most attempts (first try included) an event may get in one stage.
     pub const ATTEMPTS_MAX: u32 = 100;
+    /// Most priority levels one stage may have.
+    pub const PRIORITY_LEVELS_MAX: u8 = 8;
     /// Most events one stage's queue may hold in all (`queue_batches * batch_events_max`).
     pub const QUEUE_EVENTS_MAX: usize = 1 << 26;
 }
@@ -49,11 +51,21 @@ pub struct StageConfig {
     pub attempts_max: u32,
     /// What senders do when the stage's queue is full.
     pub overflow: Overflow,
+    /// Priority levels of the stage's queue (1..=8; 1: no priorities). Each level is a queue of
+    /// `queue_batches`; workers take from the highest non-empty one.
+    pub priority_levels: u8,
 }
 
 impl Default for StageConfig {
     fn default() -> Self {
-        Self { workers: 1, queue_batches: 64, batch_events_max: 256, attempts_max: 5, overflow: Overflow::Block }
+        Self {
+            workers: 1,
+            queue_batches: 64,
+            batch_events_max: 256,
+            attempts_max: 5,
+            overflow: Overflow::Block,
+            priority_levels: 1,
+        }
     }
 }
 
@@ -64,6 +76,13 @@ impl StageConfig {
         check_range(scope, "queue_batches", self.queue_batches, 1, limits::QUEUE_BATCHES_MAX)?;
         check_range(scope, "batch_events_max", self.batch_events_max, 1, limits::BATCH_EVENTS_MAX)?;
         check_range(scope, "attempts_max", self.attempts_max as usize, 1, limits::ATTEMPTS_MAX as usize)?;
+        check_range(
+            scope,
+            "priority_levels",
+            usize::from(self.priority_levels),
+            1,
+            usize::from(limits::PRIORITY_LEVELS_MAX),
+        )?;
         let queue_events = self.queue_batches * self.batch_events_max;
         if queue_events > limits::QUEUE_EVENTS_MAX {
             return Err(ConfigError::OutOfRange {
@@ -110,6 +129,8 @@ pub struct StageSettings {
     pub attempts_max: Option<u32>,
     /// See [`StageConfig::overflow`].
     pub overflow: Option<Overflow>,
+    /// See [`StageConfig::priority_levels`].
+    pub priority_levels: Option<u8>,
 }
 
 impl StageSettings {
@@ -120,6 +141,7 @@ impl StageSettings {
             batch_events_max: self.batch_events_max.unwrap_or(base.batch_events_max),
             attempts_max: self.attempts_max.unwrap_or(base.attempts_max),
             overflow: self.overflow.unwrap_or(base.overflow),
+            priority_levels: self.priority_levels.unwrap_or(base.priority_levels),
         }
     }
 }
@@ -147,6 +169,8 @@ pub struct EngineSettings {
     pub attempts_max: Option<u32>,
     /// Default for every stage: see [`StageConfig::overflow`].
     pub overflow: Option<Overflow>,
+    /// Default for every stage: see [`StageConfig::priority_levels`].
+    pub priority_levels: Option<u8>,
     /// Per-stage overrides, by stage name.
     #[serde(default)]
     pub stages: BTreeMap<String, StageSettings>,
@@ -165,6 +189,7 @@ impl EngineSettings {
         pick(&mut self.batch_events_max, other.batch_events_max);
         pick(&mut self.attempts_max, other.attempts_max);
         pick(&mut self.overflow, other.overflow);
+        pick(&mut self.priority_levels, other.priority_levels);
         for (name, theirs) in &other.stages {
             let mine = self.stages.entry(name.clone()).or_default();
             pick(&mut mine.workers, theirs.workers);
@@ -172,6 +197,7 @@ impl EngineSettings {
             pick(&mut mine.batch_events_max, theirs.batch_events_max);
             pick(&mut mine.attempts_max, theirs.attempts_max);
             pick(&mut mine.overflow, theirs.overflow);
+            pick(&mut mine.priority_levels, theirs.priority_levels);
         }
     }
 
@@ -182,6 +208,7 @@ impl EngineSettings {
             batch_events_max: self.batch_events_max,
             attempts_max: self.attempts_max,
             overflow: self.overflow,
+            priority_levels: self.priority_levels,
         }
     }
 }

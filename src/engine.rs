@@ -410,13 +410,14 @@ impl<M: Message> Engine<M> {
             .zip(&stage_configs)
             .zip(&metrics)
             .map(|((decl, c), m)| {
+                let levels = usize::from(c.priority_levels);
                 let partitions = if decl.ordered { c.workers } else { 1 };
-                let (senders, receivers) = (0..partitions)
+                let (senders, receivers) = (0..partitions * levels)
                     .map(|_| {
                         channel::queue(c.queue_batches, c.batch_events_max, Arc::clone(m), Arc::clone(&shared.poisoned))
                     })
                     .unzip();
-                (StageInput::new(senders, decl.name.as_str().into(), c.overflow), receivers)
+                (StageInput::new(senders, levels, decl.name.as_str().into(), c.overflow), receivers)
             })
             .collect();
 
@@ -451,7 +452,12 @@ impl<M: Message> Engine<M> {
                     config: stage_config,
                     journal: engine.journal.clone(),
                     routes: Some((Arc::clone(&exchange), may_publish[index].clone(), dead_letter_unroutable)),
-                    input: queues[index].1[worker % queues[index].1.len()].clone(),
+                    inputs: {
+                        let levels = usize::from(stage_config.priority_levels);
+                        let partitions = queues[index].1.len() / levels;
+                        let first = (worker % partitions) * levels;
+                        queues[index].1[first..first + levels].to_vec()
+                    },
                     outputs,
                     metrics: Arc::clone(&engine.metrics[index]),
                     dead_letters: Arc::clone(&dead_letters),
@@ -493,7 +499,7 @@ impl<M: Message> Engine<M> {
         if self.shared.is_poisoned() {
             return Err(TrySubmitError::Poisoned(msg));
         }
-        let partition = ingress.partition_of(msg.key());
+        let partition = ingress.queue_of(msg.key(), msg.priority());
         let sender = ingress.sender(partition);
         if self.journal.is_some() {
             // Once journaled, a message must enter the pipeline: check for room first.
@@ -736,12 +742,12 @@ impl<M: Message> Engine<M> {
 }
 
 /// Splits events into batches of at most `batch_events_max`, by the partition of their key.
-fn fill_window<M>(input: &StageInput<M>, events: impl Iterator<Item = Envelope<M>>) -> Window<M> {
+fn fill_window<M: Message>(input: &StageInput<M>, events: impl Iterator<Item = Envelope<M>>) -> Window<M> {
     let batch_events_max = input.batch_events_max();
     let mut open: Vec<Vec<Envelope<M>>> = (0..input.partitions()).map(|_| Vec::new()).collect();
     let mut window = Vec::new();
     for event in events {
-        let partition = input.partition_of(event.key);
+        let partition = input.queue_of(event.key, event.msg.priority());
         let buffer = &mut open[partition];
         if buffer.capacity() == 0 {
             *buffer = input.sender(partition).buffer();

@@ -12,6 +12,13 @@ use crate::routing::{Exchange, RouteId};
 pub trait Message: Send + 'static {
     /// The message's key, such as the order id it belongs to.
     fn key(&self) -> u64;
+
+    /// Urgency in a stage with `priority_levels` above 1: higher overtakes lower (levels above
+    /// the stage's highest count as its highest). Give all messages of one key the same priority
+    /// (a customer tier, say): then a key's messages share one queue and keep their order.
+    fn priority(&self) -> u8 {
+        0
+    }
 }
 
 /// Identifies a stage of a [`Topology`](crate::Topology); handed out by

@@ -67,7 +67,8 @@ pub(crate) struct WorkerCtx<M> {
     pub(crate) journal: Option<Journal<M>>,
     /// The topology's exchange and which of its routes this stage publishes.
     pub(crate) routes: Option<(Arc<Exchange<StageId>>, Vec<bool>, bool)>,
-    pub(crate) input: BatchReceiver<M>,
+    /// This worker's queues, one per priority level, lowest first.
+    pub(crate) inputs: Vec<BatchReceiver<M>>,
     /// Indexed by [`StageId`](crate::StageId): the input of every stage linked from this one.
     pub(crate) outputs: Vec<Option<StageInput<M>>>,
     pub(crate) metrics: Arc<StageMetrics>,
@@ -140,7 +141,8 @@ enum Handled<M> {
 
 /// What the next unit of work is.
 enum Next<M> {
-    Batch(crate::channel::Batch<M>),
+    /// A batch, and the level of the queue it came from.
+    Batch(crate::channel::Batch<M>, usize),
     Retries,
     Stop,
 }
@@ -209,7 +211,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     fn run_loop(&mut self) -> Result<(), Stop> {
         loop {
             match self.next()? {
-                Next::Batch(batch) => {
+                Next::Batch(batch, level) => {
                     self.ctx.metrics.busy_workers.fetch_add(1, Ordering::Relaxed);
                     let count = batch.events.len() as u64;
                     let mut events = batch.events;
@@ -218,7 +220,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                         journal.stamp();
                     }
                     let result = events.drain(..).try_for_each(|event| self.take(event, &mut tally));
-                    self.ctx.input.recycle(events);
+                    self.ctx.inputs[level].recycle(events);
                     self.ctx.metrics.publish(&tally);
                     self.ctx.metrics.record_latency(self.ctx.worker, batch.sent_at.elapsed(), count);
                     self.ctx.metrics.busy_workers.fetch_sub(1, Ordering::Relaxed);
@@ -239,16 +241,26 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     }
 
     fn next(&mut self) -> Result<Next<M>, Stop> {
-        match self.ctx.input.try_recv() {
-            Ok(batch) => Ok(Next::Batch(batch)),
-            Err(_) if !self.retry_keys.is_empty() => Ok(Next::Retries),
-            Err(TryRecvError::Disconnected) => Ok(Next::Stop),
-            Err(TryRecvError::Empty) => {
-                // Nothing queued: send what is collected before waiting, so nothing lingers.
-                self.flush_all()?;
-                Ok(self.ctx.input.recv().map_or(Next::Stop, Next::Batch))
+        // Highest priority first.
+        let mut all_gone = true;
+        for level in (0..self.ctx.inputs.len()).rev() {
+            match self.ctx.inputs[level].try_recv() {
+                Ok(batch) => return Ok(Next::Batch(batch, level)),
+                Err(TryRecvError::Empty) => all_gone = false,
+                Err(TryRecvError::Disconnected) => {}
             }
         }
+        if !self.retry_keys.is_empty() {
+            return Ok(Next::Retries);
+        }
+        if all_gone {
+            return Ok(Next::Stop);
+        }
+        // Nothing queued: send what is collected before waiting, so nothing lingers.
+        self.flush_all()?;
+        let mut gone = vec![false; self.ctx.inputs.len()];
+        Ok(BatchReceiver::recv_any(&self.ctx.inputs, &mut gone)
+            .map_or(Next::Stop, |(level, batch)| Next::Batch(batch, level)))
     }
 
     /// Sends the journal's records, then every outbox: a stream's records must reach the log
@@ -331,7 +343,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     let outboxes = self.outboxes[to.index()]
                         .as_mut()
                         .expect("the emitter stages only events for linked stages, which have outboxes");
-                    let partition = outboxes.input.partition_of(envelope.key);
+                    let partition = outboxes.input.queue_of(envelope.key, envelope.msg.priority());
                     if outboxes.partitions[partition].push(envelope) {
                         self.flush_journal()?;
                         self.flush_outbox(to.index(), partition)?;
