@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvError, SendTimeoutError, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError, TrySendError};
 
 use crate::metrics::StageMetrics;
 use crate::stage::Envelope;
@@ -194,6 +194,17 @@ impl<M> StageInput<M> {
     }
 }
 
+/// What [`BatchReceiver::recv_any`] got.
+#[derive(Debug)]
+pub(crate) enum Received<M> {
+    /// A batch from the receiver at this index.
+    Batch(usize, Batch<M>),
+    /// Nothing before the timeout.
+    TimedOut,
+    /// Every receiver is disconnected and drained.
+    Closed,
+}
+
 /// The receiving side of a stage's queue; cloned into each of the stage's workers.
 #[derive(Debug)]
 pub(crate) struct BatchReceiver<M> {
@@ -216,19 +227,10 @@ impl<M> BatchReceiver<M> {
         Ok(batch)
     }
 
-    /// Waits for a batch; fails once every sender is gone and the queue is empty.
-    pub(crate) fn recv(&self) -> Result<Batch<M>, RecvError> {
-        let batch = self.rx.recv()?;
-        self.count_out(&batch);
-        Ok(batch)
-    }
-
-    /// Waits for a batch on any of `receivers` (skipping those marked gone); `None` once every
-    /// one is disconnected and drained.
-    pub(crate) fn recv_any(receivers: &[Self], gone: &mut [bool]) -> Option<(usize, Batch<M>)> {
-        if let [only] = receivers {
-            return only.recv().ok().map(|batch| (0, batch));
-        }
+    /// Waits up to `timeout` (for ever without one) for a batch on any of `receivers`, skipping
+    /// those marked gone.
+    pub(crate) fn recv_any(receivers: &[Self], gone: &mut [bool], timeout: Option<Duration>) -> Received<M> {
+        let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let mut select = crossbeam_channel::Select::new();
             let mut indices = Vec::with_capacity(receivers.len());
@@ -237,14 +239,20 @@ impl<M> BatchReceiver<M> {
                 indices.push(i);
             }
             if indices.is_empty() {
-                return None;
+                return Received::Closed;
             }
-            let operation = select.select();
+            let operation = match deadline {
+                Some(deadline) => match select.select_deadline(deadline) {
+                    Ok(operation) => operation,
+                    Err(_) => return Received::TimedOut,
+                },
+                None => select.select(),
+            };
             let i = indices[operation.index()];
             match operation.recv(&receivers[i].rx) {
                 Ok(batch) => {
                     receivers[i].count_out(&batch);
-                    return Some((i, batch));
+                    return Received::Batch(i, batch);
                 }
                 Err(_) => gone[i] = true,
             }

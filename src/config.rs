@@ -21,6 +21,8 @@ pub mod limits {
     pub const ATTEMPTS_MAX: u32 = 100;
     /// Most priority levels one stage may have.
     pub const PRIORITY_LEVELS_MAX: u8 = 8;
+    /// Longest retry delay, in milliseconds.
+    pub const RETRY_BACKOFF_MS_MAX: u64 = 60_000;
     /// Most events one stage's queue may hold in all (`queue_batches * batch_events_max`).
     pub const QUEUE_EVENTS_MAX: usize = 1 << 26;
 }
@@ -35,6 +37,18 @@ pub enum Overflow {
     /// Dead-letter the batch that does not fit (reason `overflow`), so a slow subscriber never
     /// holds back its publisher or the other subscribers. Nothing is lost: it waits for redrive.
     DeadLetter,
+}
+
+/// How retry delays are spread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Jitter {
+    /// Exactly the exponential delay.
+    None,
+    /// A uniform delay between zero and the exponential delay ("full jitter"): retries of many
+    /// events spread out instead of arriving together.
+    #[default]
+    Full,
 }
 
 /// The settings of one stage's worker pool and input queue, all bounds checked.
@@ -54,6 +68,12 @@ pub struct StageConfig {
     /// Priority levels of the stage's queue (1..=8; 1: no priorities). Each level is a queue of
     /// `queue_batches`; workers take from the highest non-empty one.
     pub priority_levels: u8,
+    /// First retry delay in milliseconds (0: retry at once); each later attempt doubles it.
+    pub retry_backoff_ms_base: u64,
+    /// Longest retry delay in milliseconds (`retry_backoff_ms_base..=60000`).
+    pub retry_backoff_ms_max: u64,
+    /// How retry delays are spread.
+    pub retry_jitter: Jitter,
 }
 
 impl Default for StageConfig {
@@ -65,6 +85,9 @@ impl Default for StageConfig {
             attempts_max: 5,
             overflow: Overflow::Block,
             priority_levels: 1,
+            retry_backoff_ms_base: 1,
+            retry_backoff_ms_max: 1_000,
+            retry_jitter: Jitter::Full,
         }
     }
 }
@@ -82,6 +105,13 @@ impl StageConfig {
             usize::from(self.priority_levels),
             1,
             usize::from(limits::PRIORITY_LEVELS_MAX),
+        )?;
+        check_range(
+            scope,
+            "retry_backoff_ms_max",
+            usize::try_from(self.retry_backoff_ms_max).unwrap_or(usize::MAX),
+            usize::try_from(self.retry_backoff_ms_base).unwrap_or(usize::MAX),
+            usize::try_from(limits::RETRY_BACKOFF_MS_MAX).unwrap_or(usize::MAX),
         )?;
         let queue_events = self.queue_batches * self.batch_events_max;
         if queue_events > limits::QUEUE_EVENTS_MAX {
@@ -131,6 +161,12 @@ pub struct StageSettings {
     pub overflow: Option<Overflow>,
     /// See [`StageConfig::priority_levels`].
     pub priority_levels: Option<u8>,
+    /// See [`StageConfig::retry_backoff_ms_base`].
+    pub retry_backoff_ms_base: Option<u64>,
+    /// See [`StageConfig::retry_backoff_ms_max`].
+    pub retry_backoff_ms_max: Option<u64>,
+    /// See [`StageConfig::retry_jitter`].
+    pub retry_jitter: Option<Jitter>,
 }
 
 impl StageSettings {
@@ -142,6 +178,9 @@ impl StageSettings {
             attempts_max: self.attempts_max.unwrap_or(base.attempts_max),
             overflow: self.overflow.unwrap_or(base.overflow),
             priority_levels: self.priority_levels.unwrap_or(base.priority_levels),
+            retry_backoff_ms_base: self.retry_backoff_ms_base.unwrap_or(base.retry_backoff_ms_base),
+            retry_backoff_ms_max: self.retry_backoff_ms_max.unwrap_or(base.retry_backoff_ms_max),
+            retry_jitter: self.retry_jitter.unwrap_or(base.retry_jitter),
         }
     }
 }
@@ -171,6 +210,12 @@ pub struct EngineSettings {
     pub overflow: Option<Overflow>,
     /// Default for every stage: see [`StageConfig::priority_levels`].
     pub priority_levels: Option<u8>,
+    /// Default for every stage: see [`StageConfig::retry_backoff_ms_base`].
+    pub retry_backoff_ms_base: Option<u64>,
+    /// Default for every stage: see [`StageConfig::retry_backoff_ms_max`].
+    pub retry_backoff_ms_max: Option<u64>,
+    /// Default for every stage: see [`StageConfig::retry_jitter`].
+    pub retry_jitter: Option<Jitter>,
     /// Per-stage overrides, by stage name.
     #[serde(default)]
     pub stages: BTreeMap<String, StageSettings>,
@@ -190,6 +235,9 @@ impl EngineSettings {
         pick(&mut self.attempts_max, other.attempts_max);
         pick(&mut self.overflow, other.overflow);
         pick(&mut self.priority_levels, other.priority_levels);
+        pick(&mut self.retry_backoff_ms_base, other.retry_backoff_ms_base);
+        pick(&mut self.retry_backoff_ms_max, other.retry_backoff_ms_max);
+        pick(&mut self.retry_jitter, other.retry_jitter);
         for (name, theirs) in &other.stages {
             let mine = self.stages.entry(name.clone()).or_default();
             pick(&mut mine.workers, theirs.workers);
@@ -198,6 +246,9 @@ impl EngineSettings {
             pick(&mut mine.attempts_max, theirs.attempts_max);
             pick(&mut mine.overflow, theirs.overflow);
             pick(&mut mine.priority_levels, theirs.priority_levels);
+            pick(&mut mine.retry_backoff_ms_base, theirs.retry_backoff_ms_base);
+            pick(&mut mine.retry_backoff_ms_max, theirs.retry_backoff_ms_max);
+            pick(&mut mine.retry_jitter, theirs.retry_jitter);
         }
     }
 
@@ -209,6 +260,9 @@ impl EngineSettings {
             attempts_max: self.attempts_max,
             overflow: self.overflow,
             priority_levels: self.priority_levels,
+            retry_backoff_ms_base: self.retry_backoff_ms_base,
+            retry_backoff_ms_max: self.retry_backoff_ms_max,
+            retry_jitter: self.retry_jitter,
         }
     }
 }
@@ -351,6 +405,18 @@ mod tests {
         let err = EngineConfig::from_toml_str("wrokers = 2\n").expect_err("typo");
         assert!(matches!(err, ConfigError::Parse(_)));
         assert!(err.to_string().contains("wrokers"), "{err}");
+    }
+
+    #[test]
+    fn backoff_bounds_are_checked() {
+        let err = EngineConfig::from_toml_str("retry_backoff_ms_base = 500\nretry_backoff_ms_max = 100\n")
+            .expect_err("max < base");
+        assert!(err.to_string().contains("retry_backoff_ms_max"), "{err}");
+        let err = EngineConfig::from_toml_str("retry_backoff_ms_max = 600000\n").expect_err("too long");
+        assert!(err.to_string().contains("retry_backoff_ms_max"), "{err}");
+        let config =
+            EngineConfig::from_toml_str("retry_jitter = \"none\"\nretry_backoff_ms_base = 0\n").expect("valid");
+        assert_eq!((config.defaults().retry_jitter, config.defaults().retry_backoff_ms_base), (Jitter::None, 0));
     }
 
     #[test]

@@ -81,7 +81,7 @@ mod stage;
 pub mod wheel;
 mod worker;
 
-pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Overflow, StageConfig, StageSettings};
+pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, MemoryDeadLetters};
 pub use engine::{Engine, EngineBuilder, ShutdownReport, Topology, INGRESS_WINDOW_EVENTS};
 pub use error::{BuildError, ConfigError, SubmitError, TrySubmitError};

@@ -60,11 +60,15 @@ pub type Reason = Cow<'static, str>;
 pub enum Outcome {
     /// Handled: the events emitted while handling it are sent on.
     Done,
-    /// A transient failure: the emitted events are discarded and the event is tried again, until
-    /// the stage's `attempts_max` is spent; then it is dead-lettered.
+    /// A transient failure: the emitted events are discarded and the event is tried again after
+    /// an exponential backoff with jitter (the stage's `retry_*` settings), until the stage's
+    /// `attempts_max` is spent; then it is dead-lettered. Its key's later events wait behind it.
     Retry(Reason),
     /// A permanent failure: the emitted events are discarded and the event is dead-lettered now.
     Reject(Reason),
+    /// A conflict (the handler met a concurrent change and reloaded): the emitted events are
+    /// discarded and the event is tried again at once, without backoff; the attempt counts.
+    Conflict(Reason),
 }
 
 /// The per-stage logic. One instance per worker thread, so `&mut self` needs no locking.

@@ -14,7 +14,8 @@ use crossbeam_channel::TryRecvError;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
-use crate::channel::{BatchReceiver, BatchSender, SendFailure, StageInput};
+use crate::channel::{BatchReceiver, BatchSender, Received, SendFailure, StageInput};
+use crate::config::Jitter;
 use crate::config::{Overflow, StageConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
 use crate::journal::{Journal, JournalWriter};
@@ -22,6 +23,10 @@ use crate::metrics::{BatchTally, StageMetrics};
 use crate::routing::Exchange;
 use crate::stage::StageId;
 use crate::stage::{Emitter, Envelope, Handler, Message, Outcome, Reason};
+use crate::wheel::{Insert, Wheel};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::time::{Duration, Instant};
 
 /// State every thread of one engine shares: the poison flag and why it was raised.
 #[derive(Debug, Default)]
@@ -127,16 +132,36 @@ struct Worker<M, H> {
     /// Events waiting for another attempt, parked by key: while a key waits, its later events
     /// wait behind it, so a retry never reorders a key's events within this worker.
     parked: FxHashMap<u64, VecDeque<Envelope<M>>>,
-    /// Parked keys, in the order their heads are to be tried again.
+    /// Parked keys whose heads are due, in the order they are to be tried again.
     retry_keys: VecDeque<u64>,
+    /// Parked keys waiting out their backoff, by due tick (milliseconds since `started`).
+    backoff: Wheel<u64>,
+    started: Instant,
+    rng: SmallRng,
 }
 
 /// What became of one event.
 enum Handled<M> {
     /// Finished: done, rejected or dead-lettered.
     Finished,
-    /// To be tried again.
-    Retry(Envelope<M>),
+    /// To be tried again: after its backoff, or at once (a conflict).
+    Retry(Envelope<M>, Backoff),
+}
+
+/// Whether an outcome was a conflict (read before the outcome is taken apart).
+#[derive(Debug, Clone, Copy)]
+enum OutcomeKind {
+    Conflict,
+    Other,
+}
+
+/// When a retried event is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backoff {
+    /// After the stage's exponential backoff with jitter.
+    Delayed,
+    /// At once.
+    Immediate,
 }
 
 /// What the next unit of work is.
@@ -170,7 +195,19 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         if let Some((exchange, may_publish, dead_letter_unroutable)) = ctx.routes.take() {
             emitter.set_routes(exchange, may_publish, dead_letter_unroutable);
         }
-        Self { ctx, handler, outboxes, emitter, journal, parked: FxHashMap::default(), retry_keys: VecDeque::new() }
+        let seed = (u64::from(ctx.stage) << 32) ^ ctx.worker as u64;
+        Self {
+            ctx,
+            handler,
+            outboxes,
+            emitter,
+            journal,
+            parked: FxHashMap::default(),
+            retry_keys: VecDeque::new(),
+            backoff: Wheel::new(0),
+            started: Instant::now(),
+            rng: SmallRng::seed_from_u64(seed),
+        }
     }
 
     /// Handles an event from the queue, unless its key is parked: then it waits behind.
@@ -181,11 +218,56 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 return Ok(());
             }
         }
-        if let Handled::Retry(event) = self.handle(event, tally)? {
-            self.retry_keys.push_back(event.key);
-            self.parked.entry(event.key).or_default().push_back(event);
+        if let Handled::Retry(event, backoff) = self.handle(event, tally)? {
+            let (key, attempt) = (event.key, event.attempt);
+            self.parked.entry(key).or_default().push_back(event);
+            self.schedule(key, attempt, backoff);
         }
         Ok(())
+    }
+
+    /// Milliseconds since this worker started: the backoff wheel's clock.
+    fn now_tick(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The delay before attempt `attempt + 1`: exponential from the base, capped, jittered.
+    fn backoff_ms(&mut self, attempt: u32) -> u64 {
+        let config = &self.ctx.config;
+        if config.retry_backoff_ms_base == 0 {
+            return 0;
+        }
+        let doublings = attempt.saturating_sub(1).min(32);
+        let delay = config.retry_backoff_ms_base.saturating_mul(1 << doublings).min(config.retry_backoff_ms_max);
+        match config.retry_jitter {
+            Jitter::None => delay,
+            Jitter::Full => self.rng.random_range(0..=delay),
+        }
+    }
+
+    /// Puts a parked key's head back in line: now, or once its backoff has passed.
+    fn schedule(&mut self, key: u64, attempt: u32, backoff: Backoff) {
+        let delay = match backoff {
+            Backoff::Immediate => 0,
+            Backoff::Delayed => self.backoff_ms(attempt),
+        };
+        // A delay of d ms is due at the first tick at least d ms away: never early.
+        let due = self.now_tick() + delay + u64::from(delay > 0);
+        match self.backoff.insert(due, key) {
+            Insert::Scheduled => {}
+            Insert::AlreadyDue(key) | Insert::TooFar(key) => self.retry_keys.push_back(key),
+        }
+    }
+
+    /// Moves keys whose backoff has passed into line.
+    fn release_due(&mut self) {
+        if self.backoff.is_empty() {
+            return;
+        }
+        let now = self.now_tick();
+        let mut due = Vec::new();
+        self.backoff.advance(now, &mut due);
+        self.retry_keys.extend(due);
     }
 
     /// Tries the head of the next parked key again.
@@ -197,13 +279,17 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         };
         let handled = self.handle(event, tally)?;
         let queue = self.parked.get_mut(&key).expect("a key stays parked until its queue is empty");
-        if let Handled::Retry(event) = handled {
-            queue.push_front(event);
-        }
-        if queue.is_empty() {
-            self.parked.remove(&key);
-        } else {
-            self.retry_keys.push_back(key);
+        match handled {
+            Handled::Retry(event, backoff) => {
+                let attempt = event.attempt;
+                queue.push_front(event);
+                self.schedule(key, attempt, backoff);
+            }
+            // The head is done; the key's next event never failed: it goes on at once.
+            Handled::Finished if queue.is_empty() => {
+                self.parked.remove(&key);
+            }
+            Handled::Finished => self.retry_keys.push_back(key),
         }
         Ok(())
     }
@@ -241,26 +327,39 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     }
 
     fn next(&mut self) -> Result<Next<M>, Stop> {
-        // Highest priority first.
-        let mut all_gone = true;
-        for level in (0..self.ctx.inputs.len()).rev() {
-            match self.ctx.inputs[level].try_recv() {
-                Ok(batch) => return Ok(Next::Batch(batch, level)),
-                Err(TryRecvError::Empty) => all_gone = false,
-                Err(TryRecvError::Disconnected) => {}
+        loop {
+            self.release_due();
+            // Highest priority first.
+            let mut all_gone = true;
+            for level in (0..self.ctx.inputs.len()).rev() {
+                match self.ctx.inputs[level].try_recv() {
+                    Ok(batch) => return Ok(Next::Batch(batch, level)),
+                    Err(TryRecvError::Empty) => all_gone = false,
+                    Err(TryRecvError::Disconnected) => {}
+                }
+            }
+            if !self.retry_keys.is_empty() {
+                return Ok(Next::Retries);
+            }
+            if all_gone && self.backoff.is_empty() {
+                return Ok(Next::Stop);
+            }
+            // Nothing to do now: send what is collected before waiting, so nothing lingers.
+            self.flush_all()?;
+            let wait = self.backoff.next_due().map(|due| Duration::from_millis(due.saturating_sub(self.now_tick())));
+            if all_gone {
+                // Intake is closed; only backoffs remain to be waited out.
+                std::thread::sleep(wait.unwrap_or_default());
+                continue;
+            }
+            let mut gone = vec![false; self.ctx.inputs.len()];
+            match BatchReceiver::recv_any(&self.ctx.inputs, &mut gone, wait) {
+                Received::Batch(level, batch) => return Ok(Next::Batch(batch, level)),
+                Received::Closed if self.backoff.is_empty() => return Ok(Next::Stop),
+                // Time to look at the backoffs again (or only they remain).
+                Received::TimedOut | Received::Closed => {}
             }
         }
-        if !self.retry_keys.is_empty() {
-            return Ok(Next::Retries);
-        }
-        if all_gone {
-            return Ok(Next::Stop);
-        }
-        // Nothing queued: send what is collected before waiting, so nothing lingers.
-        self.flush_all()?;
-        let mut gone = vec![false; self.ctx.inputs.len()];
-        Ok(BatchReceiver::recv_any(&self.ctx.inputs, &mut gone)
-            .map_or(Next::Stop, |(level, batch)| Next::Batch(batch, level)))
     }
 
     /// Sends the journal's records, then every outbox: a stream's records must reach the log
@@ -329,6 +428,8 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             self.dead_letter(event, DeadLetterKind::HandlerMisuse, reason);
             return Ok(Handled::Finished);
         }
+        let outcome_kind =
+            if matches!(outcome, Outcome::Conflict(_)) { OutcomeKind::Conflict } else { OutcomeKind::Other };
         match outcome {
             Outcome::Done => {
                 tally.processed += 1;
@@ -365,7 +466,9 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 }
                 self.emitter.clear();
             }
-            Outcome::Retry(reason) => {
+            Outcome::Retry(reason) | Outcome::Conflict(reason) => {
+                let backoff =
+                    if matches!(outcome_kind, OutcomeKind::Conflict) { Backoff::Immediate } else { Backoff::Delayed };
                 self.emitter.clear();
                 tally.retried += 1;
                 event.attempt += 1;
@@ -374,7 +477,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     tally.dead_lettered += 1;
                     self.dead_letter(event, DeadLetterKind::RetriesExhausted, reason);
                 } else {
-                    return Ok(Handled::Retry(event));
+                    return Ok(Handled::Retry(event, backoff));
                 }
             }
             Outcome::Reject(reason) => {
