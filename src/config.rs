@@ -170,6 +170,24 @@ pub struct StageSettings {
 }
 
 impl StageSettings {
+    /// Lays `other` over these settings: every value `other` sets wins.
+    pub fn overlay(&mut self, other: &StageSettings) {
+        fn pick<T: Copy>(mine: &mut Option<T>, theirs: Option<T>) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+        pick(&mut self.workers, other.workers);
+        pick(&mut self.queue_batches, other.queue_batches);
+        pick(&mut self.batch_events_max, other.batch_events_max);
+        pick(&mut self.attempts_max, other.attempts_max);
+        pick(&mut self.overflow, other.overflow);
+        pick(&mut self.priority_levels, other.priority_levels);
+        pick(&mut self.retry_backoff_ms_base, other.retry_backoff_ms_base);
+        pick(&mut self.retry_backoff_ms_max, other.retry_backoff_ms_max);
+        pick(&mut self.retry_jitter, other.retry_jitter);
+    }
+
     fn over(&self, base: StageConfig) -> StageConfig {
         StageConfig {
             workers: self.workers.unwrap_or(base.workers),
@@ -224,31 +242,19 @@ pub struct EngineSettings {
 impl EngineSettings {
     /// Lays `other` over these settings: every value `other` sets wins, stage by stage.
     pub fn overlay(&mut self, other: &EngineSettings) {
-        fn pick<T: Copy>(mine: &mut Option<T>, theirs: Option<T>) {
-            if theirs.is_some() {
-                *mine = theirs;
-            }
-        }
-        pick(&mut self.workers, other.workers);
-        pick(&mut self.queue_batches, other.queue_batches);
-        pick(&mut self.batch_events_max, other.batch_events_max);
-        pick(&mut self.attempts_max, other.attempts_max);
-        pick(&mut self.overflow, other.overflow);
-        pick(&mut self.priority_levels, other.priority_levels);
-        pick(&mut self.retry_backoff_ms_base, other.retry_backoff_ms_base);
-        pick(&mut self.retry_backoff_ms_max, other.retry_backoff_ms_max);
-        pick(&mut self.retry_jitter, other.retry_jitter);
+        let mut defaults = self.defaults();
+        defaults.overlay(&other.defaults());
+        self.workers = defaults.workers;
+        self.queue_batches = defaults.queue_batches;
+        self.batch_events_max = defaults.batch_events_max;
+        self.attempts_max = defaults.attempts_max;
+        self.overflow = defaults.overflow;
+        self.priority_levels = defaults.priority_levels;
+        self.retry_backoff_ms_base = defaults.retry_backoff_ms_base;
+        self.retry_backoff_ms_max = defaults.retry_backoff_ms_max;
+        self.retry_jitter = defaults.retry_jitter;
         for (name, theirs) in &other.stages {
-            let mine = self.stages.entry(name.clone()).or_default();
-            pick(&mut mine.workers, theirs.workers);
-            pick(&mut mine.queue_batches, theirs.queue_batches);
-            pick(&mut mine.batch_events_max, theirs.batch_events_max);
-            pick(&mut mine.attempts_max, theirs.attempts_max);
-            pick(&mut mine.overflow, theirs.overflow);
-            pick(&mut mine.priority_levels, theirs.priority_levels);
-            pick(&mut mine.retry_backoff_ms_base, theirs.retry_backoff_ms_base);
-            pick(&mut mine.retry_backoff_ms_max, theirs.retry_backoff_ms_max);
-            pick(&mut mine.retry_jitter, theirs.retry_jitter);
+            self.stages.entry(name.clone()).or_default().overlay(theirs);
         }
     }
 
@@ -417,6 +423,19 @@ mod tests {
         let config =
             EngineConfig::from_toml_str("retry_jitter = \"none\"\nretry_backoff_ms_base = 0\n").expect("valid");
         assert_eq!((config.defaults().retry_jitter, config.defaults().retry_backoff_ms_base), (Jitter::None, 0));
+    }
+
+    #[test]
+    fn overlay_takes_every_value_the_other_side_sets() {
+        let mut base = EngineSettings { workers: Some(1), batch_events_max: Some(64), ..EngineSettings::default() };
+        base.stages.insert("payment".into(), StageSettings { workers: Some(3), ..StageSettings::default() });
+        let mut top = EngineSettings { batch_events_max: Some(512), ..EngineSettings::default() };
+        top.stages.insert("payment".into(), StageSettings { attempts_max: Some(9), ..StageSettings::default() });
+        base.overlay(&top);
+        let config = EngineConfig::from_settings(&base).expect("valid");
+        assert_eq!((config.defaults().workers, config.defaults().batch_events_max), (1, 512));
+        let payment = config.stage("payment");
+        assert_eq!((payment.workers, payment.attempts_max, payment.batch_events_max), (3, 9, 512));
     }
 
     #[test]
