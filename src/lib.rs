@@ -66,6 +66,7 @@
 
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod breaker;
 mod channel;
 pub mod config;
 mod dead_letter;

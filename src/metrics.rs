@@ -36,6 +36,8 @@ pub(crate) struct StageMetrics {
     pub(crate) panics: CachePadded<AtomicU64>,
     /// Events this stage published with a key no queue is bound to.
     pub(crate) unroutable: CachePadded<AtomicU64>,
+    /// Events the handler deferred (`Outcome::Defer`).
+    pub(crate) deferred: CachePadded<AtomicU64>,
     /// Events dead-lettered because this stage's queue was full (overflow policy).
     pub(crate) overflowed: CachePadded<AtomicU64>,
     /// Events handed to the stage's queue (by upstream workers or ingress).
@@ -57,6 +59,7 @@ pub(crate) struct BatchTally {
     pub(crate) dead_lettered: u64,
     pub(crate) panics: u64,
     pub(crate) unroutable: u64,
+    pub(crate) deferred: u64,
 }
 
 impl StageMetrics {
@@ -72,6 +75,7 @@ impl StageMetrics {
             dead_lettered: CachePadded::default(),
             panics: CachePadded::default(),
             unroutable: CachePadded::default(),
+            deferred: CachePadded::default(),
             overflowed: CachePadded::default(),
             enqueued: CachePadded::default(),
             dequeued: CachePadded::default(),
@@ -93,6 +97,7 @@ impl StageMetrics {
         add(&self.dead_lettered, tally.dead_lettered);
         add(&self.panics, tally.panics);
         add(&self.unroutable, tally.unroutable);
+        add(&self.deferred, tally.deferred);
     }
 
     pub(crate) fn record_latency(&self, worker: usize, latency: Duration, events: u64) {
@@ -119,6 +124,7 @@ impl StageMetrics {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             panics: self.panics.load(Ordering::Relaxed),
             unroutable: self.unroutable.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
             overflowed: self.overflowed.load(Ordering::Relaxed),
             queue_depth: enqueued.saturating_sub(dequeued),
             queue_capacity: self.queue_capacity_events,
@@ -183,6 +189,8 @@ pub struct StageSnapshot {
     pub panics: u64,
     /// Events this stage published with a routing key no queue is bound to.
     pub unroutable: u64,
+    /// Times the handler deferred an event (`Outcome::Defer`), attempts not counted.
+    pub deferred: u64,
     /// Events dead-lettered because this stage's queue was full (overflow `dead_letter`).
     pub overflowed: u64,
     /// Events waiting in the stage's input queue.

@@ -69,6 +69,10 @@ pub enum Outcome {
     /// A conflict (the handler met a concurrent change and reloaded): the emitted events are
     /// discarded and the event is tried again at once, without backoff; the attempt counts.
     Conflict(Reason),
+    /// Not now (a circuit breaker is open, say): the emitted events are discarded and the event
+    /// waits on the worker's timing wheel for the given time, then is tried again. The attempt
+    /// does not count; its key's later events wait behind it.
+    Defer(std::time::Duration),
 }
 
 /// The per-stage logic. One instance per worker thread, so `&mut self` needs no locking.

@@ -134,6 +134,9 @@ struct Worker<M, H> {
     parked: FxHashMap<u64, VecDeque<Envelope<M>>>,
     /// Parked keys whose heads are due, in the order they are to be tried again.
     retry_keys: VecDeque<u64>,
+    /// Events parked in all; at the stage's queue bound the worker stops taking new events, so
+    /// parking never grows memory past what the queue itself may hold.
+    parked_events: usize,
     /// Parked keys waiting out their backoff, by due tick (milliseconds since `started`).
     backoff: Wheel<u64>,
     started: Instant,
@@ -162,6 +165,8 @@ enum Backoff {
     Delayed,
     /// At once.
     Immediate,
+    /// After this many milliseconds.
+    Fixed(u64),
 }
 
 /// What the next unit of work is.
@@ -204,6 +209,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             journal,
             parked: FxHashMap::default(),
             retry_keys: VecDeque::new(),
+            parked_events: 0,
             backoff: Wheel::new(0),
             started: Instant::now(),
             rng: SmallRng::seed_from_u64(seed),
@@ -215,12 +221,14 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         if !self.parked.is_empty() {
             if let Some(queue) = self.parked.get_mut(&event.key) {
                 queue.push_back(event);
+                self.parked_events += 1;
                 return Ok(());
             }
         }
         if let Handled::Retry(event, backoff) = self.handle(event, tally)? {
             let (key, attempt) = (event.key, event.attempt);
             self.parked.entry(key).or_default().push_back(event);
+            self.parked_events += 1;
             self.schedule(key, attempt, backoff);
         }
         Ok(())
@@ -250,6 +258,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         let delay = match backoff {
             Backoff::Immediate => 0,
             Backoff::Delayed => self.backoff_ms(attempt),
+            Backoff::Fixed(ms) => ms,
         };
         // A delay of d ms is due at the first tick at least d ms away: never early.
         let due = self.now_tick() + delay + u64::from(delay > 0);
@@ -277,12 +286,14 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             self.parked.remove(&key);
             return Ok(());
         };
+        self.parked_events -= 1;
         let handled = self.handle(event, tally)?;
         let queue = self.parked.get_mut(&key).expect("a key stays parked until its queue is empty");
         match handled {
             Handled::Retry(event, backoff) => {
                 let attempt = event.attempt;
                 queue.push_front(event);
+                self.parked_events += 1;
                 self.schedule(key, attempt, backoff);
             }
             // The head is done; the key's next event never failed: it goes on at once.
@@ -329,9 +340,10 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     fn next(&mut self) -> Result<Next<M>, Stop> {
         loop {
             self.release_due();
-            // Highest priority first.
+            // Highest priority first; none at all while parked events fill the stage's bound.
+            let taking = self.parked_events < self.ctx.config.queue_events_max();
             let mut all_gone = true;
-            for level in (0..self.ctx.inputs.len()).rev() {
+            for level in (0..self.ctx.inputs.len()).rev().filter(|_| taking) {
                 match self.ctx.inputs[level].try_recv() {
                     Ok(batch) => return Ok(Next::Batch(batch, level)),
                     Err(TryRecvError::Empty) => all_gone = false,
@@ -341,15 +353,15 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             if !self.retry_keys.is_empty() {
                 return Ok(Next::Retries);
             }
-            if all_gone && self.backoff.is_empty() {
+            if taking && all_gone && self.backoff.is_empty() {
                 return Ok(Next::Stop);
             }
             // Nothing to do now: send what is collected before waiting, so nothing lingers.
             self.flush_all()?;
             let wait = self.backoff.next_due().map(|due| Duration::from_millis(due.saturating_sub(self.now_tick())));
-            if all_gone {
-                // Intake is closed; only backoffs remain to be waited out.
-                std::thread::sleep(wait.unwrap_or_default());
+            if all_gone || !taking {
+                // Intake is closed or paused: only backoffs remain to be waited out.
+                std::thread::sleep(wait.unwrap_or(Duration::from_millis(1)));
                 continue;
             }
             let mut gone = vec![false; self.ctx.inputs.len()];
@@ -479,6 +491,14 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 } else {
                     return Ok(Handled::Retry(event, backoff));
                 }
+            }
+            Outcome::Defer(wait) => {
+                self.emitter.clear();
+                tally.deferred += 1;
+                let ms = u64::try_from(wait.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .min(crate::config::limits::RETRY_BACKOFF_MS_MAX);
+                return Ok(Handled::Retry(event, Backoff::Fixed(ms)));
             }
             Outcome::Reject(reason) => {
                 self.emitter.clear();

@@ -161,3 +161,25 @@ fn the_fraud_check_runs_over_request_reply_and_its_timeouts_are_retries() {
     assert_eq!(fraud.calls, fraud.replies + fraud.timeouts, "every call ends in a reply or a timeout");
     assert!(fraud.late_replies > 0, "replies after the timeout are dropped and counted");
 }
+
+#[test]
+fn circuit_breakers_open_under_failures_and_defer_work_without_spending_attempts() {
+    let sim = SimConfig {
+        payment_failure_rate: 0.6,
+        notify_failure_rate: 0.5,
+        breaker_failures: 3,
+        breaker_open_ms: 2,
+        seed: 4,
+        ..SimConfig::default()
+    };
+    let report = orders::run(&engine(1, 64, 4), &sim, 1_500, None, |_, _| {}).expect("runs");
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+    let payment = &report.breakers["payment"];
+    assert!(payment.trips > 0, "the payment breaker opened");
+    let deferred = report.stages.iter().find(|s| s.name == "payment").map_or(0, |s| s.deferred);
+    assert!(deferred > 0, "work waited while the breaker was open");
+    assert!(report.breakers["email"].trips > 0 && report.breakers["sms"].trips > 0);
+    let no_breakers = orders::run(&engine(1, 64, 4), &SimConfig { breaker_failures: 0, ..sim }, 1_500, None, |_, _| {})
+        .expect("runs");
+    assert!(no_breakers.breakers.is_empty());
+}

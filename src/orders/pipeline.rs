@@ -18,6 +18,7 @@ use super::stages::{
     names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, OutcomeFigures, Outcomes,
     PaymentStage, ShippingStage,
 };
+use crate::breaker::{BreakerConfig, BreakerReport, CircuitBreaker};
 use crate::log::{Durability, Log, LogError, LogStats};
 use crate::rpc::{RpcServer, RpcStats};
 use crate::{
@@ -62,6 +63,11 @@ pub struct SimConfig {
     pub fraud_latency_us: u64,
     /// How long the payment stage waits for a verdict before retrying, in microseconds.
     pub fraud_timeout_us: u64,
+    /// Consecutive transient failures that open a port's circuit breaker (0, the default: no
+    /// breakers; with one, work meant for an open port waits on the wheel, attempts unspent).
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before a trial, in milliseconds.
+    pub breaker_open_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -83,6 +89,8 @@ impl Default for SimConfig {
             fraud_deny_rate: 0.0,
             fraud_latency_us: 0,
             fraud_timeout_us: 50_000,
+            breaker_failures: 0,
+            breaker_open_ms: 50,
         }
     }
 }
@@ -127,6 +135,9 @@ impl SimConfig {
             if latency > LATENCY_US_MAX {
                 return Err(out_of_range(name, latency, 0, LATENCY_US_MAX));
             }
+        }
+        if !(1..=60_000).contains(&self.breaker_open_ms) {
+            return Err(out_of_range("breaker_open_ms", self.breaker_open_ms, 1, 60_000));
         }
         if !(1..=60_000_000).contains(&self.fraud_timeout_us) {
             return Err(out_of_range("fraud_timeout_us", self.fraud_timeout_us, 1, 60_000_000));
@@ -337,12 +348,44 @@ impl Ports {
     }
 }
 
+/// One circuit breaker per port (email and SMS share the notifier but not a breaker: one
+/// provider per channel).
+#[derive(Debug, Clone, Default)]
+struct Breakers {
+    payment: Option<Arc<CircuitBreaker>>,
+    inventory: Option<Arc<CircuitBreaker>>,
+    email: Option<Arc<CircuitBreaker>>,
+    sms: Option<Arc<CircuitBreaker>>,
+}
+
+impl Breakers {
+    fn new(sim: &SimConfig) -> Self {
+        if sim.breaker_failures == 0 {
+            return Self::default();
+        }
+        let config = BreakerConfig {
+            failures_to_open: sim.breaker_failures,
+            open_for: Duration::from_millis(sim.breaker_open_ms),
+        };
+        let one = || Some(Arc::new(CircuitBreaker::new(config)));
+        Self { payment: one(), inventory: one(), email: one(), sms: one() }
+    }
+
+    fn report(&self) -> BTreeMap<String, BreakerReport> {
+        [("payment", &self.payment), ("inventory", &self.inventory), ("email", &self.email), ("sms", &self.sms)]
+            .into_iter()
+            .filter_map(|(port, breaker)| breaker.as_ref().map(|b| (port.to_owned(), b.report())))
+            .collect()
+    }
+}
+
 /// A fraud service and how long to wait for its verdict.
 type FraudService = (Arc<RpcServer<Order, FraudVerdict>>, Duration);
 
 /// The reference order pipeline, running.
 pub struct OrderPipeline {
     engine: Engine<OrderEvent>,
+    breakers: Breakers,
     /// The fraud service the payment stage calls, when the simulation asks for one.
     fraud: Option<Arc<RpcServer<Order, FraudVerdict>>>,
     stages: Vec<(&'static str, StageId)>,
@@ -434,23 +477,33 @@ impl OrderPipeline {
         topology.handler(order, move |_| OrderStage { accepted });
         let gateway = ports.gateway.clone();
         let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers)?;
+        let breakers = Breakers::new(sim);
         let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
+        let breaker = breakers.payment.clone();
         topology.handler(payment, move |_| PaymentStage {
             gateway: gateway.clone(),
             fraud: fraud.clone(),
             charged,
             declined,
+            breaker: breaker.clone(),
         });
-        let store = ports.inventory.clone();
+        let (store, breaker) = (ports.inventory.clone(), breakers.inventory.clone());
         topology.handler(inventory, move |_| InventoryStage {
             inventory: store.clone(),
             confirmed,
             ship,
             out_of_stock,
+            breaker: breaker.clone(),
         });
-        for (stage, channel) in [(email, Channel::Email), (sms, Channel::Sms)] {
+        for (stage, channel, breaker) in
+            [(email, Channel::Email, breakers.email.clone()), (sms, Channel::Sms, breakers.sms.clone())]
+        {
             let notifier = ports.notifier.clone();
-            topology.handler(stage, move |_| NotifyStage { channel, notifier: notifier.clone() });
+            topology.handler(stage, move |_| NotifyStage {
+                channel,
+                notifier: notifier.clone(),
+                breaker: breaker.clone(),
+            });
         }
         let shipped = Arc::clone(&outcomes);
         topology.handler(shipping, move |_| ShippingStage { outcomes: Arc::clone(&shipped) });
@@ -469,6 +522,7 @@ impl OrderPipeline {
         let engine = builder.start()?;
         Ok(Self {
             engine,
+            breakers,
             fraud: fraud_server,
             stages,
             log,
@@ -533,6 +587,7 @@ impl OrderPipeline {
     pub fn finish(self) -> RunReport {
         let report = self.engine.shutdown();
         let fraud_check = self.fraud.as_ref().map(|server| server.stats());
+        let breakers = self.breakers.report();
         let elapsed_s = self.started.elapsed().as_secs_f64();
         let outcomes = self.outcomes.figures();
         let snapshot = report.snapshot;
@@ -579,6 +634,7 @@ impl OrderPipeline {
             log,
             ack_latency_us: snapshot.ack_latency_us,
             fraud_check,
+            breakers,
         }
     }
 
@@ -872,6 +928,8 @@ pub struct RunReport {
     pub ack_latency_us: Option<LatencySummary>,
     /// With `simulation.fraud_check`: the request/reply traffic to the fraud service.
     pub fraud_check: Option<RpcStats>,
+    /// Each port's circuit breaker: state at the end and times it opened.
+    pub breakers: BTreeMap<String, BreakerReport>,
 }
 
 /// The log's part of a run report.

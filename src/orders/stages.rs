@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step};
 use super::ports::{Channel, FraudVerdict, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
+use crate::breaker::CircuitBreaker;
 use crate::routing::RouteId;
 use crate::rpc::RpcServer;
 use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome};
@@ -146,6 +147,7 @@ pub(crate) struct PaymentStage {
     pub(crate) charged: RouteId,
     /// `order.compensation.declined`.
     pub(crate) declined: RouteId,
+    pub(crate) breaker: Option<Arc<CircuitBreaker>>,
 }
 
 impl Handler<OrderEvent> for PaymentStage {
@@ -165,7 +167,12 @@ impl Handler<OrderEvent> for PaymentStage {
                 Err(error) => return Outcome::Retry(format!("fraud check: {error}").into()),
             }
         }
-        match self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, event.attempt) {
+        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
+            return wait;
+        }
+        let charged = self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, event.attempt);
+        breaker_record(self.breaker.as_deref(), matches!(charged, Err(PaymentError::Transient(_))));
+        match charged {
             Ok(()) => {
                 out.record(kinds::CHARGED, &[]);
                 out.publish(self.charged, event.msg.then(Step::Reserve));
@@ -189,6 +196,7 @@ pub(crate) struct InventoryStage {
     pub(crate) ship: RouteId,
     /// `order.compensation.out_of_stock`.
     pub(crate) out_of_stock: RouteId,
+    pub(crate) breaker: Option<Arc<CircuitBreaker>>,
 }
 
 impl Handler<OrderEvent> for InventoryStage {
@@ -197,7 +205,12 @@ impl Handler<OrderEvent> for InventoryStage {
             return unexpected(event);
         }
         let order = &event.msg.order;
-        match self.inventory.reserve(IdempotencyKey::new(order.id, Effect::Reserve), order, event.attempt) {
+        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
+            return wait;
+        }
+        let reserved = self.inventory.reserve(IdempotencyKey::new(order.id, Effect::Reserve), order, event.attempt);
+        breaker_record(self.breaker.as_deref(), matches!(reserved, Err(InventoryError::Transient(_))));
+        match reserved {
             Ok(()) => {
                 out.record(kinds::RESERVED, &[]);
                 out.publish(self.confirmed, event.msg.then(Step::Notify));
@@ -217,6 +230,7 @@ impl Handler<OrderEvent> for InventoryStage {
 pub(crate) struct NotifyStage {
     pub(crate) channel: Channel,
     pub(crate) notifier: Arc<dyn Notifier>,
+    pub(crate) breaker: Option<Arc<CircuitBreaker>>,
 }
 
 impl Handler<OrderEvent> for NotifyStage {
@@ -226,7 +240,12 @@ impl Handler<OrderEvent> for NotifyStage {
         }
         let order = &event.msg.order;
         let key = IdempotencyKey::new(order.id, self.channel.effect());
-        match self.notifier.send(self.channel, key, order, event.attempt) {
+        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
+            return wait;
+        }
+        let sent = self.notifier.send(self.channel, key, order, event.attempt);
+        breaker_record(self.breaker.as_deref(), sent.is_err());
+        match sent {
             Ok(()) => {
                 out.record(
                     match self.channel {
@@ -298,6 +317,23 @@ impl Handler<OrderEvent> for CompensationStage {
         counter.fetch_add(1, Ordering::Relaxed);
         out.record(kinds::CANCELLED, &[reason.code()]);
         Outcome::Done
+    }
+}
+
+/// Asks the port's breaker (if any) whether to call: `Some(defer)` when it is open.
+fn breaker_says_wait(breaker: Option<&CircuitBreaker>) -> Option<Outcome> {
+    let breaker = breaker?;
+    (!breaker.allow()).then(|| Outcome::Defer(breaker.retry_after()))
+}
+
+/// Tells the port's breaker (if any) how the call went.
+fn breaker_record(breaker: Option<&CircuitBreaker>, failed: bool) {
+    if let Some(breaker) = breaker {
+        if failed {
+            breaker.record_failure();
+        } else {
+            breaker.record_success();
+        }
     }
 }
 
