@@ -151,13 +151,6 @@ enum Handled<M> {
     Retry(Envelope<M>, Backoff),
 }
 
-/// Whether an outcome was a conflict (read before the outcome is taken apart).
-#[derive(Debug, Clone, Copy)]
-enum OutcomeKind {
-    Conflict,
-    Other,
-}
-
 /// When a retried event is tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backoff {
@@ -440,8 +433,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             self.dead_letter(event, DeadLetterKind::HandlerMisuse, reason);
             return Ok(Handled::Finished);
         }
-        let outcome_kind =
-            if matches!(outcome, Outcome::Conflict(_)) { OutcomeKind::Conflict } else { OutcomeKind::Other };
+        let backoff = if matches!(outcome, Outcome::Conflict(_)) { Backoff::Immediate } else { Backoff::Delayed };
         match outcome {
             Outcome::Done => {
                 tally.processed += 1;
@@ -479,8 +471,6 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 self.emitter.clear();
             }
             Outcome::Retry(reason) | Outcome::Conflict(reason) => {
-                let backoff =
-                    if matches!(outcome_kind, OutcomeKind::Conflict) { Backoff::Immediate } else { Backoff::Delayed };
                 self.emitter.clear();
                 tally.retried += 1;
                 event.attempt += 1;
