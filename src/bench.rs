@@ -37,7 +37,7 @@ use crate::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
 use crate::orders::ports::{
     Channel, InventoryStore, Notifier, PaymentGateway, SimulatedGateway, SimulatedInventory, SimulatedNotifier,
 };
-use crate::orders::{self, Effect, IdempotencyKey, Order, OrderEvent, SimConfig, Step, Workload};
+use crate::orders::{self, Effect, IdempotencyKey, Order, OrderEvent, SimConfig, Workload};
 use crate::EngineConfig;
 
 /// Events each order makes: its placement, then validate, charge, reserve, email, SMS, ship
@@ -403,10 +403,7 @@ fn typical_records(events: u64) -> Vec<Record> {
             let mut payload = Vec::new();
             let kind = u16::try_from(i % EVENTS_PER_ORDER).unwrap_or(0) + 1;
             if kind == 1 {
-                let event = OrderEvent {
-                    order: Order { id: order, customer: 7, sku: 3, quantity: 1, amount_cents: 990 },
-                    step: Step::Place,
-                };
+                let event = OrderEvent::place(Order { id: order, customer: 7, sku: 3, quantity: 1, amount_cents: 990 });
                 event.encode(&mut payload);
             }
             Record {

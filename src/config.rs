@@ -25,6 +25,8 @@ pub mod limits {
     pub const RETRY_BACKOFF_MS_MAX: u64 = 60_000;
     /// Most events one stage's queue may hold in all (`queue_batches * batch_events_max`).
     pub const QUEUE_EVENTS_MAX: usize = 1 << 26;
+    /// Longest time to live, in milliseconds (one day).
+    pub const TTL_MS_MAX: u64 = 86_400_000;
 }
 
 /// What a sender does when a stage's input queue is full.
@@ -49,6 +51,9 @@ pub enum Jitter {
     /// events spread out instead of arriving together.
     #[default]
     Full,
+    /// "Decorrelated jitter": each delay is uniform between the base and three times the
+    /// previous delay (capped), so delays grow like the exponential but never move in step.
+    Decorrelated,
 }
 
 /// The settings of one stage's worker pool and input queue, all bounds checked.
@@ -74,6 +79,10 @@ pub struct StageConfig {
     pub retry_backoff_ms_max: u64,
     /// How retry delays are spread.
     pub retry_jitter: Jitter,
+    /// Time to live in the stage, in milliseconds (0: none, at most one day): an event that
+    /// waited longer than this since it was sent to the stage is dead-lettered as `expired`
+    /// instead of handled.
+    pub ttl_ms: u64,
 }
 
 impl Default for StageConfig {
@@ -88,6 +97,7 @@ impl Default for StageConfig {
             retry_backoff_ms_base: 1,
             retry_backoff_ms_max: 1_000,
             retry_jitter: Jitter::Full,
+            ttl_ms: 0,
         }
     }
 }
@@ -112,6 +122,13 @@ impl StageConfig {
             usize::try_from(self.retry_backoff_ms_max).unwrap_or(usize::MAX),
             usize::try_from(self.retry_backoff_ms_base).unwrap_or(usize::MAX),
             usize::try_from(limits::RETRY_BACKOFF_MS_MAX).unwrap_or(usize::MAX),
+        )?;
+        check_range(
+            scope,
+            "ttl_ms",
+            usize::try_from(self.ttl_ms).unwrap_or(usize::MAX),
+            0,
+            usize::try_from(limits::TTL_MS_MAX).unwrap_or(usize::MAX),
         )?;
         let queue_events = self.queue_batches * self.batch_events_max;
         if queue_events > limits::QUEUE_EVENTS_MAX {
@@ -167,6 +184,8 @@ pub struct StageSettings {
     pub retry_backoff_ms_max: Option<u64>,
     /// See [`StageConfig::retry_jitter`].
     pub retry_jitter: Option<Jitter>,
+    /// See [`StageConfig::ttl_ms`].
+    pub ttl_ms: Option<u64>,
 }
 
 impl StageSettings {
@@ -186,6 +205,7 @@ impl StageSettings {
         pick(&mut self.retry_backoff_ms_base, other.retry_backoff_ms_base);
         pick(&mut self.retry_backoff_ms_max, other.retry_backoff_ms_max);
         pick(&mut self.retry_jitter, other.retry_jitter);
+        pick(&mut self.ttl_ms, other.ttl_ms);
     }
 
     fn over(&self, base: StageConfig) -> StageConfig {
@@ -199,6 +219,7 @@ impl StageSettings {
             retry_backoff_ms_base: self.retry_backoff_ms_base.unwrap_or(base.retry_backoff_ms_base),
             retry_backoff_ms_max: self.retry_backoff_ms_max.unwrap_or(base.retry_backoff_ms_max),
             retry_jitter: self.retry_jitter.unwrap_or(base.retry_jitter),
+            ttl_ms: self.ttl_ms.unwrap_or(base.ttl_ms),
         }
     }
 }
@@ -234,6 +255,8 @@ pub struct EngineSettings {
     pub retry_backoff_ms_max: Option<u64>,
     /// Default for every stage: see [`StageConfig::retry_jitter`].
     pub retry_jitter: Option<Jitter>,
+    /// Default for every stage: see [`StageConfig::ttl_ms`].
+    pub ttl_ms: Option<u64>,
     /// Per-stage overrides, by stage name.
     #[serde(default)]
     pub stages: BTreeMap<String, StageSettings>,
@@ -253,6 +276,7 @@ impl EngineSettings {
         self.retry_backoff_ms_base = defaults.retry_backoff_ms_base;
         self.retry_backoff_ms_max = defaults.retry_backoff_ms_max;
         self.retry_jitter = defaults.retry_jitter;
+        self.ttl_ms = defaults.ttl_ms;
         for (name, theirs) in &other.stages {
             self.stages.entry(name.clone()).or_default().overlay(theirs);
         }
@@ -269,6 +293,7 @@ impl EngineSettings {
             retry_backoff_ms_base: self.retry_backoff_ms_base,
             retry_backoff_ms_max: self.retry_backoff_ms_max,
             retry_jitter: self.retry_jitter,
+            ttl_ms: self.ttl_ms,
         }
     }
 }

@@ -514,7 +514,7 @@ impl<M: Message> Engine<M> {
         }
         let mut buffer = sender.buffer();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        buffer.push(Envelope { key: msg.key(), seq, cause: 0, attempt: 0, msg });
+        buffer.push(Envelope::submitted(seq, msg));
         match sender.try_send(buffer) {
             Ok(()) => {
                 self.submitted.fetch_add(1, Ordering::Relaxed);
@@ -615,13 +615,7 @@ impl<M: Message> Engine<M> {
         ingress: &StageInput<M>,
         msgs: &mut std::iter::Peekable<impl Iterator<Item = M>>,
     ) -> Window<M> {
-        let taken = msgs.by_ref().take(INGRESS_WINDOW_EVENTS).zip(0u64..).map(|(msg, i)| Envelope {
-            key: msg.key(),
-            seq: i,
-            cause: 0,
-            attempt: 0,
-            msg,
-        });
+        let taken = msgs.by_ref().take(INGRESS_WINDOW_EVENTS).zip(0u64..).map(|(msg, i)| Envelope::submitted(i, msg));
         let mut window = fill_window(ingress, taken);
         let count: usize = window.iter().map(|(_, b)| b.len()).sum();
         let first_seq = self.next_seq.fetch_add(count as u64, Ordering::Relaxed);

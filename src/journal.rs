@@ -14,9 +14,9 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::dead_letter::DeadLetterKind;
+use crate::dead_letter::{DeadLetter, DeadLetterNote};
 use crate::log::{Log, LogError, Record, KIND_DEAD_LETTER};
-use crate::stage::{Emitter, Envelope, Reason};
+use crate::stage::{Emitter, Envelope};
 
 /// Turns the application's messages into log records (for ingress and dead letters).
 pub trait JournalCodec<M>: Send + Sync {
@@ -122,14 +122,16 @@ impl<M> JournalWriter<M> {
         cause
     }
 
-    /// Journals a dead letter with the original event.
-    pub(crate) fn dead_letter(&mut self, event: &Envelope<M>, kind: &DeadLetterKind, reason: &Reason, attempts: u32) {
+    /// Journals a dead letter with the original event; its story goes in the note as JSON.
+    pub(crate) fn dead_letter(&mut self, letter: &DeadLetter<M>) {
+        let event = &letter.envelope;
         let mut payload = Vec::new();
         let original_kind = self.journal.codec.encode(&event.msg, &mut payload);
+        let note = DeadLetterNote::of(letter).to_json();
         let record = self.record(event.key, KIND_DEAD_LETTER, event.seq, event.cause, payload);
-        record.attempts = attempts;
+        record.attempts = letter.attempts;
         record.cause_kind = original_kind;
-        record.note = format!("{kind}: {reason}");
+        record.note = note;
     }
 
     /// Journals submitted messages; each envelope's `cause` becomes its record's id.

@@ -83,9 +83,9 @@ pub mod wheel;
 mod worker;
 
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
-pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, MemoryDeadLetters};
+pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
 pub use engine::{Engine, EngineBuilder, ShutdownReport, Topology, INGRESS_WINDOW_EVENTS};
 pub use error::{BuildError, ConfigError, SubmitError, TrySubmitError};
 pub use journal::{Journal, JournalCodec};
 pub use metrics::{LatencySummary, Snapshot, StageSnapshot};
-pub use stage::{Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};
+pub use stage::{Deadline, Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};

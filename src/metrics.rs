@@ -38,6 +38,8 @@ pub(crate) struct StageMetrics {
     pub(crate) unroutable: CachePadded<AtomicU64>,
     /// Events the handler deferred (`Outcome::Defer`).
     pub(crate) deferred: CachePadded<AtomicU64>,
+    /// Events dead-lettered because they outlived their TTL.
+    pub(crate) expired: CachePadded<AtomicU64>,
     /// Events dead-lettered because this stage's queue was full (overflow policy).
     pub(crate) overflowed: CachePadded<AtomicU64>,
     /// Events handed to the stage's queue (by upstream workers or ingress).
@@ -60,6 +62,7 @@ pub(crate) struct BatchTally {
     pub(crate) panics: u64,
     pub(crate) unroutable: u64,
     pub(crate) deferred: u64,
+    pub(crate) expired: u64,
 }
 
 impl StageMetrics {
@@ -76,6 +79,7 @@ impl StageMetrics {
             panics: CachePadded::default(),
             unroutable: CachePadded::default(),
             deferred: CachePadded::default(),
+            expired: CachePadded::default(),
             overflowed: CachePadded::default(),
             enqueued: CachePadded::default(),
             dequeued: CachePadded::default(),
@@ -98,6 +102,7 @@ impl StageMetrics {
         add(&self.panics, tally.panics);
         add(&self.unroutable, tally.unroutable);
         add(&self.deferred, tally.deferred);
+        add(&self.expired, tally.expired);
     }
 
     pub(crate) fn record_latency(&self, worker: usize, latency: Duration, events: u64) {
@@ -125,6 +130,7 @@ impl StageMetrics {
             panics: self.panics.load(Ordering::Relaxed),
             unroutable: self.unroutable.load(Ordering::Relaxed),
             deferred: self.deferred.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
             overflowed: self.overflowed.load(Ordering::Relaxed),
             queue_depth: enqueued.saturating_sub(dequeued),
             queue_capacity: self.queue_capacity_events,
@@ -191,6 +197,8 @@ pub struct StageSnapshot {
     pub unroutable: u64,
     /// Times the handler deferred an event (`Outcome::Defer`), attempts not counted.
     pub deferred: u64,
+    /// Events dead-lettered as `expired` (past their message's TTL or the stage's `ttl_ms`).
+    pub expired: u64,
     /// Events dead-lettered because this stage's queue was full (overflow `dead_letter`).
     pub overflowed: u64,
     /// Events waiting in the stage's input queue.

@@ -19,6 +19,50 @@ pub trait Message: Send + 'static {
     fn priority(&self) -> u8 {
         0
     }
+
+    /// How long the message (and every event that descends from it) may live, from when it is
+    /// submitted; `None`, the default, for no limit. An event past its time is dead-lettered as
+    /// `expired` instead of handled. A stage's own `ttl_ms` limits the time spent in it.
+    fn ttl(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// When an event expires, in microseconds on the engine's monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Deadline(pub(crate) u64);
+
+impl Deadline {
+    /// No deadline.
+    pub const NEVER: Self = Self(u64::MAX);
+
+    /// The deadline `ttl` from now.
+    #[must_use]
+    pub fn after(ttl: std::time::Duration) -> Self {
+        Self(clock_us().saturating_add(u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX)))
+    }
+
+    /// The earlier of two deadlines.
+    #[must_use]
+    pub fn min(self, other: Self) -> Self {
+        Self(self.0.min(other.0))
+    }
+
+    /// Whether the deadline has passed at `now` (a [`clock_us`] reading).
+    pub(crate) fn passed(self, now_us: u64) -> bool {
+        self.0 <= now_us
+    }
+
+    /// Time left until the deadline, from `now` (zero once passed; `None` for no deadline).
+    pub(crate) fn left(self, now_us: u64) -> Option<std::time::Duration> {
+        (self != Self::NEVER).then(|| std::time::Duration::from_micros(self.0.saturating_sub(now_us)))
+    }
+}
+
+/// Microseconds on the engine's monotonic clock (its epoch: the first reading in the process).
+pub(crate) fn clock_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(std::time::Instant::now).elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Identifies a stage of a [`Topology`](crate::Topology); handed out by
@@ -47,8 +91,21 @@ pub struct Envelope<M> {
     pub cause: u64,
     /// Attempts already made on this envelope in its current stage (0 on the first try).
     pub attempt: u32,
+    /// When the event expires ([`Deadline::NEVER`] unless its message has a
+    /// [`ttl`](Message::ttl)); inherited by the events emitted while handling it.
+    pub deadline: Deadline,
     /// The message itself.
     pub msg: M,
+}
+
+impl<M: Message> Envelope<M> {
+    /// A submitted message's envelope: its key, sequence number `seq`, and its deadline if the
+    /// message has a [`ttl`](Message::ttl).
+    #[must_use]
+    pub fn submitted(seq: u64, msg: M) -> Self {
+        let deadline = msg.ttl().map_or(Deadline::NEVER, Deadline::after);
+        Self { key: msg.key(), seq, cause: 0, attempt: 0, deadline, msg }
+    }
 }
 
 /// Why an event was retried or rejected: a static text costs no allocation.
@@ -69,6 +126,9 @@ pub enum Outcome {
     /// A conflict (the handler met a concurrent change and reloaded): the emitted events are
     /// discarded and the event is tried again at once, without backoff; the attempt counts.
     Conflict(Reason),
+    /// The event itself is malformed (its payload does not decode or breaks the message's rules):
+    /// no attempt can succeed, so it is dead-lettered now as `malformed`.
+    Malformed(Reason),
     /// Not now (a circuit breaker is open, say): the emitted events are discarded and the event
     /// waits on the worker's timing wheel for the given time, then is tried again. The attempt
     /// does not count; its key's later events wait behind it.
@@ -78,7 +138,8 @@ pub enum Outcome {
 /// The per-stage logic. One instance per worker thread, so `&mut self` needs no locking.
 ///
 /// A handler must not block for long: while it runs, its worker takes no other event. A panic
-/// inside [`handle`](Self::handle) is caught, counted and treated as [`Outcome::Retry`].
+/// inside [`handle`](Self::handle) is caught, counted and treated as [`Outcome::Retry`]; an event
+/// whose every attempt panics is dead-lettered as `panicked` and the worker goes on.
 pub trait Handler<M>: Send {
     /// Handles one event; events to send on go through `out`.
     fn handle(&mut self, event: &Envelope<M>, out: &mut Emitter<M>) -> Outcome;
@@ -110,6 +171,7 @@ pub struct Emitter<M> {
     pub(crate) key: u64,
     pub(crate) seq: u64,
     pub(crate) cause: u64,
+    pub(crate) deadline: Deadline,
     /// The topology's exchange, the routes this stage may publish, and whether unroutable
     /// events are dead-lettered.
     pub(crate) exchange: Option<Arc<Exchange<StageId>>>,
@@ -132,6 +194,7 @@ impl<M> Emitter<M> {
             key: 0,
             seq: 0,
             cause: 0,
+            deadline: Deadline::NEVER,
             exchange: None,
             may_publish: Vec::new(),
             dead_letter_unroutable: false,
@@ -146,12 +209,13 @@ impl<M> Emitter<M> {
         self.dead_letter_unroutable = dead_letter;
     }
 
-    pub(crate) fn begin(&mut self, key: u64, seq: u64, cause: u64) {
+    pub(crate) fn begin(&mut self, event: &Envelope<M>) {
         self.clear();
         self.misuse = None;
-        self.key = key;
-        self.seq = seq;
-        self.cause = cause;
+        self.key = event.key;
+        self.seq = event.seq;
+        self.cause = event.cause;
+        self.deadline = event.deadline;
     }
 
     pub(crate) fn clear(&mut self) {
@@ -174,7 +238,7 @@ impl<M> Emitter<M> {
     /// Like [`emit`](Self::emit), with another key.
     pub fn emit_keyed(&mut self, to: StageId, key: u64, msg: M) {
         if self.links.get(to.index()).copied().unwrap_or(false) {
-            let envelope = Envelope { key, seq: self.seq, cause: self.cause, attempt: 0, msg };
+            let envelope = Envelope { key, seq: self.seq, cause: self.cause, attempt: 0, deadline: self.deadline, msg };
             self.staged.push((to, envelope));
         } else if self.misuse.is_none() {
             self.misuse = Some(format!("emitted to stage #{}, which is not linked from this stage", to.index()).into());

@@ -17,12 +17,12 @@ use rustc_hash::FxHashMap;
 use crate::channel::{BatchReceiver, BatchSender, Received, SendFailure, StageInput};
 use crate::config::Jitter;
 use crate::config::{Overflow, StageConfig};
-use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
-use crate::journal::{Journal, JournalWriter};
+use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, Failures};
+use crate::journal::{unix_micros, Journal, JournalWriter};
 use crate::metrics::{BatchTally, StageMetrics};
 use crate::routing::Exchange;
 use crate::stage::StageId;
-use crate::stage::{Emitter, Envelope, Handler, Message, Outcome, Reason};
+use crate::stage::{clock_us, Deadline, Emitter, Envelope, Handler, Message, Outcome, Reason};
 use crate::wheel::{Insert, Wheel};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -130,8 +130,11 @@ struct Worker<M, H> {
     emitter: Emitter<M>,
     journal: Option<JournalWriter<M>>,
     /// Events waiting for another attempt, parked by key: while a key waits, its later events
-    /// wait behind it, so a retry never reorders a key's events within this worker.
-    parked: FxHashMap<u64, VecDeque<Envelope<M>>>,
+    /// wait behind it, so a retry never reorders a key's events within this worker. Each with
+    /// its expiry in this stage (its own deadline or the stage's TTL, whichever comes first).
+    parked: FxHashMap<u64, VecDeque<(Envelope<M>, Deadline)>>,
+    /// The failures of each key's event in retry (the parked head), for its dead letter.
+    failures: FxHashMap<u64, Failures>,
     /// Parked keys whose heads are due, in the order they are to be tried again.
     retry_keys: VecDeque<u64>,
     /// Events parked in all; at the stage's queue bound the worker stops taking new events, so
@@ -140,6 +143,8 @@ struct Worker<M, H> {
     /// Parked keys waiting out their backoff, by due tick (milliseconds since `started`).
     backoff: Wheel<u64>,
     started: Instant,
+    /// The engine clock ([`clock_us`]) read once per unit of work, for expiry.
+    now_us: u64,
     rng: SmallRng,
 }
 
@@ -201,30 +206,47 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             emitter,
             journal,
             parked: FxHashMap::default(),
+            failures: FxHashMap::default(),
             retry_keys: VecDeque::new(),
             parked_events: 0,
             backoff: Wheel::new(0),
             started: Instant::now(),
+            now_us: clock_us(),
             rng: SmallRng::seed_from_u64(seed),
         }
     }
 
-    /// Handles an event from the queue, unless its key is parked: then it waits behind.
-    fn take(&mut self, event: Envelope<M>, tally: &mut BatchTally) -> Result<(), Stop> {
+    /// Handles an event from the queue, unless it has expired (then it is dead-lettered at
+    /// once) or its key is parked (then it waits behind). `expires` is its deadline in this
+    /// stage: its own, or the stage's TTL if that comes first.
+    fn take(&mut self, event: Envelope<M>, expires: Deadline, tally: &mut BatchTally) -> Result<(), Stop> {
+        if expires.passed(self.now_us) {
+            self.expire(event, Failures::default(), tally);
+            return Ok(());
+        }
         if !self.parked.is_empty() {
             if let Some(queue) = self.parked.get_mut(&event.key) {
-                queue.push_back(event);
+                queue.push_back((event, expires));
                 self.parked_events += 1;
                 return Ok(());
             }
         }
         if let Handled::Retry(event, backoff) = self.handle(event, tally)? {
-            let (key, attempt) = (event.key, event.attempt);
-            self.parked.entry(key).or_default().push_back(event);
+            let key = event.key;
+            let attempt = event.attempt;
+            self.parked.entry(key).or_default().push_back((event, expires));
             self.parked_events += 1;
-            self.schedule(key, attempt, backoff);
+            self.schedule(key, attempt, backoff, expires);
         }
         Ok(())
+    }
+
+    /// Dead-letters an event that outlived its deadline, with the failures it met before.
+    fn expire(&mut self, event: Envelope<M>, failures: Failures, tally: &mut BatchTally) {
+        tally.processed += 1;
+        tally.expired += 1;
+        tally.dead_lettered += 1;
+        self.dead_letter(event, DeadLetterKind::Expired, failures, "its time to live ran out".into());
     }
 
     /// Milliseconds since this worker started: the backoff wheel's clock.
@@ -232,26 +254,40 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The delay before attempt `attempt + 1`: exponential from the base, capped, jittered.
-    fn backoff_ms(&mut self, attempt: u32) -> u64 {
+    /// The delay before attempt `attempt + 1` of `key`'s event: exponential from the base,
+    /// capped, jittered.
+    fn backoff_ms(&mut self, key: u64, attempt: u32) -> u64 {
         let config = &self.ctx.config;
-        if config.retry_backoff_ms_base == 0 {
+        let (base, cap) = (config.retry_backoff_ms_base, config.retry_backoff_ms_max);
+        if base == 0 {
             return 0;
         }
         let doublings = attempt.saturating_sub(1).min(32);
-        let delay = config.retry_backoff_ms_base.saturating_mul(1 << doublings).min(config.retry_backoff_ms_max);
+        let delay = base.saturating_mul(1 << doublings).min(cap);
         match config.retry_jitter {
             Jitter::None => delay,
             Jitter::Full => self.rng.random_range(0..=delay),
+            Jitter::Decorrelated => {
+                let failures = self.failures.entry(key).or_default();
+                let previous = failures.last_delay_ms.max(base);
+                let delay = self.rng.random_range(base..=previous.saturating_mul(3)).min(cap);
+                failures.last_delay_ms = delay;
+                delay
+            }
         }
     }
 
-    /// Puts a parked key's head back in line: now, or once its backoff has passed.
-    fn schedule(&mut self, key: u64, attempt: u32, backoff: Backoff) {
+    /// Puts a parked key's head back in line: now, once its backoff has passed, or at its
+    /// deadline if that comes first (then it expires on time instead of waiting out the backoff).
+    fn schedule(&mut self, key: u64, attempt: u32, backoff: Backoff, expires: Deadline) {
         let delay = match backoff {
             Backoff::Immediate => 0,
-            Backoff::Delayed => self.backoff_ms(attempt),
+            Backoff::Delayed => self.backoff_ms(key, attempt),
             Backoff::Fixed(ms) => ms,
+        };
+        let delay = match expires.left(clock_us()) {
+            Some(left) => delay.min(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
+            None => delay,
         };
         // A delay of d ms is due at the first tick at least d ms away: never early.
         let due = self.now_tick() + delay + u64::from(delay > 0);
@@ -275,19 +311,25 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     /// Tries the head of the next parked key again.
     fn retry_next(&mut self, tally: &mut BatchTally) -> Result<(), Stop> {
         let Some(key) = self.retry_keys.pop_front() else { return Ok(()) };
-        let Some(event) = self.parked.get_mut(&key).and_then(VecDeque::pop_front) else {
+        let Some((event, expires)) = self.parked.get_mut(&key).and_then(VecDeque::pop_front) else {
             self.parked.remove(&key);
             return Ok(());
         };
         self.parked_events -= 1;
-        let handled = self.handle(event, tally)?;
+        let handled = if expires.passed(self.now_us) {
+            let failures = self.failures.remove(&key).unwrap_or_default();
+            self.expire(event, failures, tally);
+            Handled::Finished
+        } else {
+            self.handle(event, tally)?
+        };
         let queue = self.parked.get_mut(&key).expect("a key stays parked until its queue is empty");
         match handled {
             Handled::Retry(event, backoff) => {
                 let attempt = event.attempt;
-                queue.push_front(event);
+                queue.push_front((event, expires));
                 self.parked_events += 1;
-                self.schedule(key, attempt, backoff);
+                self.schedule(key, attempt, backoff, expires);
             }
             // The head is done; the key's next event never failed: it goes on at once.
             Handled::Finished if queue.is_empty() => {
@@ -309,7 +351,19 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     if let Some(journal) = &mut self.journal {
                         journal.stamp();
                     }
-                    let result = events.drain(..).try_for_each(|event| self.take(event, &mut tally));
+                    self.now_us = clock_us();
+                    // The stage's TTL counts from when the batch was sent to it.
+                    let stage_deadline = match self.ctx.config.ttl_ms {
+                        0 => Deadline::NEVER,
+                        ttl_ms => {
+                            let age_us = u64::try_from(batch.sent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            Deadline(self.now_us.saturating_sub(age_us).saturating_add(ttl_ms * 1_000))
+                        }
+                    };
+                    let result = events.drain(..).try_for_each(|event| {
+                        let expires = event.deadline.min(stage_deadline);
+                        self.take(event, expires, &mut tally)
+                    });
                     self.ctx.inputs[level].recycle(events);
                     self.ctx.metrics.publish(&tally);
                     self.ctx.metrics.record_latency(self.ctx.worker, batch.sent_at.elapsed(), count);
@@ -318,6 +372,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 }
                 Next::Retries => {
                     let mut tally = BatchTally::default();
+                    self.now_us = clock_us();
                     let due = self.retry_keys.len().min(self.ctx.config.batch_events_max);
                     for _ in 0..due {
                         self.retry_next(&mut tally)?;
@@ -400,7 +455,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 let stage = outboxes.input.stage.clone();
                 let reason: Reason = "its queue was full".into();
                 for event in batch.events {
-                    self.dead_letter_in(&stage, event, DeadLetterKind::Overflow, reason.clone());
+                    self.dead_letter_in(&stage, event, DeadLetterKind::Overflow, Failures::default(), reason.clone());
                 }
                 Ok(())
             }
@@ -415,14 +470,24 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         }
     }
 
+    /// The failures `key`'s event met so far in this stage (none if it never failed).
+    fn failures_of(&mut self, key: u64) -> Failures {
+        if self.failures.is_empty() {
+            return Failures::default();
+        }
+        self.failures.remove(&key).unwrap_or_default()
+    }
+
     fn handle(&mut self, mut event: Envelope<M>, tally: &mut BatchTally) -> Result<Handled<M>, Stop> {
-        self.emitter.begin(event.key, event.seq, event.cause);
+        self.emitter.begin(&event);
         let handler = &mut self.handler;
         let emitter = &mut self.emitter;
+        let mut panicked = false;
         let outcome = match catch_unwind(AssertUnwindSafe(|| handler.handle(&event, emitter))) {
             Ok(outcome) => outcome,
             Err(payload) => {
                 tally.panics += 1;
+                panicked = true;
                 Outcome::Retry(panic_reason(payload.as_ref()))
             }
         };
@@ -430,12 +495,16 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             self.emitter.clear();
             tally.processed += 1;
             tally.dead_lettered += 1;
-            self.dead_letter(event, DeadLetterKind::HandlerMisuse, reason);
+            let failures = self.failures_of(event.key);
+            self.dead_letter(event, DeadLetterKind::HandlerMisuse, failures, reason);
             return Ok(Handled::Finished);
         }
         let backoff = if matches!(outcome, Outcome::Conflict(_)) { Backoff::Immediate } else { Backoff::Delayed };
         match outcome {
             Outcome::Done => {
+                if !self.failures.is_empty() {
+                    self.failures.remove(&event.key);
+                }
                 tally.processed += 1;
                 tally.emitted += self.emitter.staged.len() as u64;
                 let cause = match &mut self.journal {
@@ -458,13 +527,15 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 tally.unroutable += self.emitter.unroutable_count;
                 let unroutable = std::mem::take(&mut self.emitter.unroutable);
                 for msg in unroutable {
-                    let envelope = Envelope { key: event.key, seq: event.seq, cause, attempt: 0, msg };
+                    let deadline = event.deadline;
+                    let envelope = Envelope { key: event.key, seq: event.seq, cause, attempt: 0, deadline, msg };
                     tally.dead_lettered += 1;
                     let stage = self.ctx.stage_name.clone();
                     self.dead_letter_in(
                         &stage,
                         envelope,
                         DeadLetterKind::Unroutable,
+                        Failures::default(),
                         "no queue is bound to its routing key".into(),
                     );
                 }
@@ -477,8 +548,11 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 if event.attempt >= self.ctx.config.attempts_max {
                     tally.processed += 1;
                     tally.dead_lettered += 1;
-                    self.dead_letter(event, DeadLetterKind::RetriesExhausted, reason);
+                    let kind = if panicked { DeadLetterKind::Panicked } else { DeadLetterKind::RetriesExhausted };
+                    let failures = self.failures_of(event.key);
+                    self.dead_letter(event, kind, failures, reason);
                 } else {
+                    self.failures.entry(event.key).or_default().push(reason, unix_micros());
                     return Ok(Handled::Retry(event, backoff));
                 }
             }
@@ -490,31 +564,55 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     .min(crate::config::limits::RETRY_BACKOFF_MS_MAX);
                 return Ok(Handled::Retry(event, Backoff::Fixed(ms)));
             }
-            Outcome::Reject(reason) => {
-                self.emitter.clear();
-                tally.processed += 1;
-                tally.rejected += 1;
-                tally.dead_lettered += 1;
-                event.attempt += 1;
-                self.dead_letter(event, DeadLetterKind::Rejected, reason);
-            }
+            Outcome::Reject(reason) => self.refuse(event, DeadLetterKind::Rejected, reason, tally),
+            Outcome::Malformed(reason) => self.refuse(event, DeadLetterKind::Malformed, reason, tally),
         }
         Ok(Handled::Finished)
     }
 
-    fn dead_letter(&mut self, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
-        let stage = self.ctx.stage_name.clone();
-        self.dead_letter_in(&stage, envelope, kind, reason);
+    /// Dead-letters an event its handler failed for good (rejected or malformed).
+    fn refuse(&mut self, mut event: Envelope<M>, kind: DeadLetterKind, reason: Reason, tally: &mut BatchTally) {
+        self.emitter.clear();
+        tally.processed += 1;
+        tally.rejected += 1;
+        tally.dead_lettered += 1;
+        event.attempt += 1;
+        let failures = self.failures_of(event.key);
+        self.dead_letter(event, kind, failures, reason);
     }
 
-    /// Dead-letters an event on behalf of `stage` (this one, or a destination that refused it).
-    fn dead_letter_in(&mut self, stage: &Arc<str>, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
+    fn dead_letter(&mut self, envelope: Envelope<M>, kind: DeadLetterKind, failures: Failures, reason: Reason) {
+        let stage = self.ctx.stage_name.clone();
+        self.dead_letter_in(&stage, envelope, kind, failures, reason);
+    }
+
+    /// Dead-letters an event on behalf of `stage` (this one, or a destination that refused it):
+    /// `failures` are those it met before, `reason` the last one.
+    fn dead_letter_in(
+        &mut self,
+        stage: &Arc<str>,
+        envelope: Envelope<M>,
+        kind: DeadLetterKind,
+        mut failures: Failures,
+        reason: Reason,
+    ) {
         tracing::debug!(%stage, key = envelope.key, %kind, %reason, "dead letter");
-        let attempts = envelope.attempt;
+        failures.push(reason.clone(), unix_micros());
+        let letter = DeadLetter {
+            stage: stage.to_owned(),
+            kind,
+            reason,
+            errors: failures.errors,
+            errors_dropped: failures.errors_dropped,
+            first_failure_us: failures.first_us,
+            last_failure_us: failures.last_us,
+            attempts: envelope.attempt,
+            envelope,
+        };
         if let Some(journal) = &mut self.journal {
-            journal.dead_letter(&envelope, &kind, &reason, attempts);
+            journal.dead_letter(&letter);
         }
-        self.ctx.dead_letters.dead_letter(DeadLetter { stage: stage.to_owned(), kind, reason, attempts, envelope });
+        self.ctx.dead_letters.dead_letter(letter);
     }
 }
 

@@ -61,6 +61,12 @@ pub const KIND_RESERVED_MIN: u16 = 0xFF00;
 /// An event the engine dead-lettered: `stage`, `attempts`, `note` tell why, `cause_kind` and
 /// `payload` hold the original event.
 pub const KIND_DEAD_LETTER: u16 = 0xFF01;
+/// A dead letter was redriven: `causation` is the dead letter's id, `stage` the stage the event
+/// was sent to, `cause_kind` and `payload` the event sent (which may differ from the original:
+/// the application decides where a redrive starts). Events that follow carry this record's id.
+pub const KIND_REDRIVEN: u16 = 0xFF02;
+/// A dead letter was purged: `causation` is its id. It stays in the log, out of the list.
+pub const KIND_PURGED: u16 = 0xFF03;
 /// `Record::stage` of a message recorded at ingress.
 pub const STAGE_INGRESS: u16 = u16::MAX;
 

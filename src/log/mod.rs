@@ -28,7 +28,8 @@ use serde::Serialize;
 
 pub use format::{
     check_header, decode_frame, decode_frame_owned, encode_frame, ArchivedFrame, ArchivedRecord, Frame, FrameError,
-    Record, BODY_LEN_MAX, FORMAT_VERSION, HEADER_LEN, KIND_DEAD_LETTER, KIND_RESERVED_MIN, MAGIC, STAGE_INGRESS,
+    Record, BODY_LEN_MAX, FORMAT_VERSION, HEADER_LEN, KIND_DEAD_LETTER, KIND_PURGED, KIND_REDRIVEN, KIND_RESERVED_MIN,
+    MAGIC, STAGE_INGRESS,
 };
 
 /// Frames by sequence number.

@@ -120,17 +120,36 @@ pub struct OrderEvent {
     pub order: Order,
     /// What the receiving stage is asked to do.
     pub step: Step,
+    /// How many times the order was redriven from the dead letters (0 at first). Each redrive
+    /// runs the order's saga again under fresh idempotency keys: the dead letter's compensation
+    /// refunded and released what the earlier run did.
+    pub generation: u32,
 }
 
 impl OrderEvent {
-    /// The same order, asking for `step`.
+    /// A new order, to place.
     #[must_use]
-    pub fn then(self, step: Step) -> Self {
-        Self { order: self.order, step }
+    pub fn place(order: Order) -> Self {
+        Self { order, step: Step::Place, generation: 0 }
     }
 
-    /// Bytes of an encoded event: the order's five fields, the step, the cancel reason.
+    /// The same order and generation, asking for `step`.
+    #[must_use]
+    pub fn then(self, step: Step) -> Self {
+        Self { step, ..self }
+    }
+
+    /// The key of `effect` for this event's order and generation.
+    #[must_use]
+    pub fn key(&self, effect: Effect) -> IdempotencyKey {
+        IdempotencyKey { order: self.order.id, effect, generation: self.generation }
+    }
+
+    /// Bytes of an encoded event of generation 0: the order's five fields, the step, the cancel
+    /// reason. A later generation appends it (four more bytes).
     pub const ENCODED_LEN: usize = 34;
+    /// Bytes of an encoded event of a later generation.
+    pub const ENCODED_LEN_REDRIVEN: usize = Self::ENCODED_LEN + 4;
 
     /// The fact that asks for this step: the record kind of this message in the journal.
     #[must_use]
@@ -162,14 +181,22 @@ impl OrderEvent {
             Step::Compensate(reason) => (5, reason.code()),
         };
         out.extend_from_slice(&[step, reason]);
+        if self.generation > 0 {
+            out.extend_from_slice(&self.generation.to_le_bytes());
+        }
     }
 
     /// Reads a journal payload; `None` if it is not one.
     #[must_use]
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != Self::ENCODED_LEN {
-            return None;
-        }
+        let generation = match bytes.len() {
+            Self::ENCODED_LEN => 0,
+            Self::ENCODED_LEN_REDRIVEN => match bytes[Self::ENCODED_LEN..].try_into().map(u32::from_le_bytes) {
+                Ok(0) | Err(_) => return None,
+                Ok(generation) => generation,
+            },
+            _ => return None,
+        };
         let u64_at = |at: usize| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         let u32_at = |at: usize| bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
         let order = Order {
@@ -188,7 +215,7 @@ impl OrderEvent {
             (5, reason) => Step::Compensate(CancelReason::from_code(reason)?),
             _ => return None,
         };
-        Some(Self { order, step })
+        Some(Self { order, step, generation })
     }
 }
 
@@ -228,38 +255,68 @@ pub enum Effect {
 
 /// The stable key a port uses to recognise a repeated request for the same effect.
 ///
-/// It depends only on the order and the effect, never on the attempt, so a retried or
-/// redelivered request is recognised as the same one.
+/// It depends only on the order, the effect and the order's redrive generation, never on the
+/// attempt, so a retried or redelivered request is recognised as the same one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdempotencyKey {
     /// The order.
     pub order: u64,
     /// The effect.
     pub effect: Effect,
+    /// The order's redrive generation (see [`OrderEvent::generation`]).
+    pub generation: u32,
 }
 
 impl IdempotencyKey {
-    /// The key of `effect` for `order`.
+    /// The key of `effect` for `order`'s first run (generation 0).
     #[must_use]
     pub fn new(order: u64, effect: Effect) -> Self {
-        Self { order, effect }
+        Self { order, effect, generation: 0 }
     }
 }
+
+const SALT_POISON: u64 = 0x9015_0000;
 
 /// A seeded, endless stream of orders with ids 1, 2, 3, ...
 #[derive(Debug, Clone)]
 pub struct Workload {
     rng: SmallRng,
+    seed: u64,
     next_id: u64,
     skus: u32,
     customers: u64,
+    poison_rate: f64,
+    poisoned: u64,
 }
 
 impl Workload {
     /// Orders spread uniformly over `skus` SKUs and `customers` customers.
     #[must_use]
     pub fn new(seed: u64, skus: u32, customers: u64) -> Self {
-        Self { rng: SmallRng::seed_from_u64(seed), next_id: 1, skus: skus.max(1), customers: customers.max(1) }
+        Self {
+            rng: SmallRng::seed_from_u64(seed),
+            seed,
+            next_id: 1,
+            skus: skus.max(1),
+            customers: customers.max(1),
+            poison_rate: 0.0,
+            poisoned: 0,
+        }
+    }
+
+    /// Makes about `rate` of the orders malformed: their payload arrives zeroed past the id (no
+    /// SKU, quantity or amount), as from a broken producer. Which orders is a function of the seed
+    /// and the id alone.
+    #[must_use]
+    pub fn poisoned(mut self, rate: f64) -> Self {
+        self.poison_rate = rate;
+        self
+    }
+
+    /// Malformed orders generated so far.
+    #[must_use]
+    pub fn poisoned_count(&self) -> u64 {
+        self.poisoned
     }
 
     /// The unit price of a SKU, in cents: fixed per SKU, between 1.00 and 100.00.
@@ -277,6 +334,10 @@ impl Iterator for Workload {
         self.next_id += 1;
         let sku = self.rng.random_range(0..self.skus);
         let quantity = self.rng.random_range(1..=3);
+        if self.poison_rate > 0.0 && crate::orders::ports::chance(self.seed, id, 0, SALT_POISON) < self.poison_rate {
+            self.poisoned += 1;
+            return Some(Order { id, customer: 0, sku: 0, quantity: 0, amount_cents: 0 });
+        }
         Some(Order {
             id,
             customer: self.rng.random_range(1..=self.customers),
@@ -304,12 +365,20 @@ mod tests {
             Step::Compensate(CancelReason::PaymentDeclined),
         ];
         for step in steps {
-            let event = OrderEvent { order, step };
-            let mut bytes = Vec::new();
-            event.encode(&mut bytes);
-            assert_eq!(bytes.len(), OrderEvent::ENCODED_LEN);
-            assert_eq!(OrderEvent::decode(&bytes), Some(event));
+            for generation in [0, 1, u32::MAX] {
+                let event = OrderEvent { order, step, generation };
+                let mut bytes = Vec::new();
+                event.encode(&mut bytes);
+                let len = if generation == 0 { OrderEvent::ENCODED_LEN } else { OrderEvent::ENCODED_LEN_REDRIVEN };
+                assert_eq!(bytes.len(), len);
+                assert_eq!(OrderEvent::decode(&bytes), Some(event));
+            }
         }
+        // Generation 0 has one encoding only: the short one.
+        let mut long = vec![0; OrderEvent::ENCODED_LEN_REDRIVEN];
+        long[24] = 1;
+        long[20] = 1;
+        assert_eq!(OrderEvent::decode(&long), None);
         assert_eq!(OrderEvent::decode(&[0; 33]), None);
         let mut bad = vec![0; OrderEvent::ENCODED_LEN];
         bad[32] = 9;

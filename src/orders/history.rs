@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Order, OrderEvent, Step};
 use super::stages::names;
-use crate::log::{Aggregate, Log, LogError, Record, KIND_DEAD_LETTER, STAGE_INGRESS};
+use crate::log::{Aggregate, Log, LogError, Record, KIND_DEAD_LETTER, KIND_PURGED, KIND_REDRIVEN, STAGE_INGRESS};
 
 /// Facts tracked per order, by kind (index = kind, 1..=10).
 const FACTS: usize = 11;
@@ -24,6 +24,12 @@ pub struct OrderHistory {
     pub counts: [u8; FACTS],
     /// Stage index of the order-path dead letter that ended it, if one did.
     pub dead_letter_stage: Option<u16>,
+    /// Times the order was redriven from the dead letters: the generation its events carry.
+    pub generation: u32,
+    /// Charges of earlier generations (each refunded by its dead letter's compensation).
+    pub past_charges: u32,
+    /// Reservations of earlier generations (each released likewise).
+    pub past_reservations: u32,
     /// Whether the email / SMS was dead-lettered.
     pub notify_dead: [bool; 2],
     /// Why it was cancelled.
@@ -102,7 +108,8 @@ impl OrderHistory {
     #[must_use]
     pub fn resume(&self) -> Vec<(&'static str, OrderEvent)> {
         let Some(order) = self.order else { return Vec::new() };
-        let event = |stage, step| (stage, OrderEvent { order, step });
+        let generation = self.generation;
+        let event = |stage, step| (stage, OrderEvent { order, step, generation });
         if matches!(self.status(), OrderStatus::Cancelled | OrderStatus::DeadLettered) {
             return Vec::new();
         }
@@ -175,6 +182,8 @@ impl Aggregate for OrderHistory {
         self.correlation = record.correlation;
         self.last_timestamp_us = record.timestamp_us;
         match record.kind {
+            KIND_REDRIVEN => self.redriven(record),
+            KIND_PURGED => {} // The dead letter leaves the list; the order stays as it was.
             KIND_DEAD_LETTER => {
                 let stage = names::of_index(record.stage);
                 let notification = OrderEvent::decode(&record.payload).is_some_and(|e| e.step == Step::Notify);
@@ -210,6 +219,42 @@ impl Aggregate for OrderHistory {
             }
             other => self.note(format!("unknown record kind {other}")),
         }
+    }
+}
+
+impl OrderHistory {
+    /// A redrive reopens the order: a notification's only clears that channel's dead letter; an
+    /// order-path one starts a new generation from the redriven step, its earlier effects
+    /// (compensated by the dead letter) kept as past charges and reservations.
+    fn redriven(&mut self, record: &Record) {
+        let Some(event) = OrderEvent::decode(&record.payload) else {
+            self.note("redrive record holds no valid event".into());
+            return;
+        };
+        if event.step == Step::Notify {
+            // Into one notifier, or (published with none bound) into both.
+            let (email, sms) = match names::of_index(record.stage) {
+                names::EMAIL => (true, false),
+                names::SMS => (false, true),
+                _ => (true, true),
+            };
+            self.notify_dead[0] &= !email;
+            self.notify_dead[1] &= !sms;
+            return;
+        }
+        if event.generation != self.generation + 1 {
+            self.note(format!("redrive to generation {} follows generation {}", event.generation, self.generation));
+        }
+        self.past_charges += u32::from(self.charged());
+        self.past_reservations += u32::from(self.reserved());
+        self.generation = event.generation;
+        // The redriven step's own fact and every later one belong to the new generation.
+        for count in self.counts.iter_mut().skip(usize::from(event.kind()) + 1) {
+            *count = 0;
+        }
+        self.dead_letter_stage = None;
+        self.notify_dead = [false; 2];
+        self.cancel_reason = None;
     }
 }
 
@@ -264,10 +309,15 @@ impl Histories {
                     }
                 }
             }
-            if history.status() != OrderStatus::InFlight && history.charged() {
-                report.ledger.charged_cents += amount;
-                if history.compensated() {
-                    report.ledger.refunded_cents += amount;
+            if history.status() != OrderStatus::InFlight {
+                let past = amount * u64::from(history.past_charges);
+                report.ledger.charged_cents += past;
+                report.ledger.refunded_cents += past;
+                if history.charged() {
+                    report.ledger.charged_cents += amount;
+                    if history.compensated() {
+                        report.ledger.refunded_cents += amount;
+                    }
                 }
             }
             if history.counts[usize::from(kinds::CHARGED)] > 1 {
@@ -354,7 +404,7 @@ mod tests {
     fn placed(id: u64) -> Record {
         let mut payload = Vec::new();
         let order = Order { id, customer: 1, sku: 2, quantity: 1, amount_cents: 500 };
-        OrderEvent { order, step: Step::Place }.encode(&mut payload);
+        OrderEvent::place(order).encode(&mut payload);
         Record { stage: STAGE_INGRESS, ..record(id, 1, kinds::PLACED, payload) }
     }
 

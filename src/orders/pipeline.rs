@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::domain::{Order, OrderCodec, OrderEvent, Step, Workload};
+use super::domain::{Order, OrderCodec, OrderEvent, Workload};
 use super::history::{Histories, OrderStatus, VerifyReport};
 use super::ports::{
     Channel, Faults, FraudVerdict, LedgerFigures, NotifyFigures, SimulatedFraudCheck, SimulatedGateway,
@@ -68,6 +68,13 @@ pub struct SimConfig {
     pub breaker_failures: u32,
     /// How long an open breaker refuses calls before a trial, in milliseconds.
     pub breaker_open_ms: u64,
+    /// Fraction of orders whose payload arrives malformed (zeroed past the id): the order stage
+    /// dead-letters each as `malformed`, and the run checks their count against the poisoned.
+    pub poison_rate: f64,
+    /// Probability that a charge attempt times out (the charge made or not, as the retry finds).
+    pub payment_timeout_rate: f64,
+    /// How long a timed-out charge attempt hangs before it fails, in microseconds.
+    pub payment_timeout_us: u64,
 }
 
 impl Default for SimConfig {
@@ -91,6 +98,9 @@ impl Default for SimConfig {
             fraud_timeout_us: 50_000,
             breaker_failures: 0,
             breaker_open_ms: 50,
+            poison_rate: 0.0,
+            payment_timeout_rate: 0.0,
+            payment_timeout_us: 0,
         }
     }
 }
@@ -108,6 +118,8 @@ impl SimConfig {
             ("inventory_failure_rate", self.inventory_failure_rate),
             ("notify_failure_rate", self.notify_failure_rate),
             ("fraud_deny_rate", self.fraud_deny_rate),
+            ("poison_rate", self.poison_rate),
+            ("payment_timeout_rate", self.payment_timeout_rate),
         ];
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
@@ -130,6 +142,7 @@ impl SimConfig {
             ("inventory_latency_us", self.inventory_latency_us),
             ("notify_latency_us", self.notify_latency_us),
             ("fraud_latency_us", self.fraud_latency_us),
+            ("payment_timeout_us", self.payment_timeout_us),
         ];
         for (name, latency) in latencies {
             if latency > LATENCY_US_MAX {
@@ -318,10 +331,13 @@ struct Ports {
 impl Ports {
     fn new(sim: &SimConfig) -> Self {
         Self {
-            gateway: Arc::new(SimulatedGateway::new(
-                sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
-                sim.payment_decline_rate,
-            )),
+            gateway: Arc::new(
+                SimulatedGateway::new(
+                    sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
+                    sim.payment_decline_rate,
+                )
+                .with_timeouts(sim.payment_timeout_rate, Duration::from_micros(sim.payment_timeout_us)),
+            ),
             inventory: Arc::new(SimulatedInventory::new(
                 sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
                 sim.skus,
@@ -544,7 +560,14 @@ impl OrderPipeline {
         for id in ids {
             let history = &histories.orders[id];
             for (stage, msg) in history.resume() {
-                let envelope = Envelope { key: *id, seq: history.correlation, cause: history.last_id, attempt: 0, msg };
+                let envelope = Envelope {
+                    key: *id,
+                    seq: history.correlation,
+                    cause: history.last_id,
+                    attempt: 0,
+                    deadline: crate::Deadline::NEVER,
+                    msg,
+                };
                 by_stage.entry(stage).or_default().push(envelope);
             }
         }
@@ -614,8 +637,14 @@ impl OrderPipeline {
                 cancelled_declined: outcomes.cancelled_declined,
                 dead_lettered: outcomes.dead_lettered,
                 in_flight: submitted.saturating_sub(outcomes.terminal()),
+                poisoned: None,
             },
             events: EventCounts { total: events_total, per_sec: per_sec(events_total) },
+            retries: RetryReport {
+                total: snapshot.stages.iter().map(|s| s.retried).sum(),
+                deferred: snapshot.stages.iter().map(|s| s.deferred).sum(),
+                by_stage: snapshot.stages.iter().map(|s| (s.name.clone(), s.retried)).collect(),
+            },
             orders_per_sec: per_sec(snapshot.submitted),
             elapsed_s,
             stages: snapshot.stages,
@@ -625,6 +654,7 @@ impl OrderPipeline {
             dead_letters: DeadLetterReport {
                 total: dead_letter_count,
                 by_stage: self.dead_letters.by_stage(),
+                by_reason: self.dead_letters.by_reason(),
                 compensation_failures: self
                     .dead_letters
                     .compensation_failures
@@ -645,7 +675,7 @@ impl OrderPipeline {
 }
 
 fn place(order: Order) -> OrderEvent {
-    OrderEvent { order, step: Step::Place }
+    OrderEvent::place(order)
 }
 
 /// Counts carried over from the log into the ports and outcomes; returns the orders placed.
@@ -655,17 +685,20 @@ fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Outcomes) -> u
     for history in histories.orders.values() {
         let Some(order) = history.order else { continue };
         placed += 1;
+        let generation = history.generation;
+        ports.gateway.restore_refunded_charges(&order, history.past_charges);
+        ports.inventory.restore_released_reservations(&order, history.past_reservations);
         if history.charged() {
-            ports.gateway.restore_charge(&order, history.compensated());
+            ports.gateway.restore_charge(&order, generation, history.compensated());
         }
         if history.reserved() {
-            ports.inventory.restore_reservation(&order, history.compensated());
+            ports.inventory.restore_reservation(&order, generation, history.compensated());
         }
         if history.counts[usize::from(super::domain::kinds::EMAILED)] > 0 {
-            ports.notifier.restore_sent(Channel::Email, order.id);
+            ports.notifier.restore_sent(Channel::Email, order.id, generation);
         }
         if history.counts[usize::from(super::domain::kinds::TEXTED)] > 0 {
-            ports.notifier.restore_sent(Channel::Sms, order.id);
+            ports.notifier.restore_sent(Channel::Sms, order.id, generation);
         }
         match history.status() {
             OrderStatus::Confirmed => {
@@ -717,7 +750,7 @@ pub fn run_routed(
         }
     }
     let pipeline = OrderPipeline::start_routed(config, sim, routing, log, None)?;
-    let mut workload = Workload::new(sim.seed, sim.skus, sim.customers);
+    let mut workload = Workload::new(sim.seed, sim.skus, sim.customers).poisoned(sim.poison_rate);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;
     while submitted < orders {
@@ -733,7 +766,9 @@ pub fn run_routed(
         }
         progress(submitted, pipeline.terminal());
     }
-    Ok(pipeline.finish())
+    let mut report = pipeline.finish();
+    report.orders.poisoned = Some(workload.poisoned_count());
+    Ok(report)
 }
 
 /// What [`recover`] did.
@@ -819,6 +854,20 @@ pub struct OrderCounts {
     pub dead_lettered: u64,
     /// Not yet terminal (0 after a drained run).
     pub in_flight: u64,
+    /// Orders generated with a malformed payload (`simulation.poison_rate`), when this run
+    /// generated the orders; each must end in the dead letters as `malformed`.
+    pub poisoned: Option<u64>,
+}
+
+/// Retries over all stages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryReport {
+    /// Attempts that ended in a retry (transient failures, conflicts, panics).
+    pub total: u64,
+    /// Times work waited for an open circuit breaker (attempts not spent).
+    pub deferred: u64,
+    /// Retries per stage.
+    pub by_stage: BTreeMap<String, u64>,
 }
 
 /// Events handled.
@@ -843,6 +892,8 @@ pub struct LedgerReport {
     pub double_charges: u64,
     /// Repeated requests answered without a second effect.
     pub idempotent_replays: u64,
+    /// Charge attempts that timed out.
+    pub timeouts: u64,
     /// `charged - refunded == confirmed_total` and no double charge.
     pub balanced: bool,
 }
@@ -857,6 +908,7 @@ impl LedgerReport {
             confirmed_total_cents,
             double_charges: ledger.double_charges,
             idempotent_replays: ledger.idempotent_replays,
+            timeouts: ledger.timeouts,
             balanced,
         }
     }
@@ -886,13 +938,15 @@ impl StockReport {
     }
 }
 
-/// Dead letters by stage.
+/// Dead letters by stage and by reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetterReport {
     /// All dead letters, notifications included.
     pub total: u64,
     /// Count per stage.
     pub by_stage: BTreeMap<String, u64>,
+    /// Count per reason (`retries_exhausted`, `malformed`, `expired`, ...).
+    pub by_reason: BTreeMap<String, u64>,
     /// Dead-lettered orders whose compensation failed.
     pub compensation_failures: u64,
 }
@@ -906,6 +960,8 @@ pub struct RunReport {
     pub orders: OrderCounts,
     /// Events handled.
     pub events: EventCounts,
+    /// Retries.
+    pub retries: RetryReport,
     /// Orders submitted per second of the whole run.
     pub orders_per_sec: f64,
     /// Seconds from start to fully drained.
@@ -978,6 +1034,12 @@ impl RunReport {
         }
         if let Some(reason) = &self.poisoned {
             violations.push(format!("engine poisoned: {reason}"));
+        }
+        let malformed = self.dead_letters.by_reason.get("malformed").copied().unwrap_or(0);
+        if let Some(poisoned) = self.orders.poisoned {
+            if malformed != poisoned {
+                violations.push(format!("{malformed} orders dead-lettered as malformed, but {poisoned} were poisoned"));
+            }
         }
         if let Some(log) = &self.log {
             if log.stats.events_appended != self.events.total {

@@ -28,7 +28,7 @@ pub(crate) fn mix64(mut x: u64) -> u64 {
 }
 
 /// A uniform number in [0, 1) decided by its inputs alone.
-fn chance(seed: u64, order: u64, attempt: u32, salt: u64) -> f64 {
+pub(crate) fn chance(seed: u64, order: u64, attempt: u32, salt: u64) -> f64 {
     let h = mix64(seed ^ mix64(order ^ mix64(u64::from(attempt) ^ mix64(salt))));
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
@@ -71,6 +71,10 @@ pub enum PaymentError {
     /// The charge was refused for good.
     #[error("payment declined: {0}")]
     Declined(Reason),
+    /// No answer in time: the charge may or may not have happened. Worth retrying with the same
+    /// idempotency key, which settles it either way.
+    #[error("payment timed out: {0}")]
+    Timeout(Reason),
 }
 
 /// Charges and refunds, each keyed for idempotency.
@@ -99,6 +103,8 @@ pub struct LedgerFigures {
     pub double_charges: u64,
     /// Repeated requests answered from the ledger instead of charging or refunding again.
     pub idempotent_replays: u64,
+    /// Calls that timed out (the charge made or not).
+    pub timeouts: u64,
 }
 
 /// A simulated gateway keeping a ledger by order and idempotency key.
@@ -109,6 +115,9 @@ pub struct LedgerFigures {
 pub struct SimulatedGateway {
     faults: Faults,
     decline_rate: f64,
+    timeout_rate: f64,
+    timeout: Duration,
+    timeouts: AtomicU64,
     ledger: Box<[Mutex<FxHashMap<u64, ChargeRecord>>]>,
     charged_cents: AtomicU64,
     refunded_cents: AtomicU64,
@@ -122,6 +131,12 @@ const SALT_DECLINE: u64 = 3;
 const SALT_RESERVE: u64 = 4;
 const SALT_NOTIFY: u64 = 5;
 const SALT_FRAUD: u64 = 6;
+const SALT_TIMEOUT: u64 = 7;
+
+/// The salt of a coin flip for `key`'s effect: each redrive generation flips anew.
+fn salted(salt: u64, key: IdempotencyKey) -> u64 {
+    salt ^ (u64::from(key.generation) << 32)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fraud check (served over request/reply)
@@ -167,12 +182,24 @@ impl SimulatedGateway {
         Self {
             faults,
             decline_rate,
+            timeout_rate: 0.0,
+            timeout: Duration::ZERO,
+            timeouts: AtomicU64::new(0),
             ledger: sharded(),
             charged_cents: AtomicU64::new(0),
             refunded_cents: AtomicU64::new(0),
             double_charges: AtomicU64::new(0),
             replays: AtomicU64::new(0),
         }
+    }
+
+    /// Makes about `rate` of the charge calls time out after `wait` (the charge made half the
+    /// time, as when the answer is lost on its way back).
+    #[must_use]
+    pub fn with_timeouts(mut self, rate: f64, wait: Duration) -> Self {
+        self.timeout_rate = rate;
+        self.timeout = wait;
+        self
     }
 
     /// The books now.
@@ -182,13 +209,22 @@ impl SimulatedGateway {
             refunded_cents: self.refunded_cents.load(Ordering::Relaxed),
             double_charges: self.double_charges.load(Ordering::Relaxed),
             idempotent_replays: self.replays.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
         }
     }
 
-    /// Restores a charge made by an earlier run (recovery from the log).
-    pub fn restore_charge(&self, order: &Order, refunded: bool) {
+    /// Restores charges of earlier generations of an order, all refunded (a redriven order's
+    /// dead letter was compensated before its redrive).
+    pub fn restore_refunded_charges(&self, order: &Order, count: u32) {
+        let cents = order.amount_cents * u64::from(count);
+        self.charged_cents.fetch_add(cents, Ordering::Relaxed);
+        self.refunded_cents.fetch_add(cents, Ordering::Relaxed);
+    }
+
+    /// Restores a charge made by an earlier run (recovery from the log) under `generation`'s key.
+    pub fn restore_charge(&self, order: &Order, generation: u32, refunded: bool) {
         let record = ChargeRecord {
-            key: IdempotencyKey::new(order.id, Effect::Charge),
+            key: IdempotencyKey { order: order.id, effect: Effect::Charge, generation },
             amount_cents: order.amount_cents,
             refunded,
         };
@@ -209,16 +245,31 @@ impl PaymentGateway for SimulatedGateway {
     fn charge(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), PaymentError> {
         pause(self.faults.latency);
         let seed = self.faults.seed;
-        let fails = chance(seed, order.id, attempt, SALT_CHARGE) < self.faults.failure_rate;
-        let fails_after_charging = fails && chance(seed, order.id, attempt, SALT_CHARGE_AFTER) < 0.5;
+        let times_out =
+            self.timeout_rate > 0.0 && chance(seed, order.id, attempt, salted(SALT_TIMEOUT, key)) < self.timeout_rate;
+        let fails = times_out || chance(seed, order.id, attempt, salted(SALT_CHARGE, key)) < self.faults.failure_rate;
+        let fails_after_charging = fails && chance(seed, order.id, attempt, salted(SALT_CHARGE_AFTER, key)) < 0.5;
+        if times_out {
+            self.timeouts.fetch_add(1, Ordering::Relaxed);
+            pause(self.timeout);
+        }
         if fails && !fails_after_charging {
-            return Err(PaymentError::Transient("gateway unavailable".into()));
+            return Err(if times_out {
+                PaymentError::Timeout("no answer from the gateway".into())
+            } else {
+                PaymentError::Transient("gateway unavailable".into())
+            });
         }
         {
             let mut ledger = self.ledger[shard_of(order.id)].lock();
             match ledger.get(&order.id) {
                 Some(record) if record.key == key => {
                     self.replays.fetch_add(1, Ordering::Relaxed);
+                }
+                // A later generation of a refunded order: the redrive charges anew.
+                Some(record) if record.refunded && record.key.generation < key.generation => {
+                    ledger.insert(order.id, ChargeRecord { key, amount_cents: order.amount_cents, refunded: false });
+                    self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
                 }
                 Some(_) => {
                     // Another key for the same order: a real gateway charges again. Counted, so
@@ -236,7 +287,11 @@ impl PaymentGateway for SimulatedGateway {
             }
         }
         if fails_after_charging {
-            return Err(PaymentError::Transient("gateway timed out after charging".into()));
+            return Err(if times_out {
+                PaymentError::Timeout("no answer from the gateway (it charged)".into())
+            } else {
+                PaymentError::Transient("gateway failed after charging".into())
+            });
         }
         Ok(())
     }
@@ -246,7 +301,8 @@ impl PaymentGateway for SimulatedGateway {
         pause(self.faults.latency);
         let mut ledger = self.ledger[shard_of(order.id)].lock();
         match ledger.get_mut(&order.id) {
-            Some(record) if !record.refunded => {
+            // Only the charge of the refund's own generation: an older one is refunded already.
+            Some(record) if !record.refunded && record.key.generation == key.generation => {
                 record.refunded = true;
                 self.refunded_cents.fetch_add(record.amount_cents, Ordering::Relaxed);
             }
@@ -289,10 +345,17 @@ pub trait InventoryStore: Send + Sync {
 pub struct SimulatedInventory {
     faults: Faults,
     stock: Box<[AtomicU32]>,
-    /// Order id to `released?` for every reservation made.
-    reservations: Box<[Mutex<FxHashMap<u64, bool>>]>,
+    /// Order id to its latest reservation.
+    reservations: Box<[Mutex<FxHashMap<u64, Reservation>>]>,
     reserved_units: AtomicU64,
     released_units: AtomicU64,
+}
+
+/// An order's latest reservation: the generation that made it, and whether it was released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reservation {
+    generation: u32,
+    released: bool,
 }
 
 /// Stock movements, for the invariant `reserved - released = units of confirmed orders`.
@@ -318,9 +381,16 @@ impl SimulatedInventory {
         }
     }
 
+    /// Restores reservations of earlier generations of an order, all released.
+    pub fn restore_released_reservations(&self, order: &Order, count: u32) {
+        let units = u64::from(order.quantity) * u64::from(count);
+        self.reserved_units.fetch_add(units, Ordering::Relaxed);
+        self.released_units.fetch_add(units, Ordering::Relaxed);
+    }
+
     /// Restores a reservation made by an earlier run (recovery from the log).
-    pub fn restore_reservation(&self, order: &Order, released: bool) {
-        self.reservations[shard_of(order.id)].lock().insert(order.id, released);
+    pub fn restore_reservation(&self, order: &Order, generation: u32, released: bool) {
+        self.reservations[shard_of(order.id)].lock().insert(order.id, Reservation { generation, released });
         self.reserved_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
         if released {
             self.released_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
@@ -347,20 +417,23 @@ impl InventoryStore for SimulatedInventory {
     fn reserve(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), InventoryError> {
         debug_assert_eq!(key.effect, Effect::Reserve);
         pause(self.faults.latency);
-        if chance(self.faults.seed, order.id, attempt, SALT_RESERVE) < self.faults.failure_rate {
+        if chance(self.faults.seed, order.id, attempt, salted(SALT_RESERVE, key)) < self.faults.failure_rate {
             return Err(InventoryError::Transient("inventory store unavailable".into()));
         }
         let Some(stock) = self.stock.get(order.sku as usize) else {
             return Err(InventoryError::OutOfStock { sku: order.sku });
         };
         let mut reservations = self.reservations[shard_of(order.id)].lock();
-        if reservations.contains_key(&order.id) {
-            return Ok(());
+        match reservations.get(&order.id) {
+            // A later generation of a released reservation reserves anew.
+            Some(held) if held.released && held.generation < key.generation => {}
+            Some(_) => return Ok(()),
+            None => {}
         }
         stock
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |units| units.checked_sub(order.quantity))
             .map_err(|_| InventoryError::OutOfStock { sku: order.sku })?;
-        reservations.insert(order.id, false);
+        reservations.insert(order.id, Reservation { generation: key.generation, released: false });
         self.reserved_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
         Ok(())
     }
@@ -369,9 +442,9 @@ impl InventoryStore for SimulatedInventory {
         debug_assert_eq!(key.effect, Effect::Release);
         pause(self.faults.latency);
         let mut reservations = self.reservations[shard_of(order.id)].lock();
-        if let Some(released) = reservations.get_mut(&order.id) {
-            if !*released {
-                *released = true;
+        if let Some(held) = reservations.get_mut(&order.id) {
+            if !held.released && held.generation == key.generation {
+                held.released = true;
                 if let Some(stock) = self.stock.get(order.sku as usize) {
                     stock.fetch_add(order.quantity, Ordering::AcqRel);
                 }
@@ -452,8 +525,9 @@ impl SimulatedNotifier {
     }
 
     /// Restores a notification sent by an earlier run (recovery from the log).
-    pub fn restore_sent(&self, channel: Channel, order: u64) {
-        if self.sent[shard_of(order)].lock().insert(IdempotencyKey::new(order, channel.effect())) {
+    pub fn restore_sent(&self, channel: Channel, order: u64, generation: u32) {
+        let key = IdempotencyKey { order, effect: channel.effect(), generation };
+        if self.sent[shard_of(order)].lock().insert(key) {
             match channel {
                 Channel::Email => self.emails.fetch_add(1, Ordering::Relaxed),
                 Channel::Sms => self.sms.fetch_add(1, Ordering::Relaxed),
@@ -474,7 +548,7 @@ impl SimulatedNotifier {
 impl Notifier for SimulatedNotifier {
     fn send(&self, channel: Channel, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), NotifyError> {
         pause(self.faults.latency);
-        if chance(self.faults.seed, order.id ^ ((key.effect as u64) << 56), attempt, SALT_NOTIFY)
+        if chance(self.faults.seed, order.id ^ ((key.effect as u64) << 56), attempt, salted(SALT_NOTIFY, key))
             < self.faults.failure_rate
         {
             return Err(NotifyError("provider unavailable".into()));
@@ -567,6 +641,51 @@ mod tests {
         assert_eq!(inventory.stock(1), Some(3));
         let empty = inventory.reserve(IdempotencyKey::new(3, Effect::Reserve), &order(3), 0);
         assert_eq!(empty, Err(InventoryError::OutOfStock { sku: 0 }), "sku 0 starts empty");
+    }
+
+    #[test]
+    fn a_redriven_generation_charges_again_only_after_the_refund() {
+        let gateway = SimulatedGateway::new(Faults::default(), 0.0);
+        let key = |effect, generation| IdempotencyKey { order: 1, effect, generation };
+        gateway.charge(key(Effect::Charge, 0), &order(1), 0).expect("no faults");
+        gateway.charge(key(Effect::Charge, 1), &order(1), 0).expect("a second key charges");
+        assert_eq!(gateway.ledger().double_charges, 1, "generation 1 before generation 0's refund");
+
+        let gateway = SimulatedGateway::new(Faults::default(), 0.0);
+        gateway.charge(key(Effect::Charge, 0), &order(1), 0).expect("no faults");
+        gateway.refund(key(Effect::Refund, 0), &order(1), 0).expect("refund");
+        gateway.charge(key(Effect::Charge, 1), &order(1), 0).expect("redrive");
+        gateway.charge(key(Effect::Charge, 1), &order(1), 1).expect("replay");
+        gateway.refund(key(Effect::Refund, 0), &order(1), 1).expect("a stale refund");
+        let ledger = gateway.ledger();
+        assert_eq!((ledger.charged_cents, ledger.refunded_cents, ledger.double_charges), (1000, 500, 0));
+        assert!(gateway.is_charged(1), "the stale refund left generation 1's charge alone");
+    }
+
+    #[test]
+    fn timeouts_leave_the_charge_to_the_retry_to_settle() {
+        let gateway =
+            SimulatedGateway::new(Faults { seed: 5, ..Faults::default() }, 0.0).with_timeouts(1.0, Duration::ZERO);
+        let key = IdempotencyKey::new(1, Effect::Charge);
+        for attempt in 0..32 {
+            assert!(matches!(gateway.charge(key, &order(1), attempt), Err(PaymentError::Timeout(_))));
+        }
+        let ledger = gateway.ledger();
+        assert_eq!((ledger.timeouts, ledger.charged_cents, ledger.double_charges), (32, 500, 0));
+    }
+
+    #[test]
+    fn a_redriven_generation_reserves_again_only_after_the_release() {
+        let inventory = SimulatedInventory::new(Faults::default(), 1, 10, 0);
+        let key = |effect, generation| IdempotencyKey { order: 1, effect, generation };
+        inventory.reserve(key(Effect::Reserve, 0), &order(1), 0).expect("stock");
+        inventory.reserve(key(Effect::Reserve, 1), &order(1), 0).expect("held: no change");
+        assert_eq!(inventory.stock(0), Some(8));
+        inventory.release(key(Effect::Release, 0), &order(1), 0).expect("release");
+        inventory.reserve(key(Effect::Reserve, 1), &order(1), 0).expect("redrive");
+        inventory.release(key(Effect::Release, 0), &order(1), 1).expect("a stale release");
+        assert_eq!(inventory.stock(0), Some(8));
+        assert_eq!(inventory.figures(), StockFigures { reserved_units: 4, released_units: 2 });
     }
 
     #[test]

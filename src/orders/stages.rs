@@ -16,7 +16,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderEvent, Step};
+use super::domain::{kinds, CancelReason, Effect, Order, OrderEvent, Step};
 use super::ports::{Channel, FraudVerdict, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
 use crate::breaker::CircuitBreaker;
 use crate::routing::RouteId;
@@ -130,7 +130,7 @@ impl Handler<OrderEvent> for OrderStage {
             return unexpected(event);
         }
         if order.quantity == 0 || order.amount_cents == 0 {
-            return Outcome::Reject("invalid order: zero quantity or amount".into());
+            return Outcome::Malformed("malformed payload: zero quantity or amount".into());
         }
         out.record(kinds::ACCEPTED, &[]);
         out.publish(self.accepted, event.msg.then(Step::Charge));
@@ -170,14 +170,19 @@ impl Handler<OrderEvent> for PaymentStage {
         if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
             return wait;
         }
-        let charged = self.gateway.charge(IdempotencyKey::new(order.id, Effect::Charge), order, event.attempt);
-        breaker_record(self.breaker.as_deref(), matches!(charged, Err(PaymentError::Transient(_))));
+        let charged = self.gateway.charge(event.msg.key(Effect::Charge), order, event.attempt);
+        breaker_record(
+            self.breaker.as_deref(),
+            matches!(charged, Err(PaymentError::Transient(_) | PaymentError::Timeout(_))),
+        );
         match charged {
             Ok(()) => {
                 out.record(kinds::CHARGED, &[]);
                 out.publish(self.charged, event.msg.then(Step::Reserve));
             }
-            Err(PaymentError::Transient(reason)) => return Outcome::Retry(reason),
+            Err(error @ (PaymentError::Transient(_) | PaymentError::Timeout(_))) => {
+                return Outcome::Retry(error.to_string().into())
+            }
             Err(PaymentError::Declined(_)) => {
                 out.record(kinds::DECLINED, &[]);
                 out.publish(self.declined, event.msg.then(Step::Compensate(CancelReason::PaymentDeclined)));
@@ -208,7 +213,7 @@ impl Handler<OrderEvent> for InventoryStage {
         if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
             return wait;
         }
-        let reserved = self.inventory.reserve(IdempotencyKey::new(order.id, Effect::Reserve), order, event.attempt);
+        let reserved = self.inventory.reserve(event.msg.key(Effect::Reserve), order, event.attempt);
         breaker_record(self.breaker.as_deref(), matches!(reserved, Err(InventoryError::Transient(_))));
         match reserved {
             Ok(()) => {
@@ -239,7 +244,7 @@ impl Handler<OrderEvent> for NotifyStage {
             return unexpected(event);
         }
         let order = &event.msg.order;
-        let key = IdempotencyKey::new(order.id, self.channel.effect());
+        let key = event.msg.key(self.channel.effect());
         if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
             return wait;
         }
@@ -280,19 +285,17 @@ impl Handler<OrderEvent> for ShippingStage {
     }
 }
 
-/// Undoes an order's side effects in reverse order: release the stock, refund the charge.
+/// Undoes an order's side effects (of the event's generation) in reverse order: release the
+/// stock, refund the charge.
 fn compensate(
     inventory: &dyn InventoryStore,
     gateway: &dyn PaymentGateway,
-    order: &Order,
+    event: &OrderEvent,
     attempt: u32,
 ) -> Result<(), crate::Reason> {
-    inventory
-        .release(IdempotencyKey::new(order.id, Effect::Release), order, attempt)
-        .map_err(|e| crate::Reason::from(e.to_string()))?;
-    gateway
-        .refund(IdempotencyKey::new(order.id, Effect::Refund), order, attempt)
-        .map_err(|e| crate::Reason::from(e.to_string()))
+    let order = &event.order;
+    inventory.release(event.key(Effect::Release), order, attempt).map_err(|e| crate::Reason::from(e.to_string()))?;
+    gateway.refund(event.key(Effect::Refund), order, attempt).map_err(|e| crate::Reason::from(e.to_string()))
 }
 
 /// Compensation stage: release, refund, then the order is cancelled.
@@ -307,7 +310,7 @@ impl Handler<OrderEvent> for CompensationStage {
         let Step::Compensate(reason) = event.msg.step else {
             return unexpected(event);
         };
-        if let Err(reason) = compensate(&*self.inventory, &*self.gateway, &event.msg.order, event.attempt) {
+        if let Err(reason) = compensate(&*self.inventory, &*self.gateway, &event.msg, event.attempt) {
             return Outcome::Retry(reason);
         }
         let counter = match reason {
@@ -346,7 +349,7 @@ fn unexpected(event: &Envelope<OrderEvent>) -> Outcome {
 pub struct OrderDeadLetter {
     /// The stage that gave up.
     pub stage: String,
-    /// The class of failure (`rejected`, `retries_exhausted`, ...).
+    /// The class of failure (`rejected`, `retries_exhausted`, `malformed`, ...).
     pub kind: String,
     /// The last failure's reason.
     pub reason: String,
@@ -374,18 +377,27 @@ impl OrderDeadLetters {
         }
         counts
     }
+
+    pub(crate) fn by_reason(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for letter in self.letters.lock().iter() {
+            *counts.entry(letter.kind.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
 }
 
 impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
     fn dead_letter(&self, letter: DeadLetter<OrderEvent>) {
-        let order = letter.envelope.msg.order;
+        let event = letter.envelope.msg;
+        let order = event.order;
         // A notification's dead letter (in its own stage, or unroutable) leaves the order alone.
         let ends_order = letter.envelope.msg.step != Step::Notify;
         if ends_order {
             // The compensation's own attempts are bounded: the ports are idempotent, so a few
             // tries are safe; if all fail, the failure is counted and the ledger shows it.
             let compensated =
-                (0..3).any(|attempt| compensate(&*self.inventory, &*self.gateway, &order, attempt).is_ok());
+                (0..3).any(|attempt| compensate(&*self.inventory, &*self.gateway, &event, attempt).is_ok());
             if !compensated {
                 tracing::error!(order = order.id, "dead-lettered order could not be compensated");
                 self.compensation_failures.fetch_add(1, Ordering::Relaxed);

@@ -38,8 +38,19 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
     let n = &report.notifications;
     writeln!(
         out,
-        "  notified     email {}  sms {}  repeats suppressed {}  dead letters {}",
-        n.email_sent, n.sms_sent, n.duplicates_suppressed, report.dead_letters.total
+        "  notified     email {}  sms {}  repeats suppressed {}",
+        n.email_sent, n.sms_sent, n.duplicates_suppressed
+    )?;
+    let by_reason: Vec<String> = report.dead_letters.by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    writeln!(
+        out,
+        "  failures     retries {}  deferred {}  timeouts {}  dead letters {}{}{}",
+        report.retries.total,
+        report.retries.deferred,
+        l.timeouts,
+        report.dead_letters.total,
+        if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) },
+        o.poisoned.filter(|&p| p > 0).map_or(String::new(), |p| format!("  poisoned orders {p}"))
     )?;
     writeln!(out)?;
     writeln!(

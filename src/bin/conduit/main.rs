@@ -159,6 +159,13 @@ struct RunArgs {
     /// Probability that a charge attempt fails transiently, 0 to 1 (overrides the file).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     payment_failure_rate: Option<f64>,
+    /// Fraction of orders with a malformed payload, 0 to 1: each is dead-lettered as
+    /// `malformed` (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    poison_rate: Option<f64>,
+    /// Probability that a charge attempt times out, 0 to 1 (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    payment_timeout_rate: Option<f64>,
     /// Fraction of SKUs out of stock, 0 to 1 (overrides the file).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     out_of_stock_rate: Option<f64>,
@@ -246,6 +253,12 @@ fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig, ord
     }
     if let Some(rate) = args.payment_failure_rate {
         file.simulation.payment_failure_rate = rate;
+    }
+    if let Some(rate) = args.poison_rate {
+        file.simulation.poison_rate = rate;
+    }
+    if let Some(rate) = args.payment_timeout_rate {
+        file.simulation.payment_timeout_rate = rate;
     }
     if let Some(rate) = args.out_of_stock_rate {
         file.simulation.out_of_stock_rate = rate;
