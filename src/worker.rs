@@ -135,6 +135,8 @@ struct Worker<M, H> {
     parked: FxHashMap<u64, VecDeque<(Envelope<M>, Deadline)>>,
     /// The failures of each key's event in retry (the parked head), for its dead letter.
     failures: FxHashMap<u64, Failures>,
+    /// The tick at which each parked key's head may be tried again (absent: at once).
+    retry_due: FxHashMap<u64, u64>,
     /// Parked keys whose heads are due, in the order they are to be tried again.
     retry_keys: VecDeque<u64>,
     /// Events parked in all; at the stage's queue bound the worker stops taking new events, so
@@ -207,6 +209,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             journal,
             parked: FxHashMap::default(),
             failures: FxHashMap::default(),
+            retry_due: FxHashMap::default(),
             retry_keys: VecDeque::new(),
             parked_events: 0,
             backoff: Wheel::new(0),
@@ -220,7 +223,9 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     /// once) or its key is parked (then it waits behind). `expires` is its deadline in this
     /// stage: its own, or the stage's TTL if that comes first.
     fn take(&mut self, event: Envelope<M>, expires: Deadline, tally: &mut BatchTally) -> Result<(), Stop> {
-        if expires.passed(self.now_us) {
+        // A fresh clock reading for events that can expire: a batch's later events may have
+        // waited behind a slow handler since the batch started.
+        if expires != Deadline::NEVER && expires.passed(clock_us()) {
             self.expire(event, Failures::default(), tally);
             return Ok(());
         }
@@ -236,7 +241,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             let attempt = event.attempt;
             self.parked.entry(key).or_default().push_back((event, expires));
             self.parked_events += 1;
-            self.schedule(key, attempt, backoff, expires);
+            self.schedule(key, attempt, backoff);
         }
         Ok(())
     }
@@ -277,20 +282,35 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         }
     }
 
-    /// Puts a parked key's head back in line: now, once its backoff has passed, or at its
-    /// deadline if that comes first (then it expires on time instead of waiting out the backoff).
-    fn schedule(&mut self, key: u64, attempt: u32, backoff: Backoff, expires: Deadline) {
+    /// Puts a parked key's head back in line: now, once its backoff has passed, or when the
+    /// first of the key's parked events expires if that comes sooner (expired events leave at
+    /// once, instead of waiting out the head's backoff).
+    fn schedule(&mut self, key: u64, attempt: u32, backoff: Backoff) {
         let delay = match backoff {
             Backoff::Immediate => 0,
             Backoff::Delayed => self.backoff_ms(key, attempt),
             Backoff::Fixed(ms) => ms,
         };
-        let delay = match expires.left(clock_us()) {
-            Some(left) => delay.min(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
-            None => delay,
-        };
         // A delay of d ms is due at the first tick at least d ms away: never early.
         let due = self.now_tick() + delay + u64::from(delay > 0);
+        if delay > 0 {
+            self.retry_due.insert(key, due);
+        }
+        self.wake(key, due);
+    }
+
+    /// Puts `key` on the wheel for tick `due`, or sooner if one of its parked events expires
+    /// before: expired events leave on time instead of waiting out the head's backoff.
+    fn wake(&mut self, key: u64, due: u64) {
+        let first_expiry = self
+            .parked
+            .get(&key)
+            .and_then(|queue| queue.iter().map(|&(_, expires)| expires).min())
+            .unwrap_or(Deadline::NEVER);
+        let due = match first_expiry.left(clock_us()) {
+            Some(left) => due.min(self.now_tick() + u64::try_from(left.as_millis()).unwrap_or(u64::MAX) + 1),
+            None => due,
+        };
         match self.backoff.insert(due, key) {
             Insert::Scheduled => {}
             Insert::AlreadyDue(key) | Insert::TooFar(key) => self.retry_keys.push_back(key),
@@ -316,11 +336,27 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             return Ok(());
         };
         self.parked_events -= 1;
+        self.expire_parked(key, tally);
         let handled = if expires.passed(self.now_us) {
+            self.retry_due.remove(&key);
             let failures = self.failures.remove(&key).unwrap_or_default();
             self.expire(event, failures, tally);
             Handled::Finished
         } else {
+            match self.retry_due.get(&key) {
+                // Woken for a parked event's expiry: the head's backoff still runs.
+                Some(&due) if self.now_tick() < due => {
+                    let queue = self.parked.get_mut(&key).expect("a key stays parked until its queue is empty");
+                    queue.push_front((event, expires));
+                    self.parked_events += 1;
+                    self.wake(key, due);
+                    return Ok(());
+                }
+                Some(_) => {
+                    self.retry_due.remove(&key);
+                }
+                None => {}
+            }
             self.handle(event, tally)?
         };
         let queue = self.parked.get_mut(&key).expect("a key stays parked until its queue is empty");
@@ -329,7 +365,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 let attempt = event.attempt;
                 queue.push_front((event, expires));
                 self.parked_events += 1;
-                self.schedule(key, attempt, backoff, expires);
+                self.schedule(key, attempt, backoff);
             }
             // The head is done; the key's next event never failed: it goes on at once.
             Handled::Finished if queue.is_empty() => {
@@ -338,6 +374,22 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             Handled::Finished => self.retry_keys.push_back(key),
         }
         Ok(())
+    }
+
+    /// Dead-letters the expired events waiting behind `key`'s head; the others keep their order.
+    fn expire_parked(&mut self, key: u64, tally: &mut BatchTally) {
+        let now = self.now_us;
+        let Some(queue) = self.parked.get_mut(&key) else { return };
+        if queue.iter().all(|&(_, expires)| !expires.passed(now)) {
+            return;
+        }
+        let (expired, kept): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(queue).into_iter().partition(|&(_, expires)| expires.passed(now));
+        *queue = kept;
+        self.parked_events -= expired.len();
+        for (event, _) in expired {
+            self.expire(event, Failures::default(), tally);
+        }
     }
 
     fn run_loop(&mut self) -> Result<(), Stop> {

@@ -93,3 +93,19 @@ fn a_waiting_key_holds_back_only_its_own_later_events() {
     let first_key0 = done.iter().position(|j| j.key == 0).expect("key 0 finished");
     assert_eq!(first_key0, 297, "every other key flowed while key 0 waited out 150 ms of backoff");
 }
+
+#[test]
+fn decorrelated_jitter_never_waits_less_than_the_base() {
+    let config = EngineConfig::from_toml_str(
+        "retry_backoff_ms_base = 10\nretry_backoff_ms_max = 200\nretry_jitter = \"decorrelated\"\nattempts_max = 8\n",
+    )
+    .expect("valid");
+    let attempts = run(&config, vec![Job { key: 1, n: 0 }], |e| (e.attempt < 6).then(|| Outcome::Retry("down".into())));
+    let attempts = attempts.lock();
+    assert_eq!(attempts.len(), 7, "six failures, then done");
+    for pair in attempts.windows(2) {
+        let gap = pair[1].2 - pair[0].2;
+        assert!(gap >= Duration::from_millis(10), "a decorrelated delay is at least the base: {gap:?}");
+    }
+    assert!(attempts[6].3, "the last attempt succeeded");
+}
