@@ -680,6 +680,13 @@ impl<M: Message> Engine<M> {
         Ok(sent)
     }
 
+    /// The stage named `name`, if the topology declared one.
+    #[must_use]
+    pub fn stage_id(&self, name: &str) -> Option<StageId> {
+        let index = self.metrics.iter().position(|m| m.name == name)?;
+        u16::try_from(index).ok().map(StageId)
+    }
+
     /// The entry stage.
     pub fn entry(&self) -> StageId {
         self.entry

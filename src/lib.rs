@@ -70,6 +70,7 @@ pub mod breaker;
 mod channel;
 pub mod config;
 mod dead_letter;
+pub mod dlq;
 mod engine;
 mod error;
 mod journal;

@@ -251,6 +251,8 @@ pub enum Effect {
     Email,
     /// The confirmation SMS.
     Sms,
+    /// The shipment.
+    Ship,
 }
 
 /// The stable key a port uses to recognise a repeated request for the same effect.

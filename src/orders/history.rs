@@ -226,6 +226,13 @@ impl OrderHistory {
     /// A redrive reopens the order: a notification's only clears that channel's dead letter; an
     /// order-path one starts a new generation from the redriven step, its earlier effects
     /// (compensated by the dead letter) kept as past charges and reservations.
+    /// Applies a redrive record written in this process (its version is not known yet): the
+    /// order reopens and what it resumes descends from the record.
+    pub(crate) fn apply_redrive(&mut self, record: &Record) {
+        self.redriven(record);
+        self.last_id = record.id;
+    }
+
     fn redriven(&mut self, record: &Record) {
         let Some(event) = OrderEvent::decode(&record.payload) else {
             self.note("redrive record holds no valid event".into());

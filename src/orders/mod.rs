@@ -28,6 +28,7 @@ mod domain;
 mod history;
 mod pipeline;
 pub mod ports;
+mod redrive;
 mod stages;
 
 pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
@@ -37,4 +38,5 @@ pub use pipeline::{
     OrderPipeline, OrderRouting, PipelineFile, RecoverReport, RunError, RunReport, SimConfig, StockReport,
     TopologyFile,
 };
+pub use redrive::{redrive, RedriveItem, RedrivePlan, RedriveReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};

@@ -9,10 +9,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::domain::{Order, OrderCodec, OrderEvent, Workload};
-use super::history::{Histories, OrderStatus, VerifyReport};
+use super::history::{Histories, OrderHistory, OrderStatus, VerifyReport};
 use super::ports::{
-    Channel, Faults, FraudVerdict, LedgerFigures, NotifyFigures, SimulatedFraudCheck, SimulatedGateway,
-    SimulatedInventory, SimulatedNotifier, StockFigures,
+    Channel, Faults, FraudVerdict, LedgerFigures, NotifyFigures, SimulatedCarrier, SimulatedFraudCheck,
+    SimulatedGateway, SimulatedInventory, SimulatedNotifier, StockFigures,
 };
 use super::stages::{
     names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, OutcomeFigures, Outcomes,
@@ -326,6 +326,7 @@ struct Ports {
     gateway: Arc<SimulatedGateway>,
     inventory: Arc<SimulatedInventory>,
     notifier: Arc<SimulatedNotifier>,
+    carrier: Arc<SimulatedCarrier>,
 }
 
 impl Ports {
@@ -345,6 +346,7 @@ impl Ports {
                 sim.empty_skus(),
             )),
             notifier: Arc::new(SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us))),
+            carrier: Arc::new(SimulatedCarrier::default()),
         }
     }
 
@@ -522,7 +524,11 @@ impl OrderPipeline {
             });
         }
         let shipped = Arc::clone(&outcomes);
-        topology.handler(shipping, move |_| ShippingStage { outcomes: Arc::clone(&shipped) });
+        let carrier = Arc::clone(&ports.carrier);
+        topology.handler(shipping, move |_| ShippingStage {
+            carrier: Arc::clone(&carrier),
+            outcomes: Arc::clone(&shipped),
+        });
         let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
         topology.handler(compensation, move |_| CompensationStage {
             inventory: store.clone(),
@@ -554,14 +560,21 @@ impl OrderPipeline {
     /// Injects the next step of every in-flight order of `histories`; returns how many events
     /// went to each stage.
     pub fn resume(&self, histories: &Histories) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
-        let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
         let mut ids: Vec<&u64> = histories.orders.keys().collect();
         ids.sort_unstable();
-        for id in ids {
-            let history = &histories.orders[id];
+        self.resume_each(ids.into_iter().map(|id| (*id, &histories.orders[id])))
+    }
+
+    /// Injects the next steps of each `(order id, history)`, front stages first.
+    pub(crate) fn resume_each<'h>(
+        &self,
+        histories: impl IntoIterator<Item = (u64, &'h OrderHistory)>,
+    ) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
+        let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
+        for (id, history) in histories {
             for (stage, msg) in history.resume() {
                 let envelope = Envelope {
-                    key: *id,
+                    key: id,
                     seq: history.correlation,
                     cause: history.last_id,
                     attempt: 0,
@@ -579,6 +592,11 @@ impl OrderPipeline {
             }
         }
         Ok(counts)
+    }
+
+    /// Counts a dead-lettered order as open again (it was redriven).
+    pub(crate) fn reopen_dead_lettered(&self) {
+        self.outcomes.reopen_dead_lettered();
     }
 
     /// Places one order, blocking while the entry queue is full.
@@ -622,6 +640,7 @@ impl OrderPipeline {
             durability: log.options().durability,
             stats: log.stats(),
             sync_error: report.log_sync.clone().and_then(Result::err).map(|e| e.to_string()),
+            other_records: 0,
         });
         let per_sec = |n: u64| if elapsed_s > 0.0 { n as f64 / elapsed_s } else { 0.0 };
         let ledger = self.ports.gateway.ledger();
@@ -672,6 +691,14 @@ impl OrderPipeline {
     pub fn dead_letters(&self) -> Vec<super::stages::OrderDeadLetter> {
         self.dead_letters.letters.lock().clone()
     }
+
+    /// Drains the pipeline and reports, with every dead letter of the run.
+    pub fn finish_with_dead_letters(self) -> (RunReport, Vec<super::stages::OrderDeadLetter>) {
+        let letters = Arc::clone(&self.dead_letters);
+        let report = self.finish();
+        let letters = std::mem::take(&mut *letters.letters.lock());
+        (report, letters)
+    }
 }
 
 fn place(order: Order) -> OrderEvent {
@@ -699,6 +726,9 @@ fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Outcomes) -> u
         }
         if history.counts[usize::from(super::domain::kinds::TEXTED)] > 0 {
             ports.notifier.restore_sent(Channel::Sms, order.id, generation);
+        }
+        if history.counts[usize::from(super::domain::kinds::SHIPPED)] > 0 {
+            ports.carrier.restore_shipped(order.id, generation);
         }
         match history.status() {
             OrderStatus::Confirmed => {
@@ -1000,6 +1030,8 @@ pub struct LogReport {
     pub stats: LogStats,
     /// Set when the final sync failed.
     pub sync_error: Option<String>,
+    /// Records this run appended besides its events' (a redrive's records).
+    pub other_records: u64,
 }
 
 impl RunReport {
@@ -1042,10 +1074,10 @@ impl RunReport {
             }
         }
         if let Some(log) = &self.log {
-            if log.stats.events_appended != self.events.total {
+            if log.stats.events_appended != self.events.total + log.other_records {
                 violations.push(format!(
-                    "log appended {} events but the pipeline handled {}",
-                    log.stats.events_appended, self.events.total
+                    "log appended {} events but the pipeline handled {} (and {} other records were written)",
+                    log.stats.events_appended, self.events.total, log.other_records
                 ));
             }
             if let Some(error) = &log.sync_error {

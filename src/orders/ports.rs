@@ -565,6 +565,50 @@ impl Notifier for SimulatedNotifier {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Shipping
+
+/// A simulated carrier: ships each order at most once per key.
+#[derive(Debug)]
+pub struct SimulatedCarrier {
+    shipped: Box<[Mutex<FxHashSet<IdempotencyKey>>]>,
+    shipments: AtomicU64,
+    repeats: AtomicU64,
+}
+
+impl Default for SimulatedCarrier {
+    fn default() -> Self {
+        Self { shipped: sharded(), shipments: AtomicU64::new(0), repeats: AtomicU64::new(0) }
+    }
+}
+
+impl SimulatedCarrier {
+    /// Ships `order`; true for the key's first shipment, false for a repeat (nothing shipped).
+    pub fn ship(&self, key: IdempotencyKey, order: &Order) -> bool {
+        debug_assert_eq!(key.effect, Effect::Ship);
+        if self.shipped[shard_of(order.id)].lock().insert(key) {
+            self.shipments.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            self.repeats.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Restores a shipment made by an earlier run (recovery from the log).
+    pub fn restore_shipped(&self, order: u64, generation: u32) {
+        let key = IdempotencyKey { order, effect: Effect::Ship, generation };
+        if self.shipped[shard_of(order)].lock().insert(key) {
+            self.shipments.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Shipments made, and repeated requests not shipped again.
+    pub fn figures(&self) -> (u64, u64) {
+        (self.shipments.load(Ordering::Relaxed), self.repeats.load(Ordering::Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

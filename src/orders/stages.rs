@@ -17,7 +17,9 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Effect, Order, OrderEvent, Step};
-use super::ports::{Channel, FraudVerdict, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway};
+use super::ports::{
+    Channel, FraudVerdict, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway, SimulatedCarrier,
+};
 use crate::breaker::CircuitBreaker;
 use crate::routing::RouteId;
 use crate::rpc::RpcServer;
@@ -27,6 +29,12 @@ use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome};
 pub mod names {
     /// Every stage, in declaration order: a stage's index here is its `stage` in journal records.
     pub const ALL: [&str; 7] = [ORDER, PAYMENT, INVENTORY, EMAIL, SMS, SHIPPING, COMPENSATION];
+
+    /// The journal index of the stage named `name`.
+    #[must_use]
+    pub fn index_of(name: &str) -> Option<u16> {
+        ALL.iter().position(|&n| n == name).and_then(|i| u16::try_from(i).ok())
+    }
 
     /// The name of the stage with journal index `index`.
     #[must_use]
@@ -101,6 +109,11 @@ impl Outcomes {
         self.cancelled_out_of_stock.fetch_add(f.cancelled_out_of_stock, Ordering::Relaxed);
         self.cancelled_declined.fetch_add(f.cancelled_declined, Ordering::Relaxed);
         self.dead_lettered.fetch_add(f.dead_lettered, Ordering::Relaxed);
+    }
+
+    /// Takes back one dead-lettered order: it was redriven and runs again.
+    pub(crate) fn reopen_dead_lettered(&self) {
+        self.dead_lettered.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The counts now.
@@ -266,8 +279,9 @@ impl Handler<OrderEvent> for NotifyStage {
     }
 }
 
-/// Shipping stage: the order is confirmed.
+/// Shipping stage: ships once per order (and generation); the order is then confirmed.
 pub(crate) struct ShippingStage {
+    pub(crate) carrier: Arc<SimulatedCarrier>,
     pub(crate) outcomes: Arc<Outcomes>,
 }
 
@@ -276,8 +290,12 @@ impl Handler<OrderEvent> for ShippingStage {
         if event.msg.step != Step::Ship {
             return unexpected(event);
         }
-        out.record(kinds::SHIPPED, &[]);
         let order = &event.msg.order;
+        if !self.carrier.ship(event.msg.key(Effect::Ship), order) {
+            // A duplicate delivery: shipped, recorded and counted the first time.
+            return Outcome::Done;
+        }
+        out.record(kinds::SHIPPED, &[]);
         self.outcomes.confirmed.fetch_add(1, Ordering::Relaxed);
         self.outcomes.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
         self.outcomes.confirmed_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);

@@ -110,7 +110,7 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-fn rfc3339(timestamp_us: u64) -> String {
+pub(crate) fn rfc3339(timestamp_us: u64) -> String {
     humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(timestamp_us)).to_string()
 }
 

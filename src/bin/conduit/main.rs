@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use conduit::log::{Durability, Log, LogOptions};
 use conduit::orders::{self, PipelineFile, RunError, RunReport};
 
+mod dlqcmd;
 mod human;
 mod logcmd;
 
@@ -36,6 +37,9 @@ enum Command {
     Replay(logcmd::ReplayArgs),
     /// Resume every in-flight order of a log after a crash, then verify the log.
     Recover(RecoverArgs),
+    /// List, show, redrive or purge the dead letters of a log.
+    #[command(subcommand)]
+    Dlq(dlqcmd::DlqCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -136,7 +140,7 @@ struct BenchArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
+pub(crate) enum Format {
     Human,
     Json,
 }
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
         Command::Log(command) => logcmd::run(&command),
         Command::Replay(args) => logcmd::replay(&args),
         Command::Recover(args) => recover(&args),
+        Command::Dlq(command) => dlqcmd::run(&command),
     };
     match result {
         Ok(code) => code,
@@ -223,7 +228,7 @@ impl From<UsageError> for Failure {
 }
 
 /// Reads a configuration file, or the defaults without one.
-fn read_config(path: Option<&Path>) -> Result<PipelineFile, UsageError> {
+pub(crate) fn read_config(path: Option<&Path>) -> Result<PipelineFile, UsageError> {
     match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
