@@ -140,17 +140,18 @@ impl DeadLetterIndex {
     pub fn read(log: &Log) -> Result<Self, LogError> {
         let mut index = Self::default();
         let mut settled: Vec<(u64, DeadLetterState)> = Vec::new();
-        log.for_each(|record| match record.kind {
-            KIND_DEAD_LETTER => {
-                index.by_id.insert(record.id, index.letters.len());
-                index.letters.push(StoredDeadLetter::from_record(record));
-            }
-            KIND_REDRIVEN => settled
-                .push((record.causation, DeadLetterState::Redriven { by: record.id, at_us: record.timestamp_us })),
-            KIND_PURGED => {
-                settled.push((record.causation, DeadLetterState::Purged { by: record.id, at_us: record.timestamp_us }))
-            }
-            _ => {}
+        log.for_each(|record| {
+            let state = match record.kind {
+                KIND_DEAD_LETTER => {
+                    index.by_id.insert(record.id, index.letters.len());
+                    index.letters.push(StoredDeadLetter::from_record(record));
+                    return;
+                }
+                KIND_REDRIVEN => DeadLetterState::Redriven { by: record.id, at_us: record.timestamp_us },
+                KIND_PURGED => DeadLetterState::Purged { by: record.id, at_us: record.timestamp_us },
+                _ => return,
+            };
+            settled.push((record.causation, state));
         })?;
         for (letter, state) in settled {
             match index.by_id.get(&letter) {

@@ -523,12 +523,8 @@ impl OrderPipeline {
                 breaker: breaker.clone(),
             });
         }
-        let shipped = Arc::clone(&outcomes);
-        let carrier = Arc::clone(&ports.carrier);
-        topology.handler(shipping, move |_| ShippingStage {
-            carrier: Arc::clone(&carrier),
-            outcomes: Arc::clone(&shipped),
-        });
+        let (carrier, shipped) = (Arc::clone(&ports.carrier), Arc::clone(&outcomes));
+        topology.handler(shipping, move |_| ShippingStage { carrier: carrier.clone(), outcomes: shipped.clone() });
         let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
         topology.handler(compensation, move |_| CompensationStage {
             inventory: store.clone(),

@@ -1,7 +1,8 @@
 //! `conduit dlq list|show|redrive|purge`: the dead letters of a log.
 
+use std::fmt::Write as _;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -140,7 +141,7 @@ fn open(path: &PathBuf) -> Result<Arc<Log>, Failure> {
         .map_err(|e| Failure::Run(format!("cannot open the log: {e}")))
 }
 
-fn read_index(log: &Log, path: &PathBuf) -> Result<DeadLetterIndex, Failure> {
+fn read_index(log: &Log, path: &Path) -> Result<DeadLetterIndex, Failure> {
     DeadLetterIndex::read(log).map_err(|e| Failure::Run(format!("{}: {e}", path.display())))
 }
 
@@ -276,7 +277,10 @@ fn show(path: &PathBuf, id: u64, format: Format) -> Result<ExitCode, Failure> {
         errors: &letter.note.errors,
         errors_dropped: letter.note.errors_dropped,
         correlation: letter.correlation,
-        payload_hex: letter.payload.iter().map(|b| format!("{b:02x}")).collect(),
+        payload_hex: letter.payload.iter().fold(String::new(), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        }),
         decoded: OrderEvent::decode(&letter.payload).map(|e| format!("{e:?}")),
         history: index.history(letter.stream).into_iter().map(Listed::of).collect(),
     };
@@ -382,7 +386,7 @@ fn redrive(
 
 /// `purge`'s JSON.
 #[derive(Debug, Serialize)]
-struct Purged {
+struct PurgeReport {
     dry_run: bool,
     purged: u64,
     ids: Vec<u64>,
@@ -399,7 +403,7 @@ fn purge(path: &PathBuf, select: &Select, format: Format) -> Result<ExitCode, Fa
         dlq::purge(&log, &letters).map_err(|e| Failure::Run(format!("cannot purge: {e}")))?
     };
     log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
-    let report = Purged { dry_run: select.dry_run, purged, ids: letters.iter().map(|l| l.id).collect() };
+    let report = PurgeReport { dry_run: select.dry_run, purged, ids: letters.iter().map(|l| l.id).collect() };
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => serde_json::to_writer(&mut out, &report).map_err(io)?,
