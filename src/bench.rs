@@ -14,6 +14,7 @@
 //! | `crossbeam_per_event_chain` | one thread per stage, crossbeam bounded channels, one event per message |
 //! | `disruptor_chain` | the `disruptor` crate: one ring, dependent consumers, batch publishing |
 //! | `engine_memory` | conduit's engine, default configuration, no log |
+//! | `engine_memory_poison_1e-4` | the same, with 1 order in 10,000 malformed (dead-lettered by the order stage); its `events` counts 7 per order like `engine_memory`'s, so the ratio of the two is one of orders per second |
 //!
 //! The durable cases run on fewer orders (`durable_orders`) and write to files under `dir`:
 //!
@@ -217,6 +218,7 @@ type Case<'a> = (&'static str, String, u64, Box<dyn Fn() -> Duration + 'a>);
 pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<BenchReport, String> {
     let durable = workload(config.seed, config.durable_orders);
     let workload = workload(config.seed, config.orders);
+    let poisoned = poisoned_workload(config.seed, config.orders, POISON_RATE);
     let events = config.orders * EVENTS_PER_ORDER;
     let durable_events = config.durable_orders * EVENTS_PER_ORDER;
     let engine = config.engine.clone();
@@ -244,6 +246,16 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             format!("conduit engine, {:?}, memory only", config.engine.defaults()),
             events,
             Box::new(|| engine_memory(&engine, &workload)),
+        ),
+        (
+            "engine_memory_poison_1e-4",
+            format!(
+                "as engine_memory, {} of {} orders malformed",
+                poisoned.iter().filter(|o| o.quantity == 0).count(),
+                poisoned.len()
+            ),
+            events,
+            Box::new(|| engine_memory(&engine, &poisoned)),
         ),
     ];
     cases.extend(synthetic_cases(config, &engine));
@@ -371,6 +383,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory", "ceiling_one_thread"),
         ("engine_memory", "disruptor_chain"),
         ("engine_memory", "crossbeam_per_event_chain"),
+        ("engine_memory_poison_1e-4", "engine_memory"),
         ("engine_durable", "redb_rows_batch10k"),
         ("engine_durable", "disk_seq_write_fsync"),
         ("log_writer", "redb_rows_batch10k"),
@@ -717,7 +730,16 @@ pub fn fanout(config: &EngineConfig, events: u64, slow: bool) -> Duration {
 /// The bench workload: `orders` seeded orders over 1,000 SKUs and 100,000 customers.
 #[must_use]
 pub fn workload(seed: u64, orders: u64) -> Vec<Order> {
-    Workload::new(seed, 1_000, 100_000).take(usize::try_from(orders).unwrap_or(usize::MAX)).collect()
+    poisoned_workload(seed, orders, 0.0)
+}
+
+/// Poison rate of `engine_memory_poison_1e-4`.
+const POISON_RATE: f64 = 1e-4;
+
+/// [`workload`] with about `rate` of the orders malformed.
+#[must_use]
+pub fn poisoned_workload(seed: u64, orders: u64, rate: f64) -> Vec<Order> {
+    Workload::new(seed, 1_000, 100_000).poisoned(rate).take(usize::try_from(orders).unwrap_or(usize::MAX)).collect()
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -931,7 +953,10 @@ pub fn engine_memory(config: &EngineConfig, orders: &[Order]) -> Duration {
     let report = pipeline.finish();
     let elapsed = start.elapsed();
     assert!(report.violations().is_empty(), "engine run broke an invariant: {:?}", report.violations());
-    assert_eq!(report.events.total, orders.len() as u64 * EVENTS_PER_ORDER);
+    // A malformed order is two events: its submission, and the order stage dead-lettering it.
+    let poisoned = orders.iter().filter(|o| o.quantity == 0).count() as u64;
+    assert_eq!(report.dead_letters.by_reason.get("malformed").copied().unwrap_or(0), poisoned);
+    assert_eq!(report.events.total, (orders.len() as u64 - poisoned) * EVENTS_PER_ORDER + 2 * poisoned);
     elapsed
 }
 
@@ -952,11 +977,11 @@ mod tests {
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 10);
-        assert!(report.cases[..4].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert!(report.cases[4..6].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
-        assert!(report.cases[6..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
-        assert_eq!(report.ratios.len(), 8);
+        assert_eq!(report.cases.len(), 11);
+        assert!(report.cases[..5].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
+        assert!(report.cases[5..7].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
+        assert!(report.cases[7..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
+        assert_eq!(report.ratios.len(), 9);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
