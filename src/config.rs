@@ -130,6 +130,12 @@ impl StageConfig {
             0,
             usize::try_from(limits::TTL_MS_MAX).unwrap_or(usize::MAX),
         )?;
+        if self.ttl_ms > 0 && self.attempts_max > 1 && self.retry_backoff_ms_base >= self.ttl_ms {
+            return Err(ConfigError::Invalid(format!(
+                "{scope}: retry_backoff_ms_base ({}) must be below ttl_ms ({}): every retry would expire before it ran",
+                self.retry_backoff_ms_base, self.ttl_ms
+            )));
+        }
         let queue_events = self.queue_batches * self.batch_events_max;
         if queue_events > limits::QUEUE_EVENTS_MAX {
             return Err(ConfigError::OutOfRange {
@@ -406,6 +412,17 @@ impl EngineConfigBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ttl_no_retry_can_fit_in_is_refused() {
+        let refused =
+            EngineConfig::from_toml_str("ttl_ms = 50\nretry_backoff_ms_base = 50\n").expect_err("no retry fits");
+        assert!(refused.to_string().contains("retry_backoff_ms_base"), "{refused}");
+        EngineConfig::from_toml_str("ttl_ms = 50\nretry_backoff_ms_base = 50\nattempts_max = 1\n").expect("no retries");
+        EngineConfig::from_toml_str("ttl_ms = 50\nretry_backoff_ms_base = 10\n").expect("room for retries");
+        let too_long = EngineConfig::from_toml_str("ttl_ms = 86400001\n").expect_err("over a day");
+        assert!(too_long.to_string().contains("ttl_ms"), "{too_long}");
+    }
 
     #[test]
     fn defaults_validate() {

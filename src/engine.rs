@@ -17,7 +17,7 @@ use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
 use crate::journal::{Journal, JournalWriter};
 use crate::log::{AckWaiter, LogError, STAGE_INGRESS};
 use crate::metrics::{new_histogram, LatencySummary, Snapshot, StageMetrics};
-use crate::routing::{ExchangeBuilder, RouteId, RoutingError};
+use crate::routing::{Exchange, ExchangeBuilder, RouteId, RoutingError};
 use crate::stage::{Envelope, Handler, Message, StageId};
 use crate::worker::{self, Shared, WorkerCtx};
 
@@ -79,6 +79,25 @@ impl<M> fmt::Debug for Topology<M> {
 impl<M: Message> Default for Topology<M> {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl<M: Message> Topology<M> {
+    /// Refuses a topology that would drop events without a trace: a declared routing key no
+    /// queue is bound to, with unroutable events dropped rather than dead-lettered.
+    fn refuse_silent_loss(&self, exchange: &Exchange<StageId>) -> Result<(), BuildError> {
+        if self.dead_letter_unroutable {
+            return Ok(());
+        }
+        match self.publishes.iter().find(|(_, route)| exchange.destinations(*route).is_empty()) {
+            None => Ok(()),
+            Some(&(from, route)) => Err(BuildError::SilentLoss(format!(
+                "stage {:?} publishes {:?}, which no stage is bound to, and unroutable events are dropped: \
+                 bind a stage to it, or dead-letter unroutable events (Topology::dead_letter_unroutable)",
+                self.stages[from.index()].name,
+                exchange.key(route).unwrap_or("?")
+            ))),
+        }
     }
 }
 
@@ -392,6 +411,7 @@ impl<M: Message> Engine<M> {
         }
         let order = topology.validate(&config)?;
         let dead_letter_unroutable = topology.dead_letter_unroutable;
+        topology.refuse_silent_loss(&exchange)?;
         let Topology { stages, links, entry, .. } = topology;
         let entry = entry.expect("validate checked the entry stage is set");
         let shared = Arc::new(Shared::default());

@@ -36,6 +36,9 @@ pub enum BuildError {
     /// The topology is malformed (described).
     #[error("invalid topology: {0}")]
     Topology(String),
+    /// The topology and configuration would drop events without a trace (described).
+    #[error("refused: events would be lost silently: {0}")]
+    SilentLoss(String),
     /// A worker thread could not be spawned.
     #[error("cannot spawn worker thread {name}: {source}")]
     Spawn {

@@ -143,3 +143,31 @@ fn a_slow_subscriber_overflows_into_dead_letters_and_holds_no_one_back() {
     assert!(letters.iter().all(|l| l.kind == DeadLetterKind::Overflow && &*l.stage == "slow"));
     assert_eq!(slow_count.load(Ordering::Relaxed) + overflowed, EVENTS, "nothing lost: handled or dead-lettered");
 }
+
+#[test]
+fn a_key_bound_to_nothing_is_refused_at_startup_unless_unroutable_events_are_dead_lettered() {
+    let build = |dead_letter: bool| {
+        let mut topology = Topology::new();
+        let publisher = topology.stage("publisher");
+        let orders = topology.stage("orders");
+        topology.entry(publisher).dead_letter_unroutable(dead_letter);
+        topology.bind(orders, "order.#").expect("valid");
+        let placed = topology.publishes(publisher, "order.placed").expect("valid");
+        let lost = topology.publishes(publisher, "refund.issued").expect("valid");
+        topology.handler(publisher, move |_| {
+            move |event: &Envelope<User>, out: &mut Emitter<User>| {
+                out.publish(if event.msg.0 % 2 == 0 { placed } else { lost }, event.msg);
+                Outcome::Done
+            }
+        });
+        let count = Arc::new(AtomicU64::new(0));
+        topology.handler(orders, counting(&count, Duration::ZERO));
+        Engine::start(topology, &conduit::EngineConfig::default())
+    };
+    let refused = build(false).expect_err("every event published with the key would vanish");
+    let message = refused.to_string();
+    assert!(message.contains("refund.issued") && message.contains("lost silently"), "{message}");
+    let engine = build(true).expect("dead-lettered, nothing is lost");
+    engine.submit_many((0..10).map(User)).expect("healthy");
+    assert_eq!(engine.shutdown().snapshot.stage("publisher").map(|s| s.dead_lettered), Some(5));
+}
