@@ -49,6 +49,8 @@ pub struct CircuitBreaker {
     config: BreakerConfig,
     inner: Mutex<Inner>,
     trips: AtomicU64,
+    trials: AtomicU64,
+    recoveries: AtomicU64,
 }
 
 /// A breaker's state and how often it opened.
@@ -56,8 +58,12 @@ pub struct CircuitBreaker {
 pub struct BreakerReport {
     /// Where it stands now.
     pub state: BreakerState,
-    /// Times it opened.
+    /// Times it opened (closed or half-open to open).
     pub trips: u64,
+    /// Times an open period ended in a trial call (open to half-open).
+    pub trials: u64,
+    /// Times a trial succeeded (half-open to closed).
+    pub recoveries: u64,
 }
 
 impl CircuitBreaker {
@@ -65,7 +71,13 @@ impl CircuitBreaker {
     #[must_use]
     pub fn new(config: BreakerConfig) -> Self {
         let config = BreakerConfig { failures_to_open: config.failures_to_open.max(1), ..config };
-        Self { config, inner: Mutex::new(Inner::Closed { failures: 0 }), trips: AtomicU64::new(0) }
+        Self {
+            config,
+            inner: Mutex::new(Inner::Closed { failures: 0 }),
+            trips: AtomicU64::new(0),
+            trials: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+        }
     }
 
     /// Whether a call may go through now.
@@ -80,6 +92,7 @@ impl CircuitBreaker {
             Inner::Closed { .. } => true,
             Inner::Open { until } if now >= until => {
                 *inner = Inner::HalfOpen { trial_out: true };
+                self.trials.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Inner::Open { .. } | Inner::HalfOpen { trial_out: true } => false,
@@ -92,7 +105,11 @@ impl CircuitBreaker {
 
     /// A call that was allowed succeeded.
     pub fn record_success(&self) {
-        *self.inner.lock() = Inner::Closed { failures: 0 };
+        let mut inner = self.inner.lock();
+        if matches!(*inner, Inner::HalfOpen { .. }) {
+            self.recoveries.fetch_add(1, Ordering::Relaxed);
+        }
+        *inner = Inner::Closed { failures: 0 };
     }
 
     /// A call that was allowed failed.
@@ -134,7 +151,12 @@ impl CircuitBreaker {
             Inner::Open { .. } => BreakerState::Open,
             Inner::HalfOpen { .. } => BreakerState::HalfOpen,
         };
-        BreakerReport { state, trips: self.trips.load(Ordering::Relaxed) }
+        BreakerReport {
+            state,
+            trips: self.trips.load(Ordering::Relaxed),
+            trials: self.trials.load(Ordering::Relaxed),
+            recoveries: self.recoveries.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -155,13 +177,13 @@ mod tests {
             assert!(breaker.allow_at(t0));
             breaker.record_failure_at(t0);
         }
-        assert_eq!(breaker.report(), BreakerReport { state: BreakerState::Open, trips: 1 });
+        assert_eq!(breaker.report(), BreakerReport { state: BreakerState::Open, trips: 1, trials: 0, recoveries: 0 });
         assert!(!breaker.allow_at(t0 + Duration::from_millis(99)), "open: refused");
         assert!(breaker.allow_at(t0 + Duration::from_millis(100)), "cool-down over: one trial");
         assert_eq!(breaker.report().state, BreakerState::HalfOpen);
         assert!(!breaker.allow_at(t0 + Duration::from_millis(101)), "only one trial at a time");
         breaker.record_success();
-        assert_eq!(breaker.report(), BreakerReport { state: BreakerState::Closed, trips: 1 });
+        assert_eq!(breaker.report(), BreakerReport { state: BreakerState::Closed, trips: 1, trials: 1, recoveries: 1 });
     }
 
     #[test]
@@ -172,7 +194,7 @@ mod tests {
         let t1 = t0 + Duration::from_millis(10);
         assert!(breaker.allow_at(t1));
         breaker.record_failure_at(t1);
-        assert_eq!(breaker.report(), BreakerReport { state: BreakerState::Open, trips: 2 });
+        assert_eq!(breaker.report(), BreakerReport { state: BreakerState::Open, trips: 2, trials: 1, recoveries: 0 });
         assert!(!breaker.allow_at(t1 + Duration::from_millis(9)));
     }
 }

@@ -288,6 +288,8 @@ pub struct Engine<M: Message> {
     journal: Option<Journal<M>>,
     /// Time from journaling a submitted batch to its commit.
     ack_latency: Mutex<Histogram<u64>>,
+    /// Breakers shown by [`Engine::watch_breaker`].
+    breakers: Mutex<Vec<(String, Arc<crate::breaker::CircuitBreaker>)>>,
     started: Instant,
 }
 
@@ -452,6 +454,7 @@ impl<M: Message> Engine<M> {
             shared,
             journal,
             ack_latency: Mutex::new(new_histogram()),
+            breakers: Mutex::new(Vec::new()),
             started: Instant::now(),
         };
         for stage in order {
@@ -736,7 +739,14 @@ impl<M: Message> Engine<M> {
             poisoned: self.poisoned(),
             log: journal.map(|j| j.log.stats()),
             ack_latency_us: journal.map(|_| LatencySummary::from_histogram(&self.ack_latency.lock())),
+            breakers: self.breakers.lock().iter().map(|(name, breaker)| (name.clone(), breaker.report())).collect(),
         }
+    }
+
+    /// Shows the engine a circuit breaker its handlers use, so that snapshots report its state
+    /// and transitions under `name`.
+    pub fn watch_breaker(&self, name: &str, breaker: Arc<crate::breaker::CircuitBreaker>) {
+        self.breakers.lock().push((name.to_owned(), breaker));
     }
 
     /// Stops intake, lets every stage drain front to back (retries included), joins every

@@ -224,6 +224,9 @@ pub struct Snapshot {
     pub log: Option<crate::log::LogStats>,
     /// With a journal: time from journaling a submitted batch to its commit.
     pub ack_latency_us: Option<LatencySummary>,
+    /// The circuit breakers the application showed the engine
+    /// ([`Engine::watch_breaker`](crate::Engine::watch_breaker)), by name: state and transitions.
+    pub breakers: std::collections::BTreeMap<String, crate::breaker::BreakerReport>,
 }
 
 impl Snapshot {

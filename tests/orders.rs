@@ -176,10 +176,18 @@ fn circuit_breakers_open_under_failures_and_defer_work_without_spending_attempts
     assert!(report.violations().is_empty(), "{:?}", report.violations());
     let payment = &report.breakers["payment"];
     assert!(payment.trips > 0, "the payment breaker opened");
+    assert!(payment.trials > 0 && payment.recoveries > 0, "it let trials through and closed again: {payment:?}");
+    assert!(payment.trials >= payment.recoveries && payment.trips >= payment.trials);
     let deferred = report.stages.iter().find(|s| s.name == "payment").map_or(0, |s| s.deferred);
     assert!(deferred > 0, "work waited while the breaker was open");
     assert!(report.breakers["email"].trips > 0 && report.breakers["sms"].trips > 0);
     let no_breakers = orders::run(&engine(1, 64, 4), &SimConfig { breaker_failures: 0, ..sim }, 1_500, None, |_, _| {})
         .expect("runs");
     assert!(no_breakers.breakers.is_empty());
+
+    // The engine's own snapshot shows the breakers too, while the pipeline runs.
+    let pipeline = orders::OrderPipeline::start(&engine(1, 64, 4), &sim).expect("starts");
+    let watched = pipeline.engine().snapshot().breakers;
+    assert_eq!(watched.keys().map(String::as_str).collect::<Vec<_>>(), ["email", "inventory", "payment", "sms"]);
+    let _ = pipeline.finish();
 }

@@ -389,6 +389,17 @@ impl Breakers {
         Self { payment: one(), inventory: one(), email: one(), sms: one() }
     }
 
+    /// Shows every breaker to the engine, so its snapshots report them.
+    fn watch(&self, engine: &Engine<OrderEvent>) {
+        for (port, breaker) in
+            [("payment", &self.payment), ("inventory", &self.inventory), ("email", &self.email), ("sms", &self.sms)]
+        {
+            if let Some(breaker) = breaker {
+                engine.watch_breaker(port, Arc::clone(breaker));
+            }
+        }
+    }
+
     fn report(&self) -> BTreeMap<String, BreakerReport> {
         [("payment", &self.payment), ("inventory", &self.inventory), ("email", &self.email), ("sms", &self.sms)]
             .into_iter()
@@ -538,6 +549,7 @@ impl OrderPipeline {
             builder = builder.journal(Journal::new(Arc::clone(log), Arc::new(OrderCodec)));
         }
         let engine = builder.start()?;
+        breakers.watch(&engine);
         Ok(Self {
             engine,
             breakers,
