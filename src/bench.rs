@@ -36,7 +36,8 @@ use serde::Serialize;
 
 use crate::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
 use crate::orders::ports::{
-    Channel, InventoryStore, Notifier, PaymentGateway, SimulatedGateway, SimulatedInventory, SimulatedNotifier,
+    Channel, InventoryStore, Notifier, PaymentGateway, SimulatedCarrier, SimulatedGateway, SimulatedInventory,
+    SimulatedNotifier,
 };
 use crate::orders::{self, Effect, IdempotencyKey, Order, OrderEvent, SimConfig, Workload};
 use crate::EngineConfig;
@@ -757,6 +758,7 @@ struct Work {
     gateway: SimulatedGateway,
     inventory: SimulatedInventory,
     notifier: SimulatedNotifier,
+    carrier: SimulatedCarrier,
     confirmed: AtomicU64,
 }
 
@@ -768,6 +770,7 @@ impl Work {
             gateway: SimulatedGateway::new(faults, 0.0),
             inventory: SimulatedInventory::new(faults, sim.skus, sim.stock_per_sku, 0),
             notifier: SimulatedNotifier::new(faults),
+            carrier: SimulatedCarrier::default(),
             confirmed: AtomicU64::new(0),
         })
     }
@@ -788,8 +791,10 @@ impl Work {
         let _ = self.notifier.send(channel, IdempotencyKey::new(order.id, channel.effect()), order, 0);
     }
 
-    fn ship(&self, _order: &Order) {
-        self.confirmed.fetch_add(1, Ordering::Relaxed);
+    fn ship(&self, order: &Order) {
+        if self.carrier.ship(IdempotencyKey::new(order.id, Effect::Ship), order) {
+            self.confirmed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn check(&self, orders: &[Order]) {
