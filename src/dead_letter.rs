@@ -73,7 +73,7 @@ impl DeadLetterKind {
     }
 }
 
-/// The failures an event met in a stage, oldest first: its error chain.
+/// The failures an event met in a stage before its last one, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Failures {
     pub(crate) errors: Vec<Reason>,
@@ -85,8 +85,9 @@ pub(crate) struct Failures {
 }
 
 impl Failures {
-    /// Errors kept per dead letter: the first and the latest ones.
-    pub(crate) const KEPT: usize = 8;
+    /// Earlier failures kept per dead letter: the first and the latest ones (with the last
+    /// failure itself, a chain of at most eight).
+    pub(crate) const KEPT: usize = 7;
 
     /// Adds a failure at `now_us` (Unix microseconds). Past [`Self::KEPT`], the oldest but the
     /// first are dropped and counted.
@@ -112,11 +113,11 @@ pub struct DeadLetter<M> {
     pub kind: DeadLetterKind,
     /// The last failure's reason, as the handler (or the panic) gave it.
     pub reason: Reason,
-    /// The error chain: every failure's reason in the stage, oldest first, the last being
-    /// `reason`. At most eight are kept (the first and the latest seven); `errors_dropped` counts
-    /// the others.
+    /// The failures before the last one in the stage, oldest first (empty if the first failure
+    /// was the last): with `reason`, the error chain ([`chain`](Self::chain)). At most seven are
+    /// kept (the first and the latest six); `errors_dropped` counts the others.
     pub errors: Vec<Reason>,
-    /// Failures between the first and the latest seven that were not kept.
+    /// Failures between the first and the latest kept ones that were not kept.
     pub errors_dropped: u32,
     /// When the first failure happened, in microseconds since the Unix epoch.
     pub first_failure_us: u64,
@@ -135,7 +136,7 @@ pub struct DeadLetterNote {
     pub kind: Option<DeadLetterKind>,
     /// The last failure's reason.
     pub reason: String,
-    /// The error chain, oldest first (see [`DeadLetter::errors`]).
+    /// The error chain, oldest first, the last being `reason` (see [`DeadLetter::chain`]).
     #[serde(default)]
     pub errors: Vec<String>,
     /// Failures not kept in `errors`.
@@ -156,7 +157,7 @@ impl DeadLetterNote {
         Self {
             kind: Some(letter.kind),
             reason: letter.reason.to_string(),
-            errors: letter.errors.iter().map(ToString::to_string).collect(),
+            errors: letter.chain().map(ToString::to_string).collect(),
             errors_dropped: letter.errors_dropped,
             first_failure_us: letter.first_failure_us,
             last_failure_us: letter.last_failure_us,
@@ -208,6 +209,13 @@ impl DeadLetterNote {
             first_failure_us: 0,
             last_failure_us: 0,
         }
+    }
+}
+
+impl<M> DeadLetter<M> {
+    /// The error chain, oldest first: the earlier failures kept, then `reason`.
+    pub fn chain(&self) -> impl Iterator<Item = &Reason> {
+        self.errors.iter().chain(std::iter::once(&self.reason))
     }
 }
 

@@ -147,6 +147,8 @@ struct Worker<M, H> {
     started: Instant,
     /// The engine clock ([`clock_us`]) read once per unit of work, for expiry.
     now_us: u64,
+    /// The wall clock (Unix microseconds) read once per unit of work, for failure times.
+    wall_us: u64,
     rng: SmallRng,
 }
 
@@ -215,6 +217,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             backoff: Wheel::new(0),
             started: Instant::now(),
             now_us: clock_us(),
+            wall_us: unix_micros(),
             rng: SmallRng::seed_from_u64(seed),
         }
     }
@@ -404,6 +407,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                         journal.stamp();
                     }
                     self.now_us = clock_us();
+                    self.wall_us = unix_micros();
                     // The stage's TTL counts from when the batch was sent to it.
                     let stage_deadline = match self.ctx.config.ttl_ms {
                         0 => Deadline::NEVER,
@@ -425,6 +429,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 Next::Retries => {
                     let mut tally = BatchTally::default();
                     self.now_us = clock_us();
+                    self.wall_us = unix_micros();
                     let due = self.retry_keys.len().min(self.ctx.config.batch_events_max);
                     for _ in 0..due {
                         self.retry_next(&mut tally)?;
@@ -604,7 +609,8 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     let failures = self.failures_of(event.key);
                     self.dead_letter(event, kind, failures, reason);
                 } else {
-                    self.failures.entry(event.key).or_default().push(reason, unix_micros());
+                    let now = self.wall_us;
+                    self.failures.entry(event.key).or_default().push(reason, now);
                     return Ok(Handled::Retry(event, backoff));
                 }
             }
@@ -645,19 +651,19 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         stage: &Arc<str>,
         envelope: Envelope<M>,
         kind: DeadLetterKind,
-        mut failures: Failures,
+        failures: Failures,
         reason: Reason,
     ) {
         tracing::debug!(%stage, key = envelope.key, %kind, %reason, "dead letter");
-        failures.push(reason.clone(), unix_micros());
+        let first_failure_us = if failures.errors.is_empty() { self.wall_us } else { failures.first_us };
         let letter = DeadLetter {
             stage: stage.to_owned(),
             kind,
             reason,
             errors: failures.errors,
             errors_dropped: failures.errors_dropped,
-            first_failure_us: failures.first_us,
-            last_failure_us: failures.last_us,
+            first_failure_us,
+            last_failure_us: self.wall_us,
             attempts: envelope.attempt,
             envelope,
         };

@@ -189,8 +189,8 @@ fn a_panicking_handler_is_contained_and_its_batch_mates_are_unaffected() {
     assert_eq!((letter.envelope.msg, letter.attempts), (Job(7), 3));
     assert_eq!(letter.kind, DeadLetterKind::Panicked, "every attempt, the last included, panicked");
     assert!(letter.reason.contains("panicked") && letter.reason.contains("poison"), "{}", letter.reason);
-    assert_eq!(letter.errors.len(), 3, "the error chain holds each attempt's failure");
-    assert!(letter.errors.iter().all(|e| e.contains("job 7 is poison")), "{:?}", letter.errors);
+    assert_eq!(letter.chain().count(), 3, "the error chain holds each attempt's failure");
+    assert!(letter.chain().all(|e| e.contains("job 7 is poison")), "{:?}", letter.errors);
     assert!(letter.first_failure_us > 0 && letter.first_failure_us <= letter.last_failure_us);
 }
 
