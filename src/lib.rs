@@ -73,6 +73,7 @@ mod dead_letter;
 pub mod dlq;
 mod engine;
 mod error;
+pub mod fuzz;
 mod journal;
 pub mod log;
 pub mod metrics;

@@ -1,0 +1,5 @@
+//! Fuzz target `frame_body`: the body is `conduit::fuzz::frame_body`, which `tests/fuzz_corpus.rs` also
+//! replays over the checked-in corpus on stable.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| conduit::fuzz::frame_body(data));

@@ -1,0 +1,5 @@
+//! Fuzz target `routing`: the body is `conduit::fuzz::routing`, which `tests/fuzz_corpus.rs` also
+//! replays over the checked-in corpus on stable.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| conduit::fuzz::routing(data));
