@@ -69,6 +69,7 @@ pub mod bench;
 pub mod breaker;
 mod channel;
 pub mod config;
+pub mod crashpoint;
 mod dead_letter;
 pub mod dlq;
 mod engine;

@@ -18,8 +18,8 @@ use conduit::EngineConfig;
 use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "CONDUIT_CRASH_CHILD";
-/// Kill cycles; the CI tier of the reliability suite asks for at least 20.
-const CYCLES: usize = 24;
+/// Kill cycles; the CI tier of the reliability suite asks for at least 30.
+const CYCLES: usize = 30;
 
 fn sim() -> SimConfig {
     SimConfig { payment_failure_rate: 0.2, out_of_stock_rate: 0.1, seed: 3, ..SimConfig::default() }
@@ -95,23 +95,32 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
         let acked = reader.join().expect("reader");
         acked_max = acked_max.max(acked);
 
-        // Every acknowledged order must be in the log now, whatever the kill interrupted.
-        let log = Log::open(&path, LogOptions::default()).expect("reopens after kill -9");
-        let histories = Histories::read(&log).expect("readable after kill -9");
-        let missing: Vec<u64> = (1..=acked_max).filter(|id| !histories.orders.contains_key(id)).take(5).collect();
-        assert!(missing.is_empty(), "cycle {cycle} (seed {seed}): acknowledged orders missing: {missing:?}");
-        let report = histories.verify();
-        assert_eq!(report.ledger.double_charges, 0, "cycle {cycle} (seed {seed})");
-        assert_eq!(report.problem_count, 0, "cycle {cycle} (seed {seed}): {:?}", report.problems);
-        assert_eq!(report.in_flight, report.resumable, "cycle {cycle}: everything in flight can resume");
+        check_after_crash(&path, acked_max, &format!("cycle {cycle} (seed {seed})"));
     }
     assert!(acked_max > 0, "some orders were acknowledged over {CYCLES} cycles");
     println!("{acked_max} orders acknowledged over {CYCLES} kill -9 cycles");
+    finish_and_check(&path, acked_max, &format!("seed {seed}"));
+}
 
-    let log = Arc::new(Log::open(&path, LogOptions::default()).expect("reopens"));
+/// Every acknowledged order must be in the log after a crash, whatever it interrupted; no
+/// history broken, no double charge, everything in flight resumable.
+fn check_after_crash(path: &std::path::Path, acked_max: u64, context: &str) {
+    let log = Log::open(path, LogOptions::default()).expect("reopens after the crash");
+    let histories = Histories::read(&log).expect("readable after the crash");
+    let missing: Vec<u64> = (1..=acked_max).filter(|id| !histories.orders.contains_key(id)).take(5).collect();
+    assert!(missing.is_empty(), "{context}: acknowledged orders missing: {missing:?}");
+    let report = histories.verify();
+    assert_eq!(report.ledger.double_charges, 0, "{context}");
+    assert_eq!(report.problem_count, 0, "{context}: {:?}", report.problems);
+    assert_eq!(report.in_flight, report.resumable, "{context}: everything in flight can resume");
+}
+
+/// Recovers once more and checks every acknowledged order finished exactly once.
+fn finish_and_check(path: &std::path::Path, acked_max: u64, context: &str) {
+    let log = Arc::new(Log::open(path, LogOptions::default()).expect("reopens"));
     let recovered = orders::recover(&engine(), &sim(), &log).expect("final recovery");
     let verify = &recovered.verify;
-    assert!(verify.ok, "seed {seed}: {:?}", verify.problems);
+    assert!(verify.ok, "{context}: {:?}", verify.problems);
     assert_eq!(verify.in_flight, 0);
     assert_eq!(verify.orders, verify.confirmed + verify.cancelled + verify.dead_lettered);
     assert_eq!(verify.ledger.double_charges, 0);
@@ -124,4 +133,63 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
             "acknowledged order {id} ended as {status:?}"
         );
     }
+}
+
+/// Each named crash point (`conduit::crashpoint`) once, on one log: a child armed with the point
+/// aborts by itself there; the log must still hold every order it had acknowledged. The
+/// `recover.resumed` child dies in the middle of a recovery, and the next child recovers that.
+#[test]
+fn every_crash_point_keeps_every_acknowledged_order() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        child(&path);
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("points.redb");
+    let plan = [
+        ("log.before_commit", 6),
+        ("saga.after_charge", 400),
+        ("log.after_commit", 6),
+        ("recover.resumed", 1),
+        ("log.after_commit", 3),
+        ("recover.resumed", 1),
+    ];
+    assert!(conduit::crashpoint::POINTS.iter().all(|p| plan.iter().any(|(q, _)| q == p)), "every point is armed");
+    let mut acked_max = 0u64;
+    for (point, pass) in plan {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "every_crash_point_keeps_every_acknowledged_order", "--nocapture"])
+            .env(CHILD_ENV, &path)
+            .env(conduit::crashpoint::ENV, format!("{point}:{pass}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("child starts");
+        let stdout = child.stdout.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut acked = 0u64;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(id) = line.strip_prefix("ack ").and_then(|n| n.parse::<u64>().ok()) {
+                    acked = acked.max(id);
+                }
+            }
+            acked
+        });
+        let started = Instant::now();
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                child.kill().expect("kill");
+                panic!("crash point {point}:{pass} was never reached");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(!status.success(), "the child armed with {point}:{pass} must abort, not exit: {status}");
+        acked_max = acked_max.max(reader.join().expect("reader"));
+        check_after_crash(&path, acked_max, &format!("after crash point {point}:{pass}"));
+    }
+    assert!(acked_max > 0);
+    finish_and_check(&path, acked_max, "crash points");
 }

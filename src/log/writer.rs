@@ -207,7 +207,9 @@ impl WriterState {
             }
             self.flush_frame(&mut frames, &mut buckets)?;
         }
+        crate::crashpoint::hit("log.before_commit");
         txn.commit().map_err(storage)?;
+        crate::crashpoint::hit("log.after_commit");
         Ok(appended)
     }
 

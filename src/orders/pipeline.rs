@@ -570,7 +570,9 @@ impl OrderPipeline {
     pub fn resume(&self, histories: &Histories) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
         let mut ids: Vec<&u64> = histories.orders.keys().collect();
         ids.sort_unstable();
-        self.resume_each(ids.into_iter().map(|id| (*id, &histories.orders[id])))
+        let resumed = self.resume_each(ids.into_iter().map(|id| (*id, &histories.orders[id])));
+        crate::crashpoint::hit("recover.resumed");
+        resumed
     }
 
     /// Injects the next steps of each `(order id, history)`, front stages first.

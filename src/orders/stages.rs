@@ -190,6 +190,7 @@ impl Handler<OrderEvent> for PaymentStage {
         );
         match charged {
             Ok(()) => {
+                crate::crashpoint::hit("saga.after_charge");
                 out.record(kinds::CHARGED, &[]);
                 out.publish(self.charged, event.msg.then(Step::Reserve));
             }
