@@ -64,7 +64,7 @@ fn producers_faster_than_the_pipeline_are_held_back_and_lose_nothing() {
     let mut rss_peak = rss_start.unwrap_or(0);
     while started.elapsed() < Duration::from_millis(1_500) {
         for stage in pipeline.engine().snapshot().stages {
-            assert!(stage.queue_depth as usize <= stage.queue_capacity, "{} over its bound", stage.name);
+            assert!(stage.queue_depth <= stage.queue_capacity as u64, "{} over its bound", stage.name);
         }
         rss_peak = rss_peak.max(rss_bytes().unwrap_or(0));
         std::thread::sleep(Duration::from_millis(10));

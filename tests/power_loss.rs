@@ -134,7 +134,8 @@ impl StorageBackend for PowerCutDisk {
         }
         disk.syncs += 1;
         if disk.syncs < disk.cut_at {
-            disk.durable = disk.current.clone();
+            let Disk { durable, current, .. } = &mut *disk;
+            durable.clone_from(current);
             disk.pending.clear();
             return Ok(());
         }
