@@ -73,21 +73,28 @@ fn damaged_logs_give_errors_or_clean_recoveries_never_panics() {
         }
     };
 
-    // Truncation at every 4 KiB page boundary through the first 64 KiB, then at random offsets.
-    let mut cuts: Vec<usize> = (0..16).map(|page| page * 4096).collect();
-    cuts.extend((0..24).map(|_| rng.random_range(0..bytes.len())));
+    // `CONDUIT_CORRUPTION_ROUNDS=N` multiplies the random damage (the long tier).
+    let rounds: usize = std::env::var("CONDUIT_CORRUPTION_ROUNDS").ok().and_then(|n| n.parse().ok()).unwrap_or(1);
+    // Truncation at every frame boundary (each stored frame starts with its magic) and inside
+    // each frame's header, at every 4 KiB page boundary through the first 64 KiB, then at random
+    // offsets.
+    let frame_starts: Vec<usize> = bytes.windows(4).enumerate().filter(|(_, w)| w == b"CDLF").map(|(i, _)| i).collect();
+    assert!(frame_starts.len() > 1, "the pristine log holds several frames");
+    let mut cuts: Vec<usize> = frame_starts.iter().flat_map(|&at| [at, at + 8, at + 16]).collect();
+    cuts.extend((0..16).map(|page| page * 4096));
+    cuts.extend((0..24 * rounds).map(|_| rng.random_range(0..bytes.len())));
     for cut in cuts {
         tally(survives(dir.path(), "truncated", &bytes[..cut]));
     }
     // Single bit flips anywhere.
-    for _ in 0..48 {
+    for _ in 0..48 * rounds {
         let mut damaged = bytes.clone();
         let at = rng.random_range(0..damaged.len());
         damaged[at] ^= 1 << rng.random_range(0..8);
         tally(survives(dir.path(), "flipped", &damaged));
     }
     // Zeroed 4 KiB pages.
-    for _ in 0..24 {
+    for _ in 0..24 * rounds {
         let mut damaged = bytes.clone();
         let page = rng.random_range(0..damaged.len() / 4096);
         damaged[page * 4096..(page + 1) * 4096].fill(0);
