@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
 use crate::channel::{self, BatchReceiver, SendFailure, StageInput};
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, StageConfig};
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
 use crate::journal::{Journal, JournalWriter};
@@ -22,12 +22,29 @@ use crate::stage::{Envelope, Handler, Message, StageId};
 use crate::worker::{self, Shared, WorkerCtx};
 
 type Runner<M> = Arc<dyn Fn(WorkerCtx<M>) + Send + Sync>;
+/// Builds a stage's handler for worker `n`, boxed: the deterministic simulation's way in.
+pub(crate) type MakeHandler<M> = Arc<dyn Fn(usize) -> Box<dyn Handler<M>> + Send + Sync>;
 
-struct StageDecl<M> {
-    name: String,
+pub(crate) struct StageDecl<M> {
+    pub(crate) name: String,
     runner: Option<Runner<M>>,
+    pub(crate) make: Option<MakeHandler<M>>,
     /// Events of one key go to one worker, in order, never two at once.
     ordered: bool,
+}
+
+/// A topology checked against a configuration, its routing compiled.
+pub(crate) struct Compiled<M> {
+    pub(crate) stages: Vec<StageDecl<M>>,
+    pub(crate) links: Vec<(StageId, StageId)>,
+    pub(crate) entry: StageId,
+    /// Stages in an order where every link points forward.
+    pub(crate) order: Vec<StageId>,
+    pub(crate) exchange: Arc<Exchange<StageId>>,
+    /// Per stage: the routes it may publish.
+    pub(crate) may_publish: Vec<Vec<bool>>,
+    pub(crate) dead_letter_unroutable: bool,
+    pub(crate) stage_configs: Vec<StageConfig>,
 }
 
 /// The shape of a pipeline: named stages, the links between them, and the entry stage.
@@ -120,7 +137,7 @@ impl<M: Message> Topology<M> {
     /// Names must be unique and non-empty; [`Engine::start`] checks.
     pub fn stage(&mut self, name: &str) -> StageId {
         let id = u16::try_from(self.stages.len()).unwrap_or(u16::MAX);
-        self.stages.push(StageDecl { name: name.to_owned(), runner: None, ordered: false });
+        self.stages.push(StageDecl { name: name.to_owned(), runner: None, make: None, ordered: false });
         StageId(id)
     }
 
@@ -176,12 +193,50 @@ impl<M: Message> Topology<M> {
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         if let Some(decl) = self.stages.get_mut(stage.index()) {
+            let factory = Arc::new(factory);
+            let make = Arc::clone(&factory);
+            decl.make = Some(Arc::new(move |worker| Box::new(make(worker)) as Box<dyn Handler<M>>));
             decl.runner = Some(Arc::new(move |ctx: WorkerCtx<M>| {
                 let handler = factory(ctx.worker);
                 worker::run(ctx, handler);
             }));
         }
         self
+    }
+
+    /// Checks the topology against `config` and compiles its routing: what both the threaded
+    /// engine and the deterministic simulation run.
+    pub(crate) fn compile(mut self, config: &EngineConfig) -> Result<Compiled<M>, BuildError> {
+        let exchange = Arc::new(std::mem::take(&mut self.exchange).build());
+        let mut may_publish = vec![Vec::new(); self.stages.len()];
+        for &(from, route) in &self.publishes {
+            for &to in exchange.destinations(route) {
+                self.links.push((from, to));
+            }
+            if let Some(routes) = may_publish.get_mut(from.index()) {
+                if routes.len() <= route.index() {
+                    routes.resize(route.index() + 1, false);
+                }
+                routes[route.index()] = true;
+            }
+        }
+        let order = self.validate(config)?;
+        self.refuse_silent_loss(&exchange)?;
+        let stage_configs: Vec<StageConfig> = self.stages.iter().map(|s| config.stage(&s.name)).collect();
+        for (decl, stage) in self.stages.iter().zip(&stage_configs) {
+            stage.validate(&format!("engine.stages.{}", decl.name))?;
+        }
+        let Topology { stages, links, entry, dead_letter_unroutable, .. } = self;
+        Ok(Compiled {
+            stages,
+            links,
+            entry: entry.expect("validate checked the entry stage is set"),
+            order,
+            exchange,
+            may_publish,
+            dead_letter_unroutable,
+            stage_configs,
+        })
     }
 
     /// Checks the topology and returns the stages in an order where every link points forward.
@@ -397,30 +452,10 @@ impl<M: Message> Engine<M> {
     /// Validates the topology against the configuration and starts every worker thread
     /// (named `conduit:<stage>:<worker>`).
     fn launch(builder: EngineBuilder<M>) -> Result<Self, BuildError> {
-        let EngineBuilder { mut topology, config, dead_letters, journal } = builder;
-        let exchange = Arc::new(std::mem::take(&mut topology.exchange).build());
-        let mut may_publish = vec![Vec::new(); topology.stages.len()];
-        for &(from, route) in &topology.publishes {
-            for &to in exchange.destinations(route) {
-                topology.links.push((from, to));
-            }
-            if let Some(routes) = may_publish.get_mut(from.index()) {
-                if routes.len() <= route.index() {
-                    routes.resize(route.index() + 1, false);
-                }
-                routes[route.index()] = true;
-            }
-        }
-        let order = topology.validate(&config)?;
-        let dead_letter_unroutable = topology.dead_letter_unroutable;
-        topology.refuse_silent_loss(&exchange)?;
-        let Topology { stages, links, entry, .. } = topology;
-        let entry = entry.expect("validate checked the entry stage is set");
+        let EngineBuilder { topology, config, dead_letters, journal } = builder;
+        let Compiled { stages, links, entry, order, exchange, may_publish, dead_letter_unroutable, stage_configs } =
+            topology.compile(&config)?;
         let shared = Arc::new(Shared::default());
-        let stage_configs: Vec<_> = stages.iter().map(|s| config.stage(&s.name)).collect();
-        for (decl, stage) in stages.iter().zip(&stage_configs) {
-            stage.validate(&format!("engine.stages.{}", decl.name))?;
-        }
         let metrics: Vec<Arc<StageMetrics>> = stages
             .iter()
             .zip(&stage_configs)

@@ -81,6 +81,7 @@ pub mod metrics;
 pub mod orders;
 pub mod routing;
 pub mod rpc;
+pub mod sim;
 mod stage;
 pub mod wheel;
 mod worker;

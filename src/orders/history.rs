@@ -141,7 +141,7 @@ impl OrderHistory {
     }
 
     /// The facts this history must never hold together, or in this order.
-    fn check(&mut self) {
+    pub(crate) fn check(&mut self) {
         let rules: [(bool, &str); 10] = [
             (self.order.is_none(), "records without a placed order"),
             (self.has(kinds::ACCEPTED) && self.counts[usize::from(kinds::PLACED)] == 0, "accepted but never placed"),
@@ -277,6 +277,19 @@ pub struct Histories {
 }
 
 impl Histories {
+    /// Folds records already in memory (a simulation's journal), in order.
+    pub fn from_records<'r>(records: impl IntoIterator<Item = &'r Record>) -> Self {
+        let mut histories = Self::default();
+        for record in records {
+            histories.records += 1;
+            histories.orders.entry(record.stream).or_default().apply(record);
+        }
+        for history in histories.orders.values_mut() {
+            history.check();
+        }
+        histories
+    }
+
     /// Reads the whole log (frames decoded in parallel) and folds every record.
     pub fn read(log: &Log) -> Result<Self, LogError> {
         let mut histories = Self::default();

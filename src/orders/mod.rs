@@ -29,6 +29,7 @@ mod history;
 mod pipeline;
 pub mod ports;
 mod redrive;
+mod simulate;
 mod stages;
 
 pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
@@ -39,4 +40,5 @@ pub use pipeline::{
     TopologyFile,
 };
 pub use redrive::{redrive, RedriveItem, RedrivePlan, RedriveReport};
+pub use simulate::{simulate, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};

@@ -322,11 +322,11 @@ impl PipelineFile {
 
 /// The simulated ports, shared by the stages and read by the report.
 #[derive(Debug, Clone)]
-struct Ports {
-    gateway: Arc<SimulatedGateway>,
-    inventory: Arc<SimulatedInventory>,
-    notifier: Arc<SimulatedNotifier>,
-    carrier: Arc<SimulatedCarrier>,
+pub(crate) struct Ports {
+    pub(crate) gateway: Arc<SimulatedGateway>,
+    pub(crate) inventory: Arc<SimulatedInventory>,
+    pub(crate) notifier: Arc<SimulatedNotifier>,
+    pub(crate) carrier: Arc<SimulatedCarrier>,
 }
 
 impl Ports {
@@ -411,6 +411,100 @@ impl Breakers {
 /// A fraud service and how long to wait for its verdict.
 type FraudService = (Arc<RpcServer<Order, FraudVerdict>>, Duration);
 
+/// Builds the order pipeline's topology and everything its handlers share, without starting it.
+pub(crate) fn build(config: &EngineConfig, sim: &SimConfig, routing: &OrderRouting) -> Result<Built, BuildError> {
+    sim.validate()?;
+    let ports = Ports::new(sim);
+    let outcomes = Arc::new(Outcomes::default());
+    let dead_letters = Arc::new(OrderDeadLetters {
+        inventory: ports.inventory.clone(),
+        gateway: ports.gateway.clone(),
+        outcomes: Arc::clone(&outcomes),
+        letters: Mutex::new(Vec::new()),
+        compensation_failures: AtomicU64::new(0),
+    });
+
+    let mut topology = Topology::new();
+    let order = topology.stage(names::ORDER);
+    let payment = topology.stage(names::PAYMENT);
+    let inventory = topology.stage(names::INVENTORY);
+    let email = topology.stage(names::EMAIL);
+    let sms = topology.stage(names::SMS);
+    let shipping = topology.stage(names::SHIPPING);
+    let compensation = topology.stage(names::COMPENSATION);
+    let stages = vec![
+        (names::ORDER, order),
+        (names::PAYMENT, payment),
+        (names::INVENTORY, inventory),
+        (names::EMAIL, email),
+        (names::SMS, sms),
+        (names::SHIPPING, shipping),
+        (names::COMPENSATION, compensation),
+    ];
+    debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
+    // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
+    // compensated), which the report shows.
+    topology.entry(order).dead_letter_unroutable(true);
+    routing.apply(&mut topology, &stages)?;
+    let route = |topology: &mut Topology<OrderEvent>, from, key| {
+        topology.publishes(from, key).map_err(|e| BuildError::Topology(e.to_string()))
+    };
+    let accepted = route(&mut topology, order, keys::PAYMENT)?;
+    let (charged, declined) =
+        (route(&mut topology, payment, keys::INVENTORY)?, route(&mut topology, payment, keys::DECLINED)?);
+    let confirmed = route(&mut topology, inventory, keys::NOTIFY)?;
+    let ship = route(&mut topology, inventory, keys::SHIPPING)?;
+    let out_of_stock = route(&mut topology, inventory, keys::OUT_OF_STOCK)?;
+
+    topology.handler(order, move |_| OrderStage { accepted });
+    let gateway = ports.gateway.clone();
+    let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers)?;
+    let breakers = Breakers::new(sim);
+    let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
+    let breaker = breakers.payment.clone();
+    topology.handler(payment, move |_| PaymentStage {
+        gateway: gateway.clone(),
+        fraud: fraud.clone(),
+        charged,
+        declined,
+        breaker: breaker.clone(),
+    });
+    let (store, breaker) = (ports.inventory.clone(), breakers.inventory.clone());
+    topology.handler(inventory, move |_| InventoryStage {
+        inventory: store.clone(),
+        confirmed,
+        ship,
+        out_of_stock,
+        breaker: breaker.clone(),
+    });
+    for (stage, channel, breaker) in
+        [(email, Channel::Email, breakers.email.clone()), (sms, Channel::Sms, breakers.sms.clone())]
+    {
+        let notifier = ports.notifier.clone();
+        topology.handler(stage, move |_| NotifyStage { channel, notifier: notifier.clone(), breaker: breaker.clone() });
+    }
+    let (carrier, shipped) = (Arc::clone(&ports.carrier), Arc::clone(&outcomes));
+    topology.handler(shipping, move |_| ShippingStage { carrier: carrier.clone(), outcomes: shipped.clone() });
+    let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
+    topology.handler(compensation, move |_| CompensationStage {
+        inventory: store.clone(),
+        gateway: gateway.clone(),
+        outcomes: Arc::clone(&cancelled),
+    });
+    Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server })
+}
+
+/// The order pipeline, built and not started.
+pub(crate) struct Built {
+    pub(crate) topology: Topology<OrderEvent>,
+    pub(crate) stages: Vec<(&'static str, StageId)>,
+    pub(crate) ports: Ports,
+    pub(crate) outcomes: Arc<Outcomes>,
+    pub(crate) dead_letters: Arc<OrderDeadLetters>,
+    breakers: Breakers,
+    fraud: Option<Arc<RpcServer<Order, FraudVerdict>>>,
+}
+
 /// The reference order pipeline, running.
 pub struct OrderPipeline {
     engine: Engine<OrderEvent>,
@@ -460,89 +554,8 @@ impl OrderPipeline {
         log: Option<Arc<Log>>,
         restore: Option<&Histories>,
     ) -> Result<Self, BuildError> {
-        sim.validate()?;
-        let ports = Ports::new(sim);
-        let outcomes = Arc::new(Outcomes::default());
-        let dead_letters = Arc::new(OrderDeadLetters {
-            inventory: ports.inventory.clone(),
-            gateway: ports.gateway.clone(),
-            outcomes: Arc::clone(&outcomes),
-            letters: Mutex::new(Vec::new()),
-            compensation_failures: AtomicU64::new(0),
-        });
-
-        let mut topology = Topology::new();
-        let order = topology.stage(names::ORDER);
-        let payment = topology.stage(names::PAYMENT);
-        let inventory = topology.stage(names::INVENTORY);
-        let email = topology.stage(names::EMAIL);
-        let sms = topology.stage(names::SMS);
-        let shipping = topology.stage(names::SHIPPING);
-        let compensation = topology.stage(names::COMPENSATION);
-        let stages = vec![
-            (names::ORDER, order),
-            (names::PAYMENT, payment),
-            (names::INVENTORY, inventory),
-            (names::EMAIL, email),
-            (names::SMS, sms),
-            (names::SHIPPING, shipping),
-            (names::COMPENSATION, compensation),
-        ];
-        debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
-        // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
-        // compensated), which the report shows.
-        topology.entry(order).dead_letter_unroutable(true);
-        routing.apply(&mut topology, &stages)?;
-        let route = |topology: &mut Topology<OrderEvent>, from, key| {
-            topology.publishes(from, key).map_err(|e| BuildError::Topology(e.to_string()))
-        };
-        let accepted = route(&mut topology, order, keys::PAYMENT)?;
-        let (charged, declined) =
-            (route(&mut topology, payment, keys::INVENTORY)?, route(&mut topology, payment, keys::DECLINED)?);
-        let confirmed = route(&mut topology, inventory, keys::NOTIFY)?;
-        let ship = route(&mut topology, inventory, keys::SHIPPING)?;
-        let out_of_stock = route(&mut topology, inventory, keys::OUT_OF_STOCK)?;
-
-        topology.handler(order, move |_| OrderStage { accepted });
-        let gateway = ports.gateway.clone();
-        let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers)?;
-        let breakers = Breakers::new(sim);
-        let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
-        let breaker = breakers.payment.clone();
-        topology.handler(payment, move |_| PaymentStage {
-            gateway: gateway.clone(),
-            fraud: fraud.clone(),
-            charged,
-            declined,
-            breaker: breaker.clone(),
-        });
-        let (store, breaker) = (ports.inventory.clone(), breakers.inventory.clone());
-        topology.handler(inventory, move |_| InventoryStage {
-            inventory: store.clone(),
-            confirmed,
-            ship,
-            out_of_stock,
-            breaker: breaker.clone(),
-        });
-        for (stage, channel, breaker) in
-            [(email, Channel::Email, breakers.email.clone()), (sms, Channel::Sms, breakers.sms.clone())]
-        {
-            let notifier = ports.notifier.clone();
-            topology.handler(stage, move |_| NotifyStage {
-                channel,
-                notifier: notifier.clone(),
-                breaker: breaker.clone(),
-            });
-        }
-        let (carrier, shipped) = (Arc::clone(&ports.carrier), Arc::clone(&outcomes));
-        topology.handler(shipping, move |_| ShippingStage { carrier: carrier.clone(), outcomes: shipped.clone() });
-        let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
-        topology.handler(compensation, move |_| CompensationStage {
-            inventory: store.clone(),
-            gateway: gateway.clone(),
-            outcomes: Arc::clone(&cancelled),
-        });
-
+        let Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server } =
+            build(config, sim, routing)?;
         let submitted_before = restore.map_or(0, |histories| restore_ports(histories, &ports, &outcomes));
         let mut builder = Engine::builder(topology).config(config).dead_letters(dead_letters.clone());
         if let Some(log) = &log {
@@ -716,7 +729,7 @@ fn place(order: Order) -> OrderEvent {
 }
 
 /// Counts carried over from the log into the ports and outcomes; returns the orders placed.
-fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Outcomes) -> u64 {
+pub(crate) fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Outcomes) -> u64 {
     let mut figures = OutcomeFigures::default();
     let mut placed = 0;
     for history in histories.orders.values() {
