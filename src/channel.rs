@@ -92,21 +92,20 @@ impl<M> BatchSender<M> {
         debug_assert!(events.len() <= self.batch_events_max, "batch of {} over its bound", events.len());
         let count = events.len() as u64;
         let mut batch = Batch { events, sent_at: Instant::now() };
-        self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
         loop {
             match self.tx.send_timeout(batch, POISON_POLL) {
-                Ok(()) => return Ok(()),
+                // Counted once in the queue: a batch waiting for room is not in it.
+                Ok(()) => {
+                    self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
+                    return Ok(());
+                }
                 Err(SendTimeoutError::Timeout(back)) => {
                     if self.poisoned.load(Ordering::Acquire) {
-                        self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
                         return Err(SendFailure::Gone(back));
                     }
                     batch = back;
                 }
-                Err(SendTimeoutError::Disconnected(back)) => {
-                    self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
-                    return Err(SendFailure::Gone(back));
-                }
+                Err(SendTimeoutError::Disconnected(back)) => return Err(SendFailure::Gone(back)),
             }
         }
     }
@@ -114,17 +113,13 @@ impl<M> BatchSender<M> {
     /// Sends if there is room now.
     pub(crate) fn try_send(&self, events: Vec<Envelope<M>>) -> Result<(), SendFailure<M>> {
         let count = events.len() as u64;
-        self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
         match self.tx.try_send(Batch { events, sent_at: Instant::now() }) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(back)) => {
-                self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
-                Err(SendFailure::Full(back))
+            Ok(()) => {
+                self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
+                Ok(())
             }
-            Err(TrySendError::Disconnected(back)) => {
-                self.metrics.enqueued.fetch_sub(count, Ordering::Relaxed);
-                Err(SendFailure::Gone(back))
-            }
+            Err(TrySendError::Full(back)) => Err(SendFailure::Full(back)),
+            Err(TrySendError::Disconnected(back)) => Err(SendFailure::Gone(back)),
         }
     }
 }
@@ -320,6 +315,23 @@ mod tests {
         tx.try_send(vec![envelope(1)]).expect("room for one");
         let failure = tx.try_send(vec![envelope(2)]).expect_err("queue full");
         assert!(matches!(failure, SendFailure::Full(ref b) if b.events == vec![envelope(2)]));
+        assert_eq!(rx.metrics.snapshot().queue_depth, 1);
+    }
+
+    /// Found by the overload test: a sender blocked on a full queue had counted its batch as
+    /// queued, so a stage's reported depth ran past its capacity for as long as the sender
+    /// waited. A batch counts once it is in the queue.
+    #[test]
+    fn a_batch_waiting_for_room_is_not_counted_as_queued() {
+        let (tx, rx) = test_queue(1);
+        tx.send(vec![envelope(1), envelope(2)]).expect("room for one batch");
+        let blocked = tx.clone();
+        let sender = std::thread::spawn(move || blocked.send(vec![envelope(3)]).is_ok());
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rx.metrics.snapshot().queue_depth, 2, "only the batch in the queue counts");
+        let first = rx.try_recv().expect("queued");
+        assert_eq!(first.events.len(), 2);
+        assert!(sender.join().expect("sender"), "the waiting batch went in once there was room");
         assert_eq!(rx.metrics.snapshot().queue_depth, 1);
     }
 

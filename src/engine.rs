@@ -459,7 +459,11 @@ impl<M: Message> Engine<M> {
         let metrics: Vec<Arc<StageMetrics>> = stages
             .iter()
             .zip(&stage_configs)
-            .map(|(decl, c)| Arc::new(StageMetrics::new(decl.name.clone(), c.workers, c.queue_events_max())))
+            .map(|(decl, c)| {
+                // Every queue of the stage: one per partition (worker, if ordered) and level.
+                let queues = if decl.ordered { c.workers } else { 1 } * usize::from(c.priority_levels);
+                Arc::new(StageMetrics::new(decl.name.clone(), c.workers, c.queue_events_max() * queues))
+            })
             .collect();
         // One queue per stage, or one per worker for a stage ordered by key.
         let queues: Vec<(StageInput<M>, Vec<BatchReceiver<M>>)> = stages

@@ -132,7 +132,10 @@ impl StageMetrics {
             deferred: self.deferred.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             overflowed: self.overflowed.load(Ordering::Relaxed),
-            queue_depth: enqueued.saturating_sub(dequeued),
+            // A batch is counted in when it is in the queue and out once a worker has it; a sender
+            // woken by that take may put its batch in before the worker counts it out, so the
+            // difference can pass, for an instant, the capacity the queue itself never exceeds.
+            queue_depth: enqueued.saturating_sub(dequeued).min(self.queue_capacity_events as u64),
             queue_capacity: self.queue_capacity_events,
             latency_us: LatencySummary::from_histogram(&merged),
         }
@@ -201,9 +204,10 @@ pub struct StageSnapshot {
     pub expired: u64,
     /// Events dead-lettered because this stage's queue was full (overflow `dead_letter`).
     pub overflowed: u64,
-    /// Events waiting in the stage's input queue.
+    /// Events in the stage's input queues: counted when a batch goes in and when it comes out (a
+    /// batch a sender still waits to put in does not count), at most `queue_capacity`.
     pub queue_depth: u64,
-    /// Most events the input queue holds.
+    /// Most events the stage's input queues hold, every partition and priority level together.
     pub queue_capacity: usize,
     /// Time from a batch's hand-off to the stage until the stage has handled it, per event.
     pub latency_us: LatencySummary,
