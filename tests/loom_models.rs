@@ -29,7 +29,7 @@ fn a_sender_blocked_on_a_full_queue_returns_when_the_worker_dies_and_loses_nothi
             let (queue, poisoned) = (Arc::clone(&queue), Arc::clone(&poisoned));
             thread::spawn(move || loop {
                 {
-                    let mut slots = queue.lock().unwrap();
+                    let mut slots = queue.lock().expect("lock");
                     if slots.is_empty() {
                         slots.push(2);
                         return None;
@@ -44,16 +44,16 @@ fn a_sender_blocked_on_a_full_queue_returns_when_the_worker_dies_and_loses_nothi
         let worker = {
             let (queue, poisoned, taken) = (Arc::clone(&queue), Arc::clone(&poisoned), Arc::clone(&taken));
             thread::spawn(move || {
-                let batch = queue.lock().unwrap().pop();
-                taken.lock().unwrap().extend(batch);
+                let batch = queue.lock().expect("lock").pop();
+                taken.lock().expect("lock").extend(batch);
                 // Then it dies: the poison guard raises the flag.
                 poisoned.store(true, Ordering::Release);
             })
         };
-        let handed_back = sender.join().unwrap();
-        worker.join().unwrap();
-        let mut seen: Vec<u64> = taken.lock().unwrap().clone();
-        seen.extend(queue.lock().unwrap().iter().copied());
+        let handed_back = sender.join().expect("joins");
+        worker.join().expect("joins");
+        let mut seen: Vec<u64> = taken.lock().expect("lock").clone();
+        seen.extend(queue.lock().expect("lock").iter().copied());
         seen.extend(handed_back);
         seen.sort_unstable();
         assert_eq!(seen, [1, 2], "every batch is taken, still queued, or handed back: exactly once");
@@ -72,21 +72,21 @@ fn an_acknowledged_record_is_committed_and_nothing_is_acknowledged_after_a_failu
             let (store, committed, failed, acks) =
                 (Arc::clone(&store), Arc::clone(&committed), Arc::clone(&failed), Arc::clone(&acks));
             thread::spawn(move || {
-                store.lock().unwrap().push(1u64);
+                store.lock().expect("lock").push(1u64);
                 committed.store(1, Ordering::Release);
-                acks.lock().unwrap().push((1, true));
+                acks.lock().expect("lock").push((1, true));
                 failed.store(true, Ordering::Release);
-                acks.lock().unwrap().push((2, false));
+                acks.lock().expect("lock").push((2, false));
             })
         };
         // A submitter waits for its ack, then reads the store as a reader after a restart would.
         let submitter = {
             let (store, committed, acks) = (Arc::clone(&store), Arc::clone(&committed), Arc::clone(&acks));
             thread::spawn(move || loop {
-                let ok = acks.lock().unwrap().iter().any(|&(id, ok)| id == 1 && ok);
+                let ok = acks.lock().expect("lock").iter().any(|&(id, ok)| id == 1 && ok);
                 if ok {
                     assert!(committed.load(Ordering::Acquire) >= 1);
-                    assert!(store.lock().unwrap().contains(&1), "acknowledged before it was committed");
+                    assert!(store.lock().expect("lock").contains(&1), "acknowledged before it was committed");
                     return;
                 }
                 thread::yield_now();
@@ -97,10 +97,10 @@ fn an_acknowledged_record_is_committed_and_nothing_is_acknowledged_after_a_failu
             let failed = Arc::clone(&failed);
             thread::spawn(move || failed.load(Ordering::Acquire))
         };
-        writer.join().unwrap();
-        submitter.join().unwrap();
-        let refused = later.join().unwrap();
-        let acks = acks.lock().unwrap();
+        writer.join().expect("joins");
+        submitter.join().expect("joins");
+        let refused = later.join().expect("joins");
+        let acks = acks.lock().expect("lock");
         assert!(acks.iter().all(|&(id, ok)| ok == (id == 1)), "only the committed record is acknowledged");
         if refused {
             assert!(acks.iter().any(|&(id, ok)| id == 2 && !ok), "the failure was answered before the flag is seen");
@@ -120,7 +120,7 @@ fn queue_depth_overshoots_its_capacity_by_at_most_one_batch_before_the_cap() {
         let worker = {
             let (slots, dequeued) = (Arc::clone(&slots), Arc::clone(&dequeued));
             thread::spawn(move || {
-                *slots.lock().unwrap() -= 1;
+                *slots.lock().expect("lock") -= 1;
                 dequeued.fetch_add(BATCH, Ordering::Relaxed);
             })
         };
@@ -128,7 +128,7 @@ fn queue_depth_overshoots_its_capacity_by_at_most_one_batch_before_the_cap() {
             let (slots, enqueued) = (Arc::clone(&slots), Arc::clone(&enqueued));
             thread::spawn(move || loop {
                 {
-                    let mut used = slots.lock().unwrap();
+                    let mut used = slots.lock().expect("lock");
                     if *used < CAPACITY {
                         *used += 1;
                         drop(used);
@@ -143,8 +143,8 @@ fn queue_depth_overshoots_its_capacity_by_at_most_one_batch_before_the_cap() {
         let raw = enqueued.load(Ordering::Relaxed).saturating_sub(dequeued.load(Ordering::Relaxed));
         assert!(raw <= CAPACITY + BATCH, "overshoot beyond one batch: {raw}");
         assert!(raw.min(CAPACITY) <= CAPACITY);
-        worker.join().unwrap();
-        sender.join().unwrap();
+        worker.join().expect("joins");
+        sender.join().expect("joins");
         assert_eq!(enqueued.load(Ordering::Relaxed) - dequeued.load(Ordering::Relaxed), 2);
     });
 }
