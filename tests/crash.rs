@@ -18,8 +18,11 @@ use conduit::EngineConfig;
 use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "CONDUIT_CRASH_CHILD";
-/// Kill cycles; the CI tier of the reliability suite asks for at least 30.
-const CYCLES: usize = 30;
+/// Kill cycles; the CI tier of the reliability suite asks for at least 30. `CONDUIT_CRASH_CYCLES`
+/// sets another count (the long tier runs 500).
+fn cycles() -> usize {
+    std::env::var("CONDUIT_CRASH_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(30)
+}
 
 fn sim() -> SimConfig {
     SimConfig { payment_failure_rate: 0.2, out_of_stock_rate: 0.1, seed: 3, ..SimConfig::default() }
@@ -63,7 +66,8 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
     println!("kill -9 cycles with seed {seed} (set CONDUIT_CRASH_SEED to replay)");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut acked_max = 0u64;
-    for cycle in 0..CYCLES {
+    let cycles = cycles();
+    for cycle in 0..cycles {
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
             .args(["--exact", "acknowledged_orders_survive_kill_9_and_finish_exactly_once", "--nocapture"])
             .env(CHILD_ENV, &path)
@@ -97,8 +101,8 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
 
         check_after_crash(&path, acked_max, &format!("cycle {cycle} (seed {seed})"));
     }
-    assert!(acked_max > 0, "some orders were acknowledged over {CYCLES} cycles");
-    println!("{acked_max} orders acknowledged over {CYCLES} kill -9 cycles");
+    assert!(acked_max > 0, "some orders were acknowledged over {cycles} cycles");
+    println!("{acked_max} orders acknowledged over {cycles} kill -9 cycles");
     finish_and_check(&path, acked_max, &format!("seed {seed}"));
 }
 
@@ -192,4 +196,9 @@ fn every_crash_point_keeps_every_acknowledged_order() {
     }
     assert!(acked_max > 0);
     finish_and_check(&path, acked_max, "crash points");
+    println!(
+        "crash points: {} crashes at {} points, {acked_max} orders acknowledged, none lost",
+        plan.len(),
+        conduit::crashpoint::POINTS.len()
+    );
 }
