@@ -160,7 +160,7 @@ fn a_recycled_buffer_is_never_in_two_hands_and_every_event_arrives_once() {
         let free: Arc<Mutex<Option<u32>>> = Arc::new(Mutex::new(None));
         let next_buffer = Arc::new(AtomicU64::new(0));
         let held: Arc<Mutex<Vec<u32>>> = Arc::new(Mutex::new(Vec::new()));
-        let received = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(Mutex::new(Vec::new()));
         let take_buffer = {
             let (free, next_buffer, held) = (Arc::clone(&free), Arc::clone(&next_buffer), Arc::clone(&held));
             move || {
@@ -184,8 +184,8 @@ fn a_recycled_buffer_is_never_in_two_hands_and_every_event_arrives_once() {
             })
         };
         let receiver = {
-            let (queue, free, held, received) =
-                (Arc::clone(&queue), Arc::clone(&free), Arc::clone(&held), Arc::clone(&received));
+            let (queue, free, held, arrived) =
+                (Arc::clone(&queue), Arc::clone(&free), Arc::clone(&held), Arc::clone(&arrived));
             thread::spawn(move || {
                 let mut got = 0;
                 while got < 2 {
@@ -200,7 +200,7 @@ fn a_recycled_buffer_is_never_in_two_hands_and_every_event_arrives_once() {
                         held.push(id);
                     }
                     got += events.len();
-                    received.lock().expect("lock").extend(events);
+                    arrived.lock().expect("lock").extend(events);
                     held.lock().expect("lock").retain(|&b| b != id);
                     let mut slot = free.lock().expect("lock");
                     if slot.is_none() {
@@ -211,8 +211,8 @@ fn a_recycled_buffer_is_never_in_two_hands_and_every_event_arrives_once() {
         };
         sender.join().expect("joins");
         receiver.join().expect("joins");
-        let mut received = received.lock().expect("lock").clone();
-        received.sort_unstable();
-        assert_eq!(received, [0, 1], "every event arrives exactly once");
+        let mut delivered = arrived.lock().expect("lock").clone();
+        delivered.sort_unstable();
+        assert_eq!(delivered, [0, 1], "every event arrives exactly once");
     });
 }
