@@ -152,11 +152,14 @@ fn queue_depth_overshoots_its_capacity_by_at_most_one_batch_before_the_cap() {
     });
 }
 
+/// A batch in the model: its buffer's number and its events.
+type Numbered = (u32, Vec<u64>);
+
 #[test]
 fn a_recycled_buffer_is_never_in_two_hands_and_every_event_arrives_once() {
     loom::model(|| {
         // Buffers are numbered; the queue carries (buffer, events); the free list holds one.
-        let queue: Arc<Mutex<Vec<(u32, Vec<u64>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let queue: Arc<Mutex<Vec<Numbered>>> = Arc::new(Mutex::new(Vec::new()));
         let free: Arc<Mutex<Option<u32>>> = Arc::new(Mutex::new(None));
         let next_buffer = Arc::new(AtomicU64::new(0));
         let held: Arc<Mutex<Vec<u32>>> = Arc::new(Mutex::new(Vec::new()));
