@@ -296,7 +296,16 @@ impl Log {
         Self::start(path, db, options)
     }
 
+    /// Reads what the file holds and starts the writer. redb may panic on damaged pages (its
+    /// B-tree code treats some page states as unreachable): that is contained here and reported
+    /// as a file that is not a readable log.
     fn start(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
+        let label = path.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::start_unguarded(path, db, options)))
+            .unwrap_or_else(|_| Err(LogError::NotALog { path: label, reason: DAMAGED_PAGES.into() }))
+    }
+
+    fn start_unguarded(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
         {
             let txn = db.begin_write().map_err(storage)?;
             {
@@ -476,6 +485,10 @@ impl Log {
 
     /// The records of one stream, in version order, found through the bucket index.
     pub fn stream(&self, stream: u64) -> Result<Vec<Record>, LogError> {
+        contained(|| self.stream_unguarded(stream))
+    }
+
+    fn stream_unguarded(&self, stream: u64) -> Result<Vec<Record>, LogError> {
         let txn = self.shared.db.begin_read().map_err(storage)?;
         let buckets = txn.open_table(BUCKETS).map_err(storage)?;
         let frames = txn.open_table(FRAMES).map_err(storage)?;
@@ -542,7 +555,22 @@ pub trait Aggregate: Default {
 const SCAN_CHUNK_FRAMES: usize = 64;
 
 /// Reads every frame in order, validating and decoding them in parallel chunks.
-fn scan(db: &redb::Database, mut f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
+/// What a panic of the storage engine on damaged pages is reported as.
+const DAMAGED_PAGES: &str = "its pages are damaged: the storage engine failed reading them";
+
+/// Runs a read of the store, turning a panic of the storage engine (redb may panic on damaged
+/// pages) into an error: no file content may crash the caller.
+fn contained<T>(read: impl FnOnce() -> Result<T, LogError>) -> Result<T, LogError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+        .unwrap_or_else(|_| Err(LogError::Storage(format!("the log {DAMAGED_PAGES}"))))
+}
+
+/// Every frame in order (see [`scan_unguarded`]), a storage engine panic contained.
+fn scan(db: &redb::Database, f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
+    contained(|| scan_unguarded(db, f))
+}
+
+fn scan_unguarded(db: &redb::Database, mut f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
     let txn = db.begin_read().map_err(storage)?;
     let frames = match txn.open_table(FRAMES) {
         Ok(frames) => frames,

@@ -194,6 +194,7 @@ struct RunArgs {
 pub(crate) struct UsageError(pub(crate) String);
 
 fn main() -> ExitCode {
+    quiet_storage_panics();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),
@@ -214,6 +215,19 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// redb may panic on a damaged file's pages; the log contains that panic and reports the file as
+/// damaged, so the storage engine's own panic message would only alarm: it is not printed. Every
+/// other panic still is.
+fn quiet_storage_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_storage = info.location().is_some_and(|l| l.file().contains("/redb-"));
+        if !in_storage {
+            default(info);
+        }
+    }));
 }
 
 pub(crate) enum Failure {
