@@ -62,7 +62,16 @@
 //! - **Limits** live in [`config::limits`] and are checked once, when an [`EngineConfig`] is built.
 //! - **Failures** are per event: a batch is a transport unit, never a unit of failure. A handler
 //!   panic is caught and counted as a retry; a worker that dies poisons the engine, so no caller
-//!   waits forever.
+//!   waits forever. Dead letters carry their story (kind, error chain, failure times) and, with a
+//!   log, are records there that [`dlq`] lists, redrives and purges.
+//!
+//! ## Around the engine
+//!
+//! [`log`] is the durable event log (rkyv frames in redb); [`routing`] the topic exchange; [`rpc`]
+//! request/reply; [`breaker`] circuit breakers; [`wheel`] the timing wheel retries wait on.
+//! [`sim`] runs a topology deterministically on one thread (seeded scheduler, manual clock);
+//! [`fuzz`] holds the fuzz targets' bodies and [`crashpoint`] the named crash points the
+//! reliability suite arms (see RELIABILITY.md).
 
 #[cfg(feature = "bench")]
 pub mod bench;

@@ -80,24 +80,9 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
             acked_max = 0;
             path = dir.path().join(format!("crash-{cycle}.redb"));
         }
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "acknowledged_orders_survive_kill_9_and_finish_exactly_once", "--nocapture"])
-            .env(CHILD_ENV, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("child starts");
-        let stdout = child.stdout.take().expect("piped");
-        // Read acknowledgements on a thread while the parent waits a random time, then kills.
-        let reader = std::thread::spawn(move || {
-            let mut acked = 0u64;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(id) = line.strip_prefix("ack ").and_then(|n| n.parse::<u64>().ok()) {
-                    acked = acked.max(id);
-                }
-            }
-            acked
-        });
+        // Acknowledgements are read on a thread while the parent waits a random time, then kills.
+        let (mut child, reader) =
+            spawn_child("acknowledged_orders_survive_kill_9_and_finish_exactly_once", &path, None);
         let wait = Duration::from_millis(rng.random_range(30..400));
         let started = Instant::now();
         while started.elapsed() < wait {
@@ -117,6 +102,32 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
     acked_total += acked_max;
     assert!(acked_total > 0, "some orders were acknowledged over {cycles} cycles");
     println!("{acked_total} orders acknowledged over {cycles} kill -9 cycles, none lost, none charged twice");
+}
+
+/// Starts this test binary as a child running `test` on the log at `path` (with a crash point
+/// armed, if given), and a thread that returns the highest order id it acknowledged.
+fn spawn_child(
+    test: &str,
+    path: &std::path::Path,
+    crash_at: Option<&str>,
+) -> (std::process::Child, std::thread::JoinHandle<u64>) {
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    command.args(["--exact", test, "--nocapture"]).env(CHILD_ENV, path).stdout(Stdio::piped()).stderr(Stdio::null());
+    if let Some(point) = crash_at {
+        command.env(conduit::crashpoint::ENV, point);
+    }
+    let mut child = command.spawn().expect("child starts");
+    let stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut acked = 0u64;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(id) = line.strip_prefix("ack ").and_then(|n| n.parse::<u64>().ok()) {
+                acked = acked.max(id);
+            }
+        }
+        acked
+    });
+    (child, reader)
 }
 
 /// Every acknowledged order must be in the log after a crash, whatever it interrupted; no
@@ -174,24 +185,8 @@ fn every_crash_point_keeps_every_acknowledged_order() {
     assert!(conduit::crashpoint::POINTS.iter().all(|p| plan.iter().any(|(q, _)| q == p)), "every point is armed");
     let mut acked_max = 0u64;
     for (point, pass) in plan {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "every_crash_point_keeps_every_acknowledged_order", "--nocapture"])
-            .env(CHILD_ENV, &path)
-            .env(conduit::crashpoint::ENV, format!("{point}:{pass}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("child starts");
-        let stdout = child.stdout.take().expect("piped");
-        let reader = std::thread::spawn(move || {
-            let mut acked = 0u64;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(id) = line.strip_prefix("ack ").and_then(|n| n.parse::<u64>().ok()) {
-                    acked = acked.max(id);
-                }
-            }
-            acked
-        });
+        let armed = format!("{point}:{pass}");
+        let (mut child, reader) = spawn_child("every_crash_point_keeps_every_acknowledged_order", &path, Some(&armed));
         let started = Instant::now();
         let status = loop {
             if let Ok(Some(status)) = child.try_wait() {

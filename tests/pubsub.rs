@@ -72,13 +72,13 @@ fn one_event_reaches_every_bound_subscriber_once() {
     assert_eq!(report.snapshot.stage("users").map(|s| (s.emitted, s.unroutable)), Some((4_100, 0)));
 }
 
-#[test]
-fn unroutable_events_are_counted_and_dead_lettered_when_asked() {
-    let letters = Arc::new(MemoryDeadLetters::default());
+/// A publisher sending even users to `order.placed` (bound to the `orders` stage, which counts
+/// them in `count`) and odd ones to `refund.issued`, which no stage is bound to.
+fn half_unroutable(dead_letter_unroutable: bool, count: &Arc<AtomicU64>) -> Topology<User> {
     let mut topology = Topology::new();
     let publisher = topology.stage("publisher");
     let orders = topology.stage("orders");
-    topology.entry(publisher).dead_letter_unroutable(true);
+    topology.entry(publisher).dead_letter_unroutable(dead_letter_unroutable);
     topology.bind(orders, "order.#").expect("valid");
     let placed = topology.publishes(publisher, "order.placed").expect("valid");
     let lost = topology.publishes(publisher, "refund.issued").expect("valid");
@@ -88,8 +88,15 @@ fn unroutable_events_are_counted_and_dead_lettered_when_asked() {
             Outcome::Done
         }
     });
+    topology.handler(orders, counting(count, Duration::ZERO));
+    topology
+}
+
+#[test]
+fn unroutable_events_are_counted_and_dead_lettered_when_asked() {
+    let letters = Arc::new(MemoryDeadLetters::default());
     let count = Arc::new(AtomicU64::new(0));
-    topology.handler(orders, counting(&count, Duration::ZERO));
+    let topology = half_unroutable(true, &count);
     let engine = Engine::builder(topology).dead_letters(letters.clone()).start().expect("valid");
     engine.submit_many((0..100).map(User)).expect("healthy");
     let report = engine.shutdown();
@@ -146,24 +153,9 @@ fn a_slow_subscriber_overflows_into_dead_letters_and_holds_no_one_back() {
 
 #[test]
 fn a_key_bound_to_nothing_is_refused_at_startup_unless_unroutable_events_are_dead_lettered() {
-    let build = |dead_letter: bool| {
-        let mut topology = Topology::new();
-        let publisher = topology.stage("publisher");
-        let orders = topology.stage("orders");
-        topology.entry(publisher).dead_letter_unroutable(dead_letter);
-        topology.bind(orders, "order.#").expect("valid");
-        let placed = topology.publishes(publisher, "order.placed").expect("valid");
-        let lost = topology.publishes(publisher, "refund.issued").expect("valid");
-        topology.handler(publisher, move |_| {
-            move |event: &Envelope<User>, out: &mut Emitter<User>| {
-                out.publish(if event.msg.0 % 2 == 0 { placed } else { lost }, event.msg);
-                Outcome::Done
-            }
-        });
-        let count = Arc::new(AtomicU64::new(0));
-        topology.handler(orders, counting(&count, Duration::ZERO));
-        Engine::start(topology, &conduit::EngineConfig::default())
-    };
+    let count = Arc::new(AtomicU64::new(0));
+    let build =
+        |dead_letter: bool| Engine::start(half_unroutable(dead_letter, &count), &conduit::EngineConfig::default());
     let refused = build(false).expect_err("every event published with the key would vanish");
     let message = refused.to_string();
     assert!(message.contains("refund.issued") && message.contains("lost silently"), "{message}");
