@@ -173,7 +173,14 @@ impl DeadLetterIndex {
     /// The open dead letters that `selection` names, in log order.
     #[must_use]
     pub fn select(&self, selection: &Selection) -> Vec<&StoredDeadLetter> {
-        self.letters.iter().filter(|l| l.is_open() && selection.matches(l)).collect()
+        self.filter(selection, false)
+    }
+
+    /// The dead letters `selection` names, in log order; redriven and purged ones too if
+    /// `settled_too`.
+    #[must_use]
+    pub fn filter(&self, selection: &Selection, settled_too: bool) -> Vec<&StoredDeadLetter> {
+        self.letters.iter().filter(|l| (settled_too || l.is_open()) && selection.matches(l)).collect()
     }
 
     /// The dead letter with record id `id`.

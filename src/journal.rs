@@ -18,6 +18,25 @@ use crate::dead_letter::{DeadLetter, DeadLetterNote};
 use crate::log::{Log, LogError, Record, KIND_DEAD_LETTER};
 use crate::stage::{Emitter, Envelope};
 
+/// A dead letter's record, without the id, stage and timestamp its writer gives it: the
+/// original event (`cause_kind` and `payload`), attempts, and the story as JSON in the note.
+pub(crate) fn dead_letter_record<M>(letter: &DeadLetter<M>, codec: &dyn JournalCodec<M>) -> Record {
+    let event = &letter.envelope;
+    let mut payload = Vec::new();
+    let cause_kind = codec.encode(&event.msg, &mut payload);
+    Record {
+        stream: event.key,
+        kind: KIND_DEAD_LETTER,
+        attempts: letter.attempts,
+        cause_kind,
+        correlation: event.seq,
+        causation: event.cause,
+        payload,
+        note: DeadLetterNote::of(letter).to_json(),
+        ..Record::default()
+    }
+}
+
 /// Turns the application's messages into log records (for ingress and dead letters).
 pub trait JournalCodec<M>: Send + Sync {
     /// Appends `msg`'s payload to `payload` and returns its record kind (below
@@ -93,21 +112,13 @@ impl<M> JournalWriter<M> {
     }
 
     fn record(&mut self, stream: u64, kind: u16, correlation: u64, causation: u64, payload: Vec<u8>) -> &mut Record {
+        self.push(Record { stream, kind, correlation, causation, payload, ..Record::default() })
+    }
+
+    /// Queues `record` with its id, this writer's stage and the batch's timestamp.
+    fn push(&mut self, record: Record) -> &mut Record {
         let id = self.next_id();
-        self.pending.push(Record {
-            id,
-            stream,
-            version: 0,
-            kind,
-            stage: self.stage,
-            attempts: 0,
-            cause_kind: 0,
-            timestamp_us: self.timestamp_us,
-            correlation,
-            causation,
-            payload,
-            note: String::new(),
-        });
+        self.pending.push(Record { id, stage: self.stage, timestamp_us: self.timestamp_us, ..record });
         self.pending.last_mut().expect("just pushed")
     }
 
@@ -124,14 +135,8 @@ impl<M> JournalWriter<M> {
 
     /// Journals a dead letter with the original event; its story goes in the note as JSON.
     pub(crate) fn dead_letter(&mut self, letter: &DeadLetter<M>) {
-        let event = &letter.envelope;
-        let mut payload = Vec::new();
-        let original_kind = self.journal.codec.encode(&event.msg, &mut payload);
-        let note = DeadLetterNote::of(letter).to_json();
-        let record = self.record(event.key, KIND_DEAD_LETTER, event.seq, event.cause, payload);
-        record.attempts = letter.attempts;
-        record.cause_kind = original_kind;
-        record.note = note;
+        let record = dead_letter_record(letter, &*self.journal.codec);
+        self.push(record);
     }
 
     /// Journals submitted messages; each envelope's `cause` becomes its record's id.

@@ -20,11 +20,11 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink};
+use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
 use crate::engine::Compiled;
 use crate::error::BuildError;
-use crate::journal::JournalCodec;
-use crate::log::{Record, KIND_DEAD_LETTER, STAGE_INGRESS};
+use crate::journal::{dead_letter_record, JournalCodec};
+use crate::log::{Record, STAGE_INGRESS};
 use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};
 use crate::{EngineConfig, StageConfig, Topology};
 
@@ -300,21 +300,8 @@ impl<M: Message> Simulation<M> {
             attempts: envelope.attempt,
             envelope,
         };
-        let mut payload = Vec::new();
-        let original_kind = self.codec.encode(&letter.envelope.msg, &mut payload);
-        let record = Record {
-            stream: letter.envelope.key,
-            kind: KIND_DEAD_LETTER,
-            stage: u16::try_from(index).unwrap_or(u16::MAX),
-            attempts: letter.attempts,
-            cause_kind: original_kind,
-            correlation: letter.envelope.seq,
-            causation: letter.envelope.cause,
-            payload,
-            note: DeadLetterNote::of(&letter).to_json(),
-            ..Record::default()
-        };
-        self.record(record);
+        let record = dead_letter_record(&letter, &*self.codec);
+        self.record(Record { stage: u16::try_from(index).unwrap_or(u16::MAX), ..record });
         self.dead_letters.dead_letter(letter);
     }
 }

@@ -342,7 +342,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         self.expire_parked(key, tally);
         let handled = if expires.passed(self.now_us) {
             self.retry_due.remove(&key);
-            let failures = self.failures.remove(&key).unwrap_or_default();
+            let failures = self.failures_of(key);
             self.expire(event, failures, tally);
             Handled::Finished
         } else {

@@ -140,6 +140,21 @@ impl OrderHistory {
         vec![step]
     }
 
+    /// The envelopes that take order `id` to its end from here, by stage name: its resumed steps,
+    /// descending from its last record, with its correlation id.
+    #[must_use]
+    pub fn resume_envelopes(&self, id: u64) -> Vec<(&'static str, crate::Envelope<OrderEvent>)> {
+        let envelope = |msg| crate::Envelope {
+            key: id,
+            seq: self.correlation,
+            cause: self.last_id,
+            attempt: 0,
+            deadline: crate::Deadline::NEVER,
+            msg,
+        };
+        self.resume().into_iter().map(|(stage, msg)| (stage, envelope(msg))).collect()
+    }
+
     /// The facts this history must never hold together, or in this order.
     pub(crate) fn check(&mut self) {
         let rules: [(bool, &str); 10] = [
@@ -280,14 +295,20 @@ impl Histories {
     /// Folds records already in memory (a simulation's journal), in order.
     pub fn from_records<'r>(records: impl IntoIterator<Item = &'r Record>) -> Self {
         let mut histories = Self::default();
-        for record in records {
-            histories.records += 1;
-            histories.orders.entry(record.stream).or_default().apply(record);
-        }
-        for history in histories.orders.values_mut() {
+        records.into_iter().for_each(|record| histories.fold(record));
+        histories.check_all();
+        histories
+    }
+
+    fn fold(&mut self, record: &Record) {
+        self.records += 1;
+        self.orders.entry(record.stream).or_default().apply(record);
+    }
+
+    fn check_all(&mut self) {
+        for history in self.orders.values_mut() {
             history.check();
         }
-        histories
     }
 
     /// Reads the whole log (frames decoded in parallel) and folds every record.
@@ -295,15 +316,10 @@ impl Histories {
         let mut histories = Self::default();
         log.for_each_frame(|_, frame| {
             histories.frames += 1;
-            histories.records += frame.records.len() as u64;
-            for record in &frame.records {
-                histories.orders.entry(record.stream).or_default().apply(record);
-            }
+            frame.records.iter().for_each(|record| histories.fold(record));
             Ok(())
         })?;
-        for history in histories.orders.values_mut() {
-            history.check();
-        }
+        histories.check_all();
         Ok(histories)
     }
 

@@ -595,15 +595,7 @@ impl OrderPipeline {
     ) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
         let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
         for (id, history) in histories {
-            for (stage, msg) in history.resume() {
-                let envelope = Envelope {
-                    key: id,
-                    seq: history.correlation,
-                    cause: history.last_id,
-                    attempt: 0,
-                    deadline: crate::Deadline::NEVER,
-                    msg,
-                };
+            for (stage, envelope) in history.resume_envelopes(id) {
                 by_stage.entry(stage).or_default().push(envelope);
             }
         }
@@ -695,8 +687,8 @@ impl OrderPipeline {
             notifications,
             dead_letters: DeadLetterReport {
                 total: dead_letter_count,
-                by_stage: self.dead_letters.by_stage(),
-                by_reason: self.dead_letters.by_reason(),
+                by_stage: self.dead_letters.count_by(|letter| &letter.stage),
+                by_reason: self.dead_letters.count_by(|letter| &letter.kind),
                 compensation_failures: self
                     .dead_letters
                     .compensation_failures

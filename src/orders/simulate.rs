@@ -18,7 +18,7 @@ use super::pipeline::{build, restore_ports, Built, OrderRouting, SimConfig};
 use super::stages::{OrderDeadLetters, Outcomes};
 use crate::log::{Aggregate, Record};
 use crate::sim::Simulation;
-use crate::{EngineConfig, Envelope};
+use crate::EngineConfig;
 
 /// What one simulated run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -61,17 +61,8 @@ fn start(config: &EngineConfig, world: &SimConfig, durable: &[Record], seed: u64
     let mut ids: Vec<&u64> = histories.orders.keys().collect();
     ids.sort_unstable();
     for id in ids {
-        let history = &histories.orders[id];
-        for (stage, msg) in history.resume() {
+        for (stage, envelope) in histories.orders[id].resume_envelopes(*id) {
             let stage = sim.stage_id(stage).ok_or("a resumed stage exists")?;
-            let envelope = Envelope {
-                key: *id,
-                seq: history.correlation,
-                cause: history.last_id,
-                attempt: 0,
-                deadline: crate::Deadline::NEVER,
-                msg,
-            };
             sim.inject(stage, envelope);
         }
     }

@@ -389,18 +389,11 @@ pub(crate) struct OrderDeadLetters {
 }
 
 impl OrderDeadLetters {
-    pub(crate) fn by_stage(&self) -> BTreeMap<String, u64> {
+    /// Dead letters counted by `field` (their stage, their kind).
+    pub(crate) fn count_by(&self, field: impl Fn(&OrderDeadLetter) -> &String) -> BTreeMap<String, u64> {
         let mut counts = BTreeMap::new();
         for letter in self.letters.lock().iter() {
-            *counts.entry(letter.stage.clone()).or_insert(0) += 1;
-        }
-        counts
-    }
-
-    pub(crate) fn by_reason(&self) -> BTreeMap<String, u64> {
-        let mut counts = BTreeMap::new();
-        for letter in self.letters.lock().iter() {
-            *counts.entry(letter.kind.clone()).or_insert(0) += 1;
+            *counts.entry(field(letter).clone()).or_insert(0) += 1;
         }
         counts
     }

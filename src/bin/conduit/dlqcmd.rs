@@ -206,17 +206,7 @@ fn list(path: &PathBuf, filter: &Filter, settled: bool, format: Format) -> Resul
     let selection = Selection { all: true, ..filter.selection()? };
     let log = open(path)?;
     let index = read_index(&log, path)?;
-    let letters: Vec<&StoredDeadLetter> = if settled {
-        index
-            .all()
-            .iter()
-            .filter(|l| {
-                selection.stage.is_none_or(|s| s == l.stage) && selection.kind.is_none_or(|k| Some(k) == l.note.kind)
-            })
-            .collect()
-    } else {
-        index.select(&selection)
-    };
+    let letters = index.filter(&selection, settled);
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
