@@ -16,9 +16,9 @@
 //!  Snapshot (per stage: processed, emitted, retried, dead-lettered, queue depth, latency)
 //! ```
 //!
-//! The crate also carries a reference application built only on this public API: the order
-//! pipeline in [`orders`] (order -> payment -> inventory -> email + SMS + shipping, with
-//! compensation), driven by the `conduit` command-line tool.
+//! The engine knows no application. The reference order application (crate `conduit-orders`)
+//! and the `conduit` command-line tool with its benchmark harness (crate `conduit-cli`) live
+//! beside it in the workspace and use only this crate's public API, as an embedder would.
 //!
 //! ## Quick start
 //!
@@ -69,27 +69,41 @@
 //!
 //! [`log`] is the durable event log (rkyv frames in redb); [`routing`] the topic exchange; [`rpc`]
 //! request/reply; [`breaker`] circuit breakers; [`wheel`] the timing wheel retries wait on.
-//! [`sim`] runs a topology deterministically on one thread (seeded scheduler, manual clock);
-//! [`fuzz`] holds the fuzz targets' bodies and [`crashpoint`] the named crash points the
-//! reliability suite arms (see RELIABILITY.md).
+//!
+//! ## Features
+//!
+//! None is on by default, and none adds a dependency. They are test scaffolding:
+//! - `sim`: `sim` runs a topology deterministically on one thread (seeded scheduler, manual
+//!   clock) through the worker's own decision code;
+//! - `fuzzing`: `fuzz` holds the bodies of the engine's fuzz targets;
+//! - `crashpoints`: `crashpoint`, the named crash points the reliability suite arms (the engine
+//!   names its own; an application registers more). See RELIABILITY.md.
 
-#[cfg(feature = "bench")]
-pub mod bench;
+/// Passes a named crash point (feature `crashpoints`; nothing without it).
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "crashpoints")]
+        crate::crashpoint::hit($name);
+    };
+}
+
 pub mod breaker;
 mod channel;
 pub mod config;
+#[cfg(feature = "crashpoints")]
 pub mod crashpoint;
 mod dead_letter;
 pub mod dlq;
 mod engine;
 mod error;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod journal;
 pub mod log;
 pub mod metrics;
-pub mod orders;
 pub mod routing;
 pub mod rpc;
+#[cfg(feature = "sim")]
 pub mod sim;
 mod stage;
 pub mod wheel;

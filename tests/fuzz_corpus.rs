@@ -1,6 +1,6 @@
 //! Replays every fuzz target over its checked-in corpus (`fuzz/corpus/<target>`) and every input
 //! that ever crashed it (`fuzz/regressions/<target>`), on stable: the targets' bodies are library
-//! functions (`conduit::fuzz`), so CI needs no nightly to keep them passing.
+//! functions (`conduit::fuzz` here, `conduit_orders::fuzz` for the order application's targets), so CI needs no nightly to keep them passing.
 
 use std::path::Path;
 

@@ -1,5 +1,5 @@
-//! Fuzz target `config`: the body is `conduit::fuzz::config`, which `tests/fuzz_corpus.rs` also
-//! replays over the checked-in corpus on stable.
+//! Fuzz target `config`: the body is `conduit_orders::fuzz::config`, which
+//! `crates/orders/tests/fuzz_corpus.rs` also replays over the checked-in corpus on stable.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| conduit::fuzz::config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| conduit_orders::fuzz::config(data));

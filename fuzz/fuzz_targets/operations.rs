@@ -1,5 +1,5 @@
-//! Fuzz target `operations`: the body is `conduit::fuzz::operations`, which `tests/fuzz_corpus.rs` also
-//! replays over the checked-in corpus on stable.
+//! Fuzz target `operations`: the body is `conduit_orders::fuzz::operations`, which
+//! `crates/orders/tests/fuzz_corpus.rs` also replays over the checked-in corpus on stable.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| conduit::fuzz::operations(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| conduit_orders::fuzz::operations(data));

@@ -207,9 +207,9 @@ impl WriterState {
             }
             self.flush_frame(&mut frames, &mut buckets)?;
         }
-        crate::crashpoint::hit("log.before_commit");
+        crash_point!("log.before_commit");
         txn.commit().map_err(storage)?;
-        crate::crashpoint::hit("log.after_commit");
+        crash_point!("log.after_commit");
         Ok(appended)
     }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use clap::Subcommand;
 use conduit::dlq::{self, DeadLetterIndex, DeadLetterState, Selection, StoredDeadLetter};
 use conduit::log::{Log, LogOptions};
-use conduit::orders::{self, kinds, names, OrderEvent, RedrivePlan, RunError};
 use conduit::DeadLetterKind;
+use conduit_orders::{self as orders, kinds, names, OrderEvent, RedrivePlan, RunError};
 use serde::Serialize;
 
 use crate::logcmd::rfc3339;

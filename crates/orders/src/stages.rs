@@ -20,10 +20,10 @@ use super::domain::{kinds, CancelReason, Effect, Order, OrderEvent, Step};
 use super::ports::{
     Channel, FraudVerdict, InventoryError, InventoryStore, Notifier, PaymentError, PaymentGateway, SimulatedCarrier,
 };
-use crate::breaker::CircuitBreaker;
-use crate::routing::RouteId;
-use crate::rpc::RpcServer;
-use crate::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome};
+use conduit::breaker::CircuitBreaker;
+use conduit::routing::RouteId;
+use conduit::rpc::RpcServer;
+use conduit::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome};
 
 /// Stage names, as they appear in configuration and reports.
 pub mod names {
@@ -39,7 +39,11 @@ pub mod names {
     /// The name of the stage with journal index `index`.
     #[must_use]
     pub fn of_index(index: u16) -> &'static str {
-        ALL.get(usize::from(index)).copied().unwrap_or(if index == crate::log::STAGE_INGRESS { "ingress" } else { "?" })
+        ALL.get(usize::from(index)).copied().unwrap_or(if index == conduit::log::STAGE_INGRESS {
+            "ingress"
+        } else {
+            "?"
+        })
     }
 
     /// Validates new orders.
@@ -190,7 +194,7 @@ impl Handler<OrderEvent> for PaymentStage {
         );
         match charged {
             Ok(()) => {
-                crate::crashpoint::hit("saga.after_charge");
+                conduit::crashpoint::hit("saga.after_charge");
                 out.record(kinds::CHARGED, &[]);
                 out.publish(self.charged, event.msg.then(Step::Reserve));
             }
@@ -311,10 +315,10 @@ fn compensate(
     gateway: &dyn PaymentGateway,
     event: &OrderEvent,
     attempt: u32,
-) -> Result<(), crate::Reason> {
+) -> Result<(), conduit::Reason> {
     let order = &event.order;
-    inventory.release(event.key(Effect::Release), order, attempt).map_err(|e| crate::Reason::from(e.to_string()))?;
-    gateway.refund(event.key(Effect::Refund), order, attempt).map_err(|e| crate::Reason::from(e.to_string()))
+    inventory.release(event.key(Effect::Release), order, attempt).map_err(|e| conduit::Reason::from(e.to_string()))?;
+    gateway.refund(event.key(Effect::Refund), order, attempt).map_err(|e| conduit::Reason::from(e.to_string()))
 }
 
 /// Compensation stage: release, refund, then the order is cancelled.

@@ -2,8 +2,8 @@
 
 use std::io::{self, Write};
 
-use conduit::bench::{BenchReport, SweepPoint};
-use conduit::orders::{RecoverReport, RunReport, VerifyReport};
+use conduit_cli::bench::{BenchReport, SweepPoint};
+use conduit_orders::{RecoverReport, RunReport, VerifyReport};
 
 fn millions(n: f64) -> String {
     format!("{:.2} M", n / 1e6)

@@ -13,7 +13,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use super::domain::{Effect, IdempotencyKey, Order};
-use crate::Reason;
+use conduit::Reason;
 
 /// Shards per simulated store: enough that workers rarely meet on one lock.
 const SHARDS: usize = 64;

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Order, OrderEvent, Step};
 use super::stages::names;
-use crate::log::{Aggregate, Log, LogError, Record, KIND_DEAD_LETTER, KIND_PURGED, KIND_REDRIVEN, STAGE_INGRESS};
+use conduit::log::{Aggregate, Log, LogError, Record, KIND_DEAD_LETTER, KIND_PURGED, KIND_REDRIVEN, STAGE_INGRESS};
 
 /// Facts tracked per order, by kind (index = kind, 1..=10).
 const FACTS: usize = 11;
@@ -143,13 +143,13 @@ impl OrderHistory {
     /// The envelopes that take order `id` to its end from here, by stage name: its resumed steps,
     /// descending from its last record, with its correlation id.
     #[must_use]
-    pub fn resume_envelopes(&self, id: u64) -> Vec<(&'static str, crate::Envelope<OrderEvent>)> {
-        let envelope = |msg| crate::Envelope {
+    pub fn resume_envelopes(&self, id: u64) -> Vec<(&'static str, conduit::Envelope<OrderEvent>)> {
+        let envelope = |msg| conduit::Envelope {
             key: id,
             seq: self.correlation,
             cause: self.last_id,
             attempt: 0,
-            deadline: crate::Deadline::NEVER,
+            deadline: conduit::Deadline::NEVER,
             msg,
         };
         self.resume().into_iter().map(|(stage, msg)| (stage, envelope(msg))).collect()

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use conduit::bench::{ceiling_one_thread, crossbeam_per_event_chain, engine_memory, workload, EVENTS_PER_ORDER};
 use conduit::EngineConfig;
+use conduit_cli::bench::{ceiling_one_thread, crossbeam_per_event_chain, engine_memory, workload, EVENTS_PER_ORDER};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const ORDERS: u64 = 100_000;

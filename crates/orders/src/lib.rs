@@ -1,5 +1,5 @@
-//! The reference order pipeline, built only on the engine's public API, as an embedding
-//! application would build it.
+//! The reference order application of the conduit engine, built only on the engine's public
+//! API, as an embedding application would build it.
 //!
 //! ```text
 //! order --> payment --> inventory --+--> email
@@ -14,17 +14,18 @@
 //! the books balance.
 //!
 //! ```
-//! use conduit::orders::{self, SimConfig};
+//! use conduit_orders::SimConfig;
 //! use conduit::EngineConfig;
 //!
 //! let sim = SimConfig { payment_failure_rate: 0.3, out_of_stock_rate: 0.1, ..SimConfig::default() };
-//! let report = orders::run(&EngineConfig::default(), &sim, 10_000, None, |_, _| {})?;
+//! let report = conduit_orders::run(&EngineConfig::default(), &sim, 10_000, None, |_, _| {})?;
 //! assert!(report.violations().is_empty(), "{:?}", report.violations());
 //! assert_eq!(report.orders.submitted, 10_000);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod domain;
+pub mod fuzz;
 mod history;
 mod pipeline;
 pub mod ports;
@@ -42,3 +43,11 @@ pub use pipeline::{
 pub use redrive::{redrive, RedriveItem, RedrivePlan, RedriveReport};
 pub use simulate::{simulate, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
+
+/// The application's crash points (see `conduit::crashpoint`), registered when a pipeline starts.
+///
+/// | point | where |
+/// |---|---|
+/// | `saga.after_charge` | the payment stage has charged, the fact not yet recorded or sent on |
+/// | `recover.resumed` | a restarted pipeline has injected the orders it resumes, none finished |
+pub const CRASH_POINTS: [&str; 2] = ["saga.after_charge", "recover.resumed"];

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use conduit::log::{Log, LogError, LogOptions, Record};
-use conduit::orders::{Order, OrderPipeline, SimConfig};
 use conduit::{EngineConfig, SubmitError};
+use conduit_orders::{Order, OrderPipeline, SimConfig};
 use redb::backends::InMemoryBackend;
 use redb::StorageBackend;
 

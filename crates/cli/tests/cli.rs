@@ -169,7 +169,7 @@ fn log_flags_are_checked() {
 
 #[test]
 fn the_example_topology_runs_and_balances() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/topology.toml");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/topology.toml");
     let report = json_run(&[
         "--orders",
         "20000",

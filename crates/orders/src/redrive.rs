@@ -5,7 +5,7 @@
 //! *generation* of the order's saga, under fresh idempotency keys, from its first undone step
 //! (payment if the order was accepted, the order stage otherwise). A notification's dead letter
 //! left the order alone, so its redrive resends that notification under the same key. Either way
-//! the redrive is a [`KIND_REDRIVEN`](crate::log::KIND_REDRIVEN) record, committed before the
+//! the redrive is a [`KIND_REDRIVEN`](conduit::log::KIND_REDRIVEN) record, committed before the
 //! event is sent; a redriven event that fails again is a new dead letter, its earlier ones kept.
 
 use std::collections::BTreeMap;
@@ -18,9 +18,9 @@ use super::domain::{kinds, OrderEvent, Step};
 use super::history::{Histories, OrderHistory, OrderStatus, VerifyReport};
 use super::pipeline::{OrderPipeline, RunError, RunReport, SimConfig};
 use super::stages::names;
-use crate::dlq::{self, DeadLetterIndex, Selection, StoredDeadLetter};
-use crate::log::Log;
-use crate::EngineConfig;
+use conduit::dlq::{self, DeadLetterIndex, Selection, StoredDeadLetter};
+use conduit::log::Log;
+use conduit::EngineConfig;
 
 /// What to redrive, and how fast.
 #[derive(Debug, Clone, Default)]
@@ -142,7 +142,7 @@ pub fn redrive(
         return Ok(report);
     }
     let pipeline = OrderPipeline::start_with(config, sim, Some(Arc::clone(log)), Some(&histories))?;
-    let poisoned = |error: crate::SubmitError<Vec<OrderEvent>>, pipeline: OrderPipeline| RunError::Poisoned {
+    let poisoned = |error: conduit::SubmitError<Vec<OrderEvent>>, pipeline: OrderPipeline| RunError::Poisoned {
         unsent: error.into_inner().len(),
         report: Box::new(pipeline.finish()),
     };

@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Subcommand;
 use conduit::log::{Aggregate, Log, LogOptions, Record, KIND_DEAD_LETTER};
-use conduit::orders::{self, kinds, names, OrderEvent, OrderHistory, OrderStatus};
+use conduit_orders::{self as orders, kinds, names, OrderEvent, OrderHistory, OrderStatus};
 use serde::Serialize;
 
 use crate::{human, Failure, Format, UsageError};
@@ -98,7 +98,7 @@ struct RecordView<'a> {
     correlation: u64,
     causation: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    order: Option<conduit::orders::Order>,
+    order: Option<conduit_orders::Order>,
     #[serde(skip_serializing_if = "str::is_empty")]
     note: &'a str,
     #[serde(skip_serializing_if = "is_zero")]
@@ -188,7 +188,7 @@ fn inspect(path: &PathBuf, order: Option<u64>, limit: Option<u64>, format: Forma
 #[derive(Debug, Serialize)]
 struct Replay<'a> {
     order_id: u64,
-    order: Option<conduit::orders::Order>,
+    order: Option<conduit_orders::Order>,
     version: u32,
     status: OrderStatus,
     next: Vec<&'static str>,

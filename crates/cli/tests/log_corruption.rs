@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conduit::log::{Log, LogOptions};
-use conduit::orders::{self, Histories, SimConfig};
 use conduit::EngineConfig;
+use conduit_orders::{self as orders, Histories, SimConfig};
 use rand::{Rng, SeedableRng};
 
 /// A small, closed log of a finished run.

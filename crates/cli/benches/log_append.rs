@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use conduit::bench::{log_writer, redb_rows_batch10k};
 use conduit::log::Record;
+use conduit_cli::bench::{log_writer, redb_rows_batch10k};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const EVENTS: u64 = 200_000;

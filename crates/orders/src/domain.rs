@@ -4,7 +4,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::Message;
+use conduit::Message;
 
 /// A customer's order for some quantity of one SKU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,7 +90,7 @@ pub mod kinds {
             TEXTED => "texted",
             SHIPPED => "shipped",
             CANCELLED => "cancelled",
-            crate::log::KIND_DEAD_LETTER => "dead_lettered",
+            conduit::log::KIND_DEAD_LETTER => "dead_lettered",
             _ => "unknown",
         }
     }
@@ -223,7 +223,7 @@ impl OrderEvent {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OrderCodec;
 
-impl crate::JournalCodec<OrderEvent> for OrderCodec {
+impl conduit::JournalCodec<OrderEvent> for OrderCodec {
     fn encode(&self, msg: &OrderEvent, payload: &mut Vec<u8>) -> u16 {
         msg.encode(payload);
         msg.kind()
@@ -324,7 +324,7 @@ impl Workload {
     /// The unit price of a SKU, in cents: fixed per SKU, between 1.00 and 100.00.
     #[must_use]
     pub fn unit_price_cents(sku: u32) -> u64 {
-        100 + (crate::orders::ports::mix64(u64::from(sku)) % 9_901)
+        100 + (crate::ports::mix64(u64::from(sku)) % 9_901)
     }
 }
 
@@ -336,7 +336,7 @@ impl Iterator for Workload {
         self.next_id += 1;
         let sku = self.rng.random_range(0..self.skus);
         let quantity = self.rng.random_range(1..=3);
-        if self.poison_rate > 0.0 && crate::orders::ports::chance(self.seed, id, 0, SALT_POISON) < self.poison_rate {
+        if self.poison_rate > 0.0 && crate::ports::chance(self.seed, id, 0, SALT_POISON) < self.poison_rate {
             self.poisoned += 1;
             return Some(Order { id, customer: 0, sku: 0, quantity: 0, amount_cents: 0 });
         }

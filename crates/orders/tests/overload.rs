@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conduit::orders::{Order, OrderPipeline, SimConfig, Workload};
 use conduit::{EngineConfig, TrySubmitError};
+use conduit_orders::{Order, OrderPipeline, SimConfig, Workload};
 
 fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

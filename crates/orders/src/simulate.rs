@@ -1,4 +1,4 @@
-//! The order pipeline under deterministic simulation ([`crate::sim`]): one seed chooses the
+//! The order pipeline under deterministic simulation ([`conduit::sim`]): one seed chooses the
 //! simulated world (failure, timeout, decline and poison rates, scarce stock, retry settings),
 //! the interleaving of every event, and when the process "crashes". A crash loses whatever the
 //! journal had not made durable and every in-memory queue and port; the restart rebuilds the
@@ -16,9 +16,9 @@ use super::domain::{OrderCodec, OrderEvent, Workload};
 use super::history::{Histories, OrderHistory};
 use super::pipeline::{build, restore_ports, Built, OrderRouting, SimConfig};
 use super::stages::{OrderDeadLetters, Outcomes};
-use crate::log::{Aggregate, Record};
-use crate::sim::Simulation;
-use crate::EngineConfig;
+use conduit::log::{Aggregate, Record};
+use conduit::sim::Simulation;
+use conduit::EngineConfig;
 
 /// What one simulated run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

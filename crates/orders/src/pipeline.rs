@@ -18,10 +18,10 @@ use super::stages::{
     names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, OutcomeFigures, Outcomes,
     PaymentStage, ShippingStage,
 };
-use crate::breaker::{BreakerConfig, BreakerReport, CircuitBreaker};
-use crate::log::{Durability, Log, LogError, LogStats};
-use crate::rpc::{RpcServer, RpcStats};
-use crate::{
+use conduit::breaker::{BreakerConfig, BreakerReport, CircuitBreaker};
+use conduit::log::{Durability, Log, LogError, LogStats};
+use conduit::rpc::{RpcServer, RpcStats};
+use conduit::{
     BuildError, ConfigError, Engine, EngineConfig, EngineSettings, Envelope, Journal, LatencySummary, StageId,
     SubmitError, Topology, TrySubmitError,
 };
@@ -554,6 +554,7 @@ impl OrderPipeline {
         log: Option<Arc<Log>>,
         restore: Option<&Histories>,
     ) -> Result<Self, BuildError> {
+        conduit::crashpoint::register(&crate::CRASH_POINTS);
         let Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server } =
             build(config, sim, routing)?;
         let submitted_before = restore.map_or(0, |histories| restore_ports(histories, &ports, &outcomes));
@@ -584,7 +585,7 @@ impl OrderPipeline {
         let mut ids: Vec<&u64> = histories.orders.keys().collect();
         ids.sort_unstable();
         let resumed = self.resume_each(ids.into_iter().map(|id| (*id, &histories.orders[id])));
-        crate::crashpoint::hit("recover.resumed");
+        conduit::crashpoint::hit("recover.resumed");
         resumed
     }
 
@@ -1012,7 +1013,7 @@ pub struct RunReport {
     /// Seconds from start to fully drained.
     pub elapsed_s: f64,
     /// Per-stage figures.
-    pub stages: Vec<crate::StageSnapshot>,
+    pub stages: Vec<conduit::StageSnapshot>,
     /// The payment ledger.
     pub ledger: LedgerReport,
     /// Stock movements.

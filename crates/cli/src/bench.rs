@@ -34,13 +34,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
-use crate::orders::ports::{
+use conduit::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
+use conduit::EngineConfig;
+use conduit_orders::ports::{
     Channel, InventoryStore, Notifier, PaymentGateway, SimulatedCarrier, SimulatedGateway, SimulatedInventory,
     SimulatedNotifier,
 };
-use crate::orders::{self, Effect, IdempotencyKey, Order, OrderEvent, SimConfig, Workload};
-use crate::EngineConfig;
+use conduit_orders::{self as orders, Effect, IdempotencyKey, Order, OrderEvent, SimConfig, Workload};
 
 /// Events each order makes: its placement, then validate, charge, reserve, email, SMS, ship
 /// (the engine's `events.total` counts the same seven).
@@ -536,7 +536,7 @@ pub fn sweep(
     batches: &[usize],
     workers: &[usize],
     mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<SweepPoint>, crate::ConfigError> {
+) -> Result<Vec<SweepPoint>, conduit::ConfigError> {
     let workload: Vec<Order> =
         Workload::new(config.seed, 1_000, 100_000).take(usize::try_from(config.orders).unwrap_or(usize::MAX)).collect();
     let events = (config.orders * EVENTS_PER_ORDER) as f64;
@@ -608,7 +608,7 @@ pub fn chain_crossbeam(stages: usize, events: u64) -> Duration {
 #[derive(Debug, Clone, Copy)]
 struct ChainEvent(u64);
 
-impl crate::Message for ChainEvent {
+impl conduit::Message for ChainEvent {
     fn key(&self) -> u64 {
         self.0
     }
@@ -619,7 +619,7 @@ impl crate::Message for ChainEvent {
 /// # Panics
 /// If the configuration does not start the engine or an event goes missing.
 pub fn chain_engine(config: &EngineConfig, stages: usize, events: u64) -> Duration {
-    use crate::{Emitter, Engine, Envelope, Outcome, Topology};
+    use conduit::{Emitter, Engine, Envelope, Outcome, Topology};
     let mut topology = Topology::new();
     let ids: Vec<_> = (0..stages.max(1)).map(|i| topology.stage(&format!("s{i}"))).collect();
     topology.entry(ids[0]);
@@ -663,7 +663,7 @@ fn subscriber_work(x: u64, rounds: u32) -> u64 {
 /// # Panics
 /// If the engine does not start or a fast subscriber misses an event.
 pub fn fanout(config: &EngineConfig, events: u64, slow: bool) -> Duration {
-    use crate::{Emitter, Engine, Envelope, Outcome, Overflow, StageSettings, Topology};
+    use conduit::{Emitter, Engine, Envelope, Outcome, Overflow, StageSettings, Topology};
     const FAST_ROUNDS: u32 = 8;
     let mut topology = Topology::new();
     let publisher = topology.stage("publisher");
@@ -765,7 +765,7 @@ struct Work {
 impl Work {
     fn new() -> Arc<Self> {
         let sim = SimConfig::default();
-        let faults = crate::orders::ports::Faults { seed: sim.seed, ..Default::default() };
+        let faults = conduit_orders::ports::Faults { seed: sim.seed, ..Default::default() };
         Arc::new(Self {
             gateway: SimulatedGateway::new(faults, 0.0),
             inventory: SimulatedInventory::new(faults, sim.skus, sim.stock_per_sku, 0),

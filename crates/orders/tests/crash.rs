@@ -13,9 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conduit::log::{Log, LogOptions};
-use conduit::orders::{self, Histories, OrderPipeline, OrderStatus, SimConfig, Workload};
 use conduit::EngineConfig;
+use conduit_orders::{self as orders, Histories, OrderPipeline, OrderStatus, SimConfig, Workload};
 use rand::{Rng, SeedableRng};
+
+/// The engine's crash points and the order application's.
+fn all_points() -> Vec<&'static str> {
+    conduit::crashpoint::ENGINE_POINTS.iter().chain(&conduit_orders::CRASH_POINTS).copied().collect()
+}
 
 const CHILD_ENV: &str = "CONDUIT_CRASH_CHILD";
 /// Kill cycles; the CI tier of the reliability suite asks for at least 30. `CONDUIT_CRASH_CYCLES`
@@ -81,7 +86,7 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
             path = dir.path().join(format!("crash-{cycle}.redb"));
         }
         // Acknowledgements are read on a thread while the parent waits a random time, then kills.
-        let (mut child, reader) =
+        let (mut child, output) =
             spawn_child("acknowledged_orders_survive_kill_9_and_finish_exactly_once", &path, None);
         let wait = Duration::from_millis(rng.random_range(30..400));
         let started = Instant::now();
@@ -93,7 +98,7 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
         }
         child.kill().expect("kill -9");
         child.wait().expect("reaped");
-        let acked = reader.join().expect("reader");
+        let acked = output.acked.join().expect("reader");
         acked_max = acked_max.max(acked);
 
         check_after_crash(&path, acked_max, &format!("cycle {cycle} (seed {seed})"));
@@ -104,21 +109,25 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
     println!("{acked_total} orders acknowledged over {cycles} kill -9 cycles, none lost, none charged twice");
 }
 
+/// What a child left behind: the highest order id it acknowledged, and the crash-point lines it
+/// printed on stderr (`crash point <name>: pass <n>, aborting`).
+struct ChildOutput {
+    acked: std::thread::JoinHandle<u64>,
+    crash_lines: std::thread::JoinHandle<Vec<String>>,
+}
+
 /// Starts this test binary as a child running `test` on the log at `path` (with a crash point
-/// armed, if given), and a thread that returns the highest order id it acknowledged.
-fn spawn_child(
-    test: &str,
-    path: &std::path::Path,
-    crash_at: Option<&str>,
-) -> (std::process::Child, std::thread::JoinHandle<u64>) {
+/// armed, if given), with threads that read what it prints.
+fn spawn_child(test: &str, path: &std::path::Path, crash_at: Option<&str>) -> (std::process::Child, ChildOutput) {
     let mut command = Command::new(std::env::current_exe().expect("test binary"));
-    command.args(["--exact", test, "--nocapture"]).env(CHILD_ENV, path).stdout(Stdio::piped()).stderr(Stdio::null());
+    command.args(["--exact", test, "--nocapture"]).env(CHILD_ENV, path).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(point) = crash_at {
         command.env(conduit::crashpoint::ENV, point);
     }
     let mut child = command.spawn().expect("child starts");
     let stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
+    let stderr = child.stderr.take().expect("piped");
+    let acked = std::thread::spawn(move || {
         let mut acked = 0u64;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(id) = line.strip_prefix("ack ").and_then(|n| n.parse::<u64>().ok()) {
@@ -127,7 +136,14 @@ fn spawn_child(
         }
         acked
     });
-    (child, reader)
+    let crash_lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|line| line.starts_with(conduit::crashpoint::MARKER))
+            .collect()
+    });
+    (child, ChildOutput { acked, crash_lines })
 }
 
 /// Every acknowledged order must be in the log after a crash, whatever it interrupted; no
@@ -155,7 +171,7 @@ fn finish_and_check(path: &std::path::Path, acked_max: u64, context: &str) {
     assert!(recovered.run.violations().is_empty(), "{:?}", recovered.run.violations());
     let histories = Histories::read(&log).expect("readable");
     for id in 1..=acked_max {
-        let status = histories.orders.get(&id).map(conduit::orders::OrderHistory::status);
+        let status = histories.orders.get(&id).map(conduit_orders::OrderHistory::status);
         assert!(
             matches!(status, Some(OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::DeadLettered)),
             "acknowledged order {id} ended as {status:?}"
@@ -182,11 +198,11 @@ fn every_crash_point_keeps_every_acknowledged_order() {
         ("log.after_commit", 3),
         ("recover.resumed", 1),
     ];
-    assert!(conduit::crashpoint::POINTS.iter().all(|p| plan.iter().any(|(q, _)| q == p)), "every point is armed");
+    assert!(all_points().iter().all(|p| plan.iter().any(|(q, _)| q == p)), "every point is armed");
     let mut acked_max = 0u64;
     for (point, pass) in plan {
         let armed = format!("{point}:{pass}");
-        let (mut child, reader) = spawn_child("every_crash_point_keeps_every_acknowledged_order", &path, Some(&armed));
+        let (mut child, output) = spawn_child("every_crash_point_keeps_every_acknowledged_order", &path, Some(&armed));
         let started = Instant::now();
         let status = loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -199,7 +215,11 @@ fn every_crash_point_keeps_every_acknowledged_order() {
             std::thread::sleep(Duration::from_millis(5));
         };
         assert!(!status.success(), "the child armed with {point}:{pass} must abort, not exit: {status}");
-        acked_max = acked_max.max(reader.join().expect("reader"));
+        // Dying is not enough: it must have died at the armed point, on the armed pass.
+        let crash_lines = output.crash_lines.join().expect("stderr reader");
+        let expected = format!("{} {point}: pass {pass}, aborting", conduit::crashpoint::MARKER);
+        assert_eq!(crash_lines, [expected], "the child armed with {armed} crashed elsewhere ({status})");
+        acked_max = acked_max.max(output.acked.join().expect("reader"));
         check_after_crash(&path, acked_max, &format!("after crash point {point}:{pass}"));
     }
     assert!(acked_max > 0);
@@ -207,6 +227,6 @@ fn every_crash_point_keeps_every_acknowledged_order() {
     println!(
         "crash points: {} crashes at {} points, {acked_max} orders acknowledged, none lost",
         plan.len(),
-        conduit::crashpoint::POINTS.len()
+        all_points().len()
     );
 }

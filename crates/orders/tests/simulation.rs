@@ -4,7 +4,7 @@
 //! exactly: `CONDUIT_SIM_SEED=N cargo test --test simulation` runs that one seed.
 //! `CONDUIT_SIM_SEEDS=N` runs N seeds (the long tier runs 10,000).
 
-use conduit::orders::simulate;
+use conduit_orders::simulate;
 
 #[test]
 fn two_hundred_seeds_keep_every_invariant() {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use conduit::log::{Durability, Log, LogOptions};
-use conduit::orders::{self, PipelineFile, RunError, RunReport};
+use conduit_orders::{self as orders, PipelineFile, RunError, RunReport};
 
 mod dlqcmd;
 mod human;
@@ -358,7 +358,7 @@ fn progress_bar(total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
 }
 
 fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
-    let orders = args.events.map_or(args.orders, |events| events.div_ceil(conduit::bench::EVENTS_PER_ORDER));
+    let orders = args.events.map_or(args.orders, |events| events.div_ceil(conduit_cli::bench::EVENTS_PER_ORDER));
     if orders == 0 || args.repeat == 0 {
         return Err(UsageError("--orders, --events and --repeat must be at least 1".into()).into());
     }
@@ -370,7 +370,7 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         builder = builder.batch_events_max(batch);
     }
     let engine = builder.build().map_err(|e| UsageError(e.to_string()))?;
-    let mut config = conduit::bench::BenchConfig {
+    let mut config = conduit_cli::bench::BenchConfig {
         orders,
         repeat: args.repeat,
         engine,
@@ -387,7 +387,7 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
     let written = if args.sweep {
         let batches = [16, 64, 256, 1_024, 4_096];
         let workers = [1, 2, 4];
-        let points = conduit::bench::sweep(&config, &batches, &workers, |batch, workers| {
+        let points = conduit_cli::bench::sweep(&config, &batches, &workers, |batch, workers| {
             eprintln!("sweep: batch {batch}, workers {workers}");
         })
         .map_err(|e| UsageError(e.to_string()))?;
@@ -396,7 +396,7 @@ fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
             Format::Human => human::write_sweep(&mut out, &points).map_err(|e| e.to_string()),
         }
     } else {
-        let report = conduit::bench::run(&config, |case, round| eprintln!("bench: {case} (run {})", round + 1))
+        let report = conduit_cli::bench::run(&config, |case, round| eprintln!("bench: {case} (run {})", round + 1))
             .map_err(Failure::Run)?;
         match args.format {
             Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),

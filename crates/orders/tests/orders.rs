@@ -1,8 +1,8 @@
 //! The reference order pipeline: every order ends in exactly one terminal state, the books
 //! balance, and the outcome depends on the seed alone, whatever the pool and batch sizes.
 
-use conduit::orders::{self, Order, OrderPipeline, SimConfig};
 use conduit::{EngineConfig, StageSettings, TrySubmitError};
+use conduit_orders::{self as orders, Order, OrderPipeline, SimConfig};
 use proptest::prelude::*;
 
 fn engine(workers: usize, batch: usize, queue: usize) -> EngineConfig {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use conduit::dlq::{DeadLetterIndex, DeadLetterState, Selection};
 use conduit::log::{Log, LogOptions};
-use conduit::orders::{self, names, Histories, OrderEvent, OrderPipeline, RedrivePlan, SimConfig, Step};
 use conduit::{DeadLetterKind, EngineConfig, Envelope};
+use conduit_orders::{self as orders, names, Histories, OrderEvent, OrderPipeline, RedrivePlan, SimConfig, Step};
 
 fn engine() -> EngineConfig {
     EngineConfig::from_toml_str("attempts_max = 3\nretry_backoff_ms_base = 0\nbatch_events_max = 64\n").expect("valid")

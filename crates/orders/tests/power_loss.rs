@@ -9,8 +9,8 @@
 use std::sync::{Arc, Mutex};
 
 use conduit::log::{Log, LogOptions};
-use conduit::orders::{Histories, Order, OrderPipeline, SimConfig, Workload};
 use conduit::{EngineConfig, SubmitError};
+use conduit_orders::{Histories, Order, OrderPipeline, SimConfig, Workload};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redb::StorageBackend;
