@@ -11,6 +11,7 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
 use crate::channel::{self, BatchReceiver, SendFailure, StageInput};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{EngineConfig, StageConfig};
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
@@ -18,8 +19,8 @@ use crate::journal::{Journal, JournalWriter};
 use crate::log::{AckWaiter, LogError, STAGE_INGRESS};
 use crate::metrics::{new_histogram, LatencySummary, Snapshot, StageMetrics};
 use crate::routing::{Exchange, ExchangeBuilder, RouteId, RoutingError};
+use crate::stage::worker::{self, Shared, WorkerCtx};
 use crate::stage::{Envelope, Handler, Message, StageId};
-use crate::worker::{self, Shared, WorkerCtx};
 
 type Runner<M> = Arc<dyn Fn(WorkerCtx<M>) + Send + Sync>;
 /// Builds a stage's handler for worker `n`, boxed: the deterministic simulation's way in.
@@ -383,6 +384,7 @@ pub struct EngineBuilder<M: Message> {
     config: EngineConfig,
     dead_letters: Arc<dyn DeadLetterSink<M>>,
     journal: Option<Journal<M>>,
+    clock: Arc<dyn Clock>,
 }
 
 impl<M: Message> fmt::Debug for EngineBuilder<M> {
@@ -391,11 +393,19 @@ impl<M: Message> fmt::Debug for EngineBuilder<M> {
             .field("topology", &self.topology)
             .field("config", &self.config)
             .field("journal", &self.journal)
+            .field("clock", &self.clock)
             .finish_non_exhaustive()
     }
 }
 
 impl<M: Message> EngineBuilder<M> {
+    /// The clock that backoff, expiry and failure times read (default: [`SystemClock`]).
+    #[must_use]
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Stage settings (default: [`EngineConfig::default`]).
     #[must_use]
     pub fn config(mut self, config: &EngineConfig) -> Self {
@@ -432,6 +442,7 @@ impl<M: Message> Engine<M> {
             config: EngineConfig::default(),
             dead_letters: Arc::new(MemoryDeadLetters::<M>::default()),
             journal: None,
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -452,7 +463,7 @@ impl<M: Message> Engine<M> {
     /// Validates the topology against the configuration and starts every worker thread
     /// (named `conduit:<stage>:<worker>`).
     fn launch(builder: EngineBuilder<M>) -> Result<Self, BuildError> {
-        let EngineBuilder { topology, config, dead_letters, journal } = builder;
+        let EngineBuilder { topology, config, dead_letters, journal, clock } = builder;
         let Compiled { stages, links, entry, order, exchange, may_publish, dead_letter_unroutable, stage_configs } =
             topology.compile(&config)?;
         let shared = Arc::new(Shared::default());
@@ -524,6 +535,7 @@ impl<M: Message> Engine<M> {
                     metrics: Arc::clone(&engine.metrics[index]),
                     dead_letters: Arc::clone(&dead_letters),
                     shared: Arc::clone(&engine.shared),
+                    clock: Arc::clone(&clock),
                 };
                 let runner = Arc::clone(runner);
                 let handle = std::thread::Builder::new()

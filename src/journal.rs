@@ -12,7 +12,6 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::dead_letter::{DeadLetter, DeadLetterNote};
 use crate::log::{Log, LogError, Record, KIND_DEAD_LETTER};
@@ -74,10 +73,7 @@ impl<M> Journal<M> {
     }
 }
 
-/// Microseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn unix_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
+pub(crate) use crate::clock::unix_micros;
 
 /// Ids reserved per trip to the log's shared counter.
 const ID_BLOCK: u64 = 4_096;
@@ -126,9 +122,8 @@ impl<M> JournalWriter<M> {
     /// carry as their cause (the last record's, or the event's own cause if it recorded none).
     pub(crate) fn commit(&mut self, event: &Envelope<M>, emitter: &Emitter<M>) -> u64 {
         let mut cause = event.cause;
-        for &(kind, start, end) in &emitter.records {
-            let payload = emitter.record_bytes[start..end].to_vec();
-            cause = self.record(event.key, kind, event.seq, event.cause, payload).id;
+        for (kind, payload) in emitter.recorded() {
+            cause = self.record(event.key, kind, event.seq, event.cause, payload.to_vec()).id;
         }
         cause
     }

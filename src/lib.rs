@@ -89,6 +89,7 @@ macro_rules! crash_point {
 
 pub mod breaker;
 mod channel;
+pub mod clock;
 pub mod config;
 #[cfg(feature = "crashpoints")]
 pub mod crashpoint;
@@ -107,8 +108,8 @@ pub mod rpc;
 pub mod sim;
 mod stage;
 pub mod wheel;
-mod worker;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
 pub use engine::{Engine, EngineBuilder, ShutdownReport, Topology, INGRESS_WINDOW_EVENTS};

@@ -2,55 +2,124 @@
 //! scheduler and a manual clock, with an in-memory journal that has a durable prefix.
 //!
 //! The threaded engine's interleavings are the operating system's to choose; here they are the
-//! seed's. Each [`step`](Simulation::step) picks a stage with work (or, with none, moves the
-//! clock to the next retry), handles one event with the stage's own handler, and applies its
-//! outcome as a worker would: emitted events and recorded facts on `Done`, a retry after a
-//! seeded backoff, a dead letter past `attempts_max` or on a rejection. A run that fails names its
-//! seed, and the same seed replays it exactly. `orders::simulate` drives the order pipeline
-//! through it with port faults, timeouts, crashes and restarts.
+//! seed's. Each [`step`](Simulation::step) picks a stage with work (a queued event, or a parked
+//! retry whose time has come) or, with none, moves the clock to the next wake-up, and runs the
+//! event through the same code a worker runs ([`StageCore`]): admission with TTL and keyed
+//! parking, the handler, the decision core's disposition (backoff with the stage's jitter, dead
+//! letters with their error chain). Submitted messages are journaled and enter the pipeline only
+//! when [`sync`](Simulation::sync) makes them durable, as the engine acknowledges them only at
+//! the commit. A run that fails names its seed, and the same seed replays it exactly.
 //!
-//! What it leaves out, by design: threads and queue bounds (no backpressure, no overflow), TTL
-//! (deadlines are on the real clock), per-key parking (a retried event lets its key's later
-//! events pass: the order pipeline has one event per order per stage).
+//! What it leaves out, by design: threads and queue bounds (no backpressure, no overflow), and
+//! more than one worker per stage.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink};
+use crate::clock::{Clock, ManualClock};
+use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::engine::Compiled;
 use crate::error::BuildError;
 use crate::journal::{dead_letter_record, JournalCodec};
 use crate::log::{Record, STAGE_INGRESS};
-use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};
-use crate::{EngineConfig, StageConfig, Topology};
+use crate::metrics::BatchTally;
+use crate::stage::handling::{Effects, StageCore};
+use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, StageId};
+use crate::{EngineConfig, Topology};
 
-struct SimStage<M> {
-    name: Arc<str>,
-    handler: Box<dyn Handler<M>>,
-    emitter: Emitter<M>,
-    queue: VecDeque<Envelope<M>>,
-    config: StageConfig,
+/// A stage's handler as the topology built it, boxed.
+struct Boxed<M>(Box<dyn Handler<M>>);
+
+impl<M> Handler<M> for Boxed<M> {
+    fn handle(&mut self, event: &Envelope<M>, out: &mut Emitter<M>) -> crate::Outcome {
+        self.0.handle(event, out)
+    }
 }
 
-/// A topology run one event at a time on the calling thread. See the [module](self) docs.
-pub struct Simulation<M: Message> {
-    stages: Vec<SimStage<M>>,
-    entry: StageId,
-    /// Retries and deferrals by due time (ms), then by scheduling order.
-    timers: BTreeMap<(u64, u64), (usize, Envelope<M>)>,
-    timer_seq: u64,
-    now_ms: u64,
-    rng: SmallRng,
+struct SimStage<M> {
+    core: StageCore<M, Boxed<M>>,
+    /// Queued events, each with the clock reading when it was sent (the stage's TTL counts
+    /// from then).
+    queue: VecDeque<(Envelope<M>, u64)>,
+}
+
+/// The simulation's side of [`Effects`]: its journal, the events a step sent on, dead letters.
+struct SimBooks<M> {
     dead_letters: Arc<dyn DeadLetterSink<M>>,
     codec: Arc<dyn JournalCodec<M>>,
     journal: Vec<Record>,
     /// The last version of each stream in the journal.
     versions: rustc_hash::FxHashMap<u64, u32>,
     next_id: u64,
+    clock: Arc<ManualClock>,
+    /// The stage whose event is being handled.
+    stage: u16,
+    /// Events the step sent on, by destination.
+    outgoing: Vec<(StageId, Envelope<M>)>,
+}
+
+impl<M> SimBooks<M> {
+    fn record(&mut self, mut record: Record) -> u64 {
+        record.id = self.next_id;
+        self.next_id += 1;
+        record.timestamp_us = self.clock.wall_us();
+        let version = self.versions.entry(record.stream).or_insert(0);
+        *version += 1;
+        record.version = *version;
+        let id = record.id;
+        self.journal.push(record);
+        id
+    }
+}
+
+impl<M: Message> Effects<M> for SimBooks<M> {
+    type Stop = std::convert::Infallible;
+
+    fn forward(&mut self, event: &Envelope<M>, emitter: &mut Emitter<M>) -> Result<u64, Self::Stop> {
+        let mut cause = event.cause;
+        let recorded: Vec<(u16, Vec<u8>)> = emitter.recorded().map(|(kind, bytes)| (kind, bytes.to_vec())).collect();
+        for (kind, payload) in recorded {
+            let record = Record {
+                stream: event.key,
+                kind,
+                stage: self.stage,
+                correlation: event.seq,
+                causation: event.cause,
+                payload,
+                ..Record::default()
+            };
+            cause = self.record(record);
+        }
+        let mut staged = emitter.take_staged();
+        self.outgoing.extend(staged.drain(..).map(|(to, mut envelope)| {
+            envelope.cause = cause;
+            (to, envelope)
+        }));
+        emitter.restore_staged(staged);
+        Ok(cause)
+    }
+
+    fn dead_letter(&mut self, letter: DeadLetter<M>) {
+        let record = dead_letter_record(&letter, &*self.codec);
+        self.record(Record { stage: self.stage, ..record });
+        self.dead_letters.dead_letter(letter);
+    }
+}
+
+/// A topology run one event at a time on the calling thread. See the [module](self) docs.
+pub struct Simulation<M: Message> {
+    stages: Vec<SimStage<M>>,
+    entry: StageId,
+    clock: Arc<ManualClock>,
+    rng: SmallRng,
+    books: SimBooks<M>,
+    /// Submitted messages journaled but not yet durable: they wait for [`Simulation::sync`].
+    pending: Vec<Envelope<M>>,
+    /// How much of the journal is durable.
+    durable: usize,
     next_seq: u64,
     steps: u64,
 }
@@ -58,10 +127,11 @@ pub struct Simulation<M: Message> {
 impl<M: Message> std::fmt::Debug for Simulation<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Simulation")
-            .field("stages", &self.stages.iter().map(|s| &*s.name).collect::<Vec<_>>())
-            .field("now_ms", &self.now_ms)
+            .field("stages", &self.stages.iter().map(|s| &*s.core.name).collect::<Vec<_>>())
+            .field("now_ms", &self.now_ms())
             .field("steps", &self.steps)
-            .field("journal", &self.journal.len())
+            .field("journal", &self.books.journal.len())
+            .field("durable", &self.durable)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +150,7 @@ impl<M: Message> Simulation<M> {
     ) -> Result<Self, BuildError> {
         let Compiled { stages, links, entry, exchange, may_publish, dead_letter_unroutable, stage_configs, .. } =
             topology.compile(config)?;
+        let clock = Arc::new(ManualClock::default());
         let count = stages.len();
         let stages = stages
             .into_iter()
@@ -89,42 +160,58 @@ impl<M: Message> Simulation<M> {
                 let linked = (0..count).map(|to| links.iter().any(|&(f, t)| f.index() == index && t.index() == to));
                 let mut emitter = Emitter::new(linked.collect(), true);
                 emitter.set_routes(Arc::clone(&exchange), may_publish[index].clone(), dead_letter_unroutable);
-                SimStage {
-                    name: decl.name.as_str().into(),
-                    handler: make(0),
+                let shared: Arc<dyn Clock> = Arc::clone(&clock) as Arc<dyn Clock>;
+                let stage_seed = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let core = StageCore::new(
+                    decl.name.as_str().into(),
+                    stage_configs[index],
+                    Boxed(make(0)),
                     emitter,
-                    queue: VecDeque::new(),
-                    config: stage_configs[index],
-                }
+                    shared,
+                    stage_seed,
+                );
+                SimStage { core, queue: VecDeque::new() }
             })
             .collect();
-        Ok(Self {
-            stages,
-            entry,
-            timers: BTreeMap::new(),
-            timer_seq: 0,
-            now_ms: 0,
-            rng: SmallRng::seed_from_u64(seed),
+        let books = SimBooks {
             dead_letters,
             codec,
             journal: history.to_vec(),
             versions: history.iter().map(|r| (r.stream, r.version)).collect(),
             next_id: history.iter().map(|r| r.id).max().unwrap_or(0) + 1,
+            clock: Arc::clone(&clock),
+            stage: 0,
+            outgoing: Vec::new(),
+        };
+        Ok(Self {
+            stages,
+            entry,
+            clock,
+            rng: SmallRng::seed_from_u64(seed),
+            books,
+            pending: Vec::new(),
+            durable: history.len(),
             next_seq: 0,
             steps: 0,
         })
     }
 
-    /// The journal so far: every record, in order.
+    /// The journal so far: every record, in order (durable or not).
     #[must_use]
     pub fn journal(&self) -> &[Record] {
-        &self.journal
+        &self.books.journal
+    }
+
+    /// The durable prefix of the journal: what a crash keeps.
+    #[must_use]
+    pub fn durable(&self) -> &[Record] {
+        &self.books.journal[..self.durable]
     }
 
     /// The manual clock, in milliseconds.
     #[must_use]
     pub fn now_ms(&self) -> u64 {
-        self.now_ms
+        self.clock.now_us() / 1_000
     }
 
     /// Steps taken.
@@ -133,175 +220,114 @@ impl<M: Message> Simulation<M> {
         self.steps
     }
 
-    /// Whether nothing is queued and no retry waits.
+    /// Whether nothing is queued, parked or waiting for its commit.
     #[must_use]
     pub fn is_idle(&self) -> bool {
-        self.timers.is_empty() && self.stages.iter().all(|s| s.queue.is_empty())
+        self.pending.is_empty() && self.stages.iter().all(|s| s.queue.is_empty() && s.core.parking.is_empty())
     }
 
     /// The stage named `name`.
     #[must_use]
     pub fn stage_id(&self, name: &str) -> Option<StageId> {
-        let index = self.stages.iter().position(|s| &*s.name == name)?;
+        let index = self.stages.iter().position(|s| &*s.core.name == name)?;
         u16::try_from(index).ok().map(StageId)
     }
 
-    fn record(&mut self, mut record: Record) -> u64 {
-        record.id = self.next_id;
-        self.next_id += 1;
-        record.timestamp_us = self.now_ms * 1_000;
-        let version = self.versions.entry(record.stream).or_insert(0);
-        *version += 1;
-        record.version = *version;
-        let id = record.id;
-        self.journal.push(record);
-        id
-    }
-
-    /// Submits `msg` at the entry stage: its ingress record is journaled first.
+    /// Submits `msg`: its ingress record is journaled now, and it enters the entry stage once a
+    /// [`sync`](Self::sync) has made that record durable (the engine acknowledges a submission
+    /// only at its commit, and only then lets it in).
     pub fn submit(&mut self, msg: M) {
         let mut payload = Vec::new();
-        let kind = self.codec.encode(&msg, &mut payload);
+        let kind = self.books.codec.encode(&msg, &mut payload);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let mut envelope = Envelope::submitted(seq, msg);
-        envelope.deadline = Deadline::NEVER;
+        let deadline = msg.ttl().map_or(Deadline::NEVER, |ttl| Deadline::at(self.clock.now_us(), ttl));
+        let mut envelope = Envelope { key: msg.key(), seq, cause: 0, attempt: 0, deadline, msg };
         let record =
             Record { stream: envelope.key, kind, stage: STAGE_INGRESS, correlation: seq, payload, ..Record::default() };
-        envelope.cause = self.record(record);
+        envelope.cause = self.books.record(record);
+        self.pending.push(envelope);
+    }
+
+    /// Makes the whole journal durable (a group commit) and lets the submissions it acknowledges
+    /// into the entry stage; returns how many were acknowledged.
+    pub fn sync(&mut self) -> usize {
+        self.durable = self.books.journal.len();
+        let now_us = self.clock.now_us();
+        let acknowledged = self.pending.len();
         let entry = self.entry.index();
-        self.stages[entry].queue.push_back(envelope);
+        self.stages[entry].queue.extend(self.pending.drain(..).map(|envelope| (envelope, now_us)));
+        acknowledged
     }
 
     /// Puts `envelope` in `stage`'s queue, not journaled (a resumed step).
     pub fn inject(&mut self, stage: StageId, envelope: Envelope<M>) {
-        self.stages[stage.index()].queue.push_back(envelope);
+        let now_us = self.clock.now_us();
+        self.stages[stage.index()].queue.push_back((envelope, now_us));
     }
 
-    /// Handles one event, or moves the clock to the next due retry. False when idle.
+    /// Handles one event (or one due retry), or moves the clock to the next wake-up. False when
+    /// nothing is left to do but messages waiting for a [`sync`](Self::sync).
     pub fn step(&mut self) -> bool {
-        let busy: Vec<usize> = (0..self.stages.len()).filter(|&i| !self.stages[i].queue.is_empty()).collect();
-        let due = self.timers.keys().next().map(|&(due, _)| due);
-        // A due retry competes with the queues; with nothing queued, time moves to it.
-        let take_timer = match due {
-            Some(due) if due <= self.now_ms => busy.is_empty() || self.rng.random_bool(0.5),
-            Some(due) if busy.is_empty() => {
-                self.now_ms = due;
-                true
+        for stage in &mut self.stages {
+            stage.core.release_due();
+        }
+        let mut ready = self.ready();
+        if ready.is_empty() {
+            let Some(next) = self.stages.iter().filter_map(|s| s.core.parking.next_due_us()).min() else {
+                return false;
+            };
+            self.clock.advance_to(next);
+            for stage in &mut self.stages {
+                stage.core.release_due();
             }
-            _ => false,
-        };
-        let (stage, event) = if take_timer {
-            let (_, (stage, event)) = self.timers.pop_first().expect("a timer is due");
-            (stage, event)
-        } else if busy.is_empty() {
-            return false;
-        } else {
-            let stage = busy[self.rng.random_range(0..busy.len())];
-            let event = self.stages[stage].queue.pop_front().expect("the stage has work");
-            (stage, event)
-        };
+            ready = self.ready();
+            if ready.is_empty() {
+                return true;
+            }
+        }
+        let (index, retry) = ready[self.rng.random_range(0..ready.len())];
         self.steps += 1;
         // Each step takes a little simulated time.
-        self.now_ms += u64::from(self.rng.random_ratio(1, 4));
-        self.handle(stage, event);
+        if self.rng.random_ratio(1, 4) {
+            self.clock.advance(std::time::Duration::from_millis(1));
+        }
+        self.books.stage = u16::try_from(index).unwrap_or(u16::MAX);
+        let mut tally = BatchTally::default();
+        let stage = &mut self.stages[index];
+        let now_us = stage.core.begin_unit();
+        let result = if retry {
+            stage.core.retry_due(1, &mut tally, &mut self.books)
+        } else {
+            let (event, sent_us) = stage.queue.pop_front().expect("a ready stage has a queued event");
+            let stage_deadline = match stage.core.config.ttl_ms {
+                0 => Deadline::NEVER,
+                ttl_ms => Deadline(sent_us.saturating_add(ttl_ms * 1_000)),
+            };
+            let expires = event.deadline.min(stage_deadline);
+            stage.core.take(event, expires, &mut tally, &mut self.books)
+        };
+        match result {
+            Ok(()) => {}
+            Err(never) => match never {},
+        }
+        for (to, envelope) in self.books.outgoing.drain(..) {
+            self.stages[to.index()].queue.push_back((envelope, now_us));
+        }
         true
     }
 
-    fn handle(&mut self, index: usize, mut event: Envelope<M>) {
-        let stage = &mut self.stages[index];
-        stage.emitter.begin(&event);
-        let (handler, emitter) = (&mut stage.handler, &mut stage.emitter);
-        let mut panicked = false;
-        let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&event, emitter))).unwrap_or_else(|_| {
-            panicked = true;
-            Outcome::Retry("handler panicked".into())
-        });
-        if let Some(reason) = stage.emitter.misuse.take() {
-            stage.emitter.clear();
-            return self.dead_letter(index, event, DeadLetterKind::HandlerMisuse, reason);
-        }
-        match outcome {
-            Outcome::Done => {
-                let stage_index = u16::try_from(index).unwrap_or(u16::MAX);
-                let mut cause = event.cause;
-                let records = std::mem::take(&mut self.stages[index].emitter.records);
-                let bytes = std::mem::take(&mut self.stages[index].emitter.record_bytes);
-                for &(kind, start, end) in &records {
-                    let record = Record {
-                        stream: event.key,
-                        kind,
-                        stage: stage_index,
-                        correlation: event.seq,
-                        causation: event.cause,
-                        payload: bytes[start..end].to_vec(),
-                        ..Record::default()
-                    };
-                    cause = self.record(record);
-                }
-                let staged = std::mem::take(&mut self.stages[index].emitter.staged);
-                for (to, mut emitted) in staged {
-                    emitted.cause = cause;
-                    self.stages[to.index()].queue.push_back(emitted);
-                }
-                let unroutable = std::mem::take(&mut self.stages[index].emitter.unroutable);
-                for msg in unroutable {
-                    let envelope =
-                        Envelope { key: event.key, seq: event.seq, cause, attempt: 0, deadline: Deadline::NEVER, msg };
-                    let reason = "no queue is bound to its routing key".into();
-                    self.dead_letter(index, envelope, DeadLetterKind::Unroutable, reason);
-                }
-                self.stages[index].emitter.clear();
+    /// Stages with work now: `(index, true)` for a due retry, `(index, false)` for a queued event.
+    fn ready(&self) -> Vec<(usize, bool)> {
+        let mut ready = Vec::new();
+        for (index, stage) in self.stages.iter().enumerate() {
+            if stage.core.parking.has_due() {
+                ready.push((index, true));
             }
-            Outcome::Retry(reason) | Outcome::Conflict(reason) => {
-                self.stages[index].emitter.clear();
-                event.attempt += 1;
-                if event.attempt >= self.stages[index].config.attempts_max {
-                    let kind = if panicked { DeadLetterKind::Panicked } else { DeadLetterKind::RetriesExhausted };
-                    self.dead_letter(index, event, kind, reason);
-                } else {
-                    let config = &self.stages[index].config;
-                    let cap = config.retry_backoff_ms_base.saturating_mul(1 << event.attempt.min(20));
-                    let delay = self.rng.random_range(0..=cap.min(config.retry_backoff_ms_max));
-                    self.schedule(index, event, delay);
-                }
-            }
-            Outcome::Defer(wait) => {
-                self.stages[index].emitter.clear();
-                self.schedule(index, event, u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
-            }
-            Outcome::Reject(reason) => {
-                self.stages[index].emitter.clear();
-                event.attempt += 1;
-                self.dead_letter(index, event, DeadLetterKind::Rejected, reason);
-            }
-            Outcome::Malformed(reason) => {
-                self.stages[index].emitter.clear();
-                event.attempt += 1;
-                self.dead_letter(index, event, DeadLetterKind::Malformed, reason);
+            if !stage.queue.is_empty() {
+                ready.push((index, false));
             }
         }
-    }
-
-    fn schedule(&mut self, stage: usize, event: Envelope<M>, delay_ms: u64) {
-        self.timer_seq += 1;
-        self.timers.insert((self.now_ms.saturating_add(delay_ms), self.timer_seq), (stage, event));
-    }
-
-    fn dead_letter(&mut self, index: usize, envelope: Envelope<M>, kind: DeadLetterKind, reason: Reason) {
-        let letter = DeadLetter {
-            stage: Arc::clone(&self.stages[index].name),
-            kind,
-            reason,
-            errors: Vec::new(),
-            errors_dropped: 0,
-            first_failure_us: self.now_ms * 1_000,
-            last_failure_us: self.now_ms * 1_000,
-            attempts: envelope.attempt,
-            envelope,
-        };
-        let record = dead_letter_record(&letter, &*self.codec);
-        self.record(Record { stage: u16::try_from(index).unwrap_or(u16::MAX), ..record });
-        self.dead_letters.dead_letter(letter);
+        ready
     }
 }

@@ -117,8 +117,13 @@ pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
                 }
             }
             25..=31 => {
-                // A group commit: everything journaled so far is durable, its submissions acked.
-                durable = now.sim.journal().to_vec();
+                // A group commit: everything journaled so far is durable, its submissions are
+                // acknowledged, and only now do they enter the pipeline.
+                let acknowledged = now.sim.sync();
+                if acknowledged != pending.len() {
+                    return fail(now.sim.steps(), format!("{acknowledged} acknowledged, {} pending", pending.len()));
+                }
+                durable = now.sim.durable().to_vec();
                 acked.append(&mut pending);
             }
             32..=33 => {
@@ -152,6 +157,7 @@ pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
         checked = now.sim.journal().len();
     }
     // The end: commit, drain, check everything.
+    now.sim.sync();
     acked.append(&mut pending);
     let mut settle = 0u32;
     while now.sim.step() {

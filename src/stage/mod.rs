@@ -1,4 +1,13 @@
-//! What a stage's handler sees: envelopes in, outcomes and emitted events out.
+//! What a stage's handler sees: envelopes in, outcomes and emitted events out; and the rooms that
+//! run a stage: [`decision`] (an outcome's disposition), [`parking`] (keyed parking, backoff and
+//! expiry on one wheel), [`handling`] (one event through both, shared by the worker and the
+//! simulator), [`worker`] (the threaded loop) and [`outbox`] (batches bound for linked stages).
+
+pub(crate) mod decision;
+pub(crate) mod handling;
+pub(crate) mod outbox;
+pub(crate) mod parking;
+pub(crate) mod worker;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -36,10 +45,16 @@ impl Deadline {
     /// No deadline.
     pub const NEVER: Self = Self(u64::MAX);
 
-    /// The deadline `ttl` from now.
+    /// The deadline `ttl` from now (on the process's monotonic clock).
     #[must_use]
     pub fn after(ttl: std::time::Duration) -> Self {
-        Self(clock_us().saturating_add(u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX)))
+        Self::at(clock_us(), ttl)
+    }
+
+    /// The deadline `ttl` after `now_us`, a [`Clock::now_us`](crate::clock::Clock::now_us) reading.
+    #[must_use]
+    pub fn at(now_us: u64, ttl: std::time::Duration) -> Self {
+        Self(now_us.saturating_add(u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX)))
     }
 
     /// The earlier of two deadlines.
@@ -59,11 +74,7 @@ impl Deadline {
     }
 }
 
-/// Microseconds on the engine's monotonic clock (its epoch: the first reading in the process).
-pub(crate) fn clock_us() -> u64 {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    u64::try_from(EPOCH.get_or_init(std::time::Instant::now).elapsed().as_micros()).unwrap_or(u64::MAX)
-}
+pub(crate) use crate::clock::monotonic_us as clock_us;
 
 /// Identifies a stage of a [`Topology`](crate::Topology); handed out by
 /// [`Topology::stage`](crate::Topology::stage).
@@ -290,6 +301,23 @@ impl<M> Emitter<M> {
             }
         }
         self.exchange = Some(exchange);
+    }
+
+    /// The facts recorded for the current input event: kind and payload.
+    pub(crate) fn recorded(&self) -> impl Iterator<Item = (u16, &[u8])> {
+        self.records.iter().map(|&(kind, start, end)| (kind, &self.record_bytes[start..end]))
+    }
+
+    /// Takes the events staged for the current input event, by destination; hand the emptied
+    /// vector back with [`restore_staged`](Self::restore_staged) to keep its allocation.
+    pub(crate) fn take_staged(&mut self) -> Vec<(StageId, Envelope<M>)> {
+        std::mem::take(&mut self.staged)
+    }
+
+    /// Gives back the (drained) vector [`take_staged`](Self::take_staged) returned.
+    pub(crate) fn restore_staged(&mut self, staged: Vec<(StageId, Envelope<M>)>) {
+        debug_assert!(staged.is_empty(), "staged events are drained before the vector comes back");
+        self.staged = staged;
     }
 
     /// Events emitted so far for the current input event.

@@ -1,0 +1,321 @@
+//! The worker loop: take a batch, handle each event on its own, send on in batches.
+//!
+//! Natural batching: emitted events collect in one outbox per linked stage and leave when the
+//! outbox is full or when this worker finds its own queue empty, so a lightly loaded pipeline adds
+//! no latency and a loaded one moves full batches.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::TryRecvError;
+use parking_lot::Mutex;
+
+use crate::channel::{BatchReceiver, Received, SendFailure, StageInput};
+use crate::clock::Clock;
+use crate::config::{Overflow, StageConfig};
+use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, Failures};
+use crate::journal::{Journal, JournalWriter};
+use crate::metrics::{BatchTally, StageMetrics};
+use crate::routing::Exchange;
+use crate::stage::handling::{dead_letter, Effects, StageCore};
+use crate::stage::outbox::Outboxes;
+use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, Reason, StageId};
+
+/// State every thread of one engine shares: the poison flag and why it was raised.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) poisoned: Arc<AtomicBool>,
+    pub(crate) poison_reason: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn poison(&self, reason: String) {
+        tracing::error!(%reason, "engine poisoned");
+        self.poison_reason.lock().get_or_insert(reason);
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+}
+
+/// Poisons the engine if its worker thread unwinds: callers must never wait on a dead worker.
+struct PoisonGuard<'a> {
+    shared: &'a Shared,
+    name: &'a str,
+}
+
+impl Drop for PoisonGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.poison(format!("worker {} panicked outside its handler", self.name));
+        }
+    }
+}
+
+/// Everything a worker thread needs, built by the engine.
+pub(crate) struct WorkerCtx<M> {
+    pub(crate) name: String,
+    pub(crate) stage_name: Arc<str>,
+    pub(crate) worker: usize,
+    /// The stage's index in its topology.
+    pub(crate) stage: u16,
+    pub(crate) config: StageConfig,
+    pub(crate) journal: Option<Journal<M>>,
+    /// The topology's exchange and which of its routes this stage publishes.
+    pub(crate) routes: Option<(Arc<Exchange<StageId>>, Vec<bool>, bool)>,
+    /// This worker's queues, one per priority level, lowest first.
+    pub(crate) inputs: Vec<BatchReceiver<M>>,
+    /// Indexed by [`StageId`](crate::StageId): the input of every stage linked from this one.
+    pub(crate) outputs: Vec<Option<StageInput<M>>>,
+    pub(crate) metrics: Arc<StageMetrics>,
+    pub(crate) dead_letters: Arc<dyn DeadLetterSink<M>>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+/// Why a worker stops early.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// A downstream stage is gone (its workers died) or the engine is poisoned.
+    DownstreamGone,
+    /// The log refused an append: nothing more can be made durable.
+    Log(crate::log::LogError),
+}
+
+/// Runs one worker until its queue is closed and drained and its retries are spent.
+pub(crate) fn run<M: Message, H: Handler<M>>(ctx: WorkerCtx<M>, handler: H) {
+    let shared = Arc::clone(&ctx.shared);
+    let name = ctx.name.clone();
+    let _guard = PoisonGuard { shared: &shared, name: &name };
+    let mut worker = Worker::new(ctx, handler);
+    match worker.run_loop() {
+        Ok(()) => {}
+        Err(Stop::DownstreamGone) => shared.poison(format!("worker {name} stopped: a downstream stage is gone")),
+        Err(Stop::Log(error)) => shared.poison(format!("worker {name} stopped: {error}")),
+    }
+}
+
+/// Where a worker's results go: its outboxes, its journal and the dead-letter sink.
+struct WorkerIo<M> {
+    outboxes: Vec<Option<Outboxes<M>>>,
+    journal: Option<JournalWriter<M>>,
+    dead_letters: Arc<dyn DeadLetterSink<M>>,
+    /// The wall clock read once per unit of work, for overflow dead letters.
+    wall_us: u64,
+}
+
+struct Worker<M, H> {
+    inputs: Vec<BatchReceiver<M>>,
+    metrics: Arc<StageMetrics>,
+    index: usize,
+    core: StageCore<M, H>,
+    io: WorkerIo<M>,
+}
+
+/// What the next unit of work is.
+enum Next<M> {
+    /// A batch, and the level of the queue it came from.
+    Batch(crate::channel::Batch<M>, usize),
+    Retries,
+    Stop,
+}
+
+impl<M: Message> Effects<M> for WorkerIo<M> {
+    type Stop = Stop;
+
+    fn forward(&mut self, event: &Envelope<M>, emitter: &mut Emitter<M>) -> Result<u64, Stop> {
+        let cause = match &mut self.journal {
+            Some(journal) => journal.commit(event, emitter),
+            None => event.cause,
+        };
+        let mut staged = emitter.take_staged();
+        let mut result = Ok(cause);
+        for (to, mut envelope) in staged.drain(..) {
+            envelope.cause = cause;
+            let outboxes = self.outboxes[to.index()]
+                .as_mut()
+                .expect("the emitter stages only events for linked stages, which have outboxes");
+            let partition = outboxes.input.queue_of(envelope.key, envelope.msg.priority());
+            if outboxes.partitions[partition].push(envelope) && result.is_ok() {
+                if let Err(stop) = self.flush_journal().and_then(|()| self.flush_outbox(to.index(), partition)) {
+                    result = Err(stop);
+                }
+            }
+        }
+        emitter.restore_staged(staged);
+        result
+    }
+
+    fn dead_letter(&mut self, letter: DeadLetter<M>) {
+        if let Some(journal) = &mut self.journal {
+            journal.dead_letter(&letter);
+        }
+        self.dead_letters.dead_letter(letter);
+    }
+}
+
+impl<M: Message> WorkerIo<M> {
+    /// Sends the journal's records, then every outbox: a stream's records must reach the log
+    /// before anything downstream can record a later fact about it.
+    fn flush_all(&mut self) -> Result<(), Stop> {
+        self.flush_journal()?;
+        for to in 0..self.outboxes.len() {
+            let partitions = self.outboxes[to].as_ref().map_or(0, |o| o.partitions.len());
+            for partition in 0..partitions {
+                self.flush_outbox(to, partition)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one outbox. A destination whose overflow policy is `dead_letter` and whose queue is
+    /// full gets the batch dead-lettered instead of holding this worker back.
+    fn flush_outbox(&mut self, to: usize, partition: usize) -> Result<(), Stop> {
+        let Some(outboxes) = self.outboxes[to].as_mut() else { return Ok(()) };
+        let outbox = &mut outboxes.partitions[partition];
+        if outbox.buffer.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut outbox.buffer, outbox.sender.buffer());
+        let sent = match outboxes.input.overflow {
+            Overflow::Block => outbox.sender.send(full),
+            Overflow::DeadLetter => outbox.sender.try_send(full),
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(SendFailure::Full(batch)) => {
+                outboxes.input.count_overflow(batch.events.len() as u64);
+                let stage = outboxes.input.stage.clone();
+                let reason: Reason = "its queue was full".into();
+                for event in batch.events {
+                    let kind = DeadLetterKind::Overflow;
+                    let letter = dead_letter(&stage, event, kind, Failures::default(), reason.clone(), self.wall_us);
+                    self.dead_letter(letter);
+                }
+                Ok(())
+            }
+            Err(SendFailure::Gone(_)) => Err(Stop::DownstreamGone),
+        }
+    }
+
+    fn flush_journal(&mut self) -> Result<(), Stop> {
+        match &mut self.journal {
+            Some(journal) => journal.flush().map_err(Stop::Log),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<M: Message, H: Handler<M>> Worker<M, H> {
+    fn new(mut ctx: WorkerCtx<M>, handler: H) -> Self {
+        let outputs = std::mem::take(&mut ctx.outputs);
+        let links = outputs.iter().map(Option::is_some).collect();
+        let outboxes = outputs.into_iter().map(|input| input.map(Outboxes::new)).collect();
+        let journal = ctx.journal.take().map(|journal| JournalWriter::new(journal, ctx.stage));
+        let mut emitter = Emitter::new(links, journal.is_some());
+        if let Some((exchange, may_publish, dead_letter_unroutable)) = ctx.routes.take() {
+            emitter.set_routes(exchange, may_publish, dead_letter_unroutable);
+        }
+        let seed = (u64::from(ctx.stage) << 32) ^ ctx.worker as u64;
+        let core = StageCore::new(ctx.stage_name, ctx.config, handler, emitter, ctx.clock, seed);
+        let io = WorkerIo { outboxes, journal, dead_letters: ctx.dead_letters, wall_us: 0 };
+        Self { inputs: ctx.inputs, metrics: ctx.metrics, index: ctx.worker, core, io }
+    }
+
+    fn config(&self) -> &StageConfig {
+        &self.core.config
+    }
+
+    /// Reads the clocks once for a unit of work.
+    fn begin_unit(&mut self) -> u64 {
+        let now_us = self.core.begin_unit();
+        self.io.wall_us = self.core.wall_us();
+        now_us
+    }
+
+    fn run_loop(&mut self) -> Result<(), Stop> {
+        loop {
+            match self.next()? {
+                Next::Batch(batch, level) => {
+                    self.metrics.busy_workers.fetch_add(1, Ordering::Relaxed);
+                    let count = batch.events.len() as u64;
+                    let mut events = batch.events;
+                    let mut tally = BatchTally::default();
+                    if let Some(journal) = &mut self.io.journal {
+                        journal.stamp();
+                    }
+                    let now_us = self.begin_unit();
+                    // The stage's TTL counts from when the batch was sent to it.
+                    let stage_deadline = match self.config().ttl_ms {
+                        0 => Deadline::NEVER,
+                        ttl_ms => {
+                            let age_us = u64::try_from(batch.sent_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            Deadline(now_us.saturating_sub(age_us).saturating_add(ttl_ms * 1_000))
+                        }
+                    };
+                    let (core, io) = (&mut self.core, &mut self.io);
+                    let result = events.drain(..).try_for_each(|event| {
+                        let expires = event.deadline.min(stage_deadline);
+                        core.take(event, expires, &mut tally, io)
+                    });
+                    self.inputs[level].recycle(events);
+                    self.metrics.publish(&tally);
+                    self.metrics.record_latency(self.index, batch.sent_at.elapsed(), count);
+                    self.metrics.busy_workers.fetch_sub(1, Ordering::Relaxed);
+                    result?;
+                }
+                Next::Retries => {
+                    let mut tally = BatchTally::default();
+                    self.begin_unit();
+                    let due = self.core.parking.due_keys().min(self.config().batch_events_max);
+                    let result = self.core.retry_due(due, &mut tally, &mut self.io);
+                    self.metrics.publish(&tally);
+                    result?;
+                }
+                Next::Stop => break,
+            }
+        }
+        self.io.flush_all()
+    }
+
+    fn next(&mut self) -> Result<Next<M>, Stop> {
+        loop {
+            self.core.release_due();
+            // Highest priority first; none at all while parked events fill the stage's bound.
+            let taking = self.core.parking.parked_events() < self.config().queue_events_max();
+            let mut all_gone = true;
+            for level in (0..self.inputs.len()).rev().filter(|_| taking) {
+                match self.inputs[level].try_recv() {
+                    Ok(batch) => return Ok(Next::Batch(batch, level)),
+                    Err(TryRecvError::Empty) => all_gone = false,
+                    Err(TryRecvError::Disconnected) => {}
+                }
+            }
+            if self.core.parking.has_due() {
+                return Ok(Next::Retries);
+            }
+            if taking && all_gone && !self.core.parking.is_waiting() {
+                return Ok(Next::Stop);
+            }
+            // Nothing to do now: send what is collected before waiting, so nothing lingers.
+            self.io.flush_all()?;
+            let now_us = self.core.now_us();
+            let wait = self.core.parking.next_due_us().map(|due| Duration::from_micros(due.saturating_sub(now_us)));
+            if all_gone || !taking {
+                // Intake is closed or paused: only backoffs remain to be waited out.
+                std::thread::sleep(wait.unwrap_or(Duration::from_millis(1)));
+                continue;
+            }
+            let mut gone = vec![false; self.inputs.len()];
+            match BatchReceiver::recv_any(&self.inputs, &mut gone, wait) {
+                Received::Batch(level, batch) => return Ok(Next::Batch(batch, level)),
+                Received::Closed if !self.core.parking.is_waiting() => return Ok(Next::Stop),
+                // Time to look at the backoffs again (or only they remain).
+                Received::TimedOut | Received::Closed => {}
+            }
+        }
+    }
+}
