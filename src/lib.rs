@@ -68,7 +68,18 @@
 //! ## Around the engine
 //!
 //! [`log`] is the durable event log (rkyv frames in redb); [`routing`] the topic exchange; [`rpc`]
-//! request/reply; [`breaker`] circuit breakers; [`wheel`] the timing wheel retries wait on.
+//! request/reply; [`breaker`] circuit breakers; [`wheel`] the timing wheel retries wait on;
+//! [`clock`] the injected time ([`SystemClock`], [`ManualClock`]) that backoff and expiry read.
+//!
+//! ## Inside a stage
+//!
+//! Each worker runs its events through one decision core (private module `stage`): `decision`
+//! turns a handler's outcome, the event's attempts and failures so far and the stage's settings
+//! into a disposition (forward, retry after a delay, dead-letter with kind and reason);
+//! `parking` holds a retried key's later events behind it and owns the wheel its backoffs and
+//! expiries wait on; `handling` runs one event through both; `worker` is the threaded loop and
+//! `outbox` the batches bound for linked stages. The deterministic simulation runs the same
+//! `handling` code on a manual clock, so what it checks is what runs in production.
 //!
 //! ## Features
 //!
