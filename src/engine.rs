@@ -2,7 +2,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -10,14 +9,15 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
-use crate::channel::{self, BatchReceiver, SendFailure, StageInput};
+use crate::channel::{self, BatchReceiver, StageInput};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{EngineConfig, StageConfig};
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, ConfigError, SubmitError, TrySubmitError};
-use crate::journal::{Journal, JournalWriter};
-use crate::log::{AckWaiter, LogError, STAGE_INGRESS};
-use crate::metrics::{new_histogram, LatencySummary, Snapshot, StageMetrics};
+use crate::ingress::{fill_window, messages, send_window, Ingress, Receipt, INGRESS_WINDOW_EVENTS};
+use crate::journal::Journal;
+use crate::log::LogError;
+use crate::metrics::{LatencySummary, Snapshot, StageMetrics};
 use crate::routing::{Exchange, ExchangeBuilder, RouteId, RoutingError};
 use crate::stage::worker::{self, Shared, WorkerCtx};
 use crate::stage::{Envelope, Handler, Message, StageId};
@@ -319,31 +319,22 @@ impl<M: Message> Topology<M> {
     }
 }
 
-/// Batches, each with the partition of its stage's input it goes to.
-type Window<M> = Vec<(usize, Vec<Envelope<M>>)>;
-
-/// A journaled window of batches waiting for its commit.
-type Pending<M> = (Window<M>, AckWaiter, Instant);
-
-/// Most messages journaled in one append (one commit acknowledgement) by `submit_many`.
-pub const INGRESS_WINDOW_EVENTS: usize = 16_384;
-
 /// A running pipeline. Submit messages from any number of threads (`&Engine` is `Sync`), then
 /// [`shutdown`](Self::shutdown) to drain it and get the final report.
 pub struct Engine<M: Message> {
-    ingress: Option<StageInput<M>>,
+    ingress: Option<Ingress<M>>,
     entry: StageId,
     /// The input of every stage, for [`Engine::inject_many`]; dropped at shutdown.
     stage_senders: Vec<StageInput<M>>,
-    next_seq: AtomicU64,
-    submitted: AtomicU64,
+    /// Messages accepted by the time intake stopped.
+    submitted_at_stop: u64,
     metrics: Vec<Arc<StageMetrics>>,
     /// Worker threads, stages in topological order so joining follows the drain.
     workers: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     journal: Option<Journal<M>>,
-    /// Time from journaling a submitted batch to its commit.
-    ack_latency: Mutex<Histogram<u64>>,
+    /// Commit latency of ingress windows, kept when intake stops.
+    ack_latency: Option<Histogram<u64>>,
     /// Breakers shown by [`Engine::watch_breaker`].
     breakers: Mutex<Vec<(String, Arc<crate::breaker::CircuitBreaker>)>>,
     started: Instant,
@@ -354,7 +345,7 @@ impl<M: Message> fmt::Debug for Engine<M> {
         f.debug_struct("Engine")
             .field("stages", &self.metrics.iter().map(|m| m.name.as_str()).collect::<Vec<_>>())
             .field("workers", &self.workers.len())
-            .field("submitted", &self.submitted.load(Ordering::Relaxed))
+            .field("submitted", &self.submitted())
             .field("journal", &self.journal)
             .field("poisoned", &self.poisoned())
             .finish_non_exhaustive()
@@ -493,17 +484,17 @@ impl<M: Message> Engine<M> {
             })
             .collect();
 
+        let ingress = Ingress::new(queues[entry.index()].0.clone(), journal.clone(), Arc::clone(&shared))?;
         let mut engine = Self {
-            ingress: Some(queues[entry.index()].0.clone()),
+            ingress: Some(ingress),
             entry,
             stage_senders: queues.iter().map(|(input, _)| input.clone()).collect(),
-            next_seq: AtomicU64::new(0),
-            submitted: AtomicU64::new(0),
+            submitted_at_stop: 0,
             metrics,
             workers: Vec::new(),
             shared,
             journal,
-            ack_latency: Mutex::new(new_histogram()),
+            ack_latency: None,
             breakers: Mutex::new(Vec::new()),
             started: Instant::now(),
         };
@@ -554,58 +545,22 @@ impl<M: Message> Engine<M> {
     }
 
     /// Submits one message, blocking while the entry queue is full (and, with a journal, until
-    /// it is committed).
+    /// it is committed and in the entry queue).
     pub fn submit(&self, msg: M) -> Result<(), SubmitError<M>> {
         self.submit_many(std::iter::once(msg))
             .map(drop)
             .map_err(|e| e.map(|mut v| v.pop().expect("the failed batch held the one message")))
     }
 
-    /// Submits one message if the entry queue has room now; otherwise hands it back in
-    /// [`TrySubmitError::Full`]. With a journal it waits for the commit once it has room.
-    pub fn try_submit(&self, msg: M) -> Result<(), TrySubmitError<M>> {
-        let Some(ingress) = self.ingress.as_ref() else {
-            return Err(TrySubmitError::Closed(msg));
-        };
-        if self.journal.as_ref().is_some_and(|j| j.log.failure().is_some()) {
-            return Err(TrySubmitError::LogFailed(msg));
-        }
-        if self.shared.is_poisoned() {
-            return Err(TrySubmitError::Poisoned(msg));
-        }
-        let partition = ingress.queue_of(msg.key(), msg.priority());
-        let sender = ingress.sender(partition);
-        if self.journal.is_some() {
-            // Once journaled, a message must enter the pipeline: check for room first.
-            if sender.is_full() {
-                return Err(TrySubmitError::Full(msg));
-            }
-            return self.submit(msg).map_err(|e| match e {
-                SubmitError::Closed(m) => TrySubmitError::Closed(m),
-                SubmitError::LogFailed(m) => TrySubmitError::LogFailed(m),
-                SubmitError::Poisoned(m) => TrySubmitError::Poisoned(m),
-            });
-        }
-        let mut buffer = sender.buffer();
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        buffer.push(Envelope::submitted(seq, msg));
-        match sender.try_send(buffer) {
-            Ok(()) => {
-                self.submitted.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(failure) => {
-                let (full, batch) = match failure {
-                    SendFailure::Full(batch) => (true, batch),
-                    SendFailure::Gone(batch) => (false, batch),
-                };
-                let msg = batch.events.into_iter().next().expect("the failed batch held the one message").msg;
-                if full {
-                    Err(TrySubmitError::Full(msg))
-                } else {
-                    Err(TrySubmitError::Poisoned(msg))
-                }
-            }
+    /// Submits one message if there is room now, never blocking; otherwise hands it back in
+    /// [`TrySubmitError::Full`]. Without a journal the message is in the entry queue when this
+    /// returns; with one, its ingress record is queued for the log and the returned [`Receipt`]
+    /// settles once it is committed and the message is in the entry queue (drop the receipt to
+    /// not wait).
+    pub fn try_submit(&self, msg: M) -> Result<Receipt<M>, TrySubmitError<M>> {
+        match self.ingress.as_ref() {
+            Some(ingress) => ingress.try_submit(msg),
+            None => Err(TrySubmitError::Closed(msg)),
         }
     }
 
@@ -613,119 +568,17 @@ impl<M: Message> Engine<M> {
     /// entry queue is full. Returns how many were submitted.
     ///
     /// With a journal, messages are journaled in windows of up to [`INGRESS_WINDOW_EVENTS`]
-    /// (one append, one acknowledgement each) and enter the pipeline only once their window is
-    /// committed; the next window is journaled while the previous one commits.
+    /// (one append, one commit each) that enter the pipeline only once committed; up to
+    /// [`WINDOWS_IN_FLIGHT`](crate::WINDOWS_IN_FLIGHT) windows commit at once, and the call returns
+    /// when all of its windows are in.
     ///
-    /// On failure the error holds every message not submitted: the batches that failed and the
+    /// On failure the error holds every message not submitted: the windows that failed and the
     /// rest of `msgs`, collected (so `msgs` must be finite).
     pub fn submit_many(&self, msgs: impl IntoIterator<Item = M>) -> Result<u64, SubmitError<Vec<M>>> {
-        let mut msgs = msgs.into_iter().peekable();
-        let Some(ingress) = self.ingress.as_ref() else {
-            return Err(SubmitError::Closed(msgs.collect()));
-        };
-        let mut journal = self.journal.as_ref().map(|j| JournalWriter::new(j.clone(), STAGE_INGRESS));
-        let mut waiting: Option<Pending<M>> = None;
-        let mut sent = 0u64;
-        let unsent = |windows: &mut [&mut Window<M>], rest: &mut dyn Iterator<Item = M>| -> Vec<M> {
-            let mut all: Vec<M> =
-                windows.iter_mut().flat_map(|w| w.drain(..)).flat_map(|(_, batch)| batch).map(|e| e.msg).collect();
-            all.extend(rest);
-            all
-        };
-        loop {
-            // A failed log is the precise reason, even when a worker noticed it first and
-            // poisoned the engine.
-            if self.journal.as_ref().is_some_and(|j| j.log.failure().is_some()) {
-                let mut previous = waiting.take().map(|(w, _, _)| w).unwrap_or_default();
-                return Err(SubmitError::LogFailed(unsent(&mut [&mut previous], &mut msgs)));
-            }
-            if self.shared.is_poisoned() {
-                let mut previous = waiting.take().map(|(w, _, _)| w).unwrap_or_default();
-                return Err(SubmitError::Poisoned(unsent(&mut [&mut previous], &mut msgs)));
-            }
-            let mut window = self.next_window(ingress, &mut msgs);
-            // Journal this window before waiting on the previous one, so commits overlap.
-            let mut window_ack = None;
-            if let (false, Some(journal)) = (window.is_empty(), journal.as_mut()) {
-                for (_, batch) in &mut window {
-                    journal.ingress(batch);
-                }
-                let Ok(waiter) = journal.flush_acked() else {
-                    let mut previous = waiting.take().map(|(w, _, _)| w).unwrap_or_default();
-                    return Err(SubmitError::LogFailed(unsent(&mut [&mut previous, &mut window], &mut msgs)));
-                };
-                window_ack = Some((waiter, Instant::now()));
-            }
-            if let Some((mut previous, waiter, since)) = waiting.take() {
-                if waiter.wait().is_err() {
-                    return Err(SubmitError::LogFailed(unsent(&mut [&mut previous, &mut window], &mut msgs)));
-                }
-                self.record_ack_latency(since);
-                if let Ok(count) = self.send_window(ingress, &mut previous, true) {
-                    sent += count;
-                } else {
-                    return Err(SubmitError::Poisoned(unsent(&mut [&mut previous, &mut window], &mut msgs)));
-                }
-            }
-            if window.is_empty() {
-                return Ok(sent);
-            }
-            match window_ack {
-                Some((waiter, since)) => waiting = Some((window, waiter, since)),
-                None => {
-                    if let Ok(count) = self.send_window(ingress, &mut window, true) {
-                        sent += count;
-                    } else {
-                        return Err(SubmitError::Poisoned(unsent(&mut [&mut window], &mut msgs)));
-                    }
-                }
-            }
+        match self.ingress.as_ref() {
+            Some(ingress) => ingress.submit_many(msgs),
+            None => Err(SubmitError::Closed(msgs.into_iter().collect())),
         }
-    }
-
-    /// Takes up to [`INGRESS_WINDOW_EVENTS`] messages, numbered, in batches by partition.
-    fn next_window(
-        &self,
-        ingress: &StageInput<M>,
-        msgs: &mut std::iter::Peekable<impl Iterator<Item = M>>,
-    ) -> Window<M> {
-        let taken = msgs.by_ref().take(INGRESS_WINDOW_EVENTS).zip(0u64..).map(|(msg, i)| Envelope::submitted(i, msg));
-        let mut window = fill_window(ingress, taken);
-        let count: usize = window.iter().map(|(_, b)| b.len()).sum();
-        let first_seq = self.next_seq.fetch_add(count as u64, Ordering::Relaxed);
-        for envelope in window.iter_mut().flat_map(|(_, b)| b.iter_mut()) {
-            envelope.seq += first_seq;
-        }
-        window
-    }
-
-    /// Sends a window's batches in order, counting them as submitted if `submitted`; on failure
-    /// the unsent batches stay in `window`.
-    fn send_window(&self, input: &StageInput<M>, window: &mut Window<M>, submitted: bool) -> Result<u64, ()> {
-        let mut sent = 0;
-        let mut batches = std::mem::take(window).into_iter();
-        while let Some((partition, batch)) = batches.next() {
-            let count = batch.len() as u64;
-            match input.sender(partition).send(batch) {
-                Ok(()) => {
-                    if submitted {
-                        self.submitted.fetch_add(count, Ordering::Relaxed);
-                    }
-                    sent += count;
-                }
-                Err(SendFailure::Full(back) | SendFailure::Gone(back)) => {
-                    window.push((partition, back.events));
-                    window.extend(batches);
-                    return Err(());
-                }
-            }
-        }
-        Ok(sent)
-    }
-
-    fn record_ack_latency(&self, since: Instant) {
-        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
-        self.ack_latency.lock().saturating_record(ns);
     }
 
     /// Puts events straight into `stage`'s queue, blocking while it is full; they are not
@@ -743,10 +596,10 @@ impl<M: Message> Engine<M> {
         let mut sent = 0;
         while events.peek().is_some() {
             let mut window = fill_window(input, events.by_ref().take(INGRESS_WINDOW_EVENTS));
-            if let Ok(count) = self.send_window(input, &mut window, false) {
+            if let Ok(count) = send_window(input, &mut window) {
                 sent += count;
             } else {
-                let mut unsent: Vec<M> = window.into_iter().flat_map(|(_, b)| b).map(|e| e.msg).collect();
+                let mut unsent = messages(window);
                 unsent.extend(events.map(|e| e.msg));
                 return Err(SubmitError::Poisoned(unsent));
             }
@@ -768,7 +621,7 @@ impl<M: Message> Engine<M> {
 
     /// Messages accepted so far.
     pub fn submitted(&self) -> u64 {
-        self.submitted.load(Ordering::Relaxed)
+        self.ingress.as_ref().map_or(self.submitted_at_stop, Ingress::submitted)
     }
 
     /// Why the engine is poisoned, if a worker died.
@@ -789,7 +642,10 @@ impl<M: Message> Engine<M> {
             stages: self.metrics.iter().map(|m| m.snapshot()).collect(),
             poisoned: self.poisoned(),
             log: journal.map(|j| j.log.stats()),
-            ack_latency_us: journal.map(|_| LatencySummary::from_histogram(&self.ack_latency.lock())),
+            ack_latency_us: journal.and_then(|_| match (&self.ingress, &self.ack_latency) {
+                (Some(ingress), _) => ingress.ack_latency().map(|h| LatencySummary::from_histogram(&h.lock())),
+                (None, kept) => kept.as_ref().map(LatencySummary::from_histogram),
+            }),
             breakers: self.breakers.lock().iter().map(|(name, breaker)| (name.clone(), breaker.report())).collect(),
         }
     }
@@ -811,7 +667,12 @@ impl<M: Message> Engine<M> {
     fn stop(&mut self) -> Option<Result<(), LogError>> {
         // Dropping the engine's senders closes the entry queue once it is drained; each stage's
         // workers then stop and drop their senders, closing the next stage's queue, and so on.
-        self.ingress = None;
+        // The ingress forwarder first settles every journaled window handed to it.
+        if let Some(mut ingress) = self.ingress.take() {
+            ingress.close();
+            self.submitted_at_stop = ingress.submitted();
+            self.ack_latency = ingress.ack_latency().map(|h| h.lock().clone());
+        }
         self.stage_senders.clear();
         for handle in self.workers.drain(..) {
             let name = handle.thread().name().unwrap_or("conduit worker").to_owned();
@@ -821,26 +682,6 @@ impl<M: Message> Engine<M> {
         }
         self.journal.as_ref().map(|journal| journal.log.sync())
     }
-}
-
-/// Splits events into batches of at most `batch_events_max`, by the partition of their key.
-fn fill_window<M: Message>(input: &StageInput<M>, events: impl Iterator<Item = Envelope<M>>) -> Window<M> {
-    let batch_events_max = input.batch_events_max();
-    let mut open: Vec<Vec<Envelope<M>>> = (0..input.partitions()).map(|_| Vec::new()).collect();
-    let mut window = Vec::new();
-    for event in events {
-        let partition = input.queue_of(event.key, event.msg.priority());
-        let buffer = &mut open[partition];
-        if buffer.capacity() == 0 {
-            *buffer = input.sender(partition).buffer();
-        }
-        buffer.push(event);
-        if buffer.len() >= batch_events_max {
-            window.push((partition, std::mem::take(buffer)));
-        }
-    }
-    window.extend(open.into_iter().enumerate().filter(|(_, b)| !b.is_empty()));
-    window
 }
 
 impl<M: Message> Drop for Engine<M> {

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::dead_letter::{DeadLetter, DeadLetterNote};
-use crate::log::{Log, LogError, Record, KIND_DEAD_LETTER};
+use crate::log::{Log, LogError, Record, KIND_DEAD_LETTER, STAGE_INGRESS};
 use crate::stage::{Emitter, Envelope};
 
 /// A dead letter's record, without the id, stage and timestamp its writer gives it: the
@@ -134,17 +134,6 @@ impl<M> JournalWriter<M> {
         self.push(record);
     }
 
-    /// Journals submitted messages; each envelope's `cause` becomes its record's id.
-    pub(crate) fn ingress(&mut self, events: &mut [Envelope<M>]) {
-        self.stamp();
-        for event in events {
-            let mut payload = Vec::new();
-            let kind = self.journal.codec.encode(&event.msg, &mut payload);
-            let (stream, seq) = (event.key, event.seq);
-            event.cause = self.record(stream, kind, seq, 0, payload).id;
-        }
-    }
-
     /// Hands the pending records to the log writer without waiting for the commit.
     pub(crate) fn flush(&mut self) -> Result<(), LogError> {
         if self.pending.is_empty() {
@@ -153,9 +142,30 @@ impl<M> JournalWriter<M> {
         let capacity = self.pending.len();
         self.journal.log.append_detached(std::mem::replace(&mut self.pending, Vec::with_capacity(capacity)))
     }
+}
 
-    /// Hands the pending records to the log writer; the waiter is released at their commit.
-    pub(crate) fn flush_acked(&mut self) -> Result<crate::log::AckWaiter, LogError> {
-        self.journal.log.append(std::mem::take(&mut self.pending))
-    }
+/// The ingress records of submitted messages, with exactly as many ids reserved; each envelope's
+/// `cause` becomes its record's id.
+pub(crate) fn ingress_records<M>(journal: &Journal<M>, events: &mut [Envelope<M>]) -> Vec<Record> {
+    let first_id = journal.log.reserve_ids(events.len() as u64);
+    let timestamp_us = unix_micros();
+    events
+        .iter_mut()
+        .zip(first_id..)
+        .map(|(event, id)| {
+            let mut payload = Vec::new();
+            let kind = journal.codec.encode(&event.msg, &mut payload);
+            event.cause = id;
+            Record {
+                id,
+                stream: event.key,
+                kind,
+                stage: STAGE_INGRESS,
+                correlation: event.seq,
+                timestamp_us,
+                payload,
+                ..Record::default()
+            }
+        })
+        .collect()
 }

@@ -110,6 +110,7 @@ mod engine;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
+mod ingress;
 mod journal;
 pub mod log;
 pub mod metrics;
@@ -123,8 +124,9 @@ pub mod wheel;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
-pub use engine::{Engine, EngineBuilder, ShutdownReport, Topology, INGRESS_WINDOW_EVENTS};
+pub use engine::{Engine, EngineBuilder, ShutdownReport, Topology};
 pub use error::{BuildError, ConfigError, SubmitError, TrySubmitError};
+pub use ingress::{Receipt, INGRESS_WINDOW_EVENTS, WINDOWS_IN_FLIGHT};
 pub use journal::{Journal, JournalCodec};
 pub use metrics::{LatencySummary, Snapshot, StageSnapshot};
 pub use stage::{Deadline, Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};

@@ -54,10 +54,13 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 fn try_submit_hands_the_message_back_when_full_and_a_blocked_submit_resumes() {
     let (open, gate): (Sender<()>, Receiver<()>) = crossbeam_channel::unbounded();
     let engine = gated_engine(gate);
-    engine.try_submit(Job(1)).expect("the queue is empty");
+    let receipt = engine.try_submit(Job(1)).expect("the queue is empty");
+    assert!(receipt.is_settled(), "without a journal a message is accepted at once");
+    assert_eq!(receipt.wait().expect("accepted"), 1);
     // The worker takes job 1 and waits at the gate; job 2 then fills the one-batch queue.
     wait_until("the worker holds job 1", || engine.snapshot().stages[0].busy_workers == 1);
-    engine.try_submit(Job(2)).expect("the queue has room for one batch");
+    let receipt = engine.try_submit(Job(2)).expect("the queue has room for one batch");
+    assert_eq!(receipt.wait().expect("accepted"), 1);
     let refused = engine.try_submit(Job(3)).expect_err("the queue is full");
     assert!(refused.is_full());
     assert!(matches!(refused, TrySubmitError::Full(Job(3))), "the order comes back: {refused:?}");

@@ -170,6 +170,18 @@ fn storage(error: impl std::fmt::Display) -> LogError {
     LogError::Storage(error.to_string())
 }
 
+/// A non-blocking append failed; the records come back when the queue was only full.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TryAppendError {
+    /// The append queue is full now; nothing was queued.
+    #[error("the log's append queue is full")]
+    Full(Vec<Record>),
+    /// The log failed or is closed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
 /// Released once the records of one append are committed (and fsynced, in `Immediate` mode).
 #[derive(Debug)]
 pub struct AckWaiter(Receiver<Result<(), LogError>>);
@@ -418,6 +430,23 @@ impl Log {
         let (ack, waiter) = crossbeam_channel::bounded(1);
         self.send(Command::Append { records, ack: Some(ack) })?;
         Ok(AckWaiter(waiter))
+    }
+
+    /// Queues records if the append queue has room now, never blocking; the waiter is released
+    /// once they are committed.
+    pub fn try_append(&self, records: Vec<Record>) -> Result<AckWaiter, TryAppendError> {
+        if let Some(reason) = self.failure() {
+            return Err(LogError::Failed(reason).into());
+        }
+        let sender = self.sender.lock().clone().ok_or(LogError::Closed)?;
+        let (ack, waiter) = crossbeam_channel::bounded(1);
+        match sender.try_send(Command::Append { records, ack: Some(ack) }) {
+            Ok(()) => Ok(AckWaiter(waiter)),
+            Err(crossbeam_channel::TrySendError::Full(Command::Append { records, .. })) => {
+                Err(TryAppendError::Full(records))
+            }
+            Err(_) => Err(self.failure().map_or(LogError::Closed, LogError::Failed).into()),
+        }
     }
 
     /// Queues records without waiting for, or hearing of, their commit.

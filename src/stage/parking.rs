@@ -74,6 +74,7 @@ impl<M> Parking<M> {
     }
 
     /// Whether no key is parked and no wake-up is pending.
+    #[cfg_attr(not(feature = "sim"), allow(dead_code))]
     pub(crate) fn is_empty(&self) -> bool {
         self.parked.is_empty() && self.wheel.is_empty() && self.retry_keys.is_empty()
     }

@@ -22,7 +22,7 @@ use conduit::breaker::{BreakerConfig, BreakerReport, CircuitBreaker};
 use conduit::log::{Durability, Log, LogError, LogStats};
 use conduit::rpc::{RpcServer, RpcStats};
 use conduit::{
-    BuildError, ConfigError, Engine, EngineConfig, EngineSettings, Envelope, Journal, LatencySummary, StageId,
+    BuildError, ConfigError, Engine, EngineConfig, EngineSettings, Envelope, Journal, LatencySummary, Receipt, StageId,
     SubmitError, Topology, TrySubmitError,
 };
 
@@ -620,8 +620,9 @@ impl OrderPipeline {
         self.engine.submit(place(order)).map_err(|e| e.map(|event| event.order))
     }
 
-    /// Places one order if there is room now; hands it back otherwise.
-    pub fn try_submit(&self, order: Order) -> Result<(), TrySubmitError<Order>> {
+    /// Places one order if there is room now, never blocking; hands it back otherwise. With a
+    /// log, the receipt settles once the order is durable and in the pipeline.
+    pub fn try_submit(&self, order: Order) -> Result<Receipt<OrderEvent>, TrySubmitError<Order>> {
         self.engine.try_submit(place(order)).map_err(|e| e.map(|event| event.order))
     }
 

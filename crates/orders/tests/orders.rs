@@ -110,7 +110,7 @@ fn try_submit_hands_the_order_back_instead_of_dropping_it() {
     for _ in 0..1_000 {
         let order = workload.next().expect("endless");
         match pipeline.try_submit(order) {
-            Ok(()) => accepted += 1,
+            Ok(_accepted_now) => accepted += 1,
             Err(error) => {
                 refused = Some((order, error));
                 break;

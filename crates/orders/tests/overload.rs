@@ -44,7 +44,7 @@ fn producers_faster_than_the_pipeline_are_held_back_and_lose_nothing() {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 } else {
                     match pipeline.try_submit(next) {
-                        Ok(()) => {
+                        Ok(_accepted_now) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(TrySubmitError::Full(back)) => {
