@@ -197,10 +197,27 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
                 *counter += 1;
             }
         }
-        let ending = Ending { outcome, panicked, misuse };
         // The failures so far leave parking while the decision is made; only a retry keeps them.
         let mut failures = self.parking.take_failures(event.key);
-        let disposition = decide(ending, &mut event.attempt, &mut failures, &self.config, &mut self.rng, self.wall_us);
+        let disposition = if misuse.is_none() && outcome == Outcome::Done {
+            // The common case, as `decide` has it (checked in debug builds), without building an
+            // `Ending`: a handled event goes on, and its failures are forgotten.
+            debug_assert_eq!(
+                decide(
+                    Ending { outcome: Outcome::Done, panicked, misuse: None },
+                    &mut event.attempt.clone(),
+                    &mut failures.clone(),
+                    &self.config,
+                    &mut self.rng.clone(),
+                    self.wall_us
+                ),
+                Disposition::Forward
+            );
+            Disposition::Forward
+        } else {
+            let ending = Ending { outcome, panicked, misuse };
+            decide(ending, &mut event.attempt, &mut failures, &self.config, &mut self.rng, self.wall_us)
+        };
         match disposition {
             Disposition::Forward => {
                 tally.processed += 1;

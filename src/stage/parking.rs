@@ -100,6 +100,7 @@ impl<M> Parking<M> {
     }
 
     /// Decides what to do with `event`, fresh from the queue, expiring at `expires`.
+    #[inline]
     pub(crate) fn admit(&mut self, event: Envelope<M>, expires: Deadline, now_us: u64) -> Admission<M> {
         if expires != Deadline::NEVER && expires.passed(now_us) {
             return Admission::Expired(event);
@@ -120,6 +121,7 @@ impl<M> Parking<M> {
     }
 
     /// Takes the failures `key`'s event met so far (none if it never failed).
+    #[inline]
     pub(crate) fn take_failures(&mut self, key: u64) -> Failures {
         if self.failures.is_empty() {
             return Failures::default();
