@@ -119,12 +119,14 @@ pub mod rpc;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod stage;
+mod topology;
 pub mod wheel;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
-pub use engine::{Engine, EngineBuilder, ShutdownReport, Topology};
+pub use engine::{Engine, EngineBuilder, ShutdownReport};
+pub use topology::Topology;
 pub use error::{BuildError, ConfigError, SubmitError, TrySubmitError};
 pub use ingress::{Receipt, INGRESS_WINDOW_EVENTS, WINDOWS_IN_FLIGHT};
 pub use journal::{Journal, JournalCodec};

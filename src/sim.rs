@@ -4,7 +4,7 @@
 //! The threaded engine's interleavings are the operating system's to choose; here they are the
 //! seed's. Each [`step`](Simulation::step) picks a stage with work (a queued event, or a parked
 //! retry whose time has come) or, with none, moves the clock to the next wake-up, and runs the
-//! event through the same code a worker runs ([`StageCore`]): admission with TTL and keyed
+//! event through the same code a worker runs (`StageCore`): admission with TTL and keyed
 //! parking, the handler, the decision core's disposition (backoff with the stage's jitter, dead
 //! letters with their error chain). Submitted messages are journaled and enter the pipeline only
 //! when [`sync`](Simulation::sync) makes them durable, as the engine acknowledges them only at
@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::clock::{Clock, ManualClock};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
-use crate::engine::Compiled;
+use crate::topology::Compiled;
 use crate::error::BuildError;
 use crate::journal::{dead_letter_record, JournalCodec};
 use crate::log::{Record, STAGE_INGRESS};
