@@ -56,50 +56,101 @@ pub enum Jitter {
     Decorrelated,
 }
 
-/// The settings of one stage's worker pool and input queue, all bounds checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StageConfig {
+/// Declares every stage setting once: its name, type, default and documentation. From that list
+/// come [`StageConfig`] (validated values), [`StageSettings`] (one stage's optional raw values),
+/// [`EngineSettings`] (the `[engine]` table: defaults for every stage, and overrides by stage),
+/// and the code that lays one set of raw values over another. A new setting is one line here
+/// and its bound in [`StageConfig::validate`].
+macro_rules! stage_settings {
+    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty = $default:expr, )*) => {
+        /// The settings of one stage's worker pool and input queue, all bounds checked.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct StageConfig {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for StageConfig {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// Raw stage settings as written in a file: every field optional, falling back to the
+        /// defaults.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct StageSettings {
+            $( #[doc = concat!("See [`StageConfig::", stringify!($name), "`].")] pub $name: Option<$ty>, )*
+        }
+
+        impl StageSettings {
+            /// Lays `other` over these settings: every value `other` sets wins.
+            pub fn overlay(&mut self, other: &StageSettings) {
+                $( if other.$name.is_some() { self.$name = other.$name; } )*
+            }
+
+            fn over(&self, base: StageConfig) -> StageConfig {
+                StageConfig { $( $name: self.$name.unwrap_or(base.$name), )* }
+            }
+        }
+
+        /// Raw engine settings as written in the `[engine]` table of a TOML file.
+        ///
+        /// ```toml
+        /// [engine]
+        /// workers = 1              # defaults for every stage
+        /// batch_events_max = 256
+        ///
+        /// [engine.stages.payment]  # overrides for one stage
+        /// workers = 2
+        /// ```
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct EngineSettings {
+            $( #[doc = concat!("Default for every stage: see [`StageConfig::", stringify!($name), "`].")] pub $name: Option<$ty>, )*
+            /// Per-stage overrides, by stage name.
+            #[serde(default)]
+            pub stages: BTreeMap<String, StageSettings>,
+        }
+
+        impl EngineSettings {
+            /// The defaults for every stage.
+            fn defaults(&self) -> StageSettings {
+                StageSettings { $( $name: self.$name, )* }
+            }
+
+            fn set_defaults(&mut self, defaults: &StageSettings) {
+                $( self.$name = defaults.$name; )*
+            }
+        }
+    };
+}
+
+stage_settings! {
     /// Worker threads in the stage's pool (1..=256).
-    pub workers: usize,
+    workers: usize = 1,
     /// Capacity of the stage's input queue, in batches (1..=65536).
-    pub queue_batches: usize,
+    queue_batches: usize = 64,
     /// Most events per batch sent to the stage (1..=65536).
-    pub batch_events_max: usize,
+    batch_events_max: usize = 256,
     /// Attempts an event gets in this stage before it is dead-lettered (1..=100).
-    pub attempts_max: u32,
+    attempts_max: u32 = 5,
     /// What senders do when the stage's queue is full.
-    pub overflow: Overflow,
+    overflow: Overflow = Overflow::Block,
     /// Priority levels of the stage's queue (1..=8; 1: no priorities). Each level is a queue of
     /// `queue_batches`; workers take from the highest non-empty one.
-    pub priority_levels: u8,
+    priority_levels: u8 = 1,
     /// First retry delay in milliseconds (0: retry at once); each later attempt doubles it.
-    pub retry_backoff_ms_base: u64,
+    retry_backoff_ms_base: u64 = 1,
     /// Longest retry delay in milliseconds (`retry_backoff_ms_base..=60000`).
-    pub retry_backoff_ms_max: u64,
+    retry_backoff_ms_max: u64 = 1_000,
     /// How retry delays are spread.
-    pub retry_jitter: Jitter,
+    retry_jitter: Jitter = Jitter::Full,
     /// Time to live in the stage, in milliseconds (0: none, at most one day): an event that
     /// waited longer than this since it was sent to the stage is dead-lettered as `expired`
     /// instead of handled.
-    pub ttl_ms: u64,
-}
-
-impl Default for StageConfig {
-    fn default() -> Self {
-        Self {
-            workers: 1,
-            queue_batches: 64,
-            batch_events_max: 256,
-            attempts_max: 5,
-            overflow: Overflow::Block,
-            priority_levels: 1,
-            retry_backoff_ms_base: 1,
-            retry_backoff_ms_max: 1_000,
-            retry_jitter: Jitter::Full,
-            ttl_ms: 0,
-        }
-    }
+    ttl_ms: u64 = 0,
 }
 
 impl StageConfig {
@@ -168,138 +219,14 @@ fn check_range(scope: &str, field: &str, value: usize, min: usize, max: usize) -
     }
 }
 
-/// Raw stage settings as written in a file: every field optional, falling back to the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StageSettings {
-    /// See [`StageConfig::workers`].
-    pub workers: Option<usize>,
-    /// See [`StageConfig::queue_batches`].
-    pub queue_batches: Option<usize>,
-    /// See [`StageConfig::batch_events_max`].
-    pub batch_events_max: Option<usize>,
-    /// See [`StageConfig::attempts_max`].
-    pub attempts_max: Option<u32>,
-    /// See [`StageConfig::overflow`].
-    pub overflow: Option<Overflow>,
-    /// See [`StageConfig::priority_levels`].
-    pub priority_levels: Option<u8>,
-    /// See [`StageConfig::retry_backoff_ms_base`].
-    pub retry_backoff_ms_base: Option<u64>,
-    /// See [`StageConfig::retry_backoff_ms_max`].
-    pub retry_backoff_ms_max: Option<u64>,
-    /// See [`StageConfig::retry_jitter`].
-    pub retry_jitter: Option<Jitter>,
-    /// See [`StageConfig::ttl_ms`].
-    pub ttl_ms: Option<u64>,
-}
-
-impl StageSettings {
-    /// Lays `other` over these settings: every value `other` sets wins.
-    pub fn overlay(&mut self, other: &StageSettings) {
-        fn pick<T: Copy>(mine: &mut Option<T>, theirs: Option<T>) {
-            if theirs.is_some() {
-                *mine = theirs;
-            }
-        }
-        pick(&mut self.workers, other.workers);
-        pick(&mut self.queue_batches, other.queue_batches);
-        pick(&mut self.batch_events_max, other.batch_events_max);
-        pick(&mut self.attempts_max, other.attempts_max);
-        pick(&mut self.overflow, other.overflow);
-        pick(&mut self.priority_levels, other.priority_levels);
-        pick(&mut self.retry_backoff_ms_base, other.retry_backoff_ms_base);
-        pick(&mut self.retry_backoff_ms_max, other.retry_backoff_ms_max);
-        pick(&mut self.retry_jitter, other.retry_jitter);
-        pick(&mut self.ttl_ms, other.ttl_ms);
-    }
-
-    fn over(&self, base: StageConfig) -> StageConfig {
-        StageConfig {
-            workers: self.workers.unwrap_or(base.workers),
-            queue_batches: self.queue_batches.unwrap_or(base.queue_batches),
-            batch_events_max: self.batch_events_max.unwrap_or(base.batch_events_max),
-            attempts_max: self.attempts_max.unwrap_or(base.attempts_max),
-            overflow: self.overflow.unwrap_or(base.overflow),
-            priority_levels: self.priority_levels.unwrap_or(base.priority_levels),
-            retry_backoff_ms_base: self.retry_backoff_ms_base.unwrap_or(base.retry_backoff_ms_base),
-            retry_backoff_ms_max: self.retry_backoff_ms_max.unwrap_or(base.retry_backoff_ms_max),
-            retry_jitter: self.retry_jitter.unwrap_or(base.retry_jitter),
-            ttl_ms: self.ttl_ms.unwrap_or(base.ttl_ms),
-        }
-    }
-}
-
-/// Raw engine settings as written in the `[engine]` table of a TOML file.
-///
-/// ```toml
-/// [engine]
-/// workers = 1              # defaults for every stage
-/// batch_events_max = 256
-///
-/// [engine.stages.payment]  # overrides for one stage
-/// workers = 2
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EngineSettings {
-    /// Default for every stage: see [`StageConfig::workers`].
-    pub workers: Option<usize>,
-    /// Default for every stage: see [`StageConfig::queue_batches`].
-    pub queue_batches: Option<usize>,
-    /// Default for every stage: see [`StageConfig::batch_events_max`].
-    pub batch_events_max: Option<usize>,
-    /// Default for every stage: see [`StageConfig::attempts_max`].
-    pub attempts_max: Option<u32>,
-    /// Default for every stage: see [`StageConfig::overflow`].
-    pub overflow: Option<Overflow>,
-    /// Default for every stage: see [`StageConfig::priority_levels`].
-    pub priority_levels: Option<u8>,
-    /// Default for every stage: see [`StageConfig::retry_backoff_ms_base`].
-    pub retry_backoff_ms_base: Option<u64>,
-    /// Default for every stage: see [`StageConfig::retry_backoff_ms_max`].
-    pub retry_backoff_ms_max: Option<u64>,
-    /// Default for every stage: see [`StageConfig::retry_jitter`].
-    pub retry_jitter: Option<Jitter>,
-    /// Default for every stage: see [`StageConfig::ttl_ms`].
-    pub ttl_ms: Option<u64>,
-    /// Per-stage overrides, by stage name.
-    #[serde(default)]
-    pub stages: BTreeMap<String, StageSettings>,
-}
-
 impl EngineSettings {
     /// Lays `other` over these settings: every value `other` sets wins, stage by stage.
     pub fn overlay(&mut self, other: &EngineSettings) {
         let mut defaults = self.defaults();
         defaults.overlay(&other.defaults());
-        self.workers = defaults.workers;
-        self.queue_batches = defaults.queue_batches;
-        self.batch_events_max = defaults.batch_events_max;
-        self.attempts_max = defaults.attempts_max;
-        self.overflow = defaults.overflow;
-        self.priority_levels = defaults.priority_levels;
-        self.retry_backoff_ms_base = defaults.retry_backoff_ms_base;
-        self.retry_backoff_ms_max = defaults.retry_backoff_ms_max;
-        self.retry_jitter = defaults.retry_jitter;
-        self.ttl_ms = defaults.ttl_ms;
+        self.set_defaults(&defaults);
         for (name, theirs) in &other.stages {
             self.stages.entry(name.clone()).or_default().overlay(theirs);
-        }
-    }
-
-    fn defaults(&self) -> StageSettings {
-        StageSettings {
-            workers: self.workers,
-            queue_batches: self.queue_batches,
-            batch_events_max: self.batch_events_max,
-            attempts_max: self.attempts_max,
-            overflow: self.overflow,
-            priority_levels: self.priority_levels,
-            retry_backoff_ms_base: self.retry_backoff_ms_base,
-            retry_backoff_ms_max: self.retry_backoff_ms_max,
-            retry_jitter: self.retry_jitter,
-            ttl_ms: self.ttl_ms,
         }
     }
 }
