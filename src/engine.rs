@@ -19,8 +19,8 @@ use crate::journal::Journal;
 use crate::log::LogError;
 use crate::metrics::{LatencySummary, Snapshot, StageMetrics};
 use crate::stage::worker::{Shared, WorkerCtx};
-use crate::topology::{Compiled, Topology};
 use crate::stage::{Envelope, Message, StageId};
+use crate::topology::{Compiled, Topology};
 
 /// A running pipeline. Submit messages from any number of threads (`&Engine` is `Sync`), then
 /// [`shutdown`](Self::shutdown) to drain it and get the final report.

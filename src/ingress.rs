@@ -316,7 +316,7 @@ impl<M: Message> Ingress<M> {
 
     /// Sends a window's batches in order, counting them as submitted; on failure the unsent
     /// batches stay in `window`.
-    fn send_window(&self, window: &mut Window<M>) -> Result<u64, ()> {
+    fn send_window(&self, window: &mut Window<M>) -> Result<u64, QueueGone> {
         let sent = send_window(&self.input, window)?;
         self.submitted.fetch_add(sent, Ordering::Relaxed);
         Ok(sent)
@@ -380,8 +380,12 @@ impl<M: Message> Forwarder<M> {
     }
 }
 
+/// The entry queue's workers are gone (the engine is poisoned or stopping): nothing more enters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueueGone;
+
 /// Sends a window's batches in order; on failure the unsent batches stay in `window`.
-pub(crate) fn send_window<M: Message>(input: &StageInput<M>, window: &mut Window<M>) -> Result<u64, ()> {
+pub(crate) fn send_window<M: Message>(input: &StageInput<M>, window: &mut Window<M>) -> Result<u64, QueueGone> {
     let mut sent = 0;
     let mut batches = std::mem::take(window).into_iter();
     while let Some((partition, batch)) = batches.next() {
@@ -391,7 +395,7 @@ pub(crate) fn send_window<M: Message>(input: &StageInput<M>, window: &mut Window
             Err(SendFailure::Full(back) | SendFailure::Gone(back)) => {
                 window.push((partition, back.events));
                 window.extend(batches);
-                return Err(());
+                return Err(QueueGone);
             }
         }
     }

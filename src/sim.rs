@@ -21,13 +21,13 @@ use rand::{Rng, SeedableRng};
 
 use crate::clock::{Clock, ManualClock};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
-use crate::topology::Compiled;
 use crate::error::BuildError;
 use crate::journal::{dead_letter_record, JournalCodec};
 use crate::log::{Record, STAGE_INGRESS};
 use crate::metrics::BatchTally;
 use crate::stage::handling::{Effects, StageCore};
 use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, StageId};
+use crate::topology::Compiled;
 use crate::{EngineConfig, Topology};
 
 /// A stage's handler as the topology built it, boxed.

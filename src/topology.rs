@@ -307,4 +307,3 @@ impl<M: Message> Topology<M> {
         Ok(order)
     }
 }
-

@@ -136,7 +136,7 @@ pub enum LogError {
     },
     /// The storage engine failed (I/O, or a damaged file it detected).
     #[error("storage error: {0}")]
-    Storage(String),
+    Storage(#[source] StorageFailure),
     /// A stored frame failed validation.
     #[error("frame {frame} is corrupt: {error}")]
     Corrupt {
@@ -166,8 +166,47 @@ pub enum LogError {
     Options(String),
 }
 
-fn storage(error: impl std::fmt::Display) -> LogError {
-    LogError::Storage(error.to_string())
+/// What the storage engine (or the file system under it) reported, kept as the error's source;
+/// `context` says what the log was doing, when that is not the source's own words.
+#[derive(Debug, Clone)]
+pub struct StorageFailure {
+    context: Option<String>,
+    source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl StorageFailure {
+    /// `source`, reported while doing `context` (if given).
+    pub fn new(context: Option<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { context, source: std::sync::Arc::new(source) }
+    }
+}
+
+impl std::fmt::Display for StorageFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.context {
+            Some(context) => write!(f, "{context}: {}", self.source),
+            None => write!(f, "{}", self.source),
+        }
+    }
+}
+
+impl std::error::Error for StorageFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Failures compare by what they say: two reports of the same failure are equal.
+impl PartialEq for StorageFailure {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for StorageFailure {}
+
+fn storage(error: impl std::error::Error + Send + Sync + 'static) -> LogError {
+    LogError::Storage(StorageFailure::new(None, error))
 }
 
 /// A non-blocking append failed; the records come back when the queue was only full.
@@ -269,7 +308,7 @@ fn open_database(path: &Path, create: bool) -> Result<redb::Database, LogError> 
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
             if !matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
         {
-            Err(LogError::Storage(format!("{}: {e}", path.display())))
+            Err(LogError::Storage(StorageFailure::new(Some(path.display().to_string()), e)))
         }
         Ok(Err(error)) => Err(not_a_log(error.to_string())),
         Err(_) => Err(not_a_log("the storage engine could not read it".into())),
@@ -383,7 +422,7 @@ impl Log {
         match std::fs::metadata(path) {
             Ok(meta) if meta.is_file() => Self::open(path, options),
             Ok(_) => Err(LogError::NotALog { path: path.to_owned(), reason: "not a regular file".into() }),
-            Err(e) => Err(LogError::Storage(format!("{}: {e}", path.display()))),
+            Err(e) => Err(LogError::Storage(StorageFailure::new(Some(path.display().to_string()), e))),
         }
     }
 
@@ -590,8 +629,10 @@ const DAMAGED_PAGES: &str = "its pages are damaged: the storage engine failed re
 /// Runs a read of the store, turning a panic of the storage engine (redb may panic on damaged
 /// pages) into an error: no file content may crash the caller.
 fn contained<T>(read: impl FnOnce() -> Result<T, LogError>) -> Result<T, LogError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
-        .unwrap_or_else(|_| Err(LogError::Storage(format!("the log {DAMAGED_PAGES}"))))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|_| {
+        let damaged = std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the log {DAMAGED_PAGES}"));
+        Err(LogError::Storage(StorageFailure::new(None, damaged)))
+    })
 }
 
 /// Every frame in order (see [`scan_unguarded`]), a storage engine panic contained.
