@@ -10,6 +10,39 @@ use crate::routing::{ExchangeBuilder, Pattern, KEY_BYTES_MAX};
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
 
+/// Runs each target over its checked-in corpus (`<fuzz_dir>/corpus/<target>`, which must not be
+/// empty) and every input that ever crashed it (`<fuzz_dir>/regressions/<target>`), checking that
+/// each target has its cargo-fuzz file (`<fuzz_dir>/fuzz_targets/<target>.rs`). A failing input
+/// panics the target; its path is printed first.
+///
+/// # Panics
+/// When a target breaks a promise on an input, or a target has no corpus or no fuzz file.
+pub fn replay(fuzz_dir: &std::path::Path, targets: &[(&str, Target)]) {
+    fn inputs(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut inputs: Vec<(String, Vec<u8>)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| (e.path().display().to_string(), std::fs::read(e.path()).expect("a corpus file reads")))
+            .collect();
+        inputs.sort();
+        inputs
+    }
+    for &(name, target) in targets {
+        let corpus = inputs(&fuzz_dir.join("corpus").join(name));
+        assert!(!corpus.is_empty(), "target {name} has no seed corpus");
+        assert!(
+            fuzz_dir.join("fuzz_targets").join(format!("{name}.rs")).is_file(),
+            "target {name} has no fuzz_targets file"
+        );
+        let regressions = inputs(&fuzz_dir.join("regressions").join(name));
+        for (path, bytes) in corpus.iter().chain(&regressions) {
+            eprintln!("{name}: {path}");
+            target(bytes);
+        }
+    }
+}
+
 /// The fuzz targets, by name (the file names under `fuzz/fuzz_targets` and `fuzz/corpus`).
 pub const TARGETS: [(&str, Target); 3] =
     [("frame_bytes", frame_bytes), ("frame_body", frame_body), ("routing", routing)];
