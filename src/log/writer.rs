@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rustc_hash::FxHashMap;
 
+use super::error::storage;
 use super::format::{encode_frame, Frame, HEADER_LEN};
-use super::{bucket_of, storage, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, FRAMES};
+use super::{bucket_of, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, FRAMES};
 
 /// Bytes a record adds to a frame besides its payload and note (rkyv's fixed part, rounded up).
 const RECORD_FIXED_BYTES: usize = 80;

@@ -1,8 +1,16 @@
 //! The durable cases: the engine with an immediate log against redb rows, the log alone and a
 //! plain file with fsync, on the same bytes.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conduit::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
+use conduit::EngineConfig;
+use conduit_orders::{self as orders, Order, OrderEvent, SimConfig};
+
+use super::EVENTS_PER_ORDER;
 
 /// The records a pipeline run journals for `events` events: one placement (with its 34-byte
 /// payload) then six facts without payload, per order.

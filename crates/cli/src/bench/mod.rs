@@ -26,21 +26,12 @@
 //! | `engine_durable` | conduit's pipeline with an immediate log |
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use serde::Serialize;
-
-use conduit::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
 use conduit::EngineConfig;
-use conduit_orders::ports::{
-    Channel, InventoryStore, Notifier, PaymentGateway, SimulatedCarrier, SimulatedGateway, SimulatedInventory,
-    SimulatedNotifier,
-};
-use conduit_orders::{self as orders, Effect, IdempotencyKey, Order, OrderEvent, SimConfig, Workload};
+use conduit_orders::{Order, Workload};
+use serde::Serialize;
 
 mod durable;
 mod overload;

@@ -1,7 +1,13 @@
 //! Memory under overload: a producer far faster than the pipeline drains.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use conduit::EngineConfig;
+use conduit_orders::{self as orders, SimConfig};
+use serde::Serialize;
+
+use super::{engine_memory, workload};
 
 /// Memory under overload: a producer far faster than the pipeline drains.
 #[derive(Debug, Clone, Serialize)]

@@ -1,8 +1,18 @@
 //! The order pipeline's work through the engine and through its baselines: inline in one thread,
 //! one thread per stage over crossbeam, the disruptor; and the sweep over batch and pool sizes.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conduit::EngineConfig;
+use conduit_orders::ports::{
+    Channel, InventoryStore, Notifier, PaymentGateway, SimulatedCarrier, SimulatedGateway, SimulatedInventory,
+    SimulatedNotifier,
+};
+use conduit_orders::{self as orders, Effect, IdempotencyKey, Order, SimConfig, Workload};
+
+use super::{median, BenchConfig, SweepPoint, EVENTS_PER_ORDER};
 
 /// The six steps against fresh simulated ports, as the pipeline's handlers do them.
 pub(super) struct Work {

@@ -1,7 +1,12 @@
 //! The synthetic cases: a chain of pass-through stages and publish/subscribe fan-out.
 
-#[allow(clippy::wildcard_imports)]
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conduit::EngineConfig;
+
+use super::pipeline::PER_EVENT_CAPACITY;
 
 /// The per-event work of one synthetic stage: a few multiply-xorshift rounds.
 pub(super) fn chain_step(x: u64) -> u64 {

@@ -1,0 +1,207 @@
+//! Opening a log: the redb file, the scan that learns each stream's last version, the writer's
+//! start; and the contained, parallel scan of every frame that opening and reads share.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rayon::prelude::*;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use rustc_hash::FxHashMap;
+
+use super::error::storage;
+use super::{
+    decode_frame_owned, writer, Frame, FrameError, Log, LogCounters, LogError, LogOptions, OpenSummary, Shared,
+    StorageFailure, BUCKETS, FORMAT_VERSION, FRAMES, META, META_FORMAT,
+};
+
+/// Opens the redb file, mapping "not a database" to a clear error.
+fn open_database(path: &Path, create: bool) -> Result<redb::Database, LogError> {
+    let not_a_log = |reason: String| LogError::NotALog { path: path.to_owned(), reason };
+    let opened =
+        std::panic::catch_unwind(|| if create { redb::Database::create(path) } else { redb::Database::open(path) });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if !matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
+        {
+            Err(LogError::Storage(StorageFailure::new(Some(path.display().to_string()), e)))
+        }
+        Ok(Err(error)) => Err(not_a_log(error.to_string())),
+        Err(_) => Err(not_a_log("the storage engine could not read it".into())),
+    }
+}
+
+impl Log {
+    /// Opens the log at `path`, creating it if it does not exist, and starts the writer.
+    ///
+    /// Every frame is read and validated first (in parallel) to learn each stream's last
+    /// version: a corrupt frame is an error, never a panic.
+    pub fn open(path: impl AsRef<Path>, options: LogOptions) -> Result<Self, LogError> {
+        options.validate()?;
+        let path = path.as_ref().to_owned();
+        let db = open_database(&path, true)?;
+        Self::start(path, db, options)
+    }
+
+    /// Opens a log on any redb storage backend: in memory, or one that fails or tears writes
+    /// on purpose in tests. `label` names it in errors and reports.
+    pub fn open_with_backend(
+        label: impl Into<PathBuf>,
+        backend: impl redb::StorageBackend,
+        options: LogOptions,
+    ) -> Result<Self, LogError> {
+        options.validate()?;
+        let path = label.into();
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            redb::Database::builder().create_with_backend(backend)
+        }));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(error)) => return Err(LogError::NotALog { path, reason: error.to_string() }),
+            Err(_) => return Err(LogError::NotALog { path, reason: "the storage engine could not read it".into() }),
+        };
+        Self::start(path, db, options)
+    }
+
+    /// Reads what the file holds and starts the writer. redb may panic on damaged pages (its
+    /// B-tree code treats some page states as unreachable): that is contained here and reported
+    /// as a file that is not a readable log.
+    fn start(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
+        let label = path.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::start_unguarded(path, db, options)))
+            .unwrap_or_else(|_| Err(LogError::NotALog { path: label, reason: DAMAGED_PAGES.into() }))
+    }
+
+    fn start_unguarded(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
+        {
+            let txn = db.begin_write().map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                let format = meta.get(META_FORMAT).map_err(storage)?.map(|v| v.value());
+                match format {
+                    Some(v) if v == u64::from(FORMAT_VERSION) => {}
+                    Some(v) => {
+                        return Err(LogError::NotALog {
+                            path,
+                            reason: format!("log format {v}, this build reads {FORMAT_VERSION}"),
+                        })
+                    }
+                    None => {
+                        let frames = txn.open_table(FRAMES).map_err(storage)?;
+                        if !frames.is_empty().map_err(storage)? {
+                            return Err(LogError::NotALog { path, reason: "frames without a format marker".into() });
+                        }
+                        drop(frames);
+                        meta.insert(META_FORMAT, u64::from(FORMAT_VERSION)).map_err(storage)?;
+                    }
+                }
+                txn.open_table(BUCKETS).map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+        }
+        let shared = Arc::new(Shared {
+            db,
+            counters: LogCounters::default(),
+            failed: Mutex::new(None),
+            has_failed: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+        });
+        let mut versions: FxHashMap<u64, u32> = FxHashMap::default();
+        let mut summary = OpenSummary::default();
+        let mut next_frame = 0;
+        let mut max_id = 0;
+        scan(&shared.db, |seq, frame| {
+            next_frame = seq + 1;
+            summary.frames += 1;
+            for record in &frame.records {
+                let version = versions.entry(record.stream).or_insert(0);
+                *version = record.version;
+                max_id = max_id.max(record.id);
+            }
+            summary.records += frame.records.len() as u64;
+            Ok(())
+        })?;
+        summary.streams = versions.len() as u64;
+        shared.next_id.store(max_id + 1, Ordering::Relaxed);
+        let (sender, receiver) = crossbeam_channel::bounded(options.queue_appends);
+        let state = writer::WriterState::new(Arc::clone(&shared), options, versions, next_frame);
+        let writer = std::thread::Builder::new()
+            .name("conduit:log-writer".into())
+            .spawn(move || writer::run(state, &receiver))
+            .map_err(storage)?;
+        Ok(Self { path, shared, sender: Mutex::new(Some(sender)), writer: Mutex::new(Some(writer)), options, summary })
+    }
+
+    /// Opens an existing log (see [`Log::open`]); a missing file is an error, not a new log.
+    pub fn open_existing(path: impl AsRef<Path>, options: LogOptions) -> Result<Self, LogError> {
+        let path = path.as_ref();
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => Self::open(path, options),
+            Ok(_) => Err(LogError::NotALog { path: path.to_owned(), reason: "not a regular file".into() }),
+            Err(e) => Err(LogError::Storage(StorageFailure::new(Some(path.display().to_string()), e))),
+        }
+    }
+}
+
+/// Frames decoded per parallel chunk while scanning.
+const SCAN_CHUNK_FRAMES: usize = 64;
+
+/// Reads every frame in order, validating and decoding them in parallel chunks.
+/// What a panic of the storage engine on damaged pages is reported as.
+const DAMAGED_PAGES: &str = "its pages are damaged: the storage engine failed reading them";
+
+/// Runs a read of the store, turning a panic of the storage engine (redb may panic on damaged
+/// pages) into an error: no file content may crash the caller.
+pub(super) fn contained<T>(read: impl FnOnce() -> Result<T, LogError>) -> Result<T, LogError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|_| {
+        let damaged = std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the log {DAMAGED_PAGES}"));
+        Err(LogError::Storage(StorageFailure::new(None, damaged)))
+    })
+}
+
+/// Every frame in order (see [`scan_unguarded`]), a storage engine panic contained.
+pub(super) fn scan(db: &redb::Database, f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
+    contained(|| scan_unguarded(db, f))
+}
+
+fn scan_unguarded(db: &redb::Database, mut f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let frames = match txn.open_table(FRAMES) {
+        Ok(frames) => frames,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(storage(e)),
+    };
+    let mut iter = frames.iter().map_err(storage)?;
+    let mut previous: Option<u64> = None;
+    loop {
+        let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
+        for entry in iter.by_ref().take(SCAN_CHUNK_FRAMES) {
+            let (key, value) = entry.map_err(storage)?;
+            chunk.push((key.value(), value));
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let decoded: Vec<Result<Frame, LogError>> = chunk
+            .par_iter()
+            .map(|(seq, value)| {
+                decode_frame_owned(*seq, value.value()).map_err(|error| LogError::Corrupt { frame: *seq, error })
+            })
+            .collect();
+        for ((seq, _), frame) in chunk.iter().zip(decoded) {
+            let frame = frame?;
+            if let Some(before) = previous {
+                if *seq != before + 1 {
+                    return Err(LogError::Corrupt {
+                        frame: *seq,
+                        error: FrameError::Invalid(format!("frame {seq} follows frame {before}: frames are missing")),
+                    });
+                }
+            }
+            previous = Some(*seq);
+            f(*seq, &frame)?;
+        }
+    }
+}

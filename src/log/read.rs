@@ -1,0 +1,84 @@
+//! Reading a log: every record or frame in order, one stream through the bucket index, and
+//! aggregates folded from a stream now or at a past version or time.
+
+use redb::ReadableDatabase;
+
+use super::error::storage;
+use super::open::{contained, scan};
+use super::{bucket_of, decode_frame, Frame, FrameError, Log, LogError, Record, BUCKETS, FRAMES};
+
+/// State rebuilt from a stream's events.
+pub trait Aggregate: Default {
+    /// Folds one event in.
+    fn apply(&mut self, record: &Record);
+}
+
+impl Log {
+    /// Every record, in log order, validated frame by frame.
+    pub fn for_each(&self, mut f: impl FnMut(&Record)) -> Result<(), LogError> {
+        scan(&self.shared.db, |_, frame| {
+            frame.records.iter().for_each(&mut f);
+            Ok(())
+        })
+    }
+
+    /// Every frame in log order, decoded in parallel chunks; `f` sees them in order.
+    pub fn for_each_frame(&self, f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
+        scan(&self.shared.db, f)
+    }
+
+    /// The records of one stream, in version order, found through the bucket index.
+    pub fn stream(&self, stream: u64) -> Result<Vec<Record>, LogError> {
+        contained(|| self.stream_unguarded(stream))
+    }
+
+    fn stream_unguarded(&self, stream: u64) -> Result<Vec<Record>, LogError> {
+        let txn = self.shared.db.begin_read().map_err(storage)?;
+        let buckets = txn.open_table(BUCKETS).map_err(storage)?;
+        let frames = txn.open_table(FRAMES).map_err(storage)?;
+        let bucket = bucket_of(stream);
+        let mut records = Vec::new();
+        for entry in buckets.range((bucket, 0)..=(bucket, u64::MAX)).map_err(storage)? {
+            let (key, ()) = entry.map_err(storage).map(|(k, v)| (k.value(), v.value()))?;
+            let seq = key.1;
+            let bytes = frames.get(seq).map_err(storage)?.ok_or_else(|| LogError::Corrupt {
+                frame: seq,
+                error: FrameError::Invalid("indexed frame is missing".into()),
+            })?;
+            let archived = decode_frame(bytes.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
+            for record in archived.records.iter().filter(|r| r.stream.to_native() == stream) {
+                records.push(
+                    rkyv::deserialize::<Record, rkyv::rancor::Error>(record)
+                        .map_err(|e| LogError::Corrupt { frame: seq, error: FrameError::Invalid(e.to_string()) })?,
+                );
+            }
+        }
+        records.sort_by_key(|r| r.version);
+        Ok(records)
+    }
+
+    /// Rebuilds an aggregate from every event of its stream; returns it with its version.
+    pub fn load<A: Aggregate>(&self, stream: u64) -> Result<(A, u32), LogError> {
+        self.load_until(stream, |_| true)
+    }
+
+    /// The aggregate as it was at `version` (or its last version, if lower).
+    pub fn load_at<A: Aggregate>(&self, stream: u64, version: u32) -> Result<(A, u32), LogError> {
+        self.load_until(stream, |r| r.version <= version)
+    }
+
+    /// The aggregate as it was at `timestamp_us` (microseconds since the Unix epoch).
+    pub fn load_as_of<A: Aggregate>(&self, stream: u64, timestamp_us: u64) -> Result<(A, u32), LogError> {
+        self.load_until(stream, |r| r.timestamp_us <= timestamp_us)
+    }
+
+    fn load_until<A: Aggregate>(&self, stream: u64, keep: impl Fn(&Record) -> bool) -> Result<(A, u32), LogError> {
+        let mut aggregate = A::default();
+        let mut version = 0;
+        for record in self.stream(stream)?.iter().take_while(|r| keep(r)) {
+            aggregate.apply(record);
+            version = record.version;
+        }
+        Ok((aggregate, version))
+    }
+}
