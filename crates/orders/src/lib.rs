@@ -24,23 +24,26 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod config;
 mod domain;
 pub mod fuzz;
 mod history;
 mod pipeline;
 pub mod ports;
 mod redrive;
+mod report;
+mod run;
 mod simulate;
 mod stages;
+mod wiring;
 
+pub use config::{keys, OrderRouting, PipelineFile, SimConfig, TopologyFile};
 pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
 pub use history::{Histories, OrderHistory, OrderStatus, VerifiedLedger, VerifyReport};
-pub use pipeline::{
-    keys, recover, run, run_routed, verify, DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts,
-    OrderPipeline, OrderRouting, PipelineFile, RecoverReport, RunError, RunReport, SimConfig, StockReport,
-    TopologyFile,
-};
+pub use pipeline::OrderPipeline;
 pub use redrive::{redrive, RedriveItem, RedrivePlan, RedriveReport};
+pub use report::{DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, RunReport, StockReport};
+pub use run::{recover, run, run_routed, verify, RecoverReport, RunError};
 pub use simulate::{simulate, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
 

@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use super::domain::{kinds, OrderEvent, Step};
 use super::history::{Histories, OrderHistory, OrderStatus, VerifyReport};
-use super::pipeline::{OrderPipeline, RunError, RunReport, SimConfig};
 use super::stages::names;
+use crate::{OrderPipeline, RunError, RunReport, SimConfig};
 use conduit::dlq::{self, DeadLetterIndex, Selection, StoredDeadLetter};
 use conduit::log::Log;
 use conduit::EngineConfig;

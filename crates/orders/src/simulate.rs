@@ -14,8 +14,10 @@ use serde::Serialize;
 
 use super::domain::{OrderCodec, OrderEvent, Workload};
 use super::history::{Histories, OrderHistory};
-use super::pipeline::{build, restore_ports, Built, OrderRouting, SimConfig};
+use super::pipeline::restore_ports;
 use super::stages::{OrderDeadLetters, Outcomes};
+use super::wiring::{build, Built, Ports};
+use crate::{OrderRouting, SimConfig};
 use conduit::log::{Aggregate, Record};
 use conduit::sim::Simulation;
 use conduit::EngineConfig;
@@ -46,7 +48,7 @@ pub struct SimulationReport {
 /// One incarnation of the pipeline: the simulation and the world its handlers act on.
 struct Incarnation {
     sim: Simulation<OrderEvent>,
-    built_ports: super::pipeline::Ports,
+    built_ports: Ports,
     outcomes: Arc<Outcomes>,
     dead_letters: Arc<OrderDeadLetters>,
 }

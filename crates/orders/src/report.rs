@@ -1,0 +1,232 @@
+//! What a run reports: orders, events, retries, dead letters, the ledger, stock, breakers, log.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::ports::{LedgerFigures, NotifyFigures, StockFigures};
+use conduit::breaker::BreakerReport;
+use conduit::log::{Durability, LogStats};
+use conduit::rpc::RpcStats;
+use conduit::LatencySummary;
+
+/// Orders by where they ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OrderCounts {
+    /// Accepted by the pipeline.
+    pub submitted: u64,
+    /// Charged, reserved and shipped.
+    pub confirmed: u64,
+    /// Cancelled, with compensation applied.
+    pub cancelled: u64,
+    /// Of the cancelled: for lack of stock.
+    pub cancelled_out_of_stock: u64,
+    /// Of the cancelled: payment declined.
+    pub cancelled_declined: u64,
+    /// Given up on, with compensation applied.
+    pub dead_lettered: u64,
+    /// Not yet terminal (0 after a drained run).
+    pub in_flight: u64,
+    /// Orders generated with a malformed payload (`simulation.poison_rate`), when this run
+    /// generated the orders; each must end in the dead letters as `malformed`.
+    pub poisoned: Option<u64>,
+}
+
+/// Retries over all stages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryReport {
+    /// Attempts that ended in a retry (transient failures, conflicts, panics).
+    pub total: u64,
+    /// Times work waited for an open circuit breaker (attempts not spent).
+    pub deferred: u64,
+    /// Retries per stage.
+    pub by_stage: BTreeMap<String, u64>,
+}
+
+/// Events handled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EventCounts {
+    /// Events finished by all stages together.
+    pub total: u64,
+    /// `total / elapsed_s`.
+    pub per_sec: f64,
+}
+
+/// The payment ledger against the confirmed orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LedgerReport {
+    /// Sum of every charge.
+    pub charged_cents: u64,
+    /// Sum of every refund.
+    pub refunded_cents: u64,
+    /// What the confirmed orders cost.
+    pub confirmed_total_cents: u64,
+    /// Orders charged more than once.
+    pub double_charges: u64,
+    /// Repeated requests answered without a second effect.
+    pub idempotent_replays: u64,
+    /// Charge attempts that timed out.
+    pub timeouts: u64,
+    /// `charged - refunded == confirmed_total` and no double charge.
+    pub balanced: bool,
+}
+
+impl LedgerReport {
+    pub(crate) fn new(ledger: LedgerFigures, confirmed_total_cents: u64) -> Self {
+        let balanced = ledger.double_charges == 0
+            && ledger.charged_cents.checked_sub(ledger.refunded_cents) == Some(confirmed_total_cents);
+        Self {
+            charged_cents: ledger.charged_cents,
+            refunded_cents: ledger.refunded_cents,
+            confirmed_total_cents,
+            double_charges: ledger.double_charges,
+            idempotent_replays: ledger.idempotent_replays,
+            timeouts: ledger.timeouts,
+            balanced,
+        }
+    }
+}
+
+/// Stock movements against the confirmed orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StockReport {
+    /// Units reserved.
+    pub reserved_units: u64,
+    /// Units released by compensation.
+    pub released_units: u64,
+    /// Units in confirmed orders.
+    pub confirmed_units: u64,
+    /// `reserved - released == confirmed`.
+    pub balanced: bool,
+}
+
+impl StockReport {
+    pub(crate) fn new(stock: StockFigures, confirmed_units: u64) -> Self {
+        Self {
+            reserved_units: stock.reserved_units,
+            released_units: stock.released_units,
+            confirmed_units,
+            balanced: stock.reserved_units.checked_sub(stock.released_units) == Some(confirmed_units),
+        }
+    }
+}
+
+/// Dead letters by stage and by reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetterReport {
+    /// All dead letters, notifications included.
+    pub total: u64,
+    /// Count per stage.
+    pub by_stage: BTreeMap<String, u64>,
+    /// Count per reason (`retries_exhausted`, `malformed`, `expired`, ...).
+    pub by_reason: BTreeMap<String, u64>,
+    /// Dead-lettered orders whose compensation failed.
+    pub compensation_failures: u64,
+}
+
+/// Everything `conduit run` reports; `--format json` prints it as one object.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The seed of the workload and faults.
+    pub seed: u64,
+    /// Orders by where they ended.
+    pub orders: OrderCounts,
+    /// Events handled.
+    pub events: EventCounts,
+    /// Retries.
+    pub retries: RetryReport,
+    /// Orders submitted per second of the whole run.
+    pub orders_per_sec: f64,
+    /// Seconds from start to fully drained.
+    pub elapsed_s: f64,
+    /// Per-stage figures.
+    pub stages: Vec<conduit::StageSnapshot>,
+    /// The payment ledger.
+    pub ledger: LedgerReport,
+    /// Stock movements.
+    pub stock: StockReport,
+    /// Notifications sent.
+    pub notifications: NotifyFigures,
+    /// Dead letters.
+    pub dead_letters: DeadLetterReport,
+    /// Set if a worker died.
+    pub poisoned: Option<String>,
+    /// The log, when the run was journaled.
+    pub log: Option<LogReport>,
+    /// With a log: time from journaling a submitted batch to its commit.
+    pub ack_latency_us: Option<LatencySummary>,
+    /// With `simulation.fraud_check`: the request/reply traffic to the fraud service.
+    pub fraud_check: Option<RpcStats>,
+    /// Each port's circuit breaker: state at the end and times it opened.
+    pub breakers: BTreeMap<String, BreakerReport>,
+}
+
+/// The log's part of a run report.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogReport {
+    /// The file.
+    pub path: String,
+    /// When commits were durable.
+    pub durability: Durability,
+    /// What the log wrote.
+    #[serde(flatten)]
+    pub stats: LogStats,
+    /// Set when the final sync failed.
+    pub sync_error: Option<String>,
+    /// Records this run appended besides its events' (a redrive's records).
+    pub other_records: u64,
+}
+
+impl RunReport {
+    /// Every invariant the run must keep; empty when all hold.
+    #[must_use]
+    pub fn violations(&self) -> Vec<String> {
+        let mut violations = Vec::new();
+        let o = &self.orders;
+        if o.submitted != o.confirmed + o.cancelled + o.dead_lettered {
+            violations.push(format!(
+                "submitted {} != confirmed {} + cancelled {} + dead_lettered {}",
+                o.submitted, o.confirmed, o.cancelled, o.dead_lettered
+            ));
+        }
+        if o.in_flight != 0 {
+            violations.push(format!("{} orders still in flight", o.in_flight));
+        }
+        if !self.ledger.balanced {
+            violations.push(format!(
+                "ledger unbalanced: charged {} - refunded {} != confirmed {} (double charges: {})",
+                self.ledger.charged_cents,
+                self.ledger.refunded_cents,
+                self.ledger.confirmed_total_cents,
+                self.ledger.double_charges
+            ));
+        }
+        if !self.stock.balanced {
+            violations.push(format!(
+                "stock unbalanced: reserved {} - released {} != confirmed {}",
+                self.stock.reserved_units, self.stock.released_units, self.stock.confirmed_units
+            ));
+        }
+        if let Some(reason) = &self.poisoned {
+            violations.push(format!("engine poisoned: {reason}"));
+        }
+        let malformed = self.dead_letters.by_reason.get("malformed").copied().unwrap_or(0);
+        if let Some(poisoned) = self.orders.poisoned {
+            if malformed != poisoned {
+                violations.push(format!("{malformed} orders dead-lettered as malformed, but {poisoned} were poisoned"));
+            }
+        }
+        if let Some(log) = &self.log {
+            if log.stats.events_appended != self.events.total + log.other_records {
+                violations.push(format!(
+                    "log appended {} events but the pipeline handled {} (and {} other records were written)",
+                    log.stats.events_appended, self.events.total, log.other_records
+                ));
+            }
+            if let Some(error) = &log.sync_error {
+                violations.push(format!("final log sync failed: {error}"));
+            }
+        }
+        violations
+    }
+}

@@ -1,0 +1,131 @@
+//! Running a workload to the end, recovering a log after a crash, and verifying one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::domain::Workload;
+use super::history::{Histories, VerifyReport};
+use crate::{OrderPipeline, OrderRouting, RunReport, SimConfig};
+use conduit::log::{Log, LogError};
+use conduit::{BuildError, EngineConfig};
+
+/// Orders submitted in one go by [`run`]; bounds the memory of the generator's buffer.
+const SUBMIT_CHUNK: usize = 4_096;
+
+/// Generates `orders` seeded orders, pushes them through a new pipeline (journaled to `log` if
+/// given), drains it and reports. `progress` is called after each chunk with the orders
+/// submitted and finished so far.
+pub fn run(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    orders: u64,
+    log: Option<Arc<Log>>,
+    progress: impl FnMut(u64, u64),
+) -> Result<RunReport, RunError> {
+    run_routed(config, sim, &OrderRouting::default(), orders, log, progress)
+}
+
+/// [`run`] with the stages bound as `routing` says.
+pub fn run_routed(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    routing: &OrderRouting,
+    orders: u64,
+    log: Option<Arc<Log>>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RunReport, RunError> {
+    if let Some(log) = &log {
+        let held = log.opened_with().records;
+        if held > 0 {
+            return Err(RunError::LogNotEmpty { path: log.path().display().to_string(), records: held });
+        }
+    }
+    let pipeline = OrderPipeline::start_routed(config, sim, routing, log, None)?;
+    let mut workload = Workload::new(sim.seed, sim.skus, sim.customers).poisoned(sim.poison_rate);
+    let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
+    let mut submitted = 0u64;
+    while submitted < orders {
+        let take = usize::try_from(orders - submitted).unwrap_or(usize::MAX).min(SUBMIT_CHUNK);
+        chunk.extend(workload.by_ref().take(take));
+        match pipeline.submit_many(chunk.drain(..)) {
+            Ok(count) => submitted += count,
+            Err(error) => {
+                let unsent = error.into_inner().len();
+                let report = pipeline.finish();
+                return Err(RunError::Poisoned { unsent, report: Box::new(report) });
+            }
+        }
+        progress(submitted, pipeline.terminal());
+    }
+    let mut report = pipeline.finish();
+    report.orders.poisoned = Some(workload.poisoned_count());
+    Ok(report)
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoverReport {
+    /// Orders found in the log.
+    pub orders_found: u64,
+    /// Events injected to resume in-flight orders, by stage.
+    pub resumed: BTreeMap<String, u64>,
+    /// The recovery run; its counts and ledger cover every order in the log.
+    pub run: RunReport,
+    /// The log verified after recovery.
+    pub verify: VerifyReport,
+}
+
+/// Reopens a log's orders: rebuilds each from its records (frames decoded in parallel), carries
+/// the ports' books over, resumes every in-flight order at its next step, drains, and verifies
+/// the log again. Idempotency keys make a resumed step that already happened a no-op, so no
+/// order is charged twice.
+pub fn recover(config: &EngineConfig, sim: &SimConfig, log: &Arc<Log>) -> Result<RecoverReport, RunError> {
+    let histories = Histories::read(log)?;
+    let pipeline = OrderPipeline::start_with(config, sim, Some(Arc::clone(log)), Some(&histories))?;
+    let resumed = match pipeline.resume(&histories) {
+        Ok(resumed) => resumed,
+        Err(error) => {
+            let unsent = error.into_inner().len();
+            return Err(RunError::Poisoned { unsent, report: Box::new(pipeline.finish()) });
+        }
+    };
+    let run = pipeline.finish();
+    let verify = Histories::read(log)?.verify();
+    Ok(RecoverReport { orders_found: histories.orders.len() as u64, resumed, run, verify })
+}
+
+/// Reads and checks a log: frame checksums and archives, contiguous versions, every order's
+/// history, every order terminal or resumable, the ledger.
+pub fn verify(log: &Log) -> Result<VerifyReport, LogError> {
+    Ok(Histories::read(log)?.verify())
+}
+
+/// A run that could not complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The pipeline could not start.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// `run` refuses a log that already holds orders: their ids would collide.
+    #[error("{path} already holds {records} events; use `conduit recover` on it, or a new path")]
+    LogNotEmpty {
+        /// The log.
+        path: String,
+        /// Records in it.
+        records: u64,
+    },
+    /// A worker died mid-run; the report shows what was done.
+    #[error("the engine was poisoned with {unsent} orders not submitted: {}", report.poisoned.as_deref().unwrap_or("unknown cause"))]
+    Poisoned {
+        /// Orders not submitted.
+        unsent: usize,
+        /// What the pipeline did before it stopped.
+        report: Box<RunReport>,
+    },
+}

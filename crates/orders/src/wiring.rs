@@ -1,0 +1,208 @@
+//! Wiring the order pipeline onto the engine: the simulated ports, their breakers, the stages
+//! and their bindings.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::domain::{Order, OrderEvent};
+use super::ports::{
+    Channel, FraudVerdict, SimulatedCarrier, SimulatedFraudCheck, SimulatedGateway, SimulatedInventory,
+    SimulatedNotifier,
+};
+use super::stages::{
+    names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, Outcomes, PaymentStage,
+    ShippingStage,
+};
+use crate::{keys, OrderRouting, SimConfig};
+use conduit::breaker::{BreakerConfig, BreakerReport, CircuitBreaker};
+use conduit::rpc::RpcServer;
+use conduit::{BuildError, Engine, EngineConfig, StageId, Topology};
+
+/// The simulated ports, shared by the stages and read by the report.
+#[derive(Debug, Clone)]
+pub(crate) struct Ports {
+    pub(crate) gateway: Arc<SimulatedGateway>,
+    pub(crate) inventory: Arc<SimulatedInventory>,
+    pub(crate) notifier: Arc<SimulatedNotifier>,
+    pub(crate) carrier: Arc<SimulatedCarrier>,
+}
+
+impl Ports {
+    fn new(sim: &SimConfig) -> Self {
+        Self {
+            gateway: Arc::new(
+                SimulatedGateway::new(
+                    sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
+                    sim.payment_decline_rate,
+                )
+                .with_timeouts(sim.payment_timeout_rate, Duration::from_micros(sim.payment_timeout_us)),
+            ),
+            inventory: Arc::new(SimulatedInventory::new(
+                sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
+                sim.skus,
+                sim.stock_per_sku,
+                sim.empty_skus(),
+            )),
+            notifier: Arc::new(SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us))),
+            carrier: Arc::new(SimulatedCarrier::default()),
+        }
+    }
+
+    /// The fraud service the payment stage calls, if the simulation asks for one.
+    fn fraud(sim: &SimConfig, workers: usize) -> Result<Option<FraudService>, BuildError> {
+        if !sim.fraud_check {
+            return Ok(None);
+        }
+        let service = SimulatedFraudCheck {
+            seed: sim.seed,
+            deny_rate: sim.fraud_deny_rate,
+            latency: Duration::from_micros(sim.fraud_latency_us),
+        };
+        let server = RpcServer::spawn("fraud", workers, 1_024, move |order: Order| service.check(&order))
+            .map_err(|source| BuildError::Spawn { name: "conduit:rpc:fraud".into(), source })?;
+        Ok(Some((Arc::new(server), Duration::from_micros(sim.fraud_timeout_us))))
+    }
+}
+
+/// One circuit breaker per port (email and SMS share the notifier but not a breaker: one
+/// provider per channel).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Breakers {
+    payment: Option<Arc<CircuitBreaker>>,
+    inventory: Option<Arc<CircuitBreaker>>,
+    email: Option<Arc<CircuitBreaker>>,
+    sms: Option<Arc<CircuitBreaker>>,
+}
+
+impl Breakers {
+    fn new(sim: &SimConfig) -> Self {
+        if sim.breaker_failures == 0 {
+            return Self::default();
+        }
+        let config = BreakerConfig {
+            failures_to_open: sim.breaker_failures,
+            open_for: Duration::from_millis(sim.breaker_open_ms),
+        };
+        let one = || Some(Arc::new(CircuitBreaker::new(config)));
+        Self { payment: one(), inventory: one(), email: one(), sms: one() }
+    }
+
+    /// Shows every breaker to the engine, so its snapshots report them.
+    pub(crate) fn watch(&self, engine: &Engine<OrderEvent>) {
+        for (port, breaker) in
+            [("payment", &self.payment), ("inventory", &self.inventory), ("email", &self.email), ("sms", &self.sms)]
+        {
+            if let Some(breaker) = breaker {
+                engine.watch_breaker(port, Arc::clone(breaker));
+            }
+        }
+    }
+
+    pub(crate) fn report(&self) -> BTreeMap<String, BreakerReport> {
+        [("payment", &self.payment), ("inventory", &self.inventory), ("email", &self.email), ("sms", &self.sms)]
+            .into_iter()
+            .filter_map(|(port, breaker)| breaker.as_ref().map(|b| (port.to_owned(), b.report())))
+            .collect()
+    }
+}
+
+/// A fraud service and how long to wait for its verdict.
+type FraudService = (Arc<RpcServer<Order, FraudVerdict>>, Duration);
+
+/// Builds the order pipeline's topology and everything its handlers share, without starting it.
+pub(crate) fn build(config: &EngineConfig, sim: &SimConfig, routing: &OrderRouting) -> Result<Built, BuildError> {
+    sim.validate()?;
+    let ports = Ports::new(sim);
+    let outcomes = Arc::new(Outcomes::default());
+    let dead_letters = Arc::new(OrderDeadLetters {
+        inventory: ports.inventory.clone(),
+        gateway: ports.gateway.clone(),
+        outcomes: Arc::clone(&outcomes),
+        letters: Mutex::new(Vec::new()),
+        compensation_failures: AtomicU64::new(0),
+    });
+
+    let mut topology = Topology::new();
+    let order = topology.stage(names::ORDER);
+    let payment = topology.stage(names::PAYMENT);
+    let inventory = topology.stage(names::INVENTORY);
+    let email = topology.stage(names::EMAIL);
+    let sms = topology.stage(names::SMS);
+    let shipping = topology.stage(names::SHIPPING);
+    let compensation = topology.stage(names::COMPENSATION);
+    let stages = vec![
+        (names::ORDER, order),
+        (names::PAYMENT, payment),
+        (names::INVENTORY, inventory),
+        (names::EMAIL, email),
+        (names::SMS, sms),
+        (names::SHIPPING, shipping),
+        (names::COMPENSATION, compensation),
+    ];
+    debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
+    // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
+    // compensated), which the report shows.
+    topology.entry(order).dead_letter_unroutable(true);
+    routing.apply(&mut topology, &stages)?;
+    let route = |topology: &mut Topology<OrderEvent>, from, key| {
+        topology.publishes(from, key).map_err(|e| BuildError::Topology(e.to_string()))
+    };
+    let accepted = route(&mut topology, order, keys::PAYMENT)?;
+    let (charged, declined) =
+        (route(&mut topology, payment, keys::INVENTORY)?, route(&mut topology, payment, keys::DECLINED)?);
+    let confirmed = route(&mut topology, inventory, keys::NOTIFY)?;
+    let ship = route(&mut topology, inventory, keys::SHIPPING)?;
+    let out_of_stock = route(&mut topology, inventory, keys::OUT_OF_STOCK)?;
+
+    topology.handler(order, move |_| OrderStage { accepted });
+    let gateway = ports.gateway.clone();
+    let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers)?;
+    let breakers = Breakers::new(sim);
+    let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
+    let breaker = breakers.payment.clone();
+    topology.handler(payment, move |_| PaymentStage {
+        gateway: gateway.clone(),
+        fraud: fraud.clone(),
+        charged,
+        declined,
+        breaker: breaker.clone(),
+    });
+    let (store, breaker) = (ports.inventory.clone(), breakers.inventory.clone());
+    topology.handler(inventory, move |_| InventoryStage {
+        inventory: store.clone(),
+        confirmed,
+        ship,
+        out_of_stock,
+        breaker: breaker.clone(),
+    });
+    for (stage, channel, breaker) in
+        [(email, Channel::Email, breakers.email.clone()), (sms, Channel::Sms, breakers.sms.clone())]
+    {
+        let notifier = ports.notifier.clone();
+        topology.handler(stage, move |_| NotifyStage { channel, notifier: notifier.clone(), breaker: breaker.clone() });
+    }
+    let (carrier, shipped) = (Arc::clone(&ports.carrier), Arc::clone(&outcomes));
+    topology.handler(shipping, move |_| ShippingStage { carrier: carrier.clone(), outcomes: shipped.clone() });
+    let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
+    topology.handler(compensation, move |_| CompensationStage {
+        inventory: store.clone(),
+        gateway: gateway.clone(),
+        outcomes: Arc::clone(&cancelled),
+    });
+    Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server })
+}
+
+/// The order pipeline, built and not started.
+pub(crate) struct Built {
+    pub(crate) topology: Topology<OrderEvent>,
+    pub(crate) stages: Vec<(&'static str, StageId)>,
+    pub(crate) ports: Ports,
+    pub(crate) outcomes: Arc<Outcomes>,
+    pub(crate) dead_letters: Arc<OrderDeadLetters>,
+    pub(crate) breakers: Breakers,
+    pub(crate) fraud: Option<Arc<RpcServer<Order, FraudVerdict>>>,
+}
