@@ -9,7 +9,7 @@ fn conduit(args: &[&str]) -> Output {
 }
 
 fn temp_file(name: &str, contents: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("conduit-cli-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("conduit-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(name);
     std::fs::write(&path, contents).expect("write temp file");
@@ -221,7 +221,7 @@ fn poisoned_orders_end_as_malformed_dead_letters_and_the_report_says_so() {
 
 #[test]
 fn dead_letters_are_listed_shown_redriven_and_purged_from_the_command_line() {
-    let dir = std::env::temp_dir().join(format!("conduit-cli-dlq-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("conduit-cli-dlq-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let log = dir.join("orders.redb");

@@ -189,5 +189,6 @@ fn circuit_breakers_open_under_failures_and_defer_work_without_spending_attempts
     let pipeline = orders::OrderPipeline::start(&engine(1, 64, 4), &sim).expect("starts");
     let watched = pipeline.engine().snapshot().breakers;
     assert_eq!(watched.keys().map(String::as_str).collect::<Vec<_>>(), ["email", "inventory", "payment", "sms"]);
-    let _ = pipeline.finish();
+    let finished = pipeline.finish();
+    assert!(finished.violations().is_empty(), "{:?}", finished.violations());
 }

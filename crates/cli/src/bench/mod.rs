@@ -366,7 +366,8 @@ mod tests {
 
     #[test]
     fn every_case_finishes_every_order_and_ratios_are_computed() {
-        let dir = std::env::temp_dir().join(format!("conduit-bench-test-{}", std::process::id()));
+        let scratch = tempfile::tempdir().expect("a scratch directory");
+        let dir = scratch.path().to_owned();
         let config = BenchConfig {
             orders: 5_000,
             durable_orders: 2_000,
