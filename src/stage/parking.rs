@@ -10,16 +10,6 @@ use crate::dead_letter::Failures;
 use crate::stage::{Deadline, Envelope};
 use crate::wheel::{Insert, Wheel};
 
-/// What to do with an event that arrives from the queue.
-pub(crate) enum Admission<M> {
-    /// Handle it now.
-    Handle(Envelope<M>),
-    /// Its deadline has passed: dead-letter it as expired.
-    Expired(Envelope<M>),
-    /// Its key is parked: it waits behind (nothing to do now).
-    Parked,
-}
-
 /// The next parked event to try again, from [`Parking::next_retry`].
 pub(crate) enum Due<M> {
     /// Try it again; its key stays parked until [`Parking::settle`] says how it went.
@@ -99,20 +89,26 @@ impl<M> Parking<M> {
         self.wheel.next_due().map(|tick| self.epoch_us.saturating_add(tick.saturating_mul(1_000)))
     }
 
-    /// Decides what to do with `event`, fresh from the queue, expiring at `expires`.
+    /// Whether `key` is parked: then its next event must wait behind (see
+    /// [`wait_behind`](Self::wait_behind)).
     #[inline]
-    pub(crate) fn admit(&mut self, event: Envelope<M>, expires: Deadline, now_us: u64) -> Admission<M> {
-        if expires != Deadline::NEVER && expires.passed(now_us) {
-            return Admission::Expired(event);
+    pub(crate) fn holds(&self, key: u64) -> bool {
+        !self.parked.is_empty() && self.parked.contains_key(&key)
+    }
+
+    /// Queues `event` behind its parked key's events, keeping their order.
+    pub(crate) fn wait_behind(&mut self, event: Envelope<M>, expires: Deadline) {
+        let queue = self.parked.get_mut(&event.key).expect("only events of a parked key wait behind it");
+        queue.push_back((event, expires));
+        self.parked_events += 1;
+    }
+
+    /// Forgets the failures `key`'s event met (it succeeded).
+    #[inline]
+    pub(crate) fn forget_failures(&mut self, key: u64) {
+        if !self.failures.is_empty() {
+            self.failures.remove(&key);
         }
-        if !self.parked.is_empty() {
-            if let Some(queue) = self.parked.get_mut(&event.key) {
-                queue.push_back((event, expires));
-                self.parked_events += 1;
-                return Admission::Parked;
-            }
-        }
-        Admission::Handle(event)
     }
 
     /// Keeps the failures `key`'s event met so far, for its next attempt.
