@@ -127,7 +127,8 @@ fn log_verify_reports_damage_with_a_non_zero_exit() {
     let truncated = dir.path().join("truncated.redb");
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).expect("write");
     let (code, stderr) = verify_cli(&truncated);
-    assert!(code == Some(1) && stderr.starts_with("error:") || code == Some(0), "{code:?} {stderr}");
+    assert_eq!(code, Some(1), "a log cut to a third must not verify: {stderr}");
+    assert!(stderr.starts_with("error:") && stderr.contains("truncated"), "{stderr}");
 
     let missing = dir.path().join("missing.redb");
     let (code, stderr) = verify_cli(&missing);
@@ -144,23 +145,27 @@ fn zeroing_any_single_page_never_panics() {
     let dir = tempfile::tempdir().expect("temp dir");
     let bytes = pristine(dir.path());
     let pages = bytes.len() / 4096;
-    let mut damaged_pages_reported = None;
+    // A contained panic of the storage engine reads as one of these, depending on whether it
+    // struck while opening the file or while reading its frames.
+    let contained = |message: &str| message.contains("pages are damaged") || message.contains("could not read it");
+    let mut engine_panicked = None;
     for page in 0..pages {
         let mut damaged = bytes.clone();
         damaged[page * 4096..(page + 1) * 4096].fill(0);
         if let Err(message) = survives(dir.path(), "zeroed-page", &damaged) {
             assert!(!message.is_empty());
-            if message.contains("pages are damaged") && damaged_pages_reported.is_none() {
-                damaged_pages_reported = Some(damaged);
+            if contained(&message) && engine_panicked.is_none() {
+                engine_panicked = Some(damaged);
             }
         }
     }
     println!("{pages} pages zeroed one at a time");
-    if let Some(damaged) = damaged_pages_reported {
-        let path = dir.path().join("engine-panics.redb");
-        std::fs::write(&path, damaged).expect("write");
-        let (code, stderr) = verify_cli(&path);
-        assert_eq!(code, Some(1), "{stderr}");
-        assert!(stderr.contains("damaged"), "{stderr}");
-    }
+    // The regression is only checked if some zeroed page made the storage engine panic; on this
+    // log many do (18 of 577 pages when written), so none at all means the containment changed.
+    let damaged = engine_panicked.expect("no zeroed page made the storage engine panic: the regression went unchecked");
+    let path = dir.path().join("engine-panics.redb");
+    std::fs::write(&path, damaged).expect("write");
+    let (code, stderr) = verify_cli(&path);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(contained(&stderr), "{stderr}");
 }
