@@ -1,0 +1,98 @@
+//! `conduit bench`: the engine against its baselines, from the command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::{human, Failure, Format, UsageError};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Orders per run of each case (each order is 7 events: its placement and six steps).
+    #[arg(long, default_value_t = 1_000_000, conflicts_with = "events")]
+    orders: u64,
+    /// Events per run of each case, instead of --orders (rounded up to whole orders).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Runs per case; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Worker threads per engine stage.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Events per engine batch.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// Also run a synthetic chain of N pass-through stages (engine, per-event crossbeam, one
+    /// thread), --orders events per run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    stages: Option<u16>,
+    /// Orders per run of the durable cases (0 skips them).
+    #[arg(long, default_value_t = 300_000)]
+    durable_orders: u64,
+    /// Events per run of the publish/subscribe fan-out cases (0 skips them).
+    #[arg(long, default_value_t = 200_000)]
+    fanout_events: u64,
+    /// Orders for the overload memory measurement (0 skips it).
+    #[arg(long, default_value_t = 40_000)]
+    overload_orders: u64,
+    /// Directory for the durable cases' files.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Sweep the engine over batch sizes and pool sizes instead of running the cases.
+    #[arg(long)]
+    sweep: bool,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
+
+pub(crate) fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
+    let orders = args.events.map_or(args.orders, |events| events.div_ceil(conduit_cli::bench::EVENTS_PER_ORDER));
+    if orders == 0 || args.repeat == 0 {
+        return Err(UsageError("--orders, --events and --repeat must be at least 1".into()).into());
+    }
+    let mut builder = conduit::EngineConfig::builder();
+    if let Some(threads) = args.threads {
+        builder = builder.workers(threads);
+    }
+    if let Some(batch) = args.batch {
+        builder = builder.batch_events_max(batch);
+    }
+    let engine = builder.build().map_err(|e| UsageError(e.to_string()))?;
+    let mut config = conduit_cli::bench::BenchConfig {
+        orders,
+        repeat: args.repeat,
+        engine,
+        durable_orders: args.durable_orders,
+        overload_orders: args.overload_orders,
+        chain_stages: args.stages.map(usize::from),
+        fanout_events: args.fanout_events,
+        ..Default::default()
+    };
+    if let Some(dir) = &args.dir {
+        config.dir.clone_from(dir);
+    }
+    let mut out = std::io::stdout().lock();
+    let written = if args.sweep {
+        let batches = [16, 64, 256, 1_024, 4_096];
+        let workers = [1, 2, 4];
+        let points = conduit_cli::bench::sweep(&config, &batches, &workers, |batch, workers| {
+            eprintln!("sweep: batch {batch}, workers {workers}");
+        })
+        .map_err(|e| UsageError(e.to_string()))?;
+        match args.format {
+            Format::Json => serde_json::to_writer(&mut out, &points).map_err(|e| e.to_string()),
+            Format::Human => human::write_sweep(&mut out, &points).map_err(|e| e.to_string()),
+        }
+    } else {
+        let report = conduit_cli::bench::run(&config, |case, round| eprintln!("bench: {case} (run {})", round + 1))
+            .map_err(Failure::Run)?;
+        match args.format {
+            Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
+            Format::Human => human::write_bench(&mut out, &report).map_err(|e| e.to_string()),
+        }
+    };
+    written.and_then(|()| writeln!(out).map_err(|e| e.to_string())).map_err(Failure::Run)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,243 @@
+//! `conduit run` (a seeded workload through the order pipeline, optionally journaled) and
+//! `conduit recover` (resume what a crashed run left in flight).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::ValueEnum;
+use conduit::log::{Durability, Log, LogOptions};
+use conduit_orders::{self as orders, RunError, RunReport};
+
+use crate::{human, read_config, Failure, Format, UsageError};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Orders to generate and submit.
+    #[arg(long, default_value_t = 100_000)]
+    orders: u64,
+    /// Seed of the workload and of every simulated fault (overrides the file).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// TOML file with `[engine]` and `[simulation]` tables.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// TOML file with the stages' bindings to routing keys, stages ordered by key, and an
+    /// optional `[engine]` table (see examples/topology.toml).
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Probability that a charge attempt fails transiently, 0 to 1 (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    payment_failure_rate: Option<f64>,
+    /// Fraction of orders with a malformed payload, 0 to 1: each is dead-lettered as
+    /// `malformed` (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    poison_rate: Option<f64>,
+    /// Probability that a charge attempt times out, 0 to 1 (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    payment_timeout_rate: Option<f64>,
+    /// Fraction of SKUs out of stock, 0 to 1 (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    out_of_stock_rate: Option<f64>,
+    /// Worker threads per stage (overrides the file's default).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Events per batch (overrides the file's default).
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+    /// No progress bar, even on a terminal.
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DurabilityArg {
+    /// fsync every group commit; `submit` returns after its orders are durable.
+    Immediate,
+    /// Commit without fsync; a durable commit at least every --sync-interval-ms.
+    Eventual,
+    /// No log at all.
+    Memory,
+}
+
+#[derive(Debug, clap::Args)]
+struct LogArgs {
+    /// Journal every event to this log file (created if missing; must hold no events yet).
+    #[arg(long, value_name = "PATH")]
+    log: Option<PathBuf>,
+    /// When commits are durable (default: immediate with --log, memory without).
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityArg>,
+    /// With --durability eventual: most milliseconds between durable commits.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    sync_interval_ms: u64,
+}
+
+impl LogArgs {
+    /// The log to open, if any, with its options; bad combinations are usage errors.
+    fn plan(&self) -> Result<Option<(PathBuf, LogOptions)>, UsageError> {
+        let durability = match (self.durability, &self.log) {
+            (Some(DurabilityArg::Memory) | None, None) => return Ok(None),
+            (Some(DurabilityArg::Memory), Some(_)) => {
+                return Err(UsageError(
+                    "--durability memory writes no log: drop --log, or choose immediate or eventual".into(),
+                ))
+            }
+            (Some(_), None) => return Err(UsageError("--durability immediate|eventual needs --log PATH".into())),
+            (Some(DurabilityArg::Immediate) | None, Some(_)) => Durability::Immediate,
+            (Some(DurabilityArg::Eventual), Some(_)) => {
+                Durability::Eventual { sync_interval_ms: self.sync_interval_ms }
+            }
+        };
+        let path = self.log.clone().expect("every arm without a path returned");
+        Ok(Some((path, LogOptions { durability, ..LogOptions::default() })))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RecoverArgs {
+    /// The log to recover.
+    path: PathBuf,
+    /// TOML file with `[engine]` and `[simulation]` tables (as for `run`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
+
+/// Reads the files (if any) and lays the flags over them.
+fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig, orders::OrderRouting), UsageError> {
+    let mut file = read_config(args.config.as_deref())?;
+    let mut routing = orders::OrderRouting::default();
+    if let Some(path) = &args.topology {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| UsageError(format!("cannot read topology file {}: {e}", path.display())))?;
+        let topology =
+            orders::TopologyFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+        if let Some(engine) = &topology.engine {
+            file.engine.overlay(engine);
+        }
+        routing = topology.routing();
+    }
+    if let Some(seed) = args.seed {
+        file.simulation.seed = seed;
+    }
+    if let Some(rate) = args.payment_failure_rate {
+        file.simulation.payment_failure_rate = rate;
+    }
+    if let Some(rate) = args.poison_rate {
+        file.simulation.poison_rate = rate;
+    }
+    if let Some(rate) = args.payment_timeout_rate {
+        file.simulation.payment_timeout_rate = rate;
+    }
+    if let Some(rate) = args.out_of_stock_rate {
+        file.simulation.out_of_stock_rate = rate;
+    }
+    if let Some(workers) = args.workers {
+        file.engine.workers = Some(workers);
+    }
+    if let Some(batch) = args.batch {
+        file.engine.batch_events_max = Some(batch);
+    }
+    let (engine, sim) = file.validate().map_err(|e| UsageError(e.to_string()))?;
+    Ok((engine, sim, routing))
+}
+
+pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
+    let (engine, sim, routing) = plan(args)?;
+    let log = match args.log.plan()? {
+        Some((path, options)) => {
+            Some(Arc::new(Log::open(&path, options).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?))
+        }
+        None => None,
+    };
+    let bar = progress_bar(args.orders, args.quiet);
+    let result = orders::run_routed(&engine, &sim, &routing, args.orders, log.clone(), |submitted, finished| {
+        if let Some(bar) = &bar {
+            bar.set_position(submitted);
+            bar.set_message(format!("{finished} finished"));
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = match result {
+        Ok(report) => report,
+        Err(RunError::Build(error)) => return Err(Failure::Usage(UsageError(error.to_string()))),
+        Err(error @ RunError::LogNotEmpty { .. }) => return Err(Failure::Usage(UsageError(error.to_string()))),
+        Err(RunError::Poisoned { unsent, report }) => {
+            print_report(&report, args.format).map_err(Failure::Run)?;
+            return Err(Failure::Run(format!("the engine was poisoned; {unsent} orders were not submitted")));
+        }
+        Err(other) => return Err(Failure::Run(other.to_string())),
+    };
+    if let Some(log) = log {
+        log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
+    }
+    print_report(&report, args.format).map_err(Failure::Run)?;
+    let violations = report.violations();
+    if violations.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for violation in &violations {
+            eprintln!("invariant broken: {violation}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn print_report(report: &RunReport, format: Format) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    let written = match format {
+        Format::Json => serde_json::to_writer(&mut out, report)
+            .map_err(|e| e.to_string())
+            .and_then(|()| writeln!(out).map_err(|e| e.to_string())),
+        Format::Human => human::write_report(&mut out, report).map_err(|e| e.to_string()),
+    };
+    written.map_err(|e| format!("cannot write the report: {e}"))
+}
+
+fn progress_bar(total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} orders submitted, {msg} ({per_sec})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
+}
+
+pub(crate) fn recover(args: &RecoverArgs) -> Result<ExitCode, Failure> {
+    let (engine, sim) = read_config(args.config.as_deref())?.validate().map_err(|e| UsageError(e.to_string()))?;
+    let log = Arc::new(
+        Log::open_existing(&args.path, LogOptions::default())
+            .map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?,
+    );
+    let report = match orders::recover(&engine, &sim, &log) {
+        Ok(report) => report,
+        Err(RunError::Build(error)) => return Err(Failure::Usage(UsageError(error.to_string()))),
+        Err(error) => return Err(Failure::Run(error.to_string())),
+    };
+    log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
+    let mut out = std::io::stdout().lock();
+    let written = match args.format {
+        Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
+        Format::Human => human::write_recover(&mut out, &report).map_err(|e| e.to_string()),
+    };
+    written.and_then(|()| writeln!(out).map_err(|e| e.to_string())).map_err(Failure::Run)?;
+    let mut broken = report.run.violations();
+    broken.extend(report.verify.problems.iter().cloned());
+    for problem in &broken {
+        eprintln!("invariant broken: {problem}");
+    }
+    Ok(if broken.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
