@@ -321,7 +321,9 @@ impl<M: Message> Ingress<M> {
         self.submitted.fetch_add(sent, Ordering::Relaxed);
         Ok(sent)
     }
+}
 
+impl<M> Ingress<M> {
     /// Stops the forwarder once it has settled every window handed to it.
     pub(crate) fn close(&mut self) {
         if let Some(journaled) = &mut self.journaled {
@@ -337,13 +339,7 @@ impl<M: Message> Ingress<M> {
 
 impl<M> Drop for Ingress<M> {
     fn drop(&mut self) {
-        if let Some(journaled) = &mut self.journaled {
-            journaled.forward = None;
-            if let Some(thread) = journaled.forwarder.take() {
-                // A panic there was already reported by `close`, or the engine is being dropped.
-                drop(thread.join());
-            }
-        }
+        self.close();
     }
 }
 

@@ -166,7 +166,11 @@ impl<Req, Rep> RpcServer<Req, Rep> {
     fn stop(&mut self) {
         self.requests = None;
         for thread in self.threads.drain(..) {
-            let _ = thread.join();
+            let name = thread.thread().name().unwrap_or("rpc worker").to_owned();
+            // A worker that panicked has answered nothing more since; say so rather than drop it.
+            if thread.join().is_err() {
+                tracing::error!(worker = %name, "rpc worker panicked");
+            }
         }
     }
 }

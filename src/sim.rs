@@ -80,15 +80,14 @@ impl<M: Message> Effects<M> for SimBooks<M> {
 
     fn forward(&mut self, event: &Envelope<M>, emitter: &mut Emitter<M>) -> Result<u64, Self::Stop> {
         let mut cause = event.cause;
-        let recorded: Vec<(u16, Vec<u8>)> = emitter.recorded().map(|(kind, bytes)| (kind, bytes.to_vec())).collect();
-        for (kind, payload) in recorded {
+        for (kind, payload) in emitter.recorded() {
             let record = Record {
                 stream: event.key,
                 kind,
                 stage: self.stage,
                 correlation: event.seq,
                 causation: event.cause,
-                payload,
+                payload: payload.to_vec(),
                 ..Record::default()
             };
             cause = self.record(record);

@@ -105,8 +105,7 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
     ) -> Result<(), E::Stop> {
         // A fresh reading for events that can expire: a batch's later events may have waited
         // behind a slow handler since the batch started.
-        let now_us = if expires == Deadline::NEVER { self.now_us } else { self.clock.now_us() };
-        if expires != Deadline::NEVER && expires.passed(now_us) {
+        if expires != Deadline::NEVER && expires.passed(self.clock.now_us()) {
             self.expire(event, Failures::default(), tally, fx);
             return Ok(());
         }
