@@ -286,7 +286,7 @@ mod tests {
     use super::*;
 
     fn envelope(seq: u64) -> Envelope<u64> {
-        Envelope { key: seq, seq, cause: 0, attempt: 0, deadline: crate::Deadline::NEVER, msg: seq }
+        Envelope { key: seq, seq, cause: 0, attempt: 0, slot: 0, token: 0, deadline: crate::Deadline::NEVER, msg: seq }
     }
 
     fn test_queue(capacity: usize) -> (BatchSender<u64>, BatchReceiver<u64>) {

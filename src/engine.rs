@@ -2,6 +2,7 @@
 //! threads), submit through the ingress, snapshot, shutdown.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -11,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::channel::{self, BatchReceiver, StageInput};
 use crate::clock::{Clock, SystemClock};
+use crate::completion::{token_of, OnComplete, Ticket, Tracker};
 use crate::config::EngineConfig;
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, SubmitError, TrySubmitError};
@@ -38,6 +40,11 @@ pub struct Engine<M: Message> {
     journal: Option<Journal<M>>,
     /// Commit latency of ingress windows, kept when intake stops.
     ack_latency: Option<Histogram<u64>>,
+    /// Which submitted messages' work has not finished.
+    tracker: Arc<Tracker>,
+    track_completion: bool,
+    /// Tokens of injected events, from their own range.
+    inject_tokens: AtomicU64,
     /// Breakers shown by [`Engine::watch_breaker`].
     breakers: Mutex<Vec<(String, Arc<crate::breaker::CircuitBreaker>)>>,
     started: Instant,
@@ -79,6 +86,8 @@ pub struct EngineBuilder<M: Message> {
     dead_letters: Arc<dyn DeadLetterSink<M>>,
     journal: Option<Journal<M>>,
     clock: Arc<dyn Clock>,
+    track_completion: bool,
+    on_complete: Option<OnComplete>,
 }
 
 impl<M: Message> fmt::Debug for EngineBuilder<M> {
@@ -88,6 +97,7 @@ impl<M: Message> fmt::Debug for EngineBuilder<M> {
             .field("config", &self.config)
             .field("journal", &self.journal)
             .field("clock", &self.clock)
+            .field("track_completion", &self.track_completion)
             .finish_non_exhaustive()
     }
 }
@@ -122,6 +132,25 @@ impl<M: Message> EngineBuilder<M> {
         self
     }
 
+    /// Whether the engine tracks when each submitted message's work has finished (default: it
+    /// does; see [`crate::completion`]). Without it there are no tickets, no completion callback,
+    /// and a journal cannot tell what was in flight; it saves the tracking's cost (see
+    /// BENCHMARKS.md).
+    #[must_use]
+    pub fn track_completion(mut self, track: bool) -> Self {
+        self.track_completion = track;
+        self
+    }
+
+    /// Calls `callback` with the `seq` of every submitted message once all its work has finished
+    /// (handled, forwarded or dead-lettered, to the last descendant), on the worker thread that saw
+    /// it finish.
+    #[must_use]
+    pub fn on_complete(mut self, callback: OnComplete) -> Self {
+        self.on_complete = Some(callback);
+        self
+    }
+
     /// Validates and starts every worker thread.
     pub fn start(self) -> Result<Engine<M>, BuildError> {
         Engine::launch(self)
@@ -137,6 +166,8 @@ impl<M: Message> Engine<M> {
             dead_letters: Arc::new(MemoryDeadLetters::<M>::default()),
             journal: None,
             clock: Arc::new(SystemClock),
+            track_completion: true,
+            on_complete: None,
         }
     }
 
@@ -157,7 +188,7 @@ impl<M: Message> Engine<M> {
     /// Validates the topology against the configuration and starts every worker thread
     /// (named `conduit:<stage>:<worker>`).
     fn launch(builder: EngineBuilder<M>) -> Result<Self, BuildError> {
-        let EngineBuilder { topology, config, dead_letters, journal, clock } = builder;
+        let EngineBuilder { topology, config, dead_letters, journal, clock, track_completion, on_complete } = builder;
         let Compiled { stages, links, entry, order, exchange, may_publish, dead_letter_unroutable, stage_configs } =
             topology.compile(&config)?;
         let shared = Arc::new(Shared::default());
@@ -187,7 +218,9 @@ impl<M: Message> Engine<M> {
             })
             .collect();
 
-        let ingress = Ingress::new(queues[entry.index()].0.clone(), journal.clone(), Arc::clone(&shared))?;
+        let tracker = Arc::new(Tracker::new(on_complete));
+        let tracking = track_completion.then(|| Arc::clone(&tracker));
+        let ingress = Ingress::new(queues[entry.index()].0.clone(), journal.clone(), Arc::clone(&shared), tracking)?;
         let mut engine = Self {
             ingress: Some(ingress),
             entry,
@@ -198,6 +231,10 @@ impl<M: Message> Engine<M> {
             shared,
             journal,
             ack_latency: None,
+            tracker,
+            track_completion,
+            // Above the workers' ranges (each `(stage + 1) << 48`) and the ingress's.
+            inject_tokens: AtomicU64::new(u64::MAX / 4 * 3),
             breakers: Mutex::new(Vec::new()),
             started: Instant::now(),
         };
@@ -230,6 +267,8 @@ impl<M: Message> Engine<M> {
                     dead_letters: Arc::clone(&dead_letters),
                     shared: Arc::clone(&engine.shared),
                     clock: Arc::clone(&clock),
+                    tracker: Arc::clone(&engine.tracker),
+                    track_completion,
                 };
                 let runner = Arc::clone(runner);
                 let handle = std::thread::Builder::new()
@@ -297,17 +336,69 @@ impl<M: Message> Engine<M> {
             return Err(SubmitError::Closed(events.map(|e| e.msg).collect()));
         };
         let mut sent = 0;
+        // Injected events of one `seq` are one message's work, in one slot, finished when all are.
+        let mut slots: rustc_hash::FxHashMap<u64, u32> = rustc_hash::FxHashMap::default();
         while events.peek().is_some() {
-            let mut window = fill_window(input, events.by_ref().take(INGRESS_WINDOW_EVENTS));
+            let mut refused = false;
+            let chunk: Vec<Envelope<M>> = events
+                .by_ref()
+                .take(INGRESS_WINDOW_EVENTS)
+                .map(|mut event| {
+                    if self.track_completion && !refused {
+                        let slot = slots.get(&event.seq).copied().or_else(|| {
+                            let mut one = Vec::with_capacity(1);
+                            let got = self.tracker.acquire(1, &mut one, &|| self.shared.is_poisoned());
+                            got.then(|| {
+                                slots.insert(event.seq, one[0]);
+                                one[0]
+                            })
+                        });
+                        match slot {
+                            Some(slot) => {
+                                event.slot = slot;
+                                event.token = token_of(self.inject_tokens.fetch_add(1, Ordering::Relaxed));
+                                self.tracker.register(slot, event.seq, event.token);
+                            }
+                            None => refused = true,
+                        }
+                    }
+                    event
+                })
+                .collect();
+            if refused {
+                for event in chunk.iter().filter(|e| e.token != 0) {
+                    self.tracker.unregister(event.slot, event.token);
+                }
+                let mut unsent: Vec<M> = chunk.into_iter().map(|e| e.msg).collect();
+                unsent.extend(events.map(|e| e.msg));
+                return Err(SubmitError::Poisoned(unsent));
+            }
+            let mut window = fill_window(input, chunk.into_iter());
             if let Ok(count) = send_window(input, &mut window) {
                 sent += count;
             } else {
+                for event in window.iter().flat_map(|(_, batch)| batch) {
+                    self.tracker.unregister(event.slot, event.token);
+                }
                 let mut unsent = messages(window);
                 unsent.extend(events.map(|e| e.msg));
                 return Err(SubmitError::Poisoned(unsent));
             }
         }
         Ok(sent)
+    }
+
+    /// A ticket that settles once all the work of the message a [`Receipt`] of
+    /// [`try_submit`](Self::try_submit) accepted has finished (at once if it has); `None` for
+    /// a receipt of several messages, or when the engine does not track completion.
+    pub fn ticket(&self, receipt: &Receipt<M>) -> Option<Ticket> {
+        let (seq, slot) = receipt.tracked()?;
+        Some(self.tracker.ticket(slot, seq))
+    }
+
+    /// Submitted messages whose work has not finished (0 when completion is not tracked).
+    pub fn in_flight(&self) -> u64 {
+        self.tracker.in_flight()
     }
 
     /// The stage named `name`, if the topology declared one.
@@ -342,6 +433,8 @@ impl<M: Message> Engine<M> {
         Snapshot {
             uptime_s: self.started.elapsed().as_secs_f64(),
             submitted: self.submitted(),
+            in_flight: self.tracker.in_flight(),
+            completed: self.tracker.completed(),
             stages: self.metrics.iter().map(|m| m.snapshot()).collect(),
             poisoned: self.poisoned(),
             log: journal.map(|j| j.log.stats()),

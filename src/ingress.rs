@@ -20,6 +20,7 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
 use crate::channel::{SendFailure, StageInput};
+use crate::completion::{token_of, Tracker};
 use crate::error::{BuildError, SubmitError, TrySubmitError};
 use crate::journal::{ingress_records, Journal};
 use crate::log::{AckWaiter, TryAppendError};
@@ -52,11 +53,32 @@ struct Forward<M> {
 #[must_use = "a receipt says whether the message was accepted; wait on it or drop it knowingly"]
 pub struct Receipt<M> {
     state: ReceiptState<M>,
+    /// For one message: its `seq`, its tracker slot, and whether it is tracked.
+    one: Option<(u64, u32, bool)>,
 }
 
 enum ReceiptState<M> {
     Accepted(u64),
     Pending(Receiver<Settled<M>>),
+}
+
+impl<M> Receipt<M> {
+    fn of_one(mut self, (seq, slot, token): (u64, u32, u64)) -> Self {
+        self.one = Some((seq, slot, token != 0));
+        self
+    }
+
+    /// The submitted message's sequence number (a receipt of one message, from `try_submit`).
+    /// With a journal it is the id of the message's ingress record.
+    #[must_use]
+    pub fn seq(&self) -> Option<u64> {
+        self.one.map(|(seq, _, _)| seq)
+    }
+
+    /// The one message's `seq` and tracker slot, if the engine tracks it.
+    pub(crate) fn tracked(&self) -> Option<(u64, u32)> {
+        self.one.and_then(|(seq, slot, tracked)| tracked.then_some((seq, slot)))
+    }
 }
 
 impl<M> std::fmt::Debug for Receipt<M> {
@@ -70,7 +92,7 @@ impl<M> std::fmt::Debug for Receipt<M> {
 
 impl<M> Receipt<M> {
     fn accepted(count: u64) -> Self {
-        Self { state: ReceiptState::Accepted(count) }
+        Self { state: ReceiptState::Accepted(count), one: None }
     }
 
     /// Whether the submission is settled (accepted or refused) and [`wait`](Self::wait) would not
@@ -112,7 +134,7 @@ impl<M> Journaled<M> {
             let Forward { window, settled, .. } = back.into_inner();
             settled.send(Err(SubmitError::Closed(messages(window)))).expect("the receipt is held here");
         }
-        Receipt { state: ReceiptState::Pending(receipt) }
+        Receipt { state: ReceiptState::Pending(receipt), one: None }
     }
 }
 
@@ -125,6 +147,9 @@ pub(crate) struct Ingress<M> {
     journaled: Option<Journaled<M>>,
     /// Time from journaling a window to its commit.
     ack_latency: Arc<Mutex<Histogram<u64>>>,
+    /// The completion tracker, when the engine tracks, and the counter of the ingress's tokens.
+    tracker: Option<Arc<Tracker>>,
+    next_token: AtomicU64,
 }
 
 impl<M: Message> Ingress<M> {
@@ -133,6 +158,7 @@ impl<M: Message> Ingress<M> {
         input: StageInput<M>,
         journal: Option<Journal<M>>,
         shared: Arc<Shared>,
+        tracker: Option<Arc<Tracker>>,
     ) -> Result<Self, BuildError> {
         let submitted = Arc::new(AtomicU64::new(0));
         let ack_latency = Arc::new(Mutex::new(new_histogram()));
@@ -158,7 +184,63 @@ impl<M: Message> Ingress<M> {
                 Some(Journaled { journal, tokens, forward: Some(forward), forwarder: Some(thread) })
             }
         };
-        Ok(Self { input, next_seq: AtomicU64::new(0), submitted, shared, journaled, ack_latency })
+        Ok(Self {
+            input,
+            next_seq: AtomicU64::new(0),
+            submitted,
+            shared,
+            journaled,
+            ack_latency,
+            tracker,
+            // Half way up the counter: the workers' ranges start at `(stage + 1) << 48`.
+            next_token: AtomicU64::new(u64::MAX / 2),
+        })
+    }
+
+    /// Slots of the completion tracker for `n` messages (none when the engine does not track):
+    /// waiting for messages in flight to finish if `wait`, otherwise `None` when there are too
+    /// few now.
+    fn slots(&self, n: usize, wait: bool) -> Option<Vec<u32>> {
+        let Some(tracker) = &self.tracker else { return Some(Vec::new()) };
+        let mut slots = Vec::with_capacity(n);
+        let got = if wait {
+            tracker.acquire(n, &mut slots, &|| self.refusal(()).is_err())
+        } else {
+            tracker.try_acquire(n, &mut slots)
+        };
+        got.then_some(slots)
+    }
+
+    /// Gives each event a token and a slot (from `slots`) and counts it as its message's
+    /// unfinished work, before it can enter the pipeline.
+    fn track(&self, events: &mut [Envelope<M>], slots: &mut Vec<u32>) {
+        if let Some(tracker) = &self.tracker {
+            let first = self.next_token.fetch_add(events.len() as u64, Ordering::Relaxed);
+            for (event, n) in events.iter_mut().zip(first..) {
+                event.token = token_of(n);
+                event.slot = slots.pop().expect("a slot was acquired for every event");
+                tracker.register(event.slot, event.seq, event.token);
+            }
+        }
+    }
+
+    /// Takes back [`track`](Self::track) for events that never entered.
+    fn untrack<'e>(&self, events: impl IntoIterator<Item = &'e Envelope<M>>)
+    where
+        M: 'e,
+    {
+        if let Some(tracker) = &self.tracker {
+            for event in events {
+                tracker.unregister(event.slot, event.token);
+            }
+        }
+    }
+
+    /// Gives back slots acquired for messages that were then refused.
+    fn give_back(&self, slots: &[u32]) {
+        if let Some(tracker) = &self.tracker {
+            tracker.give_back(slots);
+        }
     }
 
     /// Messages accepted into the entry queue so far.
@@ -193,15 +275,25 @@ impl<M: Message> Ingress<M> {
         let partition = self.input.queue_of(msg.key(), msg.priority());
         let sender = self.input.sender(partition);
         let Some(journaled) = &self.journaled else {
+            let Some(mut slots) = self.slots(1, false) else { return Err(TrySubmitError::Full(msg)) };
             let mut buffer = sender.buffer();
-            buffer.push(Envelope::submitted(self.next_seq.fetch_add(1, Ordering::Relaxed), msg));
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            buffer.push(Envelope::submitted(seq, msg));
+            self.track(&mut buffer, &mut slots);
+            let one = (seq, buffer[0].slot, buffer[0].token);
             return match sender.try_send(buffer) {
                 Ok(()) => {
                     self.submitted.fetch_add(1, Ordering::Relaxed);
-                    Ok(Receipt::accepted(1))
+                    Ok(Receipt::accepted(1).of_one(one))
                 }
-                Err(SendFailure::Full(batch)) => Err(TrySubmitError::Full(only(batch.events))),
-                Err(SendFailure::Gone(batch)) => Err(TrySubmitError::Poisoned(only(batch.events))),
+                Err(SendFailure::Full(batch)) => {
+                    self.untrack(&batch.events);
+                    Err(TrySubmitError::Full(only(batch.events)))
+                }
+                Err(SendFailure::Gone(batch)) => {
+                    self.untrack(&batch.events);
+                    Err(TrySubmitError::Poisoned(only(batch.events)))
+                }
             };
         };
         // Once journaled, a message must enter the pipeline: room (a token, a slot in the entry
@@ -209,6 +301,10 @@ impl<M: Message> Ingress<M> {
         if sender.is_full() || journaled.tokens.1.try_recv().is_err() {
             return Err(TrySubmitError::Full(msg));
         }
+        let Some(mut slots) = self.slots(1, false) else {
+            journaled.tokens.0.send(()).expect("a token taken goes back");
+            return Err(TrySubmitError::Full(msg));
+        };
         let mut events = sender.buffer();
         events.push(Envelope::submitted(self.next_seq.fetch_add(1, Ordering::Relaxed), msg));
         let records = ingress_records(&journaled.journal, &mut events);
@@ -216,6 +312,7 @@ impl<M: Message> Ingress<M> {
             Ok(commit) => commit,
             Err(refused) => {
                 journaled.tokens.0.send(()).expect("a token taken goes back");
+                self.give_back(&slots);
                 let msg = only(events);
                 return Err(match refused {
                     TryAppendError::Full(_) => TrySubmitError::Full(msg),
@@ -223,7 +320,10 @@ impl<M: Message> Ingress<M> {
                 });
             }
         };
-        Ok(journaled.forward(vec![(partition, events)], commit))
+        // Counted in flight once its record is on its way, before it can enter.
+        self.track(&mut events, &mut slots);
+        let one = (events[0].seq, events[0].slot, events[0].token);
+        Ok(journaled.forward(vec![(partition, events)], commit).of_one(one))
     }
 
     /// Submits every message, blocking while the entry queue (or, with a journal, the windows
@@ -242,25 +342,37 @@ impl<M: Message> Ingress<M> {
             }
             let mut window = self.next_window(&mut msgs);
             let Some(journaled) = &self.journaled else {
-                if let Ok(count) = self.send_window(&mut window) {
-                    accepted += count;
-                    continue;
+                match self.send_tracked(&mut window) {
+                    Ok(count) => accepted += count,
+                    Err(refused) => {
+                        stopped = Some(refused.map(|()| messages(window)));
+                        break;
+                    }
                 }
-                stopped = Some(SubmitError::Poisoned(messages(window)));
-                break;
+                continue;
             };
             if let Err(refused) = self.take_token(journaled) {
                 stopped = Some(refused.map(|()| messages(window)));
                 break;
             }
+            let count = window.iter().map(|(_, batch)| batch.len()).sum();
+            let Some(mut slots) = self.slots(count, true) else {
+                journaled.tokens.0.send(()).expect("a token taken goes back");
+                stopped = Some(self.refusal(()).err().unwrap_or(SubmitError::Closed(())).map(|()| messages(window)));
+                break;
+            };
             let mut records = Vec::new();
             for (_, batch) in &mut window {
                 records.extend(ingress_records(&journaled.journal, batch));
             }
             if let Ok(commit) = journaled.journal.log.append(records) {
+                for (_, batch) in &mut window {
+                    self.track(batch, &mut slots);
+                }
                 receipts.push(journaled.forward(window, commit));
             } else {
                 journaled.tokens.0.send(()).expect("a token taken goes back");
+                self.give_back(&slots);
                 stopped = Some(SubmitError::LogFailed(messages(window)));
                 break;
             }
@@ -314,10 +426,32 @@ impl<M: Message> Ingress<M> {
         window
     }
 
-    /// Sends a window's batches in order, counting them as submitted; on failure the unsent
-    /// batches stay in `window`.
-    fn send_window(&self, window: &mut Window<M>) -> Result<u64, QueueGone> {
-        let sent = send_window(&self.input, window)?;
+    /// Sends a window's batches in order (memory mode), each tracked just before it goes, so a
+    /// caller never holds slots for batches it cannot send yet; on failure the unsent batches
+    /// stay in `window`.
+    fn send_tracked(&self, window: &mut Window<M>) -> Result<u64, SubmitError<()>> {
+        let mut sent = 0;
+        let mut batches = std::mem::take(window).into_iter();
+        while let Some((partition, mut batch)) = batches.next() {
+            let Some(mut slots) = self.slots(batch.len(), true) else {
+                window.push((partition, batch));
+                window.extend(batches);
+                self.submitted.fetch_add(sent, Ordering::Relaxed);
+                return Err(self.refusal(()).err().unwrap_or(SubmitError::Closed(())));
+            };
+            self.track(&mut batch, &mut slots);
+            let count = batch.len() as u64;
+            match self.input.sender(partition).send(batch) {
+                Ok(()) => sent += count,
+                Err(SendFailure::Full(back) | SendFailure::Gone(back)) => {
+                    self.untrack(&back.events);
+                    window.push((partition, back.events));
+                    window.extend(batches);
+                    self.submitted.fetch_add(sent, Ordering::Relaxed);
+                    return Err(SubmitError::Poisoned(()));
+                }
+            }
+        }
         self.submitted.fetch_add(sent, Ordering::Relaxed);
         Ok(sent)
     }

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::dead_letter::{DeadLetter, DeadLetterNote};
-use crate::log::{Log, LogError, Record, KIND_DEAD_LETTER, STAGE_INGRESS};
+use crate::log::{Log, LogError, Record, ENGINE_STREAM, KIND_COMPLETED, KIND_DEAD_LETTER, STAGE_INGRESS};
 use crate::stage::{Emitter, Envelope};
 
 /// A dead letter's record, without the id, stage and timestamp its writer gives it: the
@@ -134,6 +134,15 @@ impl<M> JournalWriter<M> {
         self.push(record);
     }
 
+    /// Journals that the submitted messages `seqs` (their ingress records' ids) have finished.
+    /// The record takes no id: it is the engine's bookkeeping, the cause of nothing.
+    pub(crate) fn completed(&mut self, seqs: &[u64]) {
+        if !seqs.is_empty() {
+            let record = completion_record(seqs);
+            self.pending.push(Record { stage: self.stage, timestamp_us: self.timestamp_us, ..record });
+        }
+    }
+
     /// Hands the pending records to the log writer without waiting for the commit.
     pub(crate) fn flush(&mut self) -> Result<(), LogError> {
         if self.pending.is_empty() {
@@ -144,8 +153,15 @@ impl<M> JournalWriter<M> {
     }
 }
 
+/// A [`KIND_COMPLETED`] record on the engine's stream: the ids of the ingress records whose work
+/// has finished, little-endian `u64`s.
+pub(crate) fn completion_record(seqs: &[u64]) -> Record {
+    let payload = seqs.iter().flat_map(|seq| seq.to_le_bytes()).collect();
+    Record { stream: ENGINE_STREAM, kind: KIND_COMPLETED, payload, ..Record::default() }
+}
+
 /// The ingress records of submitted messages, with exactly as many ids reserved; each envelope's
-/// `cause` becomes its record's id.
+/// `seq` and `cause` become its record's id.
 pub(crate) fn ingress_records<M>(journal: &Journal<M>, events: &mut [Envelope<M>]) -> Vec<Record> {
     let first_id = journal.log.reserve_ids(events.len() as u64);
     let timestamp_us = unix_micros();
@@ -155,13 +171,14 @@ pub(crate) fn ingress_records<M>(journal: &Journal<M>, events: &mut [Envelope<M>
         .map(|(event, id)| {
             let mut payload = Vec::new();
             let kind = journal.codec.encode(&event.msg, &mut payload);
+            event.seq = id;
             event.cause = id;
             Record {
                 id,
                 stream: event.key,
                 kind,
                 stage: STAGE_INGRESS,
-                correlation: event.seq,
+                correlation: id,
                 timestamp_us,
                 payload,
                 ..Record::default()

@@ -101,6 +101,7 @@ macro_rules! crash_point {
 pub mod breaker;
 mod channel;
 pub mod clock;
+pub mod completion;
 pub mod config;
 #[cfg(feature = "crashpoints")]
 pub mod crashpoint;
@@ -123,6 +124,7 @@ mod topology;
 pub mod wheel;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use completion::{OnComplete, Ticket};
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
 pub use engine::{Engine, EngineBuilder, ShutdownReport};

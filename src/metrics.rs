@@ -220,6 +220,11 @@ pub struct Snapshot {
     pub uptime_s: f64,
     /// Messages accepted by `submit` and its siblings.
     pub submitted: u64,
+    /// Submitted messages (and resumed ones) whose work has not finished.
+    pub in_flight: u64,
+    /// Submitted messages whose work has finished, every descendant event handled or
+    /// dead-lettered.
+    pub completed: u64,
     /// Every stage, in declaration order.
     pub stages: Vec<StageSnapshot>,
     /// Set when a worker died: which one and why.

@@ -20,9 +20,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::clock::{Clock, ManualClock};
+use crate::completion::{Acks, Tracker};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::error::BuildError;
-use crate::journal::{dead_letter_record, JournalCodec};
+use crate::journal::{completion_record, dead_letter_record, JournalCodec};
 use crate::log::{Record, STAGE_INGRESS};
 use crate::metrics::BatchTally;
 use crate::stage::handling::{Effects, StageCore};
@@ -59,6 +60,10 @@ struct SimBooks<M> {
     stage: u16,
     /// Events the step sent on, by destination.
     outgoing: Vec<(StageId, Envelope<M>)>,
+    /// The step's completion updates, the tracker, and the messages a step finished.
+    acks: Acks,
+    tracker: Tracker,
+    finished: Vec<u64>,
 }
 
 impl<M> SimBooks<M> {
@@ -106,6 +111,10 @@ impl<M: Message> Effects<M> for SimBooks<M> {
         self.record(Record { stage: self.stage, ..record });
         self.dead_letters.dead_letter(letter);
     }
+
+    fn acks(&mut self) -> &mut Acks {
+        &mut self.acks
+    }
 }
 
 /// A topology run one event at a time on the calling thread. See the [module](self) docs.
@@ -119,7 +128,8 @@ pub struct Simulation<M: Message> {
     pending: Vec<Envelope<M>>,
     /// How much of the journal is durable.
     durable: usize,
-    next_seq: u64,
+    /// The tracker slot of each message it has tracked (stale once the message finished).
+    slots: rustc_hash::FxHashMap<u64, u32>,
     steps: u64,
 }
 
@@ -181,6 +191,9 @@ impl<M: Message> Simulation<M> {
             clock: Arc::clone(&clock),
             stage: 0,
             outgoing: Vec::new(),
+            acks: Acks::new(1 << 48, true),
+            tracker: Tracker::new(None),
+            finished: Vec::new(),
         };
         Ok(Self {
             stages,
@@ -190,7 +203,7 @@ impl<M: Message> Simulation<M> {
             books,
             pending: Vec::new(),
             durable: history.len(),
-            next_seq: 0,
+            slots: rustc_hash::FxHashMap::default(),
             steps: 0,
         })
     }
@@ -219,6 +232,18 @@ impl<M: Message> Simulation<M> {
         self.steps
     }
 
+    /// Submitted (and resumed) messages whose work has not finished.
+    #[must_use]
+    pub fn in_flight(&self) -> u64 {
+        self.books.tracker.in_flight()
+    }
+
+    /// Submitted messages whose work has finished.
+    #[must_use]
+    pub fn completed(&self) -> u64 {
+        self.books.tracker.completed()
+    }
+
     /// Whether nothing is queued, parked or waiting for its commit.
     #[must_use]
     pub fn is_idle(&self) -> bool {
@@ -238,14 +263,38 @@ impl<M: Message> Simulation<M> {
     pub fn submit(&mut self, msg: M) {
         let mut payload = Vec::new();
         let kind = self.books.codec.encode(&msg, &mut payload);
-        let seq = self.next_seq;
-        self.next_seq += 1;
         let deadline = msg.ttl().map_or(Deadline::NEVER, |ttl| Deadline::at(self.clock.now_us(), ttl));
-        let mut envelope = Envelope { key: msg.key(), seq, cause: 0, attempt: 0, deadline, msg };
-        let record =
-            Record { stream: envelope.key, kind, stage: STAGE_INGRESS, correlation: seq, payload, ..Record::default() };
-        envelope.cause = self.books.record(record);
+        let mut envelope = Envelope { key: msg.key(), seq: 0, cause: 0, attempt: 0, slot: 0, token: 0, deadline, msg };
+        let record = Record { stream: envelope.key, kind, stage: STAGE_INGRESS, payload, ..Record::default() };
+        // As the engine's journal does: the message's seq is its ingress record's id.
+        let id = self.books.record(record);
+        self.books.journal.last_mut().expect("just recorded").correlation = id;
+        envelope.seq = id;
+        envelope.cause = id;
+        self.track(&mut envelope);
         self.pending.push(envelope);
+    }
+
+    /// Counts `envelope` as unfinished work of its message, as the engine's ingress does: in
+    /// the slot its `seq` holds if it is in flight, otherwise in a new one.
+    fn track(&mut self, envelope: &mut Envelope<M>) {
+        let tracker = &self.books.tracker;
+        let slot = match self.slots.get(&envelope.seq) {
+            Some(&slot) if tracker.holds(slot, envelope.seq) => slot,
+            _ => {
+                let mut one = Vec::with_capacity(1);
+                assert!(
+                    tracker.try_acquire(1, &mut one),
+                    "a simulation holds at most {} messages in flight",
+                    crate::completion::ROOTS_MAX
+                );
+                self.slots.insert(envelope.seq, one[0]);
+                one[0]
+            }
+        };
+        envelope.slot = slot;
+        envelope.token = self.books.acks.token();
+        tracker.register(slot, envelope.seq, envelope.token);
     }
 
     /// Makes the whole journal durable (a group commit) and lets the submissions it acknowledges
@@ -260,7 +309,8 @@ impl<M: Message> Simulation<M> {
     }
 
     /// Puts `envelope` in `stage`'s queue, not journaled (a resumed step).
-    pub fn inject(&mut self, stage: StageId, envelope: Envelope<M>) {
+    pub fn inject(&mut self, stage: StageId, mut envelope: Envelope<M>) {
+        self.track(&mut envelope);
         let now_us = self.clock.now_us();
         self.stages[stage.index()].queue.push_back((envelope, now_us));
     }
@@ -312,6 +362,18 @@ impl<M: Message> Simulation<M> {
         }
         for (to, envelope) in self.books.outgoing.drain(..) {
             self.stages[to.index()].queue.push_back((envelope, now_us));
+        }
+        // The step's records are journaled: the messages it finished follow them, as a worker
+        // journals them after its unit's records.
+        let books = &mut self.books;
+        books.tracker.apply(&mut books.acks, &mut books.finished);
+        for seq in &books.finished {
+            self.slots.remove(seq);
+        }
+        if !books.finished.is_empty() {
+            let record = completion_record(&books.finished);
+            books.finished.clear();
+            books.record(Record { stage: books.stage, ..record });
         }
         true
     }

@@ -67,6 +67,17 @@ pub const KIND_DEAD_LETTER: u16 = 0xFF01;
 pub const KIND_REDRIVEN: u16 = 0xFF02;
 /// A dead letter was purged: `causation` is its id. It stays in the log, out of the list.
 pub const KIND_PURGED: u16 = 0xFF03;
+/// The work of submitted messages has finished: `payload` holds the ids of their ingress records,
+/// little-endian `u64`s. Written on [`ENGINE_STREAM`] by the engine's completion tracking.
+pub const KIND_COMPLETED: u16 = 0xFF04;
+/// The engine's own stream (completion records); no application stream may use it.
+pub const ENGINE_STREAM: u64 = u64::MAX;
+
+/// The ingress record ids a [`KIND_COMPLETED`] record's payload lists (a torn tail is ignored).
+pub fn completed_ids(payload: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    payload.chunks_exact(8).map(|bytes| u64::from_le_bytes(bytes.try_into().expect("chunks of eight")))
+}
+
 /// `Record::stage` of a message recorded at ingress.
 pub const STAGE_INGRESS: u16 = u16::MAX;
 

@@ -29,9 +29,9 @@ use serde::Serialize;
 
 pub use error::{LogError, StorageFailure, TryAppendError};
 pub use format::{
-    check_header, decode_frame, decode_frame_owned, encode_frame, ArchivedFrame, ArchivedRecord, Frame, FrameError,
-    Record, BODY_LEN_MAX, FORMAT_VERSION, HEADER_LEN, KIND_DEAD_LETTER, KIND_PURGED, KIND_REDRIVEN, KIND_RESERVED_MIN,
-    MAGIC, STAGE_INGRESS,
+    check_header, completed_ids, decode_frame, decode_frame_owned, encode_frame, ArchivedFrame, ArchivedRecord, Frame,
+    FrameError, Record, BODY_LEN_MAX, ENGINE_STREAM, FORMAT_VERSION, HEADER_LEN, KIND_COMPLETED, KIND_DEAD_LETTER,
+    KIND_PURGED, KIND_REDRIVEN, KIND_RESERVED_MIN, MAGIC, STAGE_INGRESS,
 };
 pub use read::Aggregate;
 
@@ -146,6 +146,7 @@ pub(crate) enum Command {
 #[derive(Debug, Default)]
 pub(crate) struct LogCounters {
     pub(crate) events_appended: AtomicU64,
+    pub(crate) engine_records: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) durable_commits: AtomicU64,
     pub(crate) frames: AtomicU64,
@@ -157,6 +158,8 @@ pub(crate) struct LogCounters {
 pub struct LogStats {
     /// Records committed.
     pub events_appended: u64,
+    /// Of those, the engine's own bookkeeping on [`ENGINE_STREAM`] (completion records).
+    pub engine_records: u64,
     /// Write transactions committed.
     pub commits: u64,
     /// Of those, fsynced.
@@ -298,6 +301,7 @@ impl Log {
         let c = &self.shared.counters;
         LogStats {
             events_appended: c.events_appended.load(Ordering::Relaxed),
+            engine_records: c.engine_records.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
             durable_commits: c.durable_commits.load(Ordering::Relaxed),
             frames: c.frames.load(Ordering::Relaxed),

@@ -10,7 +10,9 @@ use rustc_hash::FxHashMap;
 
 use super::error::storage;
 use super::format::{encode_frame, Frame, HEADER_LEN};
-use super::{bucket_of, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, FRAMES};
+use super::{
+    bucket_of, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, ENGINE_STREAM, FRAMES,
+};
 
 /// Bytes a record adds to a frame besides its payload and note (rkyv's fixed part, rounded up).
 const RECORD_FIXED_BYTES: usize = 80;
@@ -169,6 +171,7 @@ impl WriterState {
         txn.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
             .map_err(storage)?;
         let mut appended = 0u64;
+        let mut engine_records = 0u64;
         {
             let mut frames = txn.open_table(FRAMES).map_err(storage)?;
             let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
@@ -194,6 +197,7 @@ impl WriterState {
                     Command::Sync { .. } => continue,
                 };
                 for mut record in std::mem::take(records) {
+                    engine_records += u64::from(record.stream == ENGINE_STREAM);
                     let version = self.versions.entry(record.stream).or_insert(0);
                     *version += 1;
                     record.version = *version;
@@ -211,6 +215,7 @@ impl WriterState {
         crash_point!("log.before_commit");
         txn.commit().map_err(storage)?;
         crash_point!("log.after_commit");
+        self.shared.counters.engine_records.fetch_add(engine_records, Ordering::Relaxed);
         Ok(appended)
     }
 

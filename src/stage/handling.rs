@@ -11,6 +11,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use crate::clock::Clock;
+use crate::completion::Acks;
 use crate::config::StageConfig;
 use crate::dead_letter::{DeadLetter, DeadLetterKind, Failures};
 use crate::metrics::BatchTally;
@@ -30,6 +31,9 @@ pub(crate) trait Effects<M> {
 
     /// Journals and hands over a dead letter.
     fn dead_letter(&mut self, letter: DeadLetter<M>);
+
+    /// Where this unit's completion updates collect.
+    fn acks(&mut self) -> &mut Acks;
 }
 
 /// A stage's handler with the state that decides for its events: one per worker thread, or one
@@ -161,7 +165,7 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
         tally.expired += 1;
         tally.dead_lettered += 1;
         let letter = self.letter(event, DeadLetterKind::Expired, failures, "its time to live ran out".into());
-        fx.dead_letter(letter);
+        bury(letter, fx);
     }
 
     /// Runs the handler on `event` and applies the decision; returns the event and its delay if
@@ -233,7 +237,7 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
                 tally.processed += 1;
                 tally.dead_lettered += 1;
                 let letter = self.letter(event, kind, failures, reason);
-                fx.dead_letter(letter);
+                bury(letter, fx);
                 Ok(None)
             }
         }
@@ -253,17 +257,27 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
     ) -> Result<(), E::Stop> {
         tally.processed += 1;
         tally.emitted += self.emitter.staged.len() as u64;
+        let acks = fx.acks();
+        if acks.enabled() {
+            // The event is finished and its children begin: one update to its root's word.
+            let mut delta = event.token;
+            for (_, child) in &mut self.emitter.staged {
+                child.token = acks.token();
+                delta ^= child.token;
+            }
+            acks.update(event.slot, delta);
+        }
         let cause = fx.forward(event, &mut self.emitter)?;
         tally.unroutable += self.emitter.unroutable_count;
         if !self.emitter.unroutable.is_empty() {
             let unroutable = std::mem::take(&mut self.emitter.unroutable);
             for msg in unroutable {
                 let (key, seq, deadline) = (event.key, event.seq, event.deadline);
-                let envelope = Envelope { key, seq, cause, attempt: 0, deadline, msg };
+                let envelope = Envelope { key, seq, cause, attempt: 0, slot: event.slot, token: 0, deadline, msg };
                 tally.dead_lettered += 1;
                 let reason = "no queue is bound to its routing key".into();
                 let letter = self.letter(envelope, DeadLetterKind::Unroutable, Failures::default(), reason);
-                fx.dead_letter(letter);
+                bury(letter, fx);
             }
         }
         self.emitter.clear();
@@ -281,6 +295,12 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
     ) -> DeadLetter<M> {
         dead_letter(&self.name, envelope, kind, failures, reason, self.wall_us)
     }
+}
+
+/// Hands over a dead letter: its event is finished.
+pub(crate) fn bury<M, E: Effects<M>>(letter: DeadLetter<M>, fx: &mut E) {
+    fx.acks().update(letter.envelope.slot, letter.envelope.token);
+    fx.dead_letter(letter);
 }
 
 /// A dead letter on behalf of `stage`, at `wall_us`: `failures` are those the event met before,

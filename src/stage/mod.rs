@@ -102,6 +102,12 @@ pub struct Envelope<M> {
     pub cause: u64,
     /// Attempts already made on this envelope in its current stage (0 on the first try).
     pub attempt: u32,
+    /// The completion tracker's slot for the message this event descends from, and the event's
+    /// token (see [`crate::completion`]): the engine sets both when the event enters; leave them
+    /// 0 when building an envelope.
+    pub slot: u32,
+    /// See `slot`.
+    pub token: u64,
     /// When the event expires ([`Deadline::NEVER`] unless its message has a
     /// [`ttl`](Message::ttl)); inherited by the events emitted while handling it.
     pub deadline: Deadline,
@@ -115,7 +121,7 @@ impl<M: Message> Envelope<M> {
     #[must_use]
     pub fn submitted(seq: u64, msg: M) -> Self {
         let deadline = msg.ttl().map_or(Deadline::NEVER, Deadline::after);
-        Self { key: msg.key(), seq, cause: 0, attempt: 0, deadline, msg }
+        Self { key: msg.key(), seq, cause: 0, attempt: 0, slot: 0, token: 0, deadline, msg }
     }
 }
 
@@ -181,6 +187,7 @@ pub struct Emitter<M> {
     pub(crate) misuse: Option<Reason>,
     pub(crate) key: u64,
     pub(crate) seq: u64,
+    pub(crate) slot: u32,
     pub(crate) cause: u64,
     pub(crate) deadline: Deadline,
     /// The topology's exchange, the routes this stage may publish, and whether unroutable
@@ -204,6 +211,7 @@ impl<M> Emitter<M> {
             misuse: None,
             key: 0,
             seq: 0,
+            slot: 0,
             cause: 0,
             deadline: Deadline::NEVER,
             exchange: None,
@@ -225,6 +233,7 @@ impl<M> Emitter<M> {
         self.misuse = None;
         self.key = event.key;
         self.seq = event.seq;
+        self.slot = event.slot;
         self.cause = event.cause;
         self.deadline = event.deadline;
     }
@@ -249,7 +258,16 @@ impl<M> Emitter<M> {
     /// Like [`emit`](Self::emit), with another key.
     pub fn emit_keyed(&mut self, to: StageId, key: u64, msg: M) {
         if self.links.get(to.index()).copied().unwrap_or(false) {
-            let envelope = Envelope { key, seq: self.seq, cause: self.cause, attempt: 0, deadline: self.deadline, msg };
+            let envelope = Envelope {
+                key,
+                seq: self.seq,
+                cause: self.cause,
+                attempt: 0,
+                slot: self.slot,
+                token: 0,
+                deadline: self.deadline,
+                msg,
+            };
             self.staged.push((to, envelope));
         } else if self.misuse.is_none() {
             self.misuse = Some(format!("emitted to stage #{}, which is not linked from this stage", to.index()).into());

@@ -6,21 +6,28 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
 use parking_lot::Mutex;
 
 use crate::channel::{BatchReceiver, Received, SendFailure, StageInput};
 use crate::clock::Clock;
+use crate::completion::{Acks, Tracker};
 use crate::config::{Overflow, StageConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, Failures};
 use crate::journal::{Journal, JournalWriter};
 use crate::metrics::{BatchTally, StageMetrics};
 use crate::routing::Exchange;
-use crate::stage::handling::{dead_letter, Effects, StageCore};
+use crate::stage::handling::{bury, dead_letter, Effects, StageCore};
 use crate::stage::outbox::Outboxes;
 use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, Reason, StageId};
+
+/// Most message ids one completion record lists (8 bytes each).
+const COMPLETIONS_PER_RECORD: usize = 4_096;
+
+/// Longest a finished message waits for its completion to be journaled while the worker idles.
+const COMPLETION_LINGER: Duration = Duration::from_millis(20);
 
 /// State every thread of one engine shares: the poison flag and why it was raised.
 #[derive(Debug, Default)]
@@ -74,6 +81,9 @@ pub(crate) struct WorkerCtx<M> {
     pub(crate) dead_letters: Arc<dyn DeadLetterSink<M>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// The engine's completion tracker, and whether it tracks.
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) track_completion: bool,
 }
 
 /// Why a worker stops early.
@@ -105,6 +115,12 @@ struct WorkerIo<M> {
     dead_letters: Arc<dyn DeadLetterSink<M>>,
     /// The wall clock read once per unit of work, for overflow dead letters.
     wall_us: u64,
+    /// This unit's completion updates, the tracker they go to, and the roots they finished.
+    acks: Acks,
+    tracker: Arc<Tracker>,
+    finished: Vec<u64>,
+    /// When the oldest of `finished` was collected (with a journal).
+    finished_since: Option<Instant>,
 }
 
 struct Worker<M, H> {
@@ -159,6 +175,10 @@ impl<M: Message> Effects<M> for WorkerIo<M> {
         }
         self.dead_letters.dead_letter(letter);
     }
+
+    fn acks(&mut self) -> &mut Acks {
+        &mut self.acks
+    }
 }
 
 impl<M: Message> WorkerIo<M> {
@@ -197,12 +217,57 @@ impl<M: Message> WorkerIo<M> {
                 for event in batch.events {
                     let kind = DeadLetterKind::Overflow;
                     let letter = dead_letter(&stage, event, kind, Failures::default(), reason.clone(), self.wall_us);
-                    self.dead_letter(letter);
+                    bury(letter, self);
                 }
                 Ok(())
             }
             Err(SendFailure::Gone(_)) => Err(Stop::DownstreamGone),
         }
+    }
+
+    /// Applies this unit's completion updates. With a journal, the unit's records go to the log
+    /// first, so the completion record that later lists the roots finished here follows every
+    /// record of their work. Those lists leave in records of up to [`COMPLETIONS_PER_RECORD`]
+    /// ids, or when the worker runs out of work: a completion journaled late only means that
+    /// recovery would resume, idempotently, work that had finished.
+    fn settle(&mut self) -> Result<(), Stop> {
+        if self.acks.is_empty() {
+            return Ok(());
+        }
+        self.flush_journal()?;
+        self.tracker.apply(&mut self.acks, &mut self.finished);
+        match &mut self.journal {
+            Some(journal) if self.finished.len() >= COMPLETIONS_PER_RECORD => {
+                journal.completed(&self.finished);
+                self.finished.clear();
+                self.finished_since = None;
+            }
+            Some(_) => {}
+            None => self.finished.clear(),
+        }
+        Ok(())
+    }
+
+    /// Journals the completions collected so far (they leave with the next flush): all of them
+    /// when `now`, otherwise only once the oldest has waited [`COMPLETION_LINGER`], so that a
+    /// worker that idles between tiny batches does not send the log a tiny record each time.
+    fn journal_completions(&mut self, now: bool) {
+        if self.finished.is_empty() {
+            return;
+        }
+        let since = *self.finished_since.get_or_insert_with(Instant::now);
+        if now || since.elapsed() >= COMPLETION_LINGER {
+            if let Some(journal) = &mut self.journal {
+                journal.completed(&self.finished);
+            }
+            self.finished.clear();
+            self.finished_since = None;
+        }
+    }
+
+    /// How long the worker may wait before its collected completions are due.
+    fn completions_due_in(&self) -> Option<Duration> {
+        self.finished_since.map(|since| COMPLETION_LINGER.saturating_sub(since.elapsed()))
     }
 
     fn flush_journal(&mut self) -> Result<(), Stop> {
@@ -225,7 +290,18 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         }
         let seed = (u64::from(ctx.stage) << 32) ^ ctx.worker as u64;
         let core = StageCore::new(ctx.stage_name, ctx.config, handler, emitter, ctx.clock, seed);
-        let io = WorkerIo { outboxes, journal, dead_letters: ctx.dead_letters, wall_us: 0 };
+        // Each worker draws tokens from its own range of the counter, so no two events share one.
+        let token_seed = (u64::from(ctx.stage) + 1) << 48 | (ctx.worker as u64) << 36;
+        let io = WorkerIo {
+            outboxes,
+            journal,
+            dead_letters: ctx.dead_letters,
+            wall_us: 0,
+            acks: Acks::new(token_seed, ctx.track_completion),
+            tracker: ctx.tracker,
+            finished: Vec::new(),
+            finished_since: None,
+        };
         Self { inputs: ctx.inputs, metrics: ctx.metrics, index: ctx.worker, core, io }
     }
 
@@ -270,6 +346,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     self.metrics.record_latency(self.index, batch.sent_at.elapsed(), count);
                     self.metrics.busy_workers.fetch_sub(1, Ordering::Relaxed);
                     result?;
+                    self.io.settle()?;
                 }
                 Next::Retries => {
                     let mut tally = BatchTally::default();
@@ -278,10 +355,14 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                     let result = self.core.retry_due(due, &mut tally, &mut self.io);
                     self.metrics.publish(&tally);
                     result?;
+                    self.io.settle()?;
                 }
                 Next::Stop => break,
             }
         }
+        self.io.flush_all()?;
+        self.io.settle()?;
+        self.io.journal_completions(true);
         self.io.flush_all()
     }
 
@@ -305,9 +386,15 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 return Ok(Next::Stop);
             }
             // Nothing to do now: send what is collected before waiting, so nothing lingers.
+            self.io.settle()?;
+            self.io.journal_completions(false);
             self.io.flush_all()?;
             let now_us = self.core.now_us();
-            let wait = self.core.parking.next_due_us().map(|due| Duration::from_micros(due.saturating_sub(now_us)));
+            let retry = self.core.parking.next_due_us().map(|due| Duration::from_micros(due.saturating_sub(now_us)));
+            let wait = match (retry, self.io.completions_due_in()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if all_gone || !taking {
                 // Intake is closed or paused: only backoffs remain to be waited out.
                 std::thread::sleep(wait.unwrap_or(Duration::from_millis(1)));

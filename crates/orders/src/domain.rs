@@ -91,6 +91,7 @@ pub mod kinds {
             SHIPPED => "shipped",
             CANCELLED => "cancelled",
             conduit::log::KIND_DEAD_LETTER => "dead_lettered",
+            conduit::log::KIND_COMPLETED => "completed",
             _ => "unknown",
         }
     }

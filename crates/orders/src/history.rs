@@ -149,6 +149,8 @@ impl OrderHistory {
             seq: self.correlation,
             cause: self.last_id,
             attempt: 0,
+            slot: 0,
+            token: 0,
             deadline: conduit::Deadline::NEVER,
             msg,
         };
@@ -301,6 +303,10 @@ impl Histories {
     }
 
     fn fold(&mut self, record: &Record) {
+        if record.stream == conduit::log::ENGINE_STREAM {
+            // The engine's own records (which messages finished) belong to no order.
+            return;
+        }
         self.records += 1;
         self.orders.entry(record.stream).or_default().apply(record);
     }

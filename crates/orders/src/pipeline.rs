@@ -67,11 +67,30 @@ impl OrderPipeline {
         log: Option<Arc<Log>>,
         restore: Option<&Histories>,
     ) -> Result<Self, BuildError> {
+        Self::launch(config, sim, routing, log, restore, true)
+    }
+
+    /// In memory, without the engine's completion tracking: for measuring what tracking costs.
+    pub fn start_untracked(config: &EngineConfig, sim: &SimConfig) -> Result<Self, BuildError> {
+        Self::launch(config, sim, &OrderRouting::default(), None, None, false)
+    }
+
+    fn launch(
+        config: &EngineConfig,
+        sim: &SimConfig,
+        routing: &OrderRouting,
+        log: Option<Arc<Log>>,
+        restore: Option<&Histories>,
+        track_completion: bool,
+    ) -> Result<Self, BuildError> {
         conduit::crashpoint::register(&crate::CRASH_POINTS);
         let Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server } =
             build(config, sim, routing)?;
         let submitted_before = restore.map_or(0, |histories| restore_ports(histories, &ports, &outcomes));
-        let mut builder = Engine::builder(topology).config(config).dead_letters(dead_letters.clone());
+        let mut builder = Engine::builder(topology)
+            .config(config)
+            .dead_letters(dead_letters.clone())
+            .track_completion(track_completion);
         if let Some(log) = &log {
             builder = builder.journal(Journal::new(Arc::clone(log), Arc::new(OrderCodec)));
         }

@@ -147,7 +147,7 @@ pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
         if ledger.double_charges > 0 {
             return fail(step, format!("action {action}: {} double charges", ledger.double_charges));
         }
-        for record in &now.sim.journal()[checked..] {
+        for record in now.sim.journal()[checked..].iter().filter(|r| r.stream != conduit::log::ENGINE_STREAM) {
             let history = folded.orders.entry(record.stream).or_default();
             history.apply(record);
             let mut probe: OrderHistory = history.clone();

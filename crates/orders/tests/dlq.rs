@@ -144,6 +144,8 @@ fn duplicate_deliveries_never_repeat_an_effect() {
                 seq: 0,
                 cause: 0,
                 attempt: 0,
+                slot: 0,
+                token: 0,
                 deadline: conduit::Deadline::NEVER,
                 msg: event,
             };

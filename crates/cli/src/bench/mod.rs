@@ -14,6 +14,7 @@
 //! | `crossbeam_per_event_chain` | one thread per stage, crossbeam bounded channels, one event per message |
 //! | `disruptor_chain` | the `disruptor` crate: one ring, dependent consumers, batch publishing |
 //! | `engine_memory` | conduit's engine, default configuration, no log |
+//! | `engine_memory_untracked` | the same without the engine's completion tracking: `engine_memory / engine_memory_untracked` is what tracking costs |
 //! | `engine_memory_poison_1e-4` | the same, with 1 order in 10,000 malformed (dead-lettered by the order stage); its `events` counts 7 per order like `engine_memory`'s, so the ratio of the two is one of orders per second |
 //!
 //! The durable cases run on fewer orders (`durable_orders`) and write to files under `dir`:
@@ -43,7 +44,9 @@ use pipeline::{DISRUPTOR_BATCH, DISRUPTOR_RING, PER_EVENT_CAPACITY};
 
 pub use durable::{disk_seq_write_fsync, engine_durable, log_writer, redb_rows_batch10k};
 pub use overload::{overload_memory, MemoryReport};
-pub use pipeline::{ceiling_one_thread, crossbeam_per_event_chain, disruptor_chain, engine_memory, sweep};
+pub use pipeline::{
+    ceiling_one_thread, crossbeam_per_event_chain, disruptor_chain, engine_memory, engine_memory_tracked, sweep,
+};
 pub use synthetic::{chain_ceiling, chain_crossbeam, chain_engine, fanout};
 
 /// Events each order makes: its placement, then validate, charge, reserve, email, SMS, ship
@@ -174,6 +177,12 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             format!("conduit engine, {:?}, memory only", config.engine.defaults()),
             events,
             Box::new(|| engine_memory(&engine, &workload)),
+        ),
+        (
+            "engine_memory_untracked",
+            "as engine_memory, without completion tracking".into(),
+            events,
+            Box::new(|| engine_memory_tracked(&engine, &workload, false)),
         ),
         (
             "engine_memory_poison_1e-4",
@@ -312,6 +321,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory", "disruptor_chain"),
         ("engine_memory", "crossbeam_per_event_chain"),
         ("engine_memory_poison_1e-4", "engine_memory"),
+        ("engine_memory", "engine_memory_untracked"),
         ("engine_durable", "redb_rows_batch10k"),
         ("engine_durable", "disk_seq_write_fsync"),
         ("log_writer", "redb_rows_batch10k"),
@@ -378,11 +388,11 @@ mod tests {
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 11);
-        assert!(report.cases[..5].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert!(report.cases[5..7].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
-        assert!(report.cases[7..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
-        assert_eq!(report.ratios.len(), 9);
+        assert_eq!(report.cases.len(), 12);
+        assert!(report.cases[..6].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
+        assert!(report.cases[6..8].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
+        assert!(report.cases[8..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
+        assert_eq!(report.ratios.len(), 10);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);

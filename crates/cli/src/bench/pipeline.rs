@@ -213,9 +213,21 @@ pub(super) fn disruptor_chain_with<W: disruptor::wait_strategies::WaitStrategy +
 /// If the configuration does not start or the run breaks an invariant: a bench of a broken run
 /// must not print a figure.
 pub fn engine_memory(config: &EngineConfig, orders: &[Order]) -> Duration {
+    engine_memory_tracked(config, orders, true)
+}
+
+/// [`engine_memory`] with the engine's completion tracking on or off.
+///
+/// # Panics
+/// As [`engine_memory`].
+pub fn engine_memory_tracked(config: &EngineConfig, orders: &[Order], track: bool) -> Duration {
     let start = Instant::now();
-    let pipeline = orders::OrderPipeline::start(config, &SimConfig::default())
-        .expect("the bench's engine configuration was validated");
+    let pipeline = if track {
+        orders::OrderPipeline::start(config, &SimConfig::default())
+    } else {
+        orders::OrderPipeline::start_untracked(config, &SimConfig::default())
+    }
+    .expect("the bench's engine configuration was validated");
     for chunk in orders.chunks(4_096) {
         pipeline.submit_many(chunk.iter().copied()).expect("the engine is healthy during a bench");
     }

@@ -1,0 +1,312 @@
+//! Completion tracking: when has all the work a submitted message caused finished?
+//!
+//! Apache Storm's acker, in process. Every event carries a random 64-bit `token`; each submitted
+//! message (a *root*, keyed by its `seq`) has one word, the XOR of the tokens of its events still
+//! unfinished. When a stage finishes an event (forwarded, or dead-lettered) it XORs into its
+//! root's word the event's token and the tokens of every event it emitted; a retried or parked
+//! event changes nothing. XOR is commutative, so a child's own update may land before its
+//! parent's; the word is zero exactly when every descendant has finished (a stray zero needs a
+//! 2^-64 coincidence). Memory: one entry per message in flight, whatever the history.
+//!
+//! Each message in flight holds a slot of the tracker (its events carry the slot's index), so an
+//! update is one atomic XOR, no lock and no lookup. Workers collect their updates per unit of work
+//! and apply them once per unit. With a journal a worker
+//! applies its updates only after handing that unit's records to the log, so the completion record
+//! the applying worker then appends always follows every record of the finished work.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use rustc_hash::FxHashMap;
+
+/// Most messages in flight at once: a submission waits for one of them to finish beyond this
+/// (backpressure, like a full queue). Above what the queues and the ingress windows of any
+/// configuration within [`crate::config::limits`] usually hold; a configuration that holds more
+/// simply admits new messages as old ones finish.
+pub const ROOTS_MAX: usize = 1 << 18;
+
+/// Slots are allocated in chunks of this many, as they are first needed.
+const CHUNK_SLOTS: usize = 1 << 12;
+
+/// Called with the `seq` of each submitted message whose work has finished, on the thread that
+/// saw it finish; keep it short. (With a journal, `seq` is the id of the message's ingress record.)
+pub type OnComplete = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// One message in flight: the XOR of its unfinished events' tokens, and its `seq`.
+#[derive(Default)]
+struct Slot {
+    word: AtomicU64,
+    seq: AtomicU64,
+}
+
+/// The messages in flight, each in a slot its events name, and who wants to hear when they
+/// finish. Updating a message's word is one atomic XOR on its slot: no lock, no lookup.
+pub(crate) struct Tracker {
+    chunks: Box<[OnceLock<Box<[Slot]>>]>,
+    /// Slots never used yet start here; freed ones wait in `free`.
+    fresh: AtomicU32,
+    free: Mutex<Vec<u32>>,
+    freed: Condvar,
+    in_flight: AtomicU64,
+    completed: AtomicU64,
+    tickets: Mutex<FxHashMap<u64, Sender<()>>>,
+    /// Tickets outstanding: the map's lock is skipped while there are none.
+    ticketed: AtomicUsize,
+    on_complete: Option<OnComplete>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker").field("in_flight", &self.in_flight()).field("completed", &self.completed()).finish()
+    }
+}
+
+impl Tracker {
+    pub(crate) fn new(on_complete: Option<OnComplete>) -> Self {
+        Self {
+            chunks: (0..ROOTS_MAX / CHUNK_SLOTS).map(|_| OnceLock::new()).collect(),
+            fresh: AtomicU32::new(0),
+            free: Mutex::new(Vec::new()),
+            freed: Condvar::new(),
+            in_flight: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            tickets: Mutex::new(FxHashMap::default()),
+            ticketed: AtomicUsize::new(0),
+            on_complete,
+        }
+    }
+
+    #[inline]
+    fn slot(&self, slot: u32) -> &Slot {
+        let slot = slot as usize;
+        let chunk = self.chunks[slot / CHUNK_SLOTS].get_or_init(|| (0..CHUNK_SLOTS).map(|_| Slot::default()).collect());
+        &chunk[slot % CHUNK_SLOTS]
+    }
+
+    /// Takes `n` free slots into `out` if there are that many now.
+    pub(crate) fn try_acquire(&self, n: usize, out: &mut Vec<u32>) -> bool {
+        let mut free = self.free.lock();
+        let reused = free.len().min(n);
+        let fresh_needed = u32::try_from(n - reused).unwrap_or(u32::MAX);
+        if fresh_needed > 0 {
+            let fresh = self.fresh.load(Ordering::Relaxed);
+            let end = fresh.saturating_add(fresh_needed);
+            if end as usize > ROOTS_MAX {
+                return false;
+            }
+            // Under the lock: the only writer of `fresh`.
+            self.fresh.store(end, Ordering::Relaxed);
+            out.extend(fresh..end);
+        }
+        let keep = free.len() - reused;
+        out.extend(free.drain(keep..));
+        true
+    }
+
+    /// Takes `n` free slots into `out`, waiting while there are too few; gives up (false) once
+    /// `refused` says so, checked every few milliseconds.
+    pub(crate) fn acquire(&self, n: usize, out: &mut Vec<u32>, refused: &dyn Fn() -> bool) -> bool {
+        loop {
+            if self.try_acquire(n, out) {
+                return true;
+            }
+            if refused() {
+                return false;
+            }
+            let mut free = self.free.lock();
+            if free.len() < n {
+                self.freed.wait_for(&mut free, Duration::from_millis(5));
+            }
+        }
+    }
+
+    fn release_slots(&self, slots: &[u32]) {
+        if !slots.is_empty() {
+            self.free.lock().extend_from_slice(slots);
+            self.freed.notify_all();
+        }
+    }
+
+    /// Gives back slots acquired but never registered.
+    pub(crate) fn give_back(&self, slots: &[u32]) {
+        self.release_slots(slots);
+    }
+
+    /// Counts an event with `token` as unfinished work of message `seq` held in `slot`, before
+    /// the event enters a queue. The first registration of a slot makes it a message in flight;
+    /// later ones (work resumed in several events) add to it.
+    pub(crate) fn register(&self, slot: u32, seq: u64, token: u64) {
+        let held = self.slot(slot);
+        held.seq.store(seq, Ordering::Relaxed);
+        if held.word.fetch_xor(token, Ordering::AcqRel) == 0 {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes back a registration whose event never entered (its queue refused it).
+    pub(crate) fn unregister(&self, slot: u32, token: u64) {
+        let held = self.slot(slot);
+        if held.word.fetch_xor(token, Ordering::AcqRel) == token {
+            // Nothing the caller submitted ran: no completion to announce.
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.release_slots(&[slot]);
+        }
+    }
+
+    /// Applies a unit's updates; the messages they finish are appended to `finished` (and
+    /// counted, announced to the callback and to ticket holders) and their slots freed.
+    pub(crate) fn apply(&self, acks: &mut Acks, finished: &mut Vec<u64>) {
+        let start = finished.len();
+        for &(slot, delta) in &acks.updates {
+            let held = self.slot(slot);
+            if held.word.fetch_xor(delta, Ordering::AcqRel) == delta {
+                finished.push(held.seq.load(Ordering::Relaxed));
+                acks.freed.push(slot);
+            }
+        }
+        acks.updates.clear();
+        let done = &finished[start..];
+        if done.is_empty() {
+            return;
+        }
+        self.in_flight.fetch_sub(done.len() as u64, Ordering::Relaxed);
+        self.completed.fetch_add(done.len() as u64, Ordering::Relaxed);
+        if let Some(callback) = &self.on_complete {
+            for &seq in done {
+                callback(seq);
+            }
+        }
+        if self.ticketed.load(Ordering::SeqCst) > 0 {
+            let mut tickets = self.tickets.lock();
+            for seq in done {
+                if let Some(waiter) = tickets.remove(seq) {
+                    self.ticketed.fetch_sub(1, Ordering::SeqCst);
+                    // A holder that dropped its ticket does not want to hear.
+                    waiter.send(()).ok();
+                }
+            }
+        }
+        // Freed only now: a ticket asked for meanwhile still finds the slot naming its seq.
+        self.release_slots(&acks.freed);
+        acks.freed.clear();
+    }
+
+    /// A ticket that settles when message `seq`, held in `slot`, finishes (at once if it has).
+    pub(crate) fn ticket(&self, slot: u32, seq: u64) -> Ticket {
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        let mut tickets = self.tickets.lock();
+        // Counted before the slot is read: a worker that finishes the message after this reads
+        // a nonzero count and looks for the ticket.
+        self.ticketed.fetch_add(1, Ordering::SeqCst);
+        if self.holds(slot, seq) {
+            tickets.insert(seq, sender);
+        } else {
+            self.ticketed.fetch_sub(1, Ordering::SeqCst);
+            sender.send(()).ok();
+        }
+        Ticket { seq, done: receiver, settled: std::cell::Cell::new(false) }
+    }
+
+    /// Whether `slot` holds message `seq`, in flight.
+    pub(crate) fn holds(&self, slot: u32, seq: u64) -> bool {
+        let held = self.slot(slot);
+        held.word.load(Ordering::SeqCst) != 0 && held.seq.load(Ordering::Relaxed) == seq
+    }
+
+    /// Messages whose work has not finished.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Messages whose work has finished.
+    pub(crate) fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+}
+
+/// Settles once all the work of one submitted message has finished.
+#[derive(Debug)]
+pub struct Ticket {
+    seq: u64,
+    done: Receiver<()>,
+    settled: std::cell::Cell<bool>,
+}
+
+impl Ticket {
+    /// The message's sequence number.
+    #[must_use]
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether the work has finished.
+    #[must_use]
+    pub fn is_done(&self) -> bool {
+        self.settled.get() || self.wait_timeout(Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for the work to finish; true if it has. False also when the engine
+    /// stopped first (its work can no longer finish).
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        if !self.settled.get() && self.done.recv_timeout(timeout).is_ok() {
+            self.settled.set(true);
+        }
+        self.settled.get()
+    }
+}
+
+/// The `n`th token of a source: splitmix64 of `n`, never zero (a zero token would vanish from
+/// the XOR). Sources are told apart by their starting points.
+pub(crate) fn token_of(n: u64) -> u64 {
+    let mut z = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z.max(1)
+}
+
+/// One thread's completion updates for a unit of work, and its token source.
+#[derive(Debug)]
+pub(crate) struct Acks {
+    /// `(slot, delta)`: a message's word changes by `delta`.
+    updates: Vec<(u32, u64)>,
+    /// Scratch: slots a unit's updates freed.
+    freed: Vec<u32>,
+    state: u64,
+    /// Off when the engine does not track completion: updates are not even collected.
+    enabled: bool,
+}
+
+impl Acks {
+    /// A token source starting at `seed` (distinct per thread: the seed's high bits).
+    pub(crate) fn new(seed: u64, enabled: bool) -> Self {
+        Self { updates: Vec::new(), freed: Vec::new(), state: seed, enabled }
+    }
+
+    /// Whether updates are collected.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// A fresh token.
+    pub(crate) fn token(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(1);
+        token_of(self.state)
+    }
+
+    /// The word of the message in `slot` changes by `delta`.
+    #[inline]
+    pub(crate) fn update(&mut self, slot: u32, delta: u64) {
+        if self.enabled && delta != 0 {
+            self.updates.push((slot, delta));
+        }
+    }
+
+    /// Whether there is anything to apply.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.updates.is_empty()
+    }
+}
