@@ -27,6 +27,16 @@ pub enum LogError {
         /// What is wrong with it.
         error: FrameError,
     },
+    /// A stored checkpoint or index row failed validation.
+    #[error("the log's {table} row {key} is corrupt: {error}")]
+    CorruptIndex {
+        /// The table.
+        table: &'static str,
+        /// The row's key.
+        key: u64,
+        /// What is wrong with it.
+        error: FrameError,
+    },
     /// An earlier commit failed; the log accepts and acknowledges nothing more.
     #[error("the log failed earlier and accepts nothing more: {0}")]
     Failed(String),

@@ -152,23 +152,34 @@ pub enum FrameError {
 /// # Panics
 /// If serialization fails, which for these plain types only happens when memory runs out.
 pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
+    encode_sealed(frame, out);
+}
+
+/// Encodes any of the log's archived values (frames, checkpoints, stream heads) into `out`
+/// (cleared first) behind the frame header, so every stored value is checked the same way.
+pub(crate) fn encode_sealed<T>(value: &T, out: &mut Vec<u8>)
+where
+    T: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+    >,
+{
     out.clear();
     out.extend_from_slice(&[0; HEADER_LEN]);
     // The archive is position-independent (relative pointers, no alignment with `unaligned`),
     // so it is serialized straight after the header into the reused buffer.
     let mut buffer = std::mem::take(out);
-    buffer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(frame, buffer)
+    buffer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, buffer)
         .expect("serializing plain owned data into a Vec cannot fail");
     *out = buffer;
     let body = &out[HEADER_LEN..];
-    let len = u32::try_from(body.len()).expect("frames are sized far below 4 GiB");
+    let len = u32::try_from(body.len()).expect("stored values are sized far below 4 GiB");
     let crc = crc32c::crc32c(body);
     out[0..4].copy_from_slice(&MAGIC);
     out[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     out[6..8].copy_from_slice(&0u16.to_le_bytes());
     out[8..12].copy_from_slice(&len.to_le_bytes());
     out[12..16].copy_from_slice(&crc.to_le_bytes());
-    debug_assert!(check_header(out).is_ok(), "a frame must read back as written");
+    debug_assert!(check_header(out).is_ok(), "a stored value must read back as written");
 }
 
 /// Checks the header and checksum; returns the body.

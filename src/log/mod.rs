@@ -11,6 +11,7 @@
 //!
 //! The layout, the frame bytes and the invariants are described in `docs/design.md`.
 
+mod checkpoint;
 mod error;
 mod format;
 mod open;
@@ -27,6 +28,7 @@ use parking_lot::Mutex;
 use redb::TableDefinition;
 use serde::Serialize;
 
+pub use checkpoint::InFlight;
 pub use error::{LogError, StorageFailure, TryAppendError};
 pub use format::{
     check_header, completed_ids, decode_frame, decode_frame_owned, encode_frame, ArchivedFrame, ArchivedRecord, Frame,
@@ -78,6 +80,12 @@ pub struct LogOptions {
     pub group_records_max: usize,
     /// Frames are closed once their estimated size reaches this many bytes.
     pub frame_bytes_target: usize,
+    /// A checkpoint is written once this many records were appended since the last one (and at
+    /// [`Log::close`]): opening reads the checkpoint and at most this many records after it.
+    pub checkpoint_records: u64,
+    /// Stream versions the writer keeps in memory after a checkpoint; the others are read from
+    /// the checkpointed heads when a stream is appended to again.
+    pub stream_cache: usize,
 }
 
 impl Default for LogOptions {
@@ -89,6 +97,8 @@ impl Default for LogOptions {
             // Just under 256 KiB with the header and rkyv's slack: values just over a power of two
             // waste 40-50% of a page run in redb (ARCHITECTURE section 4).
             frame_bytes_target: 250 * 1024,
+            checkpoint_records: 1 << 20,
+            stream_cache: 1 << 20,
         }
     }
 }
@@ -104,6 +114,12 @@ impl LogOptions {
         }
         if !(1024..=16 << 20).contains(&self.frame_bytes_target) {
             return bad("frame_bytes_target must be within 1 KiB..=16 MiB");
+        }
+        if !(1..=1 << 32).contains(&self.checkpoint_records) {
+            return bad("checkpoint_records must be within 1..=4294967296");
+        }
+        if !(1..=1 << 28).contains(&self.stream_cache) {
+            return bad("stream_cache must be within 1..=268435456");
         }
         if let Durability::Eventual { sync_interval_ms } = self.durability {
             if !(1..=60_000).contains(&sync_interval_ms) {
@@ -137,9 +153,23 @@ impl AckWaiter {
 }
 
 pub(crate) enum Command {
-    Append { records: Vec<Record>, ack: Option<Sender<Result<(), LogError>>> },
-    Checked { stream: u64, expected: ExpectedVersion, records: Vec<Record>, reply: Sender<Result<u32, LogError>> },
-    Sync { reply: Sender<Result<(), LogError>> },
+    Append {
+        records: Vec<Record>,
+        ack: Option<Sender<Result<(), LogError>>>,
+    },
+    Checked {
+        stream: u64,
+        expected: ExpectedVersion,
+        records: Vec<Record>,
+        reply: Sender<Result<u32, LogError>>,
+    },
+    Sync {
+        reply: Sender<Result<(), LogError>>,
+    },
+    /// A durable commit with a checkpoint, even if nothing is pending.
+    Checkpoint {
+        reply: Sender<Result<(), LogError>>,
+    },
 }
 
 /// Counters of what the log has written.
@@ -147,6 +177,8 @@ pub(crate) enum Command {
 pub(crate) struct LogCounters {
     pub(crate) events_appended: AtomicU64,
     pub(crate) engine_records: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
+    pub(crate) cached_streams: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) durable_commits: AtomicU64,
     pub(crate) frames: AtomicU64,
@@ -160,6 +192,11 @@ pub struct LogStats {
     pub events_appended: u64,
     /// Of those, the engine's own bookkeeping on [`ENGINE_STREAM`] (completion records).
     pub engine_records: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Stream versions the writer held in memory at the last checkpoint (bounded by
+    /// [`LogOptions::stream_cache`] plus the streams written in one checkpoint interval).
+    pub cached_streams: u64,
     /// Write transactions committed.
     pub commits: u64,
     /// Of those, fsynced.
@@ -179,6 +216,12 @@ pub struct OpenSummary {
     pub records: u64,
     /// Streams with at least one record.
     pub streams: u64,
+    /// Whether opening started from a checkpoint.
+    pub from_checkpoint: bool,
+    /// Frames read while opening (those after the checkpoint).
+    pub frames_scanned: u64,
+    /// Messages in flight when the log was closed or cut: ingress records with no completion.
+    pub in_flight: u64,
 }
 
 pub(crate) struct Shared {
@@ -197,6 +240,7 @@ pub struct Log {
     writer: Mutex<Option<JoinHandle<()>>>,
     options: LogOptions,
     summary: OpenSummary,
+    in_flight: Vec<InFlight>,
 }
 
 impl std::fmt::Debug for Log {
@@ -219,6 +263,12 @@ impl Log {
     /// What the file held when it was opened.
     pub fn opened_with(&self) -> &OpenSummary {
         &self.summary
+    }
+
+    /// The messages in flight when the log was opened (ingress records without a completion
+    /// record), by id: what recovery resumes.
+    pub fn in_flight_at_open(&self) -> &[InFlight] {
+        &self.in_flight
     }
 
     /// Reserves `count` consecutive record ids; returns the first.
@@ -302,6 +352,8 @@ impl Log {
         LogStats {
             events_appended: c.events_appended.load(Ordering::Relaxed),
             engine_records: c.engine_records.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            cached_streams: c.cached_streams.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
             durable_commits: c.durable_commits.load(Ordering::Relaxed),
             frames: c.frames.load(Ordering::Relaxed),
@@ -309,9 +361,17 @@ impl Log {
         }
     }
 
-    /// Makes everything durable, stops the writer and closes the file.
+    /// Makes everything appended so far durable with a checkpoint, so that the next opening
+    /// reads nothing after it.
+    pub fn checkpoint(&self) -> Result<(), LogError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(Command::Checkpoint { reply })?;
+        answer.recv().unwrap_or(Err(LogError::Closed))
+    }
+
+    /// Makes everything durable with a checkpoint, stops the writer and closes the file.
     pub fn close(&self) -> Result<(), LogError> {
-        let synced = if self.sender.lock().is_some() { self.sync() } else { Ok(()) };
+        let synced = if self.sender.lock().is_some() { self.checkpoint() } else { Ok(()) };
         self.sender.lock().take();
         if let Some(writer) = self.writer.lock().take() {
             let _ = writer.join();

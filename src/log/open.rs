@@ -10,10 +10,12 @@ use rayon::prelude::*;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use rustc_hash::FxHashMap;
 
+use super::checkpoint::{self, Heads};
 use super::error::storage;
+use super::writer::Book;
 use super::{
     decode_frame_owned, writer, Frame, FrameError, Log, LogCounters, LogError, LogOptions, OpenSummary, Shared,
-    StorageFailure, BUCKETS, FORMAT_VERSION, FRAMES, META, META_FORMAT,
+    StorageFailure, BUCKETS, ENGINE_STREAM, FORMAT_VERSION, FRAMES, META, META_FORMAT,
 };
 
 /// Opens the redb file, mapping "not a database" to a clear error.
@@ -98,6 +100,7 @@ impl Log {
                     }
                 }
                 txn.open_table(BUCKETS).map_err(storage)?;
+                txn.open_table(checkpoint::HEADS).map_err(storage)?;
             }
             txn.commit().map_err(storage)?;
         }
@@ -108,30 +111,57 @@ impl Log {
             has_failed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         });
-        let mut versions: FxHashMap<u64, u32> = FxHashMap::default();
-        let mut summary = OpenSummary::default();
-        let mut next_frame = 0;
-        let mut max_id = 0;
-        scan(&shared.db, |seq, frame| {
+        // From the last checkpoint (if any), the frames after it: versions changed since,
+        // messages started and finished since, the highest id.
+        let checkpoint = contained(|| checkpoint::read(&shared.db))?;
+        let from_checkpoint = checkpoint.is_some();
+        let (first_frame, next_id, mut book) = match checkpoint {
+            Some(checkpoint) => (checkpoint.next_frame, checkpoint.next_id, Book::from_checkpoint(checkpoint)),
+            None => (0, 1, Book::default()),
+        };
+        let mut changed: FxHashMap<u64, u32> = FxHashMap::default();
+        let mut next_frame = first_frame;
+        let mut max_id = next_id.saturating_sub(1);
+        let mut scanned = 0;
+        scan(&shared.db, first_frame, |seq, frame| {
             next_frame = seq + 1;
-            summary.frames += 1;
+            scanned += 1;
+            book.frames += 1;
             for record in &frame.records {
-                let version = versions.entry(record.stream).or_insert(0);
-                *version = record.version;
+                if record.stream != ENGINE_STREAM {
+                    changed.insert(record.stream, record.version);
+                }
+                book.account(record, seq);
                 max_id = max_id.max(record.id);
             }
-            summary.records += frame.records.len() as u64;
             Ok(())
         })?;
-        summary.streams = versions.len() as u64;
+        let in_flight = book.in_flight();
+        let summary = OpenSummary {
+            frames: book.frames,
+            records: book.records,
+            streams: book.streams,
+            from_checkpoint,
+            frames_scanned: scanned,
+            in_flight: in_flight.len() as u64,
+        };
         shared.next_id.store(max_id + 1, Ordering::Relaxed);
         let (sender, receiver) = crossbeam_channel::bounded(options.queue_appends);
-        let state = writer::WriterState::new(Arc::clone(&shared), options, versions, next_frame);
+        let heads = Heads::new(options.stream_cache, changed);
+        let state = writer::WriterState::new(Arc::clone(&shared), options, heads, book, next_frame);
         let writer = std::thread::Builder::new()
             .name("conduit:log-writer".into())
             .spawn(move || writer::run(state, &receiver))
             .map_err(storage)?;
-        Ok(Self { path, shared, sender: Mutex::new(Some(sender)), writer: Mutex::new(Some(writer)), options, summary })
+        Ok(Self {
+            path,
+            shared,
+            sender: Mutex::new(Some(sender)),
+            writer: Mutex::new(Some(writer)),
+            options,
+            summary,
+            in_flight,
+        })
     }
 
     /// Opens an existing log (see [`Log::open`]); a missing file is an error, not a new log.
@@ -161,20 +191,30 @@ pub(super) fn contained<T>(read: impl FnOnce() -> Result<T, LogError>) -> Result
     })
 }
 
-/// Every frame in order (see [`scan_unguarded`]), a storage engine panic contained.
-pub(super) fn scan(db: &redb::Database, f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
-    contained(|| scan_unguarded(db, f))
+/// Every frame from `first` on, in order (see [`scan_unguarded`]), a storage engine panic
+/// contained.
+pub(super) fn scan(
+    db: &redb::Database,
+    first: u64,
+    f: impl FnMut(u64, &Frame) -> Result<(), LogError>,
+) -> Result<(), LogError> {
+    contained(|| scan_unguarded(db, first, f))
 }
 
-fn scan_unguarded(db: &redb::Database, mut f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
+fn scan_unguarded(
+    db: &redb::Database,
+    first: u64,
+    mut f: impl FnMut(u64, &Frame) -> Result<(), LogError>,
+) -> Result<(), LogError> {
     let txn = db.begin_read().map_err(storage)?;
     let frames = match txn.open_table(FRAMES) {
         Ok(frames) => frames,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
         Err(e) => return Err(storage(e)),
     };
-    let mut iter = frames.iter().map_err(storage)?;
-    let mut previous: Option<u64> = None;
+    let mut iter = frames.range(first..).map_err(storage)?;
+    // After a checkpoint the first frame must be the one it names.
+    let mut previous: Option<u64> = first.checked_sub(1);
     loop {
         let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
         for entry in iter.by_ref().take(SCAN_CHUNK_FRAMES) {

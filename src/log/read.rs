@@ -16,7 +16,7 @@ pub trait Aggregate: Default {
 impl Log {
     /// Every record, in log order, validated frame by frame.
     pub fn for_each(&self, mut f: impl FnMut(&Record)) -> Result<(), LogError> {
-        scan(&self.shared.db, |_, frame| {
+        scan(&self.shared.db, 0, |_, frame| {
             frame.records.iter().for_each(&mut f);
             Ok(())
         })
@@ -24,7 +24,7 @@ impl Log {
 
     /// Every frame in log order, decoded in parallel chunks; `f` sees them in order.
     pub fn for_each_frame(&self, f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
-        scan(&self.shared.db, f)
+        scan(&self.shared.db, 0, f)
     }
 
     /// The records of one stream, in version order, found through the bucket index.

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rustc_hash::FxHashMap;
 
+use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
 use super::error::storage;
-use super::format::{encode_frame, Frame, HEADER_LEN};
+use super::format::{completed_ids, encode_frame, Frame, Record, HEADER_LEN, KIND_COMPLETED, STAGE_INGRESS};
 use super::{
     bucket_of, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, ENGINE_STREAM, FRAMES,
 };
@@ -20,8 +21,13 @@ const RECORD_FIXED_BYTES: usize = 80;
 pub(crate) struct WriterState {
     shared: Arc<Shared>,
     options: LogOptions,
-    /// Last committed version of every stream.
-    versions: FxHashMap<u64, u32>,
+    /// Last committed version of each stream: a bounded cache over the checkpointed heads.
+    heads: Heads,
+    /// What the next checkpoint says: the messages in flight, by ingress record id, and counts.
+    book: Book,
+    /// Records written since the last checkpoint.
+    since_checkpoint: u64,
+    scratch: Vec<u8>,
     next_frame: u64,
     /// Commits since the last durable one (Eventual mode).
     undurable: bool,
@@ -32,17 +38,64 @@ pub(crate) struct WriterState {
     encoded: Vec<u8>,
 }
 
+/// The log's running account: messages in flight and counts, kept by the writer (and rebuilt by
+/// opening from the last checkpoint and the frames after it).
+#[derive(Debug, Default)]
+pub(crate) struct Book {
+    pub(crate) in_flight: FxHashMap<u64, InFlight>,
+    pub(crate) frames: u64,
+    pub(crate) records: u64,
+    pub(crate) streams: u64,
+}
+
+impl Book {
+    /// Starts from a checkpoint.
+    pub(crate) fn from_checkpoint(checkpoint: Checkpoint) -> Self {
+        Self {
+            in_flight: checkpoint.in_flight.into_iter().map(|m| (m.id, m)).collect(),
+            frames: checkpoint.frames,
+            records: checkpoint.records,
+            streams: checkpoint.streams,
+        }
+    }
+
+    /// Accounts for `record`, written in frame `frame` with its version assigned.
+    #[inline]
+    pub(crate) fn account(&mut self, record: &Record, frame: u64) {
+        self.records += 1;
+        if record.stream == ENGINE_STREAM {
+            if record.kind == KIND_COMPLETED {
+                for id in completed_ids(&record.payload) {
+                    self.in_flight.remove(&id);
+                }
+            }
+            return;
+        }
+        if record.version == 1 {
+            self.streams += 1;
+        }
+        if record.stage == STAGE_INGRESS {
+            self.in_flight.insert(record.id, InFlight { id: record.id, stream: record.stream, frame });
+        }
+    }
+
+    /// The messages in flight, by id.
+    pub(crate) fn in_flight(&self) -> Vec<InFlight> {
+        let mut in_flight: Vec<InFlight> = self.in_flight.values().copied().collect();
+        in_flight.sort_unstable_by_key(|m| m.id);
+        in_flight
+    }
+}
+
 impl WriterState {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        options: LogOptions,
-        versions: FxHashMap<u64, u32>,
-        next_frame: u64,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, options: LogOptions, heads: Heads, book: Book, next_frame: u64) -> Self {
         Self {
             shared,
             options,
-            versions,
+            heads,
+            book,
+            since_checkpoint: 0,
+            scratch: Vec::new(),
             next_frame,
             undurable: false,
             last_durable: Instant::now(),
@@ -60,6 +113,7 @@ struct Group {
     commands: Vec<Command>,
     records: usize,
     wants_sync: bool,
+    wants_checkpoint: bool,
 }
 
 pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
@@ -103,6 +157,10 @@ impl Group {
         match &command {
             Command::Append { records, .. } | Command::Checked { records, .. } => self.records += records.len(),
             Command::Sync { .. } => self.wants_sync = true,
+            Command::Checkpoint { .. } => {
+                self.wants_sync = true;
+                self.wants_checkpoint = true;
+            }
         }
         self.commands.push(command);
     }
@@ -123,6 +181,7 @@ impl WriterState {
     fn commit_group(&mut self, group: &mut Group) -> Result<(), LogError> {
         let mut commands = std::mem::take(&mut group.commands);
         let wants_sync = std::mem::take(&mut group.wants_sync);
+        let wants_checkpoint = std::mem::take(&mut group.wants_checkpoint);
         group.records = 0;
         if let Some(reason) = self.failure() {
             answer(commands, &Err(LogError::Failed(reason)));
@@ -134,10 +193,10 @@ impl WriterState {
                 wants_sync || self.last_durable.elapsed() >= Duration::from_millis(sync_interval_ms)
             }
         };
-        let mut conflicts: FxHashMap<usize, LogError> = FxHashMap::default();
+        let mut checked: FxHashMap<usize, Result<u32, LogError>> = FxHashMap::default();
         // Versions are assigned in place: if the commit fails, the log fails for good, so the
         // map never needs rolling back.
-        let result = self.write(&mut commands, durable, &mut conflicts);
+        let result = self.write(&mut commands, durable, wants_checkpoint, &mut checked);
         match result {
             Ok(appended) => {
                 let counters = &self.shared.counters;
@@ -150,7 +209,7 @@ impl WriterState {
                 } else {
                     self.undurable = true;
                 }
-                answer_each(commands, &conflicts, &self.versions);
+                answer_each(commands, &mut checked);
                 Ok(())
             }
             Err(error) => {
@@ -165,7 +224,8 @@ impl WriterState {
         &mut self,
         commands: &mut [Command],
         durable: bool,
-        conflicts: &mut FxHashMap<usize, LogError>,
+        wants_checkpoint: bool,
+        checked: &mut FxHashMap<usize, Result<u32, LogError>>,
     ) -> Result<u64, LogError> {
         let mut txn = self.shared.db.begin_write().map_err(storage)?;
         txn.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
@@ -175,32 +235,36 @@ impl WriterState {
         {
             let mut frames = txn.open_table(FRAMES).map_err(storage)?;
             let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
+            let heads = txn.open_table(HEADS).map_err(storage)?;
             for (index, command) in commands.iter_mut().enumerate() {
                 let records = match command {
                     Command::Append { records, .. } => records,
                     Command::Checked { stream, expected, records, .. } => {
-                        let actual = self.versions.get(stream).copied().unwrap_or(0);
+                        let actual = self.heads.version(*stream, &heads)?;
                         let ok = match *expected {
                             ExpectedVersion::Any => true,
                             ExpectedVersion::NoStream => actual == 0,
                             ExpectedVersion::Exact(v) => actual == v,
                         };
                         if !ok {
-                            conflicts.insert(
-                                index,
-                                LogError::VersionConflict { stream: *stream, expected: *expected, actual },
-                            );
+                            let conflict = LogError::VersionConflict { stream: *stream, expected: *expected, actual };
+                            checked.insert(index, Err(conflict));
                             continue;
                         }
+                        let added = u32::try_from(records.len()).unwrap_or(u32::MAX);
+                        checked.insert(index, Ok(actual.saturating_add(added)));
                         records
                     }
-                    Command::Sync { .. } => continue,
+                    Command::Sync { .. } | Command::Checkpoint { .. } => continue,
                 };
                 for mut record in std::mem::take(records) {
-                    engine_records += u64::from(record.stream == ENGINE_STREAM);
-                    let version = self.versions.entry(record.stream).or_insert(0);
-                    *version += 1;
-                    record.version = *version;
+                    if record.stream == ENGINE_STREAM {
+                        // The engine's bookkeeping has no versions.
+                        engine_records += 1;
+                    } else {
+                        record.version = self.heads.bump(record.stream, &heads)?;
+                    }
+                    self.book.account(&record, self.next_frame);
                     self.frame_bytes += RECORD_FIXED_BYTES + record.payload.len() + record.note.len();
                     self.buckets.push(bucket_of(record.stream));
                     self.frame.records.push(record);
@@ -212,11 +276,34 @@ impl WriterState {
             }
             self.flush_frame(&mut frames, &mut buckets)?;
         }
+        self.since_checkpoint += appended;
+        if wants_checkpoint || self.since_checkpoint >= self.options.checkpoint_records {
+            self.checkpoint(&txn)?;
+        }
         crash_point!("log.before_commit");
         txn.commit().map_err(storage)?;
         crash_point!("log.after_commit");
         self.shared.counters.engine_records.fetch_add(engine_records, Ordering::Relaxed);
         Ok(appended)
+    }
+
+    /// Writes the heads changed since the last checkpoint and a new checkpoint, in `txn`.
+    fn checkpoint(&mut self, txn: &redb::WriteTransaction) -> Result<(), LogError> {
+        crash_point!("log.checkpoint");
+        self.heads.checkpoint(txn, &mut self.scratch)?;
+        let checkpoint = Checkpoint {
+            next_frame: self.next_frame,
+            next_id: self.shared.next_id.load(Ordering::Relaxed),
+            frames: self.book.frames,
+            records: self.book.records,
+            streams: self.book.streams,
+            in_flight: self.book.in_flight(),
+        };
+        checkpoint::write(txn, &checkpoint, &mut self.scratch)?;
+        self.since_checkpoint = 0;
+        self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.cached_streams.store(self.heads.cached() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     fn flush_frame(
@@ -241,6 +328,7 @@ impl WriterState {
         counters.frames.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(self.encoded.len() as u64, Ordering::Relaxed);
         self.next_frame += 1;
+        self.book.frames += 1;
         self.frame.records.clear();
         self.frame_bytes = 0;
         self.buckets.clear();
@@ -251,23 +339,28 @@ impl WriterState {
 fn answer(commands: Vec<Command>, result: &Result<(), LogError>) {
     for command in commands {
         match command {
-            Command::Append { ack: Some(ack), .. } | Command::Sync { reply: ack } => send(&ack, result.clone()),
+            Command::Append { ack: Some(ack), .. }
+            | Command::Sync { reply: ack }
+            | Command::Checkpoint { reply: ack } => {
+                send(&ack, result.clone());
+            }
             Command::Append { ack: None, .. } => {}
             Command::Checked { reply, .. } => send(&reply, result.clone().map(|()| 0)),
         }
     }
 }
 
-fn answer_each(commands: Vec<Command>, conflicts: &FxHashMap<usize, LogError>, versions: &FxHashMap<u64, u32>) {
+fn answer_each(commands: Vec<Command>, checked: &mut FxHashMap<usize, Result<u32, LogError>>) {
     for (index, command) in commands.into_iter().enumerate() {
         match command {
-            Command::Append { ack: Some(ack), .. } | Command::Sync { reply: ack } => send(&ack, Ok(())),
+            Command::Append { ack: Some(ack), .. }
+            | Command::Sync { reply: ack }
+            | Command::Checkpoint { reply: ack } => {
+                send(&ack, Ok(()));
+            }
             Command::Append { ack: None, .. } => {}
-            Command::Checked { stream, reply, .. } => {
-                let result = match conflicts.get(&index) {
-                    Some(conflict) => Err(conflict.clone()),
-                    None => Ok(versions.get(&stream).copied().unwrap_or(0)),
-                };
+            Command::Checked { reply, .. } => {
+                let result = checked.remove(&index).unwrap_or(Err(LogError::Closed));
                 send(&reply, result);
             }
         }

@@ -1,0 +1,232 @@
+//! Checkpoints: what opening and recovery need, persisted every so often so that neither ever
+//! reads the whole history.
+//!
+//! - `checkpoint` (one row): the first frame not covered, the next record id, running counts,
+//!   and the messages in flight (ingress records with no completion record yet, each with the
+//!   frame that holds it).
+//! - `heads` (one row per bucket of 1,024 streams): each stream's last version, as of the
+//!   checkpoint. The writer keeps a bounded cache of versions; a stream it does not hold is
+//!   looked up in its bucket's row, so memory does not grow with the number of streams ever
+//!   written.
+//!
+//! Both are written in the same transaction as the frames they cover, so a crash leaves either
+//! the old checkpoint or the new one, each consistent with the frames. Opening reads the
+//! checkpoint and scans only the frames after it.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use rkyv::rancor;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::error::storage;
+use super::format::{check_header, encode_sealed, FrameError};
+use super::{bucket_of, LogError};
+
+/// The latest checkpoint, under key 0.
+pub(crate) const CHECKPOINT: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoint");
+/// Stream heads by bucket, as of the latest checkpoint.
+pub(crate) const HEADS: TableDefinition<u64, &[u8]> = TableDefinition::new("heads");
+
+/// A message in flight: its ingress record and the frame that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct InFlight {
+    /// The ingress record's id (the message's `seq`).
+    pub id: u64,
+    /// The message's stream.
+    pub stream: u64,
+    /// The frame holding the ingress record.
+    pub frame: u64,
+}
+
+/// What a checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct Checkpoint {
+    /// Frames before this one are covered.
+    pub(crate) next_frame: u64,
+    /// Every record id in the covered frames is below this.
+    pub(crate) next_id: u64,
+    /// Frames, records and streams in the covered frames.
+    pub(crate) frames: u64,
+    pub(crate) records: u64,
+    pub(crate) streams: u64,
+    /// Messages in flight at the checkpoint, by id.
+    pub(crate) in_flight: Vec<InFlight>,
+}
+
+/// One bucket's stream heads, sorted by stream.
+#[derive(Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct HeadsRow {
+    heads: Vec<(u64, u32)>,
+}
+
+fn corrupt(table: &'static str, key: u64, error: FrameError) -> LogError {
+    LogError::CorruptIndex { table, key, error }
+}
+
+fn decode<T>(table: &'static str, key: u64, bytes: &[u8]) -> Result<T, LogError>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    let body = check_header(bytes).map_err(|e| corrupt(table, key, e))?;
+    rkyv::from_bytes::<T, rancor::Error>(body).map_err(|e| corrupt(table, key, FrameError::Invalid(e.to_string())))
+}
+
+/// Reads the latest checkpoint, if the log has one.
+pub(crate) fn read(db: &redb::Database) -> Result<Option<Checkpoint>, LogError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let table = match txn.open_table(CHECKPOINT) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(storage(e)),
+    };
+    let Some(value) = table.get(0).map_err(storage)? else { return Ok(None) };
+    decode::<Checkpoint>("checkpoint", 0, value.value()).map(Some)
+}
+
+/// Writes `checkpoint` in `txn`, replacing the previous one.
+pub(crate) fn write(
+    txn: &redb::WriteTransaction,
+    checkpoint: &Checkpoint,
+    scratch: &mut Vec<u8>,
+) -> Result<(), LogError> {
+    encode_sealed(checkpoint, scratch);
+    let mut table = txn.open_table(CHECKPOINT).map_err(storage)?;
+    table.insert(0, scratch.as_slice()).map_err(storage)?;
+    Ok(())
+}
+
+/// The writer's stream versions: a bounded cache over the `heads` table, plus every version
+/// changed since the last checkpoint (those stay until the checkpoint has written them).
+#[derive(Debug, Default)]
+pub(crate) struct Heads {
+    /// Stream -> (last version, changed since the last checkpoint).
+    versions: FxHashMap<u64, (u32, bool)>,
+    /// Buckets whose `heads` row has been read into `versions` since the cache was last cleared.
+    loaded: FxHashSet<u64>,
+    /// Most streams the cache keeps after a checkpoint.
+    cap: usize,
+}
+
+impl Heads {
+    /// A cache of up to `cap` streams, starting from versions found after the last checkpoint
+    /// (all of them changed since).
+    pub(crate) fn new(cap: usize, changed: FxHashMap<u64, u32>) -> Self {
+        let versions = changed.into_iter().map(|(stream, version)| (stream, (version, true))).collect();
+        Self { versions, loaded: FxHashSet::default(), cap }
+    }
+
+    /// Streams held in memory now.
+    pub(crate) fn cached(&self) -> usize {
+        self.versions.len()
+    }
+
+    /// The last version of `stream` (0: none), reading its bucket's row on a miss.
+    pub(crate) fn version(
+        &mut self,
+        stream: u64,
+        heads: &impl ReadableTable<u64, &'static [u8]>,
+    ) -> Result<u32, LogError> {
+        if let Some(&(version, _)) = self.versions.get(&stream) {
+            return Ok(version);
+        }
+        let bucket = bucket_of(stream);
+        if self.loaded.insert(bucket) {
+            if let Some(row) = heads.get(bucket).map_err(storage)? {
+                let row: HeadsRow = decode("heads", bucket, row.value())?;
+                for (s, version) in row.heads {
+                    // Versions changed since the checkpoint are newer than the row's.
+                    self.versions.entry(s).or_insert((version, false));
+                }
+            }
+        }
+        Ok(self.versions.get(&stream).map_or(0, |&(version, _)| version))
+    }
+
+    /// Gives `stream` its next version and returns it.
+    #[inline]
+    pub(crate) fn bump(
+        &mut self,
+        stream: u64,
+        heads: &impl ReadableTable<u64, &'static [u8]>,
+    ) -> Result<u32, LogError> {
+        if let Some((version, dirty)) = self.versions.get_mut(&stream) {
+            *version += 1;
+            *dirty = true;
+            return Ok(*version);
+        }
+        let version = self.version(stream, heads)? + 1;
+        self.versions.insert(stream, (version, true));
+        Ok(version)
+    }
+
+    /// Writes every changed version into its bucket's row, then lets the cache go if it holds
+    /// more than its cap (everything in it is now in the table).
+    pub(crate) fn checkpoint(&mut self, txn: &redb::WriteTransaction, scratch: &mut Vec<u8>) -> Result<(), LogError> {
+        let mut changed: FxHashMap<u64, Vec<(u64, u32)>> = FxHashMap::default();
+        for (&stream, (version, dirty)) in &mut self.versions {
+            if std::mem::take(dirty) {
+                changed.entry(bucket_of(stream)).or_default().push((stream, *version));
+            }
+        }
+        let mut table = txn.open_table(HEADS).map_err(storage)?;
+        let mut buckets: Vec<_> = changed.into_iter().collect();
+        buckets.sort_unstable_by_key(|(bucket, _)| *bucket);
+        for (bucket, mut heads) in buckets {
+            let mut row: HeadsRow = match table.get(bucket).map_err(storage)? {
+                Some(row) => decode("heads", bucket, row.value())?,
+                None => HeadsRow::default(),
+            };
+            heads.sort_unstable();
+            row.heads = merge(&row.heads, &heads);
+            encode_sealed(&row, scratch);
+            table.insert(bucket, scratch.as_slice()).map_err(storage)?;
+        }
+        if self.versions.len() > self.cap {
+            self.versions = FxHashMap::default();
+            self.loaded = FxHashSet::default();
+        }
+        Ok(())
+    }
+}
+
+/// Two lists sorted by stream, merged; `newer` wins for a stream in both.
+fn merge(older: &[(u64, u32)], newer: &[(u64, u32)]) -> Vec<(u64, u32)> {
+    let mut out = Vec::with_capacity(older.len() + newer.len());
+    let (mut i, mut j) = (0, 0);
+    while i < older.len() && j < newer.len() {
+        match older[i].0.cmp(&newer[j].0) {
+            std::cmp::Ordering::Less => {
+                out.push(older[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(newer[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(newer[j]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&older[i..]);
+    out.extend_from_slice(&newer[j..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_keeps_order_and_the_newer_version() {
+        assert_eq!(
+            merge(&[(1, 1), (3, 3), (5, 1)], &[(2, 1), (3, 4), (6, 2)]),
+            [(1, 1), (2, 1), (3, 4), (5, 1), (6, 2)]
+        );
+        assert_eq!(merge(&[], &[(1, 1)]), [(1, 1)]);
+        assert_eq!(merge(&[(1, 1)], &[]), [(1, 1)]);
+    }
+}

@@ -1,0 +1,154 @@
+//! Checkpoints: opening reads the last checkpoint and only the frames after it, and finds the same
+//! streams, versions and messages in flight as reading the whole log would; stream versions
+//! survive the writer's bounded cache.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use conduit::log::{ExpectedVersion, Log, LogOptions, Record, ENGINE_STREAM, KIND_COMPLETED, STAGE_INGRESS};
+
+fn options(checkpoint_records: u64, stream_cache: usize) -> LogOptions {
+    LogOptions { checkpoint_records, stream_cache, ..LogOptions::default() }
+}
+
+/// A submitted message: an ingress record on `stream` whose id is its `seq`.
+fn ingress(log: &Log, stream: u64) -> Record {
+    let id = log.reserve_ids(1);
+    Record { id, stream, kind: 1, stage: STAGE_INGRESS, correlation: id, payload: vec![7; 16], ..Record::default() }
+}
+
+fn fact(stream: u64) -> Record {
+    Record { stream, kind: 2, stage: 0, payload: vec![1; 8], ..Record::default() }
+}
+
+fn completion(ids: &[u64]) -> Record {
+    let payload = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    Record { stream: ENGINE_STREAM, kind: KIND_COMPLETED, payload, ..Record::default() }
+}
+
+/// What reading every frame says: each stream's last version, and the ingress ids not completed.
+fn full_scan(log: &Log) -> (BTreeMap<u64, u32>, BTreeSet<u64>) {
+    let mut versions = BTreeMap::new();
+    let mut open = BTreeSet::new();
+    log.for_each(|record| {
+        if record.stream == ENGINE_STREAM {
+            for chunk in record.payload.chunks_exact(8) {
+                open.remove(&u64::from_le_bytes(chunk.try_into().expect("eight bytes")));
+            }
+            return;
+        }
+        versions.insert(record.stream, record.version);
+        if record.stage == STAGE_INGRESS {
+            open.insert(record.id);
+        }
+    })
+    .expect("readable");
+    (versions, open)
+}
+
+/// Appends a workload: 300 messages on 300 streams, each with a few facts; every message but
+/// each seventh completes. Appends go one record at a time so checkpoints fall between them.
+fn workload(log: &Log) {
+    let mut finished = Vec::new();
+    for n in 0..300u64 {
+        let stream = n * 37 % 5_000;
+        let message = ingress(log, stream);
+        let id = message.id;
+        log.append(vec![message]).expect("open").wait().expect("committed");
+        for _ in 0..(n % 4) {
+            log.append(vec![fact(stream)]).expect("open").wait().expect("committed");
+        }
+        if n % 7 != 0 {
+            finished.push(id);
+        }
+        if finished.len() >= 10 {
+            log.append(vec![completion(&finished)]).expect("open").wait().expect("committed");
+            finished.clear();
+        }
+    }
+    log.append(vec![completion(&finished)]).expect("open").wait().expect("committed");
+}
+
+fn in_flight_ids(log: &Log) -> BTreeSet<u64> {
+    log.in_flight_at_open().iter().map(|m| m.id).collect()
+}
+
+/// Copies a log's file while it is open and synced: what a crash right now would leave.
+fn cut(path: &Path, to: &Path) {
+    std::fs::copy(path, to).expect("copy the file");
+}
+
+#[test]
+fn a_closed_log_opens_from_its_checkpoint_without_reading_frames() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    let log = Log::open(&path, options(1 << 20, 1 << 20)).expect("new log");
+    workload(&log);
+    let expected = full_scan(&log);
+    let written = log.stats();
+    log.close().expect("closes");
+    drop(log);
+
+    let log = Log::open(&path, options(1 << 20, 1 << 20)).expect("reopens");
+    let summary = log.opened_with().clone();
+    assert!(summary.from_checkpoint, "close writes a checkpoint");
+    assert_eq!(summary.frames_scanned, 0, "nothing after the checkpoint to read");
+    assert_eq!(summary.records, written.events_appended);
+    assert_eq!(summary.streams, expected.0.len() as u64);
+    assert_eq!(in_flight_ids(&log), expected.1, "the messages in flight are the ones never completed");
+    assert_eq!(summary.in_flight, 300 / 7 + 1);
+}
+
+#[test]
+fn a_cut_after_checkpoints_opens_from_the_last_and_reads_only_the_tail() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    // A checkpoint every 50 records; versions cached for 8 streams only.
+    let log = Log::open(&path, options(50, 8)).expect("new log");
+    workload(&log);
+    log.sync().expect("durable");
+    assert!(log.stats().checkpoints >= 10, "{:?}", log.stats());
+    let expected = full_scan(&log);
+    let copy = dir.path().join("cut.redb");
+    cut(&path, &copy);
+    drop(log);
+
+    let log = Log::open(&copy, options(50, 8)).expect("opens the cut file");
+    let summary = log.opened_with().clone();
+    assert!(summary.from_checkpoint);
+    assert!(summary.frames_scanned > 0 && summary.frames_scanned < summary.frames / 2, "{summary:?}");
+    assert_eq!(in_flight_ids(&log), expected.1);
+    assert_eq!(summary.streams, expected.0.len() as u64);
+    // Every stream goes on from its last version, cached or not.
+    for (&stream, &version) in expected.0.iter().step_by(7) {
+        let next = log.append_expecting(stream, ExpectedVersion::Exact(version), vec![fact(stream)]);
+        assert_eq!(next, Ok(version + 1), "stream {stream}");
+    }
+    let fresh = log.append_expecting(999_999, ExpectedVersion::NoStream, vec![fact(0)]);
+    assert_eq!(fresh, Ok(1));
+}
+
+#[test]
+fn versions_survive_the_cache_letting_go() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    let log = Log::open(&path, options(10, 1)).expect("new log");
+    for round in 1..=5u32 {
+        for stream in 0..40u64 {
+            let version = log.append_expecting(stream * 1_500, ExpectedVersion::Any, vec![fact(0)]).expect("appends");
+            assert_eq!(version, round, "stream {stream} in round {round}");
+        }
+    }
+    assert!(log.stats().cached_streams <= 40, "{:?}", log.stats());
+    let (versions, _) = full_scan(&log);
+    assert!(versions.values().all(|&v| v == 5), "contiguous versions in the frames too: {versions:?}");
+}
+
+#[test]
+fn bad_checkpoint_options_are_refused_by_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (options, field) in [(options(0, 10), "checkpoint_records"), (options(10, 0), "stream_cache")] {
+        let error = Log::open(dir.path().join("log.redb"), options).expect_err("refused");
+        assert!(error.to_string().contains(field), "{error}");
+    }
+}
