@@ -15,7 +15,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::completion::{token_of, OnComplete, Ticket, Tracker};
 use crate::config::EngineConfig;
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
-use crate::error::{BuildError, SubmitError, TrySubmitError};
+use crate::error::{BuildError, RecoverError, SubmitError, TrySubmitError};
 use crate::ingress::{fill_window, messages, send_window, Ingress, Receipt, INGRESS_WINDOW_EVENTS};
 use crate::journal::Journal;
 use crate::log::LogError;
@@ -394,6 +394,34 @@ impl<M: Message> Engine<M> {
     pub fn ticket(&self, receipt: &Receipt<M>) -> Option<Ticket> {
         let (seq, slot) = receipt.tracked()?;
         Some(self.tracker.ticket(slot, seq))
+    }
+
+    /// Resumes, from the start, every message the journal's log had in flight when it was opened
+    /// (its last checkpoint and the frames after it say which: ingress records with no completion
+    /// record), and returns how many. Each goes to the entry stage again with its original `seq`,
+    /// so that its completion is journaled against its ingress record; handlers see it again and
+    /// must be idempotent (at-least-once delivery). Every record is decoded before anything is
+    /// resumed. Call it once, right after starting.
+    pub fn resume_in_flight(&self) -> Result<u64, RecoverError> {
+        let journal = self.journal.as_ref().ok_or(RecoverError::NoJournal)?;
+        let records = journal.log.ingress_records(journal.log.in_flight_at_open())?;
+        let mut envelopes = Vec::with_capacity(records.len());
+        for record in &records {
+            let msg = journal
+                .codec
+                .decode(record.kind, &record.payload)
+                .ok_or(RecoverError::Undecodable { id: record.id, kind: record.kind })?;
+            let mut envelope = Envelope::submitted(record.id, msg);
+            envelope.cause = record.id;
+            envelopes.push(envelope);
+        }
+        self.inject_many(self.entry, envelopes).map_err(|refused| {
+            let unsent = refused.into_inner().len() as u64;
+            RecoverError::Stopped {
+                resumed: records.len() as u64 - unsent,
+                reason: self.poisoned().unwrap_or_else(|| "the engine is closed".into()),
+            }
+        })
     }
 
     /// Submitted messages whose work has not finished (0 when completion is not tracked).

@@ -49,6 +49,34 @@ pub enum BuildError {
     },
 }
 
+/// Resuming the messages a log had in flight failed; nothing was resumed unless it says so.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoverError {
+    /// The engine has no journal to recover from.
+    #[error("the engine has no journal to recover from")]
+    NoJournal,
+    /// Reading the log failed.
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    /// An ingress record the journal's codec cannot turn back into a message.
+    #[error("ingress record {id} (kind {kind}) cannot be decoded by the journal's codec; nothing was resumed")]
+    Undecodable {
+        /// The record's id.
+        id: u64,
+        /// Its kind.
+        kind: u16,
+    },
+    /// The engine refused the resumed messages part way: `resumed` went in.
+    #[error("the engine stopped taking resumed messages after {resumed}: {reason}")]
+    Stopped {
+        /// Messages resumed before it stopped.
+        resumed: u64,
+        /// Why it stopped.
+        reason: String,
+    },
+}
+
 /// A blocking submit failed; the message (or messages) come back.
 #[derive(PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

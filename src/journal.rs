@@ -36,11 +36,15 @@ pub(crate) fn dead_letter_record<M>(letter: &DeadLetter<M>, codec: &dyn JournalC
     }
 }
 
-/// Turns the application's messages into log records (for ingress and dead letters).
+/// Turns the application's messages into log records (for ingress and dead letters), and back
+/// (for recovery).
 pub trait JournalCodec<M>: Send + Sync {
     /// Appends `msg`'s payload to `payload` and returns its record kind (below
     /// [`KIND_RESERVED_MIN`](crate::log::KIND_RESERVED_MIN)).
     fn encode(&self, msg: &M, payload: &mut Vec<u8>) -> u16;
+
+    /// The message `encode` turned into `kind` and `payload`; `None` for bytes it did not write.
+    fn decode(&self, kind: u16, payload: &[u8]) -> Option<M>;
 }
 
 /// A log and the codec for the engine's messages.

@@ -128,7 +128,7 @@ pub use completion::{OnComplete, Ticket};
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
 pub use engine::{Engine, EngineBuilder, ShutdownReport};
-pub use error::{BuildError, ConfigError, SubmitError, TrySubmitError};
+pub use error::{BuildError, ConfigError, RecoverError, SubmitError, TrySubmitError};
 pub use ingress::{Receipt, INGRESS_WINDOW_EVENTS, WINDOWS_IN_FLIGHT};
 pub use journal::{Journal, JournalCodec};
 pub use metrics::{LatencySummary, Snapshot, StageSnapshot};

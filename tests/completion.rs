@@ -27,6 +27,10 @@ impl JournalCodec<Job> for Codec {
         payload.extend_from_slice(&msg.0.to_le_bytes());
         1
     }
+
+    fn decode(&self, kind: u16, payload: &[u8]) -> Option<Job> {
+        (kind == 1).then_some(Job(u64::from_le_bytes(payload.try_into().ok()?)))
+    }
 }
 
 /// Jobs whose id ends in 7 are rejected at the first stage (their work ends there).

@@ -37,7 +37,14 @@ struct Codec;
 impl JournalCodec<Job> for Codec {
     fn encode(&self, msg: &Job, payload: &mut Vec<u8>) -> u16 {
         payload.extend_from_slice(&msg.key.to_le_bytes());
+        payload.extend_from_slice(&msg.n.to_le_bytes());
         1
+    }
+
+    fn decode(&self, kind: u16, payload: &[u8]) -> Option<Job> {
+        let key = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
+        let n = u32::from_le_bytes(payload.get(8..12)?.try_into().ok()?);
+        (kind == 1 && payload.len() == 12).then_some(Job { key, n })
     }
 }
 

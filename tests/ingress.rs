@@ -31,6 +31,10 @@ impl JournalCodec<Job> for Codec {
         payload.extend_from_slice(&msg.0.to_le_bytes());
         1
     }
+
+    fn decode(&self, kind: u16, payload: &[u8]) -> Option<Job> {
+        (kind == 1).then_some(Job(u64::from_le_bytes(payload.try_into().ok()?)))
+    }
 }
 
 /// Memory storage whose syncs take `SYNC` once `slow` is set: a slow disk.

@@ -5,7 +5,7 @@ use redb::ReadableDatabase;
 
 use super::error::storage;
 use super::open::{contained, scan};
-use super::{bucket_of, decode_frame, Frame, FrameError, Log, LogError, Record, BUCKETS, FRAMES};
+use super::{bucket_of, decode_frame, Frame, FrameError, InFlight, Log, LogError, Record, BUCKETS, FRAMES};
 
 /// State rebuilt from a stream's events.
 pub trait Aggregate: Default {
@@ -25,6 +25,41 @@ impl Log {
     /// Every frame in log order, decoded in parallel chunks; `f` sees them in order.
     pub fn for_each_frame(&self, f: impl FnMut(u64, &Frame) -> Result<(), LogError>) -> Result<(), LogError> {
         scan(&self.shared.db, 0, f)
+    }
+
+    /// The ingress records of messages in flight (as [`Log::in_flight_at_open`] lists them), in
+    /// id order: each frame that holds one is read once.
+    pub fn ingress_records(&self, in_flight: &[InFlight]) -> Result<Vec<Record>, LogError> {
+        contained(|| {
+            let txn = self.shared.db.begin_read().map_err(storage)?;
+            let frames = txn.open_table(FRAMES).map_err(storage)?;
+            let mut by_frame: Vec<&InFlight> = in_flight.iter().collect();
+            by_frame.sort_unstable_by_key(|m| (m.frame, m.id));
+            let mut records = Vec::with_capacity(in_flight.len());
+            for group in by_frame.chunk_by(|a, b| a.frame == b.frame) {
+                let seq = group[0].frame;
+                let missing = || LogError::Corrupt {
+                    frame: seq,
+                    error: FrameError::Invalid("a checkpointed frame is missing".into()),
+                };
+                let bytes = frames.get(seq).map_err(storage)?.ok_or_else(missing)?;
+                let archived = decode_frame(bytes.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
+                for wanted in group {
+                    let record = archived.records.iter().find(|r| r.id.to_native() == wanted.id).ok_or_else(|| {
+                        LogError::Corrupt {
+                            frame: seq,
+                            error: FrameError::Invalid(format!("ingress record {} is not in its frame", wanted.id)),
+                        }
+                    })?;
+                    records
+                        .push(rkyv::deserialize::<Record, rkyv::rancor::Error>(record).map_err(|e| {
+                            LogError::Corrupt { frame: seq, error: FrameError::Invalid(e.to_string()) }
+                        })?);
+                }
+            }
+            records.sort_unstable_by_key(|r| r.id);
+            Ok(records)
+        })
     }
 
     /// The records of one stream, in version order, found through the bucket index.

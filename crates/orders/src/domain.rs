@@ -229,6 +229,10 @@ impl conduit::JournalCodec<OrderEvent> for OrderCodec {
         msg.encode(payload);
         msg.kind()
     }
+
+    fn decode(&self, kind: u16, payload: &[u8]) -> Option<OrderEvent> {
+        OrderEvent::decode(payload).filter(|event| event.kind() == kind)
+    }
 }
 
 impl Message for OrderEvent {
