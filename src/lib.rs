@@ -106,6 +106,7 @@ pub mod config;
 #[cfg(feature = "crashpoints")]
 pub mod crashpoint;
 mod dead_letter;
+pub mod dedup;
 pub mod dlq;
 mod engine;
 mod error;

@@ -14,9 +14,13 @@ use crate::{human, read_config, Failure, Format, UsageError};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
-    /// Orders to generate and submit.
-    #[arg(long, default_value_t = 100_000)]
-    orders: u64,
+    /// Orders to generate and submit [default: 100000].
+    #[arg(long, conflicts_with = "duration")]
+    orders: Option<u64>,
+    /// Generate and submit orders for this long instead (for example `90s`, `10m`, `2h`): a
+    /// soak run whose memory does not grow with its length.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
     /// Seed of the workload and of every simulated fault (overrides the file).
     #[arg(long)]
     seed: Option<u64>,
@@ -159,11 +163,22 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         }
         None => None,
     };
-    let bar = progress_bar(args.orders, args.quiet);
-    let result = orders::run_routed(&engine, &sim, &routing, args.orders, log.clone(), |submitted, finished| {
+    let limit = match (args.orders, args.duration) {
+        (_, Some(duration)) if duration.is_zero() => {
+            return Err(UsageError("--duration must be longer than zero".into()).into())
+        }
+        (_, Some(duration)) => orders::Limit::For(duration),
+        (orders, None) => orders::Limit::Orders(orders.unwrap_or(100_000)),
+    };
+    let bar = progress_bar(limit, args.quiet);
+    let started = std::time::Instant::now();
+    let result = orders::run_until(&engine, &sim, &routing, limit, log.clone(), |submitted, finished| {
         if let Some(bar) = &bar {
-            bar.set_position(submitted);
-            bar.set_message(format!("{finished} finished"));
+            match limit {
+                orders::Limit::Orders(_) => bar.set_position(submitted),
+                orders::Limit::For(_) => bar.set_position(started.elapsed().as_secs()),
+            }
+            bar.set_message(format!("{submitted} submitted, {finished} finished"));
         }
     });
     if let Some(bar) = bar {
@@ -205,13 +220,17 @@ fn print_report(report: &RunReport, format: Format) -> Result<(), String> {
     written.map_err(|e| format!("cannot write the report: {e}"))
 }
 
-fn progress_bar(total: u64, quiet: bool) -> Option<indicatif::ProgressBar> {
+fn progress_bar(limit: orders::Limit, quiet: bool) -> Option<indicatif::ProgressBar> {
     if quiet || !std::io::stderr().is_terminal() {
         return None;
     }
+    let (total, template) = match limit {
+        orders::Limit::Orders(orders) => (orders, "{bar:40} {pos}/{len} orders: {msg} ({per_sec})"),
+        orders::Limit::For(duration) => (duration.as_secs().max(1), "{bar:40} {pos}/{len} s: {msg}"),
+    };
     let bar = indicatif::ProgressBar::new(total);
-    let style = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} orders submitted, {msg} ({per_sec})")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let style =
+        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     Some(bar)
 }

@@ -62,6 +62,16 @@ fn json_report_has_the_documented_schema_and_balances() {
 }
 
 #[test]
+fn a_run_for_a_duration_generates_orders_until_the_time_is_up() {
+    let report = json_run(&["--duration", "2s", "--payment-failure-rate", "0.2"]);
+    let submitted = u(&report, "/orders/submitted");
+    assert!(submitted > 1_000, "a second of load: {submitted} orders");
+    assert_eq!(u(&report, "/orders/in_flight"), 0);
+    assert_eq!(report["ledger"]["balanced"], true);
+    assert!(report["elapsed_s"].as_f64().is_some_and(|s| (2.0..30.0).contains(&s)), "{}", report["elapsed_s"]);
+}
+
+#[test]
 fn config_file_shapes_the_engine() {
     let path = temp_file(
         "shape.toml",
@@ -90,6 +100,11 @@ fn bad_input_gets_a_clear_error_and_exit_code_2() {
     assert_refused(&["run", "--batch", "0"], "batch_events_max");
     assert_refused(&["run", "--workers", "0"], "workers");
     assert_refused(&["run", "--orders", "ten"], "invalid value");
+    assert_refused(&["run", "--duration", "ten"], "--duration");
+    assert_refused(&["run", "--duration", "0s"], "--duration must be longer than zero");
+    assert_refused(&["run", "--duration", "1s", "--orders", "5"], "cannot be used with");
+    let no_window = temp_file("window.toml", "[simulation]\nidempotency_window_keys = 0\n");
+    assert_refused(&["run", "--config", no_window.to_str().expect("utf-8")], "simulation.idempotency_window_keys");
 
     let unknown_key = temp_file("unknown.toml", "[engine]\nwrokers = 2\n");
     assert_refused(&["run", "--config", unknown_key.to_str().expect("utf-8")], "wrokers");

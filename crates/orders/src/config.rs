@@ -60,6 +60,12 @@ pub struct SimConfig {
     pub payment_timeout_rate: f64,
     /// How long a timed-out charge attempt hangs before it fails, in microseconds.
     pub payment_timeout_us: u64,
+    /// Most idempotency keys each simulated service remembers (its deduplication window by
+    /// count): a repeated request is recognised while its key is among the latest this many.
+    pub idempotency_window_keys: usize,
+    /// Longest each simulated service remembers an idempotency key, in seconds (its window by
+    /// time). A repeat arriving later is treated as a new request.
+    pub idempotency_window_s: u64,
 }
 
 impl Default for SimConfig {
@@ -86,6 +92,8 @@ impl Default for SimConfig {
             poison_rate: 0.0,
             payment_timeout_rate: 0.0,
             payment_timeout_us: 0,
+            idempotency_window_keys: 1 << 20,
+            idempotency_window_s: 600,
         }
     }
 }
@@ -140,7 +148,22 @@ impl SimConfig {
         if !(1..=60_000_000).contains(&self.fraud_timeout_us) {
             return Err(out_of_range("fraud_timeout_us", self.fraud_timeout_us, 1, 60_000_000));
         }
+        if !(1..=1 << 28).contains(&self.idempotency_window_keys) {
+            return Err(out_of_range("idempotency_window_keys", self.idempotency_window_keys as u64, 1, 1 << 28));
+        }
+        if !(1..=7 * 86_400).contains(&self.idempotency_window_s) {
+            return Err(out_of_range("idempotency_window_s", self.idempotency_window_s, 1, 7 * 86_400));
+        }
         Ok(())
+    }
+
+    /// The simulated services' deduplication window.
+    #[must_use]
+    pub fn idempotency_window(&self) -> conduit::dedup::WindowLimits {
+        conduit::dedup::WindowLimits {
+            max_keys: self.idempotency_window_keys,
+            max_age: Duration::from_secs(self.idempotency_window_s),
+        }
     }
 
     pub(crate) fn faults(&self, failure_rate: f64, latency_us: u64) -> Faults {

@@ -43,7 +43,7 @@ pub use history::{Histories, OrderHistory, OrderStatus, VerifiedLedger, VerifyRe
 pub use pipeline::OrderPipeline;
 pub use redrive::{redrive, RedriveItem, RedrivePlan, RedriveReport};
 pub use report::{DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, RunReport, StockReport};
-pub use run::{recover, run, run_routed, verify, RecoverReport, RunError};
+pub use run::{recover, run, run_routed, run_until, verify, Limit, RecoverReport, RunError};
 pub use simulate::{simulate, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
 

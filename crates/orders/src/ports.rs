@@ -8,15 +8,11 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use rustc_hash::{FxHashMap, FxHashSet};
+use conduit::dedup::{DedupWindow, WindowLimits};
 use serde::Serialize;
 
 use super::domain::{Effect, IdempotencyKey, Order};
 use conduit::Reason;
-
-/// Shards per simulated store: enough that workers rarely meet on one lock.
-const SHARDS: usize = 64;
 
 /// `SplitMix64`'s finaliser: a fast, well-mixed hash of one word.
 #[must_use]
@@ -31,15 +27,6 @@ pub(crate) fn mix64(mut x: u64) -> u64 {
 pub(crate) fn chance(seed: u64, order: u64, attempt: u32, salt: u64) -> f64 {
     let h = mix64(seed ^ mix64(order ^ mix64(u64::from(attempt) ^ mix64(salt))));
     (h >> 11) as f64 / (1u64 << 53) as f64
-}
-
-fn shard_of(order: u64) -> usize {
-    // Order ids are sequential; mixing spreads neighbours over shards.
-    usize::try_from(mix64(order) % SHARDS as u64).unwrap_or(0)
-}
-
-fn sharded<T: Default>() -> Box<[Mutex<T>]> {
-    (0..SHARDS).map(|_| Mutex::new(T::default())).collect()
 }
 
 fn pause(latency: Duration) {
@@ -118,7 +105,8 @@ pub struct SimulatedGateway {
     timeout_rate: f64,
     timeout: Duration,
     timeouts: AtomicU64,
-    ledger: Box<[Mutex<FxHashMap<u64, ChargeRecord>>]>,
+    /// Each order's latest charge, for as long as the idempotency window holds it.
+    ledger: DedupWindow<u64, ChargeRecord>,
     charged_cents: AtomicU64,
     refunded_cents: AtomicU64,
     double_charges: AtomicU64,
@@ -185,7 +173,7 @@ impl SimulatedGateway {
             timeout_rate: 0.0,
             timeout: Duration::ZERO,
             timeouts: AtomicU64::new(0),
-            ledger: sharded(),
+            ledger: DedupWindow::new(WindowLimits::default()),
             charged_cents: AtomicU64::new(0),
             refunded_cents: AtomicU64::new(0),
             double_charges: AtomicU64::new(0),
@@ -199,6 +187,13 @@ impl SimulatedGateway {
     pub fn with_timeouts(mut self, rate: f64, wait: Duration) -> Self {
         self.timeout_rate = rate;
         self.timeout = wait;
+        self
+    }
+
+    /// Keeps idempotency keys within `limits` (default: [`WindowLimits::default`]).
+    #[must_use]
+    pub fn with_window(mut self, limits: WindowLimits) -> Self {
+        self.ledger = DedupWindow::new(limits);
         self
     }
 
@@ -228,7 +223,7 @@ impl SimulatedGateway {
             amount_cents: order.amount_cents,
             refunded,
         };
-        self.ledger[shard_of(order.id)].lock().insert(order.id, record);
+        self.ledger.update(order.id, |_| ((), Some(record)));
         self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
         if refunded {
             self.refunded_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
@@ -237,7 +232,7 @@ impl SimulatedGateway {
 
     /// Whether the order has a charge that is not refunded.
     pub fn is_charged(&self, order: u64) -> bool {
-        self.ledger[shard_of(order)].lock().get(&order).is_some_and(|r| !r.refunded)
+        self.ledger.update(order, |held| (held.is_some_and(|r| !r.refunded), None))
     }
 }
 
@@ -260,32 +255,32 @@ impl PaymentGateway for SimulatedGateway {
                 PaymentError::Transient("gateway unavailable".into())
             });
         }
-        {
-            let mut ledger = self.ledger[shard_of(order.id)].lock();
-            match ledger.get(&order.id) {
-                Some(record) if record.key == key => {
-                    self.replays.fetch_add(1, Ordering::Relaxed);
-                }
-                // A later generation of a refunded order: the redrive charges anew.
-                Some(record) if record.refunded && record.key.generation < key.generation => {
-                    ledger.insert(order.id, ChargeRecord { key, amount_cents: order.amount_cents, refunded: false });
-                    self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
-                }
-                Some(_) => {
-                    // Another key for the same order: a real gateway charges again. Counted, so
-                    // the ledger audit catches a pipeline that derives keys wrongly.
-                    self.double_charges.fetch_add(1, Ordering::Relaxed);
-                    self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
-                }
-                None => {
-                    if self.decline_rate > 0.0 && chance(seed, order.id, 0, SALT_DECLINE) < self.decline_rate {
-                        return Err(PaymentError::Declined("card declined".into()));
-                    }
-                    ledger.insert(order.id, ChargeRecord { key, amount_cents: order.amount_cents, refunded: false });
-                    self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
-                }
+        let charge = ChargeRecord { key, amount_cents: order.amount_cents, refunded: false };
+        self.ledger.update(order.id, |held| match held {
+            Some(record) if record.key == key => {
+                self.replays.fetch_add(1, Ordering::Relaxed);
+                (Ok(()), None)
             }
-        }
+            // A later generation of a refunded order: the redrive charges anew.
+            Some(record) if record.refunded && record.key.generation < key.generation => {
+                self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+                (Ok(()), Some(charge))
+            }
+            Some(_) => {
+                // Another key for the same order: a real gateway charges again. Counted, so
+                // the ledger audit catches a pipeline that derives keys wrongly.
+                self.double_charges.fetch_add(1, Ordering::Relaxed);
+                self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+                (Ok(()), None)
+            }
+            None => {
+                if self.decline_rate > 0.0 && chance(seed, order.id, 0, SALT_DECLINE) < self.decline_rate {
+                    return (Err(PaymentError::Declined("card declined".into())), None);
+                }
+                self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+                (Ok(()), Some(charge))
+            }
+        })?;
         if fails_after_charging {
             return Err(if times_out {
                 PaymentError::Timeout("no answer from the gateway (it charged)".into())
@@ -299,18 +294,20 @@ impl PaymentGateway for SimulatedGateway {
     fn refund(&self, key: IdempotencyKey, order: &Order, _attempt: u32) -> Result<(), PaymentError> {
         debug_assert_eq!(key.effect, Effect::Refund);
         pause(self.faults.latency);
-        let mut ledger = self.ledger[shard_of(order.id)].lock();
-        match ledger.get_mut(&order.id) {
-            // Only the charge of the refund's own generation: an older one is refunded already.
-            Some(record) if !record.refunded && record.key.generation == key.generation => {
-                record.refunded = true;
-                self.refunded_cents.fetch_add(record.amount_cents, Ordering::Relaxed);
+        self.ledger.update(order.id, |held| {
+            match held {
+                // Only the charge of the refund's own generation: an older one is refunded already.
+                Some(record) if !record.refunded && record.key.generation == key.generation => {
+                    record.refunded = true;
+                    self.refunded_cents.fetch_add(record.amount_cents, Ordering::Relaxed);
+                }
+                Some(_) => {
+                    self.replays.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {} // Never charged (or charged before the window): nothing to refund.
             }
-            Some(_) => {
-                self.replays.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {} // Never charged: nothing to refund.
-        }
+            ((), None)
+        });
         Ok(())
     }
 }
@@ -345,8 +342,8 @@ pub trait InventoryStore: Send + Sync {
 pub struct SimulatedInventory {
     faults: Faults,
     stock: Box<[AtomicU32]>,
-    /// Order id to its latest reservation.
-    reservations: Box<[Mutex<FxHashMap<u64, Reservation>>]>,
+    /// Order id to its latest reservation, for as long as the idempotency window holds it.
+    reservations: DedupWindow<u64, Reservation>,
     reserved_units: AtomicU64,
     released_units: AtomicU64,
 }
@@ -375,10 +372,17 @@ impl SimulatedInventory {
         Self {
             faults,
             stock,
-            reservations: sharded(),
+            reservations: DedupWindow::new(WindowLimits::default()),
             reserved_units: AtomicU64::new(0),
             released_units: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps idempotency keys within `limits` (default: [`WindowLimits::default`]).
+    #[must_use]
+    pub fn with_window(mut self, limits: WindowLimits) -> Self {
+        self.reservations = DedupWindow::new(limits);
+        self
     }
 
     /// Restores reservations of earlier generations of an order, all released.
@@ -390,7 +394,7 @@ impl SimulatedInventory {
 
     /// Restores a reservation made by an earlier run (recovery from the log).
     pub fn restore_reservation(&self, order: &Order, generation: u32, released: bool) {
-        self.reservations[shard_of(order.id)].lock().insert(order.id, Reservation { generation, released });
+        self.reservations.update(order.id, |_| ((), Some(Reservation { generation, released })));
         self.reserved_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
         if released {
             self.released_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
@@ -423,34 +427,39 @@ impl InventoryStore for SimulatedInventory {
         let Some(stock) = self.stock.get(order.sku as usize) else {
             return Err(InventoryError::OutOfStock { sku: order.sku });
         };
-        let mut reservations = self.reservations[shard_of(order.id)].lock();
-        match reservations.get(&order.id) {
-            // A later generation of a released reservation reserves anew.
-            Some(held) if held.released && held.generation < key.generation => {}
-            Some(_) => return Ok(()),
-            None => {}
-        }
-        stock
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |units| units.checked_sub(order.quantity))
-            .map_err(|_| InventoryError::OutOfStock { sku: order.sku })?;
-        reservations.insert(order.id, Reservation { generation: key.generation, released: false });
-        self.reserved_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
-        Ok(())
+        self.reservations.update(order.id, |held| {
+            match held {
+                // A later generation of a released reservation reserves anew.
+                Some(held) if held.released && held.generation < key.generation => {}
+                Some(_) => return (Ok(()), None),
+                None => {}
+            }
+            if stock
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |units| units.checked_sub(order.quantity))
+                .is_err()
+            {
+                return (Err(InventoryError::OutOfStock { sku: order.sku }), None);
+            }
+            self.reserved_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+            (Ok(()), Some(Reservation { generation: key.generation, released: false }))
+        })
     }
 
     fn release(&self, key: IdempotencyKey, order: &Order, _attempt: u32) -> Result<(), InventoryError> {
         debug_assert_eq!(key.effect, Effect::Release);
         pause(self.faults.latency);
-        let mut reservations = self.reservations[shard_of(order.id)].lock();
-        if let Some(held) = reservations.get_mut(&order.id) {
-            if !held.released && held.generation == key.generation {
-                held.released = true;
-                if let Some(stock) = self.stock.get(order.sku as usize) {
-                    stock.fetch_add(order.quantity, Ordering::AcqRel);
+        self.reservations.update(order.id, |held| {
+            if let Some(held) = held {
+                if !held.released && held.generation == key.generation {
+                    held.released = true;
+                    if let Some(stock) = self.stock.get(order.sku as usize) {
+                        stock.fetch_add(order.quantity, Ordering::AcqRel);
+                    }
+                    self.released_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
                 }
-                self.released_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
             }
-        }
+            ((), None)
+        });
         Ok(())
     }
 }
@@ -494,7 +503,8 @@ pub trait Notifier: Send + Sync {
 #[derive(Debug)]
 pub struct SimulatedNotifier {
     faults: Faults,
-    sent: Box<[Mutex<FxHashSet<IdempotencyKey>>]>,
+    /// What was sent, for as long as the idempotency window holds it.
+    sent: DedupWindow<IdempotencyKey, ()>,
     emails: AtomicU64,
     sms: AtomicU64,
     suppressed: AtomicU64,
@@ -517,17 +527,24 @@ impl SimulatedNotifier {
     pub fn new(faults: Faults) -> Self {
         Self {
             faults,
-            sent: sharded(),
+            sent: DedupWindow::new(WindowLimits::default()),
             emails: AtomicU64::new(0),
             sms: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
         }
     }
 
+    /// Keeps idempotency keys within `limits` (default: [`WindowLimits::default`]).
+    #[must_use]
+    pub fn with_window(mut self, limits: WindowLimits) -> Self {
+        self.sent = DedupWindow::new(limits);
+        self
+    }
+
     /// Restores a notification sent by an earlier run (recovery from the log).
     pub fn restore_sent(&self, channel: Channel, order: u64, generation: u32) {
         let key = IdempotencyKey { order, effect: channel.effect(), generation };
-        if self.sent[shard_of(order)].lock().insert(key) {
+        if self.sent.insert(key, ()) {
             match channel {
                 Channel::Email => self.emails.fetch_add(1, Ordering::Relaxed),
                 Channel::Sms => self.sms.fetch_add(1, Ordering::Relaxed),
@@ -553,7 +570,7 @@ impl Notifier for SimulatedNotifier {
         {
             return Err(NotifyError("provider unavailable".into()));
         }
-        if !self.sent[shard_of(order.id)].lock().insert(key) {
+        if !self.sent.insert(key, ()) {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -571,22 +588,29 @@ impl Notifier for SimulatedNotifier {
 /// A simulated carrier: ships each order at most once per key.
 #[derive(Debug)]
 pub struct SimulatedCarrier {
-    shipped: Box<[Mutex<FxHashSet<IdempotencyKey>>]>,
+    /// What was shipped, for as long as the idempotency window holds it.
+    shipped: DedupWindow<IdempotencyKey, ()>,
     shipments: AtomicU64,
     repeats: AtomicU64,
 }
 
 impl Default for SimulatedCarrier {
     fn default() -> Self {
-        Self { shipped: sharded(), shipments: AtomicU64::new(0), repeats: AtomicU64::new(0) }
+        Self::new(WindowLimits::default())
     }
 }
 
 impl SimulatedCarrier {
+    /// A carrier keeping idempotency keys within `limits`.
+    #[must_use]
+    pub fn new(limits: WindowLimits) -> Self {
+        Self { shipped: DedupWindow::new(limits), shipments: AtomicU64::new(0), repeats: AtomicU64::new(0) }
+    }
+
     /// Ships `order`; true for the key's first shipment, false for a repeat (nothing shipped).
     pub fn ship(&self, key: IdempotencyKey, order: &Order) -> bool {
-        debug_assert_eq!(key.effect, Effect::Ship);
-        if self.shipped[shard_of(order.id)].lock().insert(key) {
+        debug_assert_eq!((key.effect, key.order), (Effect::Ship, order.id));
+        if self.shipped.insert(key, ()) {
             self.shipments.fetch_add(1, Ordering::Relaxed);
             true
         } else {
@@ -598,7 +622,7 @@ impl SimulatedCarrier {
     /// Restores a shipment made by an earlier run (recovery from the log).
     pub fn restore_shipped(&self, order: u64, generation: u32) {
         let key = IdempotencyKey { order, effect: Effect::Ship, generation };
-        if self.shipped[shard_of(order)].lock().insert(key) {
+        if self.shipped.insert(key, ()) {
             self.shipments.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -27,12 +28,34 @@ pub fn run(
     run_routed(config, sim, &OrderRouting::default(), orders, log, progress)
 }
 
+/// How long a run generates load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// This many orders.
+    Orders(u64),
+    /// Until this much time has passed since the pipeline started (a soak run: orders are
+    /// generated as they are submitted, so memory does not grow with the duration).
+    For(Duration),
+}
+
 /// [`run`] with the stages bound as `routing` says.
 pub fn run_routed(
     config: &EngineConfig,
     sim: &SimConfig,
     routing: &OrderRouting,
     orders: u64,
+    log: Option<Arc<Log>>,
+    progress: impl FnMut(u64, u64),
+) -> Result<RunReport, RunError> {
+    run_until(config, sim, routing, Limit::Orders(orders), log, progress)
+}
+
+/// [`run_routed`] until `limit`: a number of orders or a duration.
+pub fn run_until(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    routing: &OrderRouting,
+    limit: Limit,
     log: Option<Arc<Log>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
@@ -46,8 +69,17 @@ pub fn run_routed(
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers).poisoned(sim.poison_rate);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;
-    while submitted < orders {
-        let take = usize::try_from(orders - submitted).unwrap_or(usize::MAX).min(SUBMIT_CHUNK);
+    let started = Instant::now();
+    loop {
+        let left = match limit {
+            Limit::Orders(orders) => orders - submitted,
+            Limit::For(duration) if started.elapsed() < duration => u64::MAX,
+            Limit::For(_) => 0,
+        };
+        if left == 0 {
+            break;
+        }
+        let take = usize::try_from(left).unwrap_or(usize::MAX).min(SUBMIT_CHUNK);
         chunk.extend(workload.by_ref().take(take));
         match pipeline.submit_many(chunk.drain(..)) {
             Ok(count) => submitted += count,

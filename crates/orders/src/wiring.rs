@@ -33,22 +33,29 @@ pub(crate) struct Ports {
 
 impl Ports {
     fn new(sim: &SimConfig) -> Self {
+        let window = sim.idempotency_window();
         Self {
             gateway: Arc::new(
                 SimulatedGateway::new(
                     sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
                     sim.payment_decline_rate,
                 )
-                .with_timeouts(sim.payment_timeout_rate, Duration::from_micros(sim.payment_timeout_us)),
+                .with_timeouts(sim.payment_timeout_rate, Duration::from_micros(sim.payment_timeout_us))
+                .with_window(window),
             ),
-            inventory: Arc::new(SimulatedInventory::new(
-                sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
-                sim.skus,
-                sim.stock_per_sku,
-                sim.empty_skus(),
-            )),
-            notifier: Arc::new(SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us))),
-            carrier: Arc::new(SimulatedCarrier::default()),
+            inventory: Arc::new(
+                SimulatedInventory::new(
+                    sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
+                    sim.skus,
+                    sim.stock_per_sku,
+                    sim.empty_skus(),
+                )
+                .with_window(window),
+            ),
+            notifier: Arc::new(
+                SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us)).with_window(window),
+            ),
+            carrier: Arc::new(SimulatedCarrier::new(window)),
         }
     }
 
