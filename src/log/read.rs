@@ -2,6 +2,7 @@
 //! aggregates folded from a stream now or at a past version or time.
 
 use redb::ReadableDatabase;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::error::storage;
 use super::open::{contained, scan};
@@ -68,28 +69,48 @@ impl Log {
     }
 
     fn stream_unguarded(&self, stream: u64) -> Result<Vec<Record>, LogError> {
+        Ok(self.streams_unguarded(&[stream])?.remove(&stream).unwrap_or_default())
+    }
+
+    /// The records of several streams, each in version order: every frame indexed for their
+    /// buckets is read once. Streams with no records are absent from the map.
+    pub fn streams(&self, streams: &[u64]) -> Result<FxHashMap<u64, Vec<Record>>, LogError> {
+        contained(|| self.streams_unguarded(streams))
+    }
+
+    fn streams_unguarded(&self, streams: &[u64]) -> Result<FxHashMap<u64, Vec<Record>>, LogError> {
         let txn = self.shared.db.begin_read().map_err(storage)?;
         let buckets = txn.open_table(BUCKETS).map_err(storage)?;
         let frames = txn.open_table(FRAMES).map_err(storage)?;
-        let bucket = bucket_of(stream);
-        let mut records = Vec::new();
-        for entry in buckets.range((bucket, 0)..=(bucket, u64::MAX)).map_err(storage)? {
-            let (key, ()) = entry.map_err(storage).map(|(k, v)| (k.value(), v.value()))?;
-            let seq = key.1;
-            let bytes = frames.get(seq).map_err(storage)?.ok_or_else(|| LogError::Corrupt {
-                frame: seq,
-                error: FrameError::Invalid("indexed frame is missing".into()),
-            })?;
-            let archived = decode_frame(bytes.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
-            for record in archived.records.iter().filter(|r| r.stream.to_native() == stream) {
-                records.push(
-                    rkyv::deserialize::<Record, rkyv::rancor::Error>(record)
-                        .map_err(|e| LogError::Corrupt { frame: seq, error: FrameError::Invalid(e.to_string()) })?,
-                );
+        let wanted: FxHashSet<u64> = streams.iter().copied().collect();
+        let mut by_bucket: Vec<u64> = wanted.iter().map(|&s| bucket_of(s)).collect();
+        by_bucket.sort_unstable();
+        by_bucket.dedup();
+        let mut found: FxHashMap<u64, Vec<Record>> = FxHashMap::default();
+        for bucket in by_bucket {
+            for entry in buckets.range((bucket, 0)..=(bucket, u64::MAX)).map_err(storage)? {
+                let (key, ()) = entry.map_err(storage).map(|(k, v)| (k.value(), v.value()))?;
+                let seq = key.1;
+                let bytes = frames.get(seq).map_err(storage)?.ok_or_else(|| LogError::Corrupt {
+                    frame: seq,
+                    error: FrameError::Invalid("indexed frame is missing".into()),
+                })?;
+                let archived = decode_frame(bytes.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
+                for record in archived.records.iter() {
+                    let stream = record.stream.to_native();
+                    if bucket_of(stream) != bucket || !wanted.contains(&stream) {
+                        continue;
+                    }
+                    let record = rkyv::deserialize::<Record, rkyv::rancor::Error>(record)
+                        .map_err(|e| LogError::Corrupt { frame: seq, error: FrameError::Invalid(e.to_string()) })?;
+                    found.entry(stream).or_default().push(record);
+                }
             }
         }
-        records.sort_by_key(|r| r.version);
-        Ok(records)
+        for records in found.values_mut() {
+            records.sort_by_key(|r| r.version);
+        }
+        Ok(found)
     }
 
     /// Rebuilds an aggregate from every event of its stream; returns it with its version.

@@ -132,13 +132,14 @@ pub(crate) fn write_recover(out: &mut impl Write, r: &RecoverReport) -> io::Resu
     let resumed: Vec<String> = r.resumed.iter().map(|(stage, n)| format!("{stage} {n}")).collect();
     writeln!(
         out,
-        "conduit recover: {} orders in the log; resumed: {}",
+        "conduit recover: {} orders in the log, {} in flight; resumed: {}",
         r.orders_found,
+        r.orders_in_flight,
         if resumed.is_empty() { "nothing".to_owned() } else { resumed.join(", ") }
     )?;
     write_report(out, &r.run)?;
     writeln!(out)?;
-    write_verify(out, "verified after recovery", &r.verify)
+    write_verify(out, "the resumed orders, verified after recovery", &r.verify)
 }
 
 pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Result<()> {

@@ -168,6 +168,7 @@ fn a_durable_run_verifies_inspects_replays_and_recovers() {
     assert!(recover.status.success(), "{}", String::from_utf8_lossy(&recover.stderr));
     let recover: serde_json::Value = serde_json::from_slice(&recover.stdout).expect("json");
     assert_eq!(u(&recover, "/orders_found"), 3000);
+    assert_eq!(u(&recover, "/orders_in_flight"), 0, "a finished run leaves nothing to read or resume");
     assert_eq!(recover["verify"]["ok"], true);
 
     // The log holds orders now: `run` refuses to mix new ones in.

@@ -329,6 +329,19 @@ impl Histories {
         Ok(histories)
     }
 
+    /// Reads the histories of the orders `ids` only, through the log's index: what recovery
+    /// needs, whatever the length of the history.
+    pub fn read_orders(log: &Log, ids: &[u64]) -> Result<Self, LogError> {
+        let mut histories = Self::default();
+        let mut streams: Vec<(u64, Vec<Record>)> = log.streams(ids)?.into_iter().collect();
+        streams.sort_unstable_by_key(|(id, _)| *id);
+        for (_, records) in &streams {
+            records.iter().for_each(|record| histories.fold(record));
+        }
+        histories.check_all();
+        Ok(histories)
+    }
+
     /// Counts by status and the ledger, as the log tells them.
     #[must_use]
     pub fn verify(&self) -> VerifyReport {
