@@ -152,3 +152,103 @@ fn bad_checkpoint_options_are_refused_by_name() {
         assert!(error.to_string().contains(field), "{error}");
     }
 }
+
+/// A message that starts and finishes at once: its ingress record, then its completion.
+fn finished_message(log: &Log, stream: u64) {
+    let message = ingress(log, stream);
+    let id = message.id;
+    log.append(vec![message]).expect("open").wait().expect("committed");
+    log.append(vec![completion(&[id])]).expect("open").wait().expect("committed");
+}
+
+#[derive(Default)]
+struct Count(u32);
+
+impl conduit::log::Aggregate for Count {
+    fn apply(&mut self, _: &Record) {
+        self.0 += 1;
+    }
+}
+
+#[test]
+fn retention_removes_old_frames_but_never_work_in_flight() {
+    const MAX_BYTES: u64 = 40_000;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    let retention = conduit::log::Retention { max_bytes: Some(MAX_BYTES), max_age: None };
+    let log = Log::open(&path, LogOptions { retention, ..options(50, 1 << 20) }).expect("new log");
+    // An early stream, and a message that never finishes, in the first frames.
+    log.append(vec![fact(77), fact(77)]).expect("open").wait().expect("committed");
+    for n in 0..300 {
+        finished_message(&log, 1_000 + n);
+    }
+    let pinned = ingress(&log, 5);
+    let pinned_id = pinned.id;
+    log.append(vec![pinned]).expect("open").wait().expect("committed");
+    for n in 0..1_000 {
+        finished_message(&log, 2_000 + n);
+    }
+    log.checkpoint().expect("checkpoints");
+    let stats = log.stats();
+    assert!(stats.frames_removed > 0, "{stats:?}");
+    let (_, open) = full_scan(&log);
+    assert_eq!(open, BTreeSet::from([pinned_id]), "only the unfinished message is in flight");
+    let kept = log.ingress_records(&[conduit::log::InFlight {
+        id: pinned_id,
+        stream: 5,
+        frame: pinned_frame(&log, pinned_id),
+    }]);
+    assert_eq!(kept.map(|r| r.len()), Ok(1), "the in-flight message's frame is kept");
+    // The frames before the pinned message were removed; the ones after it stay (the pin holds
+    // more than MAX_BYTES here, which retention accepts rather than lose work).
+    let early = log.stream(77).expect("reads");
+    assert!(early.is_empty(), "stream 77's frames were before the pin: {early:?}");
+    let next = log.append_expecting(77, ExpectedVersion::Exact(2), vec![fact(77)]);
+    assert_eq!(next, Ok(3), "a stream goes on from its last version after its frames are gone");
+    match log.load::<Count>(77) {
+        Err(conduit::log::LogError::Truncated { stream: 77, first_retained: 3 }) => {}
+        other => panic!("expected a truncated stream: {:?}", other.map(|(c, v)| (c.0, v))),
+    }
+
+    // Once the pinned message finishes, retention catches up to the size bound.
+    log.append(vec![completion(&[pinned_id])]).expect("open").wait().expect("committed");
+    for n in 0..200 {
+        finished_message(&log, 4_000 + n);
+    }
+    log.checkpoint().expect("checkpoints");
+    let stats = log.stats();
+    assert!(stats.retained_bytes <= MAX_BYTES, "{stats:?}");
+    log.close().expect("closes");
+    drop(log);
+    let log = Log::open(&path, options(50, 1 << 20)).expect("reopens");
+    assert!(log.in_flight_at_open().is_empty());
+    assert!(log.opened_with().bytes <= MAX_BYTES, "{:?}", log.opened_with());
+    assert!(log.opened_with().first_frame > 0);
+    log.for_each(|_| {}).expect("what is left reads as a whole");
+}
+
+/// The frame holding record `id` (a full read: this is a test).
+fn pinned_frame(log: &Log, id: u64) -> u64 {
+    let mut found = None;
+    log.for_each_frame(|seq, frame| {
+        if frame.records.iter().any(|r| r.id == id) {
+            found = Some(seq);
+        }
+        Ok(())
+    })
+    .expect("reads");
+    found.expect("the record is in the log")
+}
+
+#[test]
+fn a_retention_of_nothing_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (retention, field) in [
+        (conduit::log::Retention { max_bytes: Some(0), max_age: None }, "retention.max_bytes"),
+        (conduit::log::Retention { max_bytes: None, max_age: Some(std::time::Duration::ZERO) }, "retention.max_age"),
+    ] {
+        let error = Log::open(dir.path().join("log.redb"), LogOptions { retention, ..LogOptions::default() })
+            .expect_err("refused");
+        assert!(error.to_string().contains(field), "{error}");
+    }
+}

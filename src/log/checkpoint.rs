@@ -48,6 +48,9 @@ pub(crate) struct Checkpoint {
     pub(crate) frames: u64,
     pub(crate) records: u64,
     pub(crate) streams: u64,
+    /// Bytes of the frames kept, and the oldest frame kept.
+    pub(crate) bytes: u64,
+    pub(crate) first_frame: u64,
     /// Messages in flight at the checkpoint, by id.
     pub(crate) in_flight: Vec<InFlight>,
 }

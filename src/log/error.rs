@@ -53,6 +53,14 @@ pub enum LogError {
         /// The stream's last version (0: no stream).
         actual: u32,
     },
+    /// The stream's early history was removed by retention.
+    #[error("stream {stream}: versions before {first_retained} were removed by retention")]
+    Truncated {
+        /// The stream.
+        stream: u64,
+        /// Its first version still in the log.
+        first_retained: u32,
+    },
     /// Invalid options.
     #[error("invalid log options: {0}")]
     Options(String),

@@ -86,6 +86,39 @@ pub struct LogOptions {
     /// Stream versions the writer keeps in memory after a checkpoint; the others are read from
     /// the checkpointed heads when a stream is appended to again.
     pub stream_cache: usize,
+    /// What the log keeps (default: everything).
+    pub retention: Retention,
+}
+
+/// How much history a log keeps. At every checkpoint the writer removes the oldest frames while
+/// the log holds more than `max_bytes` of frames, or while they are older than `max_age`; it
+/// never removes a frame at or after the oldest message still in flight (so in-flight work can
+/// always be resumed), nor one after the checkpoint. Removed frames take their records with them
+/// (dead letters included); a stream read afterwards starts at its first retained version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Retention {
+    /// Most bytes of frames kept.
+    pub max_bytes: Option<u64>,
+    /// Frames whose newest record is older than this are removed.
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl Retention {
+    /// Whether it removes anything at all.
+    #[must_use]
+    pub fn is_unbounded(&self) -> bool {
+        self.max_bytes.is_none() && self.max_age.is_none()
+    }
+
+    fn validate(&self) -> Result<(), LogError> {
+        if self.max_bytes == Some(0) {
+            return Err(LogError::Options("retention.max_bytes must be above zero".into()));
+        }
+        if self.max_age.is_some_and(|age| age.is_zero()) {
+            return Err(LogError::Options("retention.max_age must be longer than zero".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Default for LogOptions {
@@ -99,6 +132,7 @@ impl Default for LogOptions {
             frame_bytes_target: 250 * 1024,
             checkpoint_records: 1 << 20,
             stream_cache: 1 << 20,
+            retention: Retention::default(),
         }
     }
 }
@@ -121,6 +155,7 @@ impl LogOptions {
         if !(1..=1 << 28).contains(&self.stream_cache) {
             return bad("stream_cache must be within 1..=268435456");
         }
+        self.retention.validate()?;
         if let Durability::Eventual { sync_interval_ms } = self.durability {
             if !(1..=60_000).contains(&sync_interval_ms) {
                 return bad("sync_interval_ms must be within 1..=60000");
@@ -178,6 +213,8 @@ pub(crate) struct LogCounters {
     pub(crate) events_appended: AtomicU64,
     pub(crate) engine_records: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
+    pub(crate) frames_removed: AtomicU64,
+    pub(crate) retained_bytes: AtomicU64,
     pub(crate) cached_streams: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) durable_commits: AtomicU64,
@@ -194,6 +231,10 @@ pub struct LogStats {
     pub engine_records: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
+    /// Frames removed by retention.
+    pub frames_removed: u64,
+    /// Bytes of frames the log holds, as of the last checkpoint.
+    pub retained_bytes: u64,
     /// Stream versions the writer held in memory at the last checkpoint (bounded by
     /// [`LogOptions::stream_cache`] plus the streams written in one checkpoint interval).
     pub cached_streams: u64,
@@ -212,6 +253,10 @@ pub struct LogStats {
 pub struct OpenSummary {
     /// Frames in the file.
     pub frames: u64,
+    /// Bytes of those frames.
+    pub bytes: u64,
+    /// The oldest frame kept (earlier ones were removed by retention).
+    pub first_frame: u64,
     /// Records in the file.
     pub records: u64,
     /// Streams with at least one record.
@@ -353,6 +398,8 @@ impl Log {
             events_appended: c.events_appended.load(Ordering::Relaxed),
             engine_records: c.engine_records.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            frames_removed: c.frames_removed.load(Ordering::Relaxed),
+            retained_bytes: c.retained_bytes.load(Ordering::Relaxed),
             cached_streams: c.cached_streams.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
             durable_commits: c.durable_commits.load(Ordering::Relaxed),

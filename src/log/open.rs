@@ -123,10 +123,13 @@ impl Log {
         let mut next_frame = first_frame;
         let mut max_id = next_id.saturating_sub(1);
         let mut scanned = 0;
-        scan(&shared.db, first_frame, |seq, frame| {
+        let mut first_seen = None;
+        scan_sized(&shared.db, first_frame, |seq, frame, bytes| {
             next_frame = seq + 1;
             scanned += 1;
+            first_seen.get_or_insert(seq);
             book.frames += 1;
+            book.bytes += bytes as u64;
             for record in &frame.records {
                 if record.stream != ENGINE_STREAM {
                     changed.insert(record.stream, record.version);
@@ -136,9 +139,14 @@ impl Log {
             }
             Ok(())
         })?;
+        if !from_checkpoint {
+            book.first_frame = first_seen.unwrap_or(0);
+        }
         let in_flight = book.in_flight();
         let summary = OpenSummary {
             frames: book.frames,
+            bytes: book.bytes,
+            first_frame: book.first_frame,
             records: book.records,
             streams: book.streams,
             from_checkpoint,
@@ -196,7 +204,16 @@ pub(super) fn contained<T>(read: impl FnOnce() -> Result<T, LogError>) -> Result
 pub(super) fn scan(
     db: &redb::Database,
     first: u64,
-    f: impl FnMut(u64, &Frame) -> Result<(), LogError>,
+    mut f: impl FnMut(u64, &Frame) -> Result<(), LogError>,
+) -> Result<(), LogError> {
+    contained(|| scan_unguarded(db, first, |seq, frame, _| f(seq, frame)))
+}
+
+/// [`scan`], telling `f` each frame's stored size too.
+pub(super) fn scan_sized(
+    db: &redb::Database,
+    first: u64,
+    f: impl FnMut(u64, &Frame, usize) -> Result<(), LogError>,
 ) -> Result<(), LogError> {
     contained(|| scan_unguarded(db, first, f))
 }
@@ -204,7 +221,7 @@ pub(super) fn scan(
 fn scan_unguarded(
     db: &redb::Database,
     first: u64,
-    mut f: impl FnMut(u64, &Frame) -> Result<(), LogError>,
+    mut f: impl FnMut(u64, &Frame, usize) -> Result<(), LogError>,
 ) -> Result<(), LogError> {
     let txn = db.begin_read().map_err(storage)?;
     let frames = match txn.open_table(FRAMES) {
@@ -230,7 +247,7 @@ fn scan_unguarded(
                 decode_frame_owned(*seq, value.value()).map_err(|error| LogError::Corrupt { frame: *seq, error })
             })
             .collect();
-        for ((seq, _), frame) in chunk.iter().zip(decoded) {
+        for ((seq, value), frame) in chunk.iter().zip(decoded) {
             let frame = frame?;
             if let Some(before) = previous {
                 if *seq != before + 1 {
@@ -241,7 +258,7 @@ fn scan_unguarded(
                 }
             }
             previous = Some(*seq);
-            f(*seq, &frame)?;
+            f(*seq, &frame, value.value().len())?;
         }
     }
 }

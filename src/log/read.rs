@@ -63,6 +63,21 @@ impl Log {
         })
     }
 
+    /// Bytes of the frames from `first` on: what retention can never remove while a message in
+    /// flight reaches back to frame `first`.
+    pub fn frame_bytes_from(&self, first: u64) -> Result<u64, LogError> {
+        contained(|| {
+            let txn = self.shared.db.begin_read().map_err(storage)?;
+            let frames = txn.open_table(FRAMES).map_err(storage)?;
+            let mut bytes = 0u64;
+            for entry in frames.range(first..).map_err(storage)? {
+                let (_, value) = entry.map_err(storage)?;
+                bytes += value.value().len() as u64;
+            }
+            Ok(bytes)
+        })
+    }
+
     /// The records of one stream, in version order, found through the bucket index.
     pub fn stream(&self, stream: u64) -> Result<Vec<Record>, LogError> {
         contained(|| self.stream_unguarded(stream))
@@ -113,7 +128,8 @@ impl Log {
         Ok(found)
     }
 
-    /// Rebuilds an aggregate from every event of its stream; returns it with its version.
+    /// Rebuilds an aggregate from every event of its stream; returns it with its version. A
+    /// stream whose early history retention removed is [`LogError::Truncated`].
     pub fn load<A: Aggregate>(&self, stream: u64) -> Result<(A, u32), LogError> {
         self.load_until(stream, |_| true)
     }
@@ -131,7 +147,11 @@ impl Log {
     fn load_until<A: Aggregate>(&self, stream: u64, keep: impl Fn(&Record) -> bool) -> Result<(A, u32), LogError> {
         let mut aggregate = A::default();
         let mut version = 0;
-        for record in self.stream(stream)?.iter().take_while(|r| keep(r)) {
+        let records = self.stream(stream)?;
+        if let Some(first) = records.first().filter(|r| r.version > 1) {
+            return Err(LogError::Truncated { stream, first_retained: first.version });
+        }
+        for record in records.iter().take_while(|r| keep(r)) {
             aggregate.apply(record);
             version = record.version;
         }

@@ -6,11 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use redb::ReadableTable;
 use rustc_hash::FxHashMap;
 
 use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
 use super::error::storage;
-use super::format::{completed_ids, encode_frame, Frame, Record, HEADER_LEN, KIND_COMPLETED, STAGE_INGRESS};
+use super::format::{
+    completed_ids, decode_frame, encode_frame, Frame, Record, HEADER_LEN, KIND_COMPLETED, STAGE_INGRESS,
+};
 use super::{
     bucket_of, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, ENGINE_STREAM, FRAMES,
 };
@@ -43,9 +46,13 @@ pub(crate) struct WriterState {
 #[derive(Debug, Default)]
 pub(crate) struct Book {
     pub(crate) in_flight: FxHashMap<u64, InFlight>,
+    /// Frames and records ever written, streams ever started.
     pub(crate) frames: u64,
     pub(crate) records: u64,
     pub(crate) streams: u64,
+    /// Bytes of the frames kept, and the oldest frame kept.
+    pub(crate) bytes: u64,
+    pub(crate) first_frame: u64,
 }
 
 impl Book {
@@ -56,6 +63,8 @@ impl Book {
             frames: checkpoint.frames,
             records: checkpoint.records,
             streams: checkpoint.streams,
+            bytes: checkpoint.bytes,
+            first_frame: checkpoint.first_frame,
         }
     }
 
@@ -291,18 +300,72 @@ impl WriterState {
     fn checkpoint(&mut self, txn: &redb::WriteTransaction) -> Result<(), LogError> {
         crash_point!("log.checkpoint");
         self.heads.checkpoint(txn, &mut self.scratch)?;
+        self.retain(txn)?;
         let checkpoint = Checkpoint {
             next_frame: self.next_frame,
             next_id: self.shared.next_id.load(Ordering::Relaxed),
             frames: self.book.frames,
             records: self.book.records,
             streams: self.book.streams,
+            bytes: self.book.bytes,
+            first_frame: self.book.first_frame,
             in_flight: self.book.in_flight(),
         };
         checkpoint::write(txn, &checkpoint, &mut self.scratch)?;
         self.since_checkpoint = 0;
         self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.shared.counters.cached_streams.store(self.heads.cached() as u64, Ordering::Relaxed);
+        self.shared.counters.retained_bytes.store(self.book.bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes the oldest frames the retention policy lets go, in `txn`: never one holding (or
+    /// following) the ingress record of a message in flight.
+    fn retain(&mut self, txn: &redb::WriteTransaction) -> Result<(), LogError> {
+        let policy = self.options.retention;
+        if policy.is_unbounded() {
+            return Ok(());
+        }
+        crash_point!("log.retention");
+        let keep_from = self.book.in_flight.values().map(|m| m.frame).min().unwrap_or(self.next_frame);
+        let horizon_us = policy.max_age.map(|age| {
+            let age_us = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
+            crate::clock::unix_micros().saturating_sub(age_us)
+        });
+        let mut frames = txn.open_table(FRAMES).map_err(storage)?;
+        let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
+        let mut removed = 0u64;
+        while self.book.first_frame < keep_from {
+            let seq = self.book.first_frame;
+            let over_size = policy.max_bytes.is_some_and(|max| self.book.bytes > max);
+            if !over_size && horizon_us.is_none() {
+                break;
+            }
+            let (bytes, newest_us, mut indexed) = {
+                let Some(value) = frames.get(seq).map_err(storage)? else {
+                    self.book.first_frame += 1;
+                    continue;
+                };
+                let archived = decode_frame(value.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
+                let newest_us = archived.records.iter().map(|r| r.timestamp_us.to_native()).max().unwrap_or(0);
+                let indexed: Vec<u64> = archived.records.iter().map(|r| bucket_of(r.stream.to_native())).collect();
+                (value.value().len() as u64, newest_us, indexed)
+            };
+            let too_old = horizon_us.is_some_and(|horizon| newest_us < horizon);
+            if !over_size && !too_old {
+                break;
+            }
+            frames.remove(seq).map_err(storage)?;
+            indexed.sort_unstable();
+            indexed.dedup();
+            for bucket in indexed {
+                buckets.remove((bucket, seq)).map_err(storage)?;
+            }
+            self.book.bytes = self.book.bytes.saturating_sub(bytes);
+            self.book.first_frame += 1;
+            removed += 1;
+        }
+        self.shared.counters.frames_removed.fetch_add(removed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -329,6 +392,7 @@ impl WriterState {
         counters.bytes.fetch_add(self.encoded.len() as u64, Ordering::Relaxed);
         self.next_frame += 1;
         self.book.frames += 1;
+        self.book.bytes += self.encoded.len() as u64;
         self.frame.records.clear();
         self.frame_bytes = 0;
         self.buckets.clear();

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Subcommand;
-use conduit::log::{Aggregate, Log, LogOptions, Record, KIND_DEAD_LETTER};
+use conduit::log::{Aggregate, Log, LogOptions, Record, Retention, KIND_DEAD_LETTER};
 use conduit_orders::{self as orders, kinds, names, OrderEvent, OrderHistory, OrderStatus};
 use serde::Serialize;
 
@@ -19,6 +19,22 @@ pub(crate) enum LogCommand {
     Verify {
         /// The log file.
         path: PathBuf,
+        /// Report format on stdout.
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Apply a retention policy now: remove the oldest frames beyond `--max-bytes` or older than
+    /// `--max-age`, never one a message in flight needs; the file's freed pages are reused by
+    /// later appends.
+    Compact {
+        /// The log file.
+        path: PathBuf,
+        /// Keep at most this much (for example `2GiB`, `500MB`, or bytes).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_bytes: Option<u64>,
+        /// Remove frames older than this (for example `7d`, `90m`).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        max_age: Option<Duration>,
         /// Report format on stdout.
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
@@ -69,7 +85,81 @@ pub(crate) fn run(command: &LogCommand) -> Result<ExitCode, Failure> {
     match command {
         LogCommand::Verify { path, format } => verify(path, *format),
         LogCommand::Inspect { path, order, limit, format } => inspect(path, *order, *limit, *format),
+        LogCommand::Compact { path, max_bytes, max_age, format } => {
+            compact(path, Retention { max_bytes: *max_bytes, max_age: *max_age }, *format)
+        }
     }
+}
+
+/// A size: bytes, or with a unit (`2GiB`, `500 MB`).
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = text.trim().parse().map_err(|e| format!("not a size ({e}): try 2GiB or 500MB"))?;
+    match size.as_u64() {
+        0 => Err("must be above zero".into()),
+        bytes => Ok(bytes),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Compacted {
+    frames_removed: u64,
+    bytes_before: u64,
+    bytes_after: u64,
+    first_frame: u64,
+    in_flight: u64,
+}
+
+fn compact(path: &PathBuf, retention: Retention, format: Format) -> Result<ExitCode, Failure> {
+    if retention.is_unbounded() {
+        return Err(UsageError("nothing to compact by: give --max-bytes, --max-age, or both".into()).into());
+    }
+    // Read what must stay before anything is removed: a size below what the work in flight
+    // needs is refused, with nothing deleted.
+    let (before, in_flight) = {
+        let log = open(path)?;
+        let before = log.opened_with().bytes;
+        if let (Some(max), Some(oldest)) = (retention.max_bytes, log.in_flight_at_open().iter().map(|m| m.frame).min())
+        {
+            let pinned = log.frame_bytes_from(oldest).map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+            if pinned > max {
+                return Err(UsageError(format!(
+                    "--max-bytes {max} would remove work in flight: {} messages in flight reach back to frame {oldest}, \
+                     and the frames from there hold {pinned} bytes; nothing was removed",
+                    log.in_flight_at_open().len()
+                ))
+                .into());
+            }
+        }
+        (before, log.in_flight_at_open().len() as u64)
+    };
+    let options = LogOptions { retention, ..LogOptions::default() };
+    let log = Log::open_existing(path, options).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?;
+    log.checkpoint().map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    let stats = log.stats();
+    log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
+    let report = Compacted {
+        frames_removed: stats.frames_removed,
+        bytes_before: before,
+        bytes_after: stats.retained_bytes,
+        first_frame: log.opened_with().first_frame + stats.frames_removed,
+        in_flight,
+    };
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => serde_json::to_writer(&mut out, &report).map_err(io)?,
+        Format::Human => write!(
+            out,
+            "{}: removed {} frames; {} -> {} bytes of frames; {} messages in flight kept",
+            path.display(),
+            report.frames_removed,
+            report.bytes_before,
+            report.bytes_after,
+            report.in_flight
+        )
+        .map_err(io)?,
+    }
+    writeln!(out).map_err(io)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verify(path: &PathBuf, format: Format) -> Result<ExitCode, Failure> {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::ValueEnum;
-use conduit::log::{Durability, Log, LogOptions};
+use conduit::log::{Durability, Log, LogOptions, Retention};
 use conduit_orders::{self as orders, RunError, RunReport};
 
 use crate::{human, read_config, Failure, Format, UsageError};
@@ -81,11 +81,21 @@ struct LogArgs {
     /// With --durability eventual: most milliseconds between durable commits.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     sync_interval_ms: u64,
+    /// Keep at most this much of the log (for example `2GiB`): the oldest frames no message in
+    /// flight needs are removed at each checkpoint.
+    #[arg(long, value_name = "SIZE", value_parser = crate::logcmd::parse_size)]
+    retention_max_bytes: Option<u64>,
+    /// Remove frames older than this (for example `1h`), unless a message in flight needs them.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    retention_max_age: Option<std::time::Duration>,
 }
 
 impl LogArgs {
     /// The log to open, if any, with its options; bad combinations are usage errors.
     fn plan(&self) -> Result<Option<(PathBuf, LogOptions)>, UsageError> {
+        if self.log.is_none() && (self.retention_max_bytes.is_some() || self.retention_max_age.is_some()) {
+            return Err(UsageError("--retention-max-bytes and --retention-max-age need --log PATH".into()));
+        }
         let durability = match (self.durability, &self.log) {
             (Some(DurabilityArg::Memory) | None, None) => return Ok(None),
             (Some(DurabilityArg::Memory), Some(_)) => {
@@ -100,7 +110,8 @@ impl LogArgs {
             }
         };
         let path = self.log.clone().expect("every arm without a path returned");
-        Ok(Some((path, LogOptions { durability, ..LogOptions::default() })))
+        let retention = Retention { max_bytes: self.retention_max_bytes, max_age: self.retention_max_age };
+        Ok(Some((path, LogOptions { durability, retention, ..LogOptions::default() })))
     }
 }
 
@@ -159,7 +170,11 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let (engine, sim, routing) = plan(args)?;
     let log = match args.log.plan()? {
         Some((path, options)) => {
-            Some(Arc::new(Log::open(&path, options).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?))
+            let opened = Log::open(&path, options).map_err(|e| match e {
+                conduit::log::LogError::Options(why) => Failure::Usage(UsageError(why)),
+                other => Failure::Run(format!("cannot open the log: {other}")),
+            })?;
+            Some(Arc::new(opened))
         }
         None => None,
     };

@@ -173,12 +173,56 @@ fn a_durable_run_verifies_inspects_replays_and_recovers() {
 
     // The log holds orders now: `run` refuses to mix new ones in.
     assert_refused(&["run", "--orders", "10", "--log", log_arg], "already holds");
+
+    // Retention by hand: nothing is in flight, so the log can shrink to the bound.
+    assert_refused(&["log", "compact", log_arg], "nothing to compact by");
+    assert_refused(&["log", "compact", log_arg, "--max-bytes", "0"], "--max-bytes");
+    assert_refused(&["log", "compact", log_arg, "--max-bytes", "lots"], "--max-bytes");
+    let compact = conduit(&["log", "compact", log_arg, "--max-bytes", "200KiB", "--format", "json"]);
+    assert!(compact.status.success(), "{}", String::from_utf8_lossy(&compact.stderr));
+    let compact: serde_json::Value = serde_json::from_slice(&compact.stdout).expect("json");
+    assert!(u(&compact, "/frames_removed") > 0 && u(&compact, "/bytes_after") <= 200 * 1024, "{compact}");
+    let inspect = conduit(&["log", "inspect", log_arg, "--order", "17", "--format", "json"]);
+    assert!(inspect.status.success());
+    let first: Option<serde_json::Value> =
+        String::from_utf8_lossy(&inspect.stdout).lines().next().map(|l| serde_json::from_str(l).expect("json"));
+    assert!(first.as_ref().is_none_or(|line| u(line, "/version") > 1), "order 17's first frames are gone: {first:?}");
+    let verify = conduit(&["log", "verify", log_arg, "--format", "json"]);
+    let verify: serde_json::Value = serde_json::from_slice(&verify.stdout).expect("json");
+    assert_eq!(verify["ok"], true, "{verify}");
+}
+
+#[test]
+fn compacting_below_the_work_in_flight_is_refused_and_removes_nothing() {
+    use conduit::log::{Log, LogOptions, Record, STAGE_INGRESS};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pinned.redb");
+    {
+        let log = Log::open(&path, LogOptions::default()).expect("new log");
+        let id = log.reserve_ids(1);
+        let message =
+            Record { id, stream: 1, kind: 1, stage: STAGE_INGRESS, payload: vec![0; 64], ..Record::default() };
+        log.append(vec![message]).expect("open").wait().expect("committed");
+        for _ in 0..20 {
+            let fact = Record { stream: 2, kind: 2, payload: vec![0; 512], ..Record::default() };
+            log.append(vec![fact]).expect("open").wait().expect("committed");
+        }
+        log.close().expect("closes");
+    }
+    let arg = path.to_str().expect("utf-8");
+    assert_refused(&["log", "compact", arg, "--max-bytes", "1KiB"], "would remove work in flight");
+    let log = Log::open(&path, LogOptions::default()).expect("reopens");
+    assert_eq!((log.opened_with().frames, log.opened_with().first_frame), (21, 0), "nothing was removed");
+    assert_eq!(log.in_flight_at_open().len(), 1);
 }
 
 #[test]
 fn log_flags_are_checked() {
     assert_refused(&["run", "--durability", "immediate"], "needs --log");
     assert_refused(&["run", "--durability", "memory", "--log", "/tmp/x.redb"], "writes no log");
+    assert_refused(&["run", "--retention-max-bytes", "1GiB"], "need --log");
+    assert_refused(&["run", "--retention-max-bytes", "0", "--log", "/tmp/x.redb"], "must be above zero");
+    assert_refused(&["run", "--retention-max-age", "soon", "--log", "/tmp/x.redb"], "--retention-max-age");
     let output = conduit(&["log", "verify", "/nonexistent/none.redb"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("none.redb"));

@@ -291,6 +291,8 @@ pub struct Histories {
     pub frames: u64,
     /// Records read.
     pub records: u64,
+    /// Orders whose early history retention removed: not judged.
+    pub truncated: rustc_hash::FxHashSet<u64>,
 }
 
 impl Histories {
@@ -308,6 +310,11 @@ impl Histories {
             return;
         }
         self.records += 1;
+        if !self.orders.contains_key(&record.stream) && (record.version > 1 || self.truncated.contains(&record.stream))
+        {
+            self.truncated.insert(record.stream);
+            return;
+        }
         self.orders.entry(record.stream).or_default().apply(record);
     }
 
@@ -336,7 +343,9 @@ impl Histories {
         let mut streams: Vec<(u64, Vec<Record>)> = log.streams(ids)?.into_iter().collect();
         streams.sort_unstable_by_key(|(id, _)| *id);
         for (_, records) in &streams {
-            records.iter().for_each(|record| histories.fold(record));
+            for record in records {
+                histories.fold(record);
+            }
         }
         histories.check_all();
         Ok(histories)
@@ -345,7 +354,12 @@ impl Histories {
     /// Counts by status and the ledger, as the log tells them.
     #[must_use]
     pub fn verify(&self) -> VerifyReport {
-        let mut report = VerifyReport { frames: self.frames, records: self.records, ..VerifyReport::default() };
+        let mut report = VerifyReport {
+            frames: self.frames,
+            records: self.records,
+            truncated: self.truncated.len() as u64,
+            ..VerifyReport::default()
+        };
         let mut problems: BTreeMap<u64, String> = BTreeMap::new();
         for (&id, history) in &self.orders {
             report.orders += 1;
@@ -428,6 +442,8 @@ pub struct VerifyReport {
     pub frames: u64,
     /// Records read.
     pub records: u64,
+    /// Orders whose early history retention removed (not judged).
+    pub truncated: u64,
     /// Distinct orders.
     pub orders: u64,
     /// Shipped.
