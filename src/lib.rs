@@ -65,6 +65,15 @@
 //!   waits forever. Dead letters carry their story (kind, error chain, failure times) and, with a
 //!   log, are records there that [`dlq`] lists, redrives and purges.
 //!
+//! ## Bounded by the work in flight
+//!
+//! [`completion`] tracks when all the work of each submitted message has finished (Storm's XOR
+//! acker: one word per message in flight), for [`Ticket`]s, an [`OnComplete`] callback and the
+//! journal. The [`log`] checkpoints what opening and recovery need (messages in flight, stream
+//! versions) and applies a [`log::Retention`] policy, so opening, reading one stream and
+//! [`Engine::resume_in_flight`] cost the work in flight, not the history. [`dedup`] windows
+//! bound what idempotency remembers.
+//!
 //! ## Around the engine
 //!
 //! [`log`] is the durable event log (rkyv frames in redb); [`routing`] the topic exchange; [`rpc`]

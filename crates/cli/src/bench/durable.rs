@@ -117,9 +117,18 @@ pub fn disk_seq_write_fsync(dir: &Path, events: u64, event_bytes: usize) -> Dura
 
 /// The order pipeline with an immediate log.
 pub fn engine_durable(config: &EngineConfig, orders: &[Order], dir: &Path) -> Duration {
+    engine_durable_with(config, orders, dir, LogOptions::default())
+}
+
+/// [`engine_durable`] with a checkpoint only when the log closes: what checkpoints cost.
+pub fn engine_durable_no_checkpoints(config: &EngineConfig, orders: &[Order], dir: &Path) -> Duration {
+    engine_durable_with(config, orders, dir, LogOptions { checkpoint_records: 1 << 32, ..LogOptions::default() })
+}
+
+fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, options: LogOptions) -> Duration {
     let path = scratch(dir, "engine.redb");
     let start = Instant::now();
-    let log = Arc::new(Log::open(&path, LogOptions::default()).expect("the bench directory is writable"));
+    let log = Arc::new(Log::open(&path, options).expect("the bench directory is writable"));
     let pipeline = orders::OrderPipeline::start_with(config, &SimConfig::default(), Some(Arc::clone(&log)), None)
         .expect("the bench's engine configuration was validated");
     for chunk in orders.chunks(4_096) {

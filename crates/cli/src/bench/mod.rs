@@ -25,6 +25,7 @@
 //! | `log_writer` | conduit's log alone: the same events appended from one thread, frames, one commit per group |
 //! | `disk_seq_write_fsync` | the same bytes appended to a plain file, fdatasync per ~10,000 events: the physical limit |
 //! | `engine_durable` | conduit's pipeline with an immediate log |
+//! | `engine_durable_no_checkpoints` | the same with one checkpoint, at close: `engine_durable / engine_durable_no_checkpoints` is what checkpoints cost |
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,7 +43,9 @@ mod synthetic;
 use durable::{encoded_event_bytes, typical_records};
 use pipeline::{DISRUPTOR_BATCH, DISRUPTOR_RING, PER_EVENT_CAPACITY};
 
-pub use durable::{disk_seq_write_fsync, engine_durable, log_writer, redb_rows_batch10k};
+pub use durable::{
+    disk_seq_write_fsync, engine_durable, engine_durable_no_checkpoints, log_writer, redb_rows_batch10k,
+};
 pub use overload::{overload_memory, MemoryReport};
 pub use pipeline::{
     ceiling_one_thread, crossbeam_per_event_chain, disruptor_chain, engine_memory, engine_memory_tracked, sweep,
@@ -223,6 +226,12 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
                 durable_events,
                 Box::new(|| engine_durable(&engine, &durable, dir)),
             ),
+            (
+                "engine_durable_no_checkpoints",
+                "as engine_durable, one checkpoint at close instead of one per 1,048,576 records".into(),
+                durable_events,
+                Box::new(|| engine_durable_no_checkpoints(&engine, &durable, dir)),
+            ),
         ]);
     }
     let results = measure(&cases, config.repeat, event_bytes, &mut progress);
@@ -297,7 +306,8 @@ fn measure(
             runs[i].push(*events as f64 / elapsed.as_secs_f64().max(1e-9));
         }
     }
-    let durable_names = ["redb_rows_batch10k", "log_writer", "disk_seq_write_fsync", "engine_durable"];
+    let durable_names =
+        ["redb_rows_batch10k", "log_writer", "disk_seq_write_fsync", "engine_durable", "engine_durable_no_checkpoints"];
     cases
         .iter()
         .zip(runs)
@@ -324,6 +334,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory", "engine_memory_untracked"),
         ("engine_durable", "redb_rows_batch10k"),
         ("engine_durable", "disk_seq_write_fsync"),
+        ("engine_durable", "engine_durable_no_checkpoints"),
         ("log_writer", "redb_rows_batch10k"),
         ("log_writer", "disk_seq_write_fsync"),
         ("chain_engine", "chain_ceiling_one_thread"),
@@ -388,11 +399,11 @@ mod tests {
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 12);
+        assert_eq!(report.cases.len(), 13);
         assert!(report.cases[..6].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
         assert!(report.cases[6..8].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
         assert!(report.cases[8..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
-        assert_eq!(report.ratios.len(), 10);
+        assert_eq!(report.ratios.len(), 11);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
