@@ -158,8 +158,11 @@ impl<M> JournalWriter<M> {
 }
 
 /// A [`KIND_COMPLETED`] record on the engine's stream: the ids of the ingress records whose work
-/// has finished, little-endian `u64`s.
-pub(crate) fn completion_record(seqs: &[u64]) -> Record {
+/// has finished, little-endian `u64`s. The engine journals these itself; an application appends
+/// one when recovery finds a message in flight whose work had in fact finished (it has nothing
+/// to resume), so that the log stops listing it.
+#[must_use]
+pub fn completion_record(seqs: &[u64]) -> Record {
     let payload = seqs.iter().flat_map(|seq| seq.to_le_bytes()).collect();
     Record { stream: ENGINE_STREAM, kind: KIND_COMPLETED, payload, ..Record::default() }
 }

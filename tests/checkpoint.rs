@@ -252,3 +252,34 @@ fn a_retention_of_nothing_is_refused_by_name() {
         assert!(error.to_string().contains(field), "{error}");
     }
 }
+
+#[test]
+fn an_unreadable_checkpoint_is_rebuilt_from_the_frames() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    let log = Log::open(&path, options(1 << 20, 4)).expect("new log");
+    workload(&log);
+    let expected = full_scan(&log);
+    log.close().expect("closes");
+    drop(log);
+    {
+        let db = redb::Database::open(&path).expect("a redb file");
+        let txn = db.begin_write().expect("writable");
+        {
+            let checkpoint: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("checkpoint");
+            let mut table = txn.open_table(checkpoint).expect("the checkpoint table");
+            table.insert(0, b"CDLF not a checkpoint".as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let log = Log::open(&path, options(1 << 20, 4)).expect("opens despite the damaged checkpoint");
+    assert!(!log.opened_with().from_checkpoint);
+    assert_eq!(in_flight_ids(&log), expected.1);
+    let (&stream, &version) = expected.0.iter().next().expect("streams");
+    assert_eq!(log.append_expecting(stream, ExpectedVersion::Exact(version), vec![fact(stream)]), Ok(version + 1));
+    log.close().expect("closes");
+    drop(log);
+    let log = Log::open(&path, options(1 << 20, 4)).expect("reopens");
+    assert!(log.opened_with().from_checkpoint, "closing wrote a new checkpoint");
+    assert_eq!(in_flight_ids(&log), expected.1);
+}

@@ -87,6 +87,16 @@ pub(crate) fn read(db: &redb::Database) -> Result<Option<Checkpoint>, LogError> 
     decode::<Checkpoint>("checkpoint", 0, value.value()).map(Some)
 }
 
+/// Drops the checkpoint and every heads row (they are rebuilt from the frames).
+pub(crate) fn forget(db: &redb::Database) -> Result<(), LogError> {
+    let txn = db.begin_write().map_err(storage)?;
+    for table in [CHECKPOINT, HEADS] {
+        txn.delete_table(table).map_err(storage)?;
+        txn.open_table(table).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)
+}
+
 /// Writes `checkpoint` in `txn`, replacing the previous one.
 pub(crate) fn write(
     txn: &redb::WriteTransaction,

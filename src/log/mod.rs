@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 use redb::TableDefinition;
 use serde::Serialize;
 
+pub use crate::journal::completion_record;
 pub use checkpoint::InFlight;
 pub use error::{LogError, StorageFailure, TryAppendError};
 pub use format::{

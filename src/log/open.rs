@@ -113,7 +113,17 @@ impl Log {
         });
         // From the last checkpoint (if any), the frames after it: versions changed since,
         // messages started and finished since, the highest id.
-        let checkpoint = contained(|| checkpoint::read(&shared.db))?;
+        let checkpoint = match contained(|| checkpoint::read(&shared.db)) {
+            Ok(checkpoint) => checkpoint,
+            // Checkpoints and heads are derived from the frames: unreadable ones are dropped and
+            // rebuilt from a full scan (and written again at the next checkpoint).
+            Err(LogError::CorruptIndex { table, key, error }) => {
+                tracing::warn!(table, key, %error, "unreadable checkpoint: rebuilding it from every frame");
+                contained(|| checkpoint::forget(&shared.db))?;
+                None
+            }
+            Err(other) => return Err(other),
+        };
         let from_checkpoint = checkpoint.is_some();
         let (first_frame, next_id, mut book) = match checkpoint {
             Some(checkpoint) => (checkpoint.next_frame, checkpoint.next_id, Book::from_checkpoint(checkpoint)),

@@ -122,6 +122,17 @@ pub fn recover(config: &EngineConfig, sim: &SimConfig, log: &Arc<Log>) -> Result
     ids.sort_unstable();
     ids.dedup();
     let histories = Histories::read_orders(log, &ids)?;
+    // Orders whose work had finished before the crash, though their completion was not yet
+    // journaled: nothing to resume; the log stops listing them.
+    let finished: Vec<u64> = log
+        .in_flight_at_open()
+        .iter()
+        .filter(|m| histories.orders.get(&m.stream).is_none_or(|history| history.resume().is_empty()))
+        .map(|m| m.id)
+        .collect();
+    if !finished.is_empty() {
+        log.append(vec![conduit::log::completion_record(&finished)])?.wait()?;
+    }
     let pipeline = OrderPipeline::start_with(config, sim, Some(Arc::clone(log)), Some(&histories))?;
     let resumed = match pipeline.resume(&histories) {
         Ok(resumed) => resumed,

@@ -170,6 +170,10 @@ fn finish_and_check(path: &std::path::Path, acked_max: u64, context: &str) {
     assert_eq!(verify.ledger.double_charges, 0);
     assert!(recovered.run.violations().is_empty(), "{:?}", recovered.run.violations());
     let histories = Histories::read(&log).expect("readable");
+    log.close().expect("closes");
+    drop(log);
+    let reopened = Log::open(path, LogOptions::default()).expect("reopens");
+    assert!(reopened.in_flight_at_open().is_empty(), "{context}: the log still lists work in flight after recovery");
     for id in 1..=acked_max {
         let status = histories.orders.get(&id).map(conduit_orders::OrderHistory::status);
         assert!(
