@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 pub const ENV: &str = "CONDUIT_CRASH_AT";
 
 /// The engine's own crash points.
-pub const ENGINE_POINTS: [&str; 2] = ["log.before_commit", "log.after_commit"];
+pub const ENGINE_POINTS: [&str; 4] = ["log.before_commit", "log.after_commit", "log.checkpoint", "log.retention"];
 
 /// What stderr shows just before an armed point aborts: `{MARKER} <name>: pass <n>, aborting`.
 pub const MARKER: &str = "crash point";

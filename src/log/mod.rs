@@ -131,7 +131,7 @@ impl Default for LogOptions {
             // Just under 256 KiB with the header and rkyv's slack: values just over a power of two
             // waste 40-50% of a page run in redb (ARCHITECTURE section 4).
             frame_bytes_target: 250 * 1024,
-            checkpoint_records: 1 << 20,
+            checkpoint_records: 1 << 18,
             stream_cache: 1 << 20,
             retention: Retention::default(),
         }

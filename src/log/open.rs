@@ -43,8 +43,28 @@ impl Log {
     pub fn open(path: impl AsRef<Path>, options: LogOptions) -> Result<Self, LogError> {
         options.validate()?;
         let path = path.as_ref().to_owned();
-        let db = open_database(&path, true)?;
-        Self::start(path, db, options)
+        if path.exists() {
+            let db = open_database(&path, false)?;
+            return Self::start(path, db, options);
+        }
+        // A new log is made beside its path and renamed into place once initialised: a crash
+        // while creating it leaves no half-made file under the log's name.
+        let mut creating = path.clone().into_os_string();
+        creating.push(".creating");
+        let creating = PathBuf::from(creating);
+        // A leftover of a creation that crashed: never a log anyone acknowledged into.
+        std::fs::remove_file(&creating).ok();
+        let db = open_database(&creating, true)?;
+        let log = Self::start(path.clone(), db, options)?;
+        std::fs::rename(&creating, &path)
+            .map_err(|e| LogError::Storage(StorageFailure::new(Some(path.display().to_string()), e)))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The rename is durable once the directory is.
+            if let Ok(dir) = std::fs::File::open(dir) {
+                dir.sync_all().ok();
+            }
+        }
+        Ok(log)
     }
 
     /// Opens a log on any redb storage backend: in memory, or one that fails or tears writes

@@ -228,7 +228,7 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             ),
             (
                 "engine_durable_no_checkpoints",
-                "as engine_durable, one checkpoint at close instead of one per 1,048,576 records".into(),
+                "as engine_durable, one checkpoint at close instead of one per 262,144 records".into(),
                 durable_events,
                 Box::new(|| engine_durable_no_checkpoints(&engine, &durable, dir)),
             ),
