@@ -50,7 +50,7 @@ pub use overload::{overload_memory, MemoryReport};
 pub use pipeline::{
     ceiling_one_thread, crossbeam_per_event_chain, disruptor_chain, engine_memory, engine_memory_tracked, sweep,
 };
-pub use synthetic::{chain_ceiling, chain_crossbeam, chain_engine, fanout};
+pub use synthetic::{chain_ceiling, chain_crossbeam, chain_engine, chain_engine_tracked, fanout};
 
 /// Events each order makes: its placement, then validate, charge, reserve, email, SMS, ship
 /// (the engine's `events.total` counts the same seven).
@@ -267,6 +267,12 @@ fn synthetic_cases<'a>(config: &BenchConfig, engine: &'a EngineConfig) -> Vec<Ca
                 chain_events,
                 Box::new(move || chain_engine(engine, stages, chain_events)),
             ),
+            (
+                "chain_engine_untracked",
+                "as chain_engine, without completion tracking".into(),
+                chain_events,
+                Box::new(move || chain_engine_tracked(engine, stages, chain_events, false)),
+            ),
         ]);
     }
     if config.fanout_events > 0 {
@@ -340,6 +346,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("chain_engine", "chain_ceiling_one_thread"),
         ("fanout_3_plus_slow_subscriber", "fanout_3_subscribers"),
         ("chain_engine", "chain_crossbeam_per_event"),
+        ("chain_engine", "chain_engine_untracked"),
     ] {
         let denominator = rate(b);
         if denominator > 0.0 && rate(a) > 0.0 {

@@ -64,6 +64,14 @@ impl conduit::Message for ChainEvent {
 /// # Panics
 /// If the configuration does not start the engine or an event goes missing.
 pub fn chain_engine(config: &EngineConfig, stages: usize, events: u64) -> Duration {
+    chain_engine_tracked(config, stages, events, true)
+}
+
+/// [`chain_engine`] with the engine's completion tracking on or off.
+///
+/// # Panics
+/// As [`chain_engine`].
+pub fn chain_engine_tracked(config: &EngineConfig, stages: usize, events: u64, track: bool) -> Duration {
     use conduit::{Emitter, Engine, Envelope, Outcome, Topology};
     let mut topology = Topology::new();
     let ids: Vec<_> = (0..stages.max(1)).map(|i| topology.stage(&format!("s{i}"))).collect();
@@ -85,7 +93,11 @@ pub fn chain_engine(config: &EngineConfig, stages: usize, events: u64) -> Durati
         });
     }
     let start = Instant::now();
-    let engine = Engine::start(topology, config).expect("the bench's engine configuration was validated");
+    let engine = Engine::builder(topology)
+        .config(config)
+        .track_completion(track)
+        .start()
+        .expect("the bench's engine configuration was validated");
     for chunk in 0..events.div_ceil(4_096) {
         let first = chunk * 4_096;
         engine.submit_many((first..(first + 4_096).min(events)).map(ChainEvent)).expect("healthy engine");
