@@ -38,11 +38,16 @@ fn producers_faster_than_the_pipeline_are_held_back_and_lose_nothing() {
         producers.push(std::thread::spawn(move || {
             let mut pending: Option<Order> = None;
             while !stop.load(Ordering::Relaxed) {
-                let next = pending.take().unwrap_or_else(|| order(ids.fetch_add(1, Ordering::Relaxed)));
                 if blocking {
-                    pipeline.submit(next).expect("healthy");
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                } else {
+                    // Whole batches (the queues are bounded in batches of 64): the slow stage's
+                    // queue then fills with full batches, and its depth in events shows it.
+                    let first = ids.fetch_add(64, Ordering::Relaxed);
+                    let taken = pipeline.submit_many((first..first + 64).map(order)).expect("healthy");
+                    accepted.fetch_add(taken, Ordering::Relaxed);
+                    continue;
+                }
+                let next = pending.take().unwrap_or_else(|| order(ids.fetch_add(1, Ordering::Relaxed)));
+                {
                     match pipeline.try_submit(next) {
                         Ok(_accepted_now) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
