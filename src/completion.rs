@@ -123,16 +123,12 @@ impl Tracker {
         }
     }
 
-    fn release_slots(&self, slots: &[u32]) {
+    /// Gives back free slots (acquired but never registered, or whose message finished).
+    pub(crate) fn give_back(&self, slots: &[u32]) {
         if !slots.is_empty() {
             self.free.lock().extend_from_slice(slots);
             self.freed.notify_all();
         }
-    }
-
-    /// Gives back slots acquired but never registered.
-    pub(crate) fn give_back(&self, slots: &[u32]) {
-        self.release_slots(slots);
     }
 
     /// Counts an event with `token` as unfinished work of message `seq` held in `slot`, before
@@ -146,13 +142,17 @@ impl Tracker {
         }
     }
 
-    /// Takes back a registration whose event never entered (its queue refused it).
+    /// Takes back a registration whose event never entered (its queue refused it). A zero token
+    /// was never registered (the engine does not track): nothing to take back.
     pub(crate) fn unregister(&self, slot: u32, token: u64) {
+        if token == 0 {
+            return;
+        }
         let held = self.slot(slot);
         if held.word.fetch_xor(token, Ordering::AcqRel) == token {
             // Nothing the caller submitted ran: no completion to announce.
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.release_slots(&[slot]);
+            self.give_back(&[slot]);
         }
     }
 
@@ -190,7 +190,7 @@ impl Tracker {
             }
         }
         // Freed only now: a ticket asked for meanwhile still finds the slot naming its seq.
-        self.release_slots(&acks.freed);
+        self.give_back(&acks.freed);
         acks.freed.clear();
     }
 

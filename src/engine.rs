@@ -16,7 +16,7 @@ use crate::completion::{token_of, OnComplete, Ticket, Tracker};
 use crate::config::EngineConfig;
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, RecoverError, SubmitError, TrySubmitError};
-use crate::ingress::{fill_window, messages, send_window, Ingress, Receipt, INGRESS_WINDOW_EVENTS};
+use crate::ingress::{fill_window, send_window, Ingress, Receipt, INGRESS_WINDOW_EVENTS};
 use crate::journal::Journal;
 use crate::log::LogError;
 use crate::metrics::{LatencySummary, Snapshot, StageMetrics};
@@ -339,53 +339,57 @@ impl<M: Message> Engine<M> {
         // Injected events of one `seq` are one message's work, in one slot, finished when all are.
         let mut slots: rustc_hash::FxHashMap<u64, u32> = rustc_hash::FxHashMap::default();
         while events.peek().is_some() {
-            let mut refused = false;
-            let chunk: Vec<Envelope<M>> = events
-                .by_ref()
-                .take(INGRESS_WINDOW_EVENTS)
-                .map(|mut event| {
-                    if self.track_completion && !refused {
-                        let slot = slots.get(&event.seq).copied().or_else(|| {
-                            let mut one = Vec::with_capacity(1);
-                            let got = self.tracker.acquire(1, &mut one, &|| self.shared.is_poisoned());
-                            got.then(|| {
-                                slots.insert(event.seq, one[0]);
-                                one[0]
-                            })
-                        });
-                        match slot {
-                            Some(slot) => {
-                                event.slot = slot;
-                                event.token = token_of(self.inject_tokens.fetch_add(1, Ordering::Relaxed));
-                                self.tracker.register(slot, event.seq, event.token);
-                            }
-                            None => refused = true,
-                        }
-                    }
-                    event
-                })
-                .collect();
-            if refused {
-                for event in chunk.iter().filter(|e| e.token != 0) {
-                    self.tracker.unregister(event.slot, event.token);
+            let mut chunk = Vec::with_capacity(INGRESS_WINDOW_EVENTS.min(events.size_hint().0.max(1)));
+            while chunk.len() < INGRESS_WINDOW_EVENTS {
+                let Some(mut event) = events.next() else { break };
+                let tracked = !self.track_completion || self.track_injected(&mut event, &mut slots);
+                chunk.push(event);
+                if !tracked {
+                    return Err(self.refuse_injected(chunk, events));
                 }
-                let mut unsent: Vec<M> = chunk.into_iter().map(|e| e.msg).collect();
-                unsent.extend(events.map(|e| e.msg));
-                return Err(SubmitError::Poisoned(unsent));
             }
             let mut window = fill_window(input, chunk.into_iter());
-            if let Ok(count) = send_window(input, &mut window) {
-                sent += count;
-            } else {
-                for event in window.iter().flat_map(|(_, batch)| batch) {
-                    self.tracker.unregister(event.slot, event.token);
-                }
-                let mut unsent = messages(window);
-                unsent.extend(events.map(|e| e.msg));
-                return Err(SubmitError::Poisoned(unsent));
+            match send_window(input, &mut window) {
+                Ok(count) => sent += count,
+                Err(_) => return Err(self.refuse_injected(window.into_iter().flat_map(|(_, batch)| batch), events)),
             }
         }
         Ok(sent)
+    }
+
+    /// Gives an injected event a token and its `seq`'s slot (acquiring one for a new `seq`) and
+    /// counts it as that message's work; false if the engine stopped before a slot was free.
+    fn track_injected(&self, event: &mut Envelope<M>, slots: &mut rustc_hash::FxHashMap<u64, u32>) -> bool {
+        let slot = if let Some(&slot) = slots.get(&event.seq) {
+            slot
+        } else {
+            let mut one = Vec::with_capacity(1);
+            if !self.tracker.acquire(1, &mut one, &|| self.shared.is_poisoned()) {
+                return false;
+            }
+            slots.insert(event.seq, one[0]);
+            one[0]
+        };
+        event.slot = slot;
+        event.token = token_of(self.inject_tokens.fetch_add(1, Ordering::Relaxed));
+        self.tracker.register(slot, event.seq, event.token);
+        true
+    }
+
+    /// The refusal of an injection: `taken` (tracked, never sent) are taken back, and every
+    /// message not sent comes back in order.
+    fn refuse_injected(
+        &self,
+        taken: impl IntoIterator<Item = Envelope<M>>,
+        rest: impl Iterator<Item = Envelope<M>>,
+    ) -> SubmitError<Vec<M>> {
+        let mut unsent = Vec::new();
+        for event in taken {
+            self.tracker.unregister(event.slot, event.token);
+            unsent.push(event.msg);
+        }
+        unsent.extend(rest.map(|e| e.msg));
+        SubmitError::Poisoned(unsent)
     }
 
     /// A ticket that settles once all the work of the message a [`Receipt`] of
