@@ -142,6 +142,22 @@ impl Tracker {
         }
     }
 
+    /// Registers events each in a slot just acquired (so its word is zero and no other thread
+    /// can touch it until the event enters a queue): plain stores, one count for them all. An
+    /// atomic read-modify-write per event here cost the submitter a fifth of a pass-through
+    /// chain's throughput.
+    pub(crate) fn register_fresh(&self, events: impl Iterator<Item = (u32, u64, u64)>) {
+        let mut registered = 0;
+        for (slot, seq, token) in events {
+            let held = self.slot(slot);
+            debug_assert_eq!(held.word.load(Ordering::Relaxed), 0, "a slot just acquired is free");
+            held.seq.store(seq, Ordering::Relaxed);
+            held.word.store(token, Ordering::Release);
+            registered += 1;
+        }
+        self.in_flight.fetch_add(registered, Ordering::Relaxed);
+    }
+
     /// Takes back a registration whose event never entered (its queue refused it). A zero token
     /// was never registered (the engine does not track): nothing to take back.
     pub(crate) fn unregister(&self, slot: u32, token: u64) {
@@ -308,5 +324,11 @@ impl Acks {
     /// Whether there is anything to apply.
     pub(crate) fn is_empty(&self) -> bool {
         self.updates.is_empty()
+    }
+
+    /// Updates waiting to be applied.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.updates.len()
     }
 }

@@ -219,8 +219,8 @@ impl<M: Message> Ingress<M> {
             for (event, n) in events.iter_mut().zip(first..) {
                 event.token = token_of(n);
                 event.slot = slots.pop().expect("a slot was acquired for every event");
-                tracker.register(event.slot, event.seq, event.token);
             }
+            tracker.register_fresh(events.iter().map(|e| (e.slot, e.seq, e.token)));
         }
     }
 

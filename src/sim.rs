@@ -60,8 +60,13 @@ struct SimBooks<M> {
     stage: u16,
     /// Events the step sent on, by destination.
     outgoing: Vec<(StageId, Envelope<M>)>,
-    /// The step's completion updates, the tracker, and the messages a step finished.
-    acks: Acks,
+    /// Each stage's completion updates not yet applied (as each worker holds its unit's),
+    /// then the simulation's own token source for what it submits; the tracker; and the
+    /// messages the updates applied last finished.
+    acks: Vec<Acks>,
+    /// Updates applied to the tracker's words so far.
+    #[cfg(test)]
+    applied: usize,
     tracker: Tracker,
     finished: Vec<u64>,
 }
@@ -113,7 +118,7 @@ impl<M: Message> Effects<M> for SimBooks<M> {
     }
 
     fn acks(&mut self) -> &mut Acks {
-        &mut self.acks
+        &mut self.acks[usize::from(self.stage)]
     }
 }
 
@@ -191,7 +196,9 @@ impl<M: Message> Simulation<M> {
             clock: Arc::clone(&clock),
             stage: 0,
             outgoing: Vec::new(),
-            acks: Acks::new(1 << 48, true),
+            acks: (0..=count as u64).map(|n| Acks::new((n + 1) << 48, true)).collect(),
+            #[cfg(test)]
+            applied: 0,
             tracker: Tracker::new(None),
             finished: Vec::new(),
         };
@@ -293,7 +300,7 @@ impl<M: Message> Simulation<M> {
             }
         };
         envelope.slot = slot;
-        envelope.token = self.books.acks.token();
+        envelope.token = self.books.acks.last_mut().expect("the simulation's own token source").token();
         tracker.register(slot, envelope.seq, envelope.token);
     }
 
@@ -324,6 +331,7 @@ impl<M: Message> Simulation<M> {
         let mut ready = self.ready();
         if ready.is_empty() {
             let Some(next) = self.stages.iter().filter_map(|s| s.core.parking.next_due_us()).min() else {
+                self.settle_all();
                 return false;
             };
             self.clock.advance_to(next);
@@ -363,19 +371,42 @@ impl<M: Message> Simulation<M> {
         for (to, envelope) in self.books.outgoing.drain(..) {
             self.stages[to.index()].queue.push_back((envelope, now_us));
         }
-        // The step's records are journaled: the messages it finished follow them, as a worker
-        // journals them after its unit's records.
+        // A worker applies its updates once per unit, after its outboxes may have gone: the
+        // events it sent on can finish downstream, and their updates be applied by another
+        // worker, first. Holding each stage's updates back at random lets that happen here too.
+        for stage in 0..self.stages.len() {
+            if self.rng.random_ratio(1, 2) {
+                self.settle(stage);
+            }
+        }
+        true
+    }
+
+    /// Applies every stage's completion updates held back.
+    fn settle_all(&mut self) {
+        for stage in 0..self.stages.len() {
+            self.settle(stage);
+        }
+    }
+
+    /// Applies `stage`'s completion updates held back; the messages they finish are journaled
+    /// after the records of their work, as a worker journals them after its unit's records.
+    fn settle(&mut self, stage: usize) {
         let books = &mut self.books;
-        books.tracker.apply(&mut books.acks, &mut books.finished);
+        #[cfg(test)]
+        {
+            books.applied += books.acks[stage].len();
+        }
+        books.tracker.apply(&mut books.acks[stage], &mut books.finished);
         for seq in &books.finished {
             self.slots.remove(seq);
         }
         if !books.finished.is_empty() {
             let record = completion_record(&books.finished);
             books.finished.clear();
-            books.record(Record { stage: books.stage, ..record });
+            let stage = u16::try_from(stage).unwrap_or(u16::MAX);
+            books.record(Record { stage, ..record });
         }
-        true
     }
 
     /// Stages with work now: `(index, true)` for a due retry, `(index, false)` for a queued event.
@@ -390,5 +421,122 @@ impl<M: Message> Simulation<M> {
             }
         }
         ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MemoryDeadLetters, Outcome};
+
+    #[derive(Debug, Clone, Copy)]
+    struct Job(u64);
+
+    impl Message for Job {
+        fn key(&self) -> u64 {
+            self.0
+        }
+    }
+
+    struct Codec;
+
+    impl JournalCodec<Job> for Codec {
+        fn encode(&self, msg: &Job, payload: &mut Vec<u8>) -> u16 {
+            payload.extend_from_slice(&msg.0.to_le_bytes());
+            1
+        }
+
+        fn decode(&self, _: u16, payload: &[u8]) -> Option<Job> {
+            Some(Job(u64::from_le_bytes(payload.try_into().ok()?)))
+        }
+    }
+
+    /// A stage that passes each event on touches no tracker word: the child carries on its
+    /// parent's token. Through four stages each message costs the tracker one update, at its
+    /// end, and still finishes exactly once.
+    #[test]
+    fn a_pass_through_chain_updates_the_tracker_once_per_message() {
+        let mut topology = Topology::new();
+        let stages: Vec<StageId> = (0..4).map(|n| topology.stage(&format!("s{n}"))).collect();
+        topology.entry(stages[0]);
+        for pair in stages.windows(2) {
+            topology.link(pair[0], pair[1]);
+            let next = pair[1];
+            topology.handler(pair[0], move |_| {
+                move |event: &Envelope<Job>, out: &mut Emitter<Job>| {
+                    out.emit(next, event.msg);
+                    Outcome::Done
+                }
+            });
+        }
+        topology.handler(stages[3], |_| |_: &Envelope<Job>, _: &mut Emitter<Job>| Outcome::Done);
+        let config = EngineConfig::default();
+        let mut sim =
+            Simulation::new(topology, &config, Arc::new(MemoryDeadLetters::default()), Arc::new(Codec), &[], 7).unwrap();
+        for n in 0..100 {
+            sim.submit(Job(n));
+        }
+        sim.sync();
+        while sim.step() {}
+        assert!(sim.is_idle());
+        assert_eq!((sim.completed(), sim.in_flight()), (100, 0));
+        assert_eq!(sim.books.applied, 100, "one update per message, where its work ends");
+    }
+
+    /// A message fanned out in three is journaled finished only once all three of its events
+    /// have reached the sink, whatever the order of the steps and of the updates' application
+    /// (one of the three children carrying on its parent's token would let that child's end
+    /// cancel it while the update holding its siblings' tokens waits: too soon).
+    #[test]
+    fn a_fanned_out_message_finishes_only_after_all_its_children() {
+        use std::collections::HashMap;
+        use parking_lot::Mutex;
+        for seed in 0..50 {
+            let arrived: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+            let mut topology = Topology::new();
+            let (split, sink) = (topology.stage("split"), topology.stage("sink"));
+            topology.entry(split).link(split, sink);
+            topology.handler(split, move |_| {
+                move |event: &Envelope<Job>, out: &mut Emitter<Job>| {
+                    for n in 0..3 {
+                        out.emit_keyed(sink, event.msg.0 * 3 + n, event.msg);
+                    }
+                    Outcome::Done
+                }
+            });
+            let seen = Arc::clone(&arrived);
+            topology.handler(sink, move |_| {
+                let seen = Arc::clone(&seen);
+                move |event: &Envelope<Job>, _: &mut Emitter<Job>| {
+                    *seen.lock().entry(event.seq).or_default() += 1;
+                    Outcome::Done
+                }
+            });
+            let config = EngineConfig::default();
+            let mut sim =
+                Simulation::new(topology, &config, Arc::new(MemoryDeadLetters::default()), Arc::new(Codec), &[], seed)
+                    .unwrap();
+            for n in 0..20 {
+                sim.submit(Job(n));
+            }
+            sim.sync();
+            let mut checked = 0;
+            loop {
+                let more = sim.step();
+                for record in &sim.journal()[checked..] {
+                    if record.kind == crate::log::KIND_COMPLETED {
+                        for seq in crate::log::completed_ids(&record.payload) {
+                            let count = arrived.lock().get(&seq).copied().unwrap_or(0);
+                            assert_eq!(count, 3, "seed {seed}: message {seq} finished with {count} of 3 arrived");
+                        }
+                    }
+                }
+                checked = sim.journal().len();
+                if !more {
+                    break;
+                }
+            }
+            assert_eq!((sim.completed(), sim.in_flight()), (20, 0), "seed {seed}");
+        }
     }
 }

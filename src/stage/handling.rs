@@ -260,12 +260,21 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
         let acks = fx.acks();
         if acks.enabled() {
             // The event is finished and its children begin: one update to its root's word.
-            let mut delta = event.token;
-            for (_, child) in &mut self.emitter.staged {
-                child.token = acks.token();
-                delta ^= child.token;
+            if let [(_, only)] = self.emitter.staged.as_mut_slice() {
+                // One child carries on the event's token: the event ends as the child begins,
+                // nothing changes, and a stage that passes each event on never touches the
+                // tracker's shared memory. Only for one child: with more, the child's own end
+                // could cancel the token while this update, holding its siblings' tokens, is
+                // still to be applied, and the word would read zero too soon.
+                only.token = event.token;
+            } else {
+                let mut delta = event.token;
+                for (_, child) in &mut self.emitter.staged {
+                    child.token = acks.token();
+                    delta ^= child.token;
+                }
+                acks.update(event.slot, delta);
             }
-            acks.update(event.slot, delta);
         }
         let cause = fx.forward(event, &mut self.emitter)?;
         tally.unroutable += self.emitter.unroutable_count;
