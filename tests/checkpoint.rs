@@ -177,15 +177,13 @@ fn retention_removes_old_frames_but_never_work_in_flight() {
     let path = dir.path().join("log.redb");
     let retention = conduit::log::Retention { max_bytes: Some(MAX_BYTES), max_age: None };
     let log = Log::open(&path, LogOptions { retention, ..options(50, 1 << 20) }).expect("new log");
-    // An early stream, and a message that never finishes, in the first frames.
-    log.append(vec![fact(77), fact(77)]).expect("open").wait().expect("committed");
-    for n in 0..300 {
-        finished_message(&log, 1_000 + n);
-    }
+    // Two early streams, and a message that never finishes, in the first frames.
+    log.append(vec![fact(77), fact(77), fact(78)]).expect("open").wait().expect("committed");
     let pinned = ingress(&log, 5);
     let pinned_id = pinned.id;
     log.append(vec![pinned]).expect("open").wait().expect("committed");
-    for n in 0..1_000 {
+    log.append(vec![fact(78)]).expect("open").wait().expect("committed");
+    for n in 0..1_300 {
         finished_message(&log, 2_000 + n);
     }
     log.checkpoint().expect("checkpoints");
@@ -203,12 +201,16 @@ fn retention_removes_old_frames_but_never_work_in_flight() {
     // more than MAX_BYTES here, which retention accepts rather than lose work).
     let early = log.stream(77).expect("reads");
     assert!(early.is_empty(), "stream 77's frames were before the pin: {early:?}");
-    let next = log.append_expecting(77, ExpectedVersion::Exact(2), vec![fact(77)]);
-    assert_eq!(next, Ok(3), "a stream goes on from its last version after its frames are gone");
-    match log.load::<Count>(77) {
-        Err(conduit::log::LogError::Truncated { stream: 77, first_retained: 3 }) => {}
+    // Stream 78 kept its second record: its early history is gone, and loading it says so.
+    match log.load::<Count>(78) {
+        Err(conduit::log::LogError::Truncated { stream: 78, first_retained: 2 }) => {}
         other => panic!("expected a truncated stream: {:?}", other.map(|(c, v)| (c.0, v))),
     }
+    // Nothing of stream 77 is left: it is forgotten, head and all, and starts over.
+    assert!(log.append_expecting(77, ExpectedVersion::Exact(2), vec![fact(77)]).is_err());
+    let again = log.append_expecting(77, ExpectedVersion::NoStream, vec![fact(77)]);
+    assert_eq!(again, Ok(1), "a stream none of whose records is left is forgotten");
+    assert_eq!(log.load::<Count>(77).map(|(count, version)| (count.0, version)), Ok((1, 1)));
 
     // Once the pinned message finishes, retention catches up to the size bound.
     log.append(vec![completion(&[pinned_id])]).expect("open").wait().expect("committed");

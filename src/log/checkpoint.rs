@@ -203,6 +203,48 @@ impl Heads {
     }
 }
 
+impl Heads {
+    /// Forgets the streams whose last record retention removed (`ended`: each stream's last
+    /// version in the removed frames, so a stream is gone when that is its head): nothing of
+    /// them is left to read, and keeping their heads would grow the log with every stream ever
+    /// written. A stream appended to again after that starts over at version 1. Call after
+    /// [`checkpoint`](Self::checkpoint), when no cached version is unwritten.
+    pub(crate) fn forget(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        ended: &FxHashMap<u64, u32>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), LogError> {
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let gone = |stream: u64, version: u32| ended.get(&stream) == Some(&version);
+        self.versions.retain(|&stream, &mut (version, dirty)| dirty || !gone(stream, version));
+        let mut buckets: Vec<u64> = ended.keys().map(|&stream| bucket_of(stream)).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        let mut table = txn.open_table(HEADS).map_err(storage)?;
+        for bucket in buckets {
+            let mut row: HeadsRow = match table.get(bucket).map_err(storage)? {
+                Some(row) => decode("heads", bucket, row.value())?,
+                None => continue,
+            };
+            let before = row.heads.len();
+            row.heads.retain(|&(stream, version)| !gone(stream, version));
+            if row.heads.len() == before {
+                continue;
+            }
+            if row.heads.is_empty() {
+                table.remove(bucket).map_err(storage)?;
+            } else {
+                encode_sealed(&row, scratch);
+                table.insert(bucket, scratch.as_slice()).map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Two lists sorted by stream, merged; `newer` wins for a stream in both.
 fn merge(older: &[(u64, u32)], newer: &[(u64, u32)]) -> Vec<(u64, u32)> {
     let mut out = Vec::with_capacity(older.len() + newer.len());

@@ -92,19 +92,32 @@ pub struct LogOptions {
 }
 
 /// How much history a log keeps. At every checkpoint the writer removes the oldest frames while
-/// the log holds more than `max_bytes` of frames, or while they are older than `max_age`; it
+/// they take more than their share of `max_bytes` ([`frame_budget`](Self::frame_budget)), or
+/// while they are older than `max_age`; it
 /// never removes a frame at or after the oldest message still in flight (so in-flight work can
 /// always be resumed), nor one after the checkpoint. Removed frames take their records with them
-/// (dead letters included); a stream read afterwards starts at its first retained version.
+/// (dead letters included); a stream read afterwards starts at its first retained version, and a
+/// stream none of whose records is left is forgotten (its head too, so the log does not grow
+/// with the number of streams ever written: appended to again, it starts over at version 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Retention {
-    /// Most bytes of frames kept.
+    /// Most bytes of the log file: frames, heads and index together (see
+    /// [`frame_budget`](Self::frame_budget)).
     pub max_bytes: Option<u64>,
     /// Frames whose newest record is older than this are removed.
     pub max_age: Option<std::time::Duration>,
 }
 
 impl Retention {
+    /// The space frames may take under `max_bytes`: seven eighths of it. The rest is kept for the
+    /// stream heads, the index, and pages freed but not yet reusable (redb reuses a page only
+    /// once the transactions after the one that freed it have committed). A frame's space is
+    /// what redb gives it: a run of whole pages rounded up to a power of two.
+    #[must_use]
+    pub fn frame_budget(&self) -> Option<u64> {
+        self.max_bytes.map(|max| max - max / 8)
+    }
+
     /// Whether it removes anything at all.
     #[must_use]
     pub fn is_unbounded(&self) -> bool {
@@ -234,7 +247,7 @@ pub struct LogStats {
     pub checkpoints: u64,
     /// Frames removed by retention.
     pub frames_removed: u64,
-    /// Bytes of frames the log holds, as of the last checkpoint.
+    /// The space the log's frames take in its file, as of the last checkpoint.
     pub retained_bytes: u64,
     /// Stream versions the writer held in memory at the last checkpoint (bounded by
     /// [`LogOptions::stream_cache`] plus the streams written in one checkpoint interval).

@@ -159,7 +159,7 @@ impl Log {
             scanned += 1;
             first_seen.get_or_insert(seq);
             book.frames += 1;
-            book.bytes += bytes as u64;
+            book.bytes += super::writer::stored_bytes(bytes);
             for record in &frame.records {
                 if record.stream != ENGINE_STREAM {
                     changed.insert(record.stream, record.version);

@@ -63,8 +63,8 @@ impl Log {
         })
     }
 
-    /// Bytes of the frames from `first` on: what retention can never remove while a message in
-    /// flight reaches back to frame `first`.
+    /// The space the frames from `first` on take in the file: what retention can never remove
+    /// while a message in flight reaches back to frame `first`.
     pub fn frame_bytes_from(&self, first: u64) -> Result<u64, LogError> {
         contained(|| {
             let txn = self.shared.db.begin_read().map_err(storage)?;
@@ -72,7 +72,7 @@ impl Log {
             let mut bytes = 0u64;
             for entry in frames.range(first..).map_err(storage)? {
                 let (_, value) = entry.map_err(storage)?;
-                bytes += value.value().len() as u64;
+                bytes += super::writer::stored_bytes(value.value().len());
             }
             Ok(bytes)
         })

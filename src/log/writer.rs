@@ -332,29 +332,36 @@ impl WriterState {
             let age_us = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
             crate::clock::unix_micros().saturating_sub(age_us)
         });
+        let frame_budget = policy.frame_budget();
         let mut frames = txn.open_table(FRAMES).map_err(storage)?;
         let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
         let mut removed = 0u64;
+        // The last version each stream had in the frames removed: a stream whose head is among
+        // them has nothing left, and its head goes too.
+        let mut ended: FxHashMap<u64, u32> = FxHashMap::default();
         while self.book.first_frame < keep_from {
             let seq = self.book.first_frame;
-            let over_size = policy.max_bytes.is_some_and(|max| self.book.bytes > max);
+            let over_size = frame_budget.is_some_and(|budget| self.book.bytes > budget);
             if !over_size && horizon_us.is_none() {
                 break;
             }
-            let (bytes, newest_us, mut indexed) = {
+            let (bytes, mut indexed) = {
                 let Some(value) = frames.get(seq).map_err(storage)? else {
                     self.book.first_frame += 1;
                     continue;
                 };
                 let archived = decode_frame(value.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
                 let newest_us = archived.records.iter().map(|r| r.timestamp_us.to_native()).max().unwrap_or(0);
+                let too_old = horizon_us.is_some_and(|horizon| newest_us < horizon);
+                if !over_size && !too_old {
+                    break;
+                }
+                for record in archived.records.iter() {
+                    ended.insert(record.stream.to_native(), record.version.to_native());
+                }
                 let indexed: Vec<u64> = archived.records.iter().map(|r| bucket_of(r.stream.to_native())).collect();
-                (value.value().len() as u64, newest_us, indexed)
+                (stored_bytes(value.value().len()), indexed)
             };
-            let too_old = horizon_us.is_some_and(|horizon| newest_us < horizon);
-            if !over_size && !too_old {
-                break;
-            }
             frames.remove(seq).map_err(storage)?;
             indexed.sort_unstable();
             indexed.dedup();
@@ -365,6 +372,8 @@ impl WriterState {
             self.book.first_frame += 1;
             removed += 1;
         }
+        ended.remove(&ENGINE_STREAM);
+        self.heads.forget(txn, &ended, &mut self.scratch)?;
         self.shared.counters.frames_removed.fetch_add(removed, Ordering::Relaxed);
         Ok(())
     }
@@ -392,7 +401,7 @@ impl WriterState {
         counters.bytes.fetch_add(self.encoded.len() as u64, Ordering::Relaxed);
         self.next_frame += 1;
         self.book.frames += 1;
-        self.book.bytes += self.encoded.len() as u64;
+        self.book.bytes += stored_bytes(self.encoded.len());
         self.frame.records.clear();
         self.frame_bytes = 0;
         self.buckets.clear();
@@ -434,4 +443,18 @@ fn answer_each(commands: Vec<Command>, checked: &mut FxHashMap<usize, Result<u32
 fn send<T>(reply: &Sender<T>, value: T) {
     // The asker may have stopped waiting; that is its business.
     let _ = reply.send(value);
+}
+
+/// The space a frame of `len` bytes takes in the file: redb gives a value larger than a page a
+/// run of pages rounded up to a power of two (with its leaf's few bytes of overhead); smaller
+/// ones share pages.
+pub(crate) fn stored_bytes(len: usize) -> u64 {
+    const PAGE: u64 = 4096;
+    const LEAF_OVERHEAD: u64 = 64;
+    let len = len as u64 + LEAF_OVERHEAD;
+    if len <= PAGE {
+        len
+    } else {
+        len.div_ceil(PAGE).next_power_of_two() * PAGE
+    }
 }

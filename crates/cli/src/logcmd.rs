@@ -121,10 +121,12 @@ fn compact(path: &PathBuf, retention: Retention, format: Format) -> Result<ExitC
         if let (Some(max), Some(oldest)) = (retention.max_bytes, log.in_flight_at_open().iter().map(|m| m.frame).min())
         {
             let pinned = log.frame_bytes_from(oldest).map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
-            if pinned > max {
+            if retention.frame_budget().is_some_and(|budget| pinned > budget) {
                 return Err(UsageError(format!(
                     "--max-bytes {max} would remove work in flight: {} messages in flight reach back to frame {oldest}, \
-                     and the frames from there hold {pinned} bytes; nothing was removed",
+                     and the frames from there take {pinned} bytes, more than the {} a log of {max} bytes keeps for \
+                     frames; nothing was removed",
+                    retention.frame_budget().unwrap_or(max),
                     log.in_flight_at_open().len()
                 ))
                 .into());
