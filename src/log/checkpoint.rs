@@ -65,7 +65,7 @@ fn corrupt(table: &'static str, key: u64, error: FrameError) -> LogError {
     LogError::CorruptIndex { table, key, error }
 }
 
-fn decode<T>(table: &'static str, key: u64, bytes: &[u8]) -> Result<T, LogError>
+pub(crate) fn decode<T>(table: &'static str, key: u64, bytes: &[u8]) -> Result<T, LogError>
 where
     T: rkyv::Archive,
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>

@@ -61,6 +61,17 @@ pub enum LogError {
         /// Its first version still in the log.
         first_retained: u32,
     },
+    /// A snapshot claimed a version its stream has not reached.
+    #[error("stream {stream}: no snapshot at version {version}: the stream is at version {head}")]
+    SnapshotAhead {
+        /// The stream.
+        stream: u64,
+        /// The version the snapshot claimed (0 is never one).
+        version: u32,
+        /// The stream's last version.
+        head: u32,
+    },
+
     /// Invalid options.
     #[error("invalid log options: {0}")]
     Options(String),

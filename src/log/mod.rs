@@ -16,6 +16,7 @@ mod error;
 mod format;
 mod open;
 mod read;
+mod snapshot;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ pub use format::{
     KIND_PURGED, KIND_REDRIVEN, KIND_RESERVED_MIN, MAGIC, STAGE_INGRESS,
 };
 pub use read::Aggregate;
+pub use snapshot::Snapshot;
 
 /// Frames by sequence number.
 pub(crate) const FRAMES: TableDefinition<u64, &[u8]> = TableDefinition::new("frames");
@@ -89,6 +91,10 @@ pub struct LogOptions {
     pub stream_cache: usize,
     /// What the log keeps (default: everything).
     pub retention: Retention,
+    /// Every durable commit also saves redb's allocator state, so that opening after a crash
+    /// reads it instead of walking the whole file to rebuild it (seconds per GiB). Costs each
+    /// commit a write of that state; see BENCHMARKS.md for the measured price.
+    pub quick_repair: bool,
 }
 
 /// How much history a log keeps. At every checkpoint the writer removes the oldest frames while
@@ -147,6 +153,7 @@ impl Default for LogOptions {
             checkpoint_records: 1 << 18,
             stream_cache: 1 << 20,
             retention: Retention::default(),
+            quick_repair: true,
         }
     }
 }
@@ -213,6 +220,13 @@ pub(crate) enum Command {
         reply: Sender<Result<u32, LogError>>,
     },
     Sync {
+        reply: Sender<Result<(), LogError>>,
+    },
+    /// Saves a stream's snapshot (replacing an older one), in the next commit.
+    Snapshot {
+        stream: u64,
+        version: u32,
+        state: Vec<u8>,
         reply: Sender<Result<(), LogError>>,
     },
     /// A durable commit with a checkpoint, even if nothing is pending.
@@ -420,6 +434,19 @@ impl Log {
             frames: c.frames.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
         }
+    }
+
+    /// Saves `state`, the aggregate of `stream` folded up to `version`, as the stream's snapshot:
+    /// [`load_snapshot`](Self::load_snapshot) then reads only the records after it, and the
+    /// stream keeps its version when retention removes all its records. Returns once committed.
+    /// A version the stream has not reached, or version 0, is refused; a snapshot older than
+    /// the one saved is ignored.
+    pub fn save_snapshot<A: Snapshot>(&self, stream: u64, version: u32, state: &A) -> Result<(), LogError> {
+        let mut bytes = Vec::new();
+        state.encode(&mut bytes);
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(Command::Snapshot { stream, version, state: bytes, reply })?;
+        answer.recv().unwrap_or(Err(LogError::Closed))
     }
 
     /// Makes everything appended so far durable with a checkpoint, so that the next opening

@@ -6,6 +6,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::error::storage;
 use super::open::{contained, scan};
+use super::snapshot::Snapshot;
 use super::{bucket_of, decode_frame, Frame, FrameError, InFlight, Log, LogError, Record, BUCKETS, FRAMES};
 
 /// State rebuilt from a stream's events.
@@ -142,6 +143,31 @@ impl Log {
     /// The aggregate as it was at `timestamp_us` (microseconds since the Unix epoch).
     pub fn load_as_of<A: Aggregate>(&self, stream: u64, timestamp_us: u64) -> Result<(A, u32), LogError> {
         self.load_until(stream, |r| r.timestamp_us <= timestamp_us)
+    }
+
+    /// Loads an aggregate from its stream's snapshot and the records after it (from the start
+    /// if it has none): what [`load`](Self::load) gives, without reading what the snapshot
+    /// covers, and still whole after retention removed that part. `Truncated` if records after
+    /// the snapshot were removed; [`LogError::CorruptIndex`] if the snapshot's bytes do not
+    /// decode.
+    pub fn load_snapshot<A: Snapshot>(&self, stream: u64) -> Result<(A, u32), LogError> {
+        let Some(row) = super::snapshot::read(&self.shared.db, stream)? else { return self.load(stream) };
+        let mut aggregate = A::decode(&row.state).ok_or_else(|| LogError::CorruptIndex {
+            table: "snapshots",
+            key: stream,
+            error: FrameError::Invalid(format!("the snapshot at version {} does not decode", row.version)),
+        })?;
+        let mut version = row.version;
+        let records = self.stream(stream)?;
+        let after = records.iter().skip_while(|r| r.version <= row.version);
+        for record in after {
+            if record.version != version + 1 {
+                return Err(LogError::Truncated { stream, first_retained: record.version });
+            }
+            aggregate.apply(record);
+            version = record.version;
+        }
+        Ok((aggregate, version))
     }
 
     fn load_until<A: Aggregate>(&self, stream: u64, keep: impl Fn(&Record) -> bool) -> Result<(A, u32), LogError> {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 use rustc_hash::FxHashMap;
 
 use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
+use super::snapshot::{self, SNAPSHOTS};
 use super::error::storage;
 use super::format::{
     completed_ids, decode_frame, encode_frame, Frame, Record, HEADER_LEN, KIND_COMPLETED, STAGE_INGRESS,
@@ -165,7 +166,7 @@ impl Group {
     fn push(&mut self, command: Command) {
         match &command {
             Command::Append { records, .. } | Command::Checked { records, .. } => self.records += records.len(),
-            Command::Sync { .. } => self.wants_sync = true,
+            Command::Sync { .. } | Command::Snapshot { .. } => self.wants_sync = true,
             Command::Checkpoint { .. } => {
                 self.wants_sync = true;
                 self.wants_checkpoint = true;
@@ -239,6 +240,7 @@ impl WriterState {
         let mut txn = self.shared.db.begin_write().map_err(storage)?;
         txn.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
             .map_err(storage)?;
+        txn.set_quick_repair(durable && self.options.quick_repair);
         let mut appended = 0u64;
         let mut engine_records = 0u64;
         {
@@ -263,6 +265,17 @@ impl WriterState {
                         let added = u32::try_from(records.len()).unwrap_or(u32::MAX);
                         checked.insert(index, Ok(actual.saturating_add(added)));
                         records
+                    }
+                    Command::Snapshot { stream, version, state, .. } => {
+                        let head = self.heads.version(*stream, &heads)?;
+                        let saved = if *version == 0 || *version > head {
+                            Err(LogError::SnapshotAhead { stream: *stream, version: *version, head })
+                        } else {
+                            snapshot::write(&txn, *stream, *version, std::mem::take(state), &mut self.scratch)
+                                .map(|()| head)
+                        };
+                        checked.insert(index, saved);
+                        continue;
                     }
                     Command::Sync { .. } | Command::Checkpoint { .. } => continue,
                 };
@@ -373,6 +386,20 @@ impl WriterState {
             removed += 1;
         }
         ended.remove(&ENGINE_STREAM);
+        let snapshots = txn.open_table(SNAPSHOTS).map_err(storage)?;
+        if !snapshots.is_empty().map_err(storage)? {
+            // A stream with a snapshot lives on in it: it keeps its head, and its versions go on.
+            let mut kept = Vec::new();
+            for &stream in ended.keys() {
+                if snapshots.get(stream).map_err(storage)?.is_some() {
+                    kept.push(stream);
+                }
+            }
+            for stream in kept {
+                ended.remove(&stream);
+            }
+        }
+        drop(snapshots);
         self.heads.forget(txn, &ended, &mut self.scratch)?;
         self.shared.counters.frames_removed.fetch_add(removed, Ordering::Relaxed);
         Ok(())
@@ -419,6 +446,7 @@ fn answer(commands: Vec<Command>, result: &Result<(), LogError>) {
             }
             Command::Append { ack: None, .. } => {}
             Command::Checked { reply, .. } => send(&reply, result.clone().map(|()| 0)),
+            Command::Snapshot { reply, .. } => send(&reply, result.clone()),
         }
     }
 }
@@ -435,6 +463,10 @@ fn answer_each(commands: Vec<Command>, checked: &mut FxHashMap<usize, Result<u32
             Command::Checked { reply, .. } => {
                 let result = checked.remove(&index).unwrap_or(Err(LogError::Closed));
                 send(&reply, result);
+            }
+            Command::Snapshot { reply, .. } => {
+                let result = checked.remove(&index).unwrap_or(Err(LogError::Closed));
+                send(&reply, result.map(|_| ()));
             }
         }
     }

@@ -125,6 +125,12 @@ pub fn engine_durable_no_checkpoints(config: &EngineConfig, orders: &[Order], di
     engine_durable_with(config, orders, dir, LogOptions { checkpoint_records: 1 << 32, ..LogOptions::default() })
 }
 
+/// [`engine_durable`] without quick repair: commits do not save redb's allocator state, so an
+/// open after a crash walks the whole file. What quick repair costs.
+pub fn engine_durable_no_quick_repair(config: &EngineConfig, orders: &[Order], dir: &Path) -> Duration {
+    engine_durable_with(config, orders, dir, LogOptions { quick_repair: false, ..LogOptions::default() })
+}
+
 fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, options: LogOptions) -> Duration {
     let path = scratch(dir, "engine.redb");
     let start = Instant::now();

@@ -26,6 +26,7 @@
 //! | `disk_seq_write_fsync` | the same bytes appended to a plain file, fdatasync per ~10,000 events: the physical limit |
 //! | `engine_durable` | conduit's pipeline with an immediate log |
 //! | `engine_durable_no_checkpoints` | the same with one checkpoint, at close: `engine_durable / engine_durable_no_checkpoints` is what checkpoints cost |
+//! | `engine_durable_no_quick_repair` | the same without quick repair (commits do not save redb's allocator state): what fast opening after a crash costs |
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,7 +45,8 @@ use durable::{encoded_event_bytes, typical_records};
 use pipeline::{DISRUPTOR_BATCH, DISRUPTOR_RING, PER_EVENT_CAPACITY};
 
 pub use durable::{
-    disk_seq_write_fsync, engine_durable, engine_durable_no_checkpoints, log_writer, redb_rows_batch10k,
+    disk_seq_write_fsync, engine_durable, engine_durable_no_checkpoints, engine_durable_no_quick_repair, log_writer,
+    redb_rows_batch10k,
 };
 pub use overload::{overload_memory, MemoryReport};
 pub use pipeline::{
@@ -232,6 +234,12 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
                 durable_events,
                 Box::new(|| engine_durable_no_checkpoints(&engine, &durable, dir)),
             ),
+            (
+                "engine_durable_no_quick_repair",
+                "as engine_durable, commits without redb's allocator state (a full repair after a crash)".into(),
+                durable_events,
+                Box::new(|| engine_durable_no_quick_repair(&engine, &durable, dir)),
+            ),
         ]);
     }
     let results = measure(&cases, config.repeat, event_bytes, &mut progress);
@@ -312,8 +320,14 @@ fn measure(
             runs[i].push(*events as f64 / elapsed.as_secs_f64().max(1e-9));
         }
     }
-    let durable_names =
-        ["redb_rows_batch10k", "log_writer", "disk_seq_write_fsync", "engine_durable", "engine_durable_no_checkpoints"];
+    let durable_names = [
+        "redb_rows_batch10k",
+        "log_writer",
+        "disk_seq_write_fsync",
+        "engine_durable",
+        "engine_durable_no_checkpoints",
+        "engine_durable_no_quick_repair",
+    ];
     cases
         .iter()
         .zip(runs)
@@ -341,6 +355,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_durable", "redb_rows_batch10k"),
         ("engine_durable", "disk_seq_write_fsync"),
         ("engine_durable", "engine_durable_no_checkpoints"),
+        ("engine_durable", "engine_durable_no_quick_repair"),
         ("log_writer", "redb_rows_batch10k"),
         ("log_writer", "disk_seq_write_fsync"),
         ("chain_engine", "chain_ceiling_one_thread"),
