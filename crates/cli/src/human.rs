@@ -151,10 +151,10 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
         report.repeat,
         report.cpus
     )?;
-    writeln!(out, "  {:<27} {:>14}  runs (M events/s)", "case", "M events/s")?;
+    writeln!(out, "  {:<31} {:>10}  runs (M events/s)", "case", "M events/s")?;
     for case in &report.cases {
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
-        writeln!(out, "  {:<27} {:>14.2}  {}", case.name, case.events_per_sec / 1e6, runs.join(" "))?;
+        writeln!(out, "  {:<31} {:>10.2}  {}", case.name, case.events_per_sec / 1e6, runs.join(" "))?;
     }
     writeln!(out)?;
     for (pair, ratio) in &report.ratios {
