@@ -472,7 +472,8 @@ mod tests {
         topology.handler(stages[3], |_| |_: &Envelope<Job>, _: &mut Emitter<Job>| Outcome::Done);
         let config = EngineConfig::default();
         let mut sim =
-            Simulation::new(topology, &config, Arc::new(MemoryDeadLetters::default()), Arc::new(Codec), &[], 7).unwrap();
+            Simulation::new(topology, &config, Arc::new(MemoryDeadLetters::default()), Arc::new(Codec), &[], 7)
+                .expect("a valid topology");
         for n in 0..100 {
             sim.submit(Job(n));
         }
@@ -489,8 +490,8 @@ mod tests {
     /// cancel it while the update holding its siblings' tokens waits: too soon).
     #[test]
     fn a_fanned_out_message_finishes_only_after_all_its_children() {
-        use std::collections::HashMap;
         use parking_lot::Mutex;
+        use std::collections::HashMap;
         for seed in 0..50 {
             let arrived: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
             let mut topology = Topology::new();
@@ -515,7 +516,7 @@ mod tests {
             let config = EngineConfig::default();
             let mut sim =
                 Simulation::new(topology, &config, Arc::new(MemoryDeadLetters::default()), Arc::new(Codec), &[], seed)
-                    .unwrap();
+                    .expect("a valid topology");
             for n in 0..20 {
                 sim.submit(Job(n));
             }

@@ -10,11 +10,11 @@ use redb::{ReadableTable, ReadableTableMetadata};
 use rustc_hash::FxHashMap;
 
 use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
-use super::snapshot::{self, SNAPSHOTS};
 use super::error::storage;
 use super::format::{
     completed_ids, decode_frame, encode_frame, Frame, Record, HEADER_LEN, KIND_COMPLETED, STAGE_INGRESS,
 };
+use super::snapshot::{self, SNAPSHOTS};
 use super::{
     bucket_of, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, ENGINE_STREAM, FRAMES,
 };
