@@ -421,11 +421,11 @@ mod tests {
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 13);
+        assert_eq!(report.cases.len(), 14);
         assert!(report.cases[..6].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
         assert!(report.cases[6..8].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
         assert!(report.cases[8..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
-        assert_eq!(report.ratios.len(), 11);
+        assert_eq!(report.ratios.len(), 12);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
