@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use conduit::log::Record;
-use conduit_cli::bench::{log_writer, redb_rows_batch10k};
+use conduit_cli::bench::{log_writer, redb_rows};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const EVENTS: u64 = 200_000;
@@ -23,10 +23,10 @@ fn log_append(c: &mut Criterion) {
     group.throughput(Throughput::Elements(EVENTS));
     group.sample_size(10).measurement_time(Duration::from_secs(8));
     group.bench_function("redb_rows_batch10k", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| redb_rows_batch10k(dir.path(), &records, 75)).sum());
+        b.iter_custom(|iters| (0..iters).map(|_| redb_rows(dir.path(), &records, 75, 10_000).elapsed).sum());
     });
     group.bench_function("log_writer", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| log_writer(dir.path(), &records)).sum());
+        b.iter_custom(|iters| (0..iters).map(|_| log_writer(dir.path(), &records).elapsed).sum());
     });
     group.finish();
 }

@@ -45,6 +45,9 @@ pub(crate) struct BenchArgs {
     /// Report format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Human)]
     format: Format,
+    /// Print the report as Markdown tables (for BENCHMARKS.md) instead of --format.
+    #[arg(long, conflicts_with_all = ["format", "sweep"])]
+    markdown: bool,
 }
 
 pub(crate) fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
@@ -89,6 +92,7 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         let report = conduit_cli::bench::run(&config, |case, round| eprintln!("bench: {case} (run {})", round + 1))
             .map_err(Failure::Run)?;
         match args.format {
+            _ if args.markdown => human::write_bench_markdown(&mut out, &report).map_err(|e| e.to_string()),
             Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
             Format::Human => human::write_bench(&mut out, &report).map_err(|e| e.to_string()),
         }

@@ -154,7 +154,11 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
     writeln!(out, "  {:<31} {:>10}  runs (M events/s)", "case", "M events/s")?;
     for case in &report.cases {
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
-        writeln!(out, "  {:<31} {:>10.2}  {}", case.name, case.events_per_sec / 1e6, runs.join(" "))?;
+        write!(out, "  {:<31} {:>10.2}  {}", case.name, case.events_per_sec / 1e6, runs.join(" "))?;
+        if let (Some(per_sync), Some(bytes), Some(mb)) = (case.events_per_sync, case.bytes_per_event, case.mb_per_sec) {
+            write!(out, "  [{per_sync:.0} events/commit, {bytes:.1} B/event on disk, {mb:.1} MB/s]")?;
+        }
+        writeln!(out)?;
     }
     writeln!(out)?;
     for (pair, ratio) in &report.ratios {
@@ -173,6 +177,39 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
             m.growth_mib,
             m.queue_capacity_events
         )?;
+    }
+    Ok(())
+}
+
+/// The bench report as Markdown tables: the cases (with what the durable ones wrote), then the
+/// ratios. Generated, so that BENCHMARKS.md's figures are the bench's own.
+pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -> io::Result<()> {
+    let events = report.cases.first().map_or(0, |c| c.events);
+    writeln!(
+        out,
+        "`conduit bench`: {} orders ({events} events) per run, median of {} runs, {} CPUs\n",
+        report.orders, report.repeat, report.cpus
+    )?;
+    writeln!(out, "| case | M events/s | runs | events per durable commit | bytes per event on disk | MB/s |")?;
+    writeln!(out, "|---|---:|---|---:|---:|---:|")?;
+    let or_dash = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
+    for case in &report.cases {
+        let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
+        writeln!(
+            out,
+            "| `{}` | {:.2} | {} | {} | {} | {} |",
+            case.name,
+            case.events_per_sec / 1e6,
+            runs.join(" "),
+            or_dash(case.events_per_sync, 0),
+            or_dash(case.bytes_per_event, 1),
+            or_dash(case.mb_per_sec, 1)
+        )?;
+    }
+    writeln!(out, "\n| ratio | value |")?;
+    writeln!(out, "|---|---:|")?;
+    for (pair, ratio) in &report.ratios {
+        writeln!(out, "| `{pair}` | {ratio:.2}x |")?;
     }
     Ok(())
 }

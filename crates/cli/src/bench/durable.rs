@@ -1,16 +1,46 @@
 //! The durable cases: the engine with an immediate log against redb rows, the log alone and a
-//! plain file with fsync, on the same bytes.
+//! plain file with fsync. Each reports the durable commits (each ends in an fsync) and the disk
+//! space it wrote; the redb and plain-file baselines run at the cadence the engine measured in the
+//! same bench run (events per commit, bytes per event), so that they do the same work.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use conduit::log::{encode_frame, Frame, Log, LogOptions, Record, STAGE_INGRESS};
 use conduit::EngineConfig;
 use conduit_orders::{self as orders, Order, OrderEvent, SimConfig};
 
-use super::EVENTS_PER_ORDER;
+use super::{Run, EVENTS_PER_ORDER};
+
+/// What the engine's durable run did per commit, measured: the baselines run at it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cadence {
+    /// Events per durable commit.
+    pub events_per_sync: u64,
+    /// Disk space the log file took per event.
+    pub bytes_per_event: usize,
+}
+
+impl Cadence {
+    /// The cadence `run` measured over `events` events; `None` if it measured no commit.
+    #[must_use]
+    pub fn of(run: &Run, events: u64) -> Option<Self> {
+        let syncs = run.syncs.filter(|&s| s > 0)?;
+        let bytes = run.bytes_written?;
+        Some(Self {
+            events_per_sync: events.div_ceil(syncs).max(1),
+            bytes_per_event: usize::try_from(bytes / events.max(1)).unwrap_or(usize::MAX).max(1),
+        })
+    }
+}
+
+/// The disk space `path` occupies (allocated blocks), 0 if it cannot be read.
+fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
 
 /// The records a pipeline run journals for `events` events: one placement (with its 34-byte
 /// payload) then six facts without payload, per order.
@@ -55,31 +85,36 @@ pub(super) fn scratch(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// One redb row per event, 10,000 per durable transaction: what a naive event store does.
-pub fn redb_rows_batch10k(dir: &Path, records: &[Record], event_bytes: usize) -> Duration {
+/// One redb row of `event_bytes` per event, `per_txn` rows per durable transaction: what a
+/// naive event store does.
+pub fn redb_rows(dir: &Path, records: &[Record], event_bytes: usize, per_txn: u64) -> Run {
     const ROWS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("rows");
     let path = scratch(dir, "rows.redb");
     let db = redb::Database::create(&path).expect("the bench directory is writable");
     let row = vec![0x5Au8; event_bytes];
+    let per_txn = usize::try_from(per_txn.max(1)).unwrap_or(usize::MAX);
     let start = Instant::now();
-    for (chunk_index, chunk) in records.chunks(10_000).enumerate() {
+    let mut syncs = 0;
+    for (chunk_index, chunk) in records.chunks(per_txn).enumerate() {
         let txn = db.begin_write().expect("begin");
         {
             let mut table = txn.open_table(ROWS).expect("table");
             for (i, _) in chunk.iter().enumerate() {
-                table.insert((chunk_index * 10_000 + i) as u64, row.as_slice()).expect("insert");
+                table.insert((chunk_index * per_txn + i) as u64, row.as_slice()).expect("insert");
             }
         }
         txn.commit().expect("commit");
+        syncs += 1;
     }
     let elapsed = start.elapsed();
     drop(db);
+    let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    elapsed
+    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes) }
 }
 
 /// conduit's log alone: appends of 4,096 records from one thread, immediate durability.
-pub fn log_writer(dir: &Path, records: &[Record]) -> Duration {
+pub fn log_writer(dir: &Path, records: &[Record]) -> Run {
     let path = scratch(dir, "log.redb");
     let log = Log::open(&path, LogOptions::default()).expect("the bench directory is writable");
     let batches: Vec<Vec<Record>> = records.chunks(4_096).map(<[Record]>::to_vec).collect();
@@ -89,49 +124,55 @@ pub fn log_writer(dir: &Path, records: &[Record]) -> Duration {
     }
     log.sync().expect("healthy log");
     let elapsed = start.elapsed();
-    assert_eq!(log.stats().events_appended, records.len() as u64);
+    let stats = log.stats();
+    assert_eq!(stats.events_appended, records.len() as u64);
     drop(log);
+    let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    elapsed
+    Run { elapsed, syncs: Some(stats.durable_commits), bytes_written: Some(bytes) }
 }
 
-/// The same bytes to a plain file: 10,000 events per write and fdatasync.
-pub fn disk_seq_write_fsync(dir: &Path, events: u64, event_bytes: usize) -> Duration {
+/// `event_bytes` per event to a plain file: one write and fdatasync per `per_sync` events.
+pub fn disk_seq_write_fsync(dir: &Path, events: u64, event_bytes: usize, per_sync: u64) -> Run {
     let path = scratch(dir, "seq.bin");
     let mut file = std::fs::File::create(&path).expect("the bench directory is writable");
-    let chunk = vec![0xA5u8; event_bytes * 10_000];
+    let per_sync = per_sync.max(1);
+    let chunk = vec![0xA5u8; event_bytes * usize::try_from(per_sync).unwrap_or(usize::MAX)];
     let start = Instant::now();
     let mut left = events;
+    let mut syncs = 0;
     while left > 0 {
-        let n = left.min(10_000);
-        let len = usize::try_from(n).unwrap_or(10_000) * event_bytes;
+        let n = left.min(per_sync);
+        let len = usize::try_from(n).unwrap_or(usize::MAX) * event_bytes;
         file.write_all(&chunk[..len]).expect("write");
         file.sync_data().expect("fdatasync");
+        syncs += 1;
         left -= n;
     }
     let elapsed = start.elapsed();
     drop(file);
+    let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    elapsed
+    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes) }
 }
 
 /// The order pipeline with an immediate log.
-pub fn engine_durable(config: &EngineConfig, orders: &[Order], dir: &Path) -> Duration {
+pub fn engine_durable(config: &EngineConfig, orders: &[Order], dir: &Path) -> Run {
     engine_durable_with(config, orders, dir, LogOptions::default())
 }
 
 /// [`engine_durable`] with a checkpoint only when the log closes: what checkpoints cost.
-pub fn engine_durable_no_checkpoints(config: &EngineConfig, orders: &[Order], dir: &Path) -> Duration {
+pub fn engine_durable_no_checkpoints(config: &EngineConfig, orders: &[Order], dir: &Path) -> Run {
     engine_durable_with(config, orders, dir, LogOptions { checkpoint_records: 1 << 32, ..LogOptions::default() })
 }
 
 /// [`engine_durable`] without quick repair: commits do not save redb's allocator state, so an
 /// open after a crash walks the whole file. What quick repair costs.
-pub fn engine_durable_no_quick_repair(config: &EngineConfig, orders: &[Order], dir: &Path) -> Duration {
+pub fn engine_durable_no_quick_repair(config: &EngineConfig, orders: &[Order], dir: &Path) -> Run {
     engine_durable_with(config, orders, dir, LogOptions { quick_repair: false, ..LogOptions::default() })
 }
 
-fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, options: LogOptions) -> Duration {
+fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, options: LogOptions) -> Run {
     let path = scratch(dir, "engine.redb");
     let start = Instant::now();
     let log = Arc::new(Log::open(&path, options).expect("the bench directory is writable"));
@@ -144,7 +185,9 @@ fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, opti
     log.close().expect("healthy log");
     let elapsed = start.elapsed();
     assert!(report.violations().is_empty(), "durable run broke an invariant: {:?}", report.violations());
+    let syncs = log.stats().durable_commits;
     drop(log);
+    let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    elapsed
+    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes) }
 }

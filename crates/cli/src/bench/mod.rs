@@ -21,9 +21,9 @@
 //!
 //! | case | what it writes, every commit fsynced |
 //! |---|---|
-//! | `redb_rows_batch10k` | one redb row per event (the event's encoded size), 10,000 rows per transaction |
+//! | `redb_rows` | one redb row per event (the event's encoded size), as many rows per immediate transaction as `engine_durable` put events in a durable commit, measured in the same bench run |
 //! | `log_writer` | conduit's log alone: the same events appended from one thread, frames, one commit per group |
-//! | `disk_seq_write_fsync` | the same bytes appended to a plain file, fdatasync per ~10,000 events: the physical limit |
+//! | `disk_seq_write_fsync` | a plain file, as many bytes per event as `engine_durable`'s log file took and an fdatasync as often, both measured in the same bench run: the physical limit at the same work |
 //! | `engine_durable` | conduit's pipeline with an immediate log |
 //! | `engine_durable_no_checkpoints` | the same with one checkpoint, at close: `engine_durable / engine_durable_no_checkpoints` is what checkpoints cost |
 //! | `engine_durable_no_quick_repair` | the same without quick repair (commits do not save redb's allocator state): what fast opening after a crash costs |
@@ -46,7 +46,7 @@ use pipeline::{DISRUPTOR_BATCH, DISRUPTOR_RING, PER_EVENT_CAPACITY};
 
 pub use durable::{
     disk_seq_write_fsync, engine_durable, engine_durable_no_checkpoints, engine_durable_no_quick_repair, log_writer,
-    redb_rows_batch10k,
+    redb_rows, Cadence,
 };
 pub use overload::{overload_memory, MemoryReport};
 pub use pipeline::{
@@ -109,9 +109,17 @@ pub struct CaseResult {
     pub events: u64,
     /// Every run's events per second, in run order.
     pub runs_events_per_sec: Vec<f64>,
-    /// Bytes per event the case writes (durable cases).
+    /// Events per durable commit, measured over every run (durable cases). A commit ends in
+    /// one fsync, or two for the engine's log (redb's two-phase commit, which quick repair
+    /// turns on).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub event_bytes: Option<usize>,
+    pub events_per_sync: Option<f64>,
+    /// Disk space the case's file took per event, measured from the file (durable cases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_event: Option<f64>,
+    /// Those bytes per second at the median rate, in MB/s (durable cases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mb_per_sec: Option<f64>,
     /// How the case is set up.
     pub setup: String,
 }
@@ -146,8 +154,26 @@ pub struct SweepPoint {
     pub ratio_to_ceiling: f64,
 }
 
-/// A case: name, setup, events per run, and the run itself (returns its duration).
-type Case<'a> = (&'static str, String, u64, Box<dyn Fn() -> Duration + 'a>);
+/// What one run of a case measured: its time and, for a case that writes a file, its durable
+/// commits and the disk space the file took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Run {
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Durable commits (each ends in an fsync).
+    pub syncs: Option<u64>,
+    /// Disk space the file took at the end.
+    pub bytes_written: Option<u64>,
+}
+
+impl From<Duration> for Run {
+    fn from(elapsed: Duration) -> Self {
+        Self { elapsed, syncs: None, bytes_written: None }
+    }
+}
+
+/// A case: name, setup, events per run, and the run itself.
+type Case<'a> = (&'static str, String, u64, Box<dyn Fn() -> Run + 'a>);
 
 /// Runs every case `repeat` times, interleaved, and reports medians and ratios.
 /// `progress` hears each case's name before each of its runs.
@@ -159,15 +185,17 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
     let durable_events = config.durable_orders * EVENTS_PER_ORDER;
     let engine = config.engine.clone();
     let records = typical_records(durable_events);
-    let event_bytes = encoded_event_bytes(&records);
+    let records = &records[..];
     let dir = config.dir.as_path();
+    // engine_durable's cadence, which the durable baselines follow.
+    let cadence = std::cell::Cell::new(Cadence { events_per_sync: 1, bytes_per_event: 1 });
     let mut cases: Vec<Case<'_>> = vec![
-        ("ceiling_one_thread", "six steps inline in one thread".into(), events, Box::new(|| ceiling_one_thread(&workload))),
+        ("ceiling_one_thread", "six steps inline in one thread".into(), events, Box::new(|| ceiling_one_thread(&workload).into())),
         (
             "crossbeam_per_event_chain",
             format!("one thread per stage, bounded({PER_EVENT_CAPACITY}) crossbeam channels, one event per message"),
             events,
-            Box::new(|| crossbeam_per_event_chain(&workload)),
+            Box::new(|| crossbeam_per_event_chain(&workload).into()),
         ),
         (
             "disruptor_chain",
@@ -175,19 +203,19 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
                 "disruptor 4: ring of {DISRUPTOR_RING}, batch_publish({DISRUPTOR_BATCH}), best of busy-spin-with-hint and sleep waits"
             ),
             events,
-            Box::new(|| disruptor_chain(&workload)),
+            Box::new(|| disruptor_chain(&workload).into()),
         ),
         (
             "engine_memory",
             format!("conduit engine, {:?}, memory only", config.engine.defaults()),
             events,
-            Box::new(|| engine_memory(&engine, &workload)),
+            Box::new(|| engine_memory(&engine, &workload).into()),
         ),
         (
             "engine_memory_untracked",
             "as engine_memory, without completion tracking".into(),
             events,
-            Box::new(|| engine_memory_tracked(&engine, &workload, false)),
+            Box::new(|| engine_memory_tracked(&engine, &workload, false).into()),
         ),
         (
             "engine_memory_poison_1e-4",
@@ -197,58 +225,95 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
                 poisoned.len()
             ),
             events,
-            Box::new(|| engine_memory(&engine, &poisoned)),
+            Box::new(|| engine_memory(&engine, &poisoned).into()),
         ),
     ];
     cases.extend(synthetic_cases(config, &engine));
     if config.durable_orders > 0 {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        cases.extend([
-            (
-                "redb_rows_batch10k",
-                format!("redb, one {event_bytes}-byte row per event, 10,000 rows per immediate transaction"),
-                durable_events,
-                Box::new(|| redb_rows_batch10k(dir, &records, event_bytes)) as Box<dyn Fn() -> Duration>,
-            ),
-            (
-                "log_writer",
-                "conduit log alone, immediate, appends of 4,096 events from one thread".into(),
-                durable_events,
-                Box::new(|| log_writer(dir, &records)),
-            ),
-            (
-                "disk_seq_write_fsync",
-                format!("plain file, {event_bytes} bytes per event, write + fdatasync per 10,000 events"),
-                durable_events,
-                Box::new(|| disk_seq_write_fsync(dir, durable_events, event_bytes)),
-            ),
-            (
-                "engine_durable",
-                format!("conduit engine, {:?}, immediate log", config.engine.defaults()),
-                durable_events,
-                Box::new(|| engine_durable(&engine, &durable, dir)),
-            ),
-            (
-                "engine_durable_no_checkpoints",
-                "as engine_durable, one checkpoint at close instead of one per 262,144 records".into(),
-                durable_events,
-                Box::new(|| engine_durable_no_checkpoints(&engine, &durable, dir)),
-            ),
-            (
-                "engine_durable_no_quick_repair",
-                "as engine_durable, commits without redb's allocator state (a full repair after a crash)".into(),
-                durable_events,
-                Box::new(|| engine_durable_no_quick_repair(&engine, &durable, dir)),
-            ),
-        ]);
+        progress("engine_durable (cadence)", 0);
+        cases.extend(durable_cases(config, &engine, &durable, records, dir, &cadence)?);
     }
-    let results = measure(&cases, config.repeat, event_bytes, &mut progress);
+    let results = measure(&cases, config.repeat, &mut progress);
     let mut report = report(results, config);
     if config.overload_orders > 0 {
         progress("overload_memory", 0);
         report.memory = overload_memory(&config.engine, config.overload_orders);
     }
     Ok(report)
+}
+
+/// The durable cases, `engine_durable` first: the baselines follow the cadence it measures in each
+/// round (`cadence`, first set by a run of its own here).
+fn durable_cases<'a>(
+    config: &BenchConfig,
+    engine: &'a EngineConfig,
+    durable: &'a [Order],
+    records: &'a [conduit::log::Record],
+    dir: &'a std::path::Path,
+    cadence: &'a std::cell::Cell<Cadence>,
+) -> Result<Vec<Case<'a>>, String> {
+    let durable_events = config.durable_orders * EVENTS_PER_ORDER;
+    let event_bytes = encoded_event_bytes(records);
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // The baselines run at the engine's cadence, measured in this run: first by a run of its
+    // own, then by engine_durable's run in the same round (it runs first in each round).
+    let first = Cadence::of(&engine_durable(engine, durable, dir), durable_events)
+        .ok_or("the durable engine made no durable commit")?;
+    cadence.set(first);
+    let Cadence { events_per_sync, bytes_per_event } = first;
+    Ok(vec![
+        (
+            "engine_durable",
+            format!("conduit engine, {:?}, immediate log", config.engine.defaults()),
+            durable_events,
+            Box::new(move || {
+                let run = engine_durable(engine, durable, dir);
+                if let Some(measured) = Cadence::of(&run, durable_events) {
+                    cadence.set(measured);
+                }
+                run
+            }) as Box<dyn Fn() -> Run>,
+        ),
+        (
+            "redb_rows",
+            format!(
+                "redb, one {event_bytes}-byte row per event, as many rows per immediate transaction as \
+                 engine_durable's run in the same round put events in a durable commit (first: {events_per_sync})"
+            ),
+            durable_events,
+            Box::new(move || redb_rows(dir, records, event_bytes, cadence.get().events_per_sync)),
+        ),
+        (
+            "log_writer",
+            "conduit log alone, immediate, appends of 4,096 events from one thread".into(),
+            durable_events,
+            Box::new(move || log_writer(dir, records)),
+        ),
+        (
+            "disk_seq_write_fsync",
+            format!(
+                "plain file, write + fdatasync at engine_durable's bytes per event on disk and events per durable \
+                 commit in the same round (first: {bytes_per_event} bytes, {events_per_sync} events)"
+            ),
+            durable_events,
+            Box::new(move || {
+                let Cadence { events_per_sync, bytes_per_event } = cadence.get();
+                disk_seq_write_fsync(dir, durable_events, bytes_per_event, events_per_sync)
+            }),
+        ),
+        (
+            "engine_durable_no_checkpoints",
+            "as engine_durable, one checkpoint at close instead of one per 262,144 records".into(),
+            durable_events,
+            Box::new(move || engine_durable_no_checkpoints(engine, durable, dir)),
+        ),
+        (
+            "engine_durable_no_quick_repair",
+            "as engine_durable, commits without redb's allocator state (a full repair after a crash)".into(),
+            durable_events,
+            Box::new(move || engine_durable_no_quick_repair(engine, durable, dir)),
+        ),
+    ])
 }
 
 /// The optional synthetic cases: a chain of pass-through stages, publish/subscribe fan-out.
@@ -261,25 +326,25 @@ fn synthetic_cases<'a>(config: &BenchConfig, engine: &'a EngineConfig) -> Vec<Ca
                 "chain_ceiling_one_thread",
                 format!("{stages} pass-through steps inline in one thread"),
                 chain_events,
-                Box::new(move || chain_ceiling(stages, chain_events)) as Box<dyn Fn() -> Duration>,
+                Box::new(move || chain_ceiling(stages, chain_events).into()) as Box<dyn Fn() -> Run>,
             ),
             (
                 "chain_crossbeam_per_event",
                 format!("{stages} threads, bounded({PER_EVENT_CAPACITY}) crossbeam channels, one event per message"),
                 chain_events,
-                Box::new(move || chain_crossbeam(stages, chain_events)),
+                Box::new(move || chain_crossbeam(stages, chain_events).into()),
             ),
             (
                 "chain_engine",
                 format!("{stages} pass-through engine stages, {:?}", config.engine.defaults()),
                 chain_events,
-                Box::new(move || chain_engine(engine, stages, chain_events)),
+                Box::new(move || chain_engine(engine, stages, chain_events).into()),
             ),
             (
                 "chain_engine_untracked",
                 "as chain_engine, without completion tracking".into(),
                 chain_events,
-                Box::new(move || chain_engine_tracked(engine, stages, chain_events, false)),
+                Box::new(move || chain_engine_tracked(engine, stages, chain_events, false).into()),
             ),
         ]);
     }
@@ -290,14 +355,14 @@ fn synthetic_cases<'a>(config: &BenchConfig, engine: &'a EngineConfig) -> Vec<Ca
                 "fanout_3_subscribers",
                 "one publisher, three subscribers bound to one key".into(),
                 fanout_events,
-                Box::new(move || fanout(engine, fanout_events, false)) as Box<dyn Fn() -> Duration>,
+                Box::new(move || fanout(engine, fanout_events, false).into()) as Box<dyn Fn() -> Run>,
             ),
             (
                 "fanout_3_plus_slow_subscriber",
                 "the same, plus a subscriber waiting 20 us per event with overflow = dead_letter (fast ones timed)"
                     .into(),
                 fanout_events,
-                Box::new(move || fanout(engine, fanout_events, true)),
+                Box::new(move || fanout(engine, fanout_events, true).into()),
             ),
         ]);
     }
@@ -305,39 +370,36 @@ fn synthetic_cases<'a>(config: &BenchConfig, engine: &'a EngineConfig) -> Vec<Ca
 }
 
 /// Runs the cases `repeat` times, interleaved; the median of each.
-fn measure(
-    cases: &[Case<'_>],
-    repeat: u32,
-    event_bytes: usize,
-    progress: &mut impl FnMut(&str, u32),
-) -> Vec<CaseResult> {
-    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)) -> Vec<CaseResult> {
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
     debug_assert!(!cases.is_empty());
     for round in 0..repeat.max(1) {
-        for (i, (name, _, events, case)) in cases.iter().enumerate() {
+        for (i, (name, _, _, case)) in cases.iter().enumerate() {
             progress(name, round);
-            let elapsed = case();
-            runs[i].push(*events as f64 / elapsed.as_secs_f64().max(1e-9));
+            runs[i].push(case());
         }
     }
-    let durable_names = [
-        "redb_rows_batch10k",
-        "log_writer",
-        "disk_seq_write_fsync",
-        "engine_durable",
-        "engine_durable_no_checkpoints",
-        "engine_durable_no_quick_repair",
-    ];
     cases
         .iter()
         .zip(runs)
-        .map(|((name, setup, events, _), runs)| CaseResult {
-            name: (*name).to_owned(),
-            events_per_sec: median(&runs),
-            events: *events,
-            runs_events_per_sec: runs,
-            event_bytes: durable_names.contains(name).then_some(event_bytes),
-            setup: setup.clone(),
+        .map(|((name, setup, events, _), runs)| {
+            let rates: Vec<f64> = runs.iter().map(|r| *events as f64 / r.elapsed.as_secs_f64().max(1e-9)).collect();
+            let events_per_sec = median(&rates);
+            // Over every run: what the case wrote and how often it synced.
+            let total_events = *events as f64 * runs.len() as f64;
+            let syncs: Option<u64> = runs.iter().map(|r| r.syncs).sum();
+            let bytes: Option<u64> = runs.iter().map(|r| r.bytes_written).sum();
+            let bytes_per_event = bytes.map(|b| b as f64 / total_events.max(1.0));
+            CaseResult {
+                name: (*name).to_owned(),
+                events_per_sec,
+                events: *events,
+                runs_events_per_sec: rates,
+                events_per_sync: syncs.filter(|&s| s > 0).map(|s| total_events / s as f64),
+                bytes_per_event,
+                mb_per_sec: bytes_per_event.map(|b| b * events_per_sec / 1e6),
+                setup: setup.clone(),
+            }
         })
         .collect()
 }
@@ -352,11 +414,12 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory", "crossbeam_per_event_chain"),
         ("engine_memory_poison_1e-4", "engine_memory"),
         ("engine_memory", "engine_memory_untracked"),
-        ("engine_durable", "redb_rows_batch10k"),
+        ("engine_durable", "engine_memory"),
+        ("engine_durable", "redb_rows"),
         ("engine_durable", "disk_seq_write_fsync"),
         ("engine_durable", "engine_durable_no_checkpoints"),
         ("engine_durable", "engine_durable_no_quick_repair"),
-        ("log_writer", "redb_rows_batch10k"),
+        ("log_writer", "redb_rows"),
         ("log_writer", "disk_seq_write_fsync"),
         ("chain_engine", "chain_ceiling_one_thread"),
         ("fanout_3_plus_slow_subscriber", "fanout_3_subscribers"),
@@ -423,9 +486,17 @@ mod tests {
         let report = run(&config, |_, _| {}).expect("runs");
         assert_eq!(report.cases.len(), 14);
         assert!(report.cases[..6].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert!(report.cases[6..8].iter().all(|c| c.events == 20_000 && c.event_bytes.is_none()));
-        assert!(report.cases[8..].iter().all(|c| c.events == 14_000 && c.event_bytes.is_some_and(|b| b > 40)));
-        assert_eq!(report.ratios.len(), 12);
+        assert!(report.cases[6..8].iter().all(|c| c.events == 20_000 && c.bytes_per_event.is_none()));
+        let durable = &report.cases[8..];
+        assert!(durable.iter().all(|c| c.events == 14_000 && c.bytes_per_event.is_some_and(|b| b > 40.0)));
+        // The baselines run at the engine's measured cadence: within 10% of its events per sync.
+        let cadence = |name: &str| durable.iter().find(|c| c.name == name).and_then(|c| c.events_per_sync);
+        let engine = cadence("engine_durable").expect("the engine syncs");
+        for baseline in ["redb_rows", "disk_seq_write_fsync"] {
+            let measured = cadence(baseline).expect("the baseline syncs");
+            assert!((measured / engine - 1.0).abs() <= 0.1, "{baseline}: {measured} events per sync, engine {engine}");
+        }
+        assert_eq!(report.ratios.len(), 13);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
