@@ -415,12 +415,12 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory_poison_1e-4", "engine_memory"),
         ("engine_memory", "engine_memory_untracked"),
         ("engine_durable", "engine_memory"),
+        // log_writer keeps its own cadence (appends of 4,096 from one thread): it has no ratio to
+        // the baselines, which follow engine_durable's.
         ("engine_durable", "redb_rows"),
         ("engine_durable", "disk_seq_write_fsync"),
         ("engine_durable", "engine_durable_no_checkpoints"),
         ("engine_durable", "engine_durable_no_quick_repair"),
-        ("log_writer", "redb_rows"),
-        ("log_writer", "disk_seq_write_fsync"),
         ("chain_engine", "chain_ceiling_one_thread"),
         ("fanout_3_plus_slow_subscriber", "fanout_3_subscribers"),
         ("chain_engine", "chain_crossbeam_per_event"),
@@ -496,7 +496,7 @@ mod tests {
             let measured = cadence(baseline).expect("the baseline syncs");
             assert!((measured / engine - 1.0).abs() <= 0.1, "{baseline}: {measured} events per sync, engine {engine}");
         }
-        assert_eq!(report.ratios.len(), 13);
+        assert_eq!(report.ratios.len(), 11);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
