@@ -282,10 +282,8 @@ fn poisoned_orders_end_as_malformed_dead_letters_and_the_report_says_so() {
 
 #[test]
 fn dead_letters_are_listed_shown_redriven_and_purged_from_the_command_line() {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("conduit-cli-dlq-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let log = dir.join("orders.redb");
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let log = scratch.path().join("orders.redb");
     let log = log.to_str().expect("utf-8 path");
     let run = conduit(&[
         "run",
@@ -338,5 +336,4 @@ fn dead_letters_are_listed_shown_redriven_and_purged_from_the_command_line() {
     assert!(purge.status.success(), "{}", String::from_utf8_lossy(&purge.stderr));
     assert!(list(&[]).is_empty());
     assert!(conduit(&["log", "verify", log]).status.success());
-    let _ = std::fs::remove_dir_all(&dir);
 }
