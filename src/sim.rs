@@ -60,10 +60,11 @@ struct SimBooks<M> {
     stage: u16,
     /// Events the step sent on, by destination.
     outgoing: Vec<(StageId, Envelope<M>)>,
-    /// Each stage's completion updates not yet applied (as each worker holds its unit's),
-    /// then the simulation's own token source for what it submits; the tracker; and the
-    /// messages the updates applied last finished.
+    /// Each stage's completion updates not yet applied (as each worker holds its unit's); the
+    /// token source for what the simulation submits; the tracker; and the messages the updates
+    /// applied last finished.
     acks: Vec<Acks>,
+    tokens: Acks,
     /// Updates applied to the tracker's words so far.
     #[cfg(test)]
     applied: usize,
@@ -196,7 +197,8 @@ impl<M: Message> Simulation<M> {
             clock: Arc::clone(&clock),
             stage: 0,
             outgoing: Vec::new(),
-            acks: (0..=count as u64).map(|n| Acks::new((n + 1) << 48, true)).collect(),
+            acks: (1..=count as u64).map(|n| Acks::new(n << 48, true)).collect(),
+            tokens: Acks::new((count as u64 + 1) << 48, true),
             #[cfg(test)]
             applied: 0,
             tracker: Tracker::new(None),
@@ -300,7 +302,7 @@ impl<M: Message> Simulation<M> {
             }
         };
         envelope.slot = slot;
-        envelope.token = self.books.acks.last_mut().expect("the simulation's own token source").token();
+        envelope.token = self.books.tokens.token();
         tracker.register(slot, envelope.seq, envelope.token);
     }
 

@@ -201,9 +201,7 @@ impl Heads {
         }
         Ok(())
     }
-}
 
-impl Heads {
     /// Forgets the streams whose last record retention removed (`ended`: each stream's last
     /// version in the removed frames, so a stream is gone when that is its head): nothing of
     /// them is left to read, and keeping their heads would grow the log with every stream ever

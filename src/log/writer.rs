@@ -369,10 +369,11 @@ impl WriterState {
                 if !over_size && !too_old {
                     break;
                 }
+                let mut indexed = Vec::with_capacity(archived.records.len());
                 for record in archived.records.iter() {
                     ended.insert(record.stream.to_native(), record.version.to_native());
+                    indexed.push(bucket_of(record.stream.to_native()));
                 }
-                let indexed: Vec<u64> = archived.records.iter().map(|r| bucket_of(r.stream.to_native())).collect();
                 (stored_bytes(value.value().len()), indexed)
             };
             frames.remove(seq).map_err(storage)?;

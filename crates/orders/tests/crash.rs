@@ -7,6 +7,8 @@
 //!
 //! The child is this test binary itself, started with `CONDUIT_CRASH_CHILD` set.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use conduit::log::{Log, LogOptions};
 use conduit::EngineConfig;
 use conduit_orders::{self as orders, Histories, OrderPipeline, OrderStatus, SimConfig, Workload};
 use rand::{Rng, SeedableRng};
+
+use common::retained_acknowledged;
 
 /// The engine's crash points and the order application's.
 fn all_points() -> Vec<&'static str> {
@@ -45,14 +49,6 @@ fn engine() -> EngineConfig {
 fn child_log_options() -> LogOptions {
     let retention = conduit::log::Retention { max_bytes: Some(4 << 20), max_age: None };
     LogOptions { checkpoint_records: 20_000, retention, ..LogOptions::default() }
-}
-
-/// The lowest order whose placement the log still holds. Orders are placed in id order, so
-/// retention (which removes the oldest frames, none a message in flight needs) has removed every
-/// placement below it and none above: an acknowledged order above it that is not in the log was
-/// lost; one below it was removed, finished, with the frames that held it.
-fn lowest_retained(histories: &Histories) -> u64 {
-    histories.orders.keys().min().copied().unwrap_or(0)
 }
 
 /// The child: recover, then place orders forever, printing `ack <highest id>` after each
@@ -166,11 +162,8 @@ fn spawn_child(test: &str, path: &std::path::Path, crash_at: Option<&str>) -> (s
 fn check_after_crash(path: &std::path::Path, acked_max: u64, context: &str) {
     let log = Log::open(path, LogOptions::default()).expect("reopens after the crash");
     let histories = Histories::read(&log).expect("readable after the crash");
-    let lowest = lowest_retained(&histories);
-    let missing: Vec<u64> = (lowest.max(1)..=acked_max)
-        .filter(|id| !histories.orders.contains_key(id) && !histories.truncated.contains(id))
-        .take(5)
-        .collect();
+    let missing: Vec<u64> =
+        retained_acknowledged(&histories, acked_max).filter(|id| !histories.orders.contains_key(id)).take(5).collect();
     assert!(missing.is_empty(), "{context}: acknowledged orders missing: {missing:?}");
     let report = histories.verify();
     assert_eq!(report.ledger.double_charges, 0, "{context}");
@@ -193,8 +186,7 @@ fn finish_and_check(path: &std::path::Path, acked_max: u64, context: &str) {
     drop(log);
     let reopened = Log::open(path, LogOptions::default()).expect("reopens");
     assert!(reopened.in_flight_at_open().is_empty(), "{context}: the log still lists work in flight after recovery");
-    let lowest = lowest_retained(&histories);
-    for id in (lowest.max(1)..=acked_max).filter(|id| !histories.truncated.contains(id)) {
+    for id in retained_acknowledged(&histories, acked_max) {
         let status = histories.orders.get(&id).map(conduit_orders::OrderHistory::status);
         assert!(
             matches!(status, Some(OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::DeadLettered)),

@@ -47,18 +47,16 @@ fn producers_faster_than_the_pipeline_are_held_back_and_lose_nothing() {
                     continue;
                 }
                 let next = pending.take().unwrap_or_else(|| order(ids.fetch_add(1, Ordering::Relaxed)));
-                {
-                    match pipeline.try_submit(next) {
-                        Ok(_accepted_now) => {
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(TrySubmitError::Full(back)) => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            pending = Some(back);
-                            std::thread::yield_now();
-                        }
-                        Err(other) => panic!("{other:?}"),
+                match pipeline.try_submit(next) {
+                    Ok(_accepted_now) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
                     }
+                    Err(TrySubmitError::Full(back)) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        pending = Some(back);
+                        std::thread::yield_now();
+                    }
+                    Err(other) => panic!("{other:?}"),
                 }
             }
             // An order handed back and never accepted is not the pipeline's: it was refused.

@@ -6,6 +6,8 @@
 //!
 //! `CONDUIT_POWER_CUTS=N` runs N cuts instead of the CI tier's (the long tier, `scripts/torture`).
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use conduit::log::{Log, LogOptions};
@@ -14,6 +16,8 @@ use conduit_orders::{Histories, Order, OrderPipeline, SimConfig, Workload};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redb::StorageBackend;
+
+use common::retained_acknowledged;
 
 /// How the unsynced writes fare when the power goes.
 #[derive(Debug, Clone, Copy)]
@@ -218,14 +222,8 @@ fn one_cut(seed: u64) -> (u64, u64, u64) {
         }
     };
     let histories = Histories::read(&log).unwrap_or_else(|e| panic!("{context}: unreadable after the cut: {e}"));
-    // Orders are placed in id order and retention removes the oldest frames, none a message in
-    // flight needs: an acknowledged order below the lowest one left was removed finished; one
-    // above it that is not in the log was lost.
-    let lowest = histories.orders.keys().min().copied().unwrap_or(1);
-    let missing: Vec<u64> = (lowest..=acked)
-        .filter(|id| !histories.orders.contains_key(id) && !histories.truncated.contains(id))
-        .take(5)
-        .collect();
+    let missing: Vec<u64> =
+        retained_acknowledged(&histories, acked).filter(|id| !histories.orders.contains_key(id)).take(5).collect();
     assert!(missing.is_empty(), "{context}: acknowledged orders lost: {missing:?}");
     let report = histories.verify();
     assert_eq!(report.problem_count, 0, "{context}: {:?}", report.problems);

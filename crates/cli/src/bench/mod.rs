@@ -160,7 +160,7 @@ pub struct SweepPoint {
 pub struct Run {
     /// Wall time.
     pub elapsed: Duration,
-    /// Durable commits (each ends in an fsync).
+    /// Durable commits (see [`CaseResult::events_per_sync`] for their fsyncs).
     pub syncs: Option<u64>,
     /// Disk space the file took at the end.
     pub bytes_written: Option<u64>,
@@ -415,8 +415,8 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory_poison_1e-4", "engine_memory"),
         ("engine_memory", "engine_memory_untracked"),
         ("engine_durable", "engine_memory"),
-        // log_writer keeps its own cadence (appends of 4,096 from one thread): it has no ratio to
-        // the baselines, which follow engine_durable's.
+        // The durable baselines follow engine_durable's cadence; log_writer keeps its own
+        // (appends of 4,096 from one thread), so it has no ratio to them.
         ("engine_durable", "redb_rows"),
         ("engine_durable", "disk_seq_write_fsync"),
         ("engine_durable", "engine_durable_no_checkpoints"),
