@@ -322,7 +322,9 @@ fn redrive(
     format: Format,
 ) -> Result<ExitCode, Failure> {
     let selection = select.selection()?;
-    let (engine, sim) = read_config(config.map(PathBuf::as_path))?.validate().map_err(|e| UsageError(e.to_string()))?;
+    let (engine, mut sim) =
+        read_config(config.map(PathBuf::as_path))?.validate().map_err(|e| UsageError(e.to_string()))?;
+    crate::payment_books(&mut sim, path);
     let log = open(path)?;
     let plan = RedrivePlan { selection, dry_run: select.dry_run, rate_per_sec: rate };
     let report = match orders::redrive(&engine, &sim, &log, &plan) {

@@ -119,6 +119,19 @@ pub(crate) fn write_verify(out: &mut impl Write, path: &str, v: &VerifyReport) -
         l.double_charges,
         if l.balanced { "balanced" } else { "UNBALANCED" }
     )?;
+    if let Some(a) = &v.provider {
+        writeln!(
+            out,
+            "  provider     {} terminal orders on the payment provider's books: net {}  confirmed {}  double charges {}  wrong {}{}  {}",
+            a.orders,
+            a.charged_cents - a.refunded_cents,
+            a.confirmed_total_cents,
+            a.double_charges,
+            a.wrong_count,
+            if a.outside_window > 0 { format!("  ({} outside its window)", a.outside_window) } else { String::new() },
+            if a.ok() { "agree" } else { "DISAGREE" }
+        )?;
+    }
     for problem in &v.problems {
         writeln!(out, "  problem: {problem}")?;
     }
@@ -139,7 +152,8 @@ pub(crate) fn write_recover(out: &mut impl Write, r: &RecoverReport) -> io::Resu
     )?;
     write_report(out, &r.run)?;
     writeln!(out)?;
-    write_verify(out, "the resumed orders, verified after recovery", &r.verify)
+    let verify = VerifyReport { provider: r.provider.clone(), ..r.verify.clone() };
+    write_verify(out, "the resumed orders, verified after recovery", &verify)
 }
 
 pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Result<()> {

@@ -166,7 +166,17 @@ fn compact(path: &PathBuf, retention: Retention, format: Format) -> Result<ExitC
 
 fn verify(path: &PathBuf, format: Format) -> Result<ExitCode, Failure> {
     let log = open(path)?;
-    let report = orders::verify(&log).map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    // The provider's books, when a run of this log kept them: the terminal orders are checked
+    // on them too.
+    let mut sim = orders::SimConfig::default();
+    let books = crate::payment_books(&mut sim, path);
+    let report = if books.exists() {
+        let provider = orders::open_provider(&sim).map_err(|e| Failure::Run(e.to_string()))?.expect("books are set");
+        orders::verify_with_provider(&log, &provider)
+    } else {
+        orders::verify(&log)
+    }
+    .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {

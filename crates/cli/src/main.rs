@@ -3,7 +3,7 @@
 //! Data goes to stdout (`--format human|json`), progress and logs to stderr. Exit codes:
 //! 0 success, 1 the run broke an invariant or failed, 2 bad input (arguments or configuration).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -97,6 +97,20 @@ impl From<UsageError> for Failure {
     fn from(error: UsageError) -> Self {
         Self::Usage(error)
     }
+}
+
+/// Where the simulated payment provider keeps its books for the log at `log`: the configured
+/// `simulation.payment_books`, or `LOG.payments` beside the log. The provider is another
+/// company's system: its books outlive any crash of the pipeline, and `recover`, `log verify`
+/// and `dlq redrive` read them.
+pub(crate) fn payment_books(sim: &mut conduit_orders::SimConfig, log: &Path) -> PathBuf {
+    sim.payment_books
+        .get_or_insert_with(|| {
+            let mut name = log.as_os_str().to_owned();
+            name.push(".payments");
+            PathBuf::from(name)
+        })
+        .clone()
 }
 
 /// Reads a configuration file, or the defaults without one.

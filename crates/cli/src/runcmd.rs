@@ -167,9 +167,10 @@ fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig, ord
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
-    let (engine, sim, routing) = plan(args)?;
+    let (engine, mut sim, routing) = plan(args)?;
     let log = match args.log.plan()? {
         Some((path, options)) => {
+            crate::payment_books(&mut sim, &path);
             let opened = Log::open(&path, options).map_err(|e| match e {
                 conduit::log::LogError::Options(why) => Failure::Usage(UsageError(why)),
                 other => Failure::Run(format!("cannot open the log: {other}")),
@@ -202,7 +203,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let report = match result {
         Ok(report) => report,
         Err(RunError::Build(error)) => return Err(Failure::Usage(UsageError(error.to_string()))),
-        Err(error @ RunError::LogNotEmpty { .. }) => return Err(Failure::Usage(UsageError(error.to_string()))),
+        Err(error @ (RunError::LogNotEmpty { .. } | RunError::BooksNotEmpty { .. })) => {
+            return Err(Failure::Usage(UsageError(error.to_string())))
+        }
         Err(RunError::Poisoned { unsent, report }) => {
             print_report(&report, args.format).map_err(Failure::Run)?;
             return Err(Failure::Run(format!("the engine was poisoned; {unsent} orders were not submitted")));
@@ -251,7 +254,8 @@ fn progress_bar(limit: orders::Limit, quiet: bool) -> Option<indicatif::Progress
 }
 
 pub(crate) fn recover(args: &RecoverArgs) -> Result<ExitCode, Failure> {
-    let (engine, sim) = read_config(args.config.as_deref())?.validate().map_err(|e| UsageError(e.to_string()))?;
+    let (engine, mut sim) = read_config(args.config.as_deref())?.validate().map_err(|e| UsageError(e.to_string()))?;
+    crate::payment_books(&mut sim, &args.path);
     let log = Arc::new(
         Log::open_existing(&args.path, LogOptions::default())
             .map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?,

@@ -66,6 +66,11 @@ pub struct SimConfig {
     /// Longest each simulated service remembers an idempotency key, in seconds (its window by
     /// time). A repeat arriving later is treated as a new request.
     pub idempotency_window_s: u64,
+    /// Where the simulated payment provider keeps its own books (a file it writes before each
+    /// answer, read back when a later run, recovery or redrive starts), so its charges outlive
+    /// any crash of the pipeline. None: its books live in the pipeline's memory, and a
+    /// recovery rebuilds them from the log. `conduit run --log L` uses `L.payments`.
+    pub payment_books: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -94,6 +99,7 @@ impl Default for SimConfig {
             payment_timeout_us: 0,
             idempotency_window_keys: 1 << 20,
             idempotency_window_s: 600,
+            payment_books: None,
         }
     }
 }
@@ -155,6 +161,19 @@ impl SimConfig {
             return Err(out_of_range("idempotency_window_s", self.idempotency_window_s, 1, 7 * 86_400));
         }
         Ok(())
+    }
+
+    /// The payment gateway this world describes, its books in memory (see
+    /// [`SimulatedGateway::with_books`](crate::ports::SimulatedGateway::with_books) for books
+    /// of its own).
+    #[must_use]
+    pub fn payment_gateway(&self) -> crate::ports::SimulatedGateway {
+        crate::ports::SimulatedGateway::new(
+            self.faults(self.payment_failure_rate, self.payment_latency_us),
+            self.payment_decline_rate,
+        )
+        .with_timeouts(self.payment_timeout_rate, Duration::from_micros(self.payment_timeout_us))
+        .with_window(self.idempotency_window())
     }
 
     /// The simulated services' deduplication window.

@@ -7,6 +7,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Order, OrderEvent, Step};
+use super::ports::{Account, SimulatedGateway};
 use super::stages::names;
 use conduit::log::{Aggregate, Log, LogError, Record, KIND_DEAD_LETTER, KIND_PURGED, KIND_REDRIVEN, STAGE_INGRESS};
 
@@ -140,10 +141,35 @@ impl OrderHistory {
         vec![step]
     }
 
-    /// The envelopes that take order `id` to its end from here, by stage name: its resumed steps,
-    /// descending from its last record, with its correlation id.
+    /// [`OrderHistory::resume`], reconciled with the payment provider's books: an order the
+    /// history shows charged and not compensated, whose charge the provider has refunded, was
+    /// dead-lettered and compensated by a run that crashed before its record of that was durable.
+    /// It goes back to payment, where the provider's answer dead-letters it again.
     #[must_use]
-    pub fn resume_envelopes(&self, id: u64) -> Vec<(&'static str, conduit::Envelope<OrderEvent>)> {
+    pub fn resume_reconciled(&self, id: u64, provider: &SimulatedGateway) -> Vec<(&'static str, OrderEvent)> {
+        let refunded = |account: Account| account.generation == self.generation && account.refunded_cents > 0;
+        match self.order {
+            Some(order)
+                if self.charged()
+                    && !self.compensated()
+                    && self.status() == OrderStatus::InFlight
+                    && provider.account(id).is_some_and(refunded) =>
+            {
+                vec![(names::PAYMENT, OrderEvent { order, step: Step::Charge, generation: self.generation })]
+            }
+            _ => self.resume(),
+        }
+    }
+
+    /// The envelopes that take order `id` to its end from here, by stage name: its resumed steps,
+    /// descending from its last record, with its correlation id (reconciled with `provider`'s
+    /// books if given, see [`OrderHistory::resume_reconciled`]).
+    #[must_use]
+    pub fn resume_envelopes(
+        &self,
+        id: u64,
+        provider: Option<&SimulatedGateway>,
+    ) -> Vec<(&'static str, conduit::Envelope<OrderEvent>)> {
         let envelope = |msg| conduit::Envelope {
             key: id,
             seq: self.correlation,
@@ -154,7 +180,11 @@ impl OrderHistory {
             deadline: conduit::Deadline::NEVER,
             msg,
         };
-        self.resume().into_iter().map(|(stage, msg)| (stage, envelope(msg))).collect()
+        let steps = match provider {
+            Some(provider) => self.resume_reconciled(id, provider),
+            None => self.resume(),
+        };
+        steps.into_iter().map(|(stage, msg)| (stage, envelope(msg))).collect()
     }
 
     /// The facts this history must never hold together, or in this order.
@@ -351,6 +381,43 @@ impl Histories {
         Ok(histories)
     }
 
+    /// Checks the provider's books for the terminal orders among `ids` (see [`ProviderAudit`]).
+    pub fn audit(&self, provider: &SimulatedGateway, ids: impl IntoIterator<Item = u64>) -> ProviderAudit {
+        let mut audit = ProviderAudit { double_charges: provider.ledger().double_charges, ..ProviderAudit::default() };
+        for id in ids {
+            let Some(history) = self.orders.get(&id) else { continue };
+            let Some(order) = history.order else { continue };
+            let expected = match history.status() {
+                OrderStatus::InFlight => continue,
+                OrderStatus::Confirmed => order.amount_cents,
+                OrderStatus::Cancelled | OrderStatus::DeadLettered => 0,
+            };
+            audit.orders += 1;
+            audit.confirmed_total_cents += expected;
+            let account = provider.account(id);
+            if account.is_none() && expected > 0 && provider.forgot_any() {
+                audit.outside_window += 1;
+                audit.confirmed_total_cents -= expected;
+                continue;
+            }
+            let account = account.unwrap_or_default();
+            audit.charged_cents += account.charged_cents;
+            audit.refunded_cents += account.refunded_cents;
+            if account.net_cents() != expected || account.double_charges > 0 {
+                audit.wrong_count += 1;
+                if audit.wrong.len() < 10 {
+                    audit.wrong.push(format!(
+                        "order {id} ({:?}) paid {} cents net ({} charges beyond the first), expected {expected}",
+                        history.status(),
+                        account.net_cents(),
+                        account.double_charges
+                    ));
+                }
+            }
+        }
+        audit
+    }
+
     /// Counts by status and the ledger, as the log tells them.
     #[must_use]
     pub fn verify(&self) -> VerifyReport {
@@ -418,6 +485,50 @@ impl Histories {
     }
 }
 
+/// The payment provider's books against the log: what each terminal order paid, net of refunds,
+/// must be its amount if it was confirmed and nothing otherwise, whatever key was used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProviderAudit {
+    /// Terminal orders checked.
+    pub orders: u64,
+    /// Of those, confirmed orders whose charge has left the provider's window (not judged).
+    pub outside_window: u64,
+    /// What the provider charged the checked orders (latest generation, double charges included).
+    pub charged_cents: u64,
+    /// What it refunded them.
+    pub refunded_cents: u64,
+    /// What the confirmed ones among them cost.
+    pub confirmed_total_cents: u64,
+    /// Double charges anywhere in the provider's books (not only the checked orders).
+    pub double_charges: u64,
+    /// Orders whose net payment is not what their outcome says.
+    pub wrong_count: u64,
+    /// The first of them, described.
+    pub wrong: Vec<String>,
+}
+
+impl ProviderAudit {
+    /// No double charge and every checked order paid what its outcome says.
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        self.double_charges == 0 && self.wrong_count == 0
+    }
+
+    /// The audit as a run report's ledger (`replays` and `timeouts` from the run).
+    #[must_use]
+    pub fn ledger(&self, idempotent_replays: u64, timeouts: u64) -> crate::LedgerReport {
+        crate::LedgerReport {
+            charged_cents: self.charged_cents,
+            refunded_cents: self.refunded_cents,
+            confirmed_total_cents: self.confirmed_total_cents,
+            double_charges: self.double_charges,
+            idempotent_replays,
+            timeouts,
+            balanced: self.ok(),
+        }
+    }
+}
+
 /// The ledger as the log tells it, over terminal orders.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct VerifiedLedger {
@@ -462,6 +573,8 @@ pub struct VerifyReport {
     pub problem_count: u64,
     /// The first problems found, described.
     pub problems: Vec<String>,
+    /// The terminal orders against the payment provider's own books, when they were read.
+    pub provider: Option<ProviderAudit>,
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod books;
 mod config;
 mod domain;
 pub mod fuzz;
@@ -39,11 +40,14 @@ mod wiring;
 
 pub use config::{keys, OrderRouting, PipelineFile, SimConfig, TopologyFile};
 pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
-pub use history::{Histories, OrderHistory, OrderStatus, VerifiedLedger, VerifyReport};
+pub use history::{Histories, OrderHistory, OrderStatus, ProviderAudit, VerifiedLedger, VerifyReport};
 pub use pipeline::OrderPipeline;
 pub use redrive::{redrive, RedriveItem, RedrivePlan, RedriveReport};
 pub use report::{DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, RunReport, StockReport};
-pub use run::{recover, run, run_routed, run_until, verify, Limit, RecoverReport, RunError};
+pub use run::{
+    open_provider, recover, recover_with_provider, run, run_routed, run_until, verify, verify_with_provider, Limit,
+    RecoverReport, RunError,
+};
 pub use simulate::{simulate, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::domain::{Order, OrderCodec, OrderEvent};
 use super::history::{Histories, OrderHistory, OrderStatus};
-use super::ports::{Channel, FraudVerdict};
+use super::ports::{Channel, FraudVerdict, LedgerFigures, SimulatedGateway};
 use super::report::RetryReport;
 use super::stages::{OrderDeadLetters, OutcomeFigures, Outcomes};
 use super::wiring::{build, Breakers, Built, Ports};
@@ -33,6 +33,9 @@ pub struct OrderPipeline {
     dead_letters: Arc<OrderDeadLetters>,
     sim: SimConfig,
     started: Instant,
+    /// The provider's figures when the pipeline started (zero for a gateway of its own): the
+    /// report shows what this run added to them.
+    ledger_before: LedgerFigures,
 }
 
 impl std::fmt::Debug for OrderPipeline {
@@ -67,25 +70,41 @@ impl OrderPipeline {
         log: Option<Arc<Log>>,
         restore: Option<&Histories>,
     ) -> Result<Self, BuildError> {
-        Self::launch(config, sim, routing, log, restore, true)
+        Self::launch(config, sim, routing, log, restore, None, true)
     }
 
-    /// In memory, without the engine's completion tracking: for measuring what tracking costs.
-    pub fn start_untracked(config: &EngineConfig, sim: &SimConfig) -> Result<Self, BuildError> {
-        Self::launch(config, sim, &OrderRouting::default(), None, None, false)
-    }
-
-    fn launch(
+    /// [`OrderPipeline::start_routed`] calling `provider` for payments: a provider that outlives
+    /// this pipeline, whose books are its own (see [`SimulatedGateway::with_books`]), so nothing
+    /// of it is rebuilt from the log. The report's ledger shows what this run added to its books.
+    pub fn start_with_provider(
         config: &EngineConfig,
         sim: &SimConfig,
         routing: &OrderRouting,
         log: Option<Arc<Log>>,
         restore: Option<&Histories>,
+        provider: Arc<SimulatedGateway>,
+    ) -> Result<Self, BuildError> {
+        Self::launch(config, sim, routing, log, restore, Some(provider), true)
+    }
+
+    /// In memory, without the engine's completion tracking: for measuring what tracking costs.
+    pub fn start_untracked(config: &EngineConfig, sim: &SimConfig) -> Result<Self, BuildError> {
+        Self::launch(config, sim, &OrderRouting::default(), None, None, None, false)
+    }
+
+    pub(crate) fn launch(
+        config: &EngineConfig,
+        sim: &SimConfig,
+        routing: &OrderRouting,
+        log: Option<Arc<Log>>,
+        restore: Option<&Histories>,
+        provider: Option<Arc<SimulatedGateway>>,
         track_completion: bool,
     ) -> Result<Self, BuildError> {
         conduit::crashpoint::register(&crate::CRASH_POINTS);
+        let ledger_before = provider.as_ref().map(|p| p.ledger()).unwrap_or_default();
         let Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server } =
-            build(config, sim, routing)?;
+            build(config, sim, routing, provider)?;
         let submitted_before = restore.map_or(0, |histories| restore_ports(histories, &ports, &outcomes));
         let mut builder = Engine::builder(topology)
             .config(config)
@@ -108,6 +127,7 @@ impl OrderPipeline {
             dead_letters,
             sim: sim.clone(),
             started: Instant::now(),
+            ledger_before,
         })
     }
 
@@ -128,7 +148,7 @@ impl OrderPipeline {
     ) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
         let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
         for (id, history) in histories {
-            for (stage, envelope) in history.resume_envelopes(id) {
+            for (stage, envelope) in history.resume_envelopes(id, Some(&self.ports.gateway)) {
                 by_stage.entry(stage).or_default().push(envelope);
             }
         }
@@ -192,7 +212,7 @@ impl OrderPipeline {
             other_records: 0,
         });
         let per_sec = |n: u64| if elapsed_s > 0.0 { n as f64 / elapsed_s } else { 0.0 };
-        let ledger = self.ports.gateway.ledger();
+        let ledger = self.ports.gateway.ledger().since(&self.ledger_before);
         let dead_letter_count = self.dead_letters.letters.lock().len() as u64;
         let notifications = self.ports.notifier.figures();
         RunReport {
@@ -262,11 +282,13 @@ pub(crate) fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Out
         let Some(order) = history.order else { continue };
         placed += 1;
         let generation = history.generation;
-        ports.gateway.restore_refunded_charges(&order, history.past_charges);
-        ports.inventory.restore_released_reservations(&order, history.past_reservations);
-        if history.charged() {
-            ports.gateway.restore_charge(&order, generation, history.compensated());
+        if !ports.external_gateway {
+            ports.gateway.restore_refunded_charges(&order, history.past_charges);
+            if history.charged() {
+                ports.gateway.restore_charge(&order, generation, history.compensated());
+            }
         }
+        ports.inventory.restore_released_reservations(&order, history.past_reservations);
         if history.reserved() {
             ports.inventory.restore_reservation(&order, generation, history.compensated());
         }

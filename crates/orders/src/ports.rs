@@ -5,12 +5,17 @@
 //! schedule. Every effect is keyed by an [`IdempotencyKey`]: a repeated request returns the
 //! first result and never repeats the effect.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use conduit::dedup::{DedupWindow, WindowLimits};
 use serde::Serialize;
 
+pub use super::books::BooksError;
+use super::books::{BooksFile, Entry};
 use super::domain::{Effect, IdempotencyKey, Order};
 use conduit::Reason;
 
@@ -62,6 +67,10 @@ pub enum PaymentError {
     /// idempotency key, which settles it either way.
     #[error("payment timed out: {0}")]
     Timeout(Reason),
+    /// The key's charge was made and has been refunded: the order was compensated (perhaps by a
+    /// run that crashed before it recorded so). Not worth retrying; the order is over.
+    #[error("payment already refunded: {0}")]
+    Refunded(Reason),
 }
 
 /// Charges and refunds, each keyed for idempotency.
@@ -72,11 +81,34 @@ pub trait PaymentGateway: Send + Sync {
     fn refund(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), PaymentError>;
 }
 
+/// An order's latest charge in the provider's books.
 #[derive(Debug, Clone, Copy)]
 struct ChargeRecord {
     key: IdempotencyKey,
     amount_cents: u64,
     refunded: bool,
+    /// Charges under other keys while this one was live: each one a double charge.
+    extra_charges: u32,
+}
+
+/// What the provider's books say one order paid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Account {
+    /// Charged for the order's latest generation, double charges included.
+    pub charged_cents: u64,
+    /// Refunded of that.
+    pub refunded_cents: u64,
+    /// Charges beyond the first while it was live.
+    pub double_charges: u32,
+    /// The redrive generation of the latest charge.
+    pub generation: u32,
+}
+
+impl Account {
+    /// What the customer is out of pocket for this order.
+    pub fn net_cents(&self) -> u64 {
+        self.charged_cents.saturating_sub(self.refunded_cents)
+    }
 }
 
 /// The gateway's books, for the ledger invariant `charged - refunded = confirmed total`.
@@ -94,6 +126,20 @@ pub struct LedgerFigures {
     pub timeouts: u64,
 }
 
+impl LedgerFigures {
+    /// What was added to the books since `before`.
+    #[must_use]
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            charged_cents: self.charged_cents - before.charged_cents,
+            refunded_cents: self.refunded_cents - before.refunded_cents,
+            double_charges: self.double_charges - before.double_charges,
+            idempotent_replays: self.idempotent_replays - before.idempotent_replays,
+            timeouts: self.timeouts - before.timeouts,
+        }
+    }
+}
+
 /// A simulated gateway keeping a ledger by order and idempotency key.
 ///
 /// A failing call fails before the charge or, half the time, after it (a timeout that hides a
@@ -107,10 +153,13 @@ pub struct SimulatedGateway {
     timeouts: AtomicU64,
     /// Each order's latest charge, for as long as the idempotency window holds it.
     ledger: DedupWindow<u64, ChargeRecord>,
+    window: WindowLimits,
     charged_cents: AtomicU64,
     refunded_cents: AtomicU64,
     double_charges: AtomicU64,
     replays: AtomicU64,
+    /// The provider's own books on disk, when it keeps them (see [`SimulatedGateway::with_books`]).
+    books: Option<Mutex<BooksFile>>,
 }
 
 const SALT_CHARGE: u64 = 1;
@@ -174,11 +223,76 @@ impl SimulatedGateway {
             timeout: Duration::ZERO,
             timeouts: AtomicU64::new(0),
             ledger: DedupWindow::new(WindowLimits::default()),
+            window: WindowLimits::default(),
             charged_cents: AtomicU64::new(0),
             refunded_cents: AtomicU64::new(0),
             double_charges: AtomicU64::new(0),
             replays: AtomicU64::new(0),
+            books: None,
         }
+    }
+
+    /// Keeps the provider's books in a file of its own at `path` (created if missing), written
+    /// before each answer, so they outlive any crash of the pipeline that calls it; a file left
+    /// by an earlier run is read back, its charges and refunds into the idempotency window and
+    /// its totals into the figures. Call after [`SimulatedGateway::with_window`]: the books keep
+    /// about as many entries as the window keeps keys (two segments of `max_keys` each).
+    pub fn with_books(mut self, path: &Path) -> Result<Self, BooksError> {
+        let segment = self.window.max_keys as u64;
+        let books = BooksFile::open(path, segment, |entry| {
+            let order = match entry {
+                Entry::Charge { order, .. } | Entry::DoubleCharge { order, .. } | Entry::Refund { order, .. } => order,
+                Entry::Totals { .. } => return,
+            };
+            self.ledger.update(order, |held| ((), book(entry, held)));
+        })?;
+        let totals = books.totals();
+        self.charged_cents = AtomicU64::new(totals.charged_cents);
+        self.refunded_cents = AtomicU64::new(totals.refunded_cents);
+        self.double_charges = AtomicU64::new(totals.double_charges);
+        self.books = Some(Mutex::new(books));
+        Ok(self)
+    }
+
+    /// Whether the idempotency window has let any order's charge go (so a missing account may
+    /// be an old one rather than one never made).
+    pub fn forgot_any(&self) -> bool {
+        self.ledger.expired() > 0
+    }
+
+    /// What the books say `order` paid, if the idempotency window still holds its charge.
+    pub fn account(&self, order: u64) -> Option<Account> {
+        self.ledger.update(order, |held| {
+            let account = held.map(|r| Account {
+                charged_cents: r.amount_cents * (1 + u64::from(r.extra_charges)),
+                refunded_cents: if r.refunded { r.amount_cents } else { 0 },
+                double_charges: r.extra_charges,
+                generation: r.key.generation,
+            });
+            (account, None)
+        })
+    }
+
+    /// Writes `entry` to the books (if the provider keeps them on disk) and applies it to
+    /// `held` and the figures; `Err` (nothing applied) if the books cannot be written.
+    fn settle(&self, entry: Entry, held: Option<&mut ChargeRecord>) -> Result<Option<ChargeRecord>, PaymentError> {
+        if let Some(books) = &self.books {
+            books.lock().append(entry).map_err(|e| PaymentError::Transient(e.to_string().into()))?;
+        }
+        match entry {
+            Entry::Charge { amount_cents, .. } => {
+                self.charged_cents.fetch_add(amount_cents, Ordering::Relaxed);
+            }
+            Entry::DoubleCharge { amount_cents, .. } => {
+                self.double_charges.fetch_add(1, Ordering::Relaxed);
+                self.charged_cents.fetch_add(amount_cents, Ordering::Relaxed);
+            }
+            Entry::Refund { amount_cents, .. } => {
+                self.refunded_cents.fetch_add(amount_cents, Ordering::Relaxed);
+            }
+            Entry::Totals { .. } => {}
+        }
+        Ok(book(entry, held))
     }
 
     /// Makes about `rate` of the charge calls time out after `wait` (the charge made half the
@@ -194,6 +308,7 @@ impl SimulatedGateway {
     #[must_use]
     pub fn with_window(mut self, limits: WindowLimits) -> Self {
         self.ledger = DedupWindow::new(limits);
+        self.window = limits;
         self
     }
 
@@ -222,6 +337,7 @@ impl SimulatedGateway {
             key: IdempotencyKey { order: order.id, effect: Effect::Charge, generation },
             amount_cents: order.amount_cents,
             refunded,
+            extra_charges: 0,
         };
         self.ledger.update(order.id, |_| ((), Some(record)));
         self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
@@ -255,30 +371,33 @@ impl PaymentGateway for SimulatedGateway {
                 PaymentError::Transient("gateway unavailable".into())
             });
         }
-        let charge = ChargeRecord { key, amount_cents: order.amount_cents, refunded: false };
-        self.ledger.update(order.id, |held| match held {
-            Some(record) if record.key == key => {
-                self.replays.fetch_add(1, Ordering::Relaxed);
-                (Ok(()), None)
-            }
-            // A later generation of a refunded order: the redrive charges anew.
-            Some(record) if record.refunded && record.key.generation < key.generation => {
-                self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
-                (Ok(()), Some(charge))
-            }
-            Some(_) => {
-                // Another key for the same order: a real gateway charges again. Counted, so
-                // the ledger audit catches a pipeline that derives keys wrongly.
-                self.double_charges.fetch_add(1, Ordering::Relaxed);
-                self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
-                (Ok(()), None)
-            }
-            None => {
-                if self.decline_rate > 0.0 && chance(seed, order.id, 0, SALT_DECLINE) < self.decline_rate {
-                    return (Err(PaymentError::Declined("card declined".into())), None);
+        let (generation, amount_cents) = (key.generation, order.amount_cents);
+        self.ledger.update(order.id, |held| {
+            let entry = match held.as_deref() {
+                Some(record) if record.key == key => {
+                    self.replays.fetch_add(1, Ordering::Relaxed);
+                    if record.refunded {
+                        return (Err(PaymentError::Refunded("the order's charge was refunded".into())), None);
+                    }
+                    return (Ok(()), None);
                 }
-                self.charged_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
-                (Ok(()), Some(charge))
+                // A later generation of a refunded order: the redrive charges anew.
+                Some(record) if record.refunded && record.key.generation < key.generation => {
+                    Entry::Charge { order: order.id, generation, amount_cents }
+                }
+                // Another key for the same order: a real gateway charges again. Counted, so the
+                // audit of the books catches a pipeline that derives keys wrongly.
+                Some(_) => Entry::DoubleCharge { order: order.id, generation, amount_cents },
+                None => {
+                    if self.decline_rate > 0.0 && chance(seed, order.id, 0, SALT_DECLINE) < self.decline_rate {
+                        return (Err(PaymentError::Declined("card declined".into())), None);
+                    }
+                    Entry::Charge { order: order.id, generation, amount_cents }
+                }
+            };
+            match self.settle(entry, held) {
+                Ok(write) => (Ok(()), write),
+                Err(error) => (Err(error), None),
             }
         })?;
         if fails_after_charging {
@@ -294,21 +413,47 @@ impl PaymentGateway for SimulatedGateway {
     fn refund(&self, key: IdempotencyKey, order: &Order, _attempt: u32) -> Result<(), PaymentError> {
         debug_assert_eq!(key.effect, Effect::Refund);
         pause(self.faults.latency);
-        self.ledger.update(order.id, |held| {
-            match held {
-                // Only the charge of the refund's own generation: an older one is refunded already.
-                Some(record) if !record.refunded && record.key.generation == key.generation => {
-                    record.refunded = true;
-                    self.refunded_cents.fetch_add(record.amount_cents, Ordering::Relaxed);
+        self.ledger.update(order.id, |held| match held {
+            // Only the charge of the refund's own generation: an older one is refunded already.
+            Some(record) if !record.refunded && record.key.generation == key.generation => {
+                let entry =
+                    Entry::Refund { order: order.id, generation: key.generation, amount_cents: record.amount_cents };
+                match self.settle(entry, Some(record)) {
+                    Ok(_) => (Ok(()), None),
+                    Err(error) => (Err(error), None),
                 }
-                Some(_) => {
-                    self.replays.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {} // Never charged (or charged before the window): nothing to refund.
             }
-            ((), None)
-        });
-        Ok(())
+            Some(_) => {
+                self.replays.fetch_add(1, Ordering::Relaxed);
+                (Ok(()), None)
+            }
+            None => (Ok(()), None), // Never charged (or charged before the window): nothing to refund.
+        })
+    }
+}
+
+/// Applies one fact of the books to the order's record; returns a record to store in its place.
+fn book(entry: Entry, held: Option<&mut ChargeRecord>) -> Option<ChargeRecord> {
+    let fresh = |order, generation, amount_cents| ChargeRecord {
+        key: IdempotencyKey { order, effect: Effect::Charge, generation },
+        amount_cents,
+        refunded: false,
+        extra_charges: 0,
+    };
+    match (entry, held) {
+        (Entry::Charge { order, generation, amount_cents }, _) => Some(fresh(order, generation, amount_cents)),
+        (Entry::DoubleCharge { .. }, Some(record)) => {
+            record.extra_charges += 1;
+            None
+        }
+        (Entry::DoubleCharge { order, generation, amount_cents }, None) => {
+            Some(ChargeRecord { extra_charges: 1, ..fresh(order, generation, amount_cents) })
+        }
+        (Entry::Refund { generation, .. }, Some(record)) if record.key.generation == generation => {
+            record.refunded = true;
+            None
+        }
+        (Entry::Refund { .. } | Entry::Totals { .. }, _) => None,
     }
 }
 
@@ -679,6 +824,46 @@ mod tests {
         }
         assert!(charged_while_failing, "half the failures happen after the charge");
         assert_eq!(gateway.ledger().charged_cents, 500, "but only once");
+    }
+
+    #[test]
+    fn books_on_disk_remember_every_charge_across_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("payments");
+        let open = || SimulatedGateway::new(Faults::default(), 0.0).with_books(&path).expect("books open");
+        let key = |order, effect, generation| IdempotencyKey { order, effect, generation };
+        let gateway = open();
+        gateway.charge(key(1, Effect::Charge, 0), &order(1), 0).expect("charges");
+        gateway.charge(key(2, Effect::Charge, 0), &order(2), 0).expect("charges");
+        gateway.refund(key(2, Effect::Refund, 0), &order(2), 0).expect("refunds");
+        drop(gateway);
+
+        // The pipeline that called it is gone; the provider's books are not.
+        let gateway = open();
+        assert_eq!((gateway.ledger().charged_cents, gateway.ledger().refunded_cents), (1000, 500));
+        gateway.charge(key(1, Effect::Charge, 0), &order(1), 1).expect("the same key replays");
+        assert_eq!(gateway.ledger().double_charges, 0);
+        gateway.charge(key(1, Effect::Charge, 7), &order(1), 0).expect("another key charges again");
+        drop(gateway);
+
+        let gateway = open();
+        let ledger = gateway.ledger();
+        assert_eq!((ledger.charged_cents, ledger.double_charges), (1500, 1));
+        let account = gateway.account(1).expect("in the window");
+        assert_eq!((account.net_cents(), account.double_charges), (1000, 1));
+        assert_eq!(gateway.account(2).map(|a| a.net_cents()), Some(0));
+        assert_eq!(gateway.account(3), None);
+    }
+
+    #[test]
+    fn a_refunded_charge_is_not_replayed_as_paid() {
+        let gateway = SimulatedGateway::new(Faults::default(), 0.0);
+        let key = IdempotencyKey::new(1, Effect::Charge);
+        gateway.charge(key, &order(1), 0).expect("charges");
+        gateway.refund(IdempotencyKey::new(1, Effect::Refund), &order(1), 0).expect("refunds");
+        // A restarted pipeline that lost the record of the refund asks again with the same key.
+        assert!(matches!(gateway.charge(key, &order(1), 0), Err(PaymentError::Refunded(_))));
+        assert_eq!(gateway.account(1).map(|a| a.net_cents()), Some(0));
     }
 
     #[test]

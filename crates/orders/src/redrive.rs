@@ -141,7 +141,16 @@ pub fn redrive(
     if plan.dry_run {
         return Ok(report);
     }
-    let pipeline = OrderPipeline::start_with(config, sim, Some(Arc::clone(log)), Some(&histories))?;
+    let provider = crate::open_provider(sim)?;
+    let pipeline = OrderPipeline::launch(
+        config,
+        sim,
+        &crate::OrderRouting::default(),
+        Some(Arc::clone(log)),
+        Some(&histories),
+        provider.clone(),
+        true,
+    )?;
     let poisoned = |error: conduit::SubmitError<Vec<OrderEvent>>, pipeline: OrderPipeline| RunError::Poisoned {
         unsent: error.into_inner().len(),
         report: Box::new(pipeline.finish()),
@@ -185,7 +194,18 @@ pub fn redrive(
     if let Some(log) = &mut run.log {
         log.other_records = targets.len() as u64;
     }
+    let verify = match &provider {
+        // The provider's books hold every earlier charge: the log's orders are judged on them.
+        Some(provider) => {
+            let verify = crate::verify_with_provider(log, provider)?;
+            if let Some(audit) = &verify.provider {
+                run.ledger = audit.ledger(run.ledger.idempotent_replays, run.ledger.timeouts);
+            }
+            verify
+        }
+        None => Histories::read(log)?.verify(),
+    };
     report.run = Some(run);
-    report.verify = Some(Histories::read(log)?.verify());
+    report.verify = Some(verify);
     Ok(report)
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::domain::Workload;
-use super::history::{Histories, VerifyReport};
+use super::history::{Histories, ProviderAudit, VerifyReport};
+use super::ports::{BooksError, LedgerFigures, SimulatedGateway};
 use crate::{OrderPipeline, OrderRouting, RunReport, SimConfig};
 use conduit::log::{Log, LogError};
 use conduit::{BuildError, EngineConfig};
@@ -65,7 +66,13 @@ pub fn run_until(
             return Err(RunError::LogNotEmpty { path: log.path().display().to_string(), records: held });
         }
     }
-    let pipeline = OrderPipeline::start_routed(config, sim, routing, log, None)?;
+    let provider = open_provider(sim)?;
+    if let (Some(provider), Some(path)) = (&provider, &sim.payment_books) {
+        if provider.ledger() != LedgerFigures::default() {
+            return Err(RunError::BooksNotEmpty { path: path.display().to_string() });
+        }
+    }
+    let pipeline = OrderPipeline::launch(config, sim, routing, log, None, provider, true)?;
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers).poisoned(sim.poison_rate);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;
@@ -109,6 +116,32 @@ pub struct RecoverReport {
     pub run: RunReport,
     /// Those orders' histories verified after recovery.
     pub verify: VerifyReport,
+    /// Those orders on the payment provider's own books, when it keeps them
+    /// ([`SimConfig::payment_books`]).
+    pub provider: Option<ProviderAudit>,
+}
+
+/// The payment provider `sim` describes when it keeps its own books; None when it keeps them in
+/// the pipeline's memory.
+pub fn open_provider(sim: &SimConfig) -> Result<Option<Arc<SimulatedGateway>>, BooksError> {
+    let Some(path) = &sim.payment_books else { return Ok(None) };
+    Ok(Some(Arc::new(sim.payment_gateway().with_books(path)?)))
+}
+
+/// [`verify`], and the terminal orders of the log against the provider's books.
+pub fn verify_with_provider(log: &Log, provider: &SimulatedGateway) -> Result<VerifyReport, LogError> {
+    let histories = Histories::read(log)?;
+    let mut report = histories.verify();
+    let audit = histories.audit(provider, histories.orders.keys().copied());
+    if !audit.ok() {
+        report.problems.push(format!(
+            "the payment provider's books disagree: {} double charges, {} orders paid the wrong amount: {:?}",
+            audit.double_charges, audit.wrong_count, audit.wrong
+        ));
+        report.ok = false;
+    }
+    report.provider = Some(audit);
+    Ok(report)
 }
 
 /// Resumes what a crashed run left in flight, reading only that: the log's last checkpoint and
@@ -118,6 +151,18 @@ pub struct RecoverReport {
 /// already happened a no-op, so no order is charged twice. Cost: the work in flight, not the
 /// history (`conduit log verify` reads everything).
 pub fn recover(config: &EngineConfig, sim: &SimConfig, log: &Arc<Log>) -> Result<RecoverReport, RunError> {
+    recover_with_provider(config, sim, log, open_provider(sim)?)
+}
+
+/// [`recover`] calling `provider` for payments: a provider that outlived the crash with its
+/// books (None: a gateway whose books are rebuilt from the log). The recovered orders are judged
+/// on its books.
+pub fn recover_with_provider(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    log: &Arc<Log>,
+    provider: Option<Arc<SimulatedGateway>>,
+) -> Result<RecoverReport, RunError> {
     let mut ids: Vec<u64> = log.in_flight_at_open().iter().map(|m| m.stream).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -133,7 +178,15 @@ pub fn recover(config: &EngineConfig, sim: &SimConfig, log: &Arc<Log>) -> Result
     if !finished.is_empty() {
         log.append(vec![conduit::log::completion_record(&finished)])?.wait()?;
     }
-    let pipeline = OrderPipeline::start_with(config, sim, Some(Arc::clone(log)), Some(&histories))?;
+    let pipeline = OrderPipeline::launch(
+        config,
+        sim,
+        &OrderRouting::default(),
+        Some(Arc::clone(log)),
+        Some(&histories),
+        provider.clone(),
+        true,
+    )?;
     let resumed = match pipeline.resume(&histories) {
         Ok(resumed) => resumed,
         Err(error) => {
@@ -141,14 +194,22 @@ pub fn recover(config: &EngineConfig, sim: &SimConfig, log: &Arc<Log>) -> Result
             return Err(RunError::Poisoned { unsent, report: Box::new(pipeline.finish()) });
         }
     };
-    let run = pipeline.finish();
-    let verify = Histories::read_orders(log, &ids)?.verify();
+    let mut run = pipeline.finish();
+    let after = Histories::read_orders(log, &ids)?;
+    let verify = after.verify();
+    // The provider's books hold charges made before the crash: the recovered orders are judged
+    // one by one on its books, not by what this run added to them.
+    let provider = provider.map(|provider| after.audit(&provider, ids.iter().copied()));
+    if let Some(audit) = &provider {
+        run.ledger = audit.ledger(run.ledger.idempotent_replays, run.ledger.timeouts);
+    }
     Ok(RecoverReport {
         orders_found: log.opened_with().streams,
         orders_in_flight: ids.len() as u64,
         resumed,
         run,
         verify,
+        provider,
     })
 }
 
@@ -175,6 +236,16 @@ pub enum RunError {
         path: String,
         /// Records in it.
         records: u64,
+    },
+    /// The payment provider's books could not be opened.
+    #[error(transparent)]
+    Books(#[from] BooksError),
+    /// `run` with a new log refuses provider books that already hold charges: the new run's
+    /// order ids would meet an earlier run's.
+    #[error("{path} holds the payment provider's books of an earlier run; remove it, or use another log path")]
+    BooksNotEmpty {
+        /// The books.
+        path: String,
     },
     /// A worker died mid-run; the report shows what was done.
     #[error("the engine was poisoned with {unsent} orders not submitted: {}", report.poisoned.as_deref().unwrap_or("unknown cause"))]

@@ -1,10 +1,12 @@
 //! The order pipeline under deterministic simulation ([`conduit::sim`]): one seed chooses the
 //! simulated world (failure, timeout, decline and poison rates, scarce stock, retry settings),
 //! the interleaving of every event, and when the process "crashes". A crash loses whatever the
-//! journal had not made durable and every in-memory queue and port; the restart rebuilds the
-//! ports and outcomes from the durable journal and resumes every order in flight, as `recover`
-//! does with a real log. Invariants are checked after every step, and at the end every
-//! acknowledged order must have finished exactly once with the books balanced.
+//! journal had not made durable and every in-memory queue and port of the shop; the restart
+//! rebuilds its ports and outcomes from the durable journal and resumes every order in flight, as
+//! `recover` does with a real log. The payment provider is not the shop's: it outlives every
+//! crash with all its books, and the checks of money read them. Invariants are checked after
+//! every step, and at the end every acknowledged order must have finished exactly once, paid
+//! what its outcome says on the provider's books, with the books balanced.
 
 use std::sync::Arc;
 
@@ -15,6 +17,7 @@ use serde::Serialize;
 use super::domain::{OrderCodec, OrderEvent, Workload};
 use super::history::{Histories, OrderHistory};
 use super::pipeline::restore_ports;
+use super::ports::SimulatedGateway;
 use super::stages::{OrderDeadLetters, Outcomes};
 use super::wiring::{build, Built, Ports};
 use crate::{OrderRouting, SimConfig};
@@ -53,9 +56,15 @@ struct Incarnation {
     dead_letters: Arc<OrderDeadLetters>,
 }
 
-fn start(config: &EngineConfig, world: &SimConfig, durable: &[Record], seed: u64) -> Result<Incarnation, String> {
+fn start(
+    config: &EngineConfig,
+    world: &SimConfig,
+    provider: &Arc<SimulatedGateway>,
+    durable: &[Record],
+    seed: u64,
+) -> Result<Incarnation, String> {
     let Built { topology, ports, outcomes, dead_letters, .. } =
-        build(config, world, &OrderRouting::default()).map_err(|e| e.to_string())?;
+        build(config, world, &OrderRouting::default(), Some(Arc::clone(provider))).map_err(|e| e.to_string())?;
     let histories = Histories::from_records(durable);
     restore_ports(&histories, &ports, &outcomes);
     let mut sim = Simulation::new(topology, config, dead_letters.clone(), Arc::new(OrderCodec), durable, seed)
@@ -63,7 +72,7 @@ fn start(config: &EngineConfig, world: &SimConfig, durable: &[Record], seed: u64
     let mut ids: Vec<&u64> = histories.orders.keys().collect();
     ids.sort_unstable();
     for id in ids {
-        for (stage, envelope) in histories.orders[id].resume_envelopes(*id) {
+        for (stage, envelope) in histories.orders[id].resume_envelopes(*id, Some(provider)) {
             let stage = sim.stage_id(stage).ok_or("a resumed stage exists")?;
             sim.inject(stage, envelope);
         }
@@ -96,6 +105,31 @@ fn world(seed: u64, rng: &mut SmallRng) -> Result<(SimConfig, EngineConfig), Str
     Ok((world, config))
 }
 
+/// The money at the end: every acknowledged order paid what its outcome says on the provider's
+/// books, the books balance against the confirmed orders, every dead letter was compensated.
+fn check_money(
+    provider: &SimulatedGateway,
+    histories: &Histories,
+    acked: &[u64],
+    now: &Incarnation,
+) -> Result<(), String> {
+    let audit = histories.audit(provider, acked.iter().copied());
+    if !audit.ok() || audit.orders != acked.len() as u64 {
+        return Err(format!("the provider's books disagree with the journal: {audit:?}"));
+    }
+    let ledger = provider.ledger();
+    let outcomes = now.outcomes.figures();
+    if ledger.double_charges != 0
+        || ledger.charged_cents.checked_sub(ledger.refunded_cents) != Some(outcomes.confirmed_total_cents)
+    {
+        return Err(format!("the books do not balance: {ledger:?} against {outcomes:?}"));
+    }
+    if now.dead_letters.compensation_failures.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        return Err("a dead-lettered order could not be compensated".into());
+    }
+    Ok(())
+}
+
 /// Runs one seeded simulation of `actions` actions (submissions, commits, crashes, steps) and
 /// drains it. `Err` describes the first broken invariant, with the seed and step.
 pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
@@ -105,7 +139,10 @@ pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
 
     let mut workload = Workload::new(seed, world.skus, 50).poisoned(world.poison_rate);
     let mut durable: Vec<Record> = Vec::new();
-    let mut now = start(&config, &world, &durable, rng.random())?;
+    // The payment provider is another company's system: a crash of the pipeline loses none of
+    // its books, so every check of money reads them, not the pipeline's journal.
+    let provider = Arc::new(world.payment_gateway());
+    let mut now = start(&config, &world, &provider, &durable, rng.random())?;
     let mut report = SimulationReport { seed, ..SimulationReport::default() };
     let (mut acked, mut pending): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
     let mut folded = Histories::default();
@@ -133,7 +170,7 @@ pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
                 report.steps += now.sim.steps();
                 report.lost_unacknowledged += pending.len() as u64;
                 pending.clear();
-                now = start(&config, &world, &durable, rng.random())?;
+                now = start(&config, &world, &provider, &durable, rng.random())?;
                 folded = Histories::default();
                 checked = 0;
             }
@@ -185,15 +222,8 @@ pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
             return fail(report.steps, format!("acknowledged order {id} never finished"));
         }
     }
-    let ledger = now.built_ports.gateway.ledger();
-    let outcomes = now.outcomes.figures();
-    if ledger.double_charges != 0
-        || ledger.charged_cents.checked_sub(ledger.refunded_cents) != Some(outcomes.confirmed_total_cents)
-    {
-        return fail(report.steps, format!("the books do not balance: {ledger:?} against {outcomes:?}"));
-    }
-    if now.dead_letters.compensation_failures.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-        return fail(report.steps, "a dead-lettered order could not be compensated".into());
+    if let Err(what) = check_money(&provider, &histories, &acked, &now) {
+        return fail(report.steps, what);
     }
     report.acknowledged = acked.len() as u64;
     report.confirmed = verify.confirmed;

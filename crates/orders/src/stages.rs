@@ -201,6 +201,10 @@ impl Handler<OrderEvent> for PaymentStage {
             Err(error @ (PaymentError::Transient(_) | PaymentError::Timeout(_))) => {
                 return Outcome::Retry(error.to_string().into())
             }
+            // A run that crashed dead-lettered the order and compensated it, and its record of
+            // the dead letter never became durable: the provider's books say the order is over.
+            // It is dead-lettered again (its compensations replay as no-ops).
+            Err(error @ PaymentError::Refunded(_)) => return Outcome::Reject(error.to_string().into()),
             Err(PaymentError::Declined(_)) => {
                 out.record(kinds::DECLINED, &[]);
                 out.publish(self.declined, event.msg.then(Step::Compensate(CancelReason::PaymentDeclined)));

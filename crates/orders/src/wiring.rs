@@ -26,23 +26,21 @@ use conduit::{BuildError, Engine, EngineConfig, StageId, Topology};
 #[derive(Debug, Clone)]
 pub(crate) struct Ports {
     pub(crate) gateway: Arc<SimulatedGateway>,
+    /// The gateway is a provider that outlives this pipeline (its own books): nothing of it is
+    /// rebuilt from the log.
+    pub(crate) external_gateway: bool,
     pub(crate) inventory: Arc<SimulatedInventory>,
     pub(crate) notifier: Arc<SimulatedNotifier>,
     pub(crate) carrier: Arc<SimulatedCarrier>,
 }
 
 impl Ports {
-    fn new(sim: &SimConfig) -> Self {
+    fn new(sim: &SimConfig, provider: Option<Arc<SimulatedGateway>>) -> Self {
         let window = sim.idempotency_window();
+        let external_gateway = provider.is_some();
         Self {
-            gateway: Arc::new(
-                SimulatedGateway::new(
-                    sim.faults(sim.payment_failure_rate, sim.payment_latency_us),
-                    sim.payment_decline_rate,
-                )
-                .with_timeouts(sim.payment_timeout_rate, Duration::from_micros(sim.payment_timeout_us))
-                .with_window(window),
-            ),
+            gateway: provider.unwrap_or_else(|| Arc::new(sim.payment_gateway())),
+            external_gateway,
             inventory: Arc::new(
                 SimulatedInventory::new(
                     sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
@@ -121,9 +119,15 @@ impl Breakers {
 type FraudService = (Arc<RpcServer<Order, FraudVerdict>>, Duration);
 
 /// Builds the order pipeline's topology and everything its handlers share, without starting it.
-pub(crate) fn build(config: &EngineConfig, sim: &SimConfig, routing: &OrderRouting) -> Result<Built, BuildError> {
+/// With a `provider`, the payment stage and compensation call it instead of a gateway of their own.
+pub(crate) fn build(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    routing: &OrderRouting,
+    provider: Option<Arc<SimulatedGateway>>,
+) -> Result<Built, BuildError> {
     sim.validate()?;
-    let ports = Ports::new(sim);
+    let ports = Ports::new(sim, provider);
     let outcomes = Arc::new(Outcomes::default());
     let dead_letters = Arc::new(OrderDeadLetters {
         inventory: ports.inventory.clone(),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use conduit::log::{Log, LogOptions};
 use conduit::EngineConfig;
-use conduit_orders::{self as orders, Histories, OrderPipeline, OrderStatus, SimConfig, Workload};
+use conduit_orders::{self as orders, Histories, OrderPipeline, OrderRouting, OrderStatus, SimConfig, Workload};
 use rand::{Rng, SeedableRng};
 
 use common::retained_acknowledged;
@@ -36,8 +36,21 @@ fn cycles() -> usize {
     std::env::var("CONDUIT_CRASH_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(30)
 }
 
-fn sim() -> SimConfig {
-    SimConfig { payment_failure_rate: 0.2, out_of_stock_rate: 0.1, seed: 3, ..SimConfig::default() }
+/// The payment provider keeps its own books beside the log: a file the child writes before each
+/// answer, which its death does not touch. Every check of money reads them.
+fn sim(log: &std::path::Path) -> SimConfig {
+    SimConfig {
+        payment_failure_rate: 0.2,
+        out_of_stock_rate: 0.1,
+        seed: 3,
+        payment_books: Some(log.with_extension("payments")),
+        ..SimConfig::default()
+    }
+}
+
+/// The provider's books as they are now (the child is dead).
+fn provider(log: &std::path::Path) -> Arc<conduit_orders::ports::SimulatedGateway> {
+    orders::open_provider(&sim(log)).expect("the provider's books open").expect("the provider keeps books")
 }
 
 fn engine() -> EngineConfig {
@@ -57,11 +70,19 @@ fn child(path: &str) {
     let log = Arc::new(Log::open(path, child_log_options()).expect("child opens the log"));
     let histories = Histories::read(&log).expect("child reads the log");
     let first_id = histories.orders.keys().max().copied().unwrap_or(0) + 1;
-    let pipeline =
-        OrderPipeline::start_with(&engine(), &sim(), Some(Arc::clone(&log)), Some(&histories)).expect("starts");
+    let pipeline = OrderPipeline::start_with_provider(
+        &engine(),
+        &sim(path.as_ref()),
+        &OrderRouting::default(),
+        Some(Arc::clone(&log)),
+        Some(&histories),
+        provider(path.as_ref()),
+    )
+    .expect("starts");
     pipeline.resume(&histories).expect("resumes");
     println!("ready {first_id}");
-    let mut workload = Workload::new(first_id, 100, 1_000).map(|mut order| {
+    // Over all the simulated SKUs, so out_of_stock_rate of them cancel and the rest confirm.
+    let mut workload = Workload::new(first_id, sim(path.as_ref()).skus, 1_000).map(|mut order| {
         order.id += first_id - 1;
         order
     });
@@ -169,19 +190,30 @@ fn check_after_crash(path: &std::path::Path, acked_max: u64, context: &str) {
     assert_eq!(report.ledger.double_charges, 0, "{context}");
     assert_eq!(report.problem_count, 0, "{context}: {:?}", report.problems);
     assert_eq!(report.in_flight, report.resumable, "{context}: everything in flight can resume");
+    let audit = histories.audit(&provider(path), histories.orders.keys().copied());
+    assert!(audit.ok(), "{context}: the provider's books: {audit:?}");
 }
 
 /// Recovers once more and checks every acknowledged order finished exactly once.
 fn finish_and_check(path: &std::path::Path, acked_max: u64, context: &str) {
     let log = Arc::new(Log::open(path, LogOptions::default()).expect("reopens"));
-    let recovered = orders::recover(&engine(), &sim(), &log).expect("final recovery");
+    let recovered = orders::recover(&engine(), &sim(path), &log).expect("final recovery");
     let verify = &recovered.verify;
     assert!(verify.ok, "{context}: {:?}", verify.problems);
+    let audit = recovered.provider.as_ref().expect("recovery audits the provider's books");
+    assert!(audit.ok(), "{context}: the recovered orders on the provider's books: {audit:?}");
     assert_eq!(verify.in_flight, 0);
     assert_eq!(verify.orders, verify.confirmed + verify.cancelled + verify.dead_lettered);
     assert_eq!(verify.ledger.double_charges, 0);
     assert!(recovered.run.violations().is_empty(), "{:?}", recovered.run.violations());
     let histories = Histories::read(&log).expect("readable");
+    let everything = orders::verify_with_provider(&log, &provider(path)).expect("verifies");
+    let audit = everything.provider.as_ref().expect("audited");
+    assert!(everything.ok, "{context}: every terminal order on the provider's books: {audit:?}");
+    assert!(
+        everything.confirmed > 0 && everything.cancelled > 0 && audit.confirmed_total_cents > 0,
+        "{context}: the orders both confirm and cancel: {everything:?}"
+    );
     log.close().expect("closes");
     drop(log);
     let reopened = Log::open(path, LogOptions::default()).expect("reopens");

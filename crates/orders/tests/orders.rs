@@ -181,8 +181,9 @@ fn circuit_breakers_open_under_failures_and_defer_work_without_spending_attempts
     let deferred = report.stages.iter().find(|s| s.name == "payment").map_or(0, |s| s.deferred);
     assert!(deferred > 0, "work waited while the breaker was open");
     assert!(report.breakers["email"].trips > 0 && report.breakers["sms"].trips > 0);
-    let no_breakers = orders::run(&engine(1, 64, 4), &SimConfig { breaker_failures: 0, ..sim }, 1_500, None, |_, _| {})
-        .expect("runs");
+    let no_breakers =
+        orders::run(&engine(1, 64, 4), &SimConfig { breaker_failures: 0, ..sim.clone() }, 1_500, None, |_, _| {})
+            .expect("runs");
     assert!(no_breakers.breakers.is_empty());
 
     // The engine's own snapshot shows the breakers too, while the pipeline runs.

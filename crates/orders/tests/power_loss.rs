@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use conduit::log::{Log, LogOptions};
 use conduit::{EngineConfig, SubmitError};
-use conduit_orders::{Histories, Order, OrderPipeline, SimConfig, Workload};
+use conduit_orders::{self as orders, Histories, Order, OrderPipeline, OrderRouting, SimConfig, Workload};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redb::StorageBackend;
@@ -176,6 +176,9 @@ fn engine() -> EngineConfig {
 /// One cut: run orders until the disk dies, then reopen what survived and check it. Returns the
 /// orders acknowledged before the cut, and the checkpoints written and frames removed before it.
 fn one_cut(seed: u64) -> (u64, u64, u64) {
+    // The payment provider is not on the shop's power: it keeps all its books through the cut.
+    let sim = SimConfig { payment_failure_rate: 0.2, seed, ..SimConfig::default() };
+    let provider = Arc::new(sim.payment_gateway());
     let mut rng = SmallRng::seed_from_u64(seed);
     let cut = if rng.random_bool(0.5) { Cut::Drop } else { Cut::Tear };
     let cut_at = rng.random_range(1..160);
@@ -188,8 +191,15 @@ fn one_cut(seed: u64) -> (u64, u64, u64) {
         Err(_) => assert!(disk.went_dark(), "{context}: a healthy disk must open"),
         Ok(log) => {
             let log = Arc::new(log);
-            let sim = SimConfig { payment_failure_rate: 0.2, seed, ..SimConfig::default() };
-            let pipeline = OrderPipeline::start_with(&engine(), &sim, Some(Arc::clone(&log)), None).expect("starts");
+            let pipeline = OrderPipeline::start_with_provider(
+                &engine(),
+                &sim,
+                &OrderRouting::default(),
+                Some(Arc::clone(&log)),
+                None,
+                Arc::clone(&provider),
+            )
+            .expect("starts");
             let mut orders = Workload::new(seed, 50, 500);
             for _ in 0..200 {
                 let chunk: Vec<Order> = orders.by_ref().take(50).collect();
@@ -229,6 +239,17 @@ fn one_cut(seed: u64) -> (u64, u64, u64) {
     assert_eq!(report.problem_count, 0, "{context}: {:?}", report.problems);
     assert_eq!(report.ledger.double_charges, 0, "{context}");
     assert_eq!(report.in_flight, report.resumable, "{context}");
+
+    // Recovery finishes what was in flight, calling the provider that kept its books; every
+    // terminal order must have paid on those books exactly what its outcome says.
+    let log = Arc::new(log);
+    let recovered = orders::recover_with_provider(&engine(), &sim, &log, Some(Arc::clone(&provider)))
+        .unwrap_or_else(|e| panic!("{context}: recovery failed: {e}"));
+    assert!(recovered.verify.ok, "{context}: {:?}", recovered.verify.problems);
+    let everything = orders::verify_with_provider(&log, &provider).expect("verifies");
+    let audit = everything.provider.as_ref().expect("audited");
+    assert!(everything.ok, "{context}: the provider's books: {audit:?} {:?}", everything.problems);
+    assert_eq!(everything.in_flight, 0, "{context}: recovery left orders in flight");
     (acked, before_cut.0, before_cut.1)
 }
 

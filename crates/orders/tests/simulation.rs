@@ -34,3 +34,13 @@ fn a_seed_replays_exactly() {
     assert_eq!(a, b, "the same seed must give the same run");
     assert_ne!(simulate(43, 300).expect("seed 43 passes"), a);
 }
+
+/// Seed 600 crashes after a dead letter's refund reached the payment provider and before the
+/// dead letter's record was durable: the resumed order asks for its charge again, and the
+/// provider's books must make it end cancelled, not confirmed unpaid (replaying the refunded
+/// charge as paid fails here with "order 22 (Confirmed) paid 0 cents net").
+#[test]
+fn a_refund_made_before_a_crash_is_not_forgotten() {
+    let report = simulate(600, 400).unwrap_or_else(|failure| panic!("{failure}"));
+    assert!(report.crashes > 0 && report.dead_lettered + report.cancelled > 0, "{report:?}");
+}
