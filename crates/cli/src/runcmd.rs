@@ -170,7 +170,11 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let (engine, mut sim, routing) = plan(args)?;
     let log = match args.log.plan()? {
         Some((path, options)) => {
-            crate::payment_books(&mut sim, &path);
+            let books = crate::payment_books(&mut sim, &path);
+            if books.exists() && !path.exists() {
+                let error = RunError::BooksNotEmpty { path: books.display().to_string() };
+                return Err(Failure::Usage(UsageError(error.to_string())));
+            }
             let opened = Log::open(&path, options).map_err(|e| match e {
                 conduit::log::LogError::Options(why) => Failure::Usage(UsageError(why)),
                 other => Failure::Run(format!("cannot open the log: {other}")),

@@ -138,6 +138,10 @@ fn a_durable_run_verifies_inspects_replays_and_recovers() {
     assert_eq!(verify["ok"], true);
     assert_eq!(u(&verify, "/orders"), 3000);
     assert_eq!(u(&verify, "/records"), u(&report, "/events/total"));
+    // The payment provider kept its own books beside the log, and they agree with it.
+    assert_eq!(u(&verify, "/provider/orders"), 3000, "{verify}");
+    assert_eq!(u(&verify, "/provider/wrong_count") + u(&verify, "/provider/double_charges"), 0);
+    assert_eq!(u(&verify, "/provider/confirmed_total_cents"), u(&report, "/ledger/confirmed_total_cents"));
 
     let inspect = conduit(&["log", "inspect", log_arg, "--order", "17", "--format", "json"]);
     assert!(inspect.status.success());
@@ -173,6 +177,22 @@ fn a_durable_run_verifies_inspects_replays_and_recovers() {
 
     // The log holds orders now: `run` refuses to mix new ones in.
     assert_refused(&["run", "--orders", "10", "--log", log_arg], "already holds");
+    // A new log where the provider's books of an earlier run remain: refused, nothing written.
+    let books = dir.path().join("orders.redb.payments");
+    let moved = dir.path().join("moved.redb");
+    std::fs::rename(&log, &moved).expect("moves the log away");
+    assert_refused(&["run", "--orders", "10", "--log", log_arg], "payment provider's books of an earlier run");
+    assert!(!log.exists(), "the refused run created no log");
+    std::fs::rename(&moved, &log).expect("moves the log back");
+    // Books that are not the provider's: a clear error naming the file and the byte.
+    let good = std::fs::read(&books).expect("the books");
+    let mut bad = good.clone();
+    bad[45] ^= 0x10;
+    std::fs::write(&books, &bad).expect("writes");
+    let refused = conduit(&["log", "verify", log_arg]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(refused.status.code() == Some(1) && stderr.contains("payments: entry at byte 40"), "{stderr}");
+    std::fs::write(&books, &good).expect("writes");
 
     // Retention by hand: nothing is in flight, so the log can shrink to the bound.
     assert_refused(&["log", "compact", log_arg], "nothing to compact by");
