@@ -10,7 +10,7 @@ use conduit::log::{Log, LogOptions};
 use conduit::routing::{Pattern, KEY_BYTES_MAX};
 use conduit::EngineConfig;
 
-use crate::{Histories, Order, OrderPipeline, PipelineFile, SimConfig, TopologyFile, Workload};
+use crate::{Histories, Order, OrderPipeline, OrderRouting, PipelineFile, SimConfig, TopologyFile, Workload};
 
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
@@ -62,14 +62,33 @@ pub fn operations(data: &[u8]) {
         std::process::id(),
         RUN.fetch_add(1, Ordering::Relaxed)
     ));
-    let _ = std::fs::remove_file(&path);
+    let books = path.with_extension("payments");
+    for stale in [&path, &books] {
+        if stale.exists() {
+            std::fs::remove_file(stale).expect("a stale scratch file is removed");
+        }
+    }
     let engine = EngineConfig::from_toml_str(
         "attempts_max = 2\nretry_backoff_ms_base = 0\nbatch_events_max = 16\nqueue_batches = 4\n",
     )
     .expect("a valid configuration");
-    let mut sim = SimConfig { seed: 7, ..SimConfig::default() };
+    // The payment provider keeps its own books in a file beside the log: they outlive every
+    // restart, and the final check reads them.
+    let mut sim = SimConfig { seed: 7, payment_books: Some(books.clone()), ..SimConfig::default() };
+    let start = |sim: &SimConfig, log: &Arc<Log>, restore: Option<&Histories>| {
+        let provider = crate::open_provider(sim).expect("the provider's books open").expect("kept in a file");
+        OrderPipeline::start_with_provider(
+            &engine,
+            sim,
+            &OrderRouting::default(),
+            Some(Arc::clone(log)),
+            restore,
+            provider,
+        )
+        .expect("starts")
+    };
     let log = Arc::new(Log::open(&path, LogOptions::default()).expect("a scratch log opens"));
-    let pipeline = OrderPipeline::start_with(&engine, &sim, Some(Arc::clone(&log)), None).expect("starts");
+    let pipeline = start(&sim, &log, None);
     let mut running = Some((pipeline, log));
     let (mut next_id, mut malformed) = (1u64, 0u64);
     // Drains the pipeline, closes the log (its file stays locked until the last handle is gone),
@@ -77,14 +96,13 @@ pub fn operations(data: &[u8]) {
     let restart =
         |running: &mut Option<(OrderPipeline, Arc<Log>)>, sim: &SimConfig, between: &dyn Fn(&Arc<Log>, &SimConfig)| {
             if let Some((pipeline, log)) = running.take() {
-                let _ = pipeline.finish();
+                assert_eq!(pipeline.finish().ledger.double_charges, 0, "no double charge before a restart");
                 log.close().expect("the log closes");
             }
             let log = Arc::new(Log::open_existing(&path, LogOptions::default()).expect("the log reopens"));
             between(&log, sim);
             let histories = Histories::read(&log).expect("the log reads");
-            let pipeline =
-                OrderPipeline::start_with(&engine, sim, Some(Arc::clone(&log)), Some(&histories)).expect("starts");
+            let pipeline = start(sim, &log, Some(&histories));
             pipeline.resume(&histories).expect("resumes");
             *running = Some((pipeline, log));
         };
@@ -125,14 +143,16 @@ pub fn operations(data: &[u8]) {
     let report = pipeline.finish();
     assert_eq!(report.ledger.double_charges, 0);
     log.close().expect("the log closes");
-    let histories = Histories::read(&log).expect("the log reads");
-    let verify = histories.verify();
+    let provider = crate::open_provider(&sim).expect("the provider's books open").expect("kept in a file");
+    let verify = crate::verify_with_provider(&log, &provider).expect("the log reads");
     assert!(verify.ok, "{verify:?}");
     assert_eq!(verify.orders, next_id - 1, "every acknowledged order is in the log");
     assert_eq!(verify.in_flight, 0, "every order is terminal");
     assert!(verify.dead_lettered >= malformed, "malformed orders end dead-lettered");
-    drop(log);
-    let _ = std::fs::remove_file(&path);
+    drop((log, provider));
+    for scratch in [&path, &books] {
+        std::fs::remove_file(scratch).expect("the scratch files are removed");
+    }
 }
 
 fn order(id: u64) -> Order {
