@@ -145,7 +145,6 @@ fn queue_depth_overshoots_its_capacity_by_at_most_one_batch_before_the_cap() {
         // A snapshot, as `StageMetrics::snapshot` reads: in, then out.
         let raw = enqueued.load(Ordering::Relaxed).saturating_sub(dequeued.load(Ordering::Relaxed));
         assert!(raw <= CAPACITY + BATCH, "overshoot beyond one batch: {raw}");
-        assert!(raw.min(CAPACITY) <= CAPACITY);
         worker.join().expect("joins");
         sender.join().expect("joins");
         assert_eq!(enqueued.load(Ordering::Relaxed) - dequeued.load(Ordering::Relaxed), 2);
