@@ -152,8 +152,7 @@ pub(crate) fn write_recover(out: &mut impl Write, r: &RecoverReport) -> io::Resu
     )?;
     write_report(out, &r.run)?;
     writeln!(out)?;
-    let verify = VerifyReport { provider: r.provider.clone(), ..r.verify.clone() };
-    write_verify(out, "the resumed orders, verified after recovery", &verify)
+    write_verify(out, "the resumed orders, verified after recovery", &r.verify)
 }
 
 pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Result<()> {

@@ -166,27 +166,25 @@ fn old_path(path: &Path) -> PathBuf {
 
 impl BooksFile {
     /// Opens (or creates) the books at `path`, handing every charge and refund of the kept
-    /// segments, oldest first, to `replay`. A partial entry at the end of the current segment (a write the
-    /// provider never answered) is cut off.
+    /// segments, oldest first, to `replay`. A partial entry at the end of the current segment (a
+    /// write the provider never answered) is cut off.
     pub(crate) fn open(path: &Path, segment_entries: u64, mut replay: impl FnMut(Entry)) -> Result<Self, BooksError> {
         let io = |source| BooksError::Io { path: path.to_owned(), source };
         let mut totals = Totals::default();
-        let old = old_path(path);
-        let had_old = old.exists();
-        let mut each = |entry: Entry, first_of_current: bool| {
-            // The current segment's opening totals repeat what the old one ended with.
-            if !(first_of_current && had_old) {
-                totals.add(entry);
-            }
+        // Each segment opens with the running totals (the current one's repeat what the old one
+        // ended with), so adding every entry in order leaves the totals of all ever written.
+        let mut each = |entry: Entry| {
+            totals.add(entry);
             if !matches!(entry, Entry::Totals { .. }) {
                 replay(entry);
             }
         };
-        if had_old {
-            read_segment(&old, false, |_, entry| each(entry, false))?;
+        let old = old_path(path);
+        if old.exists() {
+            read_segment(&old, false, &mut each)?;
         }
         let file = OpenOptions::new().read(true).create(true).append(true).open(path).map_err(io)?;
-        let kept = read_segment(path, true, |index, entry| each(entry, index == 0))?;
+        let kept = read_segment(path, true, &mut each)?;
         let entries = kept / ENTRY_BYTES as u64;
         file.set_len(kept).map_err(io)?;
         let mut books = Self {
@@ -244,7 +242,7 @@ impl BooksFile {
 
 /// Reads the entries of one segment file; returns the bytes of whole entries. A partial entry
 /// at the end is an error unless `tail_may_tear` (the current segment).
-fn read_segment(path: &Path, tail_may_tear: bool, mut each: impl FnMut(usize, Entry)) -> Result<u64, BooksError> {
+fn read_segment(path: &Path, tail_may_tear: bool, mut each: impl FnMut(Entry)) -> Result<u64, BooksError> {
     let io = |source| BooksError::Io { path: path.to_owned(), source };
     let mut bytes = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io)?;
@@ -260,7 +258,7 @@ fn read_segment(path: &Path, tail_may_tear: bool, mut each: impl FnMut(usize, En
             let why = if index == 0 { "a segment must start with its totals" } else { "totals inside a segment" };
             return Err(BooksError::Corrupt { path: path.to_owned(), offset, why });
         }
-        each(index, entry);
+        each(entry);
     }
     Ok(whole as u64)
 }

@@ -162,13 +162,13 @@ impl OrderHistory {
     }
 
     /// The envelopes that take order `id` to its end from here, by stage name: its resumed steps,
-    /// descending from its last record, with its correlation id (reconciled with `provider`'s
-    /// books if given, see [`OrderHistory::resume_reconciled`]).
+    /// descending from its last record, with its correlation id, reconciled with `provider`'s
+    /// books (see [`OrderHistory::resume_reconciled`]).
     #[must_use]
     pub fn resume_envelopes(
         &self,
         id: u64,
-        provider: Option<&SimulatedGateway>,
+        provider: &SimulatedGateway,
     ) -> Vec<(&'static str, conduit::Envelope<OrderEvent>)> {
         let envelope = |msg| conduit::Envelope {
             key: id,
@@ -180,11 +180,7 @@ impl OrderHistory {
             deadline: conduit::Deadline::NEVER,
             msg,
         };
-        let steps = match provider {
-            Some(provider) => self.resume_reconciled(id, provider),
-            None => self.resume(),
-        };
-        steps.into_iter().map(|(stage, msg)| (stage, envelope(msg))).collect()
+        self.resume_reconciled(id, provider).into_iter().map(|(stage, msg)| (stage, envelope(msg))).collect()
     }
 
     /// The facts this history must never hold together, or in this order.
@@ -393,14 +389,13 @@ impl Histories {
                 OrderStatus::Cancelled | OrderStatus::DeadLettered => 0,
             };
             audit.orders += 1;
-            audit.confirmed_total_cents += expected;
             let account = provider.account(id);
             if account.is_none() && expected > 0 && provider.forgot_any() {
                 audit.outside_window += 1;
-                audit.confirmed_total_cents -= expected;
                 continue;
             }
             let account = account.unwrap_or_default();
+            audit.confirmed_total_cents += expected;
             audit.charged_cents += account.charged_cents;
             audit.refunded_cents += account.refunded_cents;
             if account.net_cents() != expected || account.double_charges > 0 {

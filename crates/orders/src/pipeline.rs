@@ -148,7 +148,7 @@ impl OrderPipeline {
     ) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
         let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
         for (id, history) in histories {
-            for (stage, envelope) in history.resume_envelopes(id, Some(&self.ports.gateway)) {
+            for (stage, envelope) in history.resume_envelopes(id, &self.ports.gateway) {
                 by_stage.entry(stage).or_default().push(envelope);
             }
         }

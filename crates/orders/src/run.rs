@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::domain::Workload;
-use super::history::{Histories, ProviderAudit, VerifyReport};
+use super::history::{Histories, VerifyReport};
 use super::ports::{BooksError, LedgerFigures, SimulatedGateway};
 use crate::{OrderPipeline, OrderRouting, RunReport, SimConfig};
 use conduit::log::{Log, LogError};
@@ -114,11 +114,9 @@ pub struct RecoverReport {
     pub resumed: BTreeMap<String, u64>,
     /// The recovery run; its counts and ledger cover the orders that were in flight.
     pub run: RunReport,
-    /// Those orders' histories verified after recovery.
+    /// Those orders' histories verified after recovery, and (in `verify.provider`) checked on
+    /// the payment provider's own books when it keeps them ([`SimConfig::payment_books`]).
     pub verify: VerifyReport,
-    /// Those orders on the payment provider's own books, when it keeps them
-    /// ([`SimConfig::payment_books`]).
-    pub provider: Option<ProviderAudit>,
 }
 
 /// The payment provider `sim` describes when it keeps its own books; None when it keeps them in
@@ -196,11 +194,11 @@ pub fn recover_with_provider(
     };
     let mut run = pipeline.finish();
     let after = Histories::read_orders(log, &ids)?;
-    let verify = after.verify();
+    let mut verify = after.verify();
     // The provider's books hold charges made before the crash: the recovered orders are judged
     // one by one on its books, not by what this run added to them.
-    let provider = provider.map(|provider| after.audit(&provider, ids.iter().copied()));
-    if let Some(audit) = &provider {
+    verify.provider = provider.map(|provider| after.audit(&provider, ids.iter().copied()));
+    if let Some(audit) = &verify.provider {
         run.ledger = audit.ledger(run.ledger.idempotent_replays, run.ledger.timeouts);
     }
     Ok(RecoverReport {
@@ -209,7 +207,6 @@ pub fn recover_with_provider(
         resumed,
         run,
         verify,
-        provider,
     })
 }
 

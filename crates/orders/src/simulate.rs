@@ -19,7 +19,7 @@ use super::history::{Histories, OrderHistory};
 use super::pipeline::restore_ports;
 use super::ports::SimulatedGateway;
 use super::stages::{OrderDeadLetters, Outcomes};
-use super::wiring::{build, Built, Ports};
+use super::wiring::{build, Built};
 use crate::{OrderRouting, SimConfig};
 use conduit::log::{Aggregate, Record};
 use conduit::sim::Simulation;
@@ -51,7 +51,6 @@ pub struct SimulationReport {
 /// One incarnation of the pipeline: the simulation and the world its handlers act on.
 struct Incarnation {
     sim: Simulation<OrderEvent>,
-    built_ports: Ports,
     outcomes: Arc<Outcomes>,
     dead_letters: Arc<OrderDeadLetters>,
 }
@@ -72,12 +71,12 @@ fn start(
     let mut ids: Vec<&u64> = histories.orders.keys().collect();
     ids.sort_unstable();
     for id in ids {
-        for (stage, envelope) in histories.orders[id].resume_envelopes(*id, Some(provider)) {
+        for (stage, envelope) in histories.orders[id].resume_envelopes(*id, provider) {
             let stage = sim.stage_id(stage).ok_or("a resumed stage exists")?;
             sim.inject(stage, envelope);
         }
     }
-    Ok(Incarnation { sim, built_ports: ports, outcomes, dead_letters })
+    Ok(Incarnation { sim, outcomes, dead_letters })
 }
 
 /// The simulated world and engine settings a seed picks.
@@ -180,7 +179,7 @@ pub fn simulate(seed: u64, actions: u32) -> Result<SimulationReport, String> {
         }
         // Invariants after every action: no double charge, no history broken so far.
         let step = report.steps + now.sim.steps();
-        let ledger = now.built_ports.gateway.ledger();
+        let ledger = provider.ledger();
         if ledger.double_charges > 0 {
             return fail(step, format!("action {action}: {} double charges", ledger.double_charges));
         }

@@ -200,7 +200,7 @@ fn finish_and_check(path: &std::path::Path, acked_max: u64, context: &str) {
     let recovered = orders::recover(&engine(), &sim(path), &log).expect("final recovery");
     let verify = &recovered.verify;
     assert!(verify.ok, "{context}: {:?}", verify.problems);
-    let audit = recovered.provider.as_ref().expect("recovery audits the provider's books");
+    let audit = recovered.verify.provider.as_ref().expect("recovery audits the provider's books");
     assert!(audit.ok(), "{context}: the recovered orders on the provider's books: {audit:?}");
     assert_eq!(verify.in_flight, 0);
     assert_eq!(verify.orders, verify.confirmed + verify.cancelled + verify.dead_lettered);
