@@ -1,5 +1,8 @@
 //! Deterministic simulation: a topology run on one thread, one event at a time, by a seeded
-//! scheduler and a manual clock, with an in-memory journal that has a durable prefix.
+//! scheduler and a manual clock, with a journal that has a durable prefix: in memory
+//! ([`Simulation::new`]), or the real log ([`Simulation::on_log`]), whose checkpoints, retention
+//! and crash recovery then run under the simulation too (on a [`crate::log::MemoryDisk`], a crash
+//! is a power cut of the disk).
 //!
 //! The threaded engine's interleavings are the operating system's to choose; here they are the
 //! seed's. Each [`step`](Simulation::step) picks a stage with work (a queued event, or a parked
@@ -24,7 +27,7 @@ use crate::completion::{Acks, Tracker};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::error::BuildError;
 use crate::journal::{completion_record, dead_letter_record, JournalCodec};
-use crate::log::{Record, STAGE_INGRESS};
+use crate::log::{Log, LogError, Record, STAGE_INGRESS};
 use crate::metrics::BatchTally;
 use crate::stage::handling::{Effects, StageCore};
 use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, StageId};
@@ -52,8 +55,11 @@ struct SimBooks<M> {
     dead_letters: Arc<dyn DeadLetterSink<M>>,
     codec: Arc<dyn JournalCodec<M>>,
     journal: Vec<Record>,
-    /// The last version of each stream in the journal.
+    /// The last version of each stream in the journal (for a stream not yet touched on a log,
+    /// read from the log).
     versions: rustc_hash::FxHashMap<u64, u32>,
+    /// Where synced records go, if not only to `journal`.
+    log: Option<Arc<Log>>,
     next_id: u64,
     clock: Arc<ManualClock>,
     /// The stage whose event is being handled.
@@ -74,10 +80,19 @@ struct SimBooks<M> {
 
 impl<M> SimBooks<M> {
     fn record(&mut self, mut record: Record) -> u64 {
-        record.id = self.next_id;
-        self.next_id += 1;
+        // On a log, ids are the log's to give (its checkpoints remember how far they went).
+        record.id = self.log.as_ref().map_or(self.next_id, |log| log.reserve_ids(1));
+        self.next_id = record.id + 1;
         record.timestamp_us = self.clock.wall_us();
-        let version = self.versions.entry(record.stream).or_insert(0);
+        let log = self.log.as_deref();
+        // The writer gives each record the version after its stream's last one in the log:
+        // the journal's versions are those.
+        let version = self.versions.entry(record.stream).or_insert_with(|| {
+            log.map_or(0, |log| {
+                let stored = log.stream(record.stream).expect("the simulation's log reads");
+                stored.last().map_or(0, |last| last.version)
+            })
+        });
         *version += 1;
         record.version = *version;
         let id = record.id;
@@ -163,6 +178,33 @@ impl<M: Message> Simulation<M> {
         history: &[Record],
         seed: u64,
     ) -> Result<Self, BuildError> {
+        Self::build(topology, config, dead_letters, codec, history, None, seed)
+    }
+
+    /// As [`Simulation::new`], with the journal going to `log` at each [`sync`](Self::sync):
+    /// ids are the log's, versions go on from what the log holds, and
+    /// [`journal`](Self::journal) holds only this run's records. Nothing else may append to
+    /// `log` meanwhile.
+    pub fn on_log(
+        topology: Topology<M>,
+        config: &EngineConfig,
+        dead_letters: Arc<dyn DeadLetterSink<M>>,
+        codec: Arc<dyn JournalCodec<M>>,
+        log: Arc<Log>,
+        seed: u64,
+    ) -> Result<Self, BuildError> {
+        Self::build(topology, config, dead_letters, codec, &[], Some(log), seed)
+    }
+
+    fn build(
+        topology: Topology<M>,
+        config: &EngineConfig,
+        dead_letters: Arc<dyn DeadLetterSink<M>>,
+        codec: Arc<dyn JournalCodec<M>>,
+        history: &[Record],
+        log: Option<Arc<Log>>,
+        seed: u64,
+    ) -> Result<Self, BuildError> {
         let Compiled { stages, links, entry, exchange, may_publish, dead_letter_unroutable, stage_configs, .. } =
             topology.compile(config)?;
         let clock = Arc::new(ManualClock::default());
@@ -194,6 +236,7 @@ impl<M: Message> Simulation<M> {
             journal: history.to_vec(),
             versions: history.iter().map(|r| (r.stream, r.version)).collect(),
             next_id: history.iter().map(|r| r.id).max().unwrap_or(0) + 1,
+            log,
             clock: Arc::clone(&clock),
             stage: 0,
             outgoing: Vec::new(),
@@ -217,13 +260,13 @@ impl<M: Message> Simulation<M> {
         })
     }
 
-    /// The journal so far: every record, in order (durable or not).
+    /// The journal so far: every record, in order (durable or not); on a log, this run's only.
     #[must_use]
     pub fn journal(&self) -> &[Record] {
         &self.books.journal
     }
 
-    /// The durable prefix of the journal: what a crash keeps.
+    /// The durable prefix of [`journal`](Self::journal): what a crash keeps.
     #[must_use]
     pub fn durable(&self) -> &[Record] {
         &self.books.journal[..self.durable]
@@ -306,15 +349,22 @@ impl<M: Message> Simulation<M> {
         tracker.register(slot, envelope.seq, envelope.token);
     }
 
-    /// Makes the whole journal durable (a group commit) and lets the submissions it acknowledges
-    /// into the entry stage; returns how many were acknowledged.
-    pub fn sync(&mut self) -> usize {
+    /// Makes the whole journal durable (a group commit: on a log, one append waited for) and
+    /// lets the submissions it acknowledges into the entry stage; returns how many were
+    /// acknowledged. Fails only on a log, when its commit does: nothing is acknowledged then.
+    pub fn sync(&mut self) -> Result<usize, LogError> {
+        if let Some(log) = &self.books.log {
+            let records = self.books.journal[self.durable..].to_vec();
+            if !records.is_empty() {
+                log.append(records)?.wait()?;
+            }
+        }
         self.durable = self.books.journal.len();
         let now_us = self.clock.now_us();
         let acknowledged = self.pending.len();
         let entry = self.entry.index();
         self.stages[entry].queue.extend(self.pending.drain(..).map(|envelope| (envelope, now_us)));
-        acknowledged
+        Ok(acknowledged)
     }
 
     /// Puts `envelope` in `stage`'s queue, not journaled (a resumed step).
@@ -479,7 +529,7 @@ mod tests {
         for n in 0..100 {
             sim.submit(Job(n));
         }
-        sim.sync();
+        sim.sync().expect("a journal in memory syncs");
         while sim.step() {}
         assert!(sim.is_idle());
         assert_eq!((sim.completed(), sim.in_flight()), (100, 0));
@@ -522,7 +572,7 @@ mod tests {
             for n in 0..20 {
                 sim.submit(Job(n));
             }
-            sim.sync();
+            sim.sync().expect("a journal in memory syncs");
             let mut checked = 0;
             loop {
                 let more = sim.step();

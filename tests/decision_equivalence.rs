@@ -169,7 +169,7 @@ fn the_worker_and_the_simulation_dispose_of_the_same_outcomes_alike() {
         sim.submit(job);
     }
     assert!(!sim.step(), "nothing enters before its commit");
-    assert_eq!(sim.sync(), jobs().len());
+    assert_eq!(sim.sync().expect("a journal in memory syncs"), jobs().len());
     let mut stamped = 0;
     while sim.step() {
         let mut calls = sim_calls.lock();

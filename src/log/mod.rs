@@ -14,6 +14,7 @@
 mod checkpoint;
 mod error;
 mod format;
+mod memory;
 mod open;
 mod read;
 mod snapshot;
@@ -37,6 +38,7 @@ pub use format::{
     FrameError, Record, BODY_LEN_MAX, ENGINE_STREAM, FORMAT_VERSION, HEADER_LEN, KIND_COMPLETED, KIND_DEAD_LETTER,
     KIND_PURGED, KIND_REDRIVEN, KIND_RESERVED_MIN, MAGIC, STAGE_INGRESS,
 };
+pub use memory::{MemoryDisk, PowerCut};
 pub use read::Aggregate;
 pub use snapshot::Snapshot;
 

@@ -309,7 +309,7 @@ impl OrderHistory {
 }
 
 /// Every order's history in a log.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Histories {
     /// By order id.
     pub orders: FxHashMap<u64, OrderHistory>,

@@ -42,13 +42,13 @@ pub use config::{keys, OrderRouting, PipelineFile, SimConfig, TopologyFile};
 pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
 pub use history::{Histories, OrderHistory, OrderStatus, ProviderAudit, VerifiedLedger, VerifyReport};
 pub use pipeline::OrderPipeline;
-pub use redrive::{redrive, RedriveItem, RedrivePlan, RedriveReport};
+pub use redrive::{redrive, redrive_with_provider, RedriveItem, RedrivePlan, RedriveReport};
 pub use report::{DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, RunReport, StockReport};
 pub use run::{
     open_provider, recover, recover_with_provider, run, run_routed, run_until, verify, verify_with_provider, Limit,
     RecoverReport, RunError,
 };
-pub use simulate::{simulate, SimulationReport};
+pub use simulate::{simulate, simulate_bytes, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
 
 /// The application's crash points (see `conduit::crashpoint`), registered when a pipeline starts.

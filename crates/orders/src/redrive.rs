@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::domain::{kinds, OrderEvent, Step};
 use super::history::{Histories, OrderHistory, OrderStatus, VerifyReport};
 use super::stages::names;
+use crate::ports::SimulatedGateway;
 use crate::{OrderPipeline, RunError, RunReport, SimConfig};
 use conduit::dlq::{self, DeadLetterIndex, Selection, StoredDeadLetter};
 use conduit::log::Log;
@@ -102,12 +103,27 @@ fn target(letter: &StoredDeadLetter, history: Option<&OrderHistory>) -> Result<T
 
 /// Redrives the dead letters `plan` selects from `log`: resumes any order the log left in flight,
 /// commits a redrive record per dead letter and sends its event on (`plan.rate_per_sec` at a
-/// time, each second), drains, and verifies the log.
+/// time, each second), drains, and verifies the log. The payment provider keeps its books where
+/// `sim.payment_books` says, if it says.
 pub fn redrive(
     config: &EngineConfig,
     sim: &SimConfig,
     log: &Arc<Log>,
     plan: &RedrivePlan,
+) -> Result<RedriveReport, RunError> {
+    // A dry run opens (and so creates) no books.
+    let provider = if plan.dry_run { None } else { crate::open_provider(sim)? };
+    redrive_with_provider(config, sim, log, plan, provider.as_ref())
+}
+
+/// [`redrive`] calling `provider` (one that keeps its books, judged on them at the end), or a
+/// fresh simulated provider when `None`.
+pub fn redrive_with_provider(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    log: &Arc<Log>,
+    plan: &RedrivePlan,
+    provider: Option<&Arc<SimulatedGateway>>,
 ) -> Result<RedriveReport, RunError> {
     let index = DeadLetterIndex::read(log)?;
     let selected = index.select(&plan.selection);
@@ -141,14 +157,13 @@ pub fn redrive(
     if plan.dry_run {
         return Ok(report);
     }
-    let provider = crate::open_provider(sim)?;
     let pipeline = OrderPipeline::launch(
         config,
         sim,
         &crate::OrderRouting::default(),
         Some(Arc::clone(log)),
         Some(&histories),
-        provider.clone(),
+        provider.cloned(),
         true,
     )?;
     let poisoned = |error: conduit::SubmitError<Vec<OrderEvent>>, pipeline: OrderPipeline| RunError::Poisoned {
@@ -194,7 +209,7 @@ pub fn redrive(
     if let Some(log) = &mut run.log {
         log.other_records = targets.len() as u64;
     }
-    let verify = match &provider {
+    let verify = match provider {
         // The provider's books hold every earlier charge: the log's orders are judged on them.
         Some(provider) => {
             let verify = crate::verify_with_provider(log, provider)?;

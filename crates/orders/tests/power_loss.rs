@@ -1,5 +1,5 @@
-//! Simulated power loss: a storage backend for the log that keeps what was synced apart from what
-//! was only written. At a chosen sync the power goes: that sync never completes, the writes since
+//! Simulated power loss, on the log's in-memory disk (`conduit::log::MemoryDisk`), which keeps what
+//! was synced apart from what was only written. At a chosen sync the power goes: that sync never completes, the writes since
 //! the last completed one are dropped, or partly kept in any order with the last one torn, and
 //! the disk answers nothing more. The log reopened from what survived must hold every order that
 //! was acknowledged before the cut, with valid histories, and opening it must never panic.
@@ -8,159 +8,15 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use conduit::log::{Log, LogOptions};
+use conduit::log::{Log, LogOptions, MemoryDisk, PowerCut};
 use conduit::{EngineConfig, SubmitError};
 use conduit_orders::{self as orders, Histories, Order, OrderPipeline, OrderRouting, SimConfig, Workload};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use redb::StorageBackend;
 
 use common::retained_acknowledged;
-
-/// How the unsynced writes fare when the power goes.
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    /// None of them reached the platter.
-    Drop,
-    /// A random subset did (a disk may reorder writes between barriers), the last one torn.
-    Tear,
-}
-
-#[derive(Debug)]
-struct Disk {
-    /// What the platter holds: survives the cut.
-    durable: Vec<u8>,
-    /// What a reader sees now: the platter plus the writes not yet synced.
-    current: Vec<u8>,
-    /// The writes since the last completed sync, in order (offset, bytes; a length change is a
-    /// write of no bytes at the new length with `resize` set).
-    pending: Vec<(u64, Vec<u8>, Option<u64>)>,
-    syncs: u64,
-    /// The sync at which the power goes, and how.
-    cut_at: u64,
-    cut: Cut,
-    dead: bool,
-    rng: SmallRng,
-}
-
-#[derive(Debug, Clone)]
-struct PowerCutDisk(Arc<Mutex<Disk>>);
-
-impl PowerCutDisk {
-    fn new(image: Vec<u8>, cut_at: u64, cut: Cut, seed: u64) -> Self {
-        let disk = Disk {
-            current: image.clone(),
-            durable: image,
-            pending: Vec::new(),
-            syncs: 0,
-            cut_at,
-            cut,
-            dead: false,
-            rng: SmallRng::seed_from_u64(seed),
-        };
-        Self(Arc::new(Mutex::new(disk)))
-    }
-
-    fn durable_image(&self) -> Vec<u8> {
-        self.0.lock().expect("disk lock").durable.clone()
-    }
-
-    fn went_dark(&self) -> bool {
-        self.0.lock().expect("disk lock").dead
-    }
-}
-
-fn gone() -> std::io::Error {
-    std::io::Error::other("power lost")
-}
-
-fn apply(image: &mut Vec<u8>, offset: u64, data: &[u8], resize: Option<u64>) {
-    if let Some(len) = resize {
-        image.resize(usize::try_from(len).expect("fits"), 0);
-        return;
-    }
-    let start = usize::try_from(offset).expect("fits");
-    if image.len() < start + data.len() {
-        image.resize(start + data.len(), 0);
-    }
-    image[start..start + data.len()].copy_from_slice(data);
-}
-
-impl StorageBackend for PowerCutDisk {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        let disk = self.0.lock().expect("disk lock");
-        if disk.dead {
-            return Err(gone());
-        }
-        Ok(disk.current.len() as u64)
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        let disk = self.0.lock().expect("disk lock");
-        if disk.dead {
-            return Err(gone());
-        }
-        let start = usize::try_from(offset).expect("fits");
-        let end = start + out.len();
-        if end > disk.current.len() {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end"));
-        }
-        out.copy_from_slice(&disk.current[start..end]);
-        Ok(())
-    }
-
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        let mut disk = self.0.lock().expect("disk lock");
-        if disk.dead {
-            return Err(gone());
-        }
-        apply(&mut disk.current, 0, &[], Some(len));
-        disk.pending.push((0, Vec::new(), Some(len)));
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        let mut disk = self.0.lock().expect("disk lock");
-        if disk.dead {
-            return Err(gone());
-        }
-        apply(&mut disk.current, offset, data, None);
-        disk.pending.push((offset, data.to_vec(), None));
-        Ok(())
-    }
-
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        let mut disk = self.0.lock().expect("disk lock");
-        if disk.dead {
-            return Err(gone());
-        }
-        disk.syncs += 1;
-        if disk.syncs < disk.cut_at {
-            let Disk { durable, current, .. } = &mut *disk;
-            durable.clone_from(current);
-            disk.pending.clear();
-            return Ok(());
-        }
-        // The power goes during this sync: it never completes.
-        let pending = std::mem::take(&mut disk.pending);
-        if let Cut::Tear = disk.cut {
-            let Disk { durable, rng, .. } = &mut *disk;
-            let kept: Vec<_> = pending.into_iter().filter(|_| rng.random_bool(0.5)).collect();
-            let count = kept.len();
-            for (i, (offset, mut data, resize)) in kept.into_iter().enumerate() {
-                if i + 1 == count && !data.is_empty() {
-                    let torn = rng.random_range(0..data.len());
-                    data.truncate(torn);
-                }
-                apply(durable, offset, &data, resize);
-            }
-        }
-        disk.dead = true;
-        Err(gone())
-    }
-}
 
 /// The log checkpoints every 200 records and keeps 16 KiB: many syncs are a checkpoint's, and
 /// many of those remove frames.
@@ -180,15 +36,15 @@ fn one_cut(seed: u64) -> (u64, u64, u64) {
     let sim = SimConfig { payment_failure_rate: 0.2, seed, ..SimConfig::default() };
     let provider = Arc::new(sim.payment_gateway());
     let mut rng = SmallRng::seed_from_u64(seed);
-    let cut = if rng.random_bool(0.5) { Cut::Drop } else { Cut::Tear };
+    let cut = if rng.random_bool(0.5) { PowerCut::Drop } else { PowerCut::Tear { seed } };
     let cut_at = rng.random_range(1..160);
     let context = format!("seed {seed} ({cut:?} at sync {cut_at})");
-    let disk = PowerCutDisk::new(Vec::new(), cut_at, cut, seed);
+    let disk = MemoryDisk::new().with_power_cut_at(cut_at, cut);
     let mut acked = 0u64;
     let mut before_cut = (0, 0);
     match Log::open_with_backend("power-cut", disk.clone(), log_options()) {
         // The power may go before the log is even created: nothing was acknowledged.
-        Err(_) => assert!(disk.went_dark(), "{context}: a healthy disk must open"),
+        Err(_) => assert!(disk.is_dark(), "{context}: a healthy disk must open"),
         Ok(log) => {
             let log = Arc::new(log);
             let pipeline = OrderPipeline::start_with_provider(
@@ -218,11 +74,10 @@ fn one_cut(seed: u64) -> (u64, u64, u64) {
             log.close().expect_err("the disk is dead: closing cannot make anything durable");
         }
     }
-    assert!(disk.went_dark(), "{context}: the run must outlast the cut");
+    assert!(disk.is_dark(), "{context}: the run must outlast the cut");
 
     // Power back: a fresh disk holding only what reached the platter.
-    let survivor = PowerCutDisk::new(disk.durable_image(), u64::MAX, Cut::Drop, seed);
-    let reopened = Log::open_with_backend("after-power-cut", survivor, LogOptions::default());
+    let reopened = Log::open_with_backend("after-power-cut", disk.survivor(), LogOptions::default());
     let log = match reopened {
         Ok(log) => log,
         // Nothing durable yet (the cut came before the first commit): a typed error is right.
