@@ -112,6 +112,12 @@ impl MemoryDisk {
         Self::from_image(self.0.lock().durable.clone())
     }
 
+    /// The durable bytes: what a [`MemoryDisk::from_image`] of them would hold.
+    #[must_use]
+    pub fn image(&self) -> Vec<u8> {
+        self.0.lock().durable.clone()
+    }
+
     /// Whether the power has gone.
     #[must_use]
     pub fn is_dark(&self) -> bool {

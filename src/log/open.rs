@@ -97,7 +97,8 @@ impl Log {
     }
 
     fn start_unguarded(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
-        {
+        // A log of this format with every table needs no write (and no commit) to open.
+        if !is_ready(&db)? {
             let txn = db.begin_write().map_err(storage)?;
             {
                 let mut meta = txn.open_table(META).map_err(storage)?;
@@ -291,4 +292,23 @@ fn scan_unguarded(
             f(*seq, &frame, value.value().len())?;
         }
     }
+}
+
+/// Whether `db` is a log of this build's format with every table in place: opening it then
+/// writes nothing.
+fn is_ready(db: &redb::Database) -> Result<bool, LogError> {
+    fn present<T>(result: Result<T, redb::TableError>) -> Result<bool, LogError> {
+        match result {
+            Ok(_) => Ok(true),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(error) => Err(storage(error)),
+        }
+    }
+    let txn = db.begin_read().map_err(storage)?;
+    let Ok(meta) = txn.open_table(META) else { return Ok(false) };
+    let format = meta.get(META_FORMAT).map_err(storage)?.map(|v| v.value());
+    Ok(format == Some(u64::from(FORMAT_VERSION))
+        && present(txn.open_table(FRAMES))?
+        && present(txn.open_table(BUCKETS))?
+        && present(txn.open_table(checkpoint::HEADS))?)
 }
