@@ -14,22 +14,29 @@
 //! applies its updates only after handing that unit's records to the log, so the completion record
 //! the applying worker then appends always follows every record of the finished work.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::{Condvar, Mutex};
 use rustc_hash::FxHashMap;
+
+use crate::sync::{fence, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Most messages in flight at once: a submission waits for one of them to finish beyond this
 /// (backpressure, like a full queue). Above what the queues and the ingress windows of any
 /// configuration within [`crate::config::limits`] usually hold; a configuration that holds more
 /// simply admits new messages as old ones finish.
+#[cfg(not(loom))]
 pub const ROOTS_MAX: usize = 1 << 18;
+/// Under loom, a handful: each slot is a loom object in every explored execution.
+#[cfg(loom)]
+pub const ROOTS_MAX: usize = 2;
 
 /// Slots are allocated in chunks of this many, as they are first needed.
+#[cfg(not(loom))]
 const CHUNK_SLOTS: usize = 1 << 12;
+#[cfg(loom)]
+const CHUNK_SLOTS: usize = 2;
 
 /// Called with the `seq` of each submitted message whose work has finished, on the thread that
 /// saw it finish; keep it short. (With a journal, `seq` is the id of the message's ingress record.)
@@ -195,6 +202,10 @@ impl Tracker {
                 callback(seq);
             }
         }
+        // With `ticket`'s count-then-read, this update-then-read is a store-buffering pair:
+        // a fence on each side forbids the ticket reading the word before the update while this
+        // reads no ticket (the loom model finds that interleaving without the fences).
+        fence(Ordering::SeqCst);
         if self.ticketed.load(Ordering::SeqCst) > 0 {
             let mut tickets = self.tickets.lock();
             for seq in done {
@@ -217,6 +228,7 @@ impl Tracker {
         // Counted before the slot is read: a worker that finishes the message after this reads
         // a nonzero count and looks for the ticket.
         self.ticketed.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if self.holds(slot, seq) {
             tickets.insert(seq, sender);
         } else {
@@ -330,5 +342,91 @@ impl Acks {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.updates.len()
+    }
+}
+
+/// loom models of the tracker itself (`RUSTFLAGS="--cfg loom" cargo test --lib loom_`): every
+/// interleaving of its atomics and locks (`crate::sync`) that loom finds.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use std::sync::Arc;
+
+    use loom::thread;
+
+    use super::*;
+
+    /// A worker's unit: the updates of one finished event, applied at once.
+    fn finish(tracker: &Tracker, slot: u32, delta: u64) -> Vec<u64> {
+        let mut acks = Acks::new(0, true);
+        acks.update(slot, delta);
+        let mut finished = Vec::new();
+        tracker.apply(&mut acks, &mut finished);
+        finished
+    }
+
+    /// A message fanned out in two: its parent's update (its own token and its children's)
+    /// and each child's race on three threads, in any order, while its submitter asks for a
+    /// ticket. The message finishes exactly once, only after all three, and the ticket settles
+    /// whenever it was asked for.
+    #[test]
+    fn loom_a_fanned_out_message_finishes_once_and_its_ticket_always_settles() {
+        // Three preemptions cover the races here (the fence-less ticket fails with two); all of
+        // them take minutes.
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let tracker = Arc::new(Tracker::new(None));
+            let mut slots = Vec::new();
+            assert!(tracker.try_acquire(1, &mut slots));
+            let slot = slots[0];
+            let (parent, left, right) = (token_of(1), token_of(2), token_of(3));
+            tracker.register_fresh(std::iter::once((slot, 7, parent)));
+            let workers: Vec<_> = [parent ^ left ^ right, left, right]
+                .into_iter()
+                .map(|delta| {
+                    let tracker = Arc::clone(&tracker);
+                    thread::spawn(move || finish(&tracker, slot, delta))
+                })
+                .collect();
+            let ticket = tracker.ticket(slot, 7);
+            let finished: Vec<u64> = workers.into_iter().flat_map(|w| w.join().expect("joins")).collect();
+            assert_eq!(finished, [7], "finished exactly once");
+            assert!(ticket.is_done(), "a ticket asked for while the message finished never settled");
+            assert_eq!((tracker.in_flight(), tracker.completed()), (0, 1));
+        });
+    }
+
+    /// With every slot held, a submitter waits for one: it gets the slot of the message that
+    /// finishes, and a ticket for that finished message, asked for while the slot changes
+    /// hands, settles and is never taken for the new message.
+    #[test]
+    fn loom_a_reused_slot_never_carries_a_stale_ticket() {
+        loom::model(|| {
+            let tracker = Arc::new(Tracker::new(None));
+            let mut slots = Vec::new();
+            assert!(tracker.try_acquire(ROOTS_MAX, &mut slots), "every slot taken");
+            let slot = slots[0];
+            tracker.register_fresh(slots.iter().enumerate().map(|(n, &s)| (s, n as u64 + 1, token_of(n as u64 + 1))));
+            let worker = {
+                let tracker = Arc::clone(&tracker);
+                thread::spawn(move || finish(&tracker, slot, token_of(1)))
+            };
+            let submitter = {
+                let tracker = Arc::clone(&tracker);
+                thread::spawn(move || {
+                    let mut free = Vec::new();
+                    assert!(tracker.acquire(1, &mut free, &|| false), "waits until a slot is free");
+                    tracker.register_fresh(std::iter::once((free[0], 100, token_of(100))));
+                    free[0]
+                })
+            };
+            let ticket = tracker.ticket(slot, 1);
+            assert_eq!(worker.join().expect("joins"), [1]);
+            let reused = submitter.join().expect("joins");
+            assert_eq!(reused, slot, "the only free slot is the finished message's");
+            assert!(ticket.is_done(), "the finished message's ticket never settled");
+            assert!(tracker.holds(slot, 100) && !tracker.holds(slot, 1));
+            assert_eq!(tracker.in_flight(), ROOTS_MAX as u64, "the new message and the untouched one");
+        });
     }
 }

@@ -130,6 +130,7 @@ pub mod rpc;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod stage;
+mod sync;
 mod topology;
 pub mod wheel;
 
