@@ -136,6 +136,7 @@ impl StageMetrics {
             // woken by that take may put its batch in before the worker counts it out, so the
             // difference can pass, for an instant, the capacity the queue itself never exceeds.
             queue_depth: enqueued.saturating_sub(dequeued).min(self.queue_capacity_events as u64),
+            queue_depth_counted: enqueued.saturating_sub(dequeued),
             queue_capacity: self.queue_capacity_events,
             latency_us: LatencySummary::from_histogram(&merged),
         }
@@ -207,6 +208,10 @@ pub struct StageSnapshot {
     /// Events in the stage's input queues: counted when a batch goes in and when it comes out (a
     /// batch a sender still waits to put in does not count), at most `queue_capacity`.
     pub queue_depth: u64,
+    /// The same count not capped: in minus out. It may pass `queue_capacity`, for an instant, by
+    /// the batches that workers have taken but not yet counted out (at most one batch per
+    /// worker); more would mean events counted in before they were in the queue.
+    pub queue_depth_counted: u64,
     /// Most events the stage's input queues hold, every partition and priority level together.
     pub queue_capacity: usize,
     /// Time from a batch's hand-off to the stage until the stage has handled it, per event.

@@ -32,7 +32,10 @@ fn producers_faster_than_the_pipeline_are_held_back_and_lose_nothing() {
         order
     };
     let mut producers = Vec::new();
-    for blocking in [true, false] {
+    // Two blocking producers: more senders waiting on the entry stage's full queue than it has
+    // workers, so counting a waiting batch as queued would show past the one-batch-per-worker
+    // overshoot allowed below.
+    for blocking in [true, true, false] {
         let (pipeline, stop, accepted, refused, ids) =
             (Arc::clone(&pipeline), Arc::clone(&stop), Arc::clone(&accepted), Arc::clone(&refused), Arc::clone(&ids));
         producers.push(std::thread::spawn(move || {
@@ -68,8 +71,17 @@ fn producers_faster_than_the_pipeline_are_held_back_and_lose_nothing() {
     let mut deepest = std::collections::BTreeMap::new();
     while started.elapsed() < Duration::from_millis(1_500) {
         for stage in pipeline.engine().snapshot().stages {
+            // The uncapped count: an overshoot past the queue's bound must be visible here.
+            let counted = stage.queue_depth_counted;
+            let overshoot = counted.saturating_sub(stage.queue_capacity as u64);
+            assert!(
+                overshoot <= stage.workers as u64 * 64,
+                "stage {}: {counted} events counted in a queue of {}: more than one batch per worker over",
+                stage.name,
+                stage.queue_capacity
+            );
             let deepest = deepest.entry(stage.name.clone()).or_insert((0, stage.queue_capacity));
-            deepest.0 = deepest.0.max(stage.queue_depth);
+            deepest.0 = deepest.0.max(counted);
         }
         rss_peak = rss_peak.max(rss_bytes().unwrap_or(0));
         std::thread::sleep(Duration::from_millis(10));
