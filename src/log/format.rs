@@ -251,6 +251,37 @@ mod tests {
         }
     }
 
+    /// A stored value of `body` behind a header its own fields make valid.
+    fn sealed(body: &[u8]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&0u16.to_le_bytes());
+        bytes.extend_from_slice(&u32::try_from(body.len()).expect("small").to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    #[test]
+    fn the_header_check_is_exact_about_lengths() {
+        assert_eq!(check_header(&sealed(b"")), Ok(&b""[..]), "a header alone is a value with an empty body");
+        assert_eq!(check_header(&sealed(b"")[..HEADER_LEN - 1]), Err(FrameError::TooShort { len: HEADER_LEN - 1 }));
+        let largest = vec![7u8; BODY_LEN_MAX];
+        assert_eq!(check_header(&sealed(&largest)).map(<[u8]>::len), Ok(BODY_LEN_MAX), "the largest body is accepted");
+        let over = vec![7u8; BODY_LEN_MAX + 1];
+        let error = check_header(&sealed(&over)).expect_err("a body over the limit is refused");
+        assert_eq!(error, FrameError::Length { declared: BODY_LEN_MAX + 1, actual: BODY_LEN_MAX + 1 });
+    }
+
+    #[test]
+    fn a_completion_record_lists_its_ids_and_a_torn_tail_is_ignored() {
+        let mut payload = crate::journal::completion_record(&[3, 9]).payload;
+        assert_eq!(completed_ids(&payload).collect::<Vec<_>>(), [3, 9]);
+        payload.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(completed_ids(&payload).collect::<Vec<_>>(), [3, 9]);
+        assert_eq!(completed_ids(&[]).count(), 0);
+    }
+
     #[test]
     fn a_frame_round_trips() {
         let mut bytes = Vec::new();
