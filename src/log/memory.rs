@@ -98,18 +98,20 @@ impl MemoryDisk {
     /// `cut` lets through of the rest. This disk answers nothing more.
     #[must_use]
     pub fn cut_power(&self, cut: PowerCut) -> Self {
-        let mut platter = self.0.lock();
-        if !platter.dark {
-            platter.cut(cut);
+        {
+            let mut platter = self.0.lock();
+            if !platter.dark {
+                platter.cut(cut);
+            }
         }
-        Self::from_image(platter.durable.clone())
+        self.survivor()
     }
 
     /// The disk as it powers up again after a cut (armed or not) that already happened; while the
     /// power is on, what a cut that dropped every unsynced write would leave.
     #[must_use]
     pub fn survivor(&self) -> Self {
-        Self::from_image(self.0.lock().durable.clone())
+        Self::from_image(self.image())
     }
 
     /// The durable bytes: what a [`MemoryDisk::from_image`] of them would hold.
@@ -128,12 +130,6 @@ impl MemoryDisk {
     #[must_use]
     pub fn syncs(&self) -> u64 {
         self.0.lock().syncs
-    }
-
-    /// The bytes a reader sees now.
-    #[must_use]
-    pub fn len_bytes(&self) -> u64 {
-        self.0.lock().current.len() as u64
     }
 }
 

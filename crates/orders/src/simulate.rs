@@ -109,7 +109,7 @@ fn empty_log_image() -> Result<Vec<u8>, String> {
             let disk = MemoryDisk::new();
             let log = Log::open_with_backend("simulated disk", disk.clone(), LogOptions::default());
             log.and_then(|log| log.close()).map_err(|e| e.to_string())?;
-            Ok(disk.survivor().image())
+            Ok(disk.image())
         })
         .clone()
 }
