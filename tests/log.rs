@@ -58,6 +58,26 @@ fn appends_get_contiguous_versions_and_survive_reopening() {
 }
 
 #[test]
+fn streams_of_several_buckets_sharing_frames_read_each_record_once() {
+    use conduit::log::BUCKET_STREAMS_LOG2;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = Log::open(dir.path().join("log"), LogOptions::default()).expect("new log");
+    // Four streams in four index buckets, every append holding an event of each: every frame
+    // is indexed under all four buckets.
+    let wanted: Vec<u64> = (0..4).map(|b| (b << BUCKET_STREAMS_LOG2) + 7).collect();
+    for round in 0..20u16 {
+        let records = wanted.iter().map(|&s| event(s, round, u64::from(round))).collect();
+        log.append(records).expect("open").wait().expect("committed");
+    }
+    let found = log.streams(&wanted).expect("readable");
+    assert_eq!(found.len(), 4);
+    for stream in &wanted {
+        let versions: Vec<u32> = found[stream].iter().map(|r| r.version).collect();
+        assert_eq!(versions, (1..=20).collect::<Vec<u32>>(), "stream {stream}: each record once, in order");
+    }
+}
+
+#[test]
 fn optimistic_concurrency_refuses_a_stale_expected_version() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = Log::open(dir.path().join("log"), LogOptions::default()).expect("new log");

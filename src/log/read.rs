@@ -102,25 +102,30 @@ impl Log {
         let mut by_bucket: Vec<u64> = wanted.iter().map(|&s| bucket_of(s)).collect();
         by_bucket.sort_unstable();
         by_bucket.dedup();
-        let mut found: FxHashMap<u64, Vec<Record>> = FxHashMap::default();
+        // Streams of neighbouring buckets share frames: each frame is read once.
+        let mut seqs = Vec::new();
         for bucket in by_bucket {
             for entry in buckets.range((bucket, 0)..=(bucket, u64::MAX)).map_err(storage)? {
-                let (key, ()) = entry.map_err(storage).map(|(k, v)| (k.value(), v.value()))?;
-                let seq = key.1;
-                let bytes = frames.get(seq).map_err(storage)?.ok_or_else(|| LogError::Corrupt {
-                    frame: seq,
-                    error: FrameError::Invalid("indexed frame is missing".into()),
-                })?;
-                let archived = decode_frame(bytes.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
-                for record in archived.records.iter() {
-                    let stream = record.stream.to_native();
-                    if bucket_of(stream) != bucket || !wanted.contains(&stream) {
-                        continue;
-                    }
-                    let record = rkyv::deserialize::<Record, rkyv::rancor::Error>(record)
-                        .map_err(|e| LogError::Corrupt { frame: seq, error: FrameError::Invalid(e.to_string()) })?;
-                    found.entry(stream).or_default().push(record);
+                seqs.push(entry.map_err(storage)?.0.value().1);
+            }
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut found: FxHashMap<u64, Vec<Record>> = FxHashMap::default();
+        for seq in seqs {
+            let bytes = frames.get(seq).map_err(storage)?.ok_or_else(|| LogError::Corrupt {
+                frame: seq,
+                error: FrameError::Invalid("indexed frame is missing".into()),
+            })?;
+            let archived = decode_frame(bytes.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
+            for record in archived.records.iter() {
+                let stream = record.stream.to_native();
+                if !wanted.contains(&stream) {
+                    continue;
                 }
+                let record = rkyv::deserialize::<Record, rkyv::rancor::Error>(record)
+                    .map_err(|e| LogError::Corrupt { frame: seq, error: FrameError::Invalid(e.to_string()) })?;
+                found.entry(stream).or_default().push(record);
             }
         }
         for records in found.values_mut() {
