@@ -149,6 +149,19 @@ fn files_that_are_not_logs_get_a_clear_error() {
 /// Opening a log of this format with every table in place commits nothing of its own (it used
 /// to commit an empty transaction on every open: two more syncs).
 #[test]
+fn a_log_open_elsewhere_is_in_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log");
+    let first = Log::open(&path, LogOptions::default()).expect("new log");
+    let second = Log::open(&path, LogOptions::default()).expect_err("the first holds the lock");
+    assert_eq!(second, LogError::InUse { path: path.clone() });
+    assert!(second.to_string().contains("in use"), "{second}");
+    // The refused open took nothing from the log that holds the file.
+    first.append(vec![event(1, 1, 1)]).expect("open").wait().expect("committed");
+    first.close().expect("closes");
+}
+
+#[test]
 fn opening_a_ready_log_commits_nothing() {
     let disk = conduit::log::MemoryDisk::new();
     let created = Log::open_with_backend("disk", disk.clone(), LogOptions::default()).expect("creates");

@@ -16,6 +16,12 @@ pub enum LogError {
         /// What gave it away.
         reason: String,
     },
+    /// Another process (or another `Log` in this one) has the file open: it holds the lock.
+    #[error("{} is in use: another process has it open (stop that process first)", path.display())]
+    InUse {
+        /// The file.
+        path: PathBuf,
+    },
     /// The storage engine failed (I/O, or a damaged file it detected).
     #[error("storage error: {0}")]
     Storage(#[source] StorageFailure),

@@ -25,6 +25,7 @@ fn open_database(path: &Path, create: bool) -> Result<redb::Database, LogError> 
         std::panic::catch_unwind(|| if create { redb::Database::create(path) } else { redb::Database::open(path) });
     match opened {
         Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(LogError::InUse { path: path.to_owned() }),
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
             if !matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
         {
@@ -38,8 +39,9 @@ fn open_database(path: &Path, create: bool) -> Result<redb::Database, LogError> 
 impl Log {
     /// Opens the log at `path`, creating it if it does not exist, and starts the writer.
     ///
-    /// Every frame is read and validated first (in parallel) to learn each stream's last
-    /// version: a corrupt frame is an error, never a panic.
+    /// Opening reads the last checkpoint and the frames written after it (validated: a
+    /// corrupt frame is an error, never a panic), so its cost follows the checkpoint interval,
+    /// not the history. A file another process has open is [`LogError::InUse`].
     pub fn open(path: impl AsRef<Path>, options: LogOptions) -> Result<Self, LogError> {
         options.validate()?;
         let path = path.as_ref().to_owned();
