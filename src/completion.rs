@@ -15,10 +15,13 @@
 //! the applying worker then appends always follows every record of the finished work.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
+
+use crate::metrics::{new_histogram, LATENCY_NS_MAX};
 
 use crate::sync::{fence, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
@@ -42,11 +45,14 @@ const CHUNK_SLOTS: usize = 2;
 /// saw it finish; keep it short. (With a journal, `seq` is the id of the message's ingress record.)
 pub type OnComplete = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// One message in flight: the XOR of its unfinished events' tokens, and its `seq`.
+/// One message in flight: the XOR of its unfinished events' tokens, its `seq`, and when it was
+/// accepted (nanoseconds since the tracker's epoch). `born` is plain data published with the
+/// word, not part of the protocol the loom models check, so it is std's atomic even under loom.
 #[derive(Default)]
 struct Slot {
     word: AtomicU64,
     seq: AtomicU64,
+    born: std::sync::atomic::AtomicU64,
 }
 
 /// The messages in flight, each in a slot its events name, and who wants to hear when they
@@ -63,6 +69,11 @@ pub(crate) struct Tracker {
     /// Tickets outstanding: the map's lock is skipped while there are none.
     ticketed: AtomicUsize,
     on_complete: Option<OnComplete>,
+    /// What `born` counts from: an hour before the tracker was made.
+    epoch: Instant,
+    /// Accepted (or scheduled, see [`crate::Engine::submit_many_at`]) to finished, in ns: locked
+    /// once per unit that finishes a message. Not a loom object: no part of the protocol.
+    end_to_end: parking_lot::Mutex<Histogram<u64>>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -83,7 +94,21 @@ impl Tracker {
             tickets: Mutex::new(FxHashMap::default()),
             ticketed: AtomicUsize::new(0),
             on_complete,
+            // An hour back, so that a message scheduled before the engine started (an open-loop
+            // generator behind its schedule) still counts from its time.
+            epoch: Instant::now().checked_sub(Duration::from_secs(3_600)).unwrap_or_else(Instant::now),
+            end_to_end: parking_lot::Mutex::new(new_histogram()),
         }
+    }
+
+    /// Nanoseconds from the tracker's epoch to `at` (0 for an earlier instant).
+    pub(crate) fn ns_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Accepted-to-finished latencies of the messages finished so far, in ns.
+    pub(crate) fn end_to_end(&self) -> Histogram<u64> {
+        self.end_to_end.lock().clone()
     }
 
     #[inline]
@@ -144,6 +169,9 @@ impl Tracker {
     pub(crate) fn register(&self, slot: u32, seq: u64, token: u64) {
         let held = self.slot(slot);
         held.seq.store(seq, Ordering::Relaxed);
+        if held.word.load(Ordering::Relaxed) == 0 {
+            held.born.store(self.ns_at(Instant::now()), std::sync::atomic::Ordering::Relaxed);
+        }
         if held.word.fetch_xor(token, Ordering::AcqRel) == 0 {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
         }
@@ -152,13 +180,14 @@ impl Tracker {
     /// Registers events each in a slot just acquired (so its word is zero and no other thread
     /// can touch it until the event enters a queue): plain stores, one count for them all. An
     /// atomic read-modify-write per event here cost the submitter a fifth of a pass-through
-    /// chain's throughput.
-    pub(crate) fn register_fresh(&self, events: impl Iterator<Item = (u32, u64, u64)>) {
+    /// chain's throughput. Their end-to-end latency counts from `born` ([`Self::ns_at`]).
+    pub(crate) fn register_fresh(&self, events: impl Iterator<Item = (u32, u64, u64)>, born: u64) {
         let mut registered = 0;
         for (slot, seq, token) in events {
             let held = self.slot(slot);
             debug_assert_eq!(held.word.load(Ordering::Relaxed), 0, "a slot just acquired is free");
             held.seq.store(seq, Ordering::Relaxed);
+            held.born.store(born, std::sync::atomic::Ordering::Relaxed);
             held.word.store(token, Ordering::Release);
             registered += 1;
         }
@@ -188,12 +217,20 @@ impl Tracker {
             if held.word.fetch_xor(delta, Ordering::AcqRel) == delta {
                 finished.push(held.seq.load(Ordering::Relaxed));
                 acks.freed.push(slot);
+                acks.born.push(held.born.load(std::sync::atomic::Ordering::Relaxed));
             }
         }
         acks.updates.clear();
         let done = &finished[start..];
         if done.is_empty() {
             return;
+        }
+        let now = self.ns_at(Instant::now());
+        {
+            let mut end_to_end = self.end_to_end.lock();
+            for born in acks.born.drain(..) {
+                end_to_end.saturating_record(now.saturating_sub(born).clamp(1, LATENCY_NS_MAX));
+            }
         }
         self.in_flight.fetch_sub(done.len() as u64, Ordering::Relaxed);
         self.completed.fetch_add(done.len() as u64, Ordering::Relaxed);
@@ -301,8 +338,9 @@ pub(crate) fn token_of(n: u64) -> u64 {
 pub(crate) struct Acks {
     /// `(slot, delta)`: a message's word changes by `delta`.
     updates: Vec<(u32, u64)>,
-    /// Scratch: slots a unit's updates freed.
+    /// Scratch: slots a unit's updates freed, and when their messages were accepted.
     freed: Vec<u32>,
+    born: Vec<u64>,
     state: u64,
     /// Off when the engine does not track completion: updates are not even collected.
     enabled: bool,
@@ -311,7 +349,7 @@ pub(crate) struct Acks {
 impl Acks {
     /// A token source starting at `seed` (distinct per thread: the seed's high bits).
     pub(crate) fn new(seed: u64, enabled: bool) -> Self {
-        Self { updates: Vec::new(), freed: Vec::new(), state: seed, enabled }
+        Self { updates: Vec::new(), freed: Vec::new(), born: Vec::new(), state: seed, enabled }
     }
 
     /// Whether updates are collected.
@@ -380,7 +418,7 @@ mod loom_models {
             assert!(tracker.try_acquire(1, &mut slots));
             let slot = slots[0];
             let (parent, left, right) = (token_of(1), token_of(2), token_of(3));
-            tracker.register_fresh(std::iter::once((slot, 7, parent)));
+            tracker.register_fresh(std::iter::once((slot, 7, parent)), 0);
             let workers: Vec<_> = [parent ^ left ^ right, left, right]
                 .into_iter()
                 .map(|delta| {
@@ -406,7 +444,8 @@ mod loom_models {
             let mut slots = Vec::new();
             assert!(tracker.try_acquire(ROOTS_MAX, &mut slots), "every slot taken");
             let slot = slots[0];
-            tracker.register_fresh(slots.iter().enumerate().map(|(n, &s)| (s, n as u64 + 1, token_of(n as u64 + 1))));
+            tracker
+                .register_fresh(slots.iter().enumerate().map(|(n, &s)| (s, n as u64 + 1, token_of(n as u64 + 1))), 0);
             let worker = {
                 let tracker = Arc::clone(&tracker);
                 thread::spawn(move || finish(&tracker, slot, token_of(1)))
@@ -416,7 +455,7 @@ mod loom_models {
                 thread::spawn(move || {
                     let mut free = Vec::new();
                     assert!(tracker.acquire(1, &mut free, &|| false), "waits until a slot is free");
-                    tracker.register_fresh(std::iter::once((free[0], 100, token_of(100))));
+                    tracker.register_fresh(std::iter::once((free[0], 100, token_of(100))), 0);
                     free[0]
                 })
             };

@@ -318,7 +318,22 @@ impl<M: Message> Engine<M> {
     /// rest of `msgs`, collected (so `msgs` must be finite).
     pub fn submit_many(&self, msgs: impl IntoIterator<Item = M>) -> Result<u64, SubmitError<Vec<M>>> {
         match self.ingress.as_ref() {
-            Some(ingress) => ingress.submit_many(msgs),
+            Some(ingress) => ingress.submit_many(msgs, None),
+            None => Err(SubmitError::Closed(msgs.into_iter().collect())),
+        }
+    }
+
+    /// [`submit_many`](Self::submit_many) for messages an open-loop load generator meant to
+    /// send at `scheduled`: their end-to-end latency ([`Snapshot::end_to_end_us`]) counts from
+    /// then, not from when the call got through, so time spent waiting behind a slow engine is
+    /// counted (no coordinated omission).
+    pub fn submit_many_at(
+        &self,
+        msgs: impl IntoIterator<Item = M>,
+        scheduled: std::time::Instant,
+    ) -> Result<u64, SubmitError<Vec<M>>> {
+        match self.ingress.as_ref() {
+            Some(ingress) => ingress.submit_many(msgs, Some(scheduled)),
             None => Err(SubmitError::Closed(msgs.into_iter().collect())),
         }
     }
@@ -475,6 +490,7 @@ impl<M: Message> Engine<M> {
                 (None, kept) => kept.as_ref().map(LatencySummary::from_histogram),
             }),
             breakers: self.breakers.lock().iter().map(|(name, breaker)| (name.clone(), breaker.report())).collect(),
+            end_to_end_us: self.track_completion.then(|| LatencySummary::from_histogram(&self.tracker.end_to_end())),
         }
     }
 

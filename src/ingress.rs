@@ -212,15 +212,17 @@ impl<M: Message> Ingress<M> {
     }
 
     /// Gives each event a token and a slot (from `slots`) and counts it as its message's
-    /// unfinished work, before it can enter the pipeline.
-    fn track(&self, events: &mut [Envelope<M>], slots: &mut Vec<u32>) {
+    /// unfinished work, before it can enter the pipeline; its end-to-end latency counts from
+    /// `scheduled`, or from now.
+    fn track(&self, events: &mut [Envelope<M>], slots: &mut Vec<u32>, scheduled: Option<Instant>) {
         if let Some(tracker) = &self.tracker {
             let first = self.next_token.fetch_add(events.len() as u64, Ordering::Relaxed);
             for (event, n) in events.iter_mut().zip(first..) {
                 event.token = token_of(n);
                 event.slot = slots.pop().expect("a slot was acquired for every event");
             }
-            tracker.register_fresh(events.iter().map(|e| (e.slot, e.seq, e.token)));
+            let born = tracker.ns_at(scheduled.unwrap_or_else(Instant::now));
+            tracker.register_fresh(events.iter().map(|e| (e.slot, e.seq, e.token)), born);
         }
     }
 
@@ -279,7 +281,7 @@ impl<M: Message> Ingress<M> {
             let mut buffer = sender.buffer();
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
             buffer.push(Envelope::submitted(seq, msg));
-            self.track(&mut buffer, &mut slots);
+            self.track(&mut buffer, &mut slots, None);
             let one = (seq, buffer[0].slot, buffer[0].token);
             return match sender.try_send(buffer) {
                 Ok(()) => {
@@ -321,7 +323,7 @@ impl<M: Message> Ingress<M> {
             }
         };
         // Counted in flight once its record is on its way, before it can enter.
-        self.track(&mut events, &mut slots);
+        self.track(&mut events, &mut slots, None);
         let one = (events[0].seq, events[0].slot, events[0].token);
         Ok(journaled.forward(vec![(partition, events)], commit).of_one(one))
     }
@@ -329,7 +331,11 @@ impl<M: Message> Ingress<M> {
     /// Submits every message, blocking while the entry queue (or, with a journal, the windows
     /// in flight) is full; with a journal, returns once every window is committed and in the
     /// entry queue. See [`Engine::submit_many`](crate::Engine::submit_many).
-    pub(crate) fn submit_many(&self, msgs: impl IntoIterator<Item = M>) -> Result<u64, SubmitError<Vec<M>>> {
+    pub(crate) fn submit_many(
+        &self,
+        msgs: impl IntoIterator<Item = M>,
+        scheduled: Option<Instant>,
+    ) -> Result<u64, SubmitError<Vec<M>>> {
         let mut msgs = msgs.into_iter().peekable();
         let mut receipts = Vec::new();
         let mut accepted = 0u64;
@@ -342,7 +348,7 @@ impl<M: Message> Ingress<M> {
             }
             let mut window = self.next_window(&mut msgs);
             let Some(journaled) = &self.journaled else {
-                match self.send_tracked(&mut window) {
+                match self.send_tracked(&mut window, scheduled) {
                     Ok(count) => accepted += count,
                     Err(refused) => {
                         stopped = Some(refused.map(|()| messages(window)));
@@ -367,7 +373,7 @@ impl<M: Message> Ingress<M> {
             }
             if let Ok(commit) = journaled.journal.log.append(records) {
                 for (_, batch) in &mut window {
-                    self.track(batch, &mut slots);
+                    self.track(batch, &mut slots, scheduled);
                 }
                 receipts.push(journaled.forward(window, commit));
             } else {
@@ -429,7 +435,7 @@ impl<M: Message> Ingress<M> {
     /// Sends a window's batches in order (memory mode), each tracked just before it goes, so a
     /// caller never holds slots for batches it cannot send yet; on failure the unsent batches
     /// stay in `window`.
-    fn send_tracked(&self, window: &mut Window<M>) -> Result<u64, SubmitError<()>> {
+    fn send_tracked(&self, window: &mut Window<M>, scheduled: Option<Instant>) -> Result<u64, SubmitError<()>> {
         let mut sent = 0;
         let mut batches = std::mem::take(window).into_iter();
         while let Some((partition, mut batch)) = batches.next() {
@@ -439,7 +445,7 @@ impl<M: Message> Ingress<M> {
                 self.submitted.fetch_add(sent, Ordering::Relaxed);
                 return Err(self.refusal(()).err().unwrap_or(SubmitError::Closed(())));
             };
-            self.track(&mut batch, &mut slots);
+            self.track(&mut batch, &mut slots, scheduled);
             let count = batch.len() as u64;
             match self.input.sender(partition).send(batch) {
                 Ok(()) => sent += count,

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 /// Largest latency a histogram tracks exactly; longer ones are clamped to it (one hour, in ns).
-const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
+pub(crate) const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
 /// Significant decimal digits kept by the latency histograms.
 const LATENCY_SIGFIG: u8 = 3;
 
@@ -150,6 +150,8 @@ pub struct LatencySummary {
     pub count: u64,
     /// Median.
     pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
     /// 99th percentile.
     pub p99: f64,
     /// 99.9th percentile.
@@ -169,6 +171,7 @@ impl LatencySummary {
         Self {
             count: histogram.len(),
             p50: us(histogram.value_at_quantile(0.5)),
+            p90: us(histogram.value_at_quantile(0.9)),
             p99: us(histogram.value_at_quantile(0.99)),
             p999: us(histogram.value_at_quantile(0.999)),
             max: us(histogram.max()),
@@ -238,6 +241,10 @@ pub struct Snapshot {
     pub log: Option<crate::log::LogStats>,
     /// With a journal: time from journaling a submitted batch to its commit.
     pub ack_latency_us: Option<LatencySummary>,
+    /// When the engine tracks completion: each finished message's time from acceptance (or
+    /// from when it was scheduled, [`Engine::submit_many_at`](crate::Engine::submit_many_at))
+    /// until its last descendant event finished.
+    pub end_to_end_us: Option<LatencySummary>,
     /// The circuit breakers the application showed the engine
     /// ([`Engine::watch_breaker`](crate::Engine::watch_breaker)), by name: state and transitions.
     pub breakers: std::collections::BTreeMap<String, crate::breaker::BreakerReport>,

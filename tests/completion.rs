@@ -141,6 +141,21 @@ fn every_message_completes_once_and_only_after_all_its_work() {
 }
 
 #[test]
+fn end_to_end_latency_counts_every_message_from_when_it_was_scheduled() {
+    let seen = Arc::new(Seen::default());
+    let engine = Engine::builder(topology(&seen)).config(&config()).start().expect("valid");
+    // As an open-loop generator 300 ms behind its schedule would send them: every latency
+    // includes those 300 ms.
+    let late = std::time::Instant::now().checked_sub(Duration::from_millis(300)).expect("the clock is past 300 ms");
+    engine.submit_many_at((0..JOBS).map(Job), late).expect("accepted");
+    let report = engine.shutdown();
+    let end_to_end = report.snapshot.end_to_end_us.expect("a tracking engine measures it");
+    assert_eq!(end_to_end.count, JOBS, "one latency per finished message");
+    assert!(end_to_end.p50 >= 300_000.0, "every job waited 300 ms before it was sent: {end_to_end:?}");
+    assert!(end_to_end.p50 <= end_to_end.p90 && end_to_end.p90 <= end_to_end.p99, "{end_to_end:?}");
+}
+
+#[test]
 fn a_ticket_settles_when_the_work_is_done() {
     let (open, gate) = crossbeam_channel::unbounded::<()>();
     let mut topology = Topology::new();
@@ -181,6 +196,7 @@ fn without_tracking_nothing_is_counted() {
     engine.submit_many((0..100).map(Job)).expect("accepted");
     let snapshot = engine.shutdown().snapshot;
     assert_eq!((snapshot.completed, snapshot.in_flight), (0, 0));
+    assert_eq!(snapshot.end_to_end_us, None, "nothing measured without tracking");
 }
 
 #[test]

@@ -95,6 +95,7 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
             ack.p50, ack.p99, ack.p999, ack.max
         )?;
     }
+    write_load(out, report)?;
     if let Some(reason) = &report.poisoned {
         writeln!(out, "\n  POISONED: {reason}")?;
     }
@@ -237,6 +238,26 @@ pub(crate) fn write_sweep(out: &mut impl Write, points: &[SweepPoint]) -> io::Re
             p.workers,
             p.events_per_sec / 1e6,
             p.ratio_to_ceiling
+        )?;
+    }
+    Ok(())
+}
+
+/// How the orders were offered, and their end-to-end latency.
+fn write_load(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
+    match report.load {
+        conduit_orders::LoadReport::Saturated => writeln!(out, "  load         saturated (closed loop: latencies include queueing)")?,
+        conduit_orders::LoadReport::Rate { offered_per_s, achieved_per_s, behind_max_ms, sustained } => writeln!(
+            out,
+            "  load         open loop: offered {offered_per_s:.0}/s  achieved {achieved_per_s:.0}/s  at most {behind_max_ms:.1} ms behind  {}",
+            if sustained { "sustained" } else { "NOT sustained" }
+        )?,
+    }
+    if let Some(e2e) = &report.end_to_end_us {
+        writeln!(
+            out,
+            "  end to end   p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
+            e2e.p50, e2e.p90, e2e.p99, e2e.p999, e2e.max
         )?;
     }
     Ok(())

@@ -21,6 +21,11 @@ pub(crate) struct RunArgs {
     /// soak run whose memory does not grow with its length.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     duration: Option<std::time::Duration>,
+    /// Offer orders on a fixed schedule of this many a second (for example `200000/s`) instead
+    /// of as fast as the pipeline takes them: end-to-end latency then counts from each order's
+    /// slot in the schedule (open loop, no coordinated omission).
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    rate: Option<f64>,
     /// Seed of the workload and of every simulated fault (overrides the file).
     #[arg(long)]
     seed: Option<u64>,
@@ -190,9 +195,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         (_, Some(duration)) => orders::Limit::For(duration),
         (orders, None) => orders::Limit::Orders(orders.unwrap_or(100_000)),
     };
+    let pace = args.rate.map_or(orders::Pace::Saturate, orders::Pace::Rate);
     let bar = progress_bar(limit, args.quiet);
     let started = std::time::Instant::now();
-    let result = orders::run_until(&engine, &sim, &routing, limit, log.clone(), |submitted, finished| {
+    let result = orders::run_until(&engine, &sim, &routing, limit, pace, log.clone(), |submitted, finished| {
         if let Some(bar) = &bar {
             match limit {
                 orders::Limit::Orders(_) => bar.set_position(submitted),
@@ -282,4 +288,13 @@ pub(crate) fn recover(args: &RecoverArgs) -> Result<ExitCode, Failure> {
         eprintln!("invariant broken: {problem}");
     }
     Ok(if broken.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `--rate`: orders a second, written `N` or `N/s`, positive and finite.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.strip_suffix("/s").unwrap_or(text);
+    match number.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{text:?} is not a rate: write orders a second, for example 200000/s")),
+    }
 }

@@ -357,3 +357,24 @@ fn dead_letters_are_listed_shown_redriven_and_purged_from_the_command_line() {
     assert!(list(&[]).is_empty());
     assert!(conduit(&["log", "verify", log]).status.success());
 }
+
+#[test]
+fn an_offered_rate_is_reported_with_latency_from_the_schedule() {
+    let report = json_run(&["--rate", "20000/s", "--duration", "1s"]);
+    assert_eq!(report.pointer("/load/mode").and_then(serde_json::Value::as_str), Some("rate"), "{report}");
+    let offered = report.pointer("/load/offered_per_s").and_then(serde_json::Value::as_f64);
+    assert_eq!(offered, Some(20_000.0));
+    let submitted = u(&report, "/orders/submitted");
+    assert!(submitted <= 20_000, "a one-second schedule at 20000/s has 20000 slots: {submitted}");
+    // Every order finished, and each has one end-to-end latency, counted from its slot.
+    assert_eq!(u(&report, "/end_to_end_us/count"), submitted);
+    assert!(report.pointer("/load/sustained").is_some_and(serde_json::Value::is_boolean));
+
+    let closed = json_run(&["--orders", "1000"]);
+    assert_eq!(closed.pointer("/load/mode").and_then(serde_json::Value::as_str), Some("saturated"));
+    assert_eq!(u(&closed, "/end_to_end_us/count"), 1_000);
+
+    let refused = conduit(&["run", "--rate", "0/s", "--orders", "10"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a rate"), "{refused:?}");
+}

@@ -43,10 +43,12 @@ pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec,
 pub use history::{Histories, OrderHistory, OrderStatus, ProviderAudit, VerifiedLedger, VerifyReport};
 pub use pipeline::OrderPipeline;
 pub use redrive::{redrive, redrive_with_provider, RedriveItem, RedrivePlan, RedriveReport};
-pub use report::{DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, RunReport, StockReport};
+pub use report::{
+    DeadLetterReport, EventCounts, LedgerReport, LoadReport, LogReport, OrderCounts, RunReport, StockReport,
+};
 pub use run::{
     open_provider, recover, recover_with_provider, run, run_routed, run_until, verify, verify_with_provider, Limit,
-    RecoverReport, RunError,
+    Pace, RecoverReport, RunError,
 };
 pub use simulate::{simulate, simulate_bytes, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};

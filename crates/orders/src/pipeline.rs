@@ -183,6 +183,16 @@ impl OrderPipeline {
         self.engine.submit_many(orders.into_iter().map(place))
     }
 
+    /// [`submit_many`](Self::submit_many) for orders a load generator scheduled at `scheduled`:
+    /// their end-to-end latency counts from then ([`conduit::Engine::submit_many_at`]).
+    pub fn submit_many_at(
+        &self,
+        orders: impl IntoIterator<Item = Order>,
+        scheduled: std::time::Instant,
+    ) -> Result<u64, SubmitError<Vec<OrderEvent>>> {
+        self.engine.submit_many_at(orders.into_iter().map(place), scheduled)
+    }
+
     /// The engine underneath, for snapshots.
     pub fn engine(&self) -> &Engine<OrderEvent> {
         &self.engine
@@ -253,6 +263,8 @@ impl OrderPipeline {
             ack_latency_us: snapshot.ack_latency_us,
             fraud_check,
             breakers,
+            load: super::report::LoadReport::Saturated,
+            end_to_end_us: snapshot.end_to_end_us,
         }
     }
 

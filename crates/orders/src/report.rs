@@ -159,6 +159,32 @@ pub struct RunReport {
     pub fraud_check: Option<RpcStats>,
     /// Each port's circuit breaker: state at the end and times it opened.
     pub breakers: BTreeMap<String, BreakerReport>,
+    /// How the orders were offered: as fast as the pipeline took them, or on a schedule.
+    pub load: LoadReport,
+    /// Each order's time from acceptance (with an offered rate: from when the schedule meant to
+    /// send it) until all its work had finished; `None` without completion tracking.
+    pub end_to_end_us: Option<LatencySummary>,
+}
+
+/// How a run offered its orders.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum LoadReport {
+    /// Closed loop: each submission waited for room, so latencies measure a saturated
+    /// pipeline's queueing, and the rate is whatever it sustained.
+    Saturated,
+    /// Open loop: orders offered on a fixed schedule; latencies count from each order's slot in
+    /// the schedule, so waiting behind a slow pipeline is counted (no coordinated omission).
+    Rate {
+        /// Orders a second the schedule offered.
+        offered_per_s: f64,
+        /// Orders a second actually submitted, over the schedule's span.
+        achieved_per_s: f64,
+        /// Most the generator was ever behind its schedule, in milliseconds.
+        behind_max_ms: f64,
+        /// Whether it kept up: at least 99% of the offered rate and never a second behind.
+        sustained: bool,
+    },
 }
 
 /// The log's part of a run report.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::domain::Workload;
 use super::history::{Histories, VerifyReport};
 use super::ports::{BooksError, LedgerFigures, SimulatedGateway};
+use super::report::LoadReport;
 use crate::{OrderPipeline, OrderRouting, RunReport, SimConfig};
 use conduit::log::{Log, LogError};
 use conduit::{BuildError, EngineConfig};
@@ -39,6 +40,20 @@ pub enum Limit {
     For(Duration),
 }
 
+/// How a run offers its orders.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// As fast as the pipeline takes them (closed loop).
+    Saturate,
+    /// This many orders a second on a fixed schedule (open loop): each order's end-to-end
+    /// latency counts from its slot in the schedule, to within a millisecond (orders due in the
+    /// same millisecond go in one submission, stamped with the first one's slot).
+    Rate(f64),
+}
+
+/// Most the generator may fall behind its schedule and still have sustained the rate.
+const BEHIND_SUSTAINED: Duration = Duration::from_secs(1);
+
 /// [`run`] with the stages bound as `routing` says.
 pub fn run_routed(
     config: &EngineConfig,
@@ -48,15 +63,18 @@ pub fn run_routed(
     log: Option<Arc<Log>>,
     progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
-    run_until(config, sim, routing, Limit::Orders(orders), log, progress)
+    run_until(config, sim, routing, Limit::Orders(orders), Pace::Saturate, log, progress)
 }
 
-/// [`run_routed`] until `limit`: a number of orders or a duration.
+/// [`run_routed`] until `limit`: a number of orders or a duration, offered at `pace`.
+// Slots of a schedule: the rate is positive and finite (the CLI checks), counts fit f64 exactly.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
 pub fn run_until(
     config: &EngineConfig,
     sim: &SimConfig,
     routing: &OrderRouting,
     limit: Limit,
+    pace: Pace,
     log: Option<Arc<Log>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
@@ -76,19 +94,48 @@ pub fn run_until(
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers).poisoned(sim.poison_rate);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;
+    let mut behind_max = Duration::ZERO;
     let started = Instant::now();
     loop {
-        let left = match limit {
+        let mut left = match limit {
             Limit::Orders(orders) => orders - submitted,
             Limit::For(duration) if started.elapsed() < duration => u64::MAX,
             Limit::For(_) => 0,
         };
+        // With a rate: the orders due by now, within the next millisecond of the schedule.
+        let mut scheduled = None;
+        if let Pace::Rate(per_sec) = pace {
+            let slot = |n: u64| started + Duration::from_secs_f64(n as f64 / per_sec);
+            let mut now = Instant::now();
+            if let Limit::For(duration) = limit {
+                // No slot at or past the end of the run.
+                let slots = (duration.as_secs_f64() * per_sec).ceil() as u64;
+                left = left.min(slots.saturating_sub(submitted));
+            }
+            if left == 0 {
+                break;
+            }
+            let first = slot(submitted);
+            if first > now {
+                std::thread::sleep(first - now);
+                now = Instant::now();
+            }
+            behind_max = behind_max.max(now.saturating_duration_since(first));
+            let due = (now.duration_since(started).as_secs_f64() * per_sec) as u64 + 1;
+            let within_ms = ((per_sec / 1_000.0).ceil() as u64).max(1);
+            left = left.min(due.saturating_sub(submitted).clamp(1, within_ms));
+            scheduled = Some(first);
+        }
         if left == 0 {
             break;
         }
         let take = usize::try_from(left).unwrap_or(usize::MAX).min(SUBMIT_CHUNK);
         chunk.extend(workload.by_ref().take(take));
-        match pipeline.submit_many(chunk.drain(..)) {
+        let sent = match scheduled {
+            Some(at) => pipeline.submit_many_at(chunk.drain(..), at),
+            None => pipeline.submit_many(chunk.drain(..)),
+        };
+        match sent {
             Ok(count) => submitted += count,
             Err(error) => {
                 let unsent = error.into_inner().len();
@@ -98,8 +145,22 @@ pub fn run_until(
         }
         progress(submitted, pipeline.terminal());
     }
+    let span = started.elapsed();
     let mut report = pipeline.finish();
     report.orders.poisoned = Some(workload.poisoned_count());
+    if let Pace::Rate(per_sec) = pace {
+        let scheduled_span = match limit {
+            Limit::For(duration) => duration,
+            Limit::Orders(orders) => Duration::from_secs_f64(orders as f64 / per_sec),
+        };
+        let achieved_per_s = submitted as f64 / span.max(scheduled_span).as_secs_f64().max(1e-9);
+        report.load = LoadReport::Rate {
+            offered_per_s: per_sec,
+            achieved_per_s,
+            behind_max_ms: behind_max.as_secs_f64() * 1_000.0,
+            sustained: achieved_per_s >= 0.99 * per_sec && behind_max < BEHIND_SUSTAINED,
+        };
+    }
     Ok(report)
 }
 
