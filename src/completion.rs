@@ -22,7 +22,6 @@ use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
 use crate::metrics::{new_histogram, LATENCY_NS_MAX};
-
 use crate::sync::{fence, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Most messages in flight at once: a submission waits for one of them to finish beyond this

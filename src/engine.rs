@@ -317,10 +317,7 @@ impl<M: Message> Engine<M> {
     /// On failure the error holds every message not submitted: the windows that failed and the
     /// rest of `msgs`, collected (so `msgs` must be finite).
     pub fn submit_many(&self, msgs: impl IntoIterator<Item = M>) -> Result<u64, SubmitError<Vec<M>>> {
-        match self.ingress.as_ref() {
-            Some(ingress) => ingress.submit_many(msgs, None),
-            None => Err(SubmitError::Closed(msgs.into_iter().collect())),
-        }
+        self.submit_scheduled(msgs, None)
     }
 
     /// [`submit_many`](Self::submit_many) for messages an open-loop load generator meant to
@@ -332,8 +329,16 @@ impl<M: Message> Engine<M> {
         msgs: impl IntoIterator<Item = M>,
         scheduled: std::time::Instant,
     ) -> Result<u64, SubmitError<Vec<M>>> {
+        self.submit_scheduled(msgs, Some(scheduled))
+    }
+
+    fn submit_scheduled(
+        &self,
+        msgs: impl IntoIterator<Item = M>,
+        scheduled: Option<std::time::Instant>,
+    ) -> Result<u64, SubmitError<Vec<M>>> {
         match self.ingress.as_ref() {
-            Some(ingress) => ingress.submit_many(msgs, Some(scheduled)),
+            Some(ingress) => ingress.submit_many(msgs, scheduled),
             None => Err(SubmitError::Closed(msgs.into_iter().collect())),
         }
     }

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use conduit_cli::bench::{BenchReport, SweepPoint};
-use conduit_orders::{RecoverReport, RunReport, VerifyReport};
+use conduit_orders::{LoadReport, RecoverReport, RunReport, VerifyReport};
 
 fn millions(n: f64) -> String {
     format!("{:.2} M", n / 1e6)
@@ -246,8 +246,8 @@ pub(crate) fn write_sweep(out: &mut impl Write, points: &[SweepPoint]) -> io::Re
 /// How the orders were offered, and their end-to-end latency.
 fn write_load(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
     match report.load {
-        conduit_orders::LoadReport::Saturated => writeln!(out, "  load         saturated (closed loop: latencies include queueing)")?,
-        conduit_orders::LoadReport::Rate { offered_per_s, achieved_per_s, behind_max_ms, sustained } => writeln!(
+        LoadReport::Saturated => writeln!(out, "  load         saturated (closed loop: latencies include queueing)")?,
+        LoadReport::Rate { offered_per_s, achieved_per_s, behind_max_ms, sustained } => writeln!(
             out,
             "  load         open loop: offered {offered_per_s:.0}/s  achieved {achieved_per_s:.0}/s  at most {behind_max_ms:.1} ms behind  {}",
             if sustained { "sustained" } else { "NOT sustained" }
