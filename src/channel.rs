@@ -91,12 +91,13 @@ impl<M> BatchSender<M> {
         debug_assert!(!events.is_empty(), "empty batches are never sent");
         debug_assert!(events.len() <= self.batch_events_max, "batch of {} over its bound", events.len());
         let count = events.len() as u64;
-        let mut batch = Batch { events, sent_at: Instant::now() };
+        let sent_at = Instant::now();
+        let mut batch = Batch { events, sent_at };
         loop {
             match self.tx.send_timeout(batch, POISON_POLL) {
                 // Counted once in the queue: a batch waiting for room is not in it.
                 Ok(()) => {
-                    self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
+                    self.metrics.count_in(count, sent_at);
                     return Ok(());
                 }
                 Err(SendTimeoutError::Timeout(back)) => {
@@ -113,9 +114,10 @@ impl<M> BatchSender<M> {
     /// Sends if there is room now.
     pub(crate) fn try_send(&self, events: Vec<Envelope<M>>) -> Result<(), SendFailure<M>> {
         let count = events.len() as u64;
-        match self.tx.try_send(Batch { events, sent_at: Instant::now() }) {
+        let sent_at = Instant::now();
+        match self.tx.try_send(Batch { events, sent_at }) {
             Ok(()) => {
-                self.metrics.enqueued.fetch_add(count, Ordering::Relaxed);
+                self.metrics.count_in(count, sent_at);
                 Ok(())
             }
             Err(TrySendError::Full(back)) => Err(SendFailure::Full(back)),
@@ -270,7 +272,7 @@ impl<M> BatchReceiver<M> {
     }
 
     fn count_out(&self, batch: &Batch<M>) {
-        self.metrics.dequeued.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        self.metrics.count_out(batch.events.len() as u64, batch.sent_at);
     }
 
     /// Hands a drained buffer back to the senders.

@@ -10,6 +10,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
+use crate::alerts::{AlertRules, Alerting, AlertsSnapshot};
 use crate::channel::{self, BatchReceiver, StageInput};
 use crate::clock::{Clock, SystemClock};
 use crate::completion::{token_of, OnComplete, Ticket, Tracker};
@@ -47,6 +48,8 @@ pub struct Engine<M: Message> {
     inject_tokens: AtomicU64,
     /// Breakers shown by [`Engine::watch_breaker`].
     breakers: Mutex<Vec<(String, Arc<crate::breaker::CircuitBreaker>)>>,
+    /// Alert rules and state, evaluated by each snapshot.
+    alerting: Mutex<Alerting>,
     started: Instant,
 }
 
@@ -88,6 +91,7 @@ pub struct EngineBuilder<M: Message> {
     clock: Arc<dyn Clock>,
     track_completion: bool,
     on_complete: Option<OnComplete>,
+    alerts: AlertRules,
 }
 
 impl<M: Message> fmt::Debug for EngineBuilder<M> {
@@ -103,6 +107,14 @@ impl<M: Message> fmt::Debug for EngineBuilder<M> {
 }
 
 impl<M: Message> EngineBuilder<M> {
+    /// The alert rules its snapshots evaluate (default: [`AlertRules::default`]); checked by
+    /// [`start`](Self::start).
+    #[must_use]
+    pub fn alerts(mut self, rules: AlertRules) -> Self {
+        self.alerts = rules;
+        self
+    }
+
     /// The clock that backoff, expiry and failure times read (default: [`SystemClock`]).
     #[must_use]
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -168,6 +180,7 @@ impl<M: Message> Engine<M> {
             clock: Arc::new(SystemClock),
             track_completion: true,
             on_complete: None,
+            alerts: AlertRules::default(),
         }
     }
 
@@ -188,7 +201,9 @@ impl<M: Message> Engine<M> {
     /// Validates the topology against the configuration and starts every worker thread
     /// (named `conduit:<stage>:<worker>`).
     fn launch(builder: EngineBuilder<M>) -> Result<Self, BuildError> {
-        let EngineBuilder { topology, config, dead_letters, journal, clock, track_completion, on_complete } = builder;
+        let EngineBuilder { topology, config, dead_letters, journal, clock, track_completion, on_complete, alerts } =
+            builder;
+        alerts.validate()?;
         let Compiled { stages, links, entry, order, exchange, may_publish, dead_letter_unroutable, stage_configs } =
             topology.compile(&config)?;
         let shared = Arc::new(Shared::default());
@@ -236,6 +251,7 @@ impl<M: Message> Engine<M> {
             // Above the workers' ranges (each `(stage + 1) << 48`) and the ingress's.
             inject_tokens: AtomicU64::new(u64::MAX / 4 * 3),
             breakers: Mutex::new(Vec::new()),
+            alerting: Mutex::new(Alerting::new(alerts)),
             started: Instant::now(),
         };
         for stage in order {
@@ -479,10 +495,11 @@ impl<M: Message> Engine<M> {
         }
     }
 
-    /// The figures of every stage now.
+    /// The figures of every stage now, with the alert rules evaluated over them ([`crate::alerts`]:
+    /// take snapshots regularly for alerts to fire and resolve in time).
     pub fn snapshot(&self) -> Snapshot {
         let journal = self.journal.as_ref();
-        Snapshot {
+        let mut snapshot = Snapshot {
             uptime_s: self.started.elapsed().as_secs_f64(),
             submitted: self.submitted(),
             in_flight: self.tracker.in_flight(),
@@ -496,7 +513,17 @@ impl<M: Message> Engine<M> {
             }),
             breakers: self.breakers.lock().iter().map(|(name, breaker)| (name.clone(), breaker.report())).collect(),
             end_to_end_us: self.track_completion.then(|| LatencySummary::from_histogram(&self.tracker.end_to_end())),
-        }
+            alerts: AlertsSnapshot::default(),
+        };
+        snapshot.alerts = self.alerting.lock().observe(&snapshot);
+        snapshot
+    }
+
+    /// Replaces the alert rules (checked first): snapshots from now on evaluate these.
+    pub fn set_alert_rules(&self, rules: AlertRules) -> Result<(), crate::ConfigError> {
+        rules.validate()?;
+        self.alerting.lock().set_rules(rules);
+        Ok(())
     }
 
     /// Shows the engine a circuit breaker its handlers use, so that snapshots report its state

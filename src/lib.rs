@@ -107,6 +107,7 @@ macro_rules! crash_point {
     };
 }
 
+pub mod alerts;
 pub mod breaker;
 mod channel;
 pub mod clock;
@@ -134,6 +135,7 @@ mod sync;
 mod topology;
 pub mod wheel;
 
+pub use alerts::{Alert, AlertRule, AlertRules, AlertsSnapshot};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use completion::{OnComplete, Ticket};
 pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};

@@ -5,7 +5,7 @@
 //! of 256 costs one histogram update instead of 256 (a full sample costs ~60 ns).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
@@ -46,9 +46,15 @@ pub(crate) struct StageMetrics {
     pub(crate) enqueued: CachePadded<AtomicU64>,
     /// Events taken off the stage's queue by its workers.
     pub(crate) dequeued: CachePadded<AtomicU64>,
+    /// When the batch at the head of the queue was sent, in ns since `epoch`, give or take a
+    /// batch: set by a sender that finds the queue empty, and by each take to the taken batch's
+    /// time (the next batch was sent no earlier).
+    pub(crate) head_sent_ns: CachePadded<AtomicU64>,
+    pub(crate) epoch: Instant,
     pub(crate) busy_workers: CachePadded<AtomicUsize>,
-    /// One histogram per worker: locked once per batch by its worker, rarely by a reader.
-    pub(crate) latency: Vec<Mutex<Histogram<u64>>>,
+    /// One histogram per worker, with the sum of what it recorded (seconds): locked once per
+    /// batch by its worker, rarely by a reader.
+    pub(crate) latency: Vec<Mutex<(Histogram<u64>, f64)>>,
 }
 
 /// What one worker counted while handling one batch; published with one add per field.
@@ -83,8 +89,10 @@ impl StageMetrics {
             overflowed: CachePadded::default(),
             enqueued: CachePadded::default(),
             dequeued: CachePadded::default(),
+            head_sent_ns: CachePadded::default(),
+            epoch: Instant::now(),
             busy_workers: CachePadded::default(),
-            latency: (0..workers).map(|_| Mutex::new(new_histogram())).collect(),
+            latency: (0..workers).map(|_| Mutex::new((new_histogram(), 0.0))).collect(),
         }
     }
 
@@ -107,17 +115,48 @@ impl StageMetrics {
 
     pub(crate) fn record_latency(&self, worker: usize, latency: Duration, events: u64) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).clamp(1, LATENCY_NS_MAX);
-        self.latency[worker].lock().saturating_record_n(ns, events);
+        let mut held = self.latency[worker].lock();
+        held.0.saturating_record_n(ns, events);
+        held.1 += latency.as_secs_f64() * events as f64;
+    }
+
+    /// Nanoseconds from the stage's epoch to `at`.
+    pub(crate) fn ns_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// A batch sent at `sent_at` went into the queue, which held `before` events counted in.
+    pub(crate) fn count_in(&self, count: u64, sent_at: Instant) {
+        let before = self.enqueued.fetch_add(count, Ordering::Relaxed);
+        if before <= self.dequeued.load(Ordering::Relaxed) {
+            self.head_sent_ns.store(self.ns_at(sent_at), Ordering::Relaxed);
+        }
+    }
+
+    /// A worker took a batch sent at `sent_at` off the queue.
+    pub(crate) fn count_out(&self, count: u64, sent_at: Instant) {
+        self.dequeued.fetch_add(count, Ordering::Relaxed);
+        self.head_sent_ns.store(self.ns_at(sent_at), Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> StageSnapshot {
         let mut merged = new_histogram();
-        for histogram in &self.latency {
+        let mut latency_total_s = 0.0;
+        for held in &self.latency {
+            let held = held.lock();
             // Both histograms share bounds, so adding cannot fail.
-            let _ = merged.add(&*histogram.lock());
+            let _ = merged.add(&held.0);
+            latency_total_s += held.1;
         }
         let enqueued = self.enqueued.load(Ordering::Relaxed);
         let dequeued = self.dequeued.load(Ordering::Relaxed);
+        let queue_depth_counted = enqueued.saturating_sub(dequeued);
+        let lag_us = if queue_depth_counted == 0 {
+            0.0
+        } else {
+            let head = self.head_sent_ns.load(Ordering::Relaxed);
+            self.ns_at(Instant::now()).saturating_sub(head) as f64 / 1_000.0
+        };
         StageSnapshot {
             name: self.name.clone(),
             workers: self.workers,
@@ -135,10 +174,12 @@ impl StageMetrics {
             // A batch is counted in when it is in the queue and out once a worker has it; a sender
             // woken by that take may put its batch in before the worker counts it out, so the
             // difference can pass, for an instant, the capacity the queue itself never exceeds.
-            queue_depth: enqueued.saturating_sub(dequeued).min(self.queue_capacity_events as u64),
-            queue_depth_counted: enqueued.saturating_sub(dequeued),
+            queue_depth: queue_depth_counted.min(self.queue_capacity_events as u64),
+            queue_depth_counted,
+            lag_us,
             queue_capacity: self.queue_capacity_events,
             latency_us: LatencySummary::from_histogram(&merged),
+            latency_total_s,
         }
     }
 }
@@ -217,8 +258,16 @@ pub struct StageSnapshot {
     pub queue_depth_counted: u64,
     /// Most events the stage's input queues hold, every partition and priority level together.
     pub queue_capacity: usize,
+    /// Lag in time: how long the oldest event in the stage's queues has waited, in microseconds
+    /// (0 when they are empty). Read from the send time of the batch a worker took last, so it
+    /// may overstate the wait by the gap between two batches, never understate it; it keeps
+    /// growing while the stage's workers are stuck.
+    pub lag_us: f64,
     /// Time from a batch's hand-off to the stage until the stage has handled it, per event.
     pub latency_us: LatencySummary,
+    /// The sum of the latencies `latency_us` counts, in seconds: the mean over any span is the
+    /// change in this over the change in `latency_us.count`.
+    pub latency_total_s: f64,
 }
 
 /// The whole engine at one moment: the type every report, view and export reads.
@@ -248,6 +297,9 @@ pub struct Snapshot {
     /// The circuit breakers the application showed the engine
     /// ([`Engine::watch_breaker`](crate::Engine::watch_breaker)), by name: state and transitions.
     pub breakers: std::collections::BTreeMap<String, crate::breaker::BreakerReport>,
+    /// Alerts firing and recent transitions ([`crate::alerts`]): evaluated as this snapshot was
+    /// taken.
+    pub alerts: crate::alerts::AlertsSnapshot,
 }
 
 impl Snapshot {

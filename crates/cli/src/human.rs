@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 
+use conduit::AlertsSnapshot;
 use conduit_cli::bench::{BenchReport, SweepPoint};
 use conduit_orders::{LoadReport, RecoverReport, RunReport, VerifyReport};
 
@@ -55,13 +56,24 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
     writeln!(out)?;
     writeln!(
         out,
-        "  {:<13} {:>7} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "stage", "workers", "processed", "emitted", "retried", "dead", "p50 us", "p99 us", "p99.9 us", "max us"
+        "  {:<13} {:>7} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11}",
+        "stage",
+        "workers",
+        "processed",
+        "emitted",
+        "retried",
+        "dead",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "max us",
+        "lag max ms"
     )?;
     for s in &report.stages {
+        let lag_max = report.monitor.as_ref().and_then(|m| m.lag_max_us.get(&s.name));
         writeln!(
             out,
-            "  {:<13} {:>7} {:>11} {:>11} {:>9} {:>9} {:>9.1} {:>9.1} {:>10.1} {:>10.1}",
+            "  {:<13} {:>7} {:>11} {:>11} {:>9} {:>9} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11}",
             s.name,
             s.workers,
             s.processed,
@@ -71,7 +83,8 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
             s.latency_us.p50,
             s.latency_us.p99,
             s.latency_us.p999,
-            s.latency_us.max
+            s.latency_us.max,
+            lag_max.map_or_else(|| "-".to_owned(), |us| format!("{:.1}", us / 1_000.0))
         )?;
     }
     if let Some(log) = &report.log {
@@ -96,8 +109,51 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
         )?;
     }
     write_load(out, report)?;
+    write_alerts(out, &report.alerts)?;
     if let Some(reason) = &report.poisoned {
         writeln!(out, "\n  POISONED: {reason}")?;
+    }
+    Ok(())
+}
+
+/// A threshold or the value that crossed it: whole numbers as they are, fractions to four
+/// significant digits.
+fn figure(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.4}")
+    }
+}
+
+/// Transitions printed at most; the JSON report has [`conduit::alerts::RECENT_MAX`].
+const ALERTS_PRINTED: usize = 10;
+
+fn write_alerts(out: &mut impl Write, alerts: &AlertsSnapshot) -> io::Result<()> {
+    let firing: Vec<String> = alerts.firing.iter().map(|a| format!("{} on {}", a.rule.name(), a.stage)).collect();
+    writeln!(
+        out,
+        "  alerts       {} fired, {} resolved, {}",
+        alerts.fired_total,
+        alerts.resolved_total,
+        if firing.is_empty() { "none firing".to_owned() } else { format!("firing: {}", firing.join(", ")) }
+    )?;
+    let shown = alerts.recent.len().saturating_sub(ALERTS_PRINTED);
+    for event in &alerts.recent[shown..] {
+        let a = &event.alert;
+        if event.firing {
+            writeln!(
+                out,
+                "    {:>9.3} s  FIRING    {} on {}: {} over {}",
+                event.at_s,
+                a.rule.name(),
+                a.stage,
+                figure(a.value),
+                figure(a.threshold)
+            )?;
+        } else {
+            writeln!(out, "    {:>9.3} s  resolved  {} on {}", event.at_s, a.rule.name(), a.stage)?;
+        }
     }
     Ok(())
 }

@@ -133,7 +133,10 @@ pub(crate) struct RecoverArgs {
 }
 
 /// Reads the files (if any) and lays the flags over them.
-fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig, orders::OrderRouting), UsageError> {
+/// What a run's configuration says: the engine, the simulated world, the routing, the alerts.
+type Planned = (conduit::EngineConfig, orders::SimConfig, orders::OrderRouting, conduit::AlertRules);
+
+fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
     let mut file = read_config(args.config.as_deref())?;
     let mut routing = orders::OrderRouting::default();
     if let Some(path) = &args.topology {
@@ -168,11 +171,11 @@ fn plan(args: &RunArgs) -> Result<(conduit::EngineConfig, orders::SimConfig, ord
         file.engine.batch_events_max = Some(batch);
     }
     let (engine, sim) = file.validate().map_err(|e| UsageError(e.to_string()))?;
-    Ok((engine, sim, routing))
+    Ok((engine, sim, routing, file.alerts))
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
-    let (engine, mut sim, routing) = plan(args)?;
+    let (engine, mut sim, routing, alerts) = plan(args)?;
     let log = match args.log.plan()? {
         Some((path, options)) => {
             let books = crate::payment_books(&mut sim, &path);
@@ -195,10 +198,14 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         (_, Some(duration)) => orders::Limit::For(duration),
         (orders, None) => orders::Limit::Orders(orders.unwrap_or(100_000)),
     };
-    let pace = args.rate.map_or(orders::Pace::Saturate, orders::Pace::Rate);
+    let run_plan = orders::RunPlan {
+        pace: args.rate.map_or(orders::Pace::Saturate, orders::Pace::Rate),
+        alerts,
+        ..orders::RunPlan::new(limit)
+    };
     let bar = progress_bar(limit, args.quiet);
     let started = std::time::Instant::now();
-    let result = orders::run_until(&engine, &sim, &routing, limit, pace, log.clone(), |submitted, finished| {
+    let result = orders::run_until(&engine, &sim, &routing, &run_plan, log.clone(), |submitted, finished| {
         if let Some(bar) = &bar {
             match limit {
                 orders::Limit::Orders(_) => bar.set_position(submitted),

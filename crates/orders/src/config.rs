@@ -335,6 +335,8 @@ pub struct PipelineFile {
     pub engine: EngineSettings,
     /// The simulated world.
     pub simulation: SimConfig,
+    /// Alert thresholds (see [`conduit::AlertRules`]).
+    pub alerts: conduit::AlertRules,
 }
 
 impl PipelineFile {
@@ -347,6 +349,7 @@ impl PipelineFile {
     pub fn validate(&self) -> Result<(EngineConfig, SimConfig), ConfigError> {
         let engine = EngineConfig::from_settings(&self.engine)?;
         self.simulation.validate()?;
+        self.alerts.validate()?;
         Ok((engine, self.simulation.clone()))
     }
 }

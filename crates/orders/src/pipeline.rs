@@ -265,6 +265,8 @@ impl OrderPipeline {
             breakers,
             load: super::report::LoadReport::Saturated,
             end_to_end_us: snapshot.end_to_end_us,
+            alerts: snapshot.alerts,
+            monitor: None,
         }
     }
 

@@ -164,6 +164,10 @@ pub struct RunReport {
     /// Each order's time from acceptance (with an offered rate: from when the schedule meant to
     /// send it) until all its work had finished; `None` without completion tracking.
     pub end_to_end_us: Option<LatencySummary>,
+    /// Alerts firing at the end, the last transitions, and how many fired and resolved.
+    pub alerts: conduit::AlertsSnapshot,
+    /// What the snapshots taken during the run saw ([`run_until`](crate::run_until) takes them).
+    pub monitor: Option<crate::MonitorReport>,
 }
 
 /// How a run offered its orders.

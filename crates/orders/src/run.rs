@@ -1,6 +1,7 @@
 //! Running a workload to the end, recovering a log after a crash, and verifying one.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,9 +11,9 @@ use super::domain::Workload;
 use super::history::{Histories, VerifyReport};
 use super::ports::{BooksError, LedgerFigures, SimulatedGateway};
 use super::report::LoadReport;
-use crate::{OrderPipeline, OrderRouting, RunReport, SimConfig};
+use crate::{OrderEvent, OrderPipeline, OrderRouting, RunReport, SimConfig};
 use conduit::log::{Log, LogError};
-use conduit::{BuildError, EngineConfig};
+use conduit::{AlertRules, BuildError, Engine, EngineConfig};
 
 /// Orders submitted in one go by [`run`]; bounds the memory of the generator's buffer.
 const SUBMIT_CHUNK: usize = 4_096;
@@ -63,18 +64,83 @@ pub fn run_routed(
     log: Option<Arc<Log>>,
     progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
-    run_until(config, sim, routing, Limit::Orders(orders), Pace::Saturate, log, progress)
+    run_until(config, sim, routing, &RunPlan::new(Limit::Orders(orders)), log, progress)
 }
 
-/// [`run_routed`] until `limit`: a number of orders or a duration, offered at `pace`.
-// Slots of a schedule: the rate is positive and finite (the CLI checks), counts fit f64 exactly.
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+/// How [`run_until`] offers load and watches the pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPlan {
+    /// How long it generates load.
+    pub limit: Limit,
+    /// How fast.
+    pub pace: Pace,
+    /// The rules the engine's snapshots evaluate.
+    pub alerts: AlertRules,
+    /// How often a snapshot is taken while the run lasts (so alerts fire on time, and the
+    /// report's [`MonitorReport`] has its maxima).
+    pub sample_every: Duration,
+}
+
+impl RunPlan {
+    /// `limit` as fast as the pipeline takes it, the default alert rules, ten snapshots a second.
+    #[must_use]
+    pub fn new(limit: Limit) -> Self {
+        Self { limit, pace: Pace::Saturate, alerts: AlertRules::default(), sample_every: Duration::from_millis(100) }
+    }
+}
+
+/// What the snapshots taken during a run saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MonitorReport {
+    /// Snapshots taken.
+    pub samples: u64,
+    /// Milliseconds between them.
+    pub every_ms: f64,
+    /// The largest lag (age of the oldest waiting event) each stage showed, in microseconds.
+    pub lag_max_us: BTreeMap<String, f64>,
+    /// The deepest each stage's queues were.
+    pub queue_depth_max: BTreeMap<String, u64>,
+}
+
+impl MonitorReport {
+    fn add(&mut self, snapshot: &conduit::Snapshot) {
+        self.samples += 1;
+        for stage in &snapshot.stages {
+            let lag = self.lag_max_us.entry(stage.name.clone()).or_default();
+            *lag = lag.max(stage.lag_us);
+            let depth = self.queue_depth_max.entry(stage.name.clone()).or_default();
+            *depth = (*depth).max(stage.queue_depth);
+        }
+    }
+}
+
+/// Takes a snapshot of `engine` every `every` until `stop`, and says what they saw.
+fn watch(engine: &Engine<OrderEvent>, every: Duration, stop: &AtomicBool) -> MonitorReport {
+    let mut report = MonitorReport { every_ms: every.as_secs_f64() * 1_000.0, ..MonitorReport::default() };
+    while !stop.load(Ordering::Acquire) {
+        report.add(&engine.snapshot());
+        std::thread::park_timeout(every);
+    }
+    report
+}
+
+/// What the load generator did.
+struct Offered {
+    submitted: u64,
+    behind_max: Duration,
+    span: Duration,
+    poisoned: u64,
+    /// Orders not submitted because the engine was poisoned.
+    unsent: Option<usize>,
+}
+
+/// [`run_routed`] as `plan` says: a number of orders or a duration, offered at its pace, watched
+/// by a snapshot every `plan.sample_every`.
 pub fn run_until(
     config: &EngineConfig,
     sim: &SimConfig,
     routing: &OrderRouting,
-    limit: Limit,
-    pace: Pace,
+    plan: &RunPlan,
     log: Option<Arc<Log>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
@@ -84,6 +150,7 @@ pub fn run_until(
             return Err(RunError::LogNotEmpty { path: log.path().display().to_string(), records: held });
         }
     }
+    plan.alerts.validate().map_err(BuildError::from)?;
     let provider = open_provider(sim)?;
     if let (Some(provider), Some(path)) = (&provider, &sim.payment_books) {
         if provider.ledger() != LedgerFigures::default() {
@@ -91,23 +158,59 @@ pub fn run_until(
         }
     }
     let pipeline = OrderPipeline::launch(config, sim, routing, log, None, provider, true)?;
+    pipeline.engine().set_alert_rules(plan.alerts.clone()).map_err(BuildError::from)?;
+    let stop = AtomicBool::new(false);
+    let (offered, monitor) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| watch(pipeline.engine(), plan.sample_every, &stop));
+        let offered = offer(&pipeline, sim, plan, &mut progress);
+        stop.store(true, Ordering::Release);
+        watcher.thread().unpark();
+        (offered, watcher.join().expect("the watcher only takes snapshots"))
+    });
+    let mut report = pipeline.finish();
+    report.monitor = Some(monitor);
+    if let Some(unsent) = offered.unsent {
+        return Err(RunError::Poisoned { unsent, report: Box::new(report) });
+    }
+    report.orders.poisoned = Some(offered.poisoned);
+    if let Pace::Rate(per_sec) = plan.pace {
+        let scheduled_span = match plan.limit {
+            Limit::For(duration) => duration,
+            Limit::Orders(orders) => Duration::from_secs_f64(orders as f64 / per_sec),
+        };
+        let achieved_per_s = offered.submitted as f64 / offered.span.max(scheduled_span).as_secs_f64().max(1e-9);
+        report.load = LoadReport::Rate {
+            offered_per_s: per_sec,
+            achieved_per_s,
+            behind_max_ms: offered.behind_max.as_secs_f64() * 1_000.0,
+            sustained: achieved_per_s >= 0.99 * per_sec && offered.behind_max < BEHIND_SUSTAINED,
+        };
+    }
+    Ok(report)
+}
+
+/// Offers orders to `pipeline` as `plan` says, until its limit or until the engine is poisoned.
+// Slots of a schedule: the rate is positive and finite (the CLI checks), counts fit f64 exactly.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+fn offer(pipeline: &OrderPipeline, sim: &SimConfig, plan: &RunPlan, progress: &mut impl FnMut(u64, u64)) -> Offered {
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers).poisoned(sim.poison_rate);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;
     let mut behind_max = Duration::ZERO;
+    let mut unsent = None;
     let started = Instant::now();
     loop {
-        let mut left = match limit {
+        let mut left = match plan.limit {
             Limit::Orders(orders) => orders - submitted,
             Limit::For(duration) if started.elapsed() < duration => u64::MAX,
             Limit::For(_) => 0,
         };
         // With a rate: the orders due by now, within the next millisecond of the schedule.
         let mut scheduled = None;
-        if let Pace::Rate(per_sec) = pace {
+        if let Pace::Rate(per_sec) = plan.pace {
             let slot = |n: u64| started + Duration::from_secs_f64(n as f64 / per_sec);
             let mut now = Instant::now();
-            if let Limit::For(duration) = limit {
+            if let Limit::For(duration) = plan.limit {
                 // No slot at or past the end of the run.
                 let slots = (duration.as_secs_f64() * per_sec).ceil() as u64;
                 left = left.min(slots.saturating_sub(submitted));
@@ -138,30 +241,13 @@ pub fn run_until(
         match sent {
             Ok(count) => submitted += count,
             Err(error) => {
-                let unsent = error.into_inner().len();
-                let report = pipeline.finish();
-                return Err(RunError::Poisoned { unsent, report: Box::new(report) });
+                unsent = Some(error.into_inner().len());
+                break;
             }
         }
         progress(submitted, pipeline.terminal());
     }
-    let span = started.elapsed();
-    let mut report = pipeline.finish();
-    report.orders.poisoned = Some(workload.poisoned_count());
-    if let Pace::Rate(per_sec) = pace {
-        let scheduled_span = match limit {
-            Limit::For(duration) => duration,
-            Limit::Orders(orders) => Duration::from_secs_f64(orders as f64 / per_sec),
-        };
-        let achieved_per_s = submitted as f64 / span.max(scheduled_span).as_secs_f64().max(1e-9);
-        report.load = LoadReport::Rate {
-            offered_per_s: per_sec,
-            achieved_per_s,
-            behind_max_ms: behind_max.as_secs_f64() * 1_000.0,
-            sustained: achieved_per_s >= 0.99 * per_sec && behind_max < BEHIND_SUSTAINED,
-        };
-    }
-    Ok(report)
+    Offered { submitted, behind_max, span: started.elapsed(), poisoned: workload.poisoned_count(), unsent }
 }
 
 /// What [`recover`] did.
