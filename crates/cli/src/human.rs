@@ -101,13 +101,7 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
             s.bytes as f64 / f64::from(1 << 20)
         )?;
     }
-    if let Some(ack) = &report.ack_latency_us {
-        writeln!(
-            out,
-            "  ack latency  p50 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
-            ack.p50, ack.p99, ack.p999, ack.max
-        )?;
-    }
+    write_ack_latency(out, report)?;
     write_load(out, report)?;
     write_alerts(out, &report.alerts)?;
     if let Some(reason) = &report.poisoned {
@@ -300,6 +294,17 @@ pub(crate) fn write_sweep(out: &mut impl Write, points: &[SweepPoint]) -> io::Re
 }
 
 /// How the orders were offered, and their end-to-end latency.
+fn write_ack_latency(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
+    if let Some(ack) = &report.ack_latency_us {
+        writeln!(
+            out,
+            "  ack latency  p50 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
+            ack.p50, ack.p99, ack.p999, ack.max
+        )?;
+    }
+    Ok(())
+}
+
 fn write_load(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
     match report.load {
         LoadReport::Saturated => writeln!(out, "  load         saturated (closed loop: latencies include queueing)")?,

@@ -21,6 +21,34 @@ mod runcmd;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines (alerts, warnings; more with `RUST_LOG`, for example `RUST_LOG=conduit=debug`)
+    /// are written to stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Log lines to stderr, filtered by `RUST_LOG` (`warn` without it): the library never installs
+/// a subscriber, the command line does.
+fn init_logging(format: LogFormat) -> Result<(), UsageError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(text) => {
+            EnvFilter::try_new(&text).map_err(|e| UsageError(format!("RUST_LOG={text:?} is not a filter: {e}")))?
+        }
+        Err(_) => EnvFilter::new("warn"),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Human => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| UsageError(format!("cannot install the log subscriber: {e}")))
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +82,10 @@ pub(crate) struct UsageError(pub(crate) String);
 fn main() -> ExitCode {
     quiet_storage_panics();
     let cli = Cli::parse();
+    if let Err(UsageError(message)) = init_logging(cli.log_format) {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Run(args) => runcmd::run(&args),
         Command::Bench(args) => benchcmd::bench(&args),

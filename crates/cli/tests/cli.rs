@@ -378,3 +378,95 @@ fn an_offered_rate_is_reported_with_latency_from_the_schedule() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a rate"), "{refused:?}");
 }
+
+#[test]
+fn alerts_are_configured_reported_and_logged() {
+    // Queues fill by design in a saturated run: only the error rate is meant to fire here.
+    let rules = temp_file(
+        "alerts.toml",
+        "[alerts]\nerror_rate_max = 0.02\nqueue_depth_max = 100000000\ndead_letters = false\n",
+    );
+    let output = conduit(&[
+        "run",
+        "--format",
+        "json",
+        "--log-format",
+        "json",
+        "--orders",
+        "20000",
+        "--payment-failure-rate",
+        "0.3",
+        "--config",
+        rules.to_str().expect("utf-8"),
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON report");
+    let fired: Vec<(&str, &str)> = report["alerts"]["recent"]
+        .as_array()
+        .expect("recent transitions")
+        .iter()
+        .filter(|e| e["firing"] == true)
+        .map(|e| (e["alert"]["rule"].as_str().expect("rule"), e["alert"]["stage"].as_str().expect("stage")))
+        .collect();
+    assert_eq!(fired, [("error_rate", "payment")], "{}", report["alerts"]);
+    assert_eq!(u(&report, "/alerts/fired_total"), 1);
+    assert!(u(&report, "/monitor/samples") >= 1, "{}", report["monitor"]);
+    assert!(report.pointer("/monitor/lag_max_us/payment").is_some_and(serde_json::Value::is_f64));
+    assert!(report.pointer("/stages/1/lag_us").is_some_and(serde_json::Value::is_f64));
+    // The same alert, as a JSON log line on stderr.
+    let logged: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}")))
+        .filter(|line: &serde_json::Value| line["fields"]["message"] == "alert firing")
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["fields"]["rule"], "error_rate");
+    assert_eq!(logged[0]["level"], "WARN");
+
+    let off = temp_file("alerts-off.toml", "[alerts]\nenabled = false\n");
+    let quiet =
+        json_run(&["--orders", "5000", "--payment-failure-rate", "0.3", "--config", off.to_str().expect("utf-8")]);
+    assert_eq!(u(&quiet, "/alerts/fired_total"), 0, "{}", quiet["alerts"]);
+
+    let negative = temp_file("alerts-negative.toml", "[alerts]\nlag_s_max = -1.0\n");
+    assert_refused(&["run", "--config", negative.to_str().expect("utf-8")], "alerts.lag_s_max");
+    let unknown = temp_file("alerts-unknown.toml", "[alerts]\nlag_max = 3\n");
+    assert_refused(&["run", "--config", unknown.to_str().expect("utf-8")], "lag_max");
+    let output = Command::new(env!("CARGO_BIN_EXE_conduit"))
+        .args(["run", "--orders", "10"])
+        .env("RUST_LOG", "[[")
+        .output()
+        .expect("the binary runs");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is not a filter"), "{output:?}");
+}
+
+#[test]
+fn the_snapshot_balances_with_the_ledger_and_the_log() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("conduit-balance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let log = dir.join("balance.log");
+    let log = log.to_str().expect("utf-8");
+    let report =
+        json_run(&["--orders", "20000", "--payment-failure-rate", "0.3", "--out-of-stock-rate", "0.1", "--log", log]);
+    let verify = conduit(&["log", "verify", log, "--format", "json"]);
+    assert!(verify.status.success(), "{verify:?}");
+    let verify: serde_json::Value = serde_json::from_slice(&verify.stdout).expect("one JSON report");
+    let stage = |name: &str, field: &str| {
+        let stages = report["stages"].as_array().expect("stages");
+        let stage = stages.iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("stage {name}"));
+        stage[field].as_u64().unwrap_or_else(|| panic!("{name}.{field}"))
+    };
+    // The engine's counts (snapshot) against the log's own records, read back by `log verify`.
+    assert_eq!(u(&report, "/events/total"), u(&verify, "/records"));
+    assert_eq!(stage("order", "processed"), u(&verify, "/orders"));
+    assert_eq!(stage("payment", "dead_lettered"), u(&verify, "/dead_lettered"));
+    assert_eq!(stage("compensation", "processed"), u(&verify, "/cancelled"));
+    for notified in ["email", "sms", "shipping"] {
+        assert_eq!(stage(notified, "processed"), u(&verify, "/confirmed"), "{notified}");
+    }
+    // The ledger: the provider's books (the run's report) against the log's confirmed orders.
+    assert_eq!(u(&report, "/ledger/confirmed_total_cents"), u(&verify, "/ledger/confirmed_total_cents"));
+    assert_eq!(u(&report, "/ledger/confirmed_total_cents"), u(&verify, "/provider/confirmed_total_cents"));
+    assert_eq!(u(&report, "/orders/in_flight"), 0);
+}

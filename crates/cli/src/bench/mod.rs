@@ -15,6 +15,7 @@
 //! | `disruptor_chain` | the `disruptor` crate: one ring, dependent consumers, batch publishing |
 //! | `engine_memory` | conduit's engine, default configuration, no log |
 //! | `engine_memory_untracked` | the same without the engine's completion tracking: `engine_memory / engine_memory_untracked` is what tracking costs |
+//! | `engine_memory_watched_10hz` | the same while another thread takes a snapshot every 100 ms (as `conduit run` does, alerts evaluated): `engine_memory_watched_10hz / engine_memory` is what watching costs |
 //! | `engine_memory_poison_1e-4` | the same, with 1 order in 10,000 malformed (dead-lettered by the order stage); its `events` counts 7 per order like `engine_memory`'s, so the ratio of the two is one of orders per second |
 //!
 //! The durable cases run on fewer orders (`durable_orders`) and write to files under `dir`:
@@ -50,7 +51,8 @@ pub use durable::{
 };
 pub use overload::{overload_memory, MemoryReport};
 pub use pipeline::{
-    ceiling_one_thread, crossbeam_per_event_chain, disruptor_chain, engine_memory, engine_memory_tracked, sweep,
+    ceiling_one_thread, crossbeam_per_event_chain, disruptor_chain, engine_memory, engine_memory_tracked,
+    engine_memory_watched, sweep,
 };
 pub use synthetic::{chain_ceiling, chain_crossbeam, chain_engine, chain_engine_tracked, fanout};
 
@@ -216,6 +218,12 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             "as engine_memory, without completion tracking".into(),
             events,
             Box::new(|| engine_memory_tracked(&engine, &workload, false).into()),
+        ),
+        (
+            "engine_memory_watched_10hz",
+            "as engine_memory, with a snapshot (alerts evaluated) taken every 100 ms by another thread".into(),
+            events,
+            Box::new(|| engine_memory_watched(&engine, &workload, std::time::Duration::from_millis(100)).into()),
         ),
         (
             "engine_memory_poison_1e-4",
@@ -414,6 +422,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory", "crossbeam_per_event_chain"),
         ("engine_memory_poison_1e-4", "engine_memory"),
         ("engine_memory", "engine_memory_untracked"),
+        ("engine_memory_watched_10hz", "engine_memory"),
         ("engine_durable", "engine_memory"),
         // The durable baselines follow engine_durable's cadence; log_writer keeps its own
         // (appends of 4,096 from one thread), so it has no ratio to them.
@@ -484,10 +493,10 @@ mod tests {
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 14);
-        assert!(report.cases[..6].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert!(report.cases[6..8].iter().all(|c| c.events == 20_000 && c.bytes_per_event.is_none()));
-        let durable = &report.cases[8..];
+        assert_eq!(report.cases.len(), 15);
+        assert!(report.cases[..7].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
+        assert!(report.cases[7..9].iter().all(|c| c.events == 20_000 && c.bytes_per_event.is_none()));
+        let durable = &report.cases[9..];
         assert!(durable.iter().all(|c| c.events == 14_000 && c.bytes_per_event.is_some_and(|b| b > 40.0)));
         // The baselines run at the engine's measured cadence: within 10% of its events per sync.
         let cadence = |name: &str| durable.iter().find(|c| c.name == name).and_then(|c| c.events_per_sync);
@@ -496,7 +505,7 @@ mod tests {
             let measured = cadence(baseline).expect("the baseline syncs");
             assert!((measured / engine - 1.0).abs() <= 0.1, "{baseline}: {measured} events per sync, engine {engine}");
         }
-        assert_eq!(report.ratios.len(), 11);
+        assert_eq!(report.ratios.len(), 12);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);

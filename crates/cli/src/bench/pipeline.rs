@@ -221,6 +221,19 @@ pub fn engine_memory(config: &EngineConfig, orders: &[Order]) -> Duration {
 /// # Panics
 /// As [`engine_memory`].
 pub fn engine_memory_tracked(config: &EngineConfig, orders: &[Order], track: bool) -> Duration {
+    engine_memory_with(config, orders, track, None)
+}
+
+/// [`engine_memory`] while another thread takes a snapshot of the engine (alerts evaluated)
+/// every `every`, as `conduit run` does.
+///
+/// # Panics
+/// As [`engine_memory`].
+pub fn engine_memory_watched(config: &EngineConfig, orders: &[Order], every: Duration) -> Duration {
+    engine_memory_with(config, orders, true, Some(every))
+}
+
+fn engine_memory_with(config: &EngineConfig, orders: &[Order], track: bool, watch: Option<Duration>) -> Duration {
     let start = Instant::now();
     let pipeline = if track {
         orders::OrderPipeline::start(config, &SimConfig::default())
@@ -228,12 +241,38 @@ pub fn engine_memory_tracked(config: &EngineConfig, orders: &[Order], track: boo
         orders::OrderPipeline::start_untracked(config, &SimConfig::default())
     }
     .expect("the bench's engine configuration was validated");
-    for chunk in orders.chunks(4_096) {
-        pipeline.submit_many(chunk.iter().copied()).expect("the engine is healthy during a bench");
-    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (engine, stopped) = (pipeline.engine(), &stop);
+    let snapshots = std::thread::scope(|scope| {
+        let watcher = watch.map(|every| {
+            scope.spawn(move || {
+                let mut taken = 0u64;
+                while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    std::hint::black_box(engine.snapshot());
+                    taken += 1;
+                    std::thread::park_timeout(every);
+                }
+                taken
+            })
+        });
+        for chunk in orders.chunks(4_096) {
+            pipeline.submit_many(chunk.iter().copied()).expect("the engine is healthy during a bench");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        watcher.map(|w| {
+            w.thread().unpark();
+            w.join().expect("the watcher only takes snapshots")
+        })
+    });
     let report = pipeline.finish();
     let elapsed = start.elapsed();
     assert!(report.violations().is_empty(), "engine run broke an invariant: {:?}", report.violations());
+    if let Some(every) = watch {
+        // The watcher took about one snapshot per `every` (it was not starved or stopped early).
+        let expected = elapsed.as_secs_f64() / every.as_secs_f64();
+        let taken = snapshots.unwrap_or(0) as f64;
+        assert!(taken >= expected * 0.5 - 1.0, "{taken} snapshots in {elapsed:?}, one every {every:?}");
+    }
     // A malformed order is two events: its submission, and the order stage dead-lettering it.
     let poisoned = orders.iter().filter(|o| o.quantity == 0).count() as u64;
     assert_eq!(report.dead_letters.by_reason.get("malformed").copied().unwrap_or(0), poisoned);
