@@ -20,7 +20,7 @@ use crate::error::{BuildError, RecoverError, SubmitError, TrySubmitError};
 use crate::ingress::{fill_window, send_window, Ingress, Receipt, INGRESS_WINDOW_EVENTS};
 use crate::journal::Journal;
 use crate::log::LogError;
-use crate::metrics::{LatencySummary, Snapshot, StageMetrics};
+use crate::metrics::{LatencyHistograms, LatencySummary, Snapshot, StageMetrics};
 use crate::stage::worker::{Shared, WorkerCtx};
 use crate::stage::{Envelope, Message, StageId};
 use crate::topology::{Compiled, Topology};
@@ -517,6 +517,21 @@ impl<M: Message> Engine<M> {
         };
         snapshot.alerts = self.alerting.lock().observe(&snapshot);
         snapshot
+    }
+
+    /// The histograms behind the latency figures of [`snapshot`](Self::snapshot).
+    pub fn latency_histograms(&self) -> LatencyHistograms {
+        LatencyHistograms {
+            stages: self
+                .metrics
+                .iter()
+                .map(|m| {
+                    let (histogram, total_s) = m.latency();
+                    (m.name.clone(), histogram, total_s)
+                })
+                .collect(),
+            end_to_end: self.track_completion.then(|| self.tracker.end_to_end()),
+        }
     }
 
     /// Replaces the alert rules (checked first): snapshots from now on evaluate these.

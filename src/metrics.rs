@@ -139,7 +139,8 @@ impl StageMetrics {
         self.head_sent_ns.store(self.ns_at(sent_at), Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self) -> StageSnapshot {
+    /// Every worker's latencies merged (ns), and their sum in seconds.
+    pub(crate) fn latency(&self) -> (Histogram<u64>, f64) {
         let mut merged = new_histogram();
         let mut latency_total_s = 0.0;
         for held in &self.latency {
@@ -148,6 +149,11 @@ impl StageMetrics {
             let _ = merged.add(&held.0);
             latency_total_s += held.1;
         }
+        (merged, latency_total_s)
+    }
+
+    pub(crate) fn snapshot(&self) -> StageSnapshot {
+        let (merged, latency_total_s) = self.latency();
         let enqueued = self.enqueued.load(Ordering::Relaxed);
         let dequeued = self.dequeued.load(Ordering::Relaxed);
         let queue_depth_counted = enqueued.saturating_sub(dequeued);
@@ -268,6 +274,17 @@ pub struct StageSnapshot {
     /// The sum of the latencies `latency_us` counts, in seconds: the mean over any span is the
     /// change in this over the change in `latency_us.count`.
     pub latency_total_s: f64,
+}
+
+/// The latency histograms behind a snapshot's summaries, in nanoseconds (hdrhistogram, three
+/// significant digits), for exports that need more than percentiles.
+#[derive(Debug, Clone)]
+pub struct LatencyHistograms {
+    /// Each stage's (hand-off to handled), by name, in declaration order, with the sum of its
+    /// latencies in seconds.
+    pub stages: Vec<(String, Histogram<u64>, f64)>,
+    /// Accepted to finished, when the engine tracks completion.
+    pub end_to_end: Option<Histogram<u64>>,
 }
 
 /// The whole engine at one moment: the type every report, view and export reads.

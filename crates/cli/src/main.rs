@@ -13,6 +13,7 @@ mod benchcmd;
 mod dlqcmd;
 mod human;
 mod logcmd;
+mod metricsserve;
 mod runcmd;
 
 /// An embeddable event pipeline engine, driven from the command line.

@@ -10,6 +10,7 @@ use clap::ValueEnum;
 use conduit::log::{Durability, Log, LogOptions, Retention};
 use conduit_orders::{self as orders, RunError, RunReport};
 
+use crate::metricsserve::MetricsServer;
 use crate::{human, read_config, Failure, Format, UsageError};
 
 #[derive(Debug, clap::Args)]
@@ -26,6 +27,15 @@ pub(crate) struct RunArgs {
     /// slot in the schedule (open loop, no coordinated omission).
     #[arg(long, value_name = "N/s", value_parser = parse_rate)]
     rate: Option<f64>,
+    /// Serve the engine's figures in Prometheus's text format at `http://ADDR/metrics` while the
+    /// run lasts (a loopback address only, for example `127.0.0.1:9464`; port 0 picks one and
+    /// says which on stderr).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// After the run, keep serving its final figures this long (for example `5s`), so a scraper
+    /// sees them.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "metrics_addr")]
+    metrics_linger: Option<std::time::Duration>,
     /// Seed of the workload and of every simulated fault (overrides the file).
     #[arg(long)]
     seed: Option<u64>,
@@ -198,9 +208,19 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         (_, Some(duration)) => orders::Limit::For(duration),
         (orders, None) => orders::Limit::Orders(orders.unwrap_or(100_000)),
     };
+    let metrics = args.metrics_addr.map(MetricsServer::start).transpose()?;
+    if let Some(server) = &metrics {
+        eprintln!("metrics: http://{}/metrics", server.addr());
+    }
+    let answer = |engine: &conduit::Engine<orders::OrderEvent>, last: bool| {
+        if let Some(server) = &metrics {
+            server.answer(engine, last);
+        }
+    };
     let run_plan = orders::RunPlan {
         pace: args.rate.map_or(orders::Pace::Saturate, orders::Pace::Rate),
         alerts,
+        observe: metrics.as_ref().map(|_| &answer as &orders::Observer<'_>),
         ..orders::RunPlan::new(limit)
     };
     let bar = progress_bar(limit, args.quiet);
@@ -233,6 +253,11 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
     }
     print_report(&report, args.format).map_err(Failure::Run)?;
+    if let (Some(_), Some(linger)) = (&metrics, args.metrics_linger) {
+        std::io::stdout().flush().ok();
+        std::thread::sleep(linger);
+    }
+    drop(metrics);
     let violations = report.violations();
     if violations.is_empty() {
         Ok(ExitCode::SUCCESS)

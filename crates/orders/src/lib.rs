@@ -48,7 +48,7 @@ pub use report::{
 };
 pub use run::{
     open_provider, recover, recover_with_provider, run, run_routed, run_until, verify, verify_with_provider, Limit,
-    MonitorReport, Pace, RecoverReport, RunError, RunPlan,
+    MonitorReport, Observer, Pace, RecoverReport, RunError, RunPlan,
 };
 pub use simulate::{simulate, simulate_bytes, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};

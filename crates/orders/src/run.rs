@@ -67,9 +67,13 @@ pub fn run_routed(
     run_until(config, sim, routing, &RunPlan::new(Limit::Orders(orders)), log, progress)
 }
 
+/// Called with the engine after each snapshot a run takes (`false`), and once more when its work
+/// has all finished (`true`: the final figures). An exporter answers its scrapes from here.
+pub type Observer<'a> = dyn Fn(&Engine<OrderEvent>, bool) + Sync + 'a;
+
 /// How [`run_until`] offers load and watches the pipeline.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunPlan {
+#[derive(Clone)]
+pub struct RunPlan<'a> {
     /// How long it generates load.
     pub limit: Limit,
     /// How fast.
@@ -79,13 +83,33 @@ pub struct RunPlan {
     /// How often a snapshot is taken while the run lasts (so alerts fire on time, and the
     /// report's [`MonitorReport`] has its maxima).
     pub sample_every: Duration,
+    /// Shown the engine after each snapshot, and when the run's work has finished.
+    pub observe: Option<&'a Observer<'a>>,
 }
 
-impl RunPlan {
+impl std::fmt::Debug for RunPlan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunPlan")
+            .field("limit", &self.limit)
+            .field("pace", &self.pace)
+            .field("alerts", &self.alerts)
+            .field("sample_every", &self.sample_every)
+            .field("observe", &self.observe.is_some())
+            .finish()
+    }
+}
+
+impl RunPlan<'_> {
     /// `limit` as fast as the pipeline takes it, the default alert rules, ten snapshots a second.
     #[must_use]
     pub fn new(limit: Limit) -> Self {
-        Self { limit, pace: Pace::Saturate, alerts: AlertRules::default(), sample_every: Duration::from_millis(100) }
+        Self {
+            limit,
+            pace: Pace::Saturate,
+            alerts: AlertRules::default(),
+            sample_every: Duration::from_millis(100),
+            observe: None,
+        }
     }
 }
 
@@ -114,14 +138,30 @@ impl MonitorReport {
     }
 }
 
-/// Takes a snapshot of `engine` every `every` until `stop`, and says what they saw.
-fn watch(engine: &Engine<OrderEvent>, every: Duration, stop: &AtomicBool) -> MonitorReport {
+/// Takes a snapshot of `engine` every `every` until `stop`, shows `observe` the engine after
+/// each, and says what they saw.
+fn watch(
+    engine: &Engine<OrderEvent>,
+    every: Duration,
+    observe: Option<&Observer<'_>>,
+    stop: &AtomicBool,
+) -> MonitorReport {
     let mut report = MonitorReport { every_ms: every.as_secs_f64() * 1_000.0, ..MonitorReport::default() };
     while !stop.load(Ordering::Acquire) {
         report.add(&engine.snapshot());
+        if let Some(observe) = observe {
+            observe(engine, false);
+        }
         std::thread::park_timeout(every);
     }
     report
+}
+
+/// Waits until every message `engine` accepted has finished, or it is poisoned.
+fn drained(engine: &Engine<OrderEvent>) {
+    while engine.in_flight() > 0 && engine.poisoned().is_none() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// What the load generator did.
@@ -140,7 +180,7 @@ pub fn run_until(
     config: &EngineConfig,
     sim: &SimConfig,
     routing: &OrderRouting,
-    plan: &RunPlan,
+    plan: &RunPlan<'_>,
     log: Option<Arc<Log>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RunReport, RunError> {
@@ -161,8 +201,13 @@ pub fn run_until(
     pipeline.engine().set_alert_rules(plan.alerts.clone()).map_err(BuildError::from)?;
     let stop = AtomicBool::new(false);
     let (offered, monitor) = std::thread::scope(|scope| {
-        let watcher = scope.spawn(|| watch(pipeline.engine(), plan.sample_every, &stop));
+        let watcher = scope.spawn(|| watch(pipeline.engine(), plan.sample_every, plan.observe, &stop));
         let offered = offer(&pipeline, sim, plan, &mut progress);
+        if let Some(observe) = plan.observe {
+            // The final figures, before the engine shuts down.
+            drained(pipeline.engine());
+            observe(pipeline.engine(), true);
+        }
         stop.store(true, Ordering::Release);
         watcher.thread().unpark();
         (offered, watcher.join().expect("the watcher only takes snapshots"))
@@ -192,7 +237,12 @@ pub fn run_until(
 /// Offers orders to `pipeline` as `plan` says, until its limit or until the engine is poisoned.
 // Slots of a schedule: the rate is positive and finite (the CLI checks), counts fit f64 exactly.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-fn offer(pipeline: &OrderPipeline, sim: &SimConfig, plan: &RunPlan, progress: &mut impl FnMut(u64, u64)) -> Offered {
+fn offer(
+    pipeline: &OrderPipeline,
+    sim: &SimConfig,
+    plan: &RunPlan<'_>,
+    progress: &mut impl FnMut(u64, u64),
+) -> Offered {
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers).poisoned(sim.poison_rate);
     let mut chunk = Vec::with_capacity(SUBMIT_CHUNK);
     let mut submitted = 0u64;
