@@ -12,6 +12,7 @@ use conduit_orders::PipelineFile;
 mod benchcmd;
 mod dlqcmd;
 mod human;
+mod latencyout;
 mod logcmd;
 mod metricsserve;
 mod runcmd;

@@ -36,6 +36,13 @@ pub(crate) struct RunArgs {
     /// sees them.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "metrics_addr")]
     metrics_linger: Option<std::time::Duration>,
+    /// Write each stage's latency histogram and the end-to-end one as `HdrHistogram`
+    /// percentile-distribution files, in microseconds (`DIR/<stage>.hgrm`, `DIR/end_to_end.hgrm`).
+    #[arg(long, value_name = "DIR")]
+    hdr_out: Option<PathBuf>,
+    /// Draw the latency percentile curves (a curve per stage, and end to end) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Seed of the workload and of every simulated fault (overrides the file).
     #[arg(long)]
     seed: Option<u64>,
@@ -212,15 +219,21 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     if let Some(server) = &metrics {
         eprintln!("metrics: http://{}/metrics", server.addr());
     }
+    check_latency_outputs(args)?;
+    let want_latency = args.hdr_out.is_some() || args.plot.is_some();
+    let latency = parking_lot::Mutex::new(None);
     let answer = |engine: &conduit::Engine<orders::OrderEvent>, last: bool| {
         if let Some(server) = &metrics {
             server.answer(engine, last);
+        }
+        if last && want_latency {
+            *latency.lock() = Some(engine.latency_histograms());
         }
     };
     let run_plan = orders::RunPlan {
         pace: args.rate.map_or(orders::Pace::Saturate, orders::Pace::Rate),
         alerts,
-        observe: metrics.as_ref().map(|_| &answer as &orders::Observer<'_>),
+        observe: (metrics.is_some() || want_latency).then_some(&answer as &orders::Observer<'_>),
         ..orders::RunPlan::new(limit)
     };
     let bar = progress_bar(limit, args.quiet);
@@ -253,6 +266,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
     }
     print_report(&report, args.format).map_err(Failure::Run)?;
+    if let Some(histograms) = latency.into_inner() {
+        write_latency_outputs(args, &histograms)?;
+    }
     if let (Some(_), Some(linger)) = (&metrics, args.metrics_linger) {
         std::io::stdout().flush().ok();
         std::thread::sleep(linger);
@@ -267,6 +283,38 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         }
         Ok(ExitCode::from(1))
     }
+}
+
+/// Refuses, before the run, latency outputs that could not be written after it.
+fn check_latency_outputs(args: &RunArgs) -> Result<(), UsageError> {
+    if let Some(dir) = &args.hdr_out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| UsageError(format!("--hdr-out {}: cannot make the directory: {e}", dir.display())))?;
+    }
+    if let Some(path) = &args.plot {
+        if path.extension().is_none_or(|e| !e.eq_ignore_ascii_case("svg")) {
+            return Err(UsageError(format!("--plot {}: the plot is an SVG file: name it *.svg", path.display())));
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !parent.is_dir() {
+            return Err(UsageError(format!("--plot {}: {} is not a directory", path.display(), parent.display())));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the `--hdr-out` files and the `--plot` SVG, and says where on stderr.
+fn write_latency_outputs(args: &RunArgs, histograms: &conduit::LatencyHistograms) -> Result<(), Failure> {
+    if let Some(dir) = &args.hdr_out {
+        let written = crate::latencyout::write_hdr_dir(dir, histograms)
+            .map_err(|e| Failure::Run(format!("--hdr-out {}: {e}", dir.display())))?;
+        eprintln!("latency: {} HdrHistogram files in {}", written.len(), dir.display());
+    }
+    if let Some(path) = &args.plot {
+        crate::latencyout::plot_svg(path, histograms).map_err(Failure::Run)?;
+        eprintln!("latency: percentile curves in {}", path.display());
+    }
+    Ok(())
 }
 
 fn print_report(report: &RunReport, format: Format) -> Result<(), String> {

@@ -474,3 +474,65 @@ fn the_snapshot_balances_with_the_ledger_and_the_log() {
     assert_eq!(u(&report, "/ledger/confirmed_total_cents"), u(&verify, "/provider/confirmed_total_cents"));
     assert_eq!(u(&report, "/orders/in_flight"), 0);
 }
+
+/// An `HdrHistogram` percentile-distribution file: its rows' `(value, percentile, total count)`.
+fn hgrm_rows(text: &str) -> Vec<(f64, f64, u64)> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
+    assert_eq!(header, ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]);
+    lines
+        .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert!((3..=4).contains(&fields.len()), "{line:?}");
+            let number = |i: usize| fields[i].parse::<f64>().unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            (number(0), number(1), fields[2].parse().unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        })
+        .collect()
+}
+
+#[test]
+fn latency_files_parse_and_the_plot_has_a_curve_per_stage_and_end_to_end() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("conduit-latency-{}", std::process::id()));
+    let hdr = dir.join("hdr");
+    let plot = dir.join("latency.svg");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let report = json_run(&[
+        "--orders",
+        "20000",
+        "--payment-failure-rate",
+        "0.1",
+        "--hdr-out",
+        hdr.to_str().expect("utf-8"),
+        "--plot",
+        plot.to_str().expect("utf-8"),
+    ]);
+    let mut names: Vec<(String, u64)> = report["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| (s["name"].as_str().expect("name").to_owned(), s["latency_us"]["count"].as_u64().expect("count")))
+        .filter(|(_, count)| *count > 0)
+        .collect();
+    names.push(("end_to_end".into(), u(&report, "/end_to_end_us/count")));
+    for (name, count) in &names {
+        let text = std::fs::read_to_string(hdr.join(format!("{name}.hgrm"))).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let rows = hgrm_rows(&text);
+        assert!(rows.len() > 10, "{name}: {} rows", rows.len());
+        assert!(rows.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1 && w[0].2 <= w[1].2), "{name}: sorted");
+        let last = rows.last().expect("rows");
+        assert_eq!((last.1, last.2), (1.0, *count), "{name}: ends at 100% with every event");
+        assert!(text.contains(&format!("Total count    = {count:>12}")), "{name}: footer");
+    }
+    let svg = std::fs::read_to_string(&plot).expect("the plot");
+    assert!(svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "an SVG document");
+    for (name, _) in &names {
+        assert!(svg.contains(&format!(">\n{name}\n</text>")), "the legend names {name}");
+    }
+    // A line per curve, and one per legend entry.
+    assert!(svg.matches("<polyline").count() >= 2 * names.len(), "{} lines", svg.matches("<polyline").count());
+
+    assert_refused(&["run", "--orders", "10", "--plot", "latency.png"], "name it *.svg");
+    assert_refused(&["run", "--orders", "10", "--plot", "/nonexistent/latency.svg"], "is not a directory");
+    assert_refused(&["run", "--orders", "10", "--hdr-out", "/proc/conduit-hdr"], "--hdr-out");
+}
