@@ -51,7 +51,8 @@ pub(crate) fn write_percentiles(out: &mut impl Write, histogram: &Histogram<u64>
             writeln!(out, "{value:12.3} {quantile:2.12} {total:10}")?;
         }
     }
-    let sub_buckets = 2u64.pow((2.0 * 10f64.powi(i32::from(histogram.sigfig()))).log2().ceil() as u32);
+    // The histogram's sub-buckets per bucket: the power of two that holds its precision.
+    let sub_buckets = (2 * 10u64.pow(u32::from(histogram.sigfig()))).next_power_of_two();
     writeln!(
         out,
         "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",

@@ -56,7 +56,7 @@ fn init_logging(format: LogFormat) -> Result<(), UsageError> {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Push a seeded workload of orders through the pipeline and report.
-    Run(runcmd::RunArgs),
+    Run(Box<runcmd::RunArgs>),
     /// Measure the engine against its baselines on the same workload, side by side.
     Bench(benchcmd::BenchArgs),
     /// Read and check an event log.
