@@ -16,6 +16,7 @@ mod latencyout;
 mod logcmd;
 mod metricsserve;
 mod runcmd;
+mod topcmd;
 
 /// An embeddable event pipeline engine, driven from the command line.
 #[derive(Debug, Parser)]
@@ -57,6 +58,9 @@ fn init_logging(format: LogFormat) -> Result<(), UsageError> {
 enum Command {
     /// Push a seeded workload of orders through the pipeline and report.
     Run(Box<runcmd::RunArgs>),
+    /// The same run under a live terminal view: stages, rates, queue depths, lag, latency,
+    /// alerts; q stops it and prints the report.
+    Top(Box<runcmd::RunArgs>),
     /// Measure the engine against its baselines on the same workload, side by side.
     Bench(benchcmd::BenchArgs),
     /// Read and check an event log.
@@ -84,12 +88,16 @@ pub(crate) struct UsageError(pub(crate) String);
 fn main() -> ExitCode {
     quiet_storage_panics();
     let cli = Cli::parse();
-    if let Err(UsageError(message)) = init_logging(cli.log_format) {
-        eprintln!("error: {message}");
-        return ExitCode::from(2);
+    // `top` shows alerts in its view: log lines on its terminal would tear it.
+    if !matches!(cli.command, Command::Top(_)) {
+        if let Err(UsageError(message)) = init_logging(cli.log_format) {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
     }
     let result = match cli.command {
-        Command::Run(args) => runcmd::run(&args),
+        Command::Run(args) => runcmd::run(&args, false),
+        Command::Top(args) => runcmd::run(&args, true),
         Command::Bench(args) => benchcmd::bench(&args),
         Command::Log(command) => logcmd::run(&command),
         Command::Replay(args) => logcmd::replay(&args),

@@ -11,6 +11,7 @@ use conduit::log::{Durability, Log, LogOptions, Retention};
 use conduit_orders::{self as orders, RunError, RunReport};
 
 use crate::metricsserve::MetricsServer;
+use crate::topcmd::Live;
 use crate::{human, read_config, Failure, Format, UsageError};
 
 #[derive(Debug, clap::Args)]
@@ -191,23 +192,14 @@ fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
     Ok((engine, sim, routing, file.alerts))
 }
 
-pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
+/// `conduit run`, or with `live` `conduit top`: the same run under a live terminal view.
+pub(crate) fn run(args: &RunArgs, live: bool) -> Result<ExitCode, Failure> {
+    let live = live.then(Live::default);
+    if live.is_some() && !std::io::stdout().is_terminal() {
+        return Err(UsageError("conduit top draws on a terminal: run it in one, or use conduit run".into()).into());
+    }
     let (engine, mut sim, routing, alerts) = plan(args)?;
-    let log = match args.log.plan()? {
-        Some((path, options)) => {
-            let books = crate::payment_books(&mut sim, &path);
-            if books.exists() && !path.exists() {
-                let error = RunError::BooksNotEmpty { path: books.display().to_string() };
-                return Err(Failure::Usage(UsageError(error.to_string())));
-            }
-            let opened = Log::open(&path, options).map_err(|e| match e {
-                conduit::log::LogError::Options(why) => Failure::Usage(UsageError(why)),
-                other => Failure::Run(format!("cannot open the log: {other}")),
-            })?;
-            Some(Arc::new(opened))
-        }
-        None => None,
-    };
+    let log = open_log(args, &mut sim)?;
     let limit = match (args.orders, args.duration) {
         (_, Some(duration)) if duration.is_zero() => {
             return Err(UsageError("--duration must be longer than zero".into()).into())
@@ -226,6 +218,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         if let Some(server) = &metrics {
             server.answer(engine, last);
         }
+        if let Some(live) = &live {
+            live.push(engine.snapshot(), last);
+        }
         if last && want_latency {
             *latency.lock() = Some(engine.latency_histograms());
         }
@@ -233,23 +228,24 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
     let run_plan = orders::RunPlan {
         pace: args.rate.map_or(orders::Pace::Saturate, orders::Pace::Rate),
         alerts,
-        observe: (metrics.is_some() || want_latency).then_some(&answer as &orders::Observer<'_>),
+        observe: (metrics.is_some() || want_latency || live.is_some()).then_some(&answer as &orders::Observer<'_>),
+        stop: live.as_ref().map(|live| &live.stop),
         ..orders::RunPlan::new(limit)
     };
-    let bar = progress_bar(limit, args.quiet);
-    let started = std::time::Instant::now();
-    let result = orders::run_until(&engine, &sim, &routing, &run_plan, log.clone(), |submitted, finished| {
-        if let Some(bar) = &bar {
-            match limit {
-                orders::Limit::Orders(_) => bar.set_position(submitted),
-                orders::Limit::For(_) => bar.set_position(started.elapsed().as_secs()),
+    let result = match &live {
+        Some(live) => std::thread::scope(|scope| {
+            let running = scope.spawn(|| orders::run_until(&engine, &sim, &routing, &run_plan, log.clone(), |_, _| {}));
+            let shown = live.show(&|| running.is_finished());
+            if shown.is_err() {
+                live.stop.store(true, std::sync::atomic::Ordering::Release);
             }
-            bar.set_message(format!("{submitted} submitted, {finished} finished"));
-        }
-    });
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+            let result = running.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            shown.map_err(|e| Failure::Run(format!("the terminal failed: {e}"))).map(|()| result)
+        })?,
+        None => with_progress_bar(args, limit, |progress| {
+            orders::run_until(&engine, &sim, &routing, &run_plan, log.clone(), progress)
+        }),
+    };
     let report = match result {
         Ok(report) => report,
         Err(RunError::Build(error)) => return Err(Failure::Usage(UsageError(error.to_string()))),
@@ -283,6 +279,40 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode, Failure> {
         }
         Ok(ExitCode::from(1))
     }
+}
+
+/// The run's log, when `--log` names one.
+fn open_log(args: &RunArgs, sim: &mut orders::SimConfig) -> Result<Option<Arc<Log>>, Failure> {
+    let Some((path, options)) = args.log.plan()? else { return Ok(None) };
+    let books = crate::payment_books(sim, &path);
+    if books.exists() && !path.exists() {
+        let error = RunError::BooksNotEmpty { path: books.display().to_string() };
+        return Err(Failure::Usage(UsageError(error.to_string())));
+    }
+    let opened = Log::open(&path, options).map_err(|e| match e {
+        conduit::log::LogError::Options(why) => Failure::Usage(UsageError(why)),
+        other => Failure::Run(format!("cannot open the log: {other}")),
+    })?;
+    Ok(Some(Arc::new(opened)))
+}
+
+/// Runs `run` with a progress bar on stderr (when it is a terminal and not `--quiet`).
+fn with_progress_bar<T>(args: &RunArgs, limit: orders::Limit, run: impl FnOnce(&mut dyn FnMut(u64, u64)) -> T) -> T {
+    let bar = progress_bar(limit, args.quiet);
+    let started = std::time::Instant::now();
+    let result = run(&mut |submitted, finished| {
+        if let Some(bar) = &bar {
+            match limit {
+                orders::Limit::Orders(_) => bar.set_position(submitted),
+                orders::Limit::For(_) => bar.set_position(started.elapsed().as_secs()),
+            }
+            bar.set_message(format!("{submitted} submitted, {finished} finished"));
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
 }
 
 /// Refuses, before the run, latency outputs that could not be written after it.

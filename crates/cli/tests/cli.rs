@@ -104,6 +104,7 @@ fn bad_input_gets_a_clear_error_and_exit_code_2() {
     assert_refused(&["run", "--duration", "0s"], "--duration must be longer than zero");
     assert_refused(&["run", "--duration", "1s", "--orders", "5"], "cannot be used with");
     assert_refused(&["run", "--metrics-addr", "0.0.0.0:9464"], "loopback address only");
+    assert_refused(&["top", "--orders", "10"], "conduit top draws on a terminal");
     assert_refused(&["run", "--metrics-addr", "[::]:9464"], "loopback address only");
     assert_refused(&["run", "--metrics-addr", "localhost"], "--metrics-addr");
     assert_refused(&["run", "--metrics-linger", "1s"], "--metrics-addr");

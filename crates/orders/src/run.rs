@@ -85,6 +85,8 @@ pub struct RunPlan<'a> {
     pub sample_every: Duration,
     /// Shown the engine after each snapshot, and when the run's work has finished.
     pub observe: Option<&'a Observer<'a>>,
+    /// Set to end the run early: no more orders are offered; those offered finish.
+    pub stop: Option<&'a AtomicBool>,
 }
 
 impl std::fmt::Debug for RunPlan<'_> {
@@ -95,6 +97,7 @@ impl std::fmt::Debug for RunPlan<'_> {
             .field("alerts", &self.alerts)
             .field("sample_every", &self.sample_every)
             .field("observe", &self.observe.is_some())
+            .field("stop", &self.stop)
             .finish()
     }
 }
@@ -109,6 +112,7 @@ impl RunPlan<'_> {
             alerts: AlertRules::default(),
             sample_every: Duration::from_millis(100),
             observe: None,
+            stop: None,
         }
     }
 }
@@ -172,6 +176,8 @@ struct Offered {
     poisoned: u64,
     /// Orders not submitted because the engine was poisoned.
     unsent: Option<usize>,
+    /// Whether `plan.stop` ended it before its limit.
+    stopped: bool,
 }
 
 /// [`run_routed`] as `plan` says: a number of orders or a duration, offered at its pace, watched
@@ -220,6 +226,8 @@ pub fn run_until(
     report.orders.poisoned = Some(offered.poisoned);
     if let Pace::Rate(per_sec) = plan.pace {
         let scheduled_span = match plan.limit {
+            // Stopped early: the schedule ran as long as the run did.
+            _ if offered.stopped => offered.span,
             Limit::For(duration) => duration,
             Limit::Orders(orders) => Duration::from_secs_f64(orders as f64 / per_sec),
         };
@@ -248,9 +256,12 @@ fn offer(
     let mut submitted = 0u64;
     let mut behind_max = Duration::ZERO;
     let mut unsent = None;
+    let is_stopped = || plan.stop.is_some_and(|stop| stop.load(Ordering::Acquire));
     let started = Instant::now();
     loop {
+        let stopped = is_stopped();
         let mut left = match plan.limit {
+            _ if stopped => 0,
             Limit::Orders(orders) => orders - submitted,
             Limit::For(duration) if started.elapsed() < duration => u64::MAX,
             Limit::For(_) => 0,
@@ -297,7 +308,14 @@ fn offer(
         }
         progress(submitted, pipeline.terminal());
     }
-    Offered { submitted, behind_max, span: started.elapsed(), poisoned: workload.poisoned_count(), unsent }
+    Offered {
+        submitted,
+        behind_max,
+        span: started.elapsed(),
+        poisoned: workload.poisoned_count(),
+        unsent,
+        stopped: is_stopped(),
+    }
 }
 
 /// What [`recover`] did.

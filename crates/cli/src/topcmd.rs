@@ -1,0 +1,338 @@
+//! `conduit top`: a run with a live terminal view (ratatui) instead of a progress bar.
+//!
+//! The run's watcher hands each snapshot to a [`Live`]; the terminal thread draws the latest ten
+//! times a second: an overview with a throughput sparkline, a stage table with depth gauges,
+//! rates, lag and p99, end-to-end latency, and the alerts. `q` (or Esc, or Ctrl-C) stops offering
+//! orders, lets those offered finish, and quits; the terminal is restored on exit and on panic
+//! (`ratatui::init`), and the run's report follows on stdout.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use conduit::Snapshot;
+use parking_lot::Mutex;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table};
+use ratatui::Frame;
+
+/// Throughput samples the sparkline keeps.
+const HISTORY: usize = 240;
+
+/// How often the view redraws and looks for a key.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What the view shows: the latest snapshot, the one before (for rates), and a throughput history.
+#[derive(Debug, Default)]
+pub(crate) struct View {
+    latest: Option<Snapshot>,
+    previous: Option<Snapshot>,
+    /// Events finished per second over all stages, one per snapshot.
+    throughput: VecDeque<u64>,
+    /// Set once the run's work has all finished.
+    pub(crate) finished: bool,
+    /// Set once the user asked to stop.
+    pub(crate) stopping: bool,
+}
+
+impl View {
+    /// Takes a new snapshot.
+    // Rates to whole events a second for the sparkline.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    pub(crate) fn update(&mut self, snapshot: Snapshot) {
+        if let Some(latest) = &self.latest {
+            let seconds = snapshot.uptime_s - latest.uptime_s;
+            if seconds > 0.0 {
+                let events = snapshot.events_processed().saturating_sub(latest.events_processed());
+                if self.throughput.len() == HISTORY {
+                    self.throughput.pop_front();
+                }
+                self.throughput.push_back((events as f64 / seconds) as u64);
+            }
+        }
+        self.previous = self.latest.replace(snapshot);
+    }
+
+    /// Events a second `stage` finished between the last two snapshots.
+    #[allow(clippy::cast_precision_loss)]
+    fn stage_rate(&self, index: usize) -> f64 {
+        let (Some(latest), Some(previous)) = (&self.latest, &self.previous) else { return 0.0 };
+        let seconds = latest.uptime_s - previous.uptime_s;
+        match (latest.stages.get(index), previous.stages.get(index)) {
+            (Some(now), Some(before)) if seconds > 0.0 => {
+                now.processed.saturating_sub(before.processed) as f64 / seconds
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Draws `view` into `frame`.
+pub(crate) fn draw(frame: &mut Frame<'_>, view: &View) {
+    let [overview, stages, latency, alerts, help] = Layout::vertical([
+        Constraint::Length(7),
+        Constraint::Min(6),
+        Constraint::Length(3),
+        Constraint::Length(7),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    draw_overview(frame, overview, view);
+    draw_stages(frame, stages, view);
+    draw_latency(frame, latency, view);
+    draw_alerts(frame, alerts, view);
+    let state = if view.finished {
+        "finished: q shows the report"
+    } else if view.stopping {
+        "stopping: the orders offered are finishing"
+    } else {
+        "running: q stops offering orders and quits"
+    };
+    frame
+        .render_widget(Paragraph::new(Line::from(vec![Span::styled(" conduit top ", bold()), Span::raw(state)])), help);
+}
+
+fn bold() -> Style {
+    Style::default().add_modifier(Modifier::BOLD)
+}
+
+fn draw_overview(frame: &mut Frame<'_>, area: Rect, view: &View) {
+    let [figures, sparkline] = Layout::horizontal([Constraint::Length(44), Constraint::Min(10)]).areas(area);
+    let lines = match &view.latest {
+        Some(s) => vec![
+            Line::from(format!("uptime      {:.1} s", s.uptime_s)),
+            Line::from(format!("submitted   {}", s.submitted)),
+            Line::from(format!("completed   {}", s.completed)),
+            Line::from(format!("in flight   {}", s.in_flight)),
+            Line::from(format!("events/s    {}", view.throughput.back().copied().unwrap_or(0))),
+        ],
+        None => vec![Line::from("starting...")],
+    };
+    frame.render_widget(
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" overview ")),
+        figures,
+    );
+    let data: Vec<u64> = view.throughput.iter().copied().collect();
+    frame.render_widget(
+        Sparkline::default()
+            .block(Block::default().borders(Borders::ALL).title(" events/s "))
+            .data(&data)
+            .style(Style::default().fg(Color::Cyan)),
+        sparkline,
+    );
+}
+
+/// A queue's fill as a bar of `width` cells.
+fn depth_bar(depth: u64, capacity: usize, width: usize) -> String {
+    // Bars are a handful of cells: the ratio only needs to be rough.
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let filled = if capacity == 0 { 0 } else { ((depth as f64 / capacity as f64) * width as f64).ceil() as usize };
+    let filled = filled.min(width);
+    format!("{}{}", "█".repeat(filled), "·".repeat(width - filled))
+}
+
+fn draw_stages(frame: &mut Frame<'_>, area: Rect, view: &View) {
+    let header =
+        Row::new(["stage", "busy", "processed", "rate/s", "queue", "depth", "lag ms", "p99 us", "retried", "dead"])
+            .style(bold());
+    let rows: Vec<Row<'_>> = view
+        .latest
+        .iter()
+        .flat_map(|s| s.stages.iter().enumerate())
+        .map(|(i, stage)| {
+            let lagging = stage.lag_us >= 1_000_000.0;
+            Row::new(vec![
+                Cell::from(stage.name.clone()),
+                Cell::from(format!("{}/{}", stage.busy_workers, stage.workers)),
+                Cell::from(stage.processed.to_string()),
+                Cell::from(format!("{:.0}", view.stage_rate(i))),
+                Cell::from(depth_bar(stage.queue_depth, stage.queue_capacity, 10)),
+                Cell::from(stage.queue_depth.to_string()),
+                Cell::from(format!("{:.1}", stage.lag_us / 1_000.0)).style(if lagging {
+                    Style::default().fg(Color::Red)
+                } else {
+                    Style::default()
+                }),
+                Cell::from(format!("{:.1}", stage.latency_us.p99)),
+                Cell::from(stage.retried.to_string()),
+                Cell::from(stage.dead_lettered.to_string()),
+            ])
+        })
+        .collect();
+    let widths = [
+        Constraint::Length(13),
+        Constraint::Length(6),
+        Constraint::Length(11),
+        Constraint::Length(10),
+        Constraint::Length(11),
+        Constraint::Length(7),
+        Constraint::Length(9),
+        Constraint::Length(10),
+        Constraint::Length(8),
+        Constraint::Length(6),
+    ];
+    frame.render_widget(
+        Table::new(rows, widths).header(header).block(Block::default().borders(Borders::ALL).title(" stages ")),
+        area,
+    );
+}
+
+fn draw_latency(frame: &mut Frame<'_>, area: Rect, view: &View) {
+    let text = match view.latest.as_ref().and_then(|s| s.end_to_end_us) {
+        Some(e) if e.count > 0 => format!(
+            "p50 {:.1} us   p90 {:.1} us   p99 {:.1} us   p99.9 {:.1} us   max {:.1} us   ({} messages)",
+            e.p50, e.p90, e.p99, e.p999, e.max, e.count
+        ),
+        _ => "no message finished yet".to_owned(),
+    };
+    frame.render_widget(Paragraph::new(text).block(Block::default().borders(Borders::ALL).title(" end to end ")), area);
+}
+
+fn draw_alerts(frame: &mut Frame<'_>, area: Rect, view: &View) {
+    let mut lines = Vec::new();
+    if let Some(s) = &view.latest {
+        let dead: u64 = s.stages.iter().map(|stage| stage.dead_lettered).sum();
+        lines.push(Line::from(format!(
+            "{} fired, {} resolved, {} firing; dead letters {dead}",
+            s.alerts.fired_total,
+            s.alerts.resolved_total,
+            s.alerts.firing.len()
+        )));
+        for alert in &s.alerts.firing {
+            lines.push(Line::styled(
+                format!("FIRING {} on {}: {:.4} over {}", alert.rule.name(), alert.stage, alert.value, alert.threshold),
+                Style::default().fg(Color::Red),
+            ));
+        }
+        for event in s.alerts.recent.iter().rev().filter(|e| !e.firing).take(3) {
+            lines.push(Line::from(format!(
+                "resolved {} on {} at {:.1} s",
+                event.alert.rule.name(),
+                event.alert.stage,
+                event.at_s
+            )));
+        }
+    }
+    frame.render_widget(Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" alerts ")), area);
+}
+
+/// The view shared between the run's watcher (which feeds it) and the terminal (which draws it).
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    view: Mutex<View>,
+    /// Set by `q`: the run offers no more orders.
+    pub(crate) stop: AtomicBool,
+}
+
+impl Live {
+    /// A snapshot from the run's watcher; `last` once the run's work has finished.
+    pub(crate) fn push(&self, snapshot: Snapshot, last: bool) {
+        let mut view = self.view.lock();
+        view.update(snapshot);
+        view.finished |= last;
+    }
+
+    /// Draws until the user quits and `done` says the run has returned.
+    pub(crate) fn show(&self, done: &dyn Fn() -> bool) -> std::io::Result<()> {
+        let mut terminal = ratatui::init();
+        let shown = self.show_on(&mut terminal, done);
+        ratatui::restore();
+        shown
+    }
+
+    fn show_on(&self, terminal: &mut ratatui::DefaultTerminal, done: &dyn Fn() -> bool) -> std::io::Result<()> {
+        loop {
+            {
+                let mut view = self.view.lock();
+                // A run that returned without a final snapshot (poisoned) is over too.
+                view.finished |= done();
+                terminal.draw(|frame| draw(frame, &view))?;
+            }
+            if event::poll(TICK)? {
+                if let Event::Key(key) = event::read()? {
+                    let quit = key.kind == KeyEventKind::Press
+                        && (matches!(key.code, KeyCode::Char('q') | KeyCode::Esc)
+                            || (key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL)));
+                    if quit {
+                        self.stop.store(true, Ordering::Release);
+                        self.view.lock().stopping = true;
+                    }
+                }
+            }
+            if self.stop.load(Ordering::Acquire) && done() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+
+    use super::*;
+
+    fn screen(view: &View) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(110, 32)).expect("a test terminal");
+        terminal.draw(|frame| draw(frame, view)).expect("draws");
+        let buffer = terminal.backend().buffer().clone();
+        let width = buffer.area.width as usize;
+        buffer
+            .content
+            .chunks(width)
+            .map(|row| row.iter().map(ratatui::buffer::Cell::symbol).collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn snapshot(engine: &conduit::Engine<conduit_orders::OrderEvent>) -> Snapshot {
+        engine.snapshot()
+    }
+
+    #[test]
+    fn the_view_shows_each_stage_the_rates_and_the_alerts_of_a_real_run() {
+        let pipeline = conduit_orders::OrderPipeline::start(
+            &conduit::EngineConfig::default(),
+            &conduit_orders::SimConfig { payment_failure_rate: 0.3, ..conduit_orders::SimConfig::default() },
+        )
+        .expect("starts");
+        let mut view = View::default();
+        assert!(screen(&view).contains("starting..."));
+        view.update(snapshot(pipeline.engine()));
+        pipeline.submit_many(conduit_orders::Workload::new(7, 100, 1_000).take(20_000)).expect("accepted");
+        while pipeline.engine().in_flight() > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let last = snapshot(pipeline.engine());
+        let processed = last.stage("payment").expect("payment").processed;
+        let fired = last.alerts.fired_total;
+        view.update(last);
+        let text = screen(&view);
+        for stage in ["order", "payment", "inventory", "email", "sms", "shipping", "compensation"] {
+            assert!(text.contains(stage), "{stage} in\n{text}");
+        }
+        assert!(text.contains(&processed.to_string()), "payment's {processed} in\n{text}");
+        assert!(text.contains("submitted   20000"), "{text}");
+        assert!(text.contains("FIRING error_rate on payment"), "{text}");
+        assert!(text.contains(&format!("{fired} fired")), "{text}");
+        assert!(text.contains("p99.9"), "end to end in\n{text}");
+        assert!(text.contains("running: q stops"), "{text}");
+        view.finished = true;
+        assert!(screen(&view).contains("finished: q shows the report"));
+        pipeline.finish();
+    }
+
+    #[test]
+    fn depth_bars_fill_with_the_queue() {
+        assert_eq!(depth_bar(0, 100, 10), "··········");
+        assert_eq!(depth_bar(50, 100, 10), "█████·····");
+        assert_eq!(depth_bar(100, 100, 10), "██████████");
+        assert_eq!(depth_bar(500, 100, 10), "██████████");
+        assert_eq!(depth_bar(5, 0, 4), "····");
+    }
+}
