@@ -309,14 +309,19 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(20));
         let last = snapshot(pipeline.engine());
-        let processed = last.stage("payment").expect("payment").processed;
+        let payment = last.stage("payment").expect("payment");
+        let (processed, retried) = (payment.processed, payment.retried);
+        assert!(retried > 0, "a third of the charges failed once");
         let fired = last.alerts.fired_total;
         view.update(last);
         let text = screen(&view);
         for stage in ["order", "payment", "inventory", "email", "sms", "shipping", "compensation"] {
             assert!(text.contains(stage), "{stage} in\n{text}");
         }
-        assert!(text.contains(&processed.to_string()), "payment's {processed} in\n{text}");
+        let row = text.lines().find(|l| l.trim_start_matches('│').starts_with("payment")).expect("a payment row");
+        let cells: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+        assert_eq!(cells[2], processed.to_string(), "payment's processed in {row}");
+        assert_eq!(cells[8], retried.to_string(), "payment's retries in {row}");
         assert!(text.contains("submitted   20000"), "{text}");
         assert!(text.contains("FIRING error_rate on payment"), "{text}");
         assert!(text.contains(&format!("{fired} fired")), "{text}");
