@@ -176,6 +176,8 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
         tally: &mut BatchTally,
         fx: &mut E,
     ) -> Result<Option<(Envelope<M>, u64)>, E::Stop> {
+        // Inside the worker's `batch` span, which names the stage.
+        let _event = tracing::trace_span!("event", key = event.key, seq = event.seq, attempt = event.attempt).entered();
         self.emitter.begin(&event);
         let (handler, emitter) = (&mut self.handler, &mut self.emitter);
         let mut panicked = false;

@@ -322,6 +322,13 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
                 Next::Batch(batch, level) => {
                     self.metrics.busy_workers.fetch_add(1, Ordering::Relaxed);
                     let count = batch.events.len() as u64;
+                    let _batch = tracing::debug_span!(
+                        "batch",
+                        stage = self.metrics.name.as_str(),
+                        worker = self.index,
+                        events = count
+                    )
+                    .entered();
                     let mut events = batch.events;
                     let mut tally = BatchTally::default();
                     if let Some(journal) = &mut self.io.journal {
