@@ -130,7 +130,7 @@ impl AlertRule {
 }
 
 /// A rule that holds for a stage.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
     /// What it watches.
     pub rule: AlertRule,
@@ -145,7 +145,7 @@ pub struct Alert {
 }
 
 /// An alert that started or stopped holding.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertEvent {
     /// True when it fired, false when it resolved.
     pub firing: bool,
@@ -156,7 +156,7 @@ pub struct AlertEvent {
 }
 
 /// The alerts part of a [`Snapshot`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AlertsSnapshot {
     /// Alerts holding now.
     pub firing: Vec<Alert>,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest latency a histogram tracks exactly; longer ones are clamped to it (one hour, in ns).
 pub(crate) const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
@@ -191,7 +191,7 @@ impl StageMetrics {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     /// Events recorded.
     pub count: u64,
@@ -227,7 +227,7 @@ impl LatencySummary {
 }
 
 /// One stage's figures at one moment.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageSnapshot {
     /// The stage's name.
     pub name: String,
@@ -288,7 +288,7 @@ pub struct LatencyHistograms {
 }
 
 /// The whole engine at one moment: the type every report, view and export reads.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Seconds since the engine started.
     pub uptime_s: f64,

@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use redb::TableDefinition;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::journal::completion_record;
 pub use checkpoint::InFlight;
@@ -253,7 +253,7 @@ pub(crate) struct LogCounters {
 }
 
 /// What the log has written since it was opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogStats {
     /// Records committed.
     pub events_appended: u64,

@@ -60,7 +60,7 @@ enum Command {
     Run(Box<runcmd::RunArgs>),
     /// The same run under a live terminal view: stages, rates, queue depths, lag, latency,
     /// alerts; q stops it and prints the report.
-    Top(Box<runcmd::RunArgs>),
+    Top(Box<topcmd::TopArgs>),
     /// Measure the engine against its baselines on the same workload, side by side.
     Bench(benchcmd::BenchArgs),
     /// Read and check an event log.
@@ -97,7 +97,10 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(args) => runcmd::run(&args, false),
-        Command::Top(args) => runcmd::run(&args, true),
+        Command::Top(args) => match args.attach {
+            Some(addr) => topcmd::attach(addr),
+            None => runcmd::run(&args.run, true),
+        },
         Command::Bench(args) => benchcmd::bench(&args),
         Command::Log(command) => logcmd::run(&command),
         Command::Replay(args) => logcmd::replay(&args),

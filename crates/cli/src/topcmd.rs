@@ -36,6 +36,8 @@ pub(crate) struct View {
     pub(crate) finished: bool,
     /// Set once the user asked to stop.
     pub(crate) stopping: bool,
+    /// With `--attach`: where the figures come from, and whether it answered last time.
+    pub(crate) attached: Option<(String, Result<(), String>)>,
 }
 
 impl View {
@@ -84,7 +86,13 @@ pub(crate) fn draw(frame: &mut Frame<'_>, view: &View) {
     draw_stages(frame, stages, view);
     draw_latency(frame, latency, view);
     draw_alerts(frame, alerts, view);
-    let state = if view.finished {
+    let attached = view.attached.as_ref().map(|(addr, answered)| match answered {
+        Ok(()) => format!("attached to {addr}: q quits the view (the run goes on)"),
+        Err(why) => format!("{addr} does not answer ({why}): q quits"),
+    });
+    let state = if let Some(attached) = &attached {
+        attached.as_str()
+    } else if view.finished {
         "finished: q shows the report"
     } else if view.stopping {
         "stopping: the orders offered are finishing"
@@ -253,9 +261,7 @@ impl Live {
             }
             if event::poll(TICK)? {
                 if let Event::Key(key) = event::read()? {
-                    let quit = key.kind == KeyEventKind::Press
-                        && (matches!(key.code, KeyCode::Char('q') | KeyCode::Esc)
-                            || (key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL)));
+                    let quit = key.kind == KeyEventKind::Press && is_quit(key.code, key.modifiers);
                     if quit {
                         self.stop.store(true, Ordering::Release);
                         self.view.lock().stopping = true;
@@ -267,6 +273,56 @@ impl Live {
             }
         }
     }
+}
+
+/// `conduit top`: a run of its own, or `--attach` to one started elsewhere.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TopArgs {
+    /// Watch a `conduit run` started elsewhere with `--metrics-addr ADDR` (which serves its
+    /// snapshot at `/snapshot`) instead of running one here; q quits the view, the run goes on.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) attach: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub(crate) run: crate::runcmd::RunArgs,
+}
+
+/// `conduit top --attach ADDR`: draws the snapshots `ADDR/snapshot` serves until `q`.
+pub(crate) fn attach(addr: std::net::SocketAddr) -> Result<std::process::ExitCode, crate::Failure> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return Err(crate::UsageError("conduit top draws on a terminal: run it in one".into()).into());
+    }
+    let url = format!("http://{addr}/snapshot");
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(1)).build();
+    let fetch = || -> Result<Snapshot, String> {
+        let body = agent.get(&url).call().map_err(|e| e.to_string())?.into_string().map_err(|e| e.to_string())?;
+        serde_json::from_str(&body).map_err(|e| format!("not a snapshot: {e}"))
+    };
+    let mut view = View { attached: Some((addr.to_string(), Ok(()))), ..View::default() };
+    let mut terminal = ratatui::init();
+    let shown = (|| -> std::io::Result<()> {
+        loop {
+            let answered = fetch().map(|snapshot| view.update(snapshot));
+            view.attached = Some((addr.to_string(), answered));
+            terminal.draw(|frame| draw(frame, &view))?;
+            if event::poll(TICK)? {
+                if let Event::Key(key) = event::read()? {
+                    if key.kind == KeyEventKind::Press && is_quit(key.code, key.modifiers) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    })();
+    ratatui::restore();
+    shown.map_err(|e| crate::Failure::Run(format!("the terminal failed: {e}")))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `q`, Esc or Ctrl-C.
+fn is_quit(code: KeyCode, modifiers: KeyModifiers) -> bool {
+    matches!(code, KeyCode::Char('q') | KeyCode::Esc)
+        || (code == KeyCode::Char('c') && modifiers.contains(KeyModifiers::CONTROL))
 }
 
 #[cfg(test)]

@@ -537,3 +537,34 @@ fn latency_files_parse_and_the_plot_has_a_curve_per_stage_and_end_to_end() {
     assert_refused(&["run", "--orders", "10", "--plot", "/nonexistent/latency.svg"], "is not a directory");
     assert_refused(&["run", "--orders", "10", "--hdr-out", "/proc/conduit-hdr"], "--hdr-out");
 }
+
+#[test]
+fn a_running_conduit_serves_its_snapshot_for_top_to_attach() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let run = Command::new(env!("CARGO_BIN_EXE_conduit"))
+        .args(["run", "--format", "json", "--quiet", "--rate", "5000/s", "--duration", "2s", "--metrics-linger", "3s"])
+        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("conduit runs");
+    let url = format!("http://127.0.0.1:{port}/snapshot");
+    let fetch = || -> conduit::Snapshot {
+        let body = ureq::get(&url).call().expect("the snapshot is served").into_string().expect("text");
+        serde_json::from_str(&body).expect("the JSON is a snapshot")
+    };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let running = fetch();
+    assert!(running.submitted > 0 && running.stage("payment").is_some(), "{running:?}");
+    // After the run, while it lingers: the final figures, as the report has them.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let last = fetch();
+    let output = run.wait_with_output().expect("conduit finishes");
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON report");
+    assert_eq!(last.submitted, u(&report, "/orders/submitted"));
+    assert_eq!(last.in_flight, 0);
+    assert_eq!(last.stage("payment").expect("payment").processed, u(&report, "/stages/1/processed"));
+
+    assert_refused(&["top", "--attach", "127.0.0.1:1"], "conduit top draws on a terminal");
+}
