@@ -171,6 +171,9 @@ pub struct AlertsSnapshot {
 /// One stage's running totals, as rates need them.
 #[derive(Debug, Clone, Copy)]
 struct Totals {
+    processed: u64,
+    emitted: u64,
+    retried: u64,
     attempts: u64,
     failures: u64,
     latency_s: f64,
@@ -181,6 +184,9 @@ struct Totals {
 impl Totals {
     fn of(stage: &StageSnapshot) -> Self {
         Self {
+            processed: stage.processed,
+            emitted: stage.emitted,
+            retried: stage.retried,
             attempts: stage.processed + stage.retried,
             failures: stage.retried + stage.dead_lettered,
             latency_s: stage.latency_total_s,
@@ -223,13 +229,34 @@ impl Alerting {
         self.rules = rules;
     }
 
-    /// Evaluates the rules over `snapshot` and what came before; returns the alerts part.
-    pub(crate) fn observe(&mut self, snapshot: &Snapshot) -> AlertsSnapshot {
+    /// Evaluates the rules over `snapshot` and what came before, and fills in its stages' rates
+    /// over the window; returns the alerts part.
+    pub(crate) fn observe(&mut self, snapshot: &mut Snapshot) -> AlertsSnapshot {
         let now = snapshot.uptime_s;
         let totals: Vec<Totals> = snapshot.stages.iter().map(Totals::of).collect();
         // The window's base: the newest sample at least a window old (else the oldest).
         while self.window.len() > 1 && now - self.window[1].0 >= self.rules.window_s {
             self.window.pop_front();
+        }
+        if let Some((then, base)) = self.window.front() {
+            let seconds = now - then;
+            for ((stage, now), before) in snapshot.stages.iter_mut().zip(&totals).zip(base) {
+                // Counts to rates: exact below 2^53 events.
+                #[allow(clippy::cast_precision_loss)]
+                let rate = |now: u64, before: u64| {
+                    if seconds > 0.0 {
+                        now.saturating_sub(before) as f64 / seconds
+                    } else {
+                        0.0
+                    }
+                };
+                stage.rates = crate::metrics::StageRates {
+                    processed: rate(now.processed, before.processed),
+                    emitted: rate(now.emitted, before.emitted),
+                    retried: rate(now.retried, before.retried),
+                    dead_lettered: rate(now.dead_lettered, before.dead_lettered),
+                };
+            }
         }
         let holding = self.holding(snapshot, &totals);
         self.window.push_back((now, totals));

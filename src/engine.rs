@@ -515,7 +515,7 @@ impl<M: Message> Engine<M> {
             end_to_end_us: self.track_completion.then(|| LatencySummary::from_histogram(&self.tracker.end_to_end())),
             alerts: AlertsSnapshot::default(),
         };
-        snapshot.alerts = self.alerting.lock().observe(&snapshot);
+        snapshot.alerts = self.alerting.lock().observe(&mut snapshot);
         snapshot
     }
 

@@ -146,6 +146,6 @@ pub use engine::{Engine, EngineBuilder, ShutdownReport};
 pub use error::{BuildError, ConfigError, RecoverError, SubmitError, TrySubmitError};
 pub use ingress::{Receipt, INGRESS_WINDOW_EVENTS, WINDOWS_IN_FLIGHT};
 pub use journal::{Journal, JournalCodec};
-pub use metrics::{LatencyHistograms, LatencySummary, Snapshot, StageSnapshot};
+pub use metrics::{LatencyHistograms, LatencySummary, Snapshot, StageRates, StageSnapshot};
 pub use stage::{Deadline, Emitter, Envelope, Handler, Message, Outcome, Reason, StageId};
 pub use topology::Topology;

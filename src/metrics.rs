@@ -52,6 +52,9 @@ pub(crate) struct StageMetrics {
     pub(crate) head_sent_ns: CachePadded<AtomicU64>,
     pub(crate) epoch: Instant,
     pub(crate) busy_workers: CachePadded<AtomicUsize>,
+    /// Events each worker holds for a retry (parked for their backoff, or behind a parked event
+    /// of the same key): its own line, stored once per unit.
+    pub(crate) parked: Vec<CachePadded<AtomicU64>>,
     /// One histogram per worker, with the sum of what it recorded (seconds): locked once per
     /// batch by its worker, rarely by a reader.
     pub(crate) latency: Vec<Mutex<(Histogram<u64>, f64)>>,
@@ -92,6 +95,7 @@ impl StageMetrics {
             head_sent_ns: CachePadded::default(),
             epoch: Instant::now(),
             busy_workers: CachePadded::default(),
+            parked: (0..workers).map(|_| CachePadded::default()).collect(),
             latency: (0..workers).map(|_| Mutex::new((new_histogram(), 0.0))).collect(),
         }
     }
@@ -184,6 +188,8 @@ impl StageMetrics {
             queue_depth_counted,
             lag_us,
             queue_capacity: self.queue_capacity_events,
+            retry_parked: self.parked.iter().map(|p| p.load(Ordering::Relaxed)).sum(),
+            rates: StageRates::default(),
             latency_us: LatencySummary::from_histogram(&merged),
             latency_total_s,
         }
@@ -226,6 +232,19 @@ impl LatencySummary {
     }
 }
 
+/// A stage's counts as rates, events a second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageRates {
+    /// Events finished.
+    pub processed: f64,
+    /// Events sent on.
+    pub emitted: f64,
+    /// Attempts that ended in a retry.
+    pub retried: f64,
+    /// Events dead-lettered.
+    pub dead_lettered: f64,
+}
+
 /// One stage's figures at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageSnapshot {
@@ -264,6 +283,12 @@ pub struct StageSnapshot {
     pub queue_depth_counted: u64,
     /// Most events the stage's input queues hold, every partition and priority level together.
     pub queue_capacity: usize,
+    /// Events held for a retry by the stage's workers (their retry wheels): parked for a
+    /// backoff, or waiting behind a parked event of the same key.
+    pub retry_parked: u64,
+    /// Events a second over the engine's last [`AlertRules::window_s`](crate::AlertRules::window_s)
+    /// of snapshots (zero in the first snapshot).
+    pub rates: StageRates,
     /// Lag in time: how long the oldest event in the stage's queues has waited, in microseconds
     /// (0 when they are empty). Read from the send time of the batch a worker took last, so it
     /// may overstate the wait by the gap between two batches, never understate it; it keeps

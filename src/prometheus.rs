@@ -44,11 +44,12 @@ const STAGE_COUNTERS: [StageFigure; 9] = [
 ];
 
 #[allow(clippy::cast_precision_loss)]
-const STAGE_GAUGES: [StageFigure; 5] = [
+const STAGE_GAUGES: [StageFigure; 6] = [
     ("queue_depth", "Events waiting in the stage's queues", |s| s.queue_depth as f64),
     ("queue_capacity", "Most events the stage's queues hold", |s| s.queue_capacity as f64),
     ("workers", "Workers in the stage's pool", |s| s.workers as f64),
     ("busy_workers", "Workers handling a batch now", |s| s.busy_workers as f64),
+    ("retry_parked", "Events held for a retry by the stage's workers", |s| s.retry_parked as f64),
     ("lag_seconds", "How long the oldest event in the stage's queues has waited", |s| s.lag_us / 1e6),
 ];
 

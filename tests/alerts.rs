@@ -148,3 +148,35 @@ fn bad_rules_are_refused_when_the_engine_starts() {
         .expect_err("a negative window is refused");
     assert!(error.to_string().contains("alerts.window_s"), "{error}");
 }
+
+#[test]
+fn snapshots_carry_rates_over_the_window_and_the_retries_held() {
+    let mut topology = Topology::new();
+    let gate = topology.stage("gate");
+    topology.entry(gate);
+    // Every job fails its first attempt, then waits 300 ms for its retry.
+    topology.handler(gate, |_| {
+        |event: &Envelope<Job>, _: &mut Emitter<Job>| {
+            if event.attempt == 0 {
+                Outcome::Retry("once".into())
+            } else {
+                Outcome::Done
+            }
+        }
+    });
+    let config = EngineConfig::from_toml_str("retry_backoff_ms_base = 300\nretry_jitter = \"none\"").expect("valid");
+    let engine = Engine::start(topology, &config).expect("starts");
+    let first = engine.snapshot();
+    engine.submit_many((0..50).map(Job)).expect("accepted");
+    // Every job waits for its retry: the wheel holds all 50 at once.
+    let parked = watch(&engine, |s| s.stage("gate").is_some_and(|g| g.retry_parked == 50));
+    assert_eq!(parked.stage("gate").expect("gate").processed, 0, "none retried yet");
+    let done = watch(&engine, |s| s.stage("gate").is_some_and(|g| g.processed == 50));
+    let gate_now = done.stage("gate").expect("gate");
+    assert_eq!(gate_now.retry_parked, 0, "none left waiting");
+    // The window reaches back to the first snapshot: the rates are the counts over that span.
+    let seconds = done.uptime_s - first.uptime_s;
+    assert!((gate_now.rates.processed * seconds - 50.0).abs() < 1e-6, "{:?} over {seconds} s", gate_now.rates);
+    assert!((gate_now.rates.retried * seconds - 50.0).abs() < 1e-6, "{:?} over {seconds} s", gate_now.rates);
+    assert!(engine.shutdown().is_clean());
+}

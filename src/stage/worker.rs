@@ -376,6 +376,7 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     fn next(&mut self) -> Result<Next<M>, Stop> {
         loop {
             self.core.release_due();
+            self.metrics.parked[self.index].store(self.core.parking.parked_events() as u64, Ordering::Relaxed);
             // Highest priority first; none at all while parked events fill the stage's bound.
             let taking = self.core.parking.parked_events() < self.config().queue_events_max();
             let mut all_gone = true;

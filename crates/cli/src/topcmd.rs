@@ -143,9 +143,20 @@ fn depth_bar(depth: u64, capacity: usize, width: usize) -> String {
 }
 
 fn draw_stages(frame: &mut Frame<'_>, area: Rect, view: &View) {
-    let header =
-        Row::new(["stage", "busy", "processed", "rate/s", "queue", "depth", "lag ms", "p99 us", "retried", "dead"])
-            .style(bold());
+    let header = Row::new([
+        "stage",
+        "busy",
+        "processed",
+        "rate/s",
+        "queue",
+        "depth",
+        "lag ms",
+        "p99 us",
+        "retried",
+        "parked",
+        "dead",
+    ])
+    .style(bold());
     let rows: Vec<Row<'_>> = view
         .latest
         .iter()
@@ -166,6 +177,7 @@ fn draw_stages(frame: &mut Frame<'_>, area: Rect, view: &View) {
                 }),
                 Cell::from(format!("{:.1}", stage.latency_us.p99)),
                 Cell::from(stage.retried.to_string()),
+                Cell::from(stage.retry_parked.to_string()),
                 Cell::from(stage.dead_lettered.to_string()),
             ])
         })
@@ -180,6 +192,7 @@ fn draw_stages(frame: &mut Frame<'_>, area: Rect, view: &View) {
         Constraint::Length(9),
         Constraint::Length(10),
         Constraint::Length(8),
+        Constraint::Length(7),
         Constraint::Length(6),
     ];
     frame.render_widget(
