@@ -331,4 +331,20 @@ mod tests {
         assert!(matches!(Pattern::new(&long), Err(RoutingError::TooLong { .. })));
         assert!(matches!(ExchangeBuilder::<u8>::new().key(&long), Err(RoutingError::TooLong { .. })));
     }
+
+    #[test]
+    fn a_key_of_exactly_the_limit_is_taken_and_one_byte_more_is_not() {
+        let at_limit = "k".repeat(KEY_BYTES_MAX);
+        assert!(Pattern::new(&at_limit).is_ok());
+        assert!(ExchangeBuilder::<u8>::new().key(&at_limit).is_ok());
+        let over = "k".repeat(KEY_BYTES_MAX + 1);
+        assert!(matches!(Pattern::new(&over), Err(RoutingError::TooLong { len, .. }) if len == KEY_BYTES_MAX + 1));
+    }
+
+    #[test]
+    fn a_pattern_shows_itself_as_written() {
+        let pattern = Pattern::new("order.*.#").expect("a valid pattern");
+        assert_eq!(pattern.as_str(), "order.*.#");
+        assert_eq!(format!("{pattern:?}"), "Pattern(\"order.*.#\")");
+    }
 }
