@@ -174,8 +174,6 @@ struct Totals {
     processed: u64,
     emitted: u64,
     retried: u64,
-    attempts: u64,
-    failures: u64,
     latency_s: f64,
     latency_events: u64,
     dead_lettered: u64,
@@ -187,12 +185,20 @@ impl Totals {
             processed: stage.processed,
             emitted: stage.emitted,
             retried: stage.retried,
-            attempts: stage.processed + stage.retried,
-            failures: stage.retried + stage.dead_lettered,
             latency_s: stage.latency_total_s,
             latency_events: stage.latency_us.count,
             dead_lettered: stage.dead_lettered,
         }
+    }
+
+    /// Attempts: each finished event's last one, and every one that ended in a retry.
+    fn attempts(&self) -> u64 {
+        self.processed + self.retried
+    }
+
+    /// Failed attempts: retried or dead-lettered.
+    fn failures(&self) -> u64 {
+        self.retried + self.dead_lettered
     }
 }
 
@@ -326,8 +332,8 @@ impl Alerting {
                 holding.insert((AlertRule::Lag, i), (lag_s, rules.lag_s_max));
             }
             if let Some(before) = base.and_then(|b| b.get(i)) {
-                let attempts = now.attempts.saturating_sub(before.attempts);
-                let failures = now.failures.saturating_sub(before.failures);
+                let attempts = now.attempts().saturating_sub(before.attempts());
+                let failures = now.failures().saturating_sub(before.failures());
                 let rate = failures as f64 / attempts.max(1) as f64;
                 if attempts >= ERROR_RATE_ATTEMPTS_MIN && rate > rules.error_rate_max {
                     holding.insert((AlertRule::ErrorRate, i), (rate, rules.error_rate_max));

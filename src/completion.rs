@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
-use crate::metrics::{new_histogram, LATENCY_NS_MAX};
+use crate::metrics::{new_histogram, ns_since, LATENCY_NS_MAX};
 use crate::sync::{fence, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Most messages in flight at once: a submission waits for one of them to finish beyond this
@@ -102,7 +102,7 @@ impl Tracker {
 
     /// Nanoseconds from the tracker's epoch to `at` (0 for an earlier instant).
     pub(crate) fn ns_at(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        ns_since(self.epoch, at)
     }
 
     /// Accepted-to-finished latencies of the messages finished so far, in ns.

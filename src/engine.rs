@@ -343,7 +343,7 @@ impl<M: Message> Engine<M> {
     pub fn submit_many_at(
         &self,
         msgs: impl IntoIterator<Item = M>,
-        scheduled: std::time::Instant,
+        scheduled: Instant,
     ) -> Result<u64, SubmitError<Vec<M>>> {
         self.submit_scheduled(msgs, Some(scheduled))
     }
@@ -351,7 +351,7 @@ impl<M: Message> Engine<M> {
     fn submit_scheduled(
         &self,
         msgs: impl IntoIterator<Item = M>,
-        scheduled: Option<std::time::Instant>,
+        scheduled: Option<Instant>,
     ) -> Result<u64, SubmitError<Vec<M>>> {
         match self.ingress.as_ref() {
             Some(ingress) => ingress.submit_many(msgs, scheduled),

@@ -17,6 +17,11 @@ pub(crate) const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
 /// Significant decimal digits kept by the latency histograms.
 const LATENCY_SIGFIG: u8 = 3;
 
+/// Nanoseconds from `epoch` to `at` (0 for an earlier instant).
+pub(crate) fn ns_since(epoch: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
 pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_NS_MAX, LATENCY_SIGFIG)
         .expect("constant histogram bounds are valid: 1 <= low, high >= 2 * low, sigfig <= 5")
@@ -124,23 +129,19 @@ impl StageMetrics {
         held.1 += latency.as_secs_f64() * events as f64;
     }
 
-    /// Nanoseconds from the stage's epoch to `at`.
-    pub(crate) fn ns_at(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// A batch sent at `sent_at` went into the queue, which held `before` events counted in.
+    /// `count` events sent at `sent_at` went into the queue; if it held none counted in, they
+    /// are its head.
     pub(crate) fn count_in(&self, count: u64, sent_at: Instant) {
         let before = self.enqueued.fetch_add(count, Ordering::Relaxed);
         if before <= self.dequeued.load(Ordering::Relaxed) {
-            self.head_sent_ns.store(self.ns_at(sent_at), Ordering::Relaxed);
+            self.head_sent_ns.store(ns_since(self.epoch, sent_at), Ordering::Relaxed);
         }
     }
 
     /// A worker took a batch sent at `sent_at` off the queue.
     pub(crate) fn count_out(&self, count: u64, sent_at: Instant) {
         self.dequeued.fetch_add(count, Ordering::Relaxed);
-        self.head_sent_ns.store(self.ns_at(sent_at), Ordering::Relaxed);
+        self.head_sent_ns.store(ns_since(self.epoch, sent_at), Ordering::Relaxed);
     }
 
     /// Every worker's latencies merged (ns), and their sum in seconds.
@@ -165,7 +166,7 @@ impl StageMetrics {
             0.0
         } else {
             let head = self.head_sent_ns.load(Ordering::Relaxed);
-            self.ns_at(Instant::now()).saturating_sub(head) as f64 / 1_000.0
+            ns_since(self.epoch, Instant::now()).saturating_sub(head) as f64 / 1_000.0
         };
         StageSnapshot {
             name: self.name.clone(),

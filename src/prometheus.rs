@@ -56,47 +56,26 @@ const STAGE_GAUGES: [StageFigure; 6] = [
 /// Every family of one scrape.
 #[allow(clippy::cast_precision_loss)]
 fn families(s: &Snapshot, latency: &LatencyHistograms) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
     let stage_label = |name: &str| vec![label("stage", name)];
     let mut all = vec![
-        family(
-            "conduit_messages_submitted_total",
-            "Messages accepted by the engine",
-            MetricType::COUNTER,
-            vec![counter(vec![], s.submitted as f64)],
-        ),
-        family(
-            "conduit_messages_completed_total",
-            "Messages whose work has all finished",
-            MetricType::COUNTER,
-            vec![counter(vec![], s.completed as f64)],
-        ),
-        family(
-            "conduit_messages_in_flight",
-            "Messages whose work has not finished",
-            MetricType::GAUGE,
-            vec![gauge(vec![], s.in_flight as f64)],
-        ),
-        family(
-            "conduit_uptime_seconds",
-            "Seconds since the engine started",
-            MetricType::GAUGE,
-            vec![gauge(vec![], s.uptime_s)],
-        ),
+        single("conduit_messages_submitted_total", "Messages accepted by the engine", COUNTER, s.submitted as f64),
+        single("conduit_messages_completed_total", "Messages whose work has all finished", COUNTER, s.completed as f64),
+        single("conduit_messages_in_flight", "Messages whose work has not finished", GAUGE, s.in_flight as f64),
+        single("conduit_uptime_seconds", "Seconds since the engine started", GAUGE, s.uptime_s),
     ];
-    for (name, help, read) in STAGE_COUNTERS {
-        let metrics = s.stages.iter().map(|stage| counter(stage_label(&stage.name), read(stage))).collect();
-        all.push(family(&format!("conduit_stage_{name}"), help, MetricType::COUNTER, metrics));
-    }
-    for (name, help, read) in STAGE_GAUGES {
-        let metrics = s.stages.iter().map(|stage| gauge(stage_label(&stage.name), read(stage))).collect();
-        all.push(family(&format!("conduit_stage_{name}"), help, MetricType::GAUGE, metrics));
+    for (kind, figures) in [(COUNTER, &STAGE_COUNTERS[..]), (GAUGE, &STAGE_GAUGES[..])] {
+        for (name, help, read) in figures {
+            let metrics = s.stages.iter().map(|stage| sample(kind, stage_label(&stage.name), read(stage))).collect();
+            all.push(family(&format!("conduit_stage_{name}"), help, kind, metrics));
+        }
     }
     let stage_latency =
         latency.stages.iter().map(|(name, histogram, sum_s)| histogram_metric(stage_label(name), histogram, *sum_s));
     all.push(family(
         "conduit_stage_latency_seconds",
         "Time from a batch's hand-off to the stage until it was handled, per event",
-        MetricType::HISTOGRAM,
+        HISTOGRAM,
         stage_latency.collect(),
     ));
     if let Some(histogram) = &latency.end_to_end {
@@ -105,7 +84,7 @@ fn families(s: &Snapshot, latency: &LatencyHistograms) -> Vec<MetricFamily> {
         all.push(family(
             "conduit_end_to_end_latency_seconds",
             "Time from a message's acceptance (or its schedule slot) until all its work finished",
-            MetricType::HISTOGRAM,
+            HISTOGRAM,
             vec![histogram_metric(vec![], histogram, sum_s)],
         ));
     }
@@ -113,44 +92,34 @@ fn families(s: &Snapshot, latency: &LatencyHistograms) -> Vec<MetricFamily> {
         .alerts
         .firing
         .iter()
-        .map(|a| gauge(vec![label("rule", a.rule.name()), label("stage", &a.stage)], 1.0))
+        .map(|a| sample(GAUGE, vec![label("rule", a.rule.name()), label("stage", &a.stage)], 1.0))
         .collect::<Vec<_>>();
     if !firing.is_empty() {
-        all.push(family(
-            "conduit_alert_firing",
-            "1 for each alert holding now, by rule and stage",
-            MetricType::GAUGE,
-            firing,
-        ));
+        all.push(family("conduit_alert_firing", "1 for each alert holding now, by rule and stage", GAUGE, firing));
     }
-    all.push(family(
+    all.push(single(
         "conduit_alerts_fired_total",
         "Alerts fired since the engine started",
-        MetricType::COUNTER,
-        vec![counter(vec![], s.alerts.fired_total as f64)],
+        COUNTER,
+        s.alerts.fired_total as f64,
     ));
     if let Some(log) = &s.log {
-        let figures = [
-            (
+        all.extend([
+            single(
                 "conduit_log_events_appended_total",
                 "Events appended to the log",
-                MetricType::COUNTER,
-                log.events_appended,
+                COUNTER,
+                log.events_appended as f64,
             ),
-            ("conduit_log_commits_total", "Commits of the log", MetricType::COUNTER, log.commits),
-            (
+            single("conduit_log_commits_total", "Commits of the log", COUNTER, log.commits as f64),
+            single(
                 "conduit_log_durable_commits_total",
                 "Commits made durable (fsynced)",
-                MetricType::COUNTER,
-                log.durable_commits,
+                COUNTER,
+                log.durable_commits as f64,
             ),
-            ("conduit_log_bytes", "Bytes the log's frames hold", MetricType::GAUGE, log.bytes),
-        ];
-        for (name, help, kind, value) in figures {
-            let metric =
-                if kind == MetricType::COUNTER { counter(vec![], value as f64) } else { gauge(vec![], value as f64) };
-            all.push(family(name, help, kind, vec![metric]));
-        }
+            single("conduit_log_bytes", "Bytes the log's frames hold", GAUGE, log.bytes as f64),
+        ]);
     }
     all
 }
@@ -164,6 +133,11 @@ fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> Met
     family
 }
 
+/// A family of one unlabelled counter or gauge.
+fn single(name: &str, help: &str, kind: MetricType, value: f64) -> MetricFamily {
+    family(name, help, kind, vec![sample(kind, vec![], value)])
+}
+
 fn label(name: &str, value: &str) -> LabelPair {
     let mut pair = LabelPair::default();
     pair.set_name(name.to_owned());
@@ -171,19 +145,18 @@ fn label(name: &str, value: &str) -> LabelPair {
     pair
 }
 
-fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
-    let mut counter = proto::Counter::default();
-    counter.set_value(value);
+/// One sample of a counter (`kind` is `COUNTER`) or a gauge.
+fn sample(kind: MetricType, labels: Vec<LabelPair>, value: f64) -> Metric {
     let mut metric = Metric::from_label(labels);
-    metric.set_counter(counter);
-    metric
-}
-
-fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
-    let mut gauge = proto::Gauge::default();
-    gauge.set_value(value);
-    let mut metric = Metric::from_label(labels);
-    metric.set_gauge(gauge);
+    if kind == MetricType::COUNTER {
+        let mut counter = proto::Counter::default();
+        counter.set_value(value);
+        metric.set_counter(counter);
+    } else {
+        let mut gauge = proto::Gauge::default();
+        gauge.set_value(value);
+        metric.set_gauge(gauge);
+    }
     metric
 }
 

@@ -376,9 +376,10 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     fn next(&mut self) -> Result<Next<M>, Stop> {
         loop {
             self.core.release_due();
-            self.metrics.parked[self.index].store(self.core.parking.parked_events() as u64, Ordering::Relaxed);
+            let parked = self.core.parking.parked_events();
+            self.metrics.parked[self.index].store(parked as u64, Ordering::Relaxed);
             // Highest priority first; none at all while parked events fill the stage's bound.
-            let taking = self.core.parking.parked_events() < self.config().queue_events_max();
+            let taking = parked < self.config().queue_events_max();
             let mut all_gone = true;
             for level in (0..self.inputs.len()).rev().filter(|_| taking) {
                 match self.inputs[level].try_recv() {

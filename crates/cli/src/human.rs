@@ -293,7 +293,7 @@ pub(crate) fn write_sweep(out: &mut impl Write, points: &[SweepPoint]) -> io::Re
     Ok(())
 }
 
-/// How the orders were offered, and their end-to-end latency.
+/// With a log: how long journaled submissions waited for their commit.
 fn write_ack_latency(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
     if let Some(ack) = &report.ack_latency_us {
         writeln!(
@@ -305,6 +305,7 @@ fn write_ack_latency(out: &mut impl Write, report: &RunReport) -> io::Result<()>
     Ok(())
 }
 
+/// How the orders were offered, and their end-to-end latency.
 fn write_load(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
     match report.load {
         LoadReport::Saturated => writeln!(out, "  load         saturated (closed loop: latencies include queueing)")?,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use conduit::Engine;
+use conduit::{Engine, Snapshot};
 use conduit_orders::OrderEvent;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -63,24 +63,23 @@ impl MetricsServer {
         self.addr
     }
 
-    /// Answers the scrapes waiting, from `engine`; `last` says the run's work has finished, so
-    /// these figures are final and are kept.
-    pub(crate) fn answer(&self, engine: &Engine<OrderEvent>, last: bool) {
+    /// Answers the scrapes waiting, from `snapshot` (and `engine`'s latency histograms); `last`
+    /// says the run's work has finished, so these figures are final and are kept.
+    pub(crate) fn answer(&self, engine: &Engine<OrderEvent>, snapshot: &Snapshot, last: bool) {
         let pending: Vec<(Format, Sender<String>)> = self.requests.try_iter().collect();
         if pending.is_empty() && !last {
             return;
         }
-        let snapshot = engine.snapshot();
         let wants = |format: Format| last || pending.iter().any(|(f, _)| *f == format);
         let mut rendered = self.last.lock();
         if wants(Format::Prometheus) {
-            rendered.prometheus = Some(match conduit::prometheus::render(&snapshot, &engine.latency_histograms()) {
+            rendered.prometheus = Some(match conduit::prometheus::render(snapshot, &engine.latency_histograms()) {
                 Ok(text) => text,
                 Err(error) => format!("# cannot render the figures: {error}\n"),
             });
         }
         if wants(Format::Json) {
-            rendered.json = serde_json::to_string(&snapshot).ok();
+            rendered.json = serde_json::to_string(snapshot).ok();
         }
         for (format, reply) in pending {
             if let Some(text) = rendered.get(format) {

@@ -214,12 +214,12 @@ pub(crate) fn run(args: &RunArgs, live: bool) -> Result<ExitCode, Failure> {
     check_latency_outputs(args)?;
     let want_latency = args.hdr_out.is_some() || args.plot.is_some();
     let latency = parking_lot::Mutex::new(None);
-    let answer = |engine: &conduit::Engine<orders::OrderEvent>, last: bool| {
+    let answer = |engine: &conduit::Engine<orders::OrderEvent>, snapshot: &conduit::Snapshot, last: bool| {
         if let Some(server) = &metrics {
-            server.answer(engine, last);
+            server.answer(engine, snapshot, last);
         }
         if let Some(live) = &live {
-            live.push(engine.snapshot(), last);
+            live.push(snapshot.clone(), last);
         }
         if last && want_latency {
             *latency.lock() = Some(engine.latency_histograms());

@@ -13,7 +13,7 @@ use super::ports::{BooksError, LedgerFigures, SimulatedGateway};
 use super::report::LoadReport;
 use crate::{OrderEvent, OrderPipeline, OrderRouting, RunReport, SimConfig};
 use conduit::log::{Log, LogError};
-use conduit::{AlertRules, BuildError, Engine, EngineConfig};
+use conduit::{AlertRules, BuildError, Engine, EngineConfig, Snapshot};
 
 /// Orders submitted in one go by [`run`]; bounds the memory of the generator's buffer.
 const SUBMIT_CHUNK: usize = 4_096;
@@ -67,9 +67,9 @@ pub fn run_routed(
     run_until(config, sim, routing, &RunPlan::new(Limit::Orders(orders)), log, progress)
 }
 
-/// Called with the engine after each snapshot a run takes (`false`), and once more when its work
+/// Called with the engine and each snapshot a run takes (`false`), and once more when its work
 /// has all finished (`true`: the final figures). An exporter answers its scrapes from here.
-pub type Observer<'a> = dyn Fn(&Engine<OrderEvent>, bool) + Sync + 'a;
+pub type Observer<'a> = dyn Fn(&Engine<OrderEvent>, &Snapshot, bool) + Sync + 'a;
 
 /// How [`run_until`] offers load and watches the pipeline.
 #[derive(Clone)]
@@ -83,7 +83,7 @@ pub struct RunPlan<'a> {
     /// How often a snapshot is taken while the run lasts (so alerts fire on time, and the
     /// report's [`MonitorReport`] has its maxima).
     pub sample_every: Duration,
-    /// Shown the engine after each snapshot, and when the run's work has finished.
+    /// Shown the engine and each snapshot, and the final one when the run's work has finished.
     pub observe: Option<&'a Observer<'a>>,
     /// Set to end the run early: no more orders are offered; those offered finish.
     pub stop: Option<&'a AtomicBool>,
@@ -142,8 +142,8 @@ impl MonitorReport {
     }
 }
 
-/// Takes a snapshot of `engine` every `every` until `stop`, shows `observe` the engine after
-/// each, and says what they saw.
+/// Takes a snapshot of `engine` every `every` until `stop`, shows `observe` each, and says what
+/// they saw.
 fn watch(
     engine: &Engine<OrderEvent>,
     every: Duration,
@@ -152,9 +152,10 @@ fn watch(
 ) -> MonitorReport {
     let mut report = MonitorReport { every_ms: every.as_secs_f64() * 1_000.0, ..MonitorReport::default() };
     while !stop.load(Ordering::Acquire) {
-        report.add(&engine.snapshot());
+        let snapshot = engine.snapshot();
+        report.add(&snapshot);
         if let Some(observe) = observe {
-            observe(engine, false);
+            observe(engine, &snapshot, false);
         }
         std::thread::park_timeout(every);
     }
@@ -212,7 +213,7 @@ pub fn run_until(
         if let Some(observe) = plan.observe {
             // The final figures, before the engine shuts down.
             drained(pipeline.engine());
-            observe(pipeline.engine(), true);
+            observe(pipeline.engine(), &pipeline.engine().snapshot(), true);
         }
         stop.store(true, Ordering::Release);
         watcher.thread().unpark();
@@ -259,9 +260,8 @@ fn offer(
     let is_stopped = || plan.stop.is_some_and(|stop| stop.load(Ordering::Acquire));
     let started = Instant::now();
     loop {
-        let stopped = is_stopped();
         let mut left = match plan.limit {
-            _ if stopped => 0,
+            _ if is_stopped() => 0,
             Limit::Orders(orders) => orders - submitted,
             Limit::For(duration) if started.elapsed() < duration => u64::MAX,
             Limit::For(_) => 0,
