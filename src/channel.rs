@@ -299,7 +299,9 @@ mod tests {
     #[test]
     fn buffers_are_recycled() {
         let (tx, rx) = test_queue(2);
-        let mut buffer = tx.buffer();
+        // A capacity a fresh buffer never has (the queue makes them with room for 4), so the
+        // allocator handing the same address to a new buffer cannot pass for a recycled one.
+        let mut buffer = Vec::with_capacity(64);
         buffer.push(envelope(1));
         let pointer = buffer.as_ptr();
         tx.send(buffer).expect("room in queue");
@@ -308,7 +310,109 @@ mod tests {
         rx.recycle(batch.events);
         let again = tx.buffer();
         assert!(again.is_empty());
-        assert_eq!(again.as_ptr(), pointer, "the drained buffer comes back");
+        assert_eq!((again.as_ptr(), again.capacity()), (pointer, 64), "the drained buffer comes back");
+        assert_eq!(tx.buffer().capacity(), 4, "with none left, a new buffer of the batch bound");
+    }
+
+    #[test]
+    fn the_free_list_keeps_every_buffer_that_can_be_in_flight() {
+        // Queued (capacity), being filled by each sender and drained by each worker: the free
+        // list holds `2 * capacity + 8` so steady state allocates nothing.
+        let capacity = 16;
+        let (tx, rx) = test_queue(capacity);
+        let in_flight = 2 * capacity + 8;
+        for _ in 0..in_flight {
+            rx.recycle(Vec::with_capacity(64));
+        }
+        let recycled = (0..in_flight).filter(|_| tx.buffer().capacity() == 64).count();
+        assert_eq!(recycled, in_flight, "every buffer handed back comes back");
+    }
+
+    #[test]
+    fn a_sender_knows_its_bound_and_when_the_queue_is_full() {
+        let (tx, rx) = test_queue(1);
+        assert_eq!(tx.batch_events_max(), 4);
+        assert!(!tx.is_full(), "an empty queue has room");
+        tx.send(vec![envelope(1)]).expect("room for one");
+        assert!(tx.is_full(), "one batch fills a queue of one");
+        rx.try_recv().expect("queued");
+        assert!(!tx.is_full(), "room again once a worker took it");
+    }
+
+    /// A stage ordered by key with priorities: `partitions` queues per key partition, `levels`
+    /// per priority.
+    fn test_input(partitions: usize, levels: usize) -> (StageInput<u64>, Vec<BatchReceiver<u64>>) {
+        let metrics = Arc::new(StageMetrics::new("t".into(), partitions, 64));
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let (senders, receivers) =
+            (0..partitions * levels).map(|_| queue(4, 4, Arc::clone(&metrics), Arc::clone(&poisoned))).unzip();
+        (StageInput::new(senders, levels, "t".into(), crate::config::Overflow::Block), receivers)
+    }
+
+    #[test]
+    fn a_key_keeps_its_partition_and_a_priority_picks_its_level() {
+        let (input, _receivers) = test_input(4, 3);
+        assert_eq!(input.partitions(), 12, "4 key partitions times 3 levels");
+        assert_eq!(input.batch_events_max(), 4);
+        let mut per_partition = [0usize; 4];
+        for key in 0..1_000u64 {
+            let queues: Vec<usize> = (0..6u8).map(|priority| input.queue_of(key, priority)).collect();
+            assert!(queues.iter().all(|&q| q < 12), "key {key}: {queues:?} out of range");
+            let partition = queues[0] / 3;
+            assert!(queues.iter().all(|&q| q / 3 == partition), "key {key} changed partition: {queues:?}");
+            // Levels 0, 1 and 2, and every priority above the top level on the top one.
+            assert_eq!(queues.iter().map(|&q| q % 3).collect::<Vec<_>>(), [0, 1, 2, 2, 2, 2], "key {key}");
+            per_partition[partition] += 1;
+        }
+        // Neighbouring keys spread: each partition takes about a quarter of 1,000 keys.
+        assert!(per_partition.iter().all(|&n| (150..=350).contains(&n)), "uneven spread {per_partition:?}");
+    }
+
+    #[test]
+    fn one_partition_queues_by_priority_alone() {
+        let (input, _receivers) = test_input(1, 2);
+        assert_eq!(input.partitions(), 2);
+        for key in [0, 1, 7, u64::MAX] {
+            assert_eq!([input.queue_of(key, 0), input.queue_of(key, 1), input.queue_of(key, 200)], [0, 1, 1]);
+        }
+        let (plain, _receivers) = test_input(1, 1);
+        assert_eq!((plain.partitions(), plain.queue_of(42, 9)), (1, 0));
+    }
+
+    #[test]
+    fn refused_events_are_counted_as_overflow() {
+        let (input, receivers) = test_input(2, 1);
+        input.count_overflow(3);
+        input.count_overflow(4);
+        assert_eq!(receivers[0].metrics.snapshot().overflowed, 7);
+    }
+
+    #[test]
+    fn recv_any_waits_for_a_batch_on_a_queue_not_gone() {
+        let (tx0, rx0) = test_queue(1);
+        let (tx1, rx1) = test_queue(1);
+        let receivers = [rx0, rx1];
+        // The first is marked gone: a batch on it is not taken, and one sent later on the second
+        // is, within the timeout.
+        tx0.send(vec![envelope(0)]).expect("room");
+        let mut gone = [true, false];
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            tx1.send(vec![envelope(1)]).expect("room");
+            tx1
+        });
+        match BatchReceiver::recv_any(&receivers, &mut gone, Some(Duration::from_secs(10))) {
+            Received::Batch(1, batch) => assert_eq!(batch.events, vec![envelope(1)]),
+            other => panic!("expected the second queue's batch, got {other:?}"),
+        }
+        let tx1 = late.join().expect("sender");
+        assert!(matches!(
+            BatchReceiver::recv_any(&receivers, &mut gone, Some(Duration::from_millis(20))),
+            Received::TimedOut
+        ));
+        drop((tx0, tx1));
+        assert!(matches!(BatchReceiver::recv_any(&receivers, &mut gone, None), Received::Closed));
+        assert_eq!(gone, [true, true]);
     }
 
     #[test]

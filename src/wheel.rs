@@ -241,8 +241,23 @@ mod tests {
         assert_eq!(due, vec!['e']);
         far.advance((7 << 30) + HORIZON_TICKS - 1, &mut due);
         assert_eq!(due, vec!['e', 'f']);
+        // 63 of the top level's 64 slots of 2^30 ticks: with 1 ms ticks, 783 days ahead.
+        assert_eq!(HORIZON_TICKS, 63 << 30);
         assert_eq!(Wheel::<()>::ticks_ceil(1_000_001, 1_000_000), 2);
         assert_eq!(Wheel::<()>::ticks_ceil(1_000_000, 1_000_000), 1);
+    }
+
+    #[test]
+    fn the_wheel_tells_its_tick_and_whether_anything_waits() {
+        let mut wheel = Wheel::new(7);
+        assert_eq!((wheel.now(), wheel.len(), wheel.is_empty()), (7, 0, true));
+        assert_eq!(wheel.insert(10, 'a'), Insert::Scheduled);
+        assert_eq!((wheel.now(), wheel.len(), wheel.is_empty()), (7, 1, false));
+        let mut due = Vec::new();
+        wheel.advance(9, &mut due);
+        assert_eq!((wheel.now(), wheel.is_empty()), (9, false));
+        wheel.advance(500, &mut due);
+        assert_eq!((wheel.now(), wheel.is_empty(), due), (500, true, vec!['a']));
     }
 
     proptest! {
