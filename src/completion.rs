@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
-use crate::metrics::{new_histogram, ns_since, LATENCY_NS_MAX};
+use crate::metrics::{new_growing_histogram, ns_since, LATENCY_NS_MAX};
 use crate::sync::{fence, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Most messages in flight at once: a submission waits for one of them to finish beyond this
@@ -96,7 +96,7 @@ impl Tracker {
             // An hour back, so that a message scheduled before the engine started (an open-loop
             // generator behind its schedule) still counts from its time.
             epoch: Instant::now().checked_sub(Duration::from_secs(3_600)).unwrap_or_else(Instant::now),
-            end_to_end: parking_lot::Mutex::new(new_histogram()),
+            end_to_end: parking_lot::Mutex::new(new_growing_histogram()),
         }
     }
 
@@ -228,7 +228,12 @@ impl Tracker {
         {
             let mut end_to_end = self.end_to_end.lock();
             for born in acks.born.drain(..) {
-                end_to_end.saturating_record(now.saturating_sub(born).clamp(1, LATENCY_NS_MAX));
+                let ns = now.saturating_sub(born).clamp(1, LATENCY_NS_MAX);
+                // The histogram grows to `ns` (`saturating_record` would clamp to its current
+                // size instead); only a failed allocation leaves it to saturate.
+                if end_to_end.record(ns).is_err() {
+                    end_to_end.saturating_record(ns);
+                }
             }
         }
         self.in_flight.fetch_sub(done.len() as u64, Ordering::Relaxed);

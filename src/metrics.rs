@@ -27,6 +27,13 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
         .expect("constant histogram bounds are valid: 1 <= low, high >= 2 * low, sigfig <= 5")
 }
 
+/// A latency histogram that starts small and grows with the longest latency recorded (at most
+/// [`LATENCY_NS_MAX`], about 260 KiB): for one an engine makes whenever it starts, where a
+/// short-lived engine (a simulation's incarnation) would otherwise zero that much each time.
+pub(crate) fn new_growing_histogram() -> Histogram<u64> {
+    Histogram::new(LATENCY_SIGFIG).expect("a constant sigfig of at most 5 is valid")
+}
+
 /// Live counters of one stage, shared by its workers and the engine.
 #[derive(Debug)]
 pub(crate) struct StageMetrics {

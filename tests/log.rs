@@ -174,3 +174,31 @@ fn opening_a_ready_log_commits_nothing() {
     log.append(vec![Record { stream: 1, kind: 1, ..Record::default() }]).expect("appends").wait().expect("commits");
     assert!(disk.syncs() > before, "a commit syncs");
 }
+
+#[test]
+fn an_inline_writer_commits_before_each_call_returns() {
+    let disk = conduit::log::MemoryDisk::new();
+    let inline = LogOptions { inline_writer: true, ..LogOptions::default() };
+    let log = Log::open_with_backend("disk", disk.clone(), inline).expect("creates");
+    for round in 0..5u16 {
+        let syncs = disk.syncs();
+        let waiter = log.append((0..10).map(|s| event(s, round, 0)).collect()).expect("open");
+        // Durable before the call returns: no thread commits it later.
+        assert!(disk.syncs() > syncs, "append {round} returned before its commit");
+        waiter.wait().expect("committed");
+    }
+    assert_eq!(log.append_expecting(3, ExpectedVersion::Exact(5), vec![event(3, 9, 9)]), Ok(6));
+    assert_eq!(
+        log.append_expecting(3, ExpectedVersion::Exact(5), vec![event(3, 9, 9)]),
+        Err(LogError::VersionConflict { stream: 3, expected: ExpectedVersion::Exact(5), actual: 6 })
+    );
+    // The power goes with nothing synced since: everything acknowledged is there.
+    let after = disk.cut_power(conduit::log::PowerCut::Drop);
+    drop(log);
+    let log = Log::open_with_backend("disk", after, inline).expect("reopens");
+    assert_eq!(log.opened_with().records, 51);
+    let (stream, version): (Counter, u32) = log.load(3).expect("load");
+    assert_eq!((stream.kinds, version), (vec![0, 1, 2, 3, 4, 9], 6));
+    log.close().expect("closes");
+    assert_eq!(log.append(vec![event(1, 1, 1)]).err(), Some(LogError::Closed));
+}

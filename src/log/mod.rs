@@ -97,6 +97,13 @@ pub struct LogOptions {
     /// reads it instead of walking the whole file to rebuild it (seconds per GiB). Costs each
     /// commit a write of that state; see BENCHMARKS.md for the measured price.
     pub quick_repair: bool,
+    /// Commit on the thread that appends, with no writer thread: each append, sync or
+    /// checkpoint is its own transaction, answered before the call returns, and callers take
+    /// turns. For one thread driving everything (the deterministic simulation, fuzzing), where
+    /// a writer thread costs a spawn per open and two thread switches per commit. With
+    /// [`Durability::Eventual`] an unsynced commit becomes durable at the first append after
+    /// the interval, or at [`Log::close`], since no thread watches the clock.
+    pub inline_writer: bool,
 }
 
 /// How much history a log keeps. At every checkpoint the writer removes the oldest frames while
@@ -156,6 +163,7 @@ impl Default for LogOptions {
             stream_cache: 1 << 20,
             retention: Retention::default(),
             quick_repair: true,
+            inline_writer: false,
         }
     }
 }
@@ -307,12 +315,19 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
 }
 
-/// An open log. Appends go through one writer thread; reads run beside it.
+/// Who commits: the writer thread, fed through a queue, or the appending thread itself.
+pub(crate) enum Writer {
+    Thread { sender: Sender<Command>, handle: JoinHandle<()> },
+    Inline(Box<writer::WriterState>),
+}
+
+/// An open log. Appends go through one writer thread (or, with
+/// [`LogOptions::inline_writer`], commit on the appending thread); reads run beside it.
 pub struct Log {
     path: PathBuf,
     shared: Arc<Shared>,
-    sender: Mutex<Option<Sender<Command>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// `None` once closed.
+    writer: Mutex<Option<Writer>>,
     options: LogOptions,
     summary: OpenSummary,
     in_flight: Vec<InFlight>,
@@ -364,7 +379,14 @@ impl Log {
         if let Some(reason) = self.failure() {
             return Err(LogError::Failed(reason));
         }
-        let sender = self.sender.lock().clone().ok_or(LogError::Closed)?;
+        let sender = match self.writer.lock().as_mut().ok_or(LogError::Closed)? {
+            Writer::Thread { sender, .. } => sender.clone(),
+            Writer::Inline(state) => {
+                state.commit_now(command);
+                return Ok(());
+            }
+        };
+        // Outside the lock: a full queue blocks only this caller.
         sender.send(command).map_err(|_| self.failure().map_or(LogError::Closed, LogError::Failed))
     }
 
@@ -382,8 +404,14 @@ impl Log {
         if let Some(reason) = self.failure() {
             return Err(LogError::Failed(reason).into());
         }
-        let sender = self.sender.lock().clone().ok_or(LogError::Closed)?;
         let (ack, waiter) = crossbeam_channel::bounded(1);
+        let sender = match self.writer.lock().as_mut().ok_or(LogError::Closed)? {
+            Writer::Thread { sender, .. } => sender.clone(),
+            Writer::Inline(state) => {
+                state.commit_now(Command::Append { records, ack: Some(ack) });
+                return Ok(AckWaiter(waiter));
+            }
+        };
         match sender.try_send(Command::Append { records, ack: Some(ack) }) {
             Ok(()) => Ok(AckWaiter(waiter)),
             Err(crossbeam_channel::TrySendError::Full(Command::Append { records, .. })) => {
@@ -461,10 +489,16 @@ impl Log {
 
     /// Makes everything durable with a checkpoint, stops the writer and closes the file.
     pub fn close(&self) -> Result<(), LogError> {
-        let synced = if self.sender.lock().is_some() { self.checkpoint() } else { Ok(()) };
-        self.sender.lock().take();
-        if let Some(writer) = self.writer.lock().take() {
-            let _ = writer.join();
+        let synced = if self.writer.lock().is_some() { self.checkpoint() } else { Ok(()) };
+        let writer = self.writer.lock().take();
+        match writer {
+            Some(Writer::Thread { sender, handle }) => {
+                // Its queue closed, the writer commits what is left and ends.
+                drop(sender);
+                let _ = handle.join();
+            }
+            Some(Writer::Inline(mut state)) => state.shut_down(),
+            None => {}
         }
         synced
     }

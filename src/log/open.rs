@@ -15,7 +15,7 @@ use super::error::storage;
 use super::writer::Book;
 use super::{
     decode_frame_owned, writer, Frame, FrameError, Log, LogCounters, LogError, LogOptions, OpenSummary, Shared,
-    StorageFailure, BUCKETS, ENGINE_STREAM, FORMAT_VERSION, FRAMES, META, META_FORMAT,
+    StorageFailure, Writer, BUCKETS, ENGINE_STREAM, FORMAT_VERSION, FRAMES, META, META_FORMAT,
 };
 
 /// Opens the redb file, mapping "not a database" to a clear error.
@@ -187,22 +187,19 @@ impl Log {
             in_flight: in_flight.len() as u64,
         };
         shared.next_id.store(max_id + 1, Ordering::Relaxed);
-        let (sender, receiver) = crossbeam_channel::bounded(options.queue_appends);
         let heads = Heads::new(options.stream_cache, changed);
         let state = writer::WriterState::new(Arc::clone(&shared), options, heads, book, next_frame);
-        let writer = std::thread::Builder::new()
-            .name("conduit:log-writer".into())
-            .spawn(move || writer::run(state, &receiver))
-            .map_err(storage)?;
-        Ok(Self {
-            path,
-            shared,
-            sender: Mutex::new(Some(sender)),
-            writer: Mutex::new(Some(writer)),
-            options,
-            summary,
-            in_flight,
-        })
+        let writer = if options.inline_writer {
+            Writer::Inline(Box::new(state))
+        } else {
+            let (sender, receiver) = crossbeam_channel::bounded(options.queue_appends);
+            let handle = std::thread::Builder::new()
+                .name("conduit:log-writer".into())
+                .spawn(move || writer::run(state, &receiver))
+                .map_err(storage)?;
+            Writer::Thread { sender, handle }
+        };
+        Ok(Self { path, shared, writer: Mutex::new(Some(writer)), options, summary, in_flight })
     }
 
     /// Opens an existing log (see [`Log::open`]); a missing file is an error, not a new log.
@@ -218,6 +215,8 @@ impl Log {
 
 /// Frames decoded per parallel chunk while scanning.
 const SCAN_CHUNK_FRAMES: usize = 64;
+/// A chunk of fewer bytes is decoded on the scanning thread.
+const SCAN_PARALLEL_BYTES_MIN: usize = 256 << 10;
 
 /// Reads every frame in order, validating and decoding them in parallel chunks.
 /// What a panic of the storage engine on damaged pages is reported as.
@@ -274,12 +273,17 @@ fn scan_unguarded(
         if chunk.is_empty() {
             return Ok(());
         }
-        let decoded: Vec<Result<Frame, LogError>> = chunk
-            .par_iter()
-            .map(|(seq, value)| {
-                decode_frame_owned(*seq, value.value()).map_err(|error| LogError::Corrupt { frame: *seq, error })
-            })
-            .collect();
+        let decode = |(seq, value): &(u64, redb::AccessGuard<'_, &[u8]>)| {
+            decode_frame_owned(*seq, value.value()).map_err(|error| LogError::Corrupt { frame: *seq, error })
+        };
+        // Handing a few small frames to the pool costs more than decoding them here (a small
+        // log, or the frames after a checkpoint): the caller sleeps while a worker wakes.
+        let bytes: usize = chunk.iter().map(|(_, value)| value.value().len()).sum();
+        let decoded: Vec<Result<Frame, LogError>> = if bytes < SCAN_PARALLEL_BYTES_MIN {
+            chunk.iter().map(decode).collect()
+        } else {
+            chunk.par_iter().map(decode).collect()
+        };
         for ((seq, value), frame) in chunk.iter().zip(decoded) {
             let frame = frame?;
             if let Some(before) = previous {

@@ -156,9 +156,23 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
         }
         let _ = state.commit_group(&mut group);
     }
-    // Every producer is gone: whatever was committed without fsync becomes durable now.
-    if state.undurable {
-        let _ = state.commit_group(&mut Group { wants_sync: true, ..Group::default() });
+    state.shut_down();
+}
+
+impl WriterState {
+    /// Commits `command` now, on the calling thread: a group of one (the inline writer). A
+    /// failure is answered to the command and kept as the log's failure.
+    pub(crate) fn commit_now(&mut self, command: Command) {
+        let mut group = Group::default();
+        group.push(command);
+        let _ = self.commit_group(&mut group);
+    }
+
+    /// Every producer is gone: whatever was committed without fsync becomes durable now.
+    pub(crate) fn shut_down(&mut self) {
+        if self.undurable {
+            let _ = self.commit_group(&mut Group { wants_sync: true, ..Group::default() });
+        }
     }
 }
 

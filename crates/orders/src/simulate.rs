@@ -95,6 +95,8 @@ fn world(seed: u64, rng: &mut SmallRng) -> Result<(SimConfig, EngineConfig, LogO
         checkpoint_records: 64,
         retention: Retention { max_bytes: Some(16 << 10), max_age: None },
         quick_repair: rng.random_bool(0.5),
+        // One thread drives the run: commits on it, in step with the simulation.
+        inline_writer: true,
         ..LogOptions::default()
     };
     Ok((world, config, options))
