@@ -17,6 +17,7 @@ mod logcmd;
 mod metricsserve;
 mod runcmd;
 mod topcmd;
+mod tunecmd;
 
 /// An embeddable event pipeline engine, driven from the command line.
 #[derive(Debug, Parser)]
@@ -63,6 +64,10 @@ enum Command {
     Top(Box<topcmd::TopArgs>),
     /// Measure the engine against its baselines on the same workload, side by side.
     Bench(benchcmd::BenchArgs),
+    /// Find the pool and batch sizes that move the most orders: runs the pipeline over a grid
+    /// and then stage by stage, reports throughput and end-to-end p99 of every point, and
+    /// writes the best as a topology file.
+    Tune(tunecmd::TuneArgs),
     /// Read and check an event log.
     #[command(subcommand)]
     Log(logcmd::LogCommand),
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
             None => runcmd::run(&args.run, true),
         },
         Command::Bench(args) => benchcmd::bench(&args),
+        Command::Tune(args) => tunecmd::tune(&args),
         Command::Log(command) => logcmd::run(&command),
         Command::Replay(args) => logcmd::replay(&args),
         Command::Recover(args) => runcmd::recover(&args),

@@ -568,3 +568,64 @@ fn a_running_conduit_serves_its_snapshot_for_top_to_attach() {
 
     assert_refused(&["top", "--attach", "127.0.0.1:1"], "conduit top draws on a terminal");
 }
+
+#[test]
+fn tune_reports_every_point_and_writes_a_topology_that_runs_its_best() {
+    let dir = temp_file("tune-marker", "").with_file_name("tune");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (out, plot) = (dir.join("tuned.toml"), dir.join("tune.svg"));
+    let (out_arg, plot_arg) = (out.display().to_string(), plot.display().to_string());
+    let output = conduit(&[
+        "tune",
+        "--orders",
+        "3000",
+        "--workers",
+        "2,3",
+        "--batches",
+        "16,64",
+        "--repeat",
+        "1",
+        "--format",
+        "json",
+        "--out",
+        &out_arg,
+        "--plot",
+        &plot_arg,
+    ]);
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON object");
+    let points = report["points"].as_array().expect("points");
+    // The grid (2 pool sizes by 2 batch sizes); each of the 7 stages at its other pool size and
+    // its other batch size (both sizes again where a change was kept); the best again.
+    let phase = |name: &str| points.iter().filter(|p| p["phase"] == name).count();
+    assert_eq!((phase("grid"), phase("confirm")), (4, 1));
+    assert!((7 * 2..=7 * 4).contains(&phase("stage")), "{} stage points", phase("stage"));
+    let rate = |p: &serde_json::Value| p["orders_per_sec"].as_f64().expect("orders_per_sec");
+    for point in points {
+        assert!(rate(point) > 0.0 && point["end_to_end_p99_us"].as_f64().is_some_and(|v| v > 0.0), "{point}");
+    }
+    let best = usize::try_from(u(&report, "/best")).expect("small");
+    assert_eq!((best, &points[best]["phase"]), (points.len() - 1, &serde_json::json!("confirm")));
+    // The confirmed point is one of the search's, within noise of its fastest.
+    let sizes = |p: &serde_json::Value| (p["workers"].clone(), p["batch_events_max"].clone());
+    let searched = &points[..best];
+    let fastest = searched.iter().map(rate).fold(0.0, f64::max);
+    assert!(
+        searched.iter().any(|p| sizes(p) == sizes(&points[best]) && rate(p) * 1.03 >= fastest),
+        "the best is not the fastest point within noise: {report}"
+    );
+    assert!(points.iter().any(|p| p["frontier"] == true));
+    // The written topology runs, with the best point's pools in every stage (none the default
+    // of 1: pools of 2 and 3 were tried).
+    let rerun = json_run(&["--orders", "3000", "--topology", &out_arg]);
+    for stage in rerun["stages"].as_array().expect("stages") {
+        let name = stage["name"].as_str().expect("name");
+        assert_eq!(stage["workers"], points[best]["workers"][name], "{name}");
+    }
+    let svg = std::fs::read_to_string(&plot).expect("the plot is written");
+    assert!(svg.contains("<svg") && svg.contains("frontier"), "the plot has its frontier");
+    // Bad input names the flag.
+    assert_refused(&["tune", "--workers", "0,2"], "--workers");
+    assert_refused(&["tune", "--orders", "0"], "--orders");
+    assert_refused(&["tune", "--repeat", "0"], "--repeat");
+}

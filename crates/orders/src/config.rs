@@ -315,6 +315,14 @@ impl TopologyFile {
         toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
+    /// The file's text, as [`from_toml_str`](Self::from_toml_str) reads it.
+    ///
+    /// # Errors
+    /// When a value has no TOML form (none of this file's values lacks one).
+    pub fn to_toml_string(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
     /// The routing: the defaults, with this file's bindings replacing those of the stages it names.
     #[must_use]
     pub fn routing(&self) -> OrderRouting {
