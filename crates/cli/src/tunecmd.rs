@@ -99,8 +99,16 @@ pub(crate) fn tune(args: &TuneArgs) -> Result<ExitCode, Failure> {
     if let Some(engine) = &topology.engine {
         file.engine.overlay(engine);
     }
-    // A bad configuration is refused before the first point runs.
+    // A bad configuration, or a size the engine does not take, is refused before the first
+    // point runs.
     file.validate().map_err(|e| UsageError(e.to_string()))?;
+    let pools = args.workers.iter().map(|&w| (w, args.batches[0]));
+    for (w, b) in pools.chain(args.batches.iter().map(|&b| (args.workers[0], b))) {
+        let mut sized = file.clone();
+        (sized.engine.workers, sized.engine.batch_events_max) = (Some(w), Some(b));
+        sized.engine.stages.clear();
+        sized.validate().map_err(|e| UsageError(format!("a size to try: {e}")))?;
+    }
     // Each point runs as `conduit run --topology` on a scratch file beside the output: in a
     // process of its own, as the written topology will run again.
     let scratch = args.out.with_extension("point.toml");

@@ -628,4 +628,6 @@ fn tune_reports_every_point_and_writes_a_topology_that_runs_its_best() {
     assert_refused(&["tune", "--workers", "0,2"], "--workers");
     assert_refused(&["tune", "--orders", "0"], "--orders");
     assert_refused(&["tune", "--repeat", "0"], "--repeat");
+    assert_refused(&["tune", "--workers", "2,300"], "workers = 300");
+    assert_refused(&["tune", "--batches", "100000"], "batch_events_max");
 }
