@@ -111,11 +111,11 @@ pub(crate) fn tune(args: &TuneArgs) -> Result<ExitCode, Failure> {
     }
     // Each point runs as `conduit run --topology` on a scratch file beside the output: in a
     // process of its own, as the written topology will run again.
-    let scratch = args.out.with_extension("point.toml");
+    let scratch = Scratch(args.out.with_extension("point.toml"));
     let run = |phase, workers: &BTreeMap<String, usize>, batches: &BTreeMap<String, usize>| {
-        std::fs::write(&scratch, topology_text(&with_sizes(&topology, workers, batches), None)?)
-            .map_err(|e| Failure::Run(format!("cannot write {}: {e}", scratch.display())))?;
-        let runs = (0..args.repeat).map(|_| run_once(args, &scratch)).collect::<Result<Vec<_>, _>>()?;
+        std::fs::write(&scratch.0, topology_text(&with_sizes(&topology, workers, batches), None)?)
+            .map_err(|e| Failure::Run(format!("cannot write {}: {e}", scratch.0.display())))?;
+        let runs = (0..args.repeat).map(|_| run_once(args, &scratch.0)).collect::<Result<Vec<_>, _>>()?;
         Ok::<_, Failure>(Point::from_median(phase, workers, batches, runs))
     };
     let uniform = |value: usize| names::ALL.iter().map(|s| ((*s).to_owned(), value)).collect::<BTreeMap<_, _>>();
@@ -156,8 +156,6 @@ pub(crate) fn tune(args: &TuneArgs) -> Result<ExitCode, Failure> {
     points.push(confirmed);
     let best = points.len() - 1;
     mark_frontier(&mut points);
-    // Best effort: the scratch file is only a copy of some point's topology.
-    std::fs::remove_file(&scratch).ok();
     let best_topology = with_sizes(&topology, &points[best].workers, &points[best].batch_events_max);
     std::fs::write(&args.out, topology_text(&best_topology, Some((&points[best], &args.out)))?)
         .map_err(|e| Failure::Run(format!("cannot write {}: {e}", args.out.display())))?;
@@ -167,6 +165,16 @@ pub(crate) fn tune(args: &TuneArgs) -> Result<ExitCode, Failure> {
     let report = TuneReport { orders_per_point: args.orders, points, best, topology: args.out.clone() };
     print(&report, args.format).map_err(|e| Failure::Run(format!("cannot write the report: {e}")))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The scratch topology of the point running, removed however the tune ends (best effort: it
+/// is only a copy of some point's topology).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.0).ok();
+    }
 }
 
 fn check(args: &TuneArgs) -> Result<(), UsageError> {

@@ -622,6 +622,7 @@ fn tune_reports_every_point_and_writes_a_topology_that_runs_its_best() {
         let name = stage["name"].as_str().expect("name");
         assert_eq!(stage["workers"], points[best]["workers"][name], "{name}");
     }
+    assert!(!dir.join("tuned.point.toml").exists(), "the scratch topology is removed");
     let svg = std::fs::read_to_string(&plot).expect("the plot is written");
     assert!(svg.contains("<svg") && svg.contains("frontier"), "the plot has its frontier");
     // Bad input names the flag.
