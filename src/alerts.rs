@@ -244,18 +244,13 @@ impl Alerting {
         while self.window.len() > 1 && now - self.window[1].0 >= self.rules.window_s {
             self.window.pop_front();
         }
-        if let Some((then, base)) = self.window.front() {
+        // Rates need a base older than this snapshot (the first has none: its rates stay zero).
+        if let Some((then, base)) = self.window.front().filter(|(then, _)| now > *then) {
             let seconds = now - then;
+            // Counts to rates: exact below 2^53 events.
+            #[allow(clippy::cast_precision_loss)]
+            let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / seconds;
             for ((stage, now), before) in snapshot.stages.iter_mut().zip(&totals).zip(base) {
-                // Counts to rates: exact below 2^53 events.
-                #[allow(clippy::cast_precision_loss)]
-                let rate = |now: u64, before: u64| {
-                    if seconds > 0.0 {
-                        now.saturating_sub(before) as f64 / seconds
-                    } else {
-                        0.0
-                    }
-                };
                 stage.rates = crate::metrics::StageRates {
                     processed: rate(now.processed, before.processed),
                     emitted: rate(now.emitted, before.emitted),

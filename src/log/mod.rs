@@ -379,15 +379,25 @@ impl Log {
         if let Some(reason) = self.failure() {
             return Err(LogError::Failed(reason));
         }
-        let sender = match self.writer.lock().as_mut().ok_or(LogError::Closed)? {
-            Writer::Thread { sender, .. } => sender.clone(),
+        match self.route(command)? {
+            // Outside the lock: a full queue blocks only this caller.
+            Some((sender, command)) => {
+                sender.send(command).map_err(|_| self.failure().map_or(LogError::Closed, LogError::Failed))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Hands `command` to the writer: an inline writer commits it here (`None`); otherwise the
+    /// writer thread's queue comes back with it, to be sent on outside the lock.
+    fn route(&self, command: Command) -> Result<Option<(Sender<Command>, Command)>, LogError> {
+        match self.writer.lock().as_mut().ok_or(LogError::Closed)? {
+            Writer::Thread { sender, .. } => Ok(Some((sender.clone(), command))),
             Writer::Inline(state) => {
                 state.commit_now(command);
-                return Ok(());
+                Ok(None)
             }
-        };
-        // Outside the lock: a full queue blocks only this caller.
-        sender.send(command).map_err(|_| self.failure().map_or(LogError::Closed, LogError::Failed))
+        }
     }
 
     /// Queues records (blocking while the append queue is full). Versions are assigned by the
@@ -405,14 +415,10 @@ impl Log {
             return Err(LogError::Failed(reason).into());
         }
         let (ack, waiter) = crossbeam_channel::bounded(1);
-        let sender = match self.writer.lock().as_mut().ok_or(LogError::Closed)? {
-            Writer::Thread { sender, .. } => sender.clone(),
-            Writer::Inline(state) => {
-                state.commit_now(Command::Append { records, ack: Some(ack) });
-                return Ok(AckWaiter(waiter));
-            }
+        let Some((sender, command)) = self.route(Command::Append { records, ack: Some(ack) })? else {
+            return Ok(AckWaiter(waiter));
         };
-        match sender.try_send(Command::Append { records, ack: Some(ack) }) {
+        match sender.try_send(command) {
             Ok(()) => Ok(AckWaiter(waiter)),
             Err(crossbeam_channel::TrySendError::Full(Command::Append { records, .. })) => {
                 Err(TryAppendError::Full(records))

@@ -165,6 +165,13 @@ pub(crate) fn payment_books(sim: &mut conduit_orders::SimConfig, log: &Path) -> 
 }
 
 /// Reads a configuration file, or the defaults without one.
+/// Reads a topology file (bindings, stages ordered by key, an optional `[engine]` table).
+pub(crate) fn read_topology(path: &Path) -> Result<conduit_orders::TopologyFile, UsageError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("cannot read topology file {}: {e}", path.display())))?;
+    conduit_orders::TopologyFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))
+}
+
 pub(crate) fn read_config(path: Option<&Path>) -> Result<PipelineFile, UsageError> {
     match path {
         Some(path) => {

@@ -12,7 +12,7 @@ use conduit_orders::{self as orders, RunError, RunReport};
 
 use crate::metricsserve::MetricsServer;
 use crate::topcmd::Live;
-use crate::{human, read_config, Failure, Format, UsageError};
+use crate::{human, read_config, read_topology, Failure, Format, UsageError};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
@@ -158,10 +158,7 @@ fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
     let mut file = read_config(args.config.as_deref())?;
     let mut routing = orders::OrderRouting::default();
     if let Some(path) = &args.topology {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| UsageError(format!("cannot read topology file {}: {e}", path.display())))?;
-        let topology =
-            orders::TopologyFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+        let topology = read_topology(path)?;
         if let Some(engine) = &topology.engine {
             file.engine.overlay(engine);
         }

@@ -16,7 +16,7 @@ use conduit_orders::{self as orders, names};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{read_config, Failure, Format, UsageError};
+use crate::{read_config, read_topology, Failure, Format, UsageError};
 
 /// A stage's pool must beat the best so far by this much to replace it: runs on a shared machine
 /// differ by a few percent.
@@ -88,14 +88,7 @@ struct TuneReport {
 pub(crate) fn tune(args: &TuneArgs) -> Result<ExitCode, Failure> {
     check(args)?;
     let mut file = read_config(args.config.as_deref())?;
-    let topology = match &args.topology {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| UsageError(format!("cannot read topology file {}: {e}", path.display())))?;
-            orders::TopologyFile::from_toml_str(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?
-        }
-        None => orders::TopologyFile::default(),
-    };
+    let topology = args.topology.as_deref().map(read_topology).transpose()?.unwrap_or_default();
     if let Some(engine) = &topology.engine {
         file.engine.overlay(engine);
     }
