@@ -173,12 +173,7 @@ impl<M> StageInput<M> {
     /// The queue of a message: its key's partition (a multiplicative hash, so neighbouring keys
     /// spread evenly), then its priority's level.
     pub(crate) fn queue_of(&self, key: u64, priority: u8) -> usize {
-        let partitions = (self.partitions.len() / self.levels) as u64;
-        let partition = if partitions == 1 {
-            0
-        } else {
-            usize::try_from((key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % partitions).unwrap_or(0)
-        };
+        let partition = partition_of(key, self.partitions.len() / self.levels);
         partition * self.levels + usize::from(priority).min(self.levels - 1)
     }
 
@@ -188,6 +183,17 @@ impl<M> StageInput<M> {
 
     pub(crate) fn batch_events_max(&self) -> usize {
         self.partitions[0].batch_events_max()
+    }
+}
+
+/// The partition of `key` among `partitions` (a multiplicative hash, so neighbouring keys spread
+/// evenly).
+#[inline]
+pub(crate) fn partition_of(key: u64, partitions: usize) -> usize {
+    if partitions <= 1 {
+        0
+    } else {
+        usize::try_from((key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % partitions as u64).unwrap_or(0)
     }
 }
 
@@ -292,7 +298,7 @@ mod tests {
     }
 
     fn test_queue(capacity: usize) -> (BatchSender<u64>, BatchReceiver<u64>) {
-        let metrics = Arc::new(StageMetrics::new("t".into(), 1, capacity * 4));
+        let metrics = Arc::new(StageMetrics::new("t".into(), 1.into(), capacity * 4));
         queue(capacity, 4, metrics, Arc::new(AtomicBool::new(false)))
     }
 
@@ -342,7 +348,7 @@ mod tests {
     /// A stage ordered by key with priorities: `partitions` queues per key partition, `levels`
     /// per priority.
     fn test_input(partitions: usize, levels: usize) -> (StageInput<u64>, Vec<BatchReceiver<u64>>) {
-        let metrics = Arc::new(StageMetrics::new("t".into(), partitions, 64));
+        let metrics = Arc::new(StageMetrics::new("t".into(), partitions.into(), 64));
         let poisoned = Arc::new(AtomicBool::new(false));
         let (senders, receivers) =
             (0..partitions * levels).map(|_| queue(4, 4, Arc::clone(&metrics), Arc::clone(&poisoned))).unzip();

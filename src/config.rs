@@ -27,6 +27,10 @@ pub mod limits {
     pub const QUEUE_EVENTS_MAX: usize = 1 << 26;
     /// Longest time to live, in milliseconds (one day).
     pub const TTL_MS_MAX: u64 = 86_400_000;
+    /// Largest lag target of an elastic pool, in milliseconds.
+    pub const SCALE_LAG_MS_MAX: u64 = 60_000;
+    /// Longest cool-down of an elastic pool, in milliseconds.
+    pub const SCALE_COOLDOWN_MS_MAX: u64 = 600_000;
 }
 
 /// What a sender does when a stage's input queue is full.
@@ -54,6 +58,117 @@ pub enum Jitter {
     /// "Decorrelated jitter": each delay is uniform between the base and three times the
     /// previous delay (capped), so delays grow like the exponential but never move in step.
     Decorrelated,
+}
+
+/// A stage's worker pool: a fixed size, or elastic between bounds.
+///
+/// In TOML, `workers = 4` is a fixed pool and `workers = { min = 1, max = 16 }` an elastic one:
+/// the engine starts `min` workers and a controller grows the pool while the stage's lag age stays
+/// above [`StageConfig::scale_lag_ms`], and shrinks it while workers sit idle (see
+/// [`crate::Engine::set_workers`] and BENCHMARKS.md "Elastic pools").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workers {
+    /// Workers the pool never goes below (and starts with).
+    pub min: usize,
+    /// Workers the pool never goes above.
+    pub max: usize,
+}
+
+impl Workers {
+    /// A pool of exactly `n` workers.
+    #[must_use]
+    pub const fn fixed(n: usize) -> Self {
+        Self { min: n, max: n }
+    }
+
+    /// A pool between `min` and `max` workers (checked by [`StageConfig::validate`]).
+    #[must_use]
+    pub const fn elastic(min: usize, max: usize) -> Self {
+        Self { min, max }
+    }
+
+    /// Whether the pool may change size.
+    #[must_use]
+    pub const fn is_elastic(self) -> bool {
+        self.min != self.max
+    }
+}
+
+impl From<usize> for Workers {
+    fn from(n: usize) -> Self {
+        Self::fixed(n)
+    }
+}
+
+impl std::fmt::Display for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_elastic() {
+            write!(f, "{{ min = {}, max = {} }}", self.min, self.max)
+        } else {
+            write!(f, "{}", self.min)
+        }
+    }
+}
+
+impl Serialize for Workers {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        if self.is_elastic() {
+            let mut table = serializer.serialize_struct("Workers", 2)?;
+            table.serialize_field("min", &self.min)?;
+            table.serialize_field("max", &self.max)?;
+            table.end()
+        } else {
+            serializer.serialize_u64(self.min as u64)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Workers;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a worker count, or a table `{ min = N, max = M }`")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Workers, E> {
+                usize::try_from(n).map(Workers::fixed).map_err(|_| E::custom(format!("{n} workers is too many")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Workers, E> {
+                u64::try_from(n)
+                    .map_err(|_| E::custom(format!("a worker count cannot be negative ({n})")))
+                    .and_then(|n| self.visit_u64(n))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Workers, A::Error> {
+                let (mut min, mut max) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    let bound = match key.as_str() {
+                        "min" => &mut min,
+                        "max" => &mut max,
+                        other => return Err(serde::de::Error::unknown_field(other, &["min", "max"])),
+                    };
+                    if bound.is_some() {
+                        return Err(serde::de::Error::custom(format!("workers.{key} is given twice")));
+                    }
+                    let value: i64 = map.next_value()?;
+                    *bound = Some(usize::try_from(value).map_err(|_| {
+                        serde::de::Error::custom(format!("workers.{key} cannot be negative ({value})"))
+                    })?);
+                }
+                match (min, max) {
+                    (Some(min), Some(max)) => Ok(Workers { min, max }),
+                    (None, _) => Err(serde::de::Error::missing_field("min")),
+                    (_, None) => Err(serde::de::Error::missing_field("max")),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// Declares every stage setting once: its name, type, default and documentation. From that list
@@ -128,8 +243,9 @@ macro_rules! stage_settings {
 }
 
 stage_settings! {
-    /// Worker threads in the stage's pool (1..=256).
-    workers: usize = 1,
+    /// Worker threads in the stage's pool (1..=256): a count, or `{ min, max }` for an elastic
+    /// pool (see [`Workers`]).
+    workers: Workers = Workers::fixed(1),
     /// Capacity of the stage's input queue, in batches (1..=65536).
     queue_batches: usize = 64,
     /// Most events per batch sent to the stage (1..=65536).
@@ -151,12 +267,19 @@ stage_settings! {
     /// waited longer than this since it was sent to the stage is dead-lettered as `expired`
     /// instead of handled.
     ttl_ms: u64 = 0,
+    /// Elastic pools: the lag age (how long the oldest queued event has waited) above which the
+    /// controller grows the pool, in milliseconds (1..=60000); it shrinks the pool only while
+    /// the lag stays under half of this and a worker sits idle.
+    scale_lag_ms: u64 = 20,
+    /// Elastic pools: the least time between two resizes that shrink the pool, and between a
+    /// growth and the next shrink, in milliseconds (1..=600000).
+    scale_cooldown_ms: u64 = 1_000,
 }
 
 impl StageConfig {
     /// Checks every field against [`limits`]; `scope` names the stage in the error.
     pub fn validate(&self, scope: &str) -> Result<(), ConfigError> {
-        check_range(scope, "workers", self.workers, 1, limits::WORKERS_MAX)?;
+        self.validate_workers(scope)?;
         check_range(scope, "queue_batches", self.queue_batches, 1, limits::QUEUE_BATCHES_MAX)?;
         check_range(scope, "batch_events_max", self.batch_events_max, 1, limits::BATCH_EVENTS_MAX)?;
         check_range(scope, "attempts_max", self.attempts_max as usize, 1, limits::ATTEMPTS_MAX as usize)?;
@@ -197,6 +320,28 @@ impl StageConfig {
             });
         }
         Ok(())
+    }
+
+    fn validate_workers(&self, scope: &str) -> Result<(), ConfigError> {
+        let Workers { min, max } = self.workers;
+        if self.workers.is_elastic() {
+            check_range(scope, "workers.min", min, 1, limits::WORKERS_MAX)?;
+            check_range(scope, "workers.max", max, 1, limits::WORKERS_MAX)?;
+            if min > max {
+                return Err(ConfigError::Invalid(format!("{scope}.workers: min ({min}) is above max ({max})")));
+            }
+        } else {
+            check_range(scope, "workers", min, 1, limits::WORKERS_MAX)?;
+        }
+        let as_usize = |ms: u64| usize::try_from(ms).unwrap_or(usize::MAX);
+        check_range(scope, "scale_lag_ms", as_usize(self.scale_lag_ms), 1, as_usize(limits::SCALE_LAG_MS_MAX))?;
+        check_range(
+            scope,
+            "scale_cooldown_ms",
+            as_usize(self.scale_cooldown_ms),
+            1,
+            as_usize(limits::SCALE_COOLDOWN_MS_MAX),
+        )
     }
 
     /// The most events the stage's input queue holds.
@@ -295,10 +440,10 @@ pub struct EngineConfigBuilder {
 }
 
 impl EngineConfigBuilder {
-    /// Default worker count for every stage.
+    /// Default worker pool of every stage: a count, or [`Workers::elastic`].
     #[must_use]
-    pub fn workers(mut self, workers: usize) -> Self {
-        self.settings.workers = Some(workers);
+    pub fn workers(mut self, workers: impl Into<Workers>) -> Self {
+        self.settings.workers = Some(workers.into());
         self
     }
 
@@ -362,7 +507,7 @@ mod tests {
         let config = EngineConfig::from_toml_str("workers = 2\n[stages.payment]\nbatch_events_max = 64\n")
             .expect("valid config");
         let payment = config.stage("payment");
-        assert_eq!(payment.workers, 2);
+        assert_eq!(payment.workers, Workers::fixed(2));
         assert_eq!(payment.batch_events_max, 64);
         assert_eq!(config.stage("order").batch_events_max, 256);
     }
@@ -396,15 +541,45 @@ mod tests {
 
     #[test]
     fn overlay_takes_every_value_the_other_side_sets() {
-        let mut base = EngineSettings { workers: Some(1), batch_events_max: Some(64), ..EngineSettings::default() };
-        base.stages.insert("payment".into(), StageSettings { workers: Some(3), ..StageSettings::default() });
+        let mut base =
+            EngineSettings { workers: Some(1.into()), batch_events_max: Some(64), ..EngineSettings::default() };
+        base.stages.insert("payment".into(), StageSettings { workers: Some(3.into()), ..StageSettings::default() });
         let mut top = EngineSettings { batch_events_max: Some(512), ..EngineSettings::default() };
         top.stages.insert("payment".into(), StageSettings { attempts_max: Some(9), ..StageSettings::default() });
         base.overlay(&top);
         let config = EngineConfig::from_settings(&base).expect("valid");
-        assert_eq!((config.defaults().workers, config.defaults().batch_events_max), (1, 512));
+        assert_eq!((config.defaults().workers, config.defaults().batch_events_max), (Workers::fixed(1), 512));
         let payment = config.stage("payment");
-        assert_eq!((payment.workers, payment.attempts_max, payment.batch_events_max), (3, 9, 512));
+        assert_eq!((payment.workers, payment.attempts_max, payment.batch_events_max), (Workers::fixed(3), 9, 512));
+    }
+
+    #[test]
+    fn an_elastic_pool_is_read_and_its_bad_bounds_are_refused_by_name() {
+        let config = EngineConfig::from_toml_str("[stages.email]\nworkers = { min = 1, max = 16 }\n").expect("valid");
+        assert_eq!(config.stage("email").workers, Workers::elastic(1, 16));
+        assert!(config.stage("email").workers.is_elastic());
+        assert_eq!(config.stage("order").workers, Workers::fixed(1));
+        let refused = |text: &str, named: &str| {
+            let err = EngineConfig::from_toml_str(text).expect_err(text);
+            assert!(err.to_string().contains(named), "{text}: {err}");
+        };
+        refused(
+            "[stages.email]\nworkers = { min = 4, max = 2 }\n",
+            "engine.stages.email.workers: min (4) is above max (2)",
+        );
+        refused("[stages.email]\nworkers = { min = 1, max = 300 }\n", "engine.stages.email.workers.max = 300");
+        refused("[stages.email]\nworkers = { min = 0, max = 4 }\n", "engine.stages.email.workers.min = 0");
+        refused("workers = { min = 1, maximum = 4 }\n", "unknown field `maximum`");
+        refused("workers = { min = 1 }\n", "missing field `max`");
+        refused("workers = { min = -1, max = 4 }\n", "workers.min cannot be negative");
+        refused("workers = -2\n", "cannot be negative");
+        refused("workers = { min = 1, max = 4 }\nscale_lag_ms = 0\n", "engine.scale_lag_ms = 0");
+        refused("workers = { min = 1, max = 4 }\nscale_cooldown_ms = 0\n", "engine.scale_cooldown_ms = 0");
+        let text =
+            toml::to_string(&StageSettings { workers: Some(Workers::elastic(2, 8)), ..StageSettings::default() })
+                .expect("serializes");
+        let back: StageSettings = toml::from_str(&text).expect("reads back");
+        assert_eq!(back.workers, Some(Workers::elastic(2, 8)), "{text}");
     }
 
     #[test]

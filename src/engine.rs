@@ -16,11 +16,12 @@ use crate::clock::{Clock, SystemClock};
 use crate::completion::{token_of, OnComplete, Ticket, Tracker};
 use crate::config::EngineConfig;
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
-use crate::error::{BuildError, RecoverError, SubmitError, TrySubmitError};
+use crate::error::{BuildError, RecoverError, ResizeError, SubmitError, TrySubmitError};
 use crate::ingress::{fill_window, send_window, Ingress, Receipt, INGRESS_WINDOW_EVENTS};
 use crate::journal::Journal;
 use crate::log::LogError;
 use crate::metrics::{LatencyHistograms, LatencySummary, Snapshot, StageMetrics};
+use crate::stage::pool::{self, Pool, Template};
 use crate::stage::worker::{Shared, WorkerCtx};
 use crate::stage::{Envelope, Message, StageId};
 use crate::topology::{Compiled, Topology};
@@ -35,8 +36,11 @@ pub struct Engine<M: Message> {
     /// Messages accepted by the time intake stopped.
     submitted_at_stop: u64,
     metrics: Vec<Arc<StageMetrics>>,
-    /// Worker threads, stages in topological order so joining follows the drain.
+    /// Worker threads of fixed pools, stages in topological order so joining follows the drain.
     workers: Vec<JoinHandle<()>>,
+    /// The elastic pools, and the thread that steers them (stopped by dropping its sender).
+    pools: Vec<Arc<Pool<M>>>,
+    controller: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
     shared: Arc<Shared>,
     journal: Option<Journal<M>>,
     /// Commit latency of ingress windows, kept when intake stops.
@@ -207,30 +211,20 @@ impl<M: Message> Engine<M> {
         let Compiled { stages, links, entry, order, exchange, may_publish, dead_letter_unroutable, stage_configs } =
             topology.compile(&config)?;
         let shared = Arc::new(Shared::default());
-        let metrics: Vec<Arc<StageMetrics>> = stages
-            .iter()
-            .zip(&stage_configs)
-            .map(|(decl, c)| {
-                // Every queue of the stage: one per partition (worker, if ordered) and level.
-                let queues = if decl.ordered { c.workers } else { 1 } * usize::from(c.priority_levels);
-                Arc::new(StageMetrics::new(decl.name.clone(), c.workers, c.queue_events_max() * queues))
+        // Every queue of a stage: one per partition (worker, if ordered) and level.
+        let queue_count = |ordered: bool, c: &crate::StageConfig| {
+            usize::from(c.priority_levels) * if ordered { c.workers.max } else { 1 }
+        };
+        let metrics: Vec<Arc<StageMetrics>> = (stages.iter().zip(&stage_configs))
+            .map(|(s, c)| {
+                Arc::new(StageMetrics::new(s.name.clone(), c.workers, c.queue_events_max() * queue_count(s.ordered, c)))
             })
             .collect();
-        // One queue per stage, or one per worker for a stage ordered by key.
         let queues: Vec<(StageInput<M>, Vec<BatchReceiver<M>>)> = stages
             .iter()
             .zip(&stage_configs)
             .zip(&metrics)
-            .map(|((decl, c), m)| {
-                let levels = usize::from(c.priority_levels);
-                let partitions = if decl.ordered { c.workers } else { 1 };
-                let (senders, receivers) = (0..partitions * levels)
-                    .map(|_| {
-                        channel::queue(c.queue_batches, c.batch_events_max, Arc::clone(m), Arc::clone(&shared.poisoned))
-                    })
-                    .unzip();
-                (StageInput::new(senders, levels, decl.name.as_str().into(), c.overflow), receivers)
-            })
+            .map(|((decl, c), m)| stage_queues(decl.name.as_str(), decl.ordered, c, m, &shared))
             .collect();
 
         let tracker = Arc::new(Tracker::new(on_complete));
@@ -243,6 +237,8 @@ impl<M: Message> Engine<M> {
             submitted_at_stop: 0,
             metrics,
             workers: Vec::new(),
+            pools: Vec::new(),
+            controller: None,
             shared,
             journal,
             ack_latency: None,
@@ -259,20 +255,23 @@ impl<M: Message> Engine<M> {
             let decl = &stages[index];
             let runner = decl.runner.as_ref().expect("validate checked every stage has a handler");
             let stage_config = stage_configs[index];
-            for worker in 0..stage_config.workers {
+            let elastic = stage_config.workers.is_elastic();
+            let make_ctx = |worker: usize| {
                 let outputs = (0..stages.len())
                     .map(|to| links.iter().any(|&(f, t)| f == stage && t.index() == to).then(|| queues[to].0.clone()))
                     .collect();
-                let name = format!("conduit:{}:{worker}", decl.name);
-                let ctx = WorkerCtx {
-                    name: name.clone(),
+                WorkerCtx {
+                    name: format!("conduit:{}:{worker}", decl.name),
                     stage_name: decl.name.as_str().into(),
                     worker,
                     stage: stage.0,
                     config: stage_config,
                     journal: engine.journal.clone(),
                     routes: Some((Arc::clone(&exchange), may_publish[index].clone(), dead_letter_unroutable)),
-                    inputs: {
+                    // An elastic pool's workers get every queue and read those they hold.
+                    inputs: if elastic {
+                        queues[index].1.clone()
+                    } else {
                         let levels = usize::from(stage_config.priority_levels);
                         let partitions = queues[index].1.len() / levels;
                         let first = (worker % partitions) * levels;
@@ -285,8 +284,18 @@ impl<M: Message> Engine<M> {
                     clock: Arc::clone(&clock),
                     tracker: Arc::clone(&engine.tracker),
                     track_completion,
-                };
-                let runner = Arc::clone(runner);
+                    serial: worker as u64,
+                    pool: None,
+                }
+            };
+            if elastic {
+                let template = Template { ctx: make_ctx(0), runner: Arc::clone(runner) };
+                engine.pools.push(Pool::start(index, template, decl.ordered)?);
+                continue;
+            }
+            for worker in 0..stage_config.workers.min {
+                let ctx = make_ctx(worker);
+                let (runner, name) = (Arc::clone(runner), ctx.name.clone());
                 let handle = std::thread::Builder::new()
                     .name(name.clone())
                     .spawn(move || runner(ctx))
@@ -294,12 +303,30 @@ impl<M: Message> Engine<M> {
                 engine.workers.push(handle);
             }
         }
+        engine.start_controller()?;
         // The queues' own ends are dropped here: from now on only the engine's senders and the
         // workers hold them, so once the engine lets go, a stage's queue closes exactly when
         // everything upstream of it has stopped.
         drop(queues);
-        tracing::info!(stages = engine.metrics.len(), workers = engine.workers.len(), "engine started");
+        let (fixed, elastic) = (engine.workers.len(), engine.pools.len());
+        tracing::info!(stages = engine.metrics.len(), workers = fixed, elastic_pools = elastic, "engine started");
         Ok(engine)
+    }
+
+    /// Starts the thread that steers the elastic pools, if there are any.
+    fn start_controller(&mut self) -> Result<(), BuildError> {
+        if self.pools.is_empty() {
+            return Ok(());
+        }
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let pools = self.pools.clone();
+        let name = "conduit:pools".to_owned();
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || pool::run_controller(&pools, &stopped))
+            .map_err(|source| BuildError::Spawn { name, source })?;
+        self.controller = Some((stop, handle));
+        Ok(())
     }
 
     /// Submits one message, blocking while the entry queue is full (and, with a journal, until
@@ -464,6 +491,20 @@ impl<M: Message> Engine<M> {
         })
     }
 
+    /// Resizes the elastic pool of `stage` to `workers` now, within its `{ min, max }` bounds:
+    /// new workers start at once, retired ones finish what they hold first (for a stage ordered
+    /// by key, its keys move between workers without breaking their order). The pool's
+    /// controller goes on steering from the new size.
+    pub fn set_workers(&self, stage: StageId, workers: usize) -> Result<(), ResizeError> {
+        match self.pools.iter().find(|pool| pool.stage == stage.index()) {
+            Some(pool) => pool.resize(workers, "set by hand"),
+            None => match self.metrics.get(stage.index()) {
+                Some(metrics) => Err(ResizeError::Fixed { stage: metrics.name.clone() }),
+                None => Err(ResizeError::NoStage(stage.index())),
+            },
+        }
+    }
+
     /// Submitted messages whose work has not finished (0 when completion is not tracked).
     pub fn in_flight(&self) -> u64 {
         self.tracker.in_flight()
@@ -564,8 +605,15 @@ impl<M: Message> Engine<M> {
             self.submitted_at_stop = ingress.submitted();
             self.ack_latency = ingress.ack_latency().map(|h| h.lock().clone());
         }
+        // Pools stop changing before the queues start to close: a worker started later would
+        // hold its downstream queues open.
+        if let Some((stop, controller)) = self.controller.take() {
+            drop(stop);
+            controller.join().ok();
+        }
+        let pooled: Vec<JoinHandle<()>> = self.pools.iter().flat_map(|pool| pool.close()).collect();
         self.stage_senders.clear();
-        for handle in self.workers.drain(..) {
+        for handle in self.workers.drain(..).chain(pooled) {
             let name = handle.thread().name().unwrap_or("conduit worker").to_owned();
             if handle.join().is_err() {
                 self.shared.poison(format!("worker {name} panicked"));
@@ -573,6 +621,26 @@ impl<M: Message> Engine<M> {
         }
         self.journal.as_ref().map(|journal| journal.log.sync())
     }
+}
+
+/// A stage's queues: one, or one per worker for a stage ordered by key (one per worker it may
+/// have, for an elastic pool); each with a level per priority.
+fn stage_queues<M>(
+    name: &str,
+    ordered: bool,
+    config: &crate::StageConfig,
+    metrics: &Arc<StageMetrics>,
+    shared: &Shared,
+) -> (StageInput<M>, Vec<BatchReceiver<M>>) {
+    let levels = usize::from(config.priority_levels);
+    let partitions = if ordered { config.workers.max } else { 1 };
+    let (senders, receivers) = (0..partitions * levels)
+        .map(|_| {
+            let poisoned = Arc::clone(&shared.poisoned);
+            channel::queue(config.queue_batches, config.batch_events_max, Arc::clone(metrics), poisoned)
+        })
+        .unzip();
+    (StageInput::new(senders, levels, name.into(), config.overflow), receivers)
 }
 
 impl<M: Message> Drop for Engine<M> {

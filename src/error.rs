@@ -49,6 +49,45 @@ pub enum BuildError {
     },
 }
 
+/// [`Engine::set_workers`](crate::Engine::set_workers) could not resize a stage's pool; the pool
+/// is as it was (or, for [`ResizeError::Spawn`], as far as it got).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResizeError {
+    /// The stage's pool is fixed (its `workers` is a count, not `{ min, max }`).
+    #[error("stage {stage} has a fixed pool: declare `workers = {{ min, max }}` to resize it")]
+    Fixed {
+        /// The stage's name.
+        stage: String,
+    },
+    /// The size asked for lies outside the pool's bounds.
+    #[error("stage {stage}: {workers} workers is outside the pool's bounds ({min} to {max})")]
+    OutOfBounds {
+        /// The stage's name.
+        stage: String,
+        /// The size asked for.
+        workers: usize,
+        /// The pool's `min`.
+        min: usize,
+        /// The pool's `max`.
+        max: usize,
+    },
+    /// No such stage in the topology.
+    #[error("no stage #{0} in the topology")]
+    NoStage(usize),
+    /// The engine is shutting down: pools no longer change.
+    #[error("the engine is shutting down")]
+    Stopped,
+    /// A worker thread could not be spawned.
+    #[error("cannot spawn worker thread {name}: {source}")]
+    Spawn {
+        /// The thread's name.
+        name: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
 /// Resuming the messages a log had in flight failed; nothing was resumed unless it says so.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

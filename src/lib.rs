@@ -140,10 +140,12 @@ pub mod wheel;
 pub use alerts::{Alert, AlertRule, AlertRules, AlertsSnapshot};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use completion::{OnComplete, Ticket};
-pub use config::{EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings};
+pub use config::{
+    EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings, Workers,
+};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
 pub use engine::{Engine, EngineBuilder, ShutdownReport};
-pub use error::{BuildError, ConfigError, RecoverError, SubmitError, TrySubmitError};
+pub use error::{BuildError, ConfigError, RecoverError, ResizeError, SubmitError, TrySubmitError};
 pub use ingress::{Receipt, INGRESS_WINDOW_EVENTS, WINDOWS_IN_FLIGHT};
 pub use journal::{Journal, JournalCodec};
 pub use metrics::{LatencyHistograms, LatencySummary, Snapshot, StageRates, StageSnapshot};

@@ -38,7 +38,13 @@ pub(crate) fn new_growing_histogram() -> Histogram<u64> {
 #[derive(Debug)]
 pub(crate) struct StageMetrics {
     pub(crate) name: String,
-    pub(crate) workers: usize,
+    /// Workers in the pool now (an elastic pool's workers not told to retire).
+    pub(crate) workers: CachePadded<AtomicUsize>,
+    /// The pool's bounds (equal for a fixed pool).
+    pub(crate) bounds: crate::config::Workers,
+    /// Resizes of an elastic pool: workers added, and workers told to retire.
+    pub(crate) grown: AtomicU64,
+    pub(crate) shrunk: AtomicU64,
     pub(crate) queue_capacity_events: usize,
     pub(crate) processed: CachePadded<AtomicU64>,
     pub(crate) emitted: CachePadded<AtomicU64>,
@@ -87,10 +93,15 @@ pub(crate) struct BatchTally {
 }
 
 impl StageMetrics {
-    pub(crate) fn new(name: String, workers: usize, queue_capacity_events: usize) -> Self {
+    /// Figures for a stage whose pool has `bounds` (per-worker figures for up to `bounds.max`).
+    pub(crate) fn new(name: String, bounds: crate::config::Workers, queue_capacity_events: usize) -> Self {
+        let workers = bounds.max;
         Self {
             name,
-            workers,
+            workers: CachePadded::new(AtomicUsize::new(bounds.min)),
+            bounds,
+            grown: AtomicU64::new(0),
+            shrunk: AtomicU64::new(0),
             queue_capacity_events,
             processed: CachePadded::default(),
             emitted: CachePadded::default(),
@@ -164,20 +175,32 @@ impl StageMetrics {
         (merged, latency_total_s)
     }
 
+    /// Events counted into the stage's queues and not yet out.
+    fn depth_counted(&self) -> u64 {
+        let enqueued = self.enqueued.load(Ordering::Relaxed);
+        enqueued.saturating_sub(self.dequeued.load(Ordering::Relaxed))
+    }
+
+    /// The lag age now (see [`StageSnapshot::lag_us`]).
+    pub(crate) fn lag_now(&self) -> Duration {
+        if self.depth_counted() == 0 {
+            return Duration::ZERO;
+        }
+        let head = self.head_sent_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(ns_since(self.epoch, Instant::now()).saturating_sub(head))
+    }
+
     pub(crate) fn snapshot(&self) -> StageSnapshot {
         let (merged, latency_total_s) = self.latency();
-        let enqueued = self.enqueued.load(Ordering::Relaxed);
-        let dequeued = self.dequeued.load(Ordering::Relaxed);
-        let queue_depth_counted = enqueued.saturating_sub(dequeued);
-        let lag_us = if queue_depth_counted == 0 {
-            0.0
-        } else {
-            let head = self.head_sent_ns.load(Ordering::Relaxed);
-            ns_since(self.epoch, Instant::now()).saturating_sub(head) as f64 / 1_000.0
-        };
+        let queue_depth_counted = self.depth_counted();
+        let lag_us = self.lag_now().as_nanos() as f64 / 1_000.0;
         StageSnapshot {
             name: self.name.clone(),
-            workers: self.workers,
+            workers: self.workers.load(Ordering::Relaxed),
+            workers_min: self.bounds.min,
+            workers_max: self.bounds.max,
+            pool_grown: self.grown.load(Ordering::Relaxed),
+            pool_shrunk: self.shrunk.load(Ordering::Relaxed),
             busy_workers: self.busy_workers.load(Ordering::Relaxed),
             processed: self.processed.load(Ordering::Relaxed),
             emitted: self.emitted.load(Ordering::Relaxed),
@@ -258,8 +281,20 @@ pub struct StageRates {
 pub struct StageSnapshot {
     /// The stage's name.
     pub name: String,
-    /// Workers in its pool.
+    /// Workers in its pool now.
     pub workers: usize,
+    /// The pool's bounds: equal for a fixed pool, `{ min, max }` of an elastic one.
+    #[serde(default)]
+    pub workers_min: usize,
+    /// See `workers_min`.
+    #[serde(default)]
+    pub workers_max: usize,
+    /// Times an elastic pool grew by a worker, and shrank by one.
+    #[serde(default)]
+    pub pool_grown: u64,
+    /// See `pool_grown`.
+    #[serde(default)]
+    pub pool_shrunk: u64,
     /// Workers handling a batch right now.
     pub busy_workers: usize,
     /// Events finished by the stage (done, rejected or dead-lettered; retries count once).

@@ -31,7 +31,7 @@ pub fn render(snapshot: &Snapshot, latency: &LatencyHistograms) -> Result<String
 type StageFigure = (&'static str, &'static str, fn(&StageSnapshot) -> f64);
 
 #[allow(clippy::cast_precision_loss)]
-const STAGE_COUNTERS: [StageFigure; 9] = [
+const STAGE_COUNTERS: [StageFigure; 11] = [
     ("processed_total", "Events the stage finished (done, rejected or dead-lettered)", |s| s.processed as f64),
     ("emitted_total", "Events the stage sent on", |s| s.emitted as f64),
     ("retried_total", "Attempts that ended in a retry", |s| s.retried as f64),
@@ -41,13 +41,17 @@ const STAGE_COUNTERS: [StageFigure; 9] = [
     ("unroutable_total", "Events published with a routing key no queue is bound to", |s| s.unroutable as f64),
     ("expired_total", "Events dead-lettered past their time to live", |s| s.expired as f64),
     ("overflowed_total", "Events dead-lettered because the stage's queue was full", |s| s.overflowed as f64),
+    ("pool_grown_total", "Workers an elastic pool added", |s| s.pool_grown as f64),
+    ("pool_shrunk_total", "Workers an elastic pool retired", |s| s.pool_shrunk as f64),
 ];
 
 #[allow(clippy::cast_precision_loss)]
-const STAGE_GAUGES: [StageFigure; 6] = [
+const STAGE_GAUGES: [StageFigure; 8] = [
     ("queue_depth", "Events waiting in the stage's queues", |s| s.queue_depth as f64),
     ("queue_capacity", "Most events the stage's queues hold", |s| s.queue_capacity as f64),
     ("workers", "Workers in the stage's pool", |s| s.workers as f64),
+    ("workers_min", "Fewest workers the stage's pool may have", |s| s.workers_min as f64),
+    ("workers_max", "Most workers the stage's pool may have", |s| s.workers_max as f64),
     ("busy_workers", "Workers handling a batch now", |s| s.busy_workers as f64),
     ("retry_parked", "Events held for a retry by the stage's workers", |s| s.retry_parked as f64),
     ("lag_seconds", "How long the oldest event in the stage's queues has waited", |s| s.lag_us / 1e6),

@@ -7,6 +7,7 @@ pub(crate) mod decision;
 pub(crate) mod handling;
 pub(crate) mod outbox;
 pub(crate) mod parking;
+pub(crate) mod pool;
 pub(crate) mod worker;
 
 use std::borrow::Cow;

@@ -64,9 +64,14 @@ impl<M> Parking<M> {
     }
 
     /// Whether no key is parked and no wake-up is pending.
-    #[cfg_attr(not(feature = "sim"), allow(dead_code))]
     pub(crate) fn is_empty(&self) -> bool {
         self.parked.is_empty() && self.wheel.is_empty() && self.retry_keys.is_empty()
+    }
+
+    /// Whether a parked key passes `test` (an elastic pool's worker asks this of a partition's
+    /// keys before it lets go of the partition).
+    pub(crate) fn holds_any(&self, test: impl Fn(u64) -> bool) -> bool {
+        self.parked.keys().any(|&key| test(key))
     }
 
     /// Whether a key is due to be tried again now (after [`release_due`](Self::release_due)).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::TryRecvError;
 use parking_lot::Mutex;
 
-use crate::channel::{BatchReceiver, Received, SendFailure, StageInput};
+use crate::channel::{partition_of, BatchReceiver, Received, SendFailure, StageInput};
 use crate::clock::Clock;
 use crate::completion::{Acks, Tracker};
 use crate::config::{Overflow, StageConfig};
@@ -21,6 +21,7 @@ use crate::metrics::{BatchTally, StageMetrics};
 use crate::routing::Exchange;
 use crate::stage::handling::{bury, dead_letter, Effects, StageCore};
 use crate::stage::outbox::Outboxes;
+use crate::stage::pool::PoolControl;
 use crate::stage::{Deadline, Emitter, Envelope, Handler, Message, Reason, StageId};
 
 /// Most message ids one completion record lists (8 bytes each).
@@ -28,6 +29,9 @@ const COMPLETIONS_PER_RECORD: usize = 4_096;
 
 /// Longest a finished message waits for its completion to be journaled while the worker idles.
 const COMPLETION_LINGER: Duration = Duration::from_millis(20);
+
+/// Longest a worker of an elastic pool waits without looking at its pool's changes.
+const POOL_LOOK: Duration = Duration::from_millis(5);
 
 /// State every thread of one engine shares: the poison flag and why it was raised.
 #[derive(Debug, Default)]
@@ -84,6 +88,36 @@ pub(crate) struct WorkerCtx<M> {
     /// The engine's completion tracker, and whether it tracks.
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) track_completion: bool,
+    /// Workers started in the stage before this one: its completion tokens' range.
+    pub(crate) serial: u64,
+    /// In an elastic pool: what the worker follows (then `inputs` holds every queue of the
+    /// stage, and the worker reads those of the partitions it holds).
+    pub(crate) pool: Option<Arc<PoolControl>>,
+}
+
+impl<M> WorkerCtx<M> {
+    /// A copy of this context for worker `worker` of an elastic pool, the `serial`th started.
+    pub(crate) fn for_worker(&self, worker: usize, serial: u64, pool: Arc<PoolControl>) -> Self {
+        Self {
+            name: format!("conduit:{}:{worker}", self.stage_name),
+            stage_name: Arc::clone(&self.stage_name),
+            worker,
+            stage: self.stage,
+            config: self.config,
+            journal: self.journal.clone(),
+            routes: self.routes.clone(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            metrics: Arc::clone(&self.metrics),
+            dead_letters: Arc::clone(&self.dead_letters),
+            shared: Arc::clone(&self.shared),
+            clock: Arc::clone(&self.clock),
+            tracker: Arc::clone(&self.tracker),
+            track_completion: self.track_completion,
+            serial,
+            pool: Some(pool),
+        }
+    }
 }
 
 /// Why a worker stops early.
@@ -124,11 +158,43 @@ struct WorkerIo<M> {
 }
 
 struct Worker<M, H> {
+    /// The queues this worker reads now, level by level (lowest first), partitions in turn
+    /// within a level.
     inputs: Vec<BatchReceiver<M>>,
+    /// Which queue of a level to look at first: taking in turn keeps partitions fair.
+    turn: usize,
     metrics: Arc<StageMetrics>,
     index: usize,
     core: StageCore<M, H>,
     io: WorkerIo<M>,
+    membership: Option<Membership<M>>,
+}
+
+/// A worker's place in an elastic pool.
+struct Membership<M> {
+    control: Arc<PoolControl>,
+    /// The pool's generation last acted on.
+    seen: u64,
+    /// Every queue of the stage: `partition * levels + level`.
+    all: Vec<BatchReceiver<M>>,
+    levels: usize,
+    /// Partitions this worker holds, and whether it reads each (it stops reading one the pool
+    /// gave to another worker, and lets go of it once it is clear of it).
+    holding: Vec<(usize, bool)>,
+    standing: Standing,
+}
+
+/// Where a worker of an elastic pool stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Reading what it holds, nothing to hand over or take.
+    Settled,
+    /// A partition waits to be let go or taken: the worker goes on, but may not stop.
+    Moving,
+    /// Told to retire: it takes nothing new and finishes its parked events.
+    Leaving,
+    /// Retired and clear: it stops.
+    Gone,
 }
 
 /// What the next unit of work is.
@@ -290,8 +356,9 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         }
         let seed = (u64::from(ctx.stage) << 32) ^ ctx.worker as u64;
         let core = StageCore::new(ctx.stage_name, ctx.config, handler, emitter, ctx.clock, seed);
-        // Each worker draws tokens from its own range of the counter, so no two events share one.
-        let token_seed = (u64::from(ctx.stage) + 1) << 48 | (ctx.worker as u64) << 36;
+        // Each worker draws tokens from its own range of the counter, so no two events share one
+        // (a pool's workers by the order they were started in, 4,096 before a range comes back).
+        let token_seed = (u64::from(ctx.stage) + 1) << 48 | (ctx.serial & 0xFFF) << 36;
         let io = WorkerIo {
             outboxes,
             journal,
@@ -302,7 +369,113 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             finished: Vec::new(),
             finished_since: None,
         };
-        Self { inputs: ctx.inputs, metrics: ctx.metrics, index: ctx.worker, core, io }
+        let levels = usize::from(ctx.config.priority_levels);
+        let (inputs, membership) = match ctx.pool {
+            Some(control) if control.partitions() > 0 => {
+                let membership = Membership {
+                    control,
+                    seen: u64::MAX,
+                    all: ctx.inputs,
+                    levels,
+                    holding: Vec::new(),
+                    standing: Standing::Moving,
+                };
+                (Vec::new(), Some(membership))
+            }
+            Some(control) => {
+                let membership = Membership {
+                    control,
+                    seen: u64::MAX,
+                    all: Vec::new(),
+                    levels,
+                    holding: Vec::new(),
+                    standing: Standing::Settled,
+                };
+                (ctx.inputs, Some(membership))
+            }
+            None => (ctx.inputs, None),
+        };
+        Self { inputs, turn: 0, metrics: ctx.metrics, index: ctx.worker, core, io, membership }
+    }
+
+    /// Whether the pool changed since this worker last followed it.
+    fn pool_changed(&self) -> bool {
+        self.membership.as_ref().is_some_and(|m| m.control.generation() != m.seen)
+    }
+
+    /// Follows the pool's changes: for a stage ordered by key, lets go of the partitions given
+    /// to another worker once nothing of theirs is left here (flushed, none parked), takes the
+    /// ones given to this worker once let go of, and reads exactly those it holds and keeps.
+    fn follow_pool(&mut self) -> Result<Standing, Stop> {
+        let Some(membership) = &mut self.membership else { return Ok(Standing::Settled) };
+        let control = Arc::clone(&membership.control);
+        let me = self.index;
+        let parking = &self.core.parking;
+        let clear = parking.parked_events() == 0 && parking.is_empty();
+        if control.partitions() == 0 {
+            membership.seen = control.generation();
+            membership.standing = match (control.retiring(me), clear) {
+                (false, _) => Standing::Settled,
+                (true, false) => Standing::Leaving,
+                (true, true) => Standing::Gone,
+            };
+            return Ok(membership.standing);
+        }
+        let generation = control.generation();
+        if generation == membership.seen && membership.standing == Standing::Settled {
+            return Ok(membership.standing);
+        }
+        membership.seen = generation;
+        let partitions = control.partitions();
+        // Let go: stop reading what is no longer ours; hand it back once clear of it.
+        let mut flushed = false;
+        let mut moving = false;
+        let mut kept = Vec::with_capacity(membership.holding.len());
+        for &(partition, _) in &membership.holding {
+            if control.is_assigned(partition, me) {
+                kept.push((partition, true));
+            } else if self.core.parking.holds_any(|key| partition_of(key, partitions) == partition) {
+                kept.push((partition, false));
+                moving = true;
+            } else {
+                if !flushed {
+                    self.io.flush_all()?;
+                    flushed = true;
+                }
+                control.release(partition, me);
+            }
+        }
+        // Take what the pool gave this worker once its last holder has let go.
+        for partition in 0..partitions {
+            if control.is_assigned(partition, me) && !kept.iter().any(|&(p, _)| p == partition) {
+                if control.try_take(partition, me) {
+                    kept.push((partition, true));
+                } else {
+                    moving = true;
+                }
+            }
+        }
+        kept.sort_unstable();
+        if kept != membership.holding {
+            membership.holding = kept;
+            let reading: Vec<usize> = membership.holding.iter().filter(|&&(_, read)| read).map(|&(p, _)| p).collect();
+            self.inputs = (0..membership.levels)
+                .flat_map(|level| reading.iter().map(move |&p| (p, level)))
+                .map(|(p, level)| membership.all[p * membership.levels + level].clone())
+                .collect();
+        }
+        membership.standing = if moving {
+            Standing::Moving
+        } else if control.retiring(me) {
+            if membership.holding.is_empty() && clear {
+                Standing::Gone
+            } else {
+                Standing::Leaving
+            }
+        } else {
+            Standing::Settled
+        };
+        Ok(membership.standing)
     }
 
     fn config(&self) -> &StageConfig {
@@ -376,22 +549,40 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
     fn next(&mut self) -> Result<Next<M>, Stop> {
         loop {
             self.core.release_due();
+            let standing = self.follow_pool()?;
+            if standing == Standing::Gone {
+                return Ok(Next::Stop);
+            }
             let parked = self.core.parking.parked_events();
             self.metrics.parked[self.index].store(parked as u64, Ordering::Relaxed);
-            // Highest priority first; none at all while parked events fill the stage's bound.
-            let taking = parked < self.config().queue_events_max();
+            // Highest priority first, partitions in turn; none at all while parked events fill
+            // the stage's bound, or once the worker is leaving its pool.
+            let taking = parked < self.config().queue_events_max() && standing != Standing::Leaving;
             let mut all_gone = true;
-            for level in (0..self.inputs.len()).rev().filter(|_| taking) {
-                match self.inputs[level].try_recv() {
-                    Ok(batch) => return Ok(Next::Batch(batch, level)),
-                    Err(TryRecvError::Empty) => all_gone = false,
-                    Err(TryRecvError::Disconnected) => {}
+            let levels = usize::from(self.config().priority_levels);
+            let per_level = self.inputs.len() / levels;
+            for level in (0..levels).rev().filter(|_| taking && per_level > 0) {
+                for i in 0..per_level {
+                    let queue = level * per_level + (self.turn + i) % per_level;
+                    match self.inputs[queue].try_recv() {
+                        Ok(batch) => {
+                            self.turn = self.turn.wrapping_add(1);
+                            return Ok(Next::Batch(batch, queue));
+                        }
+                        Err(TryRecvError::Empty) => all_gone = false,
+                        Err(TryRecvError::Disconnected) => {}
+                    }
                 }
             }
             if self.core.parking.has_due() {
                 return Ok(Next::Retries);
             }
-            if taking && all_gone && !self.core.parking.is_waiting() {
+            if taking && all_gone && standing == Standing::Settled && !self.core.parking.is_waiting() {
+                // A resize that landed after this worker looked at its pool, and before its queues
+                // closed, is seen now: it may have given this worker's partitions to another.
+                if self.pool_changed() {
+                    continue;
+                }
                 return Ok(Next::Stop);
             }
             // Nothing to do now: send what is collected before waiting, so nothing lingers.
@@ -400,10 +591,13 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             self.io.flush_all()?;
             let now_us = self.core.now_us();
             let retry = self.core.parking.next_due_us().map(|due| Duration::from_micros(due.saturating_sub(now_us)));
-            let wait = match (retry, self.io.completions_due_in()) {
+            let mut wait = match (retry, self.io.completions_due_in()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            if self.membership.is_some() {
+                wait = Some(wait.map_or(POOL_LOOK, |wait| wait.min(POOL_LOOK)));
+            }
             if all_gone || !taking {
                 // Intake is closed or paused: only backoffs remain to be waited out.
                 std::thread::sleep(wait.unwrap_or(Duration::from_millis(1)));
@@ -412,8 +606,8 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
             let mut gone = vec![false; self.inputs.len()];
             match BatchReceiver::recv_any(&self.inputs, &mut gone, wait) {
                 Received::Batch(level, batch) => return Ok(Next::Batch(batch, level)),
-                Received::Closed if !self.core.parking.is_waiting() => return Ok(Next::Stop),
-                // Time to look at the backoffs again (or only they remain).
+                // Time to look at the backoffs again (or only they remain); closed queues are
+                // seen by the next look, after the pool's changes.
                 Received::TimedOut | Received::Closed => {}
             }
         }

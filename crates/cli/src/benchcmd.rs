@@ -42,6 +42,10 @@ pub(crate) struct BenchArgs {
     /// Sweep the engine over batch sizes and pool sizes instead of running the cases.
     #[arg(long)]
     sweep: bool,
+    /// Run the campaign instead of the cases: a 10 s burst of 10x the normal rate in front of a
+    /// slow email stage (50 us a event), its pool fixed at 1 and then elastic (1 to 16).
+    #[arg(long, conflicts_with = "sweep")]
+    campaign: bool,
     /// Report format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Human)]
     format: Format,
@@ -77,7 +81,16 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         config.dir.clone_from(dir);
     }
     let mut out = std::io::stdout().lock();
-    let written = if args.sweep {
+    let written = if args.campaign {
+        let campaign = conduit_cli::bench::CampaignConfig::default();
+        let report = conduit_cli::bench::campaign(&campaign, |pool| eprintln!("campaign: email pool {pool}"))
+            .map_err(Failure::Run)?;
+        match args.format {
+            _ if args.markdown => human::write_campaign(&mut out, &report, true).map_err(|e| e.to_string()),
+            Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
+            Format::Human => human::write_campaign(&mut out, &report, false).map_err(|e| e.to_string()),
+        }
+    } else if args.sweep {
         let batches = [16, 64, 256, 1_024, 4_096];
         let workers = [1, 2, 4];
         let points = conduit_cli::bench::sweep(&config, &batches, &workers, |batch, workers| {

@@ -56,7 +56,7 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
     writeln!(out)?;
     writeln!(
         out,
-        "  {:<13} {:>7} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11}",
+        "  {:<13} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11}",
         "stage",
         "workers",
         "processed",
@@ -73,9 +73,9 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
         let lag_max = report.monitor.as_ref().and_then(|m| m.lag_max_us.get(&s.name));
         writeln!(
             out,
-            "  {:<13} {:>7} {:>11} {:>11} {:>9} {:>9} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11}",
+            "  {:<13} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11}",
             s.name,
-            s.workers,
+            pool_size(s),
             s.processed,
             s.emitted,
             s.retried,
@@ -323,4 +323,85 @@ fn write_load(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// A stage's pool in a report: its size, and for an elastic pool its bounds.
+fn pool_size(stage: &conduit::StageSnapshot) -> String {
+    if stage.workers_min == stage.workers_max {
+        stage.workers.to_string()
+    } else {
+        format!("{} ({}-{})", stage.workers, stage.workers_min, stage.workers_max)
+    }
+}
+
+/// The campaign's two runs, as a table (Markdown with `markdown`), and the ratios.
+pub(crate) fn write_campaign(
+    out: &mut impl Write,
+    report: &conduit_cli::bench::CampaignReport,
+    markdown: bool,
+) -> io::Result<()> {
+    let c = &report.config;
+    writeln!(
+        out,
+        "campaign: {} events/s, then {}x for {} s, then {} s watched; email waits {} us an event; {} CPUs",
+        c.normal_rate,
+        c.burst_factor,
+        c.burst.as_secs(),
+        c.after.as_secs(),
+        c.email_wait.as_micros(),
+        report.cpus
+    )?;
+    let seconds = |s: Option<f64>| s.map_or_else(|| "not within the watch".to_owned(), |s| format!("{s:.2}"));
+    let header = [
+        "email pool",
+        "events",
+        "lag p50 ms",
+        "lag p99 ms",
+        "lag max ms",
+        "drained after burst s",
+        "most workers",
+        "back to min s",
+        "grown",
+        "shrunk",
+        "us per email",
+    ];
+    let rows: Vec<Vec<String>> = report
+        .runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.pool.clone(),
+                r.events.to_string(),
+                format!("{:.1}", r.lag_p50_ms),
+                format!("{:.1}", r.lag_p99_ms),
+                format!("{:.1}", r.lag_max_ms),
+                seconds(r.drained_after_burst_s),
+                r.workers_max.to_string(),
+                seconds(r.back_to_min_after_burst_s),
+                r.grown.to_string(),
+                r.shrunk.to_string(),
+                format!("{:.1}", r.email_us_per_event),
+            ]
+        })
+        .collect();
+    if markdown {
+        writeln!(out, "\n| {} |", header.join(" | "))?;
+        writeln!(out, "|---|{}", "---:|".repeat(header.len() - 1))?;
+        for row in &rows {
+            writeln!(out, "| `{}` | {} |", row[0], row[1..].join(" | "))?;
+        }
+        writeln!(out)?;
+    } else {
+        for row in std::iter::once(header.map(str::to_owned).to_vec()).chain(rows) {
+            writeln!(
+                out,
+                "  {:<14} {}",
+                row[0],
+                row[1..].iter().map(|c| format!("{c:>12}")).collect::<Vec<_>>().join(" ")
+            )?;
+        }
+    }
+    let ratio = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}x"));
+    writeln!(out, "  email lag p99, fixed / elastic: {}", ratio(Some(report.lag_p99_ratio)))?;
+    write!(out, "  drain after the burst, fixed / elastic: {}", ratio(report.drain_ratio))
 }

@@ -180,7 +180,7 @@ fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
         file.simulation.out_of_stock_rate = rate;
     }
     if let Some(workers) = args.workers {
-        file.engine.workers = Some(workers);
+        file.engine.workers = Some(workers.into());
     }
     if let Some(batch) = args.batch {
         file.engine.batch_events_max = Some(batch);

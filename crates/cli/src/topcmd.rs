@@ -142,10 +142,22 @@ fn depth_bar(depth: u64, capacity: usize, width: usize) -> String {
     format!("{}{}", "█".repeat(filled), "·".repeat(width - filled))
 }
 
+/// Busy workers over the pool's size; for an elastic pool, its bounds and resizes too
+/// (`2/5 1-16 +4-1`: 5 workers, 2 busy, between 1 and 16, grown 4 times and shrunk once).
+fn pool_cell(stage: &conduit::StageSnapshot) -> String {
+    let busy = format!("{}/{}", stage.busy_workers, stage.workers);
+    if stage.workers_min == stage.workers_max {
+        busy
+    } else {
+        let (min, max, grown, shrunk) = (stage.workers_min, stage.workers_max, stage.pool_grown, stage.pool_shrunk);
+        format!("{busy} {min}-{max} +{grown}-{shrunk}")
+    }
+}
+
 fn draw_stages(frame: &mut Frame<'_>, area: Rect, view: &View) {
     let header = Row::new([
         "stage",
-        "busy",
+        "busy/workers",
         "processed",
         "rate/s",
         "queue",
@@ -165,7 +177,7 @@ fn draw_stages(frame: &mut Frame<'_>, area: Rect, view: &View) {
             let lagging = stage.lag_us >= 1_000_000.0;
             Row::new(vec![
                 Cell::from(stage.name.clone()),
-                Cell::from(format!("{}/{}", stage.busy_workers, stage.workers)),
+                Cell::from(pool_cell(stage)),
                 Cell::from(stage.processed.to_string()),
                 Cell::from(format!("{:.0}", view.stage_rate(i))),
                 Cell::from(depth_bar(stage.queue_depth, stage.queue_capacity, 10)),
@@ -184,15 +196,15 @@ fn draw_stages(frame: &mut Frame<'_>, area: Rect, view: &View) {
         .collect();
     let widths = [
         Constraint::Length(13),
-        Constraint::Length(6),
-        Constraint::Length(11),
+        Constraint::Length(14),
         Constraint::Length(10),
-        Constraint::Length(11),
-        Constraint::Length(7),
         Constraint::Length(9),
         Constraint::Length(10),
+        Constraint::Length(6),
         Constraint::Length(8),
+        Constraint::Length(9),
         Constraint::Length(7),
+        Constraint::Length(6),
         Constraint::Length(6),
     ];
     frame.render_widget(
@@ -398,6 +410,15 @@ mod tests {
         assert!(text.contains("running: q stops"), "{text}");
         view.finished = true;
         assert!(screen(&view).contains("finished: q shows the report"));
+        // An elastic pool shows its bounds and resizes beside its busy workers.
+        let mut latest = view.latest.take().expect("a snapshot");
+        let email = latest.stages.iter_mut().find(|s| s.name == "email").expect("email");
+        (email.busy_workers, email.workers, email.workers_min, email.workers_max) = (2, 5, 1, 16);
+        (email.pool_grown, email.pool_shrunk) = (4, 1);
+        view.latest = Some(latest);
+        let text = screen(&view);
+        let row = text.lines().find(|l| l.trim_start_matches('│').starts_with("email")).expect("an email row");
+        assert!(row.contains("2/5 1-16 +4-1"), "{row}");
         pipeline.finish();
     }
 

@@ -98,7 +98,7 @@ pub(crate) fn tune(args: &TuneArgs) -> Result<ExitCode, Failure> {
     let pools = args.workers.iter().map(|&w| (w, args.batches[0]));
     for (w, b) in pools.chain(args.batches.iter().map(|&b| (args.workers[0], b))) {
         let mut sized = file.clone();
-        (sized.engine.workers, sized.engine.batch_events_max) = (Some(w), Some(b));
+        (sized.engine.workers, sized.engine.batch_events_max) = (Some(w.into()), Some(b));
         sized.engine.stages.clear();
         sized.validate().map_err(|e| UsageError(format!("a size to try: {e}")))?;
     }
@@ -268,7 +268,7 @@ fn with_sizes(
     let engine = topology.engine.get_or_insert_with(EngineSettings::default);
     for stage in names::ALL {
         let settings = engine.stages.entry(stage.to_owned()).or_default();
-        settings.workers = Some(workers[stage]);
+        settings.workers = Some(workers[stage].into());
         settings.batch_events_max = Some(batches[stage]);
     }
     topology

@@ -171,7 +171,7 @@ pub(crate) fn build(
 
     topology.handler(order, move |_| OrderStage { accepted });
     let gateway = ports.gateway.clone();
-    let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers)?;
+    let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers.max)?;
     let breakers = Breakers::new(sim);
     let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
     let breaker = breakers.payment.clone();

@@ -16,6 +16,7 @@
 //! | `engine_memory` | conduit's engine, default configuration, no log |
 //! | `engine_memory_untracked` | the same without the engine's completion tracking: `engine_memory / engine_memory_untracked` is what tracking costs |
 //! | `engine_memory_watched_10hz` | the same while another thread takes a snapshot every 100 ms (as `conduit run` does, alerts evaluated): `engine_memory_watched_10hz / engine_memory` is what watching costs |
+//! | `engine_memory_elastic` | the same with every stage's pool elastic (`{ min = its size, max = 4 times it }`), steered by the controller: `engine_memory_elastic / engine_memory` is what elastic pools cost (or gain) under a steady saturating load |
 //! | `engine_memory_poison_1e-4` | the same, with 1 order in 10,000 malformed (dead-lettered by the order stage); its `events` counts 7 per order like `engine_memory`'s, so the ratio of the two is one of orders per second |
 //!
 //! The durable cases run on fewer orders (`durable_orders`) and write to files under `dir`:
@@ -37,6 +38,7 @@ use conduit::EngineConfig;
 use conduit_orders::{Order, Workload};
 use serde::Serialize;
 
+mod campaign;
 mod durable;
 mod overload;
 mod pipeline;
@@ -45,6 +47,7 @@ mod synthetic;
 use durable::{encoded_event_bytes, typical_records};
 use pipeline::{DISRUPTOR_BATCH, DISRUPTOR_RING, PER_EVENT_CAPACITY};
 
+pub use campaign::{campaign, CampaignConfig, CampaignReport, CampaignRun, DRAINED_LAG};
 pub use durable::{
     disk_seq_write_fsync, engine_durable, engine_durable_no_checkpoints, engine_durable_no_quick_repair, log_writer,
     redb_rows, Cadence,
@@ -186,6 +189,7 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
     let events = config.orders * EVENTS_PER_ORDER;
     let durable_events = config.durable_orders * EVENTS_PER_ORDER;
     let engine = config.engine.clone();
+    let elastic = elastic_config(&config.engine)?;
     let records = typical_records(durable_events);
     let records = &records[..];
     let dir = config.dir.as_path();
@@ -226,6 +230,12 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             Box::new(|| engine_memory_watched(&engine, &workload, std::time::Duration::from_millis(100)).into()),
         ),
         (
+            "engine_memory_elastic",
+            format!("as engine_memory, every stage's pool elastic: {}", elastic.defaults().workers),
+            events,
+            Box::new(|| engine_memory(&elastic, &workload).into()),
+        ),
+        (
             "engine_memory_poison_1e-4",
             format!(
                 "as engine_memory, {} of {} orders malformed",
@@ -248,6 +258,20 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
         report.memory = overload_memory(&config.engine, config.overload_orders);
     }
     Ok(report)
+}
+
+/// `engine`'s stage settings with every stage's pool elastic, from its size to four times that
+/// (within the engine's limit), its controller at the default settings.
+fn elastic_config(engine: &EngineConfig) -> Result<EngineConfig, String> {
+    let d = engine.defaults();
+    let max = (d.workers.max * 4).min(conduit::config::limits::WORKERS_MAX);
+    EngineConfig::builder()
+        .workers(conduit::Workers::elastic(d.workers.min, max))
+        .batch_events_max(d.batch_events_max)
+        .queue_batches(d.queue_batches)
+        .attempts_max(d.attempts_max)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// The durable cases, `engine_durable` first: the baselines follow the cadence it measures in each
@@ -423,6 +447,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory_poison_1e-4", "engine_memory"),
         ("engine_memory", "engine_memory_untracked"),
         ("engine_memory_watched_10hz", "engine_memory"),
+        ("engine_memory_elastic", "engine_memory"),
         ("engine_durable", "engine_memory"),
         // The durable baselines follow engine_durable's cadence; log_writer keeps its own
         // (appends of 4,096 from one thread), so it has no ratio to them.
@@ -493,10 +518,10 @@ mod tests {
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 15);
-        assert!(report.cases[..7].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert!(report.cases[7..9].iter().all(|c| c.events == 20_000 && c.bytes_per_event.is_none()));
-        let durable = &report.cases[9..];
+        assert_eq!(report.cases.len(), 16);
+        assert!(report.cases[..8].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
+        assert!(report.cases[8..10].iter().all(|c| c.events == 20_000 && c.bytes_per_event.is_none()));
+        let durable = &report.cases[10..];
         assert!(durable.iter().all(|c| c.events == 14_000 && c.bytes_per_event.is_some_and(|b| b > 40.0)));
         // The baselines run at the engine's measured cadence: within 10% of its events per sync.
         let cadence = |name: &str| durable.iter().find(|c| c.name == name).and_then(|c| c.events_per_sync);
@@ -505,7 +530,7 @@ mod tests {
             let measured = cadence(baseline).expect("the baseline syncs");
             assert!((measured / engine - 1.0).abs() <= 0.1, "{baseline}: {measured} events per sync, engine {engine}");
         }
-        assert_eq!(report.ratios.len(), 12);
+        assert_eq!(report.ratios.len(), 13);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
