@@ -44,6 +44,7 @@ pub(crate) fn queue<M>(
     let (tx, rx) = crossbeam_channel::bounded(capacity_batches);
     // Room for every buffer that can be in flight: queued, being filled, being drained.
     let (free_tx, free_rx) = crossbeam_channel::bounded(capacity_batches * 2 + 8);
+    metrics.batch_limit.fetch_min(batch_events_max, Ordering::Relaxed);
     let sender = BatchSender { tx, free_rx, batch_events_max, metrics: Arc::clone(&metrics), poisoned };
     let receiver = BatchReceiver { rx, free_tx, metrics };
     (sender, receiver)
@@ -72,8 +73,15 @@ impl<M> Clone for BatchSender<M> {
 }
 
 impl<M> BatchSender<M> {
+    /// The stage's bound on a batch (what [`batch_limit`](Self::batch_limit) never passes).
+    #[cfg(test)]
     pub(crate) fn batch_events_max(&self) -> usize {
         self.batch_events_max
+    }
+
+    /// The most events a batch may carry now (see `StageMetrics::batch_limit`).
+    pub(crate) fn batch_limit(&self) -> usize {
+        self.metrics.batch_limit.load(Ordering::Relaxed)
     }
 
     /// Whether the queue has no room for another batch now.
@@ -181,8 +189,14 @@ impl<M> StageInput<M> {
         &self.partitions[partition]
     }
 
+    #[cfg(test)]
     pub(crate) fn batch_events_max(&self) -> usize {
         self.partitions[0].batch_events_max()
+    }
+
+    /// The most events a batch to this stage may carry now.
+    pub(crate) fn batch_limit(&self) -> usize {
+        self.partitions[0].batch_limit()
     }
 }
 

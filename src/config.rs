@@ -250,6 +250,11 @@ stage_settings! {
     queue_batches: usize = 64,
     /// Most events per batch sent to the stage (1..=65536).
     batch_events_max: usize = 256,
+    /// Adaptive batching: with a value from 1 to `batch_events_max`, the engine's controller
+    /// chooses the stage's batch size between the two, starting from this one, doubling it while
+    /// the stage's queue holds more than two batches and halving it while the queue holds under
+    /// half of one; 0 (the default) keeps every batch bound at `batch_events_max`.
+    batch_events_min: usize = 0,
     /// Attempts an event gets in this stage before it is dead-lettered (1..=100).
     attempts_max: u32 = 5,
     /// What senders do when the stage's queue is full.
@@ -282,6 +287,7 @@ impl StageConfig {
         self.validate_workers(scope)?;
         check_range(scope, "queue_batches", self.queue_batches, 1, limits::QUEUE_BATCHES_MAX)?;
         check_range(scope, "batch_events_max", self.batch_events_max, 1, limits::BATCH_EVENTS_MAX)?;
+        check_range(scope, "batch_events_min", self.batch_events_min, 0, self.batch_events_max)?;
         check_range(scope, "attempts_max", self.attempts_max as usize, 1, limits::ATTEMPTS_MAX as usize)?;
         check_range(
             scope,
@@ -454,6 +460,13 @@ impl EngineConfigBuilder {
         self
     }
 
+    /// Default adaptive batching floor (see [`StageConfig::batch_events_min`]; 0: off).
+    #[must_use]
+    pub fn batch_events_min(mut self, events: usize) -> Self {
+        self.settings.batch_events_min = Some(events);
+        self
+    }
+
     /// Default batch size in events.
     #[must_use]
     pub fn batch_events_max(mut self, events: usize) -> Self {
@@ -580,6 +593,15 @@ mod tests {
                 .expect("serializes");
         let back: StageSettings = toml::from_str(&text).expect("reads back");
         assert_eq!(back.workers, Some(Workers::elastic(2, 8)), "{text}");
+    }
+
+    #[test]
+    fn an_adaptive_batch_needs_its_min_within_its_max() {
+        let config = EngineConfig::from_toml_str("batch_events_min = 16\nbatch_events_max = 1024\n").expect("valid");
+        assert_eq!((config.defaults().batch_events_min, config.defaults().batch_events_max), (16, 1024));
+        let err =
+            EngineConfig::from_toml_str("batch_events_min = 512\nbatch_events_max = 64\n").expect_err("min > max");
+        assert!(err.to_string().contains("engine.batch_events_min = 512 is out of range (allowed: 0 to 64)"), "{err}");
     }
 
     #[test]

@@ -211,15 +211,8 @@ impl<M: Message> Engine<M> {
         let Compiled { stages, links, entry, order, exchange, may_publish, dead_letter_unroutable, stage_configs } =
             topology.compile(&config)?;
         let shared = Arc::new(Shared::default());
-        // Every queue of a stage: one per partition (worker, if ordered) and level.
-        let queue_count = |ordered: bool, c: &crate::StageConfig| {
-            usize::from(c.priority_levels) * if ordered { c.workers.max } else { 1 }
-        };
-        let metrics: Vec<Arc<StageMetrics>> = (stages.iter().zip(&stage_configs))
-            .map(|(s, c)| {
-                Arc::new(StageMetrics::new(s.name.clone(), c.workers, c.queue_events_max() * queue_count(s.ordered, c)))
-            })
-            .collect();
+        let metrics: Vec<Arc<StageMetrics>> =
+            (stages.iter().zip(&stage_configs)).map(|(s, c)| stage_metrics(&s.name, s.ordered, c)).collect();
         let queues: Vec<(StageInput<M>, Vec<BatchReceiver<M>>)> = stages
             .iter()
             .zip(&stage_configs)
@@ -303,7 +296,7 @@ impl<M: Message> Engine<M> {
                 engine.workers.push(handle);
             }
         }
-        engine.start_controller()?;
+        engine.start_controller(&stage_configs)?;
         // The queues' own ends are dropped here: from now on only the engine's senders and the
         // workers hold them, so once the engine lets go, a stage's queue closes exactly when
         // everything upstream of it has stopped.
@@ -313,17 +306,21 @@ impl<M: Message> Engine<M> {
         Ok(engine)
     }
 
-    /// Starts the thread that steers the elastic pools, if there are any.
-    fn start_controller(&mut self) -> Result<(), BuildError> {
-        if self.pools.is_empty() {
+    /// Starts the thread that steers the elastic pools and adaptive batch sizes, if there are any.
+    fn start_controller(&mut self, stage_configs: &[crate::StageConfig]) -> Result<(), BuildError> {
+        let batches = (self.metrics.iter().zip(stage_configs))
+            .filter(|(_, c)| c.batch_events_min > 0 && c.batch_events_min < c.batch_events_max)
+            .map(|(m, c)| pool::BatchControl::new(Arc::clone(m), c.batch_events_min, c.batch_events_max))
+            .collect();
+        let steered = pool::Steered { pools: self.pools.clone(), batches };
+        if steered.is_empty() {
             return Ok(());
         }
         let (stop, stopped) = crossbeam_channel::bounded(0);
-        let pools = self.pools.clone();
-        let name = "conduit:pools".to_owned();
+        let name = "conduit:control".to_owned();
         let handle = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || pool::run_controller(&pools, &stopped))
+            .spawn(move || pool::run_controller(&steered, &stopped))
             .map_err(|source| BuildError::Spawn { name, source })?;
         self.controller = Some((stop, handle));
         Ok(())
@@ -621,6 +618,17 @@ impl<M: Message> Engine<M> {
         }
         self.journal.as_ref().map(|journal| journal.log.sync())
     }
+}
+
+/// A stage's figures, sized for every queue it has (one per partition and level).
+fn stage_metrics(name: &str, ordered: bool, config: &crate::StageConfig) -> Arc<StageMetrics> {
+    let queues = usize::from(config.priority_levels) * if ordered { config.workers.max } else { 1 };
+    let metrics = StageMetrics::new(name.to_owned(), config.workers, config.queue_events_max() * queues);
+    if config.batch_events_min > 0 {
+        // Adaptive batching starts small, as for a lightly loaded pipeline.
+        metrics.batch_limit.store(config.batch_events_min, std::sync::atomic::Ordering::Relaxed);
+    }
+    Arc::new(metrics)
 }
 
 /// A stage's queues: one, or one per worker for a stage ordered by key (one per worker it may

@@ -538,9 +538,9 @@ pub(crate) fn send_window<M: Message>(input: &StageInput<M>, window: &mut Window
     Ok(sent)
 }
 
-/// Splits events into batches of at most `batch_events_max`, by the partition of their key.
+/// Splits events into batches of at most the stage's batch limit, by the partition of their key.
 pub(crate) fn fill_window<M: Message>(input: &StageInput<M>, events: impl Iterator<Item = Envelope<M>>) -> Window<M> {
-    let batch_events_max = input.batch_events_max();
+    let batch_events_max = input.batch_limit();
     let mut open: Vec<Vec<Envelope<M>>> = (0..input.partitions()).map(|_| Vec::new()).collect();
     let mut window = Vec::new();
     for event in events {

@@ -45,6 +45,9 @@ pub(crate) struct StageMetrics {
     /// Resizes of an elastic pool: workers added, and workers told to retire.
     pub(crate) grown: AtomicU64,
     pub(crate) shrunk: AtomicU64,
+    /// The most events a batch sent to the stage may carry now: its `batch_events_max`, or what
+    /// the controller chose for adaptive batching. Read by senders once per batch.
+    pub(crate) batch_limit: CachePadded<AtomicUsize>,
     pub(crate) queue_capacity_events: usize,
     pub(crate) processed: CachePadded<AtomicU64>,
     pub(crate) emitted: CachePadded<AtomicU64>,
@@ -102,6 +105,7 @@ impl StageMetrics {
             bounds,
             grown: AtomicU64::new(0),
             shrunk: AtomicU64::new(0),
+            batch_limit: CachePadded::new(AtomicUsize::new(usize::MAX)),
             queue_capacity_events,
             processed: CachePadded::default(),
             emitted: CachePadded::default(),
@@ -176,7 +180,7 @@ impl StageMetrics {
     }
 
     /// Events counted into the stage's queues and not yet out.
-    fn depth_counted(&self) -> u64 {
+    pub(crate) fn depth_counted(&self) -> u64 {
         let enqueued = self.enqueued.load(Ordering::Relaxed);
         enqueued.saturating_sub(self.dequeued.load(Ordering::Relaxed))
     }
@@ -201,6 +205,7 @@ impl StageMetrics {
             workers_max: self.bounds.max,
             pool_grown: self.grown.load(Ordering::Relaxed),
             pool_shrunk: self.shrunk.load(Ordering::Relaxed),
+            batch_limit: self.batch_limit.load(Ordering::Relaxed),
             busy_workers: self.busy_workers.load(Ordering::Relaxed),
             processed: self.processed.load(Ordering::Relaxed),
             emitted: self.emitted.load(Ordering::Relaxed),
@@ -295,6 +300,10 @@ pub struct StageSnapshot {
     /// See `pool_grown`.
     #[serde(default)]
     pub pool_shrunk: u64,
+    /// The most events a batch sent to the stage carries now: its `batch_events_max`, or, with
+    /// adaptive batching, what the controller chose.
+    #[serde(default)]
+    pub batch_limit: usize,
     /// Workers handling a batch right now.
     pub busy_workers: usize,
     /// Events finished by the stage (done, rejected or dead-lettered; retries count once).

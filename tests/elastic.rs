@@ -223,3 +223,47 @@ fn set_workers_refuses_a_fixed_pool_and_sizes_outside_the_bounds() {
     let report = engine.shutdown();
     assert!(report.is_clean());
 }
+
+/// Adaptive batching: the batch size sent to a slow stage rises under a backlog (to its max) and
+/// falls back to its min once the stage keeps up.
+#[test]
+fn an_adaptive_batch_size_rises_under_a_backlog_and_falls_back_when_light() {
+    let mut topology = Topology::new();
+    let fast = topology.stage("fast");
+    let slow = topology.stage("slow");
+    topology.entry(fast).link(fast, slow);
+    topology.handler(fast, move |_| {
+        move |event: &Envelope<Event>, out: &mut Emitter<Event>| {
+            out.emit(slow, event.msg);
+            Outcome::Done
+        }
+    });
+    topology.handler(slow, |_| {
+        |_: &Envelope<Event>, _: &mut Emitter<Event>| {
+            std::thread::sleep(Duration::from_micros(20));
+            Outcome::Done
+        }
+    });
+    let config = EngineConfig::from_toml_str(
+        "[stages.slow]\nbatch_events_min = 4\nbatch_events_max = 256\nqueue_batches = 4096\n",
+    )
+    .expect("valid");
+    let engine = Engine::start(topology, &config).expect("valid topology");
+    assert_eq!(engine.snapshot().stages[1].batch_limit, 4, "it starts at its min");
+    let mut most = 0;
+    engine.submit_many((0..20_000).map(|n| Event { key: n, n: 0 })).expect("healthy");
+    while engine.in_flight() > 0 {
+        most = most.max(engine.snapshot().stages[1].batch_limit);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(most, 256, "under the backlog the batches are as big as allowed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.snapshot().stages[1].batch_limit > 4 {
+        assert!(Instant::now() < deadline, "light again, the batch size fell back to its min");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(engine.snapshot().stages[0].batch_limit, 256, "a stage without a min keeps its max");
+    let report = engine.shutdown();
+    assert!(report.is_clean());
+    assert_eq!(report.snapshot.stages[1].processed, 20_000);
+}

@@ -8,13 +8,15 @@ use crate::stage::Envelope;
 pub(crate) struct Outbox<M> {
     pub(crate) sender: BatchSender<M>,
     pub(crate) buffer: Vec<Envelope<M>>,
+    /// The batch size to fill to: the stage's limit, read again at each flush.
+    pub(crate) limit: usize,
 }
 
 impl<M> Outbox<M> {
     /// Adds an event; true when the outbox is full and must be flushed.
     pub(crate) fn push(&mut self, envelope: Envelope<M>) -> bool {
         self.buffer.push(envelope);
-        self.buffer.len() >= self.sender.batch_events_max()
+        self.buffer.len() >= self.limit
     }
 }
 
@@ -30,7 +32,7 @@ impl<M> Outboxes<M> {
         let partitions = (0..input.partitions())
             .map(|p| {
                 let sender = input.sender(p).clone();
-                Outbox { buffer: sender.buffer(), sender }
+                Outbox { buffer: sender.buffer(), limit: sender.batch_limit(), sender }
             })
             .collect();
         Self { input, partitions }

@@ -362,13 +362,61 @@ impl<M: Message> Pool<M> {
     }
 }
 
-/// The engine's controller thread: steers every elastic pool each [`CONTROL_TICK`] until
-/// `stop` is dropped.
-pub(crate) fn run_controller<M: Message>(pools: &[Arc<Pool<M>>], stop: &crossbeam_channel::Receiver<()>) {
+/// Adaptive batching for one stage (SEDA's batching controller, by queue depth): the batch size
+/// senders fill to doubles while the stage's queue holds more than two batches (saturated: big
+/// batches keep the throughput) and halves while it holds under half of one (lightly loaded:
+/// small batches leave sooner), between the stage's `batch_events_min` and `batch_events_max`.
+pub(crate) struct BatchControl {
+    metrics: Arc<StageMetrics>,
+    min: usize,
+    max: usize,
+}
+
+impl BatchControl {
+    pub(crate) fn new(metrics: Arc<StageMetrics>, min: usize, max: usize) -> Self {
+        Self { metrics, min, max }
+    }
+
+    /// One controller tick.
+    pub(crate) fn steer(&self) {
+        let limit = self.metrics.batch_limit.load(Ordering::Relaxed);
+        let depth = usize::try_from(self.metrics.depth_counted()).unwrap_or(usize::MAX);
+        let next = if depth > 2 * limit {
+            (limit * 2).min(self.max)
+        } else if depth < limit / 2 {
+            (limit / 2).max(self.min)
+        } else {
+            limit
+        };
+        if next != limit {
+            self.metrics.batch_limit.store(next, Ordering::Relaxed);
+            tracing::debug!(stage = self.metrics.name.as_str(), from = limit, to = next, depth, "batch size changed");
+        }
+    }
+}
+
+/// What the engine's controller thread steers.
+pub(crate) struct Steered<M> {
+    pub(crate) pools: Vec<Arc<Pool<M>>>,
+    pub(crate) batches: Vec<BatchControl>,
+}
+
+impl<M> Steered<M> {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pools.is_empty() && self.batches.is_empty()
+    }
+}
+
+/// The engine's controller thread: steers every elastic pool and adaptive batch size each
+/// [`CONTROL_TICK`] until `stop` is dropped.
+pub(crate) fn run_controller<M: Message>(steered: &Steered<M>, stop: &crossbeam_channel::Receiver<()>) {
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(CONTROL_TICK) {
         let now = Instant::now();
-        for pool in pools {
+        for pool in &steered.pools {
             pool.steer(now);
+        }
+        for batch in &steered.batches {
+            batch.steer();
         }
     }
 }

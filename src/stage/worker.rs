@@ -270,6 +270,7 @@ impl<M: Message> WorkerIo<M> {
             return Ok(());
         }
         let full = std::mem::replace(&mut outbox.buffer, outbox.sender.buffer());
+        outbox.limit = outbox.sender.batch_limit();
         let sent = match outboxes.input.overflow {
             Overflow::Block => outbox.sender.send(full),
             Overflow::DeadLetter => outbox.sender.try_send(full),

@@ -397,8 +397,10 @@ fn alerts_are_configured_reported_and_logged() {
         "json",
         "--log-format",
         "json",
+        // Long enough for several of the run's samples (one per 100 ms) on a loaded machine: the
+        // error rate is a rate between two samples.
         "--orders",
-        "20000",
+        "150000",
         "--payment-failure-rate",
         "0.3",
         "--config",

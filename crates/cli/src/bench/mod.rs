@@ -17,6 +17,7 @@
 //! | `engine_memory_untracked` | the same without the engine's completion tracking: `engine_memory / engine_memory_untracked` is what tracking costs |
 //! | `engine_memory_watched_10hz` | the same while another thread takes a snapshot every 100 ms (as `conduit run` does, alerts evaluated): `engine_memory_watched_10hz / engine_memory` is what watching costs |
 //! | `engine_memory_elastic` | the same with every stage's pool elastic (`{ min = its size, max = 4 times it }`), steered by the controller: `engine_memory_elastic / engine_memory` is what elastic pools cost (or gain) under a steady saturating load |
+//! | `engine_memory_adaptive_batches` | the same with every stage's batch size adaptive (`batch_events_min` a sixteenth of `batch_events_max`): `engine_memory_adaptive_batches / engine_memory` is whether a saturated pipeline keeps its throughput |
 //! | `engine_memory_poison_1e-4` | the same, with 1 order in 10,000 malformed (dead-lettered by the order stage); its `events` counts 7 per order like `engine_memory`'s, so the ratio of the two is one of orders per second |
 //!
 //! The durable cases run on fewer orders (`durable_orders`) and write to files under `dir`:
@@ -190,6 +191,7 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
     let durable_events = config.durable_orders * EVENTS_PER_ORDER;
     let engine = config.engine.clone();
     let elastic = elastic_config(&config.engine)?;
+    let adaptive = adaptive_config(&config.engine)?;
     let records = typical_records(durable_events);
     let records = &records[..];
     let dir = config.dir.as_path();
@@ -236,6 +238,16 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
             Box::new(|| engine_memory(&elastic, &workload).into()),
         ),
         (
+            "engine_memory_adaptive_batches",
+            format!(
+                "as engine_memory, every stage's batch size adaptive from {} to {}",
+                adaptive.defaults().batch_events_min,
+                adaptive.defaults().batch_events_max
+            ),
+            events,
+            Box::new(|| engine_memory(&adaptive, &workload).into()),
+        ),
+        (
             "engine_memory_poison_1e-4",
             format!(
                 "as engine_memory, {} of {} orders malformed",
@@ -268,6 +280,20 @@ fn elastic_config(engine: &EngineConfig) -> Result<EngineConfig, String> {
     EngineConfig::builder()
         .workers(conduit::Workers::elastic(d.workers.min, max))
         .batch_events_max(d.batch_events_max)
+        .queue_batches(d.queue_batches)
+        .attempts_max(d.attempts_max)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// `engine`'s stage settings with every stage's batch size adaptive, from a sixteenth of its
+/// `batch_events_max` (at least 1) up to it.
+fn adaptive_config(engine: &EngineConfig) -> Result<EngineConfig, String> {
+    let d = engine.defaults();
+    EngineConfig::builder()
+        .workers(d.workers)
+        .batch_events_max(d.batch_events_max)
+        .batch_events_min((d.batch_events_max / 16).max(1))
         .queue_batches(d.queue_batches)
         .attempts_max(d.attempts_max)
         .build()
@@ -448,6 +474,7 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("engine_memory", "engine_memory_untracked"),
         ("engine_memory_watched_10hz", "engine_memory"),
         ("engine_memory_elastic", "engine_memory"),
+        ("engine_memory_adaptive_batches", "engine_memory"),
         ("engine_durable", "engine_memory"),
         // The durable baselines follow engine_durable's cadence; log_writer keeps its own
         // (appends of 4,096 from one thread), so it has no ratio to them.
@@ -518,10 +545,10 @@ mod tests {
             ..BenchConfig::default()
         };
         let report = run(&config, |_, _| {}).expect("runs");
-        assert_eq!(report.cases.len(), 16);
-        assert!(report.cases[..8].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
-        assert!(report.cases[8..10].iter().all(|c| c.events == 20_000 && c.bytes_per_event.is_none()));
-        let durable = &report.cases[10..];
+        assert_eq!(report.cases.len(), 17);
+        assert!(report.cases[..9].iter().all(|c| c.events == 35_000 && c.events_per_sec > 0.0));
+        assert!(report.cases[9..11].iter().all(|c| c.events == 20_000 && c.bytes_per_event.is_none()));
+        let durable = &report.cases[11..];
         assert!(durable.iter().all(|c| c.events == 14_000 && c.bytes_per_event.is_some_and(|b| b > 40.0)));
         // The baselines run at the engine's measured cadence: within 10% of its events per sync.
         let cadence = |name: &str| durable.iter().find(|c| c.name == name).and_then(|c| c.events_per_sync);
@@ -530,7 +557,7 @@ mod tests {
             let measured = cadence(baseline).expect("the baseline syncs");
             assert!((measured / engine - 1.0).abs() <= 0.1, "{baseline}: {measured} events per sync, engine {engine}");
         }
-        assert_eq!(report.ratios.len(), 13);
+        assert_eq!(report.ratios.len(), 14);
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
