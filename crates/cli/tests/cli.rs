@@ -117,6 +117,15 @@ fn bad_input_gets_a_clear_error_and_exit_code_2() {
     assert_refused(&["run", "--config", zero_queue.to_str().expect("utf-8")], "engine.stages.payment.queue_batches");
     let unknown_stage = temp_file("stage.toml", "[engine.stages.paymnet]\nworkers = 2\n");
     assert_refused(&["run", "--config", unknown_stage.to_str().expect("utf-8")], "paymnet");
+    for (name, pool, named) in [
+        ("inverted.toml", "{ min = 4, max = 2 }", "engine.stages.email.workers: min (4) is above max (2)"),
+        ("above.toml", "{ min = 1, max = 300 }", "engine.stages.email.workers.max = 300"),
+        ("zero_bound.toml", "{ min = 0, max = 3 }", "engine.stages.email.workers.min = 0"),
+        ("unknown_bound.toml", "{ min = 1, mx = 3 }", "unknown field `mx`"),
+    ] {
+        let elastic = temp_file(name, &format!("[engine.stages.email]\nworkers = {pool}\n"));
+        assert_refused(&["run", "--config", elastic.to_str().expect("utf-8")], named);
+    }
     let negative = temp_file("negative.toml", "[simulation]\nnotify_failure_rate = -1.0\n");
     assert_refused(&["run", "--config", negative.to_str().expect("utf-8")], "notify_failure_rate");
     let garbage = temp_file("garbage.toml", "\u{0}\u{1}not toml at all [[[");
