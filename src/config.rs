@@ -251,9 +251,11 @@ stage_settings! {
     /// Most events per batch sent to the stage (1..=65536).
     batch_events_max: usize = 256,
     /// Adaptive batching: with a value from 1 to `batch_events_max`, the engine's controller
-    /// chooses the stage's batch size between the two, starting from this one, doubling it while
-    /// the stage's queue holds more than two batches and halving it while the queue holds under
-    /// half of one; 0 (the default) keeps every batch bound at `batch_events_max`.
+    /// chooses the stage's batch size between the two, starting from `batch_events_max`: it
+    /// doubles while the stage is busy (its workers at work more than half the time, or its
+    /// queue holding more than two batches) and halves while it is light (at work under a fifth
+    /// of the time, its queue under half a batch); 0 (the default) keeps every batch bound at
+    /// `batch_events_max`.
     batch_events_min: usize = 0,
     /// Attempts an event gets in this stage before it is dead-lettered (1..=100).
     attempts_max: u32 = 5,

@@ -320,7 +320,10 @@ impl<M: Message> Engine<M> {
         let name = "conduit:control".to_owned();
         let handle = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || pool::run_controller(&steered, &stopped))
+            .spawn(move || {
+                let mut steered = steered;
+                pool::run_controller(&mut steered, &stopped);
+            })
             .map_err(|source| BuildError::Spawn { name, source })?;
         self.controller = Some((stop, handle));
         Ok(())
@@ -623,12 +626,7 @@ impl<M: Message> Engine<M> {
 /// A stage's figures, sized for every queue it has (one per partition and level).
 fn stage_metrics(name: &str, ordered: bool, config: &crate::StageConfig) -> Arc<StageMetrics> {
     let queues = usize::from(config.priority_levels) * if ordered { config.workers.max } else { 1 };
-    let metrics = StageMetrics::new(name.to_owned(), config.workers, config.queue_events_max() * queues);
-    if config.batch_events_min > 0 {
-        // Adaptive batching starts small, as for a lightly loaded pipeline.
-        metrics.batch_limit.store(config.batch_events_min, std::sync::atomic::Ordering::Relaxed);
-    }
-    Arc::new(metrics)
+    Arc::new(StageMetrics::new(name.to_owned(), config.workers, config.queue_events_max() * queues))
 }
 
 /// A stage's queues: one, or one per worker for a stage ordered by key (one per worker it may

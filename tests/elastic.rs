@@ -224,8 +224,8 @@ fn set_workers_refuses_a_fixed_pool_and_sizes_outside_the_bounds() {
     assert!(report.is_clean());
 }
 
-/// Adaptive batching: the batch size sent to a slow stage rises under a backlog (to its max) and
-/// falls back to its min once the stage keeps up.
+/// Adaptive batching: the batch size sent to a stage falls to its min while the stage idles,
+/// rises to its max under a backlog, and falls back once the stage keeps up.
 #[test]
 fn an_adaptive_batch_size_rises_under_a_backlog_and_falls_back_when_light() {
     let mut topology = Topology::new();
@@ -249,7 +249,12 @@ fn an_adaptive_batch_size_rises_under_a_backlog_and_falls_back_when_light() {
     )
     .expect("valid");
     let engine = Engine::start(topology, &config).expect("valid topology");
-    assert_eq!(engine.snapshot().stages[1].batch_limit, 4, "it starts at its min");
+    assert_eq!(engine.snapshot().stages[1].batch_limit, 256, "it starts at its max");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.snapshot().stages[1].batch_limit > 4 {
+        assert!(Instant::now() < deadline, "idle, the batch size fell to its min");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut most = 0;
     engine.submit_many((0..20_000).map(|n| Event { key: n, n: 0 })).expect("healthy");
     while engine.in_flight() > 0 {

@@ -362,28 +362,34 @@ impl<M: Message> Pool<M> {
     }
 }
 
-/// Adaptive batching for one stage (SEDA's batching controller, by queue depth): the batch size
-/// senders fill to doubles while the stage's queue holds more than two batches (saturated: big
-/// batches keep the throughput) and halves while it holds under half of one (lightly loaded:
-/// small batches leave sooner), between the stage's `batch_events_min` and `batch_events_max`.
+/// Adaptive batching for one stage (after SEDA's batching controller): the batch size senders
+/// fill to doubles while the stage is busy (its workers at work on average more than half the
+/// time, or its queue holding more than two batches: big batches keep the throughput) and halves
+/// while it is light (at work under a fifth of the time, its queue under half a batch: small
+/// batches leave sooner), between the stage's `batch_events_min` and `batch_events_max`.
 pub(crate) struct BatchControl {
     metrics: Arc<StageMetrics>,
     min: usize,
     max: usize,
+    /// The share of its pool at work, averaged over the controller's looks.
+    busy_share: f64,
 }
 
 impl BatchControl {
     pub(crate) fn new(metrics: Arc<StageMetrics>, min: usize, max: usize) -> Self {
-        Self { metrics, min, max }
+        Self { metrics, min, max, busy_share: 1.0 }
     }
 
     /// One controller tick.
-    pub(crate) fn steer(&self) {
+    pub(crate) fn steer(&mut self) {
         let limit = self.metrics.batch_limit.load(Ordering::Relaxed);
         let depth = usize::try_from(self.metrics.depth_counted()).unwrap_or(usize::MAX);
-        let next = if depth > 2 * limit {
+        let workers = self.metrics.workers.load(Ordering::Relaxed).max(1);
+        let busy = self.metrics.busy_workers.load(Ordering::Relaxed) as f64 / workers as f64;
+        self.busy_share += BUSY_SMOOTHING * (busy - self.busy_share);
+        let next = if depth > 2 * limit || self.busy_share > 0.5 {
             (limit * 2).min(self.max)
-        } else if depth < limit / 2 {
+        } else if depth < limit / 2 && self.busy_share < 0.2 {
             (limit / 2).max(self.min)
         } else {
             limit
@@ -409,13 +415,13 @@ impl<M> Steered<M> {
 
 /// The engine's controller thread: steers every elastic pool and adaptive batch size each
 /// [`CONTROL_TICK`] until `stop` is dropped.
-pub(crate) fn run_controller<M: Message>(steered: &Steered<M>, stop: &crossbeam_channel::Receiver<()>) {
+pub(crate) fn run_controller<M: Message>(steered: &mut Steered<M>, stop: &crossbeam_channel::Receiver<()>) {
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(CONTROL_TICK) {
         let now = Instant::now();
         for pool in &steered.pools {
             pool.steer(now);
         }
-        for batch in &steered.batches {
+        for batch in &mut steered.batches {
             batch.steer();
         }
     }
