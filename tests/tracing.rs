@@ -1,5 +1,6 @@
 //! tracing: each batch a worker handles is a `batch` span (stage, worker, events) at debug level,
-//! each event handled inside it an `event` span (key, seq, attempt) at trace level. The library
+//! each event handled inside it an `event` span (key, seq, attempt) at trace level; an elastic
+//! pool's resizes are `pool resized` events at info level. The library
 //! installs no subscriber: this test binary installs one, process-wide, to read them.
 
 use std::io::Write;
@@ -68,4 +69,20 @@ fn batches_and_events_are_spans_with_stage_key_and_attempt() {
     assert!(text.contains("event{key=3 seq=3 attempt=0}"), "{text}");
     assert!(text.contains("event{key=7 seq=7 attempt=0}"), "{text}");
     assert!(text.contains("event{key=7 seq=7 attempt=1}"), "the retry is its own span: {text}");
+
+    // An elastic pool's resizes are info events with the stage, the sizes and why.
+    let mut topology = Topology::new();
+    let elastic = topology.stage("elastic");
+    topology.entry(elastic);
+    topology.handler(elastic, |_| |_: &Envelope<Job>, _: &mut Emitter<Job>| Outcome::Done);
+    let config = EngineConfig::from_toml_str("workers = { min = 1, max = 4 }\n").expect("valid");
+    let engine = Engine::start(topology, &config).expect("starts");
+    engine.set_workers(elastic, 3).expect("within the bounds");
+    engine.set_workers(elastic, 1).expect("within the bounds");
+    assert!(engine.shutdown().is_clean());
+    let text = String::from_utf8(captured.0.lock().clone()).expect("utf-8");
+    for resize in ["from=1 to=3 why=\"set by hand\"", "from=3 to=1 why=\"set by hand\""] {
+        let line = text.lines().find(|l| l.contains("pool resized") && l.contains(resize));
+        assert!(line.is_some_and(|l| l.contains("INFO") && l.contains("stage=\"elastic\"")), "{resize} in {text}");
+    }
 }
