@@ -623,14 +623,23 @@ impl<M: Message> Engine<M> {
     }
 }
 
+/// A stage's partitions: one, or one per worker for a stage ordered by key (one per worker it may
+/// have, for an elastic pool).
+fn partitions(ordered: bool, config: &crate::StageConfig) -> usize {
+    if ordered {
+        config.workers.max
+    } else {
+        1
+    }
+}
+
 /// A stage's figures, sized for every queue it has (one per partition and level).
 fn stage_metrics(name: &str, ordered: bool, config: &crate::StageConfig) -> Arc<StageMetrics> {
-    let queues = usize::from(config.priority_levels) * if ordered { config.workers.max } else { 1 };
+    let queues = usize::from(config.priority_levels) * partitions(ordered, config);
     Arc::new(StageMetrics::new(name.to_owned(), config.workers, config.queue_events_max() * queues))
 }
 
-/// A stage's queues: one, or one per worker for a stage ordered by key (one per worker it may
-/// have, for an elastic pool); each with a level per priority.
+/// A stage's queues: one per [`partitions`], each with a level per priority.
 fn stage_queues<M>(
     name: &str,
     ordered: bool,
@@ -639,8 +648,7 @@ fn stage_queues<M>(
     shared: &Shared,
 ) -> (StageInput<M>, Vec<BatchReceiver<M>>) {
     let levels = usize::from(config.priority_levels);
-    let partitions = if ordered { config.workers.max } else { 1 };
-    let (senders, receivers) = (0..partitions * levels)
+    let (senders, receivers) = (0..partitions(ordered, config) * levels)
         .map(|_| {
             let poisoned = Arc::clone(&shared.poisoned);
             channel::queue(config.queue_batches, config.batch_events_max, Arc::clone(metrics), poisoned)

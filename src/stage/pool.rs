@@ -114,7 +114,7 @@ struct Seat {
 }
 
 /// The controller's memory of one pool between ticks.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Steering {
     over_ticks: u32,
     calm_since: Option<Instant>,
@@ -127,7 +127,6 @@ struct Steering {
 /// controller's state.
 pub(crate) struct Pool<M> {
     pub(crate) stage: usize,
-    bounds: Workers,
     lag_target: Duration,
     cooldown: Duration,
     metrics: Arc<StageMetrics>,
@@ -161,7 +160,6 @@ impl<M: Message> Pool<M> {
         }
         let pool = Arc::new(Self {
             stage,
-            bounds,
             lag_target: Duration::from_millis(config.scale_lag_ms),
             cooldown: Duration::from_millis(config.scale_cooldown_ms),
             metrics: Arc::clone(&template.ctx.metrics),
@@ -170,13 +168,7 @@ impl<M: Message> Pool<M> {
                 template: Some(template),
                 seats: (0..bounds.max).map(|_| Seat::default()).collect(),
                 spawned: 0,
-                steering: Steering {
-                    over_ticks: 0,
-                    calm_since: None,
-                    busy_average: 0.0,
-                    last_grow: None,
-                    last_resize: None,
-                },
+                steering: Steering::default(),
             }),
         });
         {
@@ -225,7 +217,7 @@ impl<M: Message> Pool<M> {
     /// Resizes the pool to `target` workers now: new workers start at once; retired ones finish
     /// what they hold first.
     pub(crate) fn resize(&self, target: usize, why: &str) -> Result<(), ResizeError> {
-        let Workers { min, max } = self.bounds;
+        let Workers { min, max } = self.metrics.bounds;
         if !(min..=max).contains(&target) {
             return Err(ResizeError::OutOfBounds { stage: self.metrics.name.clone(), workers: target, min, max });
         }
@@ -330,10 +322,10 @@ impl<M: Message> Pool<M> {
             let calm = lag < self.lag_target / 2 && steering.busy_average < workers as f64 - 1.0;
             steering.calm_since = if calm { steering.calm_since.or(Some(now)) } else { None };
             let grow = steering.over_ticks >= GROW_AFTER_TICKS
-                && workers < self.bounds.max
+                && workers < self.metrics.bounds.max
                 && steering.last_grow.is_none_or(|at| now.duration_since(at) >= GROW_SPACING);
             let shrink = !grow
-                && workers > self.bounds.min
+                && workers > self.metrics.bounds.min
                 && steering.calm_since.is_some_and(|since| now.duration_since(since) >= cooldown)
                 && steering.last_resize.is_none_or(|at| now.duration_since(at) >= cooldown);
             if shrink {

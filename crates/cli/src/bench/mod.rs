@@ -277,27 +277,28 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
 fn elastic_config(engine: &EngineConfig) -> Result<EngineConfig, String> {
     let d = engine.defaults();
     let max = (d.workers.max * 4).min(conduit::config::limits::WORKERS_MAX);
-    EngineConfig::builder()
-        .workers(conduit::Workers::elastic(d.workers.min, max))
+    varied(engine, |b| b.workers(conduit::Workers::elastic(d.workers.min, max)))
+}
+
+/// `engine`'s stage defaults (the settings the bench varies), with `change` laid over them.
+fn varied(
+    engine: &EngineConfig,
+    change: impl FnOnce(conduit::EngineConfigBuilder) -> conduit::EngineConfigBuilder,
+) -> Result<EngineConfig, String> {
+    let d = engine.defaults();
+    let same = EngineConfig::builder()
+        .workers(d.workers)
         .batch_events_max(d.batch_events_max)
         .queue_batches(d.queue_batches)
-        .attempts_max(d.attempts_max)
-        .build()
-        .map_err(|e| e.to_string())
+        .attempts_max(d.attempts_max);
+    change(same).build().map_err(|e| e.to_string())
 }
 
 /// `engine`'s stage settings with every stage's batch size adaptive, from a sixteenth of its
 /// `batch_events_max` (at least 1) up to it.
 fn adaptive_config(engine: &EngineConfig) -> Result<EngineConfig, String> {
-    let d = engine.defaults();
-    EngineConfig::builder()
-        .workers(d.workers)
-        .batch_events_max(d.batch_events_max)
-        .batch_events_min((d.batch_events_max / 16).max(1))
-        .queue_batches(d.queue_batches)
-        .attempts_max(d.attempts_max)
-        .build()
-        .map_err(|e| e.to_string())
+    let floor = (engine.defaults().batch_events_max / 16).max(1);
+    varied(engine, |b| b.batch_events_min(floor))
 }
 
 /// The durable cases, `engine_durable` first: the baselines follow the cadence it measures in each
