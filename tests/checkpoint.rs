@@ -285,3 +285,30 @@ fn an_unreadable_checkpoint_is_rebuilt_from_the_frames() {
     assert!(log.opened_with().from_checkpoint, "closing wrote a new checkpoint");
     assert_eq!(in_flight_ids(&log), expected.1);
 }
+
+/// The size bound holds for the file itself, not only for the frames in it: redb grows a file by
+/// doubling it, so a bound read off the frames alone lets the file reach nearly twice the bound.
+/// Frames of about 250 KiB go in as a shop's would, and the file's length is read after each
+/// commit.
+#[test]
+fn the_file_never_grows_past_the_size_bound() {
+    const MAX_BYTES: u64 = 24 << 20;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    let retention = conduit::log::Retention { max_bytes: Some(MAX_BYTES), max_age: None };
+    let log = Log::open(&path, LogOptions { retention, ..options(4_096, 1 << 20) }).expect("new log");
+    let mut longest = 0;
+    for round in 0..400u64 {
+        let records = (0..64)
+            .map(|n| Record { stream: round * 64 + n, kind: 2, stage: 0, payload: vec![3; 2_000], ..Record::default() })
+            .collect();
+        log.append(records).expect("open").wait().expect("committed");
+        longest = longest.max(std::fs::metadata(&path).expect("the log's file").len());
+    }
+    let stats = log.stats();
+    assert!(stats.frames_removed > 0, "retention ran: {stats:?}");
+    assert!(longest <= MAX_BYTES, "the file reached {longest} bytes against a bound of {MAX_BYTES}: {stats:?}");
+    // The bound is not met by keeping the file small: it holds at least half of it in frames.
+    assert!(stats.retained_bytes >= MAX_BYTES / 2, "{stats:?}");
+    log.close().expect("closes");
+}

@@ -107,8 +107,8 @@ pub struct LogOptions {
 }
 
 /// How much history a log keeps. At every checkpoint the writer removes the oldest frames while
-/// they take more than their share of `max_bytes` ([`frame_budget`](Self::frame_budget)), or
-/// while they are older than `max_age`; it
+/// they take more than their share of `max_bytes` ([`frame_budget_for`](Self::frame_budget_for)),
+/// or while they are older than `max_age`; it
 /// never removes a frame at or after the oldest message still in flight (so in-flight work can
 /// always be resumed), nor one after the checkpoint. Removed frames take their records with them
 /// (dead letters included); a stream read afterwards starts at its first retained version, and a
@@ -116,8 +116,9 @@ pub struct LogOptions {
 /// with the number of streams ever written: appended to again, it starts over at version 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Retention {
-    /// Most bytes of the log file: frames, heads and index together (see
-    /// [`frame_budget`](Self::frame_budget)).
+    /// Most bytes of the log file: frames, heads and index together. The file's length never
+    /// passes it (see [`frame_budget_for`](Self::frame_budget_for)), as long as the work in
+    /// flight fits: frames of messages still in flight are never removed.
     pub max_bytes: Option<u64>,
     /// Frames whose newest record is older than this are removed.
     pub max_age: Option<std::time::Duration>,
@@ -131,6 +132,36 @@ impl Retention {
     #[must_use]
     pub fn frame_budget(&self) -> Option<u64> {
         self.max_bytes.map(|max| max - max / 8)
+    }
+
+    /// The space frames may take in a file now `file_len` bytes long: seven eighths of the
+    /// longest the file can grow to without passing `max_bytes`. redb grows a file by doubling
+    /// it up to one 4 GiB region, and by a region at a time after that, so under a 2 GiB bound
+    /// a file of 1.2 GiB can grow no more, and its frames get seven eighths of 1.2 GiB: the
+    /// file's length, not only the space its frames take, stays under the bound. For a length
+    /// not known (a storage backend) or already past the bound (opened with a smaller one),
+    /// the budget is [`frame_budget`](Self::frame_budget)'s.
+    #[must_use]
+    pub fn frame_budget_for(&self, file_len: Option<u64>) -> Option<u64> {
+        self.reach(file_len).map(|reach| reach - reach / 8)
+    }
+
+    /// The longest the file can grow to from `file_len` without passing `max_bytes`.
+    pub(crate) fn reach(&self, file_len: Option<u64>) -> Option<u64> {
+        const REGION: u64 = 4 << 30;
+        let max = self.max_bytes?;
+        // What one growth of redb's can make of a file `len` long, with room for a region's
+        // header pages.
+        let grown =
+            |len: u64| if len < REGION { len.saturating_mul(2) } else { len.saturating_add(REGION + (1 << 20)) };
+        let mut reach = match file_len {
+            Some(len) if len > 0 && len <= max => len,
+            _ => return Some(max),
+        };
+        while grown(reach) <= max {
+            reach = grown(reach);
+        }
+        Some(reach)
     }
 
     /// Whether it removes anything at all.
@@ -313,6 +344,15 @@ pub(crate) struct Shared {
     pub(crate) failed: Mutex<Option<String>>,
     pub(crate) has_failed: AtomicBool,
     next_id: AtomicU64,
+    /// The log's file, read for its length (`None` on a storage backend).
+    pub(crate) file: Option<std::fs::File>,
+}
+
+impl Shared {
+    /// The log file's length now, if it has a file.
+    pub(crate) fn file_len(&self) -> Option<u64> {
+        self.file.as_ref().and_then(|file| file.metadata().ok()).map(|meta| meta.len())
+    }
 }
 
 /// Who commits: the writer thread, fed through a queue, or the appending thread itself.

@@ -47,7 +47,8 @@ impl Log {
         let path = path.as_ref().to_owned();
         if path.exists() {
             let db = open_database(&path, false)?;
-            return Self::start(path, db, options);
+            let file = std::fs::File::open(&path).ok();
+            return Self::start(path, db, file, options);
         }
         // A new log is made beside its path and renamed into place once initialised: a crash
         // while creating it leaves no half-made file under the log's name.
@@ -57,7 +58,8 @@ impl Log {
         // A leftover of a creation that crashed: never a log anyone acknowledged into.
         std::fs::remove_file(&creating).ok();
         let db = open_database(&creating, true)?;
-        let log = Self::start(path.clone(), db, options)?;
+        let file = std::fs::File::open(&creating).ok();
+        let log = Self::start(path.clone(), db, file, options)?;
         std::fs::rename(&creating, &path)
             .map_err(|e| LogError::Storage(StorageFailure::new(Some(path.display().to_string()), e)))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -86,19 +88,29 @@ impl Log {
             Ok(Err(error)) => return Err(LogError::NotALog { path, reason: error.to_string() }),
             Err(_) => return Err(LogError::NotALog { path, reason: "the storage engine could not read it".into() }),
         };
-        Self::start(path, db, options)
+        Self::start(path, db, None, options)
     }
 
     /// Reads what the file holds and starts the writer. redb may panic on damaged pages (its
     /// B-tree code treats some page states as unreachable): that is contained here and reported
     /// as a file that is not a readable log.
-    fn start(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
+    fn start(
+        path: PathBuf,
+        db: redb::Database,
+        file: Option<std::fs::File>,
+        options: LogOptions,
+    ) -> Result<Self, LogError> {
         let label = path.clone();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::start_unguarded(path, db, options)))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::start_unguarded(path, db, file, options)))
             .unwrap_or_else(|_| Err(LogError::NotALog { path: label, reason: DAMAGED_PAGES.into() }))
     }
 
-    fn start_unguarded(path: PathBuf, db: redb::Database, options: LogOptions) -> Result<Self, LogError> {
+    fn start_unguarded(
+        path: PathBuf,
+        db: redb::Database,
+        file: Option<std::fs::File>,
+        options: LogOptions,
+    ) -> Result<Self, LogError> {
         // A log of this format with every table needs no write (and no commit) to open.
         if !is_ready(&db)? {
             let txn = db.begin_write().map_err(storage)?;
@@ -133,6 +145,7 @@ impl Log {
             failed: Mutex::new(None),
             has_failed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
+            file,
         });
         // From the last checkpoint (if any), the frames after it: versions changed since,
         // messages started and finished since, the highest id.

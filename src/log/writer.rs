@@ -31,6 +31,10 @@ pub(crate) struct WriterState {
     book: Book,
     /// Records written since the last checkpoint.
     since_checkpoint: u64,
+    /// Frame bytes past which the next commit checkpoints (and so applies retention) early,
+    /// whatever the record count: without it, one checkpoint interval of frames larger than the
+    /// file's slack would make redb grow the file past `retention.max_bytes`.
+    retain_at: u64,
     scratch: Vec<u8>,
     next_frame: u64,
     /// Commits since the last durable one (Eventual mode).
@@ -99,12 +103,13 @@ impl Book {
 
 impl WriterState {
     pub(crate) fn new(shared: Arc<Shared>, options: LogOptions, heads: Heads, book: Book, next_frame: u64) -> Self {
-        Self {
+        let mut state = Self {
             shared,
             options,
             heads,
             book,
             since_checkpoint: 0,
+            retain_at: u64::MAX,
             scratch: Vec::new(),
             next_frame,
             undurable: false,
@@ -113,7 +118,20 @@ impl WriterState {
             frame_bytes: 0,
             buckets: Vec::new(),
             encoded: Vec::new(),
-        }
+        };
+        state.plan_retention();
+        state
+    }
+
+    /// Sets when retention must run next, from the file's length now: once the frames pass
+    /// their budget (or, when work in flight holds more than that, what they take now) by half
+    /// the file's slack.
+    fn plan_retention(&mut self) {
+        let policy = self.options.retention;
+        self.retain_at = match (policy.reach(self.shared.file_len()), policy.frame_budget_for(self.shared.file_len())) {
+            (Some(reach), Some(budget)) => budget.max(self.book.bytes).saturating_add((reach - budget) / 2),
+            _ => u64::MAX,
+        };
     }
 }
 
@@ -313,7 +331,10 @@ impl WriterState {
             self.flush_frame(&mut frames, &mut buckets)?;
         }
         self.since_checkpoint += appended;
-        if wants_checkpoint || self.since_checkpoint >= self.options.checkpoint_records {
+        if wants_checkpoint
+            || self.since_checkpoint >= self.options.checkpoint_records
+            || self.book.bytes > self.retain_at
+        {
             self.checkpoint(&txn)?;
         }
         crash_point!("log.before_commit");
@@ -359,7 +380,7 @@ impl WriterState {
             let age_us = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
             crate::clock::unix_micros().saturating_sub(age_us)
         });
-        let frame_budget = policy.frame_budget();
+        let frame_budget = policy.frame_budget_for(self.shared.file_len());
         let mut frames = txn.open_table(FRAMES).map_err(storage)?;
         let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
         let mut removed = 0u64;
@@ -417,6 +438,7 @@ impl WriterState {
         drop(snapshots);
         self.heads.forget(txn, &ended, &mut self.scratch)?;
         self.shared.counters.frames_removed.fetch_add(removed, Ordering::Relaxed);
+        self.plan_retention();
         Ok(())
     }
 

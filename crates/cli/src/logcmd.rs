@@ -123,11 +123,11 @@ fn compact(path: &PathBuf, retention: Retention, format: Format) -> Result<ExitC
             let pinned = log.frame_bytes_from(oldest).map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
             if retention.frame_budget().is_some_and(|budget| pinned > budget) {
                 return Err(UsageError(format!(
-                    "--max-bytes {max} would remove work in flight: {} messages in flight reach back to frame {oldest}, \
+                    "--max-bytes {max} would remove work in flight: the messages in flight ({}) reach back to frame {oldest}, \
                      and the frames from there take {pinned} bytes, more than the {} a log of {max} bytes keeps for \
                      frames; nothing was removed",
+                    log.in_flight_at_open().len(),
                     retention.frame_budget().unwrap_or(max),
-                    log.in_flight_at_open().len()
                 ))
                 .into());
             }

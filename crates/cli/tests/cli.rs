@@ -244,7 +244,12 @@ fn compacting_below_the_work_in_flight_is_refused_and_removes_nothing() {
         log.close().expect("closes");
     }
     let arg = path.to_str().expect("utf-8");
-    assert_refused(&["log", "compact", arg, "--max-bytes", "1KiB"], "would remove work in flight");
+    // 1 KiB keeps 896 bytes for frames, and one message is in flight.
+    assert_refused(
+        &["log", "compact", arg, "--max-bytes", "1KiB"],
+        "would remove work in flight: the messages in flight (1) reach back",
+    );
+    assert_refused(&["log", "compact", arg, "--max-bytes", "1KiB"], "more than the 896 a log of 1024 bytes keeps");
     let log = Log::open(&path, LogOptions::default()).expect("reopens");
     assert_eq!((log.opened_with().frames, log.opened_with().first_frame), (21, 0), "nothing was removed");
     assert_eq!(log.in_flight_at_open().len(), 1);
