@@ -1,8 +1,9 @@
 //! `conduit bench`: the engine against its baselines, on the same workload, in one process.
 //!
 //! This machine is shared and noisy, so absolute figures drift; what a run shows is the ratios
-//! between cases measured side by side. Runs of the cases are interleaved (A B C, A B C, ...) so
-//! a noisy moment hurts every case alike, and each case reports its median run.
+//! between cases measured side by side. Runs of the cases are interleaved, forwards in one round
+//! and backwards in the next (A B C, C B A, A B C, ...), so a noisy moment hurts every case alike,
+//! no case always runs right after the same one, and each case reports its median run.
 //!
 //! Every case does the same per-event work: the order pipeline's six steps (validate, charge,
 //! reserve, email, SMS, ship) against the same simulated ports; with the placement itself,
@@ -301,8 +302,8 @@ fn adaptive_config(engine: &EngineConfig) -> Result<EngineConfig, String> {
     varied(engine, |b| b.batch_events_min(floor))
 }
 
-/// The durable cases, `engine_durable` first: the baselines follow the cadence it measures in each
-/// round (`cadence`, first set by a run of its own here).
+/// The durable cases, `engine_durable` first: the baselines follow the cadence of its latest run
+/// (`cadence`, first set by a run of its own here; in a round run backwards, the previous round's).
 fn durable_cases<'a>(
     config: &BenchConfig,
     engine: &'a EngineConfig,
@@ -315,7 +316,8 @@ fn durable_cases<'a>(
     let event_bytes = encoded_event_bytes(records);
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     // The baselines run at the engine's cadence, measured in this run: first by a run of its
-    // own, then by engine_durable's run in the same round (it runs first in each round).
+    // own, then by engine_durable's latest run (in the same round, or the round before when a
+    // round runs backwards).
     let first = Cadence::of(&engine_durable(engine, durable, dir), durable_events)
         .ok_or("the durable engine made no durable commit")?;
     cadence.set(first);
@@ -433,7 +435,8 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
     debug_assert!(!cases.is_empty());
     for round in 0..repeat.max(1) {
-        for (i, (name, _, _, case)) in cases.iter().enumerate() {
+        for i in round_order(cases.len(), round) {
+            let (name, _, _, case) = &cases[i];
             progress(name, round);
             runs[i].push(case());
         }
@@ -461,6 +464,17 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
             }
         })
         .collect()
+}
+
+/// The order of the cases in `round`: forwards in even rounds, backwards in odd ones, so each
+/// pair of cases is measured in both orders (what runs just before a case, a machine still busy
+/// with it or a heap it left warm, then favours neither).
+fn round_order(cases: usize, round: u32) -> Box<dyn Iterator<Item = usize>> {
+    if round % 2 == 0 {
+        Box::new(0..cases)
+    } else {
+        Box::new((0..cases).rev())
+    }
 }
 
 /// The cases' medians and the ratios that matter.
@@ -530,6 +544,12 @@ fn median(values: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rounds_run_the_cases_forwards_then_backwards() {
+        let rounds: Vec<Vec<usize>> = (0..3).map(|round| super::round_order(3, round).collect()).collect();
+        assert_eq!(rounds, [[0, 1, 2], [2, 1, 0], [0, 1, 2]]);
+    }
+
     use super::*;
 
     #[test]
