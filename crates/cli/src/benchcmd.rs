@@ -52,6 +52,10 @@ pub(crate) struct BenchArgs {
     /// Print the report as Markdown tables (for BENCHMARKS.md) instead of --format.
     #[arg(long, conflicts_with_all = ["format", "sweep"])]
     markdown: bool,
+    /// Run only these cases (comma-separated names, as the report prints them), for example
+    /// `engine_memory,engine_memory_untracked` to measure one ratio over many rounds.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',', conflicts_with_all = ["sweep", "campaign"])]
+    cases: Vec<String>,
 }
 
 pub(crate) fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
@@ -75,10 +79,24 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         overload_orders: args.overload_orders,
         chain_stages: args.stages.map(usize::from),
         fanout_events: args.fanout_events,
+        cases: args.cases.clone(),
         ..Default::default()
     };
     if let Some(dir) = &args.dir {
         config.dir.clone_from(dir);
+    }
+    for name in &args.cases {
+        if !conduit_cli::bench::CASES.contains(&name.as_str()) {
+            let cases = conduit_cli::bench::CASES.join(", ");
+            return Err(UsageError(format!("--cases: no case is named {name:?}; the cases are {cases}")).into());
+        }
+        if !conduit_cli::bench::case_runs(&config, name) {
+            return Err(UsageError(format!(
+                "--cases: {name} does not run with these settings (the durable cases need --durable-orders above 0, \
+                 the chain ones --stages, the fan-out ones --fanout-events above 0)"
+            ))
+            .into());
+        }
     }
     let mut out = std::io::stdout().lock();
     let written = if args.campaign {

@@ -210,7 +210,7 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
     writeln!(
         out,
         "conduit bench: {} orders ({} events) per run, median of {} runs, {} CPUs",
-        report.orders,
+        report.cases.first().map_or(report.orders, |c| c.events / conduit_cli::bench::EVENTS_PER_ORDER),
         report.cases.first().map_or(0, |c| c.events),
         report.repeat,
         report.cpus
@@ -252,7 +252,9 @@ pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -
     writeln!(
         out,
         "`conduit bench`: {} orders ({events} events) per run, median of {} runs, {} CPUs\n",
-        report.orders, report.repeat, report.cpus
+        report.cases.first().map_or(report.orders, |c| c.events / conduit_cli::bench::EVENTS_PER_ORDER),
+        report.repeat,
+        report.cpus
     )?;
     writeln!(out, "| case | M events/s | runs | events per durable commit | bytes per event on disk | MB/s |")?;
     writeln!(out, "|---|---:|---|---:|---:|---:|")?;

@@ -648,3 +648,30 @@ fn tune_reports_every_point_and_writes_a_topology_that_runs_its_best() {
     assert_refused(&["tune", "--workers", "2,300"], "workers = 300");
     assert_refused(&["tune", "--batches", "100000"], "batch_events_max");
 }
+
+#[test]
+fn bench_runs_only_the_cases_asked_for() {
+    let output = conduit(&[
+        "bench",
+        "--orders",
+        "2000",
+        "--repeat",
+        "2",
+        "--cases",
+        "engine_memory,engine_memory_untracked",
+        "--format",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let names: Vec<&str> =
+        report["cases"].as_array().expect("cases").iter().map(|c| c["name"].as_str().expect("name")).collect();
+    assert_eq!(names, ["engine_memory", "engine_memory_untracked"]);
+    assert!(report["ratios"]["engine_memory / engine_memory_untracked"].as_f64().is_some_and(|r| r > 0.0), "{report}");
+    assert!(report["memory"].is_null(), "the overload measurement is not one of the cases asked for");
+    assert_refused(&["bench", "--cases", "engine_memory,nope"], "no case is named \"nope\"");
+    assert_refused(
+        &["bench", "--cases", "redb_rows", "--durable-orders", "0"],
+        "redb_rows does not run with these settings",
+    );
+}

@@ -80,14 +80,57 @@ pub struct BenchConfig {
     pub durable_orders: u64,
     /// Where the durable cases write their files (removed after each run).
     pub dir: PathBuf,
-    /// Orders pushed through the overload memory measurement (0 skips it).
+    /// Orders pushed through the overload memory measurement (0 skips it; so does a choice of
+    /// [`cases`](Self::cases)).
     pub overload_orders: u64,
     /// Events published per run of the fan-out cases (0 skips them).
     pub fanout_events: u64,
     /// With `Some(n)`: also run a synthetic chain of `n` pass-through stages (engine, per-event
     /// crossbeam, and the same work in one thread), to see the engine's own cost per hop.
     pub chain_stages: Option<usize>,
+    /// Only these cases (names from [`CASES`]); empty runs every case the other settings ask for.
+    pub cases: Vec<String>,
 }
+
+/// Whether case `name` runs with `config`'s other settings: the durable cases need
+/// `durable_orders`, the chain ones `chain_stages`, the fan-out ones `fanout_events`.
+#[must_use]
+pub fn case_runs(config: &BenchConfig, name: &str) -> bool {
+    if CASES[CASES.len() - 6..].contains(&name) {
+        config.durable_orders > 0
+    } else if name.starts_with("chain_") {
+        config.chain_stages.is_some()
+    } else if name.starts_with("fanout_") {
+        config.fanout_events > 0
+    } else {
+        CASES.contains(&name)
+    }
+}
+
+/// Every case's name, in the order they run (the six durable ones last).
+pub const CASES: &[&str] = &[
+    "ceiling_one_thread",
+    "crossbeam_per_event_chain",
+    "disruptor_chain",
+    "engine_memory",
+    "engine_memory_untracked",
+    "engine_memory_watched_10hz",
+    "engine_memory_elastic",
+    "engine_memory_adaptive_batches",
+    "engine_memory_poison_1e-4",
+    "chain_ceiling_one_thread",
+    "chain_crossbeam_per_event",
+    "chain_engine",
+    "chain_engine_untracked",
+    "fanout_3_subscribers",
+    "fanout_3_plus_slow_subscriber",
+    "engine_durable",
+    "redb_rows",
+    "log_writer",
+    "disk_seq_write_fsync",
+    "engine_durable_no_checkpoints",
+    "engine_durable_no_quick_repair",
+];
 
 impl Default for BenchConfig {
     fn default() -> Self {
@@ -100,6 +143,7 @@ impl Default for BenchConfig {
             dir: std::env::temp_dir(),
             overload_orders: 40_000,
             chain_stages: None,
+            cases: Vec::new(),
             fanout_events: 200_000,
         }
     }
@@ -260,13 +304,25 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
         ),
     ];
     cases.extend(synthetic_cases(config, &engine));
-    if config.durable_orders > 0 {
+    // The durable cases start with a calibration run: skipped when none of them is wanted.
+    let wanted = |names: &[&str]| config.cases.is_empty() || config.cases.iter().any(|c| names.contains(&c.as_str()));
+    if config.durable_orders > 0 && wanted(&CASES[CASES.len() - 6..]) {
         progress("engine_durable (cadence)", 0);
         cases.extend(durable_cases(config, &engine, &durable, records, dir, &cadence)?);
     }
+    if !config.cases.is_empty() {
+        cases.retain(|(name, ..)| config.cases.iter().any(|wanted| wanted == name));
+        if cases.is_empty() {
+            return Err(format!(
+                "none of the cases {} runs with these settings (the durable ones need --durable-orders, the chain ones \
+                 --stages, the fan-out ones --fanout-events)",
+                config.cases.join(", ")
+            ));
+        }
+    }
     let results = measure(&cases, config.repeat, &mut progress);
     let mut report = report(results, config);
-    if config.overload_orders > 0 {
+    if config.overload_orders > 0 && config.cases.is_empty() {
         progress("overload_memory", 0);
         report.memory = overload_memory(&config.engine, config.overload_orders);
     }
