@@ -130,6 +130,7 @@ pub mod metrics;
 pub mod prometheus;
 pub mod routing;
 pub mod rpc;
+pub mod saga;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod stage;

@@ -1,0 +1,632 @@
+//! Sagas: a distributed transaction as steps, each with an action and a compensation, that run in
+//! parallel where they may and are undone in reverse when one fails.
+//!
+//! A [`Saga`] is the definition, checked once when it is built: steps, what each waits for,
+//! and how each is undone. A [`SagaRun`] is one saga in progress: a deterministic state machine
+//! told each step's outcome (in whatever order the steps finish) that answers with what to do
+//! next ([`Command`]): start steps whose predecessors all succeeded, or, once a step has failed
+//! and nothing is still running, compensate the steps that completed, one at a time, in reverse
+//! order of completion. It does no I/O and keeps no clock: whoever runs the actions (a stage, a
+//! test) reports the outcomes, timeouts included, so the same machine serves an orchestrator in
+//! the engine and a property test.
+//!
+//! The rules:
+//! - A step starts once every step it waits for has succeeded, and never after a failure.
+//! - A step that fails (its retries spent) or times out stops the saga going forward. Steps
+//!   still running are waited for; those that succeed are compensated too.
+//! - A step that timed out may have taken effect (a charge whose answer was lost), so it is
+//!   compensated like one that succeeded: compensations must be idempotent, and undoing what
+//!   never happened must be a no-op on the other side's books.
+//! - Compensations run one at a time, in reverse order of completion, each once.
+//! - A step without a compensation is past the point of no return: it must wait, directly or
+//!   not, for every step that has one, so that nothing which could still fail needs undoing once
+//!   it runs. If such a step fails, the saga ends [`SagaEnd::Incomplete`]: nothing is undone,
+//!   and whoever runs it dead-letters the saga with its story.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A step as declared: its name, the steps it waits for, its compensation and its timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    name: String,
+    after: Vec<String>,
+    compensation: Option<String>,
+    timeout: Option<Duration>,
+}
+
+impl Step {
+    /// A step named `name`, waiting for nothing but its group's predecessors, not undoable until
+    /// given a compensation.
+    #[must_use]
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), after: Vec::new(), compensation: None, timeout: None }
+    }
+
+    /// Undone by the action named `compensation`.
+    #[must_use]
+    pub fn compensated_by(mut self, compensation: impl Into<String>) -> Self {
+        self.compensation = Some(compensation.into());
+        self
+    }
+
+    /// Waits for `step` too (besides the steps of the group before its own).
+    #[must_use]
+    pub fn after(mut self, step: impl Into<String>) -> Self {
+        self.after.push(step.into());
+        self
+    }
+
+    /// Fails if it has not finished within `timeout` of starting.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// A step of a built saga, by its position in the definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StepId(usize);
+
+impl StepId {
+    /// Its position among the saga's steps, in the order they were declared.
+    #[must_use]
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Why a saga definition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[allow(missing_docs)] // the fields name what the messages say: the saga, its steps, a group
+pub enum SagaError {
+    /// Nothing to run.
+    #[error("saga {saga} has no steps")]
+    NoSteps { saga: String },
+    /// A group of no steps (a mistake, most likely an empty list).
+    #[error("saga {saga}: group {group} has no steps (groups count from 1)")]
+    EmptyGroup { saga: String, group: usize },
+    /// Two steps of one name.
+    #[error("saga {saga}: two steps are named {step}")]
+    DuplicateStep { saga: String, step: String },
+    /// A step waits for a step the saga does not have.
+    #[error("saga {saga}: step {step} waits for {after}, which is not one of its steps")]
+    UnknownStep { saga: String, step: String, after: String },
+    /// Steps that wait for each other (or for steps that do): they could never start.
+    #[error("saga {saga}: steps {} wait for each other in a cycle", steps.join(", "))]
+    Cycle { saga: String, steps: Vec<String> },
+    /// A step without a compensation that something undoable may fail after.
+    #[error(
+        "saga {saga}: step {step} has no compensation, but {other} (which has one) may still fail after {step} \
+         starts; give {step} a compensation, or make it wait for {other}"
+    )]
+    MissingCompensation { saga: String, step: String, other: String },
+    /// A timeout that fires at once.
+    #[error("saga {saga}: step {step} has a zero timeout")]
+    ZeroTimeout { saga: String, step: String },
+}
+
+/// A checked saga definition.
+#[derive(Debug, Clone)]
+pub struct Saga {
+    name: String,
+    steps: Vec<Step>,
+    /// The steps each step waits for.
+    after: Vec<Vec<StepId>>,
+}
+
+/// Builds a [`Saga`]; see [`Saga::builder`].
+#[derive(Debug, Clone)]
+pub struct SagaBuilder {
+    name: String,
+    steps: Vec<Step>,
+    /// Steps of the last group, which the next group waits for.
+    previous_group: Vec<String>,
+    empty_group: Option<usize>,
+    groups: usize,
+}
+
+impl Saga {
+    /// A saga named `name`, to be given steps in groups (each group runs in parallel, after the
+    /// group before it) or one by one with their own [`Step::after`] lists.
+    ///
+    /// ```
+    /// use conduit::saga::{Saga, Step};
+    /// let order = Saga::builder("order")
+    ///     .group([Step::new("charge").compensated_by("refund"), Step::new("reserve").compensated_by("release")])
+    ///     .group([Step::new("ship").compensated_by("cancel_shipment")])
+    ///     .group([Step::new("notify")])
+    ///     .build()
+    ///     .expect("a valid saga");
+    /// assert_eq!(order.steps().count(), 4);
+    /// ```
+    #[must_use]
+    pub fn builder(name: impl Into<String>) -> SagaBuilder {
+        SagaBuilder { name: name.into(), steps: Vec::new(), previous_group: Vec::new(), empty_group: None, groups: 0 }
+    }
+
+    /// The saga's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its steps, in the order they were declared.
+    pub fn steps(&self) -> impl Iterator<Item = (StepId, &Step)> {
+        self.steps.iter().enumerate().map(|(i, step)| (StepId(i), step))
+    }
+
+    /// The step named `name`.
+    #[must_use]
+    pub fn step(&self, name: &str) -> Option<StepId> {
+        self.steps.iter().position(|s| s.name == name).map(StepId)
+    }
+
+    /// Step `id`'s name.
+    #[must_use]
+    pub fn name_of(&self, id: StepId) -> &str {
+        &self.steps[id.0].name
+    }
+
+    /// Step `id`'s compensation, if it has one.
+    #[must_use]
+    pub fn compensation_of(&self, id: StepId) -> Option<&str> {
+        self.steps[id.0].compensation.as_deref()
+    }
+
+    /// Step `id`'s timeout, if it has one.
+    #[must_use]
+    pub fn timeout_of(&self, id: StepId) -> Option<Duration> {
+        self.steps[id.0].timeout
+    }
+
+    /// The steps `id` waits for.
+    #[must_use]
+    pub fn after_of(&self, id: StepId) -> &[StepId] {
+        &self.after[id.0]
+    }
+}
+
+impl SagaBuilder {
+    /// Steps that run in parallel, each after every step of the group before (if any).
+    #[must_use]
+    pub fn group(mut self, steps: impl IntoIterator<Item = Step>) -> Self {
+        self.groups += 1;
+        let mut names = Vec::new();
+        for mut step in steps {
+            step.after.extend(self.previous_group.iter().cloned());
+            names.push(step.name.clone());
+            self.steps.push(step);
+        }
+        if names.is_empty() {
+            self.empty_group.get_or_insert(self.groups);
+        }
+        self.previous_group = names;
+        self
+    }
+
+    /// One step that waits only for the steps its [`Step::after`] names; the next group still
+    /// waits for the group before this step.
+    #[must_use]
+    pub fn step(mut self, step: Step) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// Checks the definition: no empty group, unique names, known predecessors, no cycle, no zero
+    /// timeout, and a compensation on every step that something which can still fail may follow.
+    ///
+    /// # Errors
+    /// [`SagaError`], naming the saga and the step or group at fault.
+    pub fn build(self) -> Result<Saga, SagaError> {
+        let saga = self.name;
+        if let Some(group) = self.empty_group {
+            return Err(SagaError::EmptyGroup { saga, group });
+        }
+        if self.steps.is_empty() {
+            return Err(SagaError::NoSteps { saga });
+        }
+        let mut index = HashMap::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            if index.insert(step.name.as_str(), StepId(i)).is_some() {
+                return Err(SagaError::DuplicateStep { saga, step: step.name.clone() });
+            }
+            if step.timeout.is_some_and(|t| t.is_zero()) {
+                return Err(SagaError::ZeroTimeout { saga, step: step.name.clone() });
+            }
+        }
+        let mut after = Vec::with_capacity(self.steps.len());
+        for step in &self.steps {
+            let mut ids = Vec::new();
+            for name in &step.after {
+                let Some(&id) = index.get(name.as_str()) else {
+                    return Err(SagaError::UnknownStep { saga, step: step.name.clone(), after: name.clone() });
+                };
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            after.push(ids);
+        }
+        let ancestors = ancestors(&after).map_err(|cycle| SagaError::Cycle {
+            saga: saga.clone(),
+            steps: cycle.iter().map(|id| self.steps[id.0].name.clone()).collect(),
+        })?;
+        for (i, step) in self.steps.iter().enumerate() {
+            if step.compensation.is_some() {
+                continue;
+            }
+            let undoable_outside = self
+                .steps
+                .iter()
+                .enumerate()
+                .find(|&(j, other)| j != i && other.compensation.is_some() && !ancestors[i][j]);
+            if let Some((_, other)) = undoable_outside {
+                return Err(SagaError::MissingCompensation {
+                    saga,
+                    step: step.name.clone(),
+                    other: other.name.clone(),
+                });
+            }
+        }
+        Ok(Saga { name: saga, steps: self.steps, after })
+    }
+}
+
+/// For each step, which steps it waits for directly or not; or the steps left in (or behind) a
+/// cycle, in declaration order.
+fn ancestors(after: &[Vec<StepId>]) -> Result<Vec<Vec<bool>>, Vec<StepId>> {
+    let n = after.len();
+    // Kahn's algorithm: a topological order, or the steps it could not place.
+    let mut waiting: Vec<usize> = after.iter().map(Vec::len).collect();
+    let mut order = Vec::with_capacity(n);
+    let mut ready: Vec<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        for (j, deps) in after.iter().enumerate() {
+            if deps.contains(&StepId(i)) {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.push(j);
+                }
+            }
+        }
+    }
+    if order.len() < n {
+        return Err((0..n).filter(|i| !order.contains(i)).map(StepId).collect());
+    }
+    let mut ancestors = vec![vec![false; n]; n];
+    for &i in &order {
+        for &StepId(d) in &after[i] {
+            ancestors[i][d] = true;
+            let inherited = ancestors[d].clone();
+            for (k, &is) in inherited.iter().enumerate() {
+                ancestors[i][k] |= is;
+            }
+        }
+    }
+    Ok(ancestors)
+}
+
+/// How a step's action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It did what it was asked.
+    Succeeded,
+    /// Failed for good (its retries spent).
+    Failed,
+    /// No answer within its timeout: it may or may not have taken effect.
+    TimedOut,
+}
+
+/// How a saga ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SagaEnd {
+    /// Every step succeeded.
+    Completed,
+    /// A step failed; every step that had completed (or timed out) was compensated.
+    Compensated,
+    /// Steps past the point of no return (without compensations) failed: nothing was undone.
+    Incomplete {
+        /// The steps that failed or timed out.
+        failed: Vec<StepId>,
+    },
+}
+
+/// What the saga asks of whoever runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run this step's action.
+    Start(StepId),
+    /// Run this step's compensation, then report it with [`SagaRun::compensated`].
+    Compensate(StepId),
+    /// The saga is over.
+    Finish(SagaEnd),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Compensating,
+    Compensated,
+}
+
+/// One saga in progress (see the module's rules).
+#[derive(Debug, Clone)]
+pub struct SagaRun {
+    states: Vec<State>,
+    /// Steps that succeeded or timed out, in the order they were reported.
+    completed: Vec<StepId>,
+    /// Set once a step with a compensation failed or timed out: nothing starts after it.
+    undoing: bool,
+    end: Option<SagaEnd>,
+}
+
+impl SagaRun {
+    /// Starts `saga`: the steps that wait for nothing.
+    #[must_use]
+    pub fn start(saga: &Saga) -> (Self, Vec<Command>) {
+        let mut run =
+            Self { states: vec![State::Waiting; saga.steps.len()], completed: Vec::new(), undoing: false, end: None };
+        let mut commands = Vec::new();
+        run.start_ready(saga, &mut commands);
+        (run, commands)
+    }
+
+    /// How it ended, once it has.
+    #[must_use]
+    pub fn end(&self) -> Option<&SagaEnd> {
+        self.end.as_ref()
+    }
+
+    /// The steps that succeeded or timed out, in the order they were reported.
+    #[must_use]
+    pub fn completed(&self) -> &[StepId] {
+        &self.completed
+    }
+
+    /// Step `step`'s action ended with `outcome`. An outcome for a step that is not running (a
+    /// duplicate, say, after a redelivery) changes nothing.
+    pub fn step_finished(&mut self, saga: &Saga, step: StepId, outcome: Outcome) -> Vec<Command> {
+        let mut commands = Vec::new();
+        if self.states.get(step.0) != Some(&State::Running) {
+            return commands;
+        }
+        let undoable = saga.steps[step.0].compensation.is_some();
+        self.states[step.0] = match outcome {
+            Outcome::Succeeded => State::Succeeded,
+            Outcome::Failed => State::Failed,
+            Outcome::TimedOut => State::TimedOut,
+        };
+        if outcome != Outcome::Failed {
+            self.completed.push(step);
+        }
+        if outcome != Outcome::Succeeded && undoable {
+            self.undoing = true;
+        }
+        if !self.undoing {
+            self.start_ready(saga, &mut commands);
+        }
+        self.settle(saga, &mut commands);
+        commands
+    }
+
+    /// Step `step`'s compensation has run (a compensation that cannot succeed is retried, and
+    /// dead-lettered by whoever runs it, never reported here).
+    pub fn compensated(&mut self, saga: &Saga, step: StepId) -> Vec<Command> {
+        let mut commands = Vec::new();
+        if self.states.get(step.0) == Some(&State::Compensating) {
+            self.states[step.0] = State::Compensated;
+            self.settle(saga, &mut commands);
+        }
+        commands
+    }
+
+    fn start_ready(&mut self, saga: &Saga, commands: &mut Vec<Command>) {
+        for (i, deps) in saga.after.iter().enumerate() {
+            if self.states[i] == State::Waiting && deps.iter().all(|d| self.states[d.0] == State::Succeeded) {
+                self.states[i] = State::Running;
+                commands.push(Command::Start(StepId(i)));
+            }
+        }
+    }
+
+    /// Once nothing runs: the next compensation, or the end.
+    fn settle(&mut self, saga: &Saga, commands: &mut Vec<Command>) {
+        if self.end.is_some() || self.states.iter().any(|s| matches!(s, State::Running | State::Compensating)) {
+            return;
+        }
+        let end = if self.undoing {
+            let next = self.completed.iter().rev().copied().find(|s| {
+                saga.steps[s.0].compensation.is_some() && matches!(self.states[s.0], State::Succeeded | State::TimedOut)
+            });
+            if let Some(step) = next {
+                self.states[step.0] = State::Compensating;
+                commands.push(Command::Compensate(step));
+                return;
+            }
+            SagaEnd::Compensated
+        } else {
+            let failed: Vec<StepId> = (0..self.states.len())
+                .filter(|&i| matches!(self.states[i], State::Failed | State::TimedOut))
+                .map(StepId)
+                .collect();
+            if !failed.is_empty() {
+                SagaEnd::Incomplete { failed }
+            } else if self.states.iter().all(|s| *s == State::Succeeded) {
+                SagaEnd::Completed
+            } else {
+                return;
+            }
+        };
+        self.end = Some(end.clone());
+        commands.push(Command::Finish(end));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn undoable(name: &str) -> Step {
+        Step::new(name).compensated_by(format!("undo_{name}"))
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_by_name() {
+        let refused = |builder: SagaBuilder| builder.build().expect_err("refused").to_string();
+        let cycle = Saga::builder("s").step(undoable("a").after("b")).step(undoable("b").after("a"));
+        assert_eq!(refused(cycle), "saga s: steps a, b wait for each other in a cycle");
+        let empty = Saga::builder("s").group([undoable("a")]).group([]);
+        assert_eq!(refused(empty), "saga s: group 2 has no steps (groups count from 1)");
+        let missing = Saga::builder("s").group([Step::new("notify"), undoable("charge")]);
+        let message = refused(missing);
+        assert!(message.contains("step notify has no compensation, but charge"), "{message}");
+        assert_eq!(refused(Saga::builder("s")), "saga s has no steps");
+        let twice = Saga::builder("s").group([undoable("a"), undoable("a")]);
+        assert_eq!(refused(twice), "saga s: two steps are named a");
+        let unknown = Saga::builder("s").step(undoable("a").after("nope"));
+        assert!(refused(unknown).contains("step a waits for nope, which is not one of its steps"));
+        let zero = Saga::builder("s").step(undoable("a").timeout(Duration::ZERO));
+        assert_eq!(refused(zero), "saga s: step a has a zero timeout");
+        // The point of no return is fine once it follows every undoable step.
+        let ok = Saga::builder("s").group([undoable("a"), undoable("b")]).group([Step::new("notify")]).build();
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn the_order_saga_charges_and_reserves_in_parallel_then_ships() {
+        let saga = Saga::builder("order")
+            .group([undoable("charge"), undoable("reserve")])
+            .group([undoable("ship")])
+            .group([Step::new("notify")])
+            .build()
+            .expect("valid");
+        let id = |name| saga.step(name).expect("a step");
+        let (mut run, commands) = SagaRun::start(&saga);
+        assert_eq!(commands, [Command::Start(id("charge")), Command::Start(id("reserve"))]);
+        assert!(run.step_finished(&saga, id("reserve"), Outcome::Succeeded).is_empty(), "ship waits for both");
+        assert_eq!(run.step_finished(&saga, id("charge"), Outcome::Succeeded), [Command::Start(id("ship"))]);
+        // Shipping fails: reserve and charge are undone, the last completed first.
+        assert_eq!(run.step_finished(&saga, id("ship"), Outcome::Failed), [Command::Compensate(id("charge"))]);
+        assert_eq!(run.compensated(&saga, id("charge")), [Command::Compensate(id("reserve"))]);
+        assert_eq!(run.compensated(&saga, id("reserve")), [Command::Finish(SagaEnd::Compensated)]);
+    }
+
+    /// A saga of `groups` (each a count of undoable steps) and a last group of steps without
+    /// compensations.
+    fn saga_of(groups: &[usize], finals: usize) -> Saga {
+        let mut builder = Saga::builder("generated");
+        let mut n = 0;
+        for &size in groups {
+            builder = builder.group((0..size).map(|_| {
+                n += 1;
+                undoable(&format!("s{n}"))
+            }));
+        }
+        if finals > 0 {
+            builder = builder.group((0..finals).map(|i| Step::new(format!("final{i}"))));
+        }
+        builder.build().expect("generated sagas are valid")
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![6 => Just(Outcome::Succeeded), 2 => Just(Outcome::Failed), 1 => Just(Outcome::TimedOut)]
+    }
+
+    proptest! {
+        /// Any outcomes, delivered in any order the running steps allow: the saga ends; without
+        /// a failure of an undoable step every step ran once after its predecessors and nothing
+        /// was undone; with one, the compensations are exactly the undoable steps that succeeded
+        /// or timed out (including those that finished after the failure), in reverse order of
+        /// completion, each once, none while a step still ran, and nothing started after it.
+        #[test]
+        fn compensations_are_exactly_the_completed_steps_in_reverse(
+            groups in prop::collection::vec(1usize..=3, 1..=4),
+            finals in 0usize..=2,
+            outcomes in prop::collection::vec(outcome(), 16),
+            picks in prop::collection::vec(any::<u16>(), 64),
+        ) {
+            let saga = saga_of(&groups, finals);
+            let (mut run, mut pending) = SagaRun::start(&saga);
+            let mut running: Vec<StepId> = Vec::new();
+            let mut started = Vec::new();
+            let mut delivered: Vec<(StepId, Outcome)> = Vec::new();
+            let mut compensations = Vec::new();
+            let mut end = None;
+            let mut picks = picks.into_iter().cycle();
+            let mut failed_undoable = false;
+            loop {
+                while let Some(command) = (!pending.is_empty()).then(|| pending.remove(0)) {
+                    match command {
+                        Command::Start(step) => {
+                            prop_assert!(!failed_undoable, "{step:?} started after a failure");
+                            prop_assert!(!started.contains(&step), "{step:?} started twice");
+                            for dep in saga.after_of(step) {
+                                prop_assert!(
+                                    delivered.contains(&(*dep, Outcome::Succeeded)),
+                                    "{step:?} started before {dep:?} succeeded"
+                                );
+                            }
+                            started.push(step);
+                            running.push(step);
+                        }
+                        Command::Compensate(step) => {
+                            prop_assert!(running.is_empty(), "compensating while {running:?} run");
+                            compensations.push(step);
+                            pending.extend(run.compensated(&saga, step));
+                        }
+                        Command::Finish(how) => {
+                            prop_assert!(end.is_none(), "finished twice");
+                            end = Some(how);
+                        }
+                    }
+                }
+                if running.is_empty() {
+                    break;
+                }
+                let step = running.remove(usize::from(picks.next().expect("cycled")) % running.len());
+                let outcome = outcomes[step.index() % outcomes.len()];
+                if outcome != Outcome::Succeeded && saga.compensation_of(step).is_some() {
+                    failed_undoable = true;
+                }
+                delivered.push((step, outcome));
+                pending.extend(run.step_finished(&saga, step, outcome));
+                // A duplicate report changes nothing.
+                prop_assert!(run.step_finished(&saga, step, outcome).is_empty());
+            }
+            let end = end.expect("the saga ended");
+            prop_assert_eq!(Some(&end), run.end());
+            if failed_undoable {
+                let expected: Vec<StepId> = delivered
+                    .iter()
+                    .filter(|(s, o)| *o != Outcome::Failed && saga.compensation_of(*s).is_some())
+                    .map(|(s, _)| *s)
+                    .rev()
+                    .collect();
+                prop_assert_eq!(end, SagaEnd::Compensated);
+                prop_assert_eq!(compensations, expected);
+            } else {
+                prop_assert!(compensations.is_empty());
+                prop_assert_eq!(started.len(), saga.steps().count(), "every step ran");
+                let mut failed: Vec<StepId> =
+                    delivered.iter().filter(|(_, o)| *o != Outcome::Succeeded).map(|(s, _)| *s).collect();
+                failed.sort();
+                if failed.is_empty() {
+                    prop_assert_eq!(end, SagaEnd::Completed);
+                } else {
+                    prop_assert_eq!(end, SagaEnd::Incomplete { failed });
+                }
+            }
+        }
+    }
+}
