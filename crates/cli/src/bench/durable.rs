@@ -178,7 +178,8 @@ fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, opti
     let log = Arc::new(Log::open(&path, options).expect("the bench directory is writable"));
     let pipeline = orders::OrderPipeline::start_with(config, &SimConfig::default(), Some(Arc::clone(&log)), None)
         .expect("the bench's engine configuration was validated");
-    for chunk in orders.chunks(4_096) {
+    // One ingress window per call (see engine_memory's).
+    for chunk in orders.chunks(conduit::INGRESS_WINDOW_EVENTS) {
         pipeline.submit_many(chunk.iter().copied()).expect("the engine is healthy during a bench");
     }
     let report = pipeline.finish();
