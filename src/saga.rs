@@ -358,8 +358,18 @@ enum State {
     Compensated,
 }
 
+/// What happened to a saga, as it is recorded: replaying its facts in order
+/// ([`SagaRun::resume`]) rebuilds the run, so a saga journaled fact by fact resumes after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fact {
+    /// A step's action ended so.
+    Finished(StepId, Outcome),
+    /// A step's compensation ran.
+    Compensated(StepId),
+}
+
 /// One saga in progress (see the module's rules).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SagaRun {
     states: Vec<State>,
     /// Steps that succeeded or timed out, in the order they were reported.
@@ -378,6 +388,38 @@ impl SagaRun {
         let mut commands = Vec::new();
         run.start_ready(saga, &mut commands);
         (run, commands)
+    }
+
+    /// Rebuilds a run of `saga` from its `facts`, in the order they were recorded, and says
+    /// what it still owes ([`owed`](Self::owed)). A fact that does not fit (an outcome for a step
+    /// not running) changes nothing, as it would not have live.
+    #[must_use]
+    pub fn resume(saga: &Saga, facts: &[Fact]) -> (Self, Vec<Command>) {
+        let (mut run, _) = Self::start(saga);
+        for fact in facts {
+            match *fact {
+                Fact::Finished(step, outcome) => run.step_finished(saga, step, outcome),
+                Fact::Compensated(step) => run.compensated(saga, step),
+            };
+        }
+        let owed = run.owed();
+        (run, owed)
+    }
+
+    /// What was asked and is not yet answered: each step started and not finished (to start
+    /// again: actions are idempotent), and the compensation under way (to run again). Nothing
+    /// once the saga has ended.
+    #[must_use]
+    pub fn owed(&self) -> Vec<Command> {
+        if self.end.is_some() {
+            return Vec::new();
+        }
+        let owed = |(i, state): (usize, &State)| match state {
+            State::Running => Some(Command::Start(StepId(i))),
+            State::Compensating => Some(Command::Compensate(StepId(i))),
+            _ => None,
+        };
+        self.states.iter().enumerate().filter_map(owed).collect()
     }
 
     /// How it ended, once it has.
@@ -518,6 +560,13 @@ mod tests {
         assert_eq!(run.step_finished(&saga, id("charge"), Outcome::Succeeded), [Command::Start(id("ship"))]);
         // Shipping fails: reserve and charge are undone, the last completed first.
         assert_eq!(run.step_finished(&saga, id("ship"), Outcome::Failed), [Command::Compensate(id("charge"))]);
+        // A crash here: resumed from its facts, the saga owes the compensation under way.
+        let facts = [
+            Fact::Finished(id("reserve"), Outcome::Succeeded),
+            Fact::Finished(id("charge"), Outcome::Succeeded),
+            Fact::Finished(id("ship"), Outcome::Failed),
+        ];
+        assert_eq!(SagaRun::resume(&saga, &facts), (run.clone(), vec![Command::Compensate(id("charge"))]));
         assert_eq!(run.compensated(&saga, id("charge")), [Command::Compensate(id("reserve"))]);
         assert_eq!(run.compensated(&saga, id("reserve")), [Command::Finish(SagaEnd::Compensated)]);
     }
@@ -565,6 +614,7 @@ mod tests {
             let mut end = None;
             let mut picks = picks.into_iter().cycle();
             let mut failed_undoable = false;
+            let mut facts = Vec::new();
             loop {
                 while let Some(command) = (!pending.is_empty()).then(|| pending.remove(0)) {
                     match command {
@@ -583,6 +633,7 @@ mod tests {
                         Command::Compensate(step) => {
                             prop_assert!(running.is_empty(), "compensating while {running:?} run");
                             compensations.push(step);
+                            facts.push(Fact::Compensated(step));
                             pending.extend(run.compensated(&saga, step));
                         }
                         Command::Finish(how) => {
@@ -591,6 +642,13 @@ mod tests {
                         }
                     }
                 }
+                // Resumed from what was recorded so far, the run is the live one and owes the
+                // steps still running.
+                let (resumed, owed) = SagaRun::resume(&saga, &facts);
+                prop_assert_eq!(&resumed, &run);
+                let mut starts: Vec<Command> = running.iter().map(|&s| Command::Start(s)).collect();
+                starts.sort_by_key(|c| match c { Command::Start(s) => *s, _ => unreachable!() });
+                prop_assert_eq!(owed, starts);
                 if running.is_empty() {
                     break;
                 }
@@ -600,6 +658,7 @@ mod tests {
                     failed_undoable = true;
                 }
                 delivered.push((step, outcome));
+                facts.push(Fact::Finished(step, outcome));
                 pending.extend(run.step_finished(&saga, step, outcome));
                 // A duplicate report changes nothing.
                 prop_assert!(run.step_finished(&saga, step, outcome).is_empty());
