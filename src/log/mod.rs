@@ -134,8 +134,10 @@ impl Retention {
         self.max_bytes.map(|max| max - max / 8)
     }
 
-    /// The space frames may take in a file now `file_len` bytes long: seven eighths of the
-    /// longest the file can grow to without passing `max_bytes`. redb grows a file by doubling
+    /// The most space frames may take in a file now `file_len` bytes long: seven eighths of the
+    /// longest the file can grow to without passing `max_bytes` (the writer keeps more slack
+    /// where an eighth is under 16 MiB or under twice its largest commit group; its figure is
+    /// [`LogStats::frame_budget`]). redb grows a file by doubling
     /// it up to one 4 GiB region, and by a region at a time after that, so under a 2 GiB bound
     /// a file of 1.2 GiB can grow no more, and its frames get seven eighths of 1.2 GiB: the
     /// file's length, not only the space its frames take, stays under the bound. For a length
@@ -284,6 +286,8 @@ pub(crate) struct LogCounters {
     pub(crate) checkpoints: AtomicU64,
     pub(crate) frames_removed: AtomicU64,
     pub(crate) retained_bytes: AtomicU64,
+    /// `u64::MAX` for none.
+    pub(crate) frame_budget: AtomicU64,
     pub(crate) cached_streams: AtomicU64,
     pub(crate) commits: AtomicU64,
     pub(crate) durable_commits: AtomicU64,
@@ -304,6 +308,11 @@ pub struct LogStats {
     pub frames_removed: u64,
     /// The space the log's frames take in its file, as of the last checkpoint.
     pub retained_bytes: u64,
+    /// The space retention lets frames take, as of the last checkpoint (`None` without
+    /// `retention.max_bytes`): seven eighths of the longest the file can grow to under the bound
+    /// ([`Retention::frame_budget_for`]).
+    #[serde(default)]
+    pub frame_budget: Option<u64>,
     /// Stream versions the writer held in memory at the last checkpoint (bounded by
     /// [`LogOptions::stream_cache`] plus the streams written in one checkpoint interval).
     pub cached_streams: u64,
@@ -504,6 +513,7 @@ impl Log {
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             frames_removed: c.frames_removed.load(Ordering::Relaxed),
             retained_bytes: c.retained_bytes.load(Ordering::Relaxed),
+            frame_budget: Some(c.frame_budget.load(Ordering::Relaxed)).filter(|&b| b != u64::MAX),
             cached_streams: c.cached_streams.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
             durable_commits: c.durable_commits.load(Ordering::Relaxed),

@@ -19,6 +19,11 @@ use super::{
     bucket_of, Command, Durability, ExpectedVersion, LogError, LogOptions, Shared, BUCKETS, ENGINE_STREAM, FRAMES,
 };
 
+/// The least slack a log file keeps under `retention.max_bytes` beside its frames: redb's own
+/// tables, the heads and index, and pages freed but not yet reusable take several MiB whatever
+/// the bound (a 64 MiB bound with an eighth of slack grew its file to 72 MiB in two runs of three).
+const SLACK_MIN: u64 = 16 << 20;
+
 /// Bytes a record adds to a frame besides its payload and note (rkyv's fixed part, rounded up).
 const RECORD_FIXED_BYTES: usize = 80;
 
@@ -35,6 +40,12 @@ pub(crate) struct WriterState {
     /// whatever the record count: without it, one checkpoint interval of frames larger than the
     /// file's slack would make redb grow the file past `retention.max_bytes`.
     retain_at: u64,
+    /// The most frame bytes one group has written: the slack under `retention.max_bytes` is
+    /// at least twice this.
+    largest_group: u64,
+    /// Frame bytes and records written since opening: the bytes a record takes, on average.
+    written_bytes: u64,
+    written_records: u64,
     scratch: Vec<u8>,
     next_frame: u64,
     /// Commits since the last durable one (Eventual mode).
@@ -110,6 +121,9 @@ impl WriterState {
             book,
             since_checkpoint: 0,
             retain_at: u64::MAX,
+            largest_group: 0,
+            written_bytes: 0,
+            written_records: 0,
             scratch: Vec::new(),
             next_frame,
             undurable: false,
@@ -123,15 +137,47 @@ impl WriterState {
         state
     }
 
+    /// The space frames may take now, and the slack kept beside them, under `retention.max_bytes`:
+    /// from the longest the file can grow to ([`Retention::reach`](super::Retention)), an eighth
+    /// for heads, index and pages not yet reusable, or twice the largest group of frames seen if
+    /// that is more (a whole group lands before the checkpoint after it frees anything, and at
+    /// startup one group can be megabytes).
+    /// On a storage backend (no file, so no length to keep), an eighth of `max_bytes`.
+    fn budget(&self) -> Option<(u64, u64)> {
+        let file_len = self.shared.file_len();
+        let reach = self.options.retention.reach(file_len)?;
+        let group = if file_len.is_some() { self.largest_group.saturating_mul(2).max(SLACK_MIN) } else { 0 };
+        let slack = (reach / 8).max(group).min(reach);
+        Some((reach - slack, slack))
+    }
+
+    /// Records one group may take: `group_records_max`, or under `retention.max_bytes` no more
+    /// than half the file's eighth of slack holds (at the frame bytes per record seen so far), so
+    /// that one group never outgrows the room the file keeps for it. On a storage backend (no
+    /// file whose length to keep), `group_records_max`.
+    fn group_limit(&self) -> usize {
+        /// A guess of the frame bytes of a record before any is written.
+        const FIRST_GUESS: u64 = 128;
+        let max = self.options.group_records_max;
+        let file_len = self.shared.file_len();
+        let Some(reach) = self.options.retention.reach(file_len).filter(|_| file_len.is_some()) else { return max };
+        let per_record = self.written_bytes.checked_div(self.written_records).unwrap_or(FIRST_GUESS);
+        usize::try_from(reach / 16 / per_record.max(1)).unwrap_or(usize::MAX).clamp(1, max)
+    }
+
     /// Sets when retention must run next, from the file's length now: once the frames pass
-    /// their budget (or, when work in flight holds more than that, what they take now) by half
-    /// the file's slack.
+    /// their budget (or, when work in flight holds more than that, once they grow by half the
+    /// slack).
     fn plan_retention(&mut self) {
-        let policy = self.options.retention;
-        self.retain_at = match (policy.reach(self.shared.file_len()), policy.frame_budget_for(self.shared.file_len())) {
-            (Some(reach), Some(budget)) => budget.max(self.book.bytes).saturating_add((reach - budget) / 2),
-            _ => u64::MAX,
+        let (retain_at, budget) = match self.budget() {
+            // Frames held above the budget by work in flight: the next look once half the slack
+            // more has come.
+            Some((budget, slack)) if self.book.bytes > budget => (self.book.bytes.saturating_add(slack / 2), budget),
+            Some((budget, _)) => (budget, budget),
+            None => (u64::MAX, u64::MAX),
         };
+        self.retain_at = retain_at;
+        self.shared.counters.frame_budget.store(budget, Ordering::Relaxed);
     }
 }
 
@@ -166,7 +212,8 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
             },
         };
         group.push(first);
-        while group.records < state.options.group_records_max {
+        let limit = state.group_limit();
+        while group.records < limit {
             match receiver.try_recv() {
                 Ok(command) => group.push(command),
                 Err(_) => break,
@@ -275,6 +322,7 @@ impl WriterState {
         txn.set_quick_repair(durable && self.options.quick_repair);
         let mut appended = 0u64;
         let mut engine_records = 0u64;
+        let bytes_before = self.book.bytes;
         {
             let mut frames = txn.open_table(FRAMES).map_err(storage)?;
             let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
@@ -331,6 +379,13 @@ impl WriterState {
             self.flush_frame(&mut frames, &mut buckets)?;
         }
         self.since_checkpoint += appended;
+        let group_bytes = self.book.bytes - bytes_before;
+        self.written_bytes += group_bytes;
+        self.written_records += appended;
+        if group_bytes > self.largest_group && !self.options.retention.is_unbounded() {
+            self.largest_group = group_bytes;
+            self.plan_retention();
+        }
         if wants_checkpoint
             || self.since_checkpoint >= self.options.checkpoint_records
             || self.book.bytes > self.retain_at
@@ -380,7 +435,9 @@ impl WriterState {
             let age_us = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
             crate::clock::unix_micros().saturating_sub(age_us)
         });
-        let frame_budget = policy.frame_budget_for(self.shared.file_len());
+        // Once over its budget, retention removes down to half the slack below it, so that the
+        // next early checkpoint is a while off.
+        let frame_budget = self.budget().map(|(budget, slack)| budget.saturating_sub(slack / 2));
         let mut frames = txn.open_table(FRAMES).map_err(storage)?;
         let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
         let mut removed = 0u64;

@@ -87,20 +87,7 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
             lag_max.map_or_else(|| "-".to_owned(), |us| format!("{:.1}", us / 1_000.0))
         )?;
     }
-    if let Some(log) = &report.log {
-        let s = &log.stats;
-        writeln!(
-            out,
-            "\n  log          {} ({:?}): {} events, {} commits ({} durable), {} frames, {:.1} MiB",
-            log.path,
-            log.durability,
-            s.events_appended,
-            s.commits,
-            s.durable_commits,
-            s.frames,
-            s.bytes as f64 / f64::from(1 << 20)
-        )?;
-    }
+    write_log(out, report)?;
     write_ack_latency(out, report)?;
     write_load(out, report)?;
     write_alerts(out, &report.alerts)?;
@@ -291,6 +278,36 @@ pub(crate) fn write_sweep(out: &mut impl Write, points: &[SweepPoint]) -> io::Re
             p.events_per_sec / 1e6,
             p.ratio_to_ceiling
         )?;
+    }
+    Ok(())
+}
+
+/// With a log: what it wrote, and (under a size bound) what retention kept.
+fn write_log(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
+    if let Some(log) = &report.log {
+        let s = &log.stats;
+        writeln!(
+            out,
+            "\n  log          {} ({:?}): {} events, {} commits ({} durable), {} frames, {:.1} MiB",
+            log.path,
+            log.durability,
+            s.events_appended,
+            s.commits,
+            s.durable_commits,
+            s.frames,
+            s.bytes as f64 / f64::from(1 << 20)
+        )?;
+        if let Some(budget) = s.frame_budget {
+            let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+            writeln!(
+                out,
+                "  retention    {} checkpoints, {} frames removed, {:.1} MiB of frames kept of {:.1} MiB allowed",
+                s.checkpoints,
+                s.frames_removed,
+                mib(s.retained_bytes),
+                mib(budget)
+            )?;
+        }
     }
     Ok(())
 }
