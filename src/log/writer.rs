@@ -139,15 +139,16 @@ impl WriterState {
 
     /// The space frames may take now, and the slack kept beside them, under `retention.max_bytes`:
     /// from the longest the file can grow to ([`Retention::reach`](super::Retention)), an eighth
-    /// for heads, index and pages not yet reusable, or twice the largest group of frames seen if
-    /// that is more (a whole group lands before the checkpoint after it frees anything, and at
-    /// startup one group can be megabytes).
-    /// On a storage backend (no file, so no length to keep), an eighth of `max_bytes`.
+    /// for heads, index and pages not yet reusable; or, if more, [`SLACK_MIN`] and twice the
+    /// largest group of frames seen (a whole group lands before the checkpoint after it frees
+    /// anything, and at startup one group can be megabytes), up to half the file. On a storage
+    /// backend (no file, so no length to keep), an eighth of `max_bytes`.
     fn budget(&self) -> Option<(u64, u64)> {
         let file_len = self.shared.file_len();
         let reach = self.options.retention.reach(file_len)?;
-        let group = if file_len.is_some() { self.largest_group.saturating_mul(2).max(SLACK_MIN) } else { 0 };
-        let slack = (reach / 8).max(group).min(reach);
+        let extra =
+            if file_len.is_some() { self.largest_group.saturating_mul(2).max(SLACK_MIN).min(reach / 2) } else { 0 };
+        let slack = (reach / 8).max(extra);
         Some((reach - slack, slack))
     }
 
