@@ -135,9 +135,9 @@ impl Retention {
     }
 
     /// The most space frames may take in a file now `file_len` bytes long: seven eighths of the
-    /// longest the file can grow to without passing `max_bytes` (the writer keeps more slack
-    /// where an eighth is under 16 MiB or under twice its largest commit group; its figure is
-    /// [`LogStats::frame_budget`]). redb grows a file by doubling
+    /// longest the file can grow to without passing `max_bytes` (the writer keeps more slack,
+    /// up to half the file, where an eighth is under 16 MiB or under twice its largest commit
+    /// group; its figure is [`LogStats::frame_budget`]). redb grows a file by doubling
     /// it up to one 4 GiB region, and by a region at a time after that, so under a 2 GiB bound
     /// a file of 1.2 GiB can grow no more, and its frames get seven eighths of 1.2 GiB: the
     /// file's length, not only the space its frames take, stays under the bound. For a length

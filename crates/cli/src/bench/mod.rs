@@ -96,7 +96,7 @@ pub struct BenchConfig {
 /// `durable_orders`, the chain ones `chain_stages`, the fan-out ones `fanout_events`.
 #[must_use]
 pub fn case_runs(config: &BenchConfig, name: &str) -> bool {
-    if CASES[CASES.len() - 6..].contains(&name) {
+    if durable_cases_names().contains(&name) {
         config.durable_orders > 0
     } else if name.starts_with("chain_") {
         config.chain_stages.is_some()
@@ -105,6 +105,11 @@ pub fn case_runs(config: &BenchConfig, name: &str) -> bool {
     } else {
         CASES.contains(&name)
     }
+}
+
+/// The durable cases' names: the last six of [`CASES`].
+fn durable_cases_names() -> &'static [&'static str] {
+    &CASES[CASES.len() - 6..]
 }
 
 /// Every case's name, in the order they run (the six durable ones last).
@@ -306,7 +311,7 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&str, u32)) -> Result<
     cases.extend(synthetic_cases(config, &engine));
     // The durable cases start with a calibration run: skipped when none of them is wanted.
     let wanted = |names: &[&str]| config.cases.is_empty() || config.cases.iter().any(|c| names.contains(&c.as_str()));
-    if config.durable_orders > 0 && wanted(&CASES[CASES.len() - 6..]) {
+    if config.durable_orders > 0 && wanted(durable_cases_names()) {
         progress("engine_durable (cadence)", 0);
         cases.extend(durable_cases(config, &engine, &durable, records, dir, &cadence)?);
     }
