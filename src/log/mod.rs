@@ -107,8 +107,8 @@ pub struct LogOptions {
 }
 
 /// How much history a log keeps. At every checkpoint the writer removes the oldest frames while
-/// they take more than their share of `max_bytes` ([`frame_budget_for`](Self::frame_budget_for)),
-/// or while they are older than `max_age`; it
+/// they take more than their share of `max_bytes` ([`LogStats::frame_budget`]), or while they are
+/// older than `max_age`; it
 /// never removes a frame at or after the oldest message still in flight (so in-flight work can
 /// always be resumed), nor one after the checkpoint. Removed frames take their records with them
 /// (dead letters included); a stream read afterwards starts at its first retained version, and a
@@ -117,8 +117,8 @@ pub struct LogOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Retention {
     /// Most bytes of the log file: frames, heads and index together. The file's length never
-    /// passes it (see [`frame_budget_for`](Self::frame_budget_for)), as long as the work in
-    /// flight fits: frames of messages still in flight are never removed.
+    /// passes it (see [`LogStats::frame_budget`]), as long as the work in flight fits: frames
+    /// of messages still in flight are never removed.
     pub max_bytes: Option<u64>,
     /// Frames whose newest record is older than this are removed.
     pub max_age: Option<std::time::Duration>,
@@ -134,21 +134,12 @@ impl Retention {
         self.max_bytes.map(|max| max - max / 8)
     }
 
-    /// The most space frames may take in a file now `file_len` bytes long: seven eighths of the
-    /// longest the file can grow to without passing `max_bytes` (the writer keeps more slack,
-    /// up to half the file, where an eighth is under 16 MiB or under twice its largest commit
-    /// group; its figure is [`LogStats::frame_budget`]). redb grows a file by doubling
-    /// it up to one 4 GiB region, and by a region at a time after that, so under a 2 GiB bound
-    /// a file of 1.2 GiB can grow no more, and its frames get seven eighths of 1.2 GiB: the
-    /// file's length, not only the space its frames take, stays under the bound. For a length
-    /// not known (a storage backend) or already past the bound (opened with a smaller one),
-    /// the budget is [`frame_budget`](Self::frame_budget)'s.
-    #[must_use]
-    pub fn frame_budget_for(&self, file_len: Option<u64>) -> Option<u64> {
-        self.reach(file_len).map(|reach| reach - reach / 8)
-    }
-
-    /// The longest the file can grow to from `file_len` without passing `max_bytes`.
+    /// The longest the file can grow to from `file_len` without passing `max_bytes`: redb grows
+    /// a file by doubling it up to one 4 GiB region, and by a region at a time after that, so
+    /// under a 2 GiB bound a file of 1.2 GiB can grow no more. The writer keeps its frames to
+    /// this less a slack, so the file's length, not only the space its frames take, stays under
+    /// the bound. For a length not known (a storage backend) or already past the bound (opened
+    /// with a smaller one), `max_bytes` itself.
     pub(crate) fn reach(&self, file_len: Option<u64>) -> Option<u64> {
         const REGION: u64 = 4 << 30;
         let max = self.max_bytes?;
@@ -309,8 +300,9 @@ pub struct LogStats {
     /// The space the log's frames take in its file, as of the last checkpoint.
     pub retained_bytes: u64,
     /// The space retention lets frames take, as of the last checkpoint (`None` without
-    /// `retention.max_bytes`): seven eighths of the longest the file can grow to under the bound
-    /// ([`Retention::frame_budget_for`]).
+    /// `retention.max_bytes`): the longest the file can grow to under the bound (redb grows a
+    /// file by doubling it) less a slack of an eighth of that, or, if more, 16 MiB and twice the
+    /// largest commit group, up to half of it.
     #[serde(default)]
     pub frame_budget: Option<u64>,
     /// Stream versions the writer held in memory at the last checkpoint (bounded by

@@ -144,6 +144,7 @@ impl WriterState {
     /// anything, and at startup one group can be megabytes), up to half the file. On a storage
     /// backend (no file, so no length to keep), an eighth of `max_bytes`.
     fn budget(&self) -> Option<(u64, u64)> {
+        self.options.retention.max_bytes?;
         let file_len = self.shared.file_len();
         let reach = self.options.retention.reach(file_len)?;
         let extra =
@@ -160,6 +161,10 @@ impl WriterState {
         /// A guess of the frame bytes of a record before any is written.
         const FIRST_GUESS: u64 = 128;
         let max = self.options.group_records_max;
+        if self.options.retention.max_bytes.is_none() {
+            // No size bound: no file length to read on every group.
+            return max;
+        }
         let file_len = self.shared.file_len();
         let Some(reach) = self.options.retention.reach(file_len).filter(|_| file_len.is_some()) else { return max };
         let per_record = self.written_bytes.checked_div(self.written_records).unwrap_or(FIRST_GUESS);

@@ -197,7 +197,7 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
     writeln!(
         out,
         "conduit bench: {} orders ({} events) per run, median of {} runs, {} CPUs",
-        report.cases.first().map_or(report.orders, |c| c.events / conduit_cli::bench::EVENTS_PER_ORDER),
+        orders_per_run(report),
         report.cases.first().map_or(0, |c| c.events),
         report.repeat,
         report.cpus
@@ -239,7 +239,7 @@ pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -
     writeln!(
         out,
         "`conduit bench`: {} orders ({events} events) per run, median of {} runs, {} CPUs\n",
-        report.cases.first().map_or(report.orders, |c| c.events / conduit_cli::bench::EVENTS_PER_ORDER),
+        orders_per_run(report),
         report.repeat,
         report.cpus
     )?;
@@ -280,6 +280,11 @@ pub(crate) fn write_sweep(out: &mut impl Write, points: &[SweepPoint]) -> io::Re
         )?;
     }
     Ok(())
+}
+
+/// The orders of one run of the report's first case (the durable cases run fewer).
+fn orders_per_run(report: &BenchReport) -> u64 {
+    report.cases.first().map_or(report.orders, |c| c.events / conduit_cli::bench::EVENTS_PER_ORDER)
 }
 
 /// With a log: what it wrote, and (under a size bound) what retention kept.
