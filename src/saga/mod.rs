@@ -23,10 +23,14 @@
 //!   it runs. If such a step fails, the saga ends [`SagaEnd::Incomplete`]: nothing is undone,
 //!   and whoever runs it dead-letters the saga with its story.
 
+mod book;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
 use thiserror::Error;
+
+pub use book::{SagaBook, SagaReport, Turn};
 
 /// A step as declared: its name, the steps it waits for, its compensation and its timeout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +68,12 @@ impl Step {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
+    }
+
+    /// Its name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -368,6 +378,58 @@ pub enum Fact {
     Compensated(StepId),
 }
 
+impl Fact {
+    /// Bytes of an encoded fact.
+    pub const ENCODED_LEN: usize = 4;
+
+    /// The fact as journal bytes: its tag (1 finished, 2 compensated), the outcome's code (1
+    /// succeeded, 2 failed, 3 timed out; 0 for a compensation) and the step's index (u16, LE).
+    #[must_use]
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let (tag, outcome, step) = match *self {
+            Self::Finished(step, outcome) => (1, outcome.code(), step),
+            Self::Compensated(step) => (2, 0, step),
+        };
+        let [low, high] = u16::try_from(step.0).unwrap_or(u16::MAX).to_le_bytes();
+        [tag, outcome, low, high]
+    }
+
+    /// Reads a fact of `saga` from its journal bytes: `None` for bytes no fact encodes to, or a
+    /// step the saga does not have.
+    #[must_use]
+    pub fn decode(saga: &Saga, bytes: &[u8]) -> Option<Self> {
+        let &[tag, outcome, low, high] = bytes else { return None };
+        let step = usize::from(u16::from_le_bytes([low, high]));
+        if step >= saga.steps.len() {
+            return None;
+        }
+        match (tag, outcome) {
+            (1, code) => Outcome::from_code(code).map(|outcome| Self::Finished(StepId(step), outcome)),
+            (2, 0) => Some(Self::Compensated(StepId(step))),
+            _ => None,
+        }
+    }
+}
+
+impl Outcome {
+    fn code(self) -> u8 {
+        match self {
+            Self::Succeeded => 1,
+            Self::Failed => 2,
+            Self::TimedOut => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Succeeded),
+            2 => Some(Self::Failed),
+            3 => Some(Self::TimedOut),
+            _ => None,
+        }
+    }
+}
+
 /// One saga in progress (see the module's rules).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SagaRun {
@@ -432,6 +494,13 @@ impl SagaRun {
     #[must_use]
     pub fn completed(&self) -> &[StepId] {
         &self.completed
+    }
+
+    /// The steps whose action failed or timed out, in the order they were declared.
+    #[must_use]
+    pub fn failed(&self) -> Vec<StepId> {
+        let failed = |(i, state): (usize, &State)| matches!(state, State::Failed | State::TimedOut).then_some(StepId(i));
+        self.states.iter().enumerate().filter_map(failed).collect()
     }
 
     /// Step `step`'s action ended with `outcome`. An outcome for a step that is not running (a
