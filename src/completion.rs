@@ -279,6 +279,16 @@ impl Tracker {
         Ticket { seq, done: receiver, settled: std::cell::Cell::new(false) }
     }
 
+    /// How long ago message `seq`, held in `slot`, was accepted; `None` if the slot does not
+    /// hold it (it finished).
+    pub(crate) fn since_accepted(&self, slot: u32, seq: u64) -> Option<Duration> {
+        if !self.holds(slot, seq) {
+            return None;
+        }
+        let born = self.slot(slot).born.load(std::sync::atomic::Ordering::Relaxed);
+        Some(Duration::from_nanos(self.ns_at(Instant::now()).saturating_sub(born)))
+    }
+
     /// Whether `slot` holds message `seq`, in flight.
     pub(crate) fn holds(&self, slot: u32, seq: u64) -> bool {
         let held = self.slot(slot);

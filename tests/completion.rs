@@ -252,3 +252,46 @@ fn the_log_records_each_completion_once_after_all_its_records() {
         assert!(completed_at.contains_key(correlation), "message {correlation} never completed");
     }
 }
+
+/// A two-stage topology whose second stage notes how long each job has been in the pipeline.
+fn timed(ages: &Arc<Mutex<Vec<Option<Duration>>>>) -> Topology<Job> {
+    let mut topology = Topology::new();
+    let (first, second) = (topology.stage("first"), topology.stage("second"));
+    topology.link(first, second).entry(first);
+    topology.handler(first, move |_| {
+        move |event: &Envelope<Job>, out: &mut Emitter<Job>| {
+            std::thread::sleep(Duration::from_millis(2));
+            out.emit(second, event.msg);
+            Outcome::Done
+        }
+    });
+    let ages = Arc::clone(ages);
+    topology.handler(second, move |_| {
+        let ages = Arc::clone(&ages);
+        move |_: &Envelope<Job>, out: &mut Emitter<Job>| {
+            ages.lock().push(out.since_accepted());
+            Outcome::Done
+        }
+    });
+    topology
+}
+
+#[test]
+fn a_handler_knows_how_long_its_message_has_been_in_the_pipeline() {
+    for track in [true, false] {
+        let ages = Arc::new(Mutex::new(Vec::new()));
+        let engine = Engine::builder(timed(&ages)).track_completion(track).start().expect("starts");
+        engine.submit_many((0..20).map(Job)).expect("accepted");
+        let report = engine.shutdown();
+        assert!(report.is_clean());
+        let ages = ages.lock();
+        assert_eq!(ages.len(), 20);
+        if track {
+            // Each job slept 2 ms in the first stage before the second saw it.
+            assert!(ages.iter().all(|age| age.is_some_and(|age| age >= Duration::from_millis(2))), "{ages:?}");
+            assert!(ages.iter().all(|age| age.is_some_and(|age| age < Duration::from_secs(10))), "{ages:?}");
+        } else {
+            assert!(ages.iter().all(Option::is_none), "no tracking, no age: {ages:?}");
+        }
+    }
+}

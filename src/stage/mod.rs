@@ -199,6 +199,9 @@ pub struct Emitter<M> {
     /// Published events no queue was bound to, counted (and kept, to dead-letter them).
     pub(crate) unroutable_count: u64,
     pub(crate) unroutable: Vec<M>,
+    /// The engine's completion tracker, when it tracks: it knows when each message in flight
+    /// was accepted ([`Emitter::since_accepted`]).
+    pub(crate) tracker: Option<Arc<crate::completion::Tracker>>,
 }
 
 impl<M> Emitter<M> {
@@ -220,7 +223,19 @@ impl<M> Emitter<M> {
             dead_letter_unroutable: false,
             unroutable_count: 0,
             unroutable: Vec::new(),
+            tracker: None,
         }
+    }
+
+    /// How long ago the message the event being handled descends from was accepted (submitted,
+    /// or scheduled with [`Engine::submit_many_at`](crate::Engine::submit_many_at)): the time it
+    /// has spent in the pipeline so far. A handler that ends a message's business (an order
+    /// confirmed, say) measures the latency to that milestone with it. `None` when the engine
+    /// does not track completion. One read of the message's slot; nothing when not called.
+    #[must_use]
+    pub fn since_accepted(&self) -> Option<std::time::Duration> {
+        let tracker = self.tracker.as_ref()?;
+        tracker.since_accepted(self.slot, self.seq)
     }
 
     pub(crate) fn set_routes(&mut self, exchange: Arc<Exchange<StageId>>, may_publish: Vec<bool>, dead_letter: bool) {

@@ -352,6 +352,9 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         let outboxes = outputs.into_iter().map(|input| input.map(Outboxes::new)).collect();
         let journal = ctx.journal.take().map(|journal| JournalWriter::new(journal, ctx.stage));
         let mut emitter = Emitter::new(links, journal.is_some());
+        if ctx.track_completion {
+            emitter.tracker = Some(Arc::clone(&ctx.tracker));
+        }
         if let Some((exchange, may_publish, dead_letter_unroutable)) = ctx.routes.take() {
             emitter.set_routes(exchange, may_publish, dead_letter_unroutable);
         }
