@@ -68,7 +68,10 @@ pub struct SagaBook {
 
 impl std::fmt::Debug for SagaBook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SagaBook").field("saga", &self.saga.name()).field("running", &self.running()).finish_non_exhaustive()
+        f.debug_struct("SagaBook")
+            .field("saga", &self.saga.name())
+            .field("running", &self.running())
+            .finish_non_exhaustive()
     }
 }
 
@@ -300,7 +303,7 @@ mod tests {
         }
         // Two threads report the two parallel steps of every saga; whoever finishes second
         // starts shipping, which a third thread runs: it fails for every third key.
-        let (ships, shipped) = crossbeam_channel::unbounded();
+        let (ships, to_ship) = crossbeam_channel::unbounded();
         let threads: Vec<_> = [charge, reserve]
             .into_iter()
             .map(|step| {
@@ -319,7 +322,7 @@ mod tests {
             let book = Arc::clone(&book);
             std::thread::spawn(move || {
                 let mut compensations = 0;
-                for (key, command) in shipped {
+                for (key, command) in to_ship {
                     assert_eq!(command, Command::Start(ship), "only shipping is started");
                     let outcome = if key % 3 == 0 { Outcome::Failed } else { Outcome::Succeeded };
                     let mut pending = book.finished(key, ship, outcome).commands;
@@ -371,10 +374,7 @@ mod tests {
         let facts = [Fact::Finished(id("charge"), Outcome::Succeeded)];
         assert_eq!(book.resume(3, &facts).commands, [Command::Start(id("reserve"))]);
         assert_eq!(book.finished(3, id("reserve"), Outcome::Succeeded).commands, [Command::Start(id("ship"))]);
-        let over = [
-            Fact::Finished(id("charge"), Outcome::Failed),
-            Fact::Finished(id("reserve"), Outcome::Failed),
-        ];
+        let over = [Fact::Finished(id("charge"), Outcome::Failed), Fact::Finished(id("reserve"), Outcome::Failed)];
         let turn = book.resume(4, &over);
         assert_eq!(turn.end(), Some(&SagaEnd::Compensated));
         assert_eq!(book.running(), 1, "saga 4 ended in its facts; saga 3 runs");

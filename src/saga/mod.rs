@@ -499,7 +499,8 @@ impl SagaRun {
     /// The steps whose action failed or timed out, in the order they were declared.
     #[must_use]
     pub fn failed(&self) -> Vec<StepId> {
-        let failed = |(i, state): (usize, &State)| matches!(state, State::Failed | State::TimedOut).then_some(StepId(i));
+        let failed =
+            |(i, state): (usize, &State)| matches!(state, State::Failed | State::TimedOut).then_some(StepId(i));
         self.states.iter().enumerate().filter_map(failed).collect()
     }
 

@@ -20,9 +20,11 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
         report.events.total,
         millions(report.orders_per_sec)
     )?;
+    let unshipped =
+        if report.sagas.is_some() { format!(", unshipped {}", o.cancelled_unshipped) } else { String::new() };
     writeln!(
         out,
-        "  orders       confirmed {}  cancelled {} (out of stock {}, declined {})  dead-lettered {}  in flight {}",
+        "  orders       confirmed {}  cancelled {} (out of stock {}, declined {}{unshipped})  dead-lettered {}  in flight {}",
         o.confirmed, o.cancelled, o.cancelled_out_of_stock, o.cancelled_declined, o.dead_lettered, o.in_flight
     )?;
     let l = &report.ledger;
@@ -36,6 +38,7 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
         l.idempotent_replays,
         if l.balanced { "balanced" } else { "UNBALANCED" }
     )?;
+    write_sagas(out, report)?;
     let n = &report.notifications;
     writeln!(
         out,
@@ -94,6 +97,39 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
     if let Some(reason) = &report.poisoned {
         writeln!(out, "\n  POISONED: {reason}")?;
     }
+    Ok(())
+}
+
+/// The orchestrated flow's sagas, and the stock against the carrier's books.
+fn write_sagas(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
+    let Some(sagas) = &report.sagas else { return Ok(()) };
+    let compensations: Vec<String> = sagas.compensations.iter().map(|(step, n)| format!("{step} {n}")).collect();
+    let e = &sagas.end_to_end_us;
+    writeln!(
+        out,
+        "  sagas        completed {}  compensated {}  stuck {}  incomplete {}  (undone: {})  start to end p50 {:.1} us  p99 {:.1} us  p99.9 {:.1} us",
+        sagas.completed,
+        sagas.compensated,
+        sagas.stuck,
+        sagas.incomplete,
+        compensations.join(", "),
+        e.p50,
+        e.p99,
+        e.p999
+    )?;
+    let st = &report.stock;
+    writeln!(
+        out,
+        "  stock        reserved {}  released {}  shipped {}  {}",
+        st.reserved_units,
+        st.released_units,
+        st.shipped_units,
+        if st.balanced {
+            "balanced, SKU by SKU".to_owned()
+        } else {
+            format!("UNBALANCED ({} SKUs)", st.skus_unbalanced)
+        }
+    )?;
     Ok(())
 }
 

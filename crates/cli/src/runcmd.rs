@@ -67,6 +67,18 @@ pub(crate) struct RunArgs {
     /// Fraction of SKUs out of stock, 0 to 1 (overrides the file).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     out_of_stock_rate: Option<f64>,
+    /// Probability that a charge is declined for good, 0 to 1 (overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    payment_decline_rate: Option<f64>,
+    /// Probability that the carrier fails a shipment, 0 to 1 (with --saga orchestrated;
+    /// overrides the file).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    shipping_failure_rate: Option<f64>,
+    /// How the order flow is driven: `chain` (stage to stage through the topic exchange) or
+    /// `orchestrated` (the order's saga: payment and inventory in parallel, then shipping;
+    /// in memory for now). Overrides the file's `simulation.flow`.
+    #[arg(long, value_name = "FLOW", value_parser = parse_flow)]
+    saga: Option<orders::Flow>,
     /// Worker threads per stage (overrides the file's default).
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -179,6 +191,15 @@ fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
     if let Some(rate) = args.out_of_stock_rate {
         file.simulation.out_of_stock_rate = rate;
     }
+    if let Some(rate) = args.payment_decline_rate {
+        file.simulation.payment_decline_rate = rate;
+    }
+    if let Some(rate) = args.shipping_failure_rate {
+        file.simulation.shipping_failure_rate = rate;
+    }
+    if let Some(flow) = args.saga {
+        file.simulation.flow = flow;
+    }
     if let Some(workers) = args.workers {
         file.engine.workers = Some(workers.into());
     }
@@ -186,7 +207,18 @@ fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
         file.engine.batch_events_max = Some(batch);
     }
     let (engine, sim) = file.validate().map_err(|e| UsageError(e.to_string()))?;
+    if sim.flow == orders::Flow::Orchestrated && args.log.log.is_some() {
+        return Err(UsageError(
+            "--saga orchestrated runs in memory for now (its sagas are not yet resumed from a log): drop --log, or \
+             use --saga chain"
+                .into(),
+        ));
+    }
     Ok((engine, sim, routing, file.alerts))
+}
+
+fn parse_flow(text: &str) -> Result<orders::Flow, String> {
+    text.parse()
 }
 
 /// `conduit run`, or with `live` `conduit top`: the same run under a live terminal view.

@@ -675,3 +675,42 @@ fn bench_runs_only_the_cases_asked_for() {
         "redb_rows does not run with these settings",
     );
 }
+
+#[test]
+fn the_orchestrated_saga_runs_from_the_command_line_and_reports_its_sagas() {
+    let report = json_run(&[
+        "--orders",
+        "20000",
+        "--saga",
+        "orchestrated",
+        "--payment-decline-rate",
+        "0.2",
+        "--out-of-stock-rate",
+        "0.2",
+        "--shipping-failure-rate",
+        "0.2",
+    ]);
+    assert_eq!(report["flow"], "orchestrated");
+    let (completed, compensated) = (u(&report, "/sagas/completed"), u(&report, "/sagas/compensated"));
+    assert_eq!(completed + compensated, 20_000);
+    assert_eq!(u(&report, "/sagas/stuck"), 0);
+    assert_eq!(completed, u(&report, "/orders/confirmed"));
+    for step in ["charge", "reserve", "ship"] {
+        assert!(u(&report, &format!("/sagas/compensations/{step}")) > 0, "{step} was undone at least once");
+    }
+    assert!(u(&report, "/orders/cancelled_unshipped") > 0);
+    assert_eq!(u(&report, "/stock/shipped_units"), u(&report, "/stock/confirmed_units"));
+    assert_eq!(report["stock"]["balanced"], true);
+    assert!(report.pointer("/sagas/end_to_end_us/p999").and_then(serde_json::Value::as_f64).is_some_and(|v| v > 0.0));
+    let human = conduit(&["run", "--orders", "2000", "--saga", "orchestrated", "--quiet"]);
+    assert!(human.status.success());
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("sagas        completed 2000  compensated 0  stuck 0"), "{human}");
+
+    assert_refused(&["run", "--saga", "sideways"], "unknown flow \"sideways\"");
+    assert_refused(
+        &["run", "--saga", "orchestrated", "--log", "/tmp/never.redb"],
+        "--saga orchestrated runs in memory",
+    );
+    assert_refused(&["run", "--shipping-failure-rate", "0.1"], "simulation.shipping_failure_rate needs flow");
+}

@@ -11,10 +11,48 @@ use super::ports::Faults;
 use super::stages::names;
 use conduit::{BuildError, ConfigError, EngineConfig, EngineSettings, StageId, Topology};
 
+/// How the order flow is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    /// Each stage hands the order to the next through the topic exchange: payment, then
+    /// inventory, then shipping and notifications; a compensation stage undoes a failure.
+    #[default]
+    Chain,
+    /// The order's saga (`conduit::saga`): payment and inventory in parallel, then shipping,
+    /// then notifications; a failed step has the completed ones compensated in reverse.
+    Orchestrated,
+}
+
+impl Flow {
+    /// The flow's name, as `conduit run --saga` takes it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Chain => "chain",
+            Self::Orchestrated => "orchestrated",
+        }
+    }
+}
+
+impl std::str::FromStr for Flow {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "chain" => Ok(Self::Chain),
+            "orchestrated" => Ok(Self::Orchestrated),
+            other => Err(format!("unknown flow {other:?}: expected chain or orchestrated")),
+        }
+    }
+}
+
 /// The simulated world: workload shape and how the ports misbehave. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
+    /// How the order flow is driven (the chain of stages, or the orchestrated saga).
+    pub flow: Flow,
     /// Seeds the workload and every simulated fault.
     pub seed: u64,
     /// Distinct SKUs ordered (1..=1,000,000).
@@ -39,6 +77,12 @@ pub struct SimConfig {
     pub inventory_latency_us: u64,
     /// Time each notification call takes, in microseconds.
     pub notify_latency_us: u64,
+    /// Probability that the carrier fails a shipment (orchestrated flow only): half are refused
+    /// (nothing shipped), half are shipped with the answer lost, so the step times out and the
+    /// saga cancels the shipment it cannot see.
+    pub shipping_failure_rate: f64,
+    /// Time each carrier call takes, in microseconds.
+    pub shipping_latency_us: u64,
     /// Ask a fraud service over request/reply before every charge (a blocking call per order:
     /// off by default, as it costs a thread hand-off each way).
     pub fraud_check: bool,
@@ -76,6 +120,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
+            flow: Flow::Chain,
             seed: 42,
             skus: 1_000,
             customers: 100_000,
@@ -88,6 +133,8 @@ impl Default for SimConfig {
             payment_latency_us: 0,
             inventory_latency_us: 0,
             notify_latency_us: 0,
+            shipping_failure_rate: 0.0,
+            shipping_latency_us: 0,
             fraud_check: false,
             fraud_deny_rate: 0.0,
             fraud_latency_us: 0,
@@ -119,6 +166,7 @@ impl SimConfig {
             ("fraud_deny_rate", self.fraud_deny_rate),
             ("poison_rate", self.poison_rate),
             ("payment_timeout_rate", self.payment_timeout_rate),
+            ("shipping_failure_rate", self.shipping_failure_rate),
         ];
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
@@ -142,6 +190,7 @@ impl SimConfig {
             ("notify_latency_us", self.notify_latency_us),
             ("fraud_latency_us", self.fraud_latency_us),
             ("payment_timeout_us", self.payment_timeout_us),
+            ("shipping_latency_us", self.shipping_latency_us),
         ];
         for (name, latency) in latencies {
             if latency > LATENCY_US_MAX {
@@ -160,7 +209,17 @@ impl SimConfig {
         if !(1..=7 * 86_400).contains(&self.idempotency_window_s) {
             return Err(out_of_range("idempotency_window_s", self.idempotency_window_s, 1, 7 * 86_400));
         }
-        Ok(())
+        match self.flow {
+            Flow::Chain if self.shipping_failure_rate > 0.0 => Err(ConfigError::Invalid(
+                "simulation.shipping_failure_rate needs flow = \"orchestrated\": the chain ships every confirmed order \
+                 and has no way to undo a failed shipment"
+                    .into(),
+            )),
+            Flow::Orchestrated if self.fraud_check => Err(ConfigError::Invalid(
+                "simulation.fraud_check runs in the chain's payment stage: it needs flow = \"chain\"".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The payment gateway this world describes, its books in memory (see

@@ -75,6 +75,11 @@ pub mod kinds {
     pub const SHIPPED: u16 = 9;
     /// Compensation finished: the order is cancelled (payload: the reason's code).
     pub const CANCELLED: u16 = 10;
+    /// A step of the order's saga failed: what it completed is undone (the orchestrated flow).
+    pub const UNDOING: u16 = 11;
+    /// A fact of the order's saga (payload: a `conduit::saga::Fact`): a step's outcome, or a
+    /// compensation run (the orchestrated flow).
+    pub const SAGA: u16 = 12;
 
     /// The name of a kind, for people.
     #[must_use]
@@ -90,6 +95,8 @@ pub mod kinds {
             TEXTED => "texted",
             SHIPPED => "shipped",
             CANCELLED => "cancelled",
+            UNDOING => "undoing",
+            SAGA => "saga",
             conduit::log::KIND_DEAD_LETTER => "dead_lettered",
             conduit::log::KIND_COMPLETED => "completed",
             _ => "unknown",
@@ -112,6 +119,9 @@ pub enum Step {
     Ship,
     /// Undo what was done, in reverse, and cancel (compensation stage).
     Compensate(CancelReason),
+    /// Run the compensations the order's saga owes, one at a time (compensation stage of the
+    /// orchestrated flow: the saga's book says which).
+    Undo,
 }
 
 /// The message the order pipeline carries: an order and the step asked of it.
@@ -162,6 +172,7 @@ impl OrderEvent {
             Step::Notify | Step::Ship => kinds::RESERVED,
             Step::Compensate(CancelReason::PaymentDeclined) => kinds::DECLINED,
             Step::Compensate(CancelReason::OutOfStock) => kinds::OUT_OF_STOCK,
+            Step::Undo => kinds::UNDOING,
         }
     }
 
@@ -180,6 +191,7 @@ impl OrderEvent {
             Step::Notify => (3, 0),
             Step::Ship => (4, 0),
             Step::Compensate(reason) => (5, reason.code()),
+            Step::Undo => (6, 0),
         };
         out.extend_from_slice(&[step, reason]);
         if self.generation > 0 {
@@ -214,6 +226,7 @@ impl OrderEvent {
             (3, 0) => Step::Notify,
             (4, 0) => Step::Ship,
             (5, reason) => Step::Compensate(CancelReason::from_code(reason)?),
+            (6, 0) => Step::Undo,
             _ => return None,
         };
         Some(Self { order, step, generation })

@@ -34,17 +34,19 @@ pub mod ports;
 mod redrive;
 mod report;
 mod run;
+mod saga;
 mod simulate;
 mod stages;
 mod wiring;
 
-pub use config::{keys, OrderRouting, PipelineFile, SimConfig, TopologyFile};
+pub use config::{keys, Flow, OrderRouting, PipelineFile, SimConfig, TopologyFile};
 pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
 pub use history::{Histories, OrderHistory, OrderStatus, ProviderAudit, VerifiedLedger, VerifyReport};
 pub use pipeline::OrderPipeline;
 pub use redrive::{redrive, redrive_with_provider, RedriveItem, RedrivePlan, RedriveReport};
 pub use report::{
-    DeadLetterReport, EventCounts, LedgerReport, LoadReport, LogReport, OrderCounts, RunReport, StockReport,
+    DeadLetterReport, EventCounts, LedgerReport, LoadReport, LogReport, OrderCounts, RunReport, SagasReport,
+    StockReport,
 };
 pub use run::{
     open_provider, recover, recover_with_provider, run, run_routed, run_until, verify, verify_with_provider, Limit,

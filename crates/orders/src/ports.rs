@@ -727,13 +727,33 @@ impl Notifier for SimulatedNotifier {
 // ---------------------------------------------------------------------------------------------
 // Shipping
 
-/// A simulated carrier: ships each order at most once per key.
+/// A simulated carrier: ships each order at most once per key, and keeps its own books of the
+/// units shipped per SKU, net of the shipments it was asked to cancel.
 #[derive(Debug)]
 pub struct SimulatedCarrier {
-    /// What was shipped, for as long as the idempotency window holds it.
-    shipped: DedupWindow<IdempotencyKey, ()>,
+    /// Seeded refusals and lost answers of [`book`](Self::book) (the chain's [`ship`](Self::ship)
+    /// never fails), and the time each call takes.
+    faults: Faults,
+    /// What was shipped (and whether it was cancelled since), for as long as the idempotency
+    /// window holds it.
+    shipped: DedupWindow<IdempotencyKey, bool>,
     shipments: AtomicU64,
     repeats: AtomicU64,
+    cancellations: AtomicU64,
+    /// Units shipped less units cancelled, per SKU (SKUs past the end are counted in the last).
+    net_units: Box<[AtomicU64]>,
+}
+
+/// Why the carrier did not confirm a shipment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShipError {
+    /// Refused: nothing was booked (no carrier serves the address, say).
+    #[error("the carrier refused the shipment")]
+    Refused,
+    /// Booked, but the confirmation never came back: as far as the caller can tell, the call
+    /// timed out, and the shipment may or may not exist.
+    #[error("the carrier's answer was lost")]
+    Lost,
 }
 
 impl Default for SimulatedCarrier {
@@ -742,18 +762,45 @@ impl Default for SimulatedCarrier {
     }
 }
 
+const SALT_SHIP: u64 = 8;
+
 impl SimulatedCarrier {
-    /// A carrier keeping idempotency keys within `limits`.
+    /// A carrier keeping idempotency keys within `limits`, never failing, with books for one SKU.
     #[must_use]
     pub fn new(limits: WindowLimits) -> Self {
-        Self { shipped: DedupWindow::new(limits), shipments: AtomicU64::new(0), repeats: AtomicU64::new(0) }
+        Self::with_faults(limits, Faults::default(), 1)
+    }
+
+    /// A carrier whose [`book`](Self::book) fails with `faults.failure_rate` (half refused,
+    /// half booked with the answer lost), keeping books for `skus` SKUs.
+    #[must_use]
+    pub fn with_faults(limits: WindowLimits, faults: Faults, skus: u32) -> Self {
+        Self {
+            faults,
+            shipped: DedupWindow::new(limits),
+            shipments: AtomicU64::new(0),
+            repeats: AtomicU64::new(0),
+            cancellations: AtomicU64::new(0),
+            net_units: (0..skus.max(1)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn units_of(&self, sku: u32) -> &AtomicU64 {
+        let last = self.net_units.len() - 1;
+        &self.net_units[(sku as usize).min(last)]
     }
 
     /// Ships `order`; true for the key's first shipment, false for a repeat (nothing shipped).
     pub fn ship(&self, key: IdempotencyKey, order: &Order) -> bool {
+        pause(self.faults.latency);
+        self.record_shipment(key, order)
+    }
+
+    fn record_shipment(&self, key: IdempotencyKey, order: &Order) -> bool {
         debug_assert_eq!((key.effect, key.order), (Effect::Ship, order.id));
-        if self.shipped.insert(key, ()) {
+        if self.shipped.insert(key, false) {
             self.shipments.fetch_add(1, Ordering::Relaxed);
+            self.units_of(order.sku).fetch_add(u64::from(order.quantity), Ordering::Relaxed);
             true
         } else {
             self.repeats.fetch_add(1, Ordering::Relaxed);
@@ -761,17 +808,58 @@ impl SimulatedCarrier {
         }
     }
 
+    /// Books `order`'s shipment, failing as the faults say: `Ok(true)` for the key's first
+    /// shipment, `Ok(false)` for a repeat (already booked, nothing booked again).
+    pub fn book(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<bool, ShipError> {
+        pause(self.faults.latency);
+        let roll = chance(self.faults.seed, order.id, attempt, salted(SALT_SHIP, key));
+        if roll < self.faults.failure_rate / 2.0 {
+            return Err(ShipError::Refused);
+        }
+        let first = self.record_shipment(key, order);
+        if roll < self.faults.failure_rate {
+            return Err(ShipError::Lost);
+        }
+        Ok(first)
+    }
+
+    /// Cancels the shipment booked under `key`, if there is one not cancelled yet; true if this
+    /// call cancelled it. Cancelling what was never booked, or twice, changes nothing.
+    pub fn cancel(&self, key: IdempotencyKey, order: &Order) -> bool {
+        pause(self.faults.latency);
+        self.shipped.update(key, |held| match held {
+            Some(cancelled) if !*cancelled => {
+                *cancelled = true;
+                self.cancellations.fetch_add(1, Ordering::Relaxed);
+                self.units_of(order.sku).fetch_sub(u64::from(order.quantity), Ordering::Relaxed);
+                (true, None)
+            }
+            _ => (false, None),
+        })
+    }
+
     /// Restores a shipment made by an earlier run (recovery from the log).
-    pub fn restore_shipped(&self, order: u64, generation: u32) {
-        let key = IdempotencyKey { order, effect: Effect::Ship, generation };
-        if self.shipped.insert(key, ()) {
+    pub fn restore_shipped(&self, order: &Order, generation: u32) {
+        let key = IdempotencyKey { order: order.id, effect: Effect::Ship, generation };
+        if self.shipped.insert(key, false) {
             self.shipments.fetch_add(1, Ordering::Relaxed);
+            self.units_of(order.sku).fetch_add(u64::from(order.quantity), Ordering::Relaxed);
         }
     }
 
     /// Shipments made, and repeated requests not shipped again.
     pub fn figures(&self) -> (u64, u64) {
         (self.shipments.load(Ordering::Relaxed), self.repeats.load(Ordering::Relaxed))
+    }
+
+    /// Shipments cancelled.
+    pub fn cancellations(&self) -> u64 {
+        self.cancellations.load(Ordering::Relaxed)
+    }
+
+    /// Units of `sku` shipped and not cancelled.
+    pub fn net_units(&self, sku: u32) -> u64 {
+        self.units_of(sku).load(Ordering::Relaxed)
     }
 }
 

@@ -23,6 +23,8 @@ pub struct OrderCounts {
     pub cancelled_out_of_stock: u64,
     /// Of the cancelled: payment declined.
     pub cancelled_declined: u64,
+    /// Of the cancelled: the carrier failed the shipment (orchestrated flow).
+    pub cancelled_unshipped: u64,
     /// Given up on, with compensation applied.
     pub dead_lettered: u64,
     /// Not yet terminal (0 after a drained run).
@@ -96,17 +98,59 @@ pub struct StockReport {
     pub released_units: u64,
     /// Units in confirmed orders.
     pub confirmed_units: u64,
-    /// `reserved - released == confirmed`.
+    /// Units the carrier shipped and was not asked to cancel, on its own books.
+    pub shipped_units: u64,
+    /// SKUs whose units taken from stock (reserved less released) differ from the units the
+    /// carrier shipped of them.
+    pub skus_unbalanced: u64,
+    /// `reserved - released == confirmed == shipped`, and for every SKU the units taken from
+    /// stock are the units shipped.
     pub balanced: bool,
 }
 
 impl StockReport {
-    pub(crate) fn new(stock: StockFigures, confirmed_units: u64) -> Self {
+    pub(crate) fn new(stock: StockFigures, confirmed_units: u64, shipped_units: u64, skus_unbalanced: u64) -> Self {
+        let taken = stock.reserved_units.checked_sub(stock.released_units);
         Self {
             reserved_units: stock.reserved_units,
             released_units: stock.released_units,
             confirmed_units,
-            balanced: stock.reserved_units.checked_sub(stock.released_units) == Some(confirmed_units),
+            shipped_units,
+            skus_unbalanced,
+            balanced: taken == Some(confirmed_units) && shipped_units == confirmed_units && skus_unbalanced == 0,
+        }
+    }
+}
+
+/// How the order sagas ended (orchestrated flow).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SagasReport {
+    /// Sagas started.
+    pub started: u64,
+    /// Sagas whose every step succeeded.
+    pub completed: u64,
+    /// Sagas undone: a step failed and every completed step was compensated.
+    pub compensated: u64,
+    /// Sagas that failed past the point of no return.
+    pub incomplete: u64,
+    /// Sagas still in progress once the pipeline drained.
+    pub stuck: u64,
+    /// Compensations run, by the step undone.
+    pub compensations: BTreeMap<String, u64>,
+    /// From the saga's start to its end, in microseconds.
+    pub end_to_end_us: LatencySummary,
+}
+
+impl From<conduit::saga::SagaReport> for SagasReport {
+    fn from(report: conduit::saga::SagaReport) -> Self {
+        Self {
+            started: report.started,
+            completed: report.completed,
+            compensated: report.compensated,
+            incomplete: report.incomplete,
+            stuck: report.running,
+            compensations: report.compensations,
+            end_to_end_us: report.end_to_end_us,
         }
     }
 }
@@ -168,6 +212,14 @@ pub struct RunReport {
     pub alerts: conduit::AlertsSnapshot,
     /// What the snapshots taken during the run saw ([`run_until`](crate::run_until) takes them).
     pub monitor: Option<crate::MonitorReport>,
+    /// Each order's time from acceptance until it was confirmed or cancelled (its terminal
+    /// state, before the notifications that follow), measured on one order in eight;
+    /// dead-lettered orders are not included. `None` without completion tracking.
+    pub terminal_us: Option<LatencySummary>,
+    /// How the order flow was driven.
+    pub flow: crate::Flow,
+    /// How the order sagas ended (orchestrated flow).
+    pub sagas: Option<SagasReport>,
 }
 
 /// How a run offered its orders.
@@ -233,9 +285,18 @@ impl RunReport {
         }
         if !self.stock.balanced {
             violations.push(format!(
-                "stock unbalanced: reserved {} - released {} != confirmed {}",
-                self.stock.reserved_units, self.stock.released_units, self.stock.confirmed_units
+                "stock unbalanced: reserved {} - released {} != confirmed {} != shipped {} (SKUs unbalanced: {})",
+                self.stock.reserved_units,
+                self.stock.released_units,
+                self.stock.confirmed_units,
+                self.stock.shipped_units,
+                self.stock.skus_unbalanced
             ));
+        }
+        if let Some(sagas) = &self.sagas {
+            if sagas.stuck + sagas.incomplete > 0 {
+                violations.push(format!("{} sagas stuck, {} incomplete", sagas.stuck, sagas.incomplete));
+            }
         }
         if let Some(reason) = &self.poisoned {
             violations.push(format!("engine poisoned: {reason}"));

@@ -62,15 +62,41 @@ pub mod names {
     pub const COMPENSATION: &str = "compensation";
 }
 
+/// Orders whose time from acceptance to their terminal state is measured: one in this many (by
+/// id, which says nothing of how an order fares), so the chain pays for a clock reading and a
+/// histogram update on an eighth of its orders only.
+pub(crate) const TERMINAL_SAMPLE: u64 = 8;
+
 /// Where every order ended, counted once each.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Outcomes {
-    confirmed: AtomicU64,
-    confirmed_total_cents: AtomicU64,
-    confirmed_units: AtomicU64,
-    cancelled_out_of_stock: AtomicU64,
-    cancelled_declined: AtomicU64,
-    dead_lettered: AtomicU64,
+    pub(crate) confirmed: AtomicU64,
+    pub(crate) confirmed_total_cents: AtomicU64,
+    pub(crate) confirmed_units: AtomicU64,
+    pub(crate) cancelled_out_of_stock: AtomicU64,
+    pub(crate) cancelled_declined: AtomicU64,
+    pub(crate) cancelled_unshipped: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    /// Accepted to confirmed or cancelled, in ns, of the sampled orders ([`TERMINAL_SAMPLE`]).
+    terminal_ns: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for Outcomes {
+    fn default() -> Self {
+        Self {
+            confirmed: AtomicU64::new(0),
+            confirmed_total_cents: AtomicU64::new(0),
+            confirmed_units: AtomicU64::new(0),
+            cancelled_out_of_stock: AtomicU64::new(0),
+            cancelled_declined: AtomicU64::new(0),
+            cancelled_unshipped: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            // Microsecond resolution to an hour: the histogram never needs to grow.
+            terminal_ns: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1_000, 3_600_000_000_000, 3).expect("valid bounds"),
+            ),
+        }
+    }
 }
 
 /// A copy of [`Outcomes`] at one moment.
@@ -86,6 +112,8 @@ pub struct OutcomeFigures {
     pub cancelled_out_of_stock: u64,
     /// Orders cancelled because the payment was declined.
     pub cancelled_declined: u64,
+    /// Orders cancelled because the carrier failed the shipment (orchestrated flow).
+    pub cancelled_unshipped: u64,
     /// Orders that ended in the dead letters (after compensation).
     pub dead_lettered: u64,
 }
@@ -94,7 +122,7 @@ impl OutcomeFigures {
     /// Orders cancelled, for any reason.
     #[must_use]
     pub fn cancelled(&self) -> u64 {
-        self.cancelled_out_of_stock + self.cancelled_declined
+        self.cancelled_out_of_stock + self.cancelled_declined + self.cancelled_unshipped
     }
 
     /// Orders in a terminal state.
@@ -112,12 +140,31 @@ impl Outcomes {
         self.confirmed_units.fetch_add(f.confirmed_units, Ordering::Relaxed);
         self.cancelled_out_of_stock.fetch_add(f.cancelled_out_of_stock, Ordering::Relaxed);
         self.cancelled_declined.fetch_add(f.cancelled_declined, Ordering::Relaxed);
+        self.cancelled_unshipped.fetch_add(f.cancelled_unshipped, Ordering::Relaxed);
         self.dead_lettered.fetch_add(f.dead_lettered, Ordering::Relaxed);
     }
 
     /// Takes back one dead-lettered order: it was redriven and runs again.
     pub(crate) fn reopen_dead_lettered(&self) {
         self.dead_lettered.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Notes that `order` reached its terminal state (confirmed or cancelled) in the handler
+    /// `out` belongs to, if it is a sampled order and the engine knows when it was accepted.
+    pub(crate) fn reached_terminal(&self, order: u64, out: &Emitter<OrderEvent>) {
+        if order % TERMINAL_SAMPLE != 0 {
+            return;
+        }
+        if let Some(age) = out.since_accepted() {
+            let ns = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+            self.terminal_ns.lock().saturating_record(ns.max(1_000));
+        }
+    }
+
+    /// Accepted to confirmed or cancelled, of the sampled orders; `None` if none was measured.
+    pub fn terminal_latency(&self) -> Option<conduit::LatencySummary> {
+        let histogram = self.terminal_ns.lock();
+        (!histogram.is_empty()).then(|| conduit::LatencySummary::from_histogram(&histogram))
     }
 
     /// The counts now.
@@ -128,6 +175,7 @@ impl Outcomes {
             confirmed_units: self.confirmed_units.load(Ordering::Relaxed),
             cancelled_out_of_stock: self.cancelled_out_of_stock.load(Ordering::Relaxed),
             cancelled_declined: self.cancelled_declined.load(Ordering::Relaxed),
+            cancelled_unshipped: self.cancelled_unshipped.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
         }
     }
@@ -305,6 +353,7 @@ impl Handler<OrderEvent> for ShippingStage {
             return Outcome::Done;
         }
         out.record(kinds::SHIPPED, &[]);
+        self.outcomes.reached_terminal(order.id, out);
         self.outcomes.confirmed.fetch_add(1, Ordering::Relaxed);
         self.outcomes.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
         self.outcomes.confirmed_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
@@ -345,19 +394,20 @@ impl Handler<OrderEvent> for CompensationStage {
             CancelReason::PaymentDeclined => &self.outcomes.cancelled_declined,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.outcomes.reached_terminal(event.msg.order.id, out);
         out.record(kinds::CANCELLED, &[reason.code()]);
         Outcome::Done
     }
 }
 
 /// Asks the port's breaker (if any) whether to call: `Some(defer)` when it is open.
-fn breaker_says_wait(breaker: Option<&CircuitBreaker>) -> Option<Outcome> {
+pub(crate) fn breaker_says_wait(breaker: Option<&CircuitBreaker>) -> Option<Outcome> {
     let breaker = breaker?;
     (!breaker.allow()).then(|| Outcome::Defer(breaker.retry_after()))
 }
 
 /// Tells the port's breaker (if any) how the call went.
-fn breaker_record(breaker: Option<&CircuitBreaker>, failed: bool) {
+pub(crate) fn breaker_record(breaker: Option<&CircuitBreaker>, failed: bool) {
     if let Some(breaker) = breaker {
         if failed {
             breaker.record_failure();
@@ -367,7 +417,7 @@ fn breaker_record(breaker: Option<&CircuitBreaker>, failed: bool) {
     }
 }
 
-fn unexpected(event: &Envelope<OrderEvent>) -> Outcome {
+pub(crate) fn unexpected(event: &Envelope<OrderEvent>) -> Outcome {
     Outcome::Reject(format!("unexpected step {:?} for order {}", event.msg.step, event.key).into())
 }
 
@@ -394,6 +444,8 @@ pub(crate) struct OrderDeadLetters {
     pub(crate) outcomes: Arc<Outcomes>,
     pub(crate) letters: Mutex<Vec<OrderDeadLetter>>,
     pub(crate) compensation_failures: AtomicU64,
+    /// The orchestrated flow, whose sagas learn of their steps' dead letters here.
+    pub(crate) saga: Option<Arc<crate::saga::SagaFlow>>,
 }
 
 impl OrderDeadLetters {
@@ -413,7 +465,13 @@ impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
         let order = event.order;
         // A notification's dead letter (in its own stage, or unroutable) leaves the order alone.
         let ends_order = letter.envelope.msg.step != Step::Notify;
-        if ends_order {
+        let saga_step = !matches!(event.step, Step::Notify | Step::Place);
+        if let (Some(saga), true) = (&self.saga, saga_step) {
+            // The saga's book decides what is undone, and counts the order when it ends.
+            if !saga.dead_lettered(&event) {
+                self.compensation_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if ends_order {
             // The compensation's own attempts are bounded: the ports are idempotent, so a few
             // tries are safe; if all fail, the failure is counted and the ledger shows it.
             let compensated =

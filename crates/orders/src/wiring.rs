@@ -17,7 +17,10 @@ use super::stages::{
     names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, Outcomes, PaymentStage,
     ShippingStage,
 };
-use crate::{keys, OrderRouting, SimConfig};
+use crate::saga::{
+    SagaCompensationStage, SagaFlow, SagaInventoryStage, SagaOrderStage, SagaPaymentStage, SagaShippingStage, Targets,
+};
+use crate::{keys, Flow, OrderRouting, SimConfig};
 use conduit::breaker::{BreakerConfig, BreakerReport, CircuitBreaker};
 use conduit::rpc::RpcServer;
 use conduit::{BuildError, Engine, EngineConfig, StageId, Topology};
@@ -53,7 +56,11 @@ impl Ports {
             notifier: Arc::new(
                 SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us)).with_window(window),
             ),
-            carrier: Arc::new(SimulatedCarrier::new(window)),
+            carrier: Arc::new(SimulatedCarrier::with_faults(
+                window,
+                sim.faults(sim.shipping_failure_rate, sim.shipping_latency_us),
+                sim.skus,
+            )),
         }
     }
 
@@ -129,14 +136,6 @@ pub(crate) fn build(
     sim.validate()?;
     let ports = Ports::new(sim, provider);
     let outcomes = Arc::new(Outcomes::default());
-    let dead_letters = Arc::new(OrderDeadLetters {
-        inventory: ports.inventory.clone(),
-        gateway: ports.gateway.clone(),
-        outcomes: Arc::clone(&outcomes),
-        letters: Mutex::new(Vec::new()),
-        compensation_failures: AtomicU64::new(0),
-    });
-
     let mut topology = Topology::new();
     let order = topology.stage(names::ORDER);
     let payment = topology.stage(names::PAYMENT);
@@ -155,6 +154,28 @@ pub(crate) fn build(
         (names::COMPENSATION, compensation),
     ];
     debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
+    let breakers = Breakers::new(sim);
+    let saga = (sim.flow == Flow::Orchestrated).then(|| {
+        let targets = Targets { payment, inventory, shipping, compensation, email, sms };
+        Arc::new(SagaFlow::new(targets, ports.clone(), Arc::clone(&outcomes)))
+    });
+    let dead_letters = Arc::new(OrderDeadLetters {
+        inventory: ports.inventory.clone(),
+        gateway: ports.gateway.clone(),
+        outcomes: Arc::clone(&outcomes),
+        letters: Mutex::new(Vec::new()),
+        compensation_failures: AtomicU64::new(0),
+        saga: saga.clone(),
+    });
+    if let Some(flow) = saga {
+        if *routing != OrderRouting::default() {
+            return Err(BuildError::Config(conduit::ConfigError::Invalid(
+                "a topology file's bindings route the chain: the orchestrated flow has no bindings to change".into(),
+            )));
+        }
+        wire_orchestrated(&mut topology, &flow, &breakers, order);
+        return Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: None, saga: Some(flow) });
+    }
     // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
     // compensated), which the report shows.
     topology.entry(order).dead_letter_unroutable(true);
@@ -172,7 +193,6 @@ pub(crate) fn build(
     topology.handler(order, move |_| OrderStage { accepted });
     let gateway = ports.gateway.clone();
     let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers.max)?;
-    let breakers = Breakers::new(sim);
     let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
     let breaker = breakers.payment.clone();
     topology.handler(payment, move |_| PaymentStage {
@@ -204,7 +224,44 @@ pub(crate) fn build(
         gateway: gateway.clone(),
         outcomes: Arc::clone(&cancelled),
     });
-    Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server })
+    Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server, saga: None })
+}
+
+/// Lays the orchestrated flow's stages out in the saga's order (see [`crate::saga`]).
+fn wire_orchestrated(topology: &mut Topology<OrderEvent>, flow: &Arc<SagaFlow>, breakers: &Breakers, order: StageId) {
+    let Targets { payment, inventory, shipping, compensation, email, sms } = *flow.targets();
+    topology.entry(order);
+    for (from, to) in [
+        (order, payment),
+        (order, inventory),
+        (payment, shipping),
+        (payment, compensation),
+        (inventory, shipping),
+        (inventory, compensation),
+        (shipping, compensation),
+        (shipping, email),
+        (shipping, sms),
+    ] {
+        topology.link(from, to);
+    }
+    let handler = |flow: &Arc<SagaFlow>| Arc::clone(flow);
+    let f = handler(flow);
+    topology.handler(order, move |_| SagaOrderStage { flow: Arc::clone(&f) });
+    let (f, breaker) = (handler(flow), breakers.payment.clone());
+    topology.handler(payment, move |_| SagaPaymentStage { flow: Arc::clone(&f), breaker: breaker.clone() });
+    let (f, breaker) = (handler(flow), breakers.inventory.clone());
+    topology.handler(inventory, move |_| SagaInventoryStage { flow: Arc::clone(&f), breaker: breaker.clone() });
+    let f = handler(flow);
+    topology.handler(shipping, move |_| SagaShippingStage { flow: Arc::clone(&f) });
+    let f = handler(flow);
+    topology.handler(compensation, move |_| SagaCompensationStage { flow: Arc::clone(&f) });
+    let ports = flow.ports();
+    for (stage, channel, breaker) in
+        [(email, Channel::Email, breakers.email.clone()), (sms, Channel::Sms, breakers.sms.clone())]
+    {
+        let notifier = ports.notifier.clone();
+        topology.handler(stage, move |_| NotifyStage { channel, notifier: notifier.clone(), breaker: breaker.clone() });
+    }
 }
 
 /// The order pipeline, built and not started.
@@ -216,4 +273,6 @@ pub(crate) struct Built {
     pub(crate) dead_letters: Arc<OrderDeadLetters>,
     pub(crate) breakers: Breakers,
     pub(crate) fraud: Option<Arc<RpcServer<Order, FraudVerdict>>>,
+    /// The orchestrated flow's shared state, when the flow is orchestrated.
+    pub(crate) saga: Option<Arc<SagaFlow>>,
 }

@@ -1,0 +1,371 @@
+//! The orchestrated order flow: the order's saga on `conduit::saga`.
+//!
+//! ```text
+//!            +--> payment ---+                    (charge, in parallel with reserve)
+//! order -----+               +--> shipping --+--> email, sms   (completed)
+//!            +--> inventory -+       |       `--> ...
+//!                  |                 |
+//!                  `-----------------+--> compensation         (refund, release, cancel shipment)
+//! ```
+//!
+//! The order stage starts the saga in the [`SagaBook`]; each step's stage runs its action and
+//! reports the outcome to the book, which says what comes next: the stage that reports the
+//! second of charge and reserve starts shipping; a failure has the steps that completed undone
+//! by the compensation stage, one at a time, the last completed first. The links stay acyclic
+//! (no step answers a stage before it), so backpressure can never deadlock the flow.
+//!
+//! Each report is also a fact in the journal (`kinds::SAGA`), so the saga's story is in the log.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rustc_hash::FxHashSet;
+
+use super::domain::{kinds, Effect, OrderEvent, Step};
+use super::ports::{InventoryError, InventoryStore, PaymentError, PaymentGateway, ShipError};
+use super::stages::{breaker_record, breaker_says_wait, unexpected, Outcomes};
+use super::wiring::Ports;
+use conduit::breaker::CircuitBreaker;
+use conduit::saga::{Command, Fact, Outcome as StepOutcome, Saga, SagaBook, SagaEnd, StepId, Turn};
+use conduit::{Emitter, Envelope, Handler, Outcome, StageId};
+
+/// The order's saga: charge and reserve in parallel, then ship. Notifications follow a
+/// completed saga; they undo nothing and are not steps.
+pub(crate) fn order_saga() -> Saga {
+    use conduit::saga::Step as SagaStep;
+    Saga::builder("order")
+        .group([SagaStep::new("charge").compensated_by("refund"), SagaStep::new("reserve").compensated_by("release")])
+        .group([SagaStep::new("ship").compensated_by("cancel_shipment")])
+        .build()
+        .expect("the order saga is well formed")
+}
+
+/// Where the flow's commands go.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Targets {
+    pub(crate) payment: StageId,
+    pub(crate) inventory: StageId,
+    pub(crate) shipping: StageId,
+    pub(crate) compensation: StageId,
+    pub(crate) email: StageId,
+    pub(crate) sms: StageId,
+}
+
+/// What every stage of the orchestrated flow shares: the book of sagas in progress, the steps
+/// by name, the ports, the outcome counts.
+pub(crate) struct SagaFlow {
+    pub(crate) book: SagaBook,
+    charge: StepId,
+    reserve: StepId,
+    ship: StepId,
+    targets: Targets,
+    ports: Ports,
+    outcomes: Arc<Outcomes>,
+    /// Orders one of whose steps was dead-lettered, until their saga ends (then counted as
+    /// dead-lettered, not cancelled): at most the sagas in progress.
+    dead_lettered: Mutex<FxHashSet<u64>>,
+}
+
+impl std::fmt::Debug for SagaFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaFlow").field("book", &self.book).finish_non_exhaustive()
+    }
+}
+
+impl SagaFlow {
+    pub(crate) fn new(targets: Targets, ports: Ports, outcomes: Arc<Outcomes>) -> Self {
+        let saga = order_saga();
+        let step = |name| saga.step(name).expect("a step of the order saga");
+        let (charge, reserve, ship) = (step("charge"), step("reserve"), step("ship"));
+        Self {
+            book: SagaBook::new(saga),
+            charge,
+            reserve,
+            ship,
+            targets,
+            ports,
+            outcomes,
+            dead_lettered: Mutex::new(FxHashSet::default()),
+        }
+    }
+
+    /// Where the flow's commands go.
+    pub(crate) fn targets(&self) -> &Targets {
+        &self.targets
+    }
+
+    /// The ports the steps call.
+    pub(crate) fn ports(&self) -> &Ports {
+        &self.ports
+    }
+
+    /// The step an event asks for, if it is one of the saga's.
+    fn step_of(&self, step: Step) -> Option<StepId> {
+        match step {
+            Step::Charge => Some(self.charge),
+            Step::Reserve => Some(self.reserve),
+            Step::Ship => Some(self.ship),
+            _ => None,
+        }
+    }
+
+    /// Reports `step`'s outcome for `event`'s order, records it, and does what the book says.
+    fn report(&self, event: &OrderEvent, step: StepId, outcome: StepOutcome, out: &mut Emitter<OrderEvent>) {
+        out.record(kinds::SAGA, &Fact::Finished(step, outcome).encode());
+        let turn = self.book.finished(event.order.id, step, outcome);
+        self.follow(event, &turn, out);
+    }
+
+    /// Sends each started step to its stage and any compensation to the compensation stage;
+    /// counts the order once its saga ends.
+    fn follow(&self, event: &OrderEvent, turn: &Turn, out: &mut Emitter<OrderEvent>) {
+        for command in &turn.commands {
+            match command {
+                Command::Start(step) if *step == self.charge => {
+                    out.emit(self.targets.payment, event.then(Step::Charge));
+                }
+                Command::Start(step) if *step == self.reserve => {
+                    out.emit(self.targets.inventory, event.then(Step::Reserve));
+                }
+                Command::Start(_) => out.emit(self.targets.shipping, event.then(Step::Ship)),
+                Command::Compensate(_) => out.emit(self.targets.compensation, event.then(Step::Undo)),
+                Command::Finish(end) => {
+                    if *end == SagaEnd::Completed {
+                        out.emit(self.targets.email, event.then(Step::Notify));
+                        out.emit(self.targets.sms, event.then(Step::Notify));
+                    }
+                    self.count_end(event, end, &turn.failed, Some(out));
+                }
+            }
+        }
+    }
+
+    /// Counts an order whose saga ended: confirmed, cancelled (by the first step that failed),
+    /// or dead-lettered (a step's event was). `out`, the handler's emitter if a handler ended
+    /// it, times a confirmed or cancelled order from its acceptance.
+    fn count_end(&self, event: &OrderEvent, end: &SagaEnd, failed: &[StepId], out: Option<&Emitter<OrderEvent>>) {
+        let order = &event.order;
+        let outcomes = &*self.outcomes;
+        if self.dead_lettered.lock().remove(&order.id) {
+            outcomes.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(out) = out {
+            outcomes.reached_terminal(order.id, out);
+        }
+        let counter = match end {
+            SagaEnd::Completed => {
+                outcomes.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+                outcomes.confirmed_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+                &outcomes.confirmed
+            }
+            SagaEnd::Compensated if failed.contains(&self.charge) => &outcomes.cancelled_declined,
+            SagaEnd::Compensated if failed.contains(&self.reserve) => &outcomes.cancelled_out_of_stock,
+            SagaEnd::Compensated => &outcomes.cancelled_unshipped,
+            SagaEnd::Incomplete { .. } => {
+                // Every step of the order saga has a compensation, so no failure is past the
+                // point of no return; were one, the order would still end exactly once.
+                tracing::error!(order = order.id, "order saga ended incomplete");
+                &outcomes.dead_lettered
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs the compensation of `step` for `event`'s order.
+    fn undo(&self, event: &OrderEvent, step: StepId, attempt: u32) -> Result<(), conduit::Reason> {
+        let order = &event.order;
+        if step == self.charge {
+            self.ports.gateway.refund(event.key(Effect::Refund), order, attempt).map_err(|e| e.to_string().into())
+        } else if step == self.reserve {
+            self.ports.inventory.release(event.key(Effect::Release), order, attempt).map_err(|e| e.to_string().into())
+        } else {
+            self.ports.carrier.cancel(event.key(Effect::Ship), order);
+            Ok(())
+        }
+    }
+
+    /// Runs the compensations `event`'s saga owes, one at a time, recording each; stops at the
+    /// first that fails (the book still owes it).
+    fn compensate(
+        &self,
+        event: &OrderEvent,
+        attempt: u32,
+        out: &mut Emitter<OrderEvent>,
+    ) -> Result<(), conduit::Reason> {
+        let id = event.order.id;
+        let mut owed = self.book.owed(id);
+        while let Some(Command::Compensate(step)) = owed.first().cloned() {
+            self.undo(event, step, attempt)?;
+            out.record(kinds::SAGA, &Fact::Compensated(step).encode());
+            let turn = self.book.compensated(id, step);
+            if let Some(end) = turn.end() {
+                self.count_end(event, end, &turn.failed, Some(out));
+            }
+            // The next compensation runs here, not in an event sent to this same stage (the
+            // links stay acyclic).
+            owed = turn.commands;
+        }
+        Ok(())
+    }
+
+    /// A step's event was dead-lettered (its retries spent, or rejected). Whether its action
+    /// took effect is unknown (a charge that failed after charging, then ran out of retries), so
+    /// the step counts as timed out: it is compensated too, and compensating what never happened
+    /// is a no-op on the other side's books. The compensations it leads to run here, a few
+    /// attempts each, as no stage will run them; one that still fails is counted and left owed
+    /// in the book (the saga is stuck, and says so).
+    pub(crate) fn dead_lettered(&self, event: &OrderEvent) -> bool {
+        let id = event.order.id;
+        let turn = match event.step {
+            Step::Undo => Turn { commands: self.book.owed(id), failed: Vec::new() },
+            step => match self.step_of(step) {
+                Some(step) => {
+                    self.dead_lettered.lock().insert(id);
+                    self.book.finished(id, step, StepOutcome::TimedOut)
+                }
+                None => return false,
+            },
+        };
+        let mut pending = turn.commands;
+        let mut failed = turn.failed;
+        while let Some(command) = pending.pop() {
+            match command {
+                Command::Compensate(step) => {
+                    if !(0..3).any(|attempt| self.undo(event, step, attempt).is_ok()) {
+                        tracing::error!(order = id, "a compensation of a dead-lettered order failed");
+                        return false;
+                    }
+                    let turn = self.book.compensated(id, step);
+                    pending.extend(turn.commands);
+                    failed = turn.failed;
+                }
+                Command::Finish(end) => self.count_end(event, &end, &failed, None),
+                // A failure starts nothing.
+                Command::Start(_) => {}
+            }
+        }
+        true
+    }
+}
+
+/// Order stage of the orchestrated flow: checks a new order and starts its saga.
+pub(crate) struct SagaOrderStage {
+    pub(crate) flow: Arc<SagaFlow>,
+}
+
+impl Handler<OrderEvent> for SagaOrderStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        let order = &event.msg.order;
+        if event.msg.step != Step::Place {
+            return unexpected(event);
+        }
+        if order.quantity == 0 || order.amount_cents == 0 {
+            return Outcome::Malformed("malformed payload: zero quantity or amount".into());
+        }
+        out.record(kinds::ACCEPTED, &[]);
+        let turn = self.flow.book.start(order.id);
+        self.flow.follow(&event.msg, &turn, out);
+        Outcome::Done
+    }
+}
+
+/// Payment step: charges once per order; a decline fails the step.
+pub(crate) struct SagaPaymentStage {
+    pub(crate) flow: Arc<SagaFlow>,
+    pub(crate) breaker: Option<Arc<CircuitBreaker>>,
+}
+
+impl Handler<OrderEvent> for SagaPaymentStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Charge {
+            return unexpected(event);
+        }
+        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
+            return wait;
+        }
+        let flow = &*self.flow;
+        let charged = flow.ports.gateway.charge(event.msg.key(Effect::Charge), &event.msg.order, event.attempt);
+        breaker_record(
+            self.breaker.as_deref(),
+            matches!(charged, Err(PaymentError::Transient(_) | PaymentError::Timeout(_))),
+        );
+        let outcome = match charged {
+            Ok(()) => StepOutcome::Succeeded,
+            Err(error @ (PaymentError::Transient(_) | PaymentError::Timeout(_))) => {
+                return Outcome::Retry(error.to_string().into())
+            }
+            Err(PaymentError::Declined(_) | PaymentError::Refunded(_)) => StepOutcome::Failed,
+        };
+        flow.report(&event.msg, flow.charge, outcome, out);
+        Outcome::Done
+    }
+}
+
+/// Inventory step: reserves stock; none left fails the step.
+pub(crate) struct SagaInventoryStage {
+    pub(crate) flow: Arc<SagaFlow>,
+    pub(crate) breaker: Option<Arc<CircuitBreaker>>,
+}
+
+impl Handler<OrderEvent> for SagaInventoryStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Reserve {
+            return unexpected(event);
+        }
+        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
+            return wait;
+        }
+        let flow = &*self.flow;
+        let reserved = flow.ports.inventory.reserve(event.msg.key(Effect::Reserve), &event.msg.order, event.attempt);
+        breaker_record(self.breaker.as_deref(), matches!(reserved, Err(InventoryError::Transient(_))));
+        let outcome = match reserved {
+            Ok(()) => StepOutcome::Succeeded,
+            Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
+            Err(InventoryError::OutOfStock { .. }) => StepOutcome::Failed,
+        };
+        flow.report(&event.msg, flow.reserve, outcome, out);
+        Outcome::Done
+    }
+}
+
+/// Shipping step: books the shipment; a refusal fails the step, a lost answer times it out.
+pub(crate) struct SagaShippingStage {
+    pub(crate) flow: Arc<SagaFlow>,
+}
+
+impl Handler<OrderEvent> for SagaShippingStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Ship {
+            return unexpected(event);
+        }
+        let flow = &*self.flow;
+        let outcome = match flow.ports.carrier.book(event.msg.key(Effect::Ship), &event.msg.order, event.attempt) {
+            Ok(_) => StepOutcome::Succeeded,
+            Err(ShipError::Refused) => StepOutcome::Failed,
+            Err(ShipError::Lost) => StepOutcome::TimedOut,
+        };
+        flow.report(&event.msg, flow.ship, outcome, out);
+        Outcome::Done
+    }
+}
+
+/// Compensation stage of the orchestrated flow: runs what the order's saga owes, in the order
+/// the book gives (the last completed step first); a compensation that fails is retried with
+/// backoff, and the book still owes it.
+pub(crate) struct SagaCompensationStage {
+    pub(crate) flow: Arc<SagaFlow>,
+}
+
+impl Handler<OrderEvent> for SagaCompensationStage {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Undo {
+            return unexpected(event);
+        }
+        match self.flow.compensate(&event.msg, event.attempt, out) {
+            Ok(()) => Outcome::Done,
+            Err(reason) => Outcome::Retry(reason),
+        }
+    }
+}
