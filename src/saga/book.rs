@@ -52,7 +52,8 @@ impl Turn {
     }
 }
 
-/// The sagas of one definition in progress, by key. See the [module](self) docs.
+/// The sagas of one definition in progress, by key: the orchestrator's state for stages laid out
+/// in the saga's order (see [`crate::saga`]). One entry per saga in progress; it leaves when it ends.
 pub struct SagaBook {
     saga: Saga,
     shards: Box<[Mutex<FxHashMap<u64, Entry>>]>,

@@ -22,6 +22,14 @@
 //!   not, for every step that has one, so that nothing which could still fail needs undoing once
 //!   it runs. If such a step fails, the saga ends [`SagaEnd::Incomplete`]: nothing is undone,
 //!   and whoever runs it dead-letters the saga with its story.
+//!
+//! In the engine, a [`SagaBook`] holds the runs in progress by key. The engine's links form a
+//! directed acyclic graph (a cycle of bounded queues can deadlock under backpressure), so a saga
+//! is not run by one stage that its steps answer: the stages that run the steps are laid out in
+//! the saga's order, and whichever finishes a step reports it to the book, which answers with
+//! what to do next ([`Turn`]): start the steps now ready, compensate, or finish. Workers of any
+//! stage, in any number, may report steps of the same saga in any order. The reference order
+//! application's orchestrated flow is the worked example.
 
 mod book;
 
