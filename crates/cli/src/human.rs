@@ -100,7 +100,7 @@ pub(crate) fn write_report(out: &mut impl Write, report: &RunReport) -> io::Resu
     Ok(())
 }
 
-/// The orchestrated flow's sagas, and the stock against the carrier's books.
+/// The saga flows' sagas, and the stock against the carrier's books.
 fn write_sagas(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
     let Some(sagas) = &report.sagas else { return Ok(()) };
     let compensations: Vec<String> = sagas.compensations.iter().map(|(step, n)| format!("{step} {n}")).collect();

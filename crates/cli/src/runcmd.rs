@@ -74,9 +74,10 @@ pub(crate) struct RunArgs {
     /// overrides the file).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     shipping_failure_rate: Option<f64>,
-    /// How the order flow is driven: `chain` (stage to stage through the topic exchange) or
-    /// `orchestrated` (the order's saga: payment and inventory in parallel, then shipping;
-    /// in memory for now). Overrides the file's `simulation.flow`.
+    /// How the order flow is driven: `chain` (stage to stage through the topic exchange),
+    /// `orchestrated` (the order's saga: payment and inventory in parallel, then shipping) or
+    /// `choreography` (the same saga, each service reacting to the others' events; the saga
+    /// flows run in memory for now). Overrides the file's `simulation.flow`.
     #[arg(long, value_name = "FLOW", value_parser = parse_flow)]
     saga: Option<orders::Flow>,
     /// Worker threads per stage (overrides the file's default).
@@ -207,12 +208,12 @@ fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
         file.engine.batch_events_max = Some(batch);
     }
     let (engine, sim) = file.validate().map_err(|e| UsageError(e.to_string()))?;
-    if sim.flow == orders::Flow::Orchestrated && args.log.log.is_some() {
-        return Err(UsageError(
-            "--saga orchestrated runs in memory for now (its sagas are not yet resumed from a log): drop --log, or \
-             use --saga chain"
-                .into(),
-        ));
+    if sim.flow != orders::Flow::Chain && args.log.log.is_some() {
+        return Err(UsageError(format!(
+            "--saga {} runs in memory for now (its sagas are not yet resumed from a log): drop --log, or use --saga \
+             chain",
+            sim.flow.name()
+        )));
     }
     Ok((engine, sim, routing, file.alerts))
 }

@@ -707,6 +707,13 @@ fn the_orchestrated_saga_runs_from_the_command_line_and_reports_its_sagas() {
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(human.contains("sagas        completed 2000  compensated 0  stuck 0"), "{human}");
 
+    let choreographed = json_run(&["--orders", "20000", "--saga", "choreography", "--shipping-failure-rate", "0.2"]);
+    assert_eq!(choreographed["flow"], "choreography");
+    assert_eq!(u(&choreographed, "/sagas/completed") + u(&choreographed, "/sagas/compensated"), 20_000);
+    assert_eq!(u(&choreographed, "/sagas/stuck"), 0);
+    assert_eq!(choreographed["stock"]["balanced"], true);
+    assert_eq!(choreographed["ledger"]["balanced"], true);
+
     assert_refused(&["run", "--saga", "sideways"], "unknown flow \"sideways\"");
     assert_refused(
         &["run", "--saga", "orchestrated", "--log", "/tmp/never.redb"],

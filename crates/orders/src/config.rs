@@ -22,6 +22,10 @@ pub enum Flow {
     /// The order's saga (`conduit::saga`): payment and inventory in parallel, then shipping,
     /// then notifications; a failed step has the completed ones compensated in reverse.
     Orchestrated,
+    /// The same saga with no orchestrator: each service reacts to the others' events through the
+    /// topic exchange (payment and inventory to the placed order, the carrier to both of their
+    /// answers, the compensations to a cancellation).
+    Choreography,
 }
 
 impl Flow {
@@ -31,6 +35,7 @@ impl Flow {
         match self {
             Self::Chain => "chain",
             Self::Orchestrated => "orchestrated",
+            Self::Choreography => "choreography",
         }
     }
 }
@@ -42,7 +47,8 @@ impl std::str::FromStr for Flow {
         match text {
             "chain" => Ok(Self::Chain),
             "orchestrated" => Ok(Self::Orchestrated),
-            other => Err(format!("unknown flow {other:?}: expected chain or orchestrated")),
+            "choreography" | "choreographed" => Ok(Self::Choreography),
+            other => Err(format!("unknown flow {other:?}: expected chain, orchestrated or choreography")),
         }
     }
 }
@@ -211,11 +217,11 @@ impl SimConfig {
         }
         match self.flow {
             Flow::Chain if self.shipping_failure_rate > 0.0 => Err(ConfigError::Invalid(
-                "simulation.shipping_failure_rate needs flow = \"orchestrated\": the chain ships every confirmed order \
-                 and has no way to undo a failed shipment"
+                "simulation.shipping_failure_rate needs flow = \"orchestrated\" or \"choreography\": the chain ships \
+                 every confirmed order and has no way to undo a failed shipment"
                     .into(),
             )),
-            Flow::Orchestrated if self.fraud_check => Err(ConfigError::Invalid(
+            Flow::Orchestrated | Flow::Choreography if self.fraud_check => Err(ConfigError::Invalid(
                 "simulation.fraud_check runs in the chain's payment stage: it needs flow = \"chain\"".into(),
             )),
             _ => Ok(()),

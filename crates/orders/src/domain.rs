@@ -122,6 +122,97 @@ pub enum Step {
     /// Run the compensations the order's saga owes, one at a time (compensation stage of the
     /// orchestrated flow: the saga's book says which).
     Undo,
+    /// A service's answer, announced to whoever listens (the choreographed flow).
+    Announce(Announced),
+    /// Undo what the cancellation names, and cancel (compensation stage of the choreographed
+    /// flow).
+    Cancel(Cancellation),
+}
+
+/// What a service of the choreographed flow announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announced {
+    /// The payment service charged the order.
+    Charged,
+    /// The payment service declined it.
+    Declined,
+    /// The inventory reserved its units.
+    Reserved,
+    /// The inventory had too few units.
+    OutOfStock,
+}
+
+impl Announced {
+    fn code(self) -> u8 {
+        match self {
+            Self::Charged => 1,
+            Self::Declined => 2,
+            Self::Reserved => 3,
+            Self::OutOfStock => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Charged),
+            2 => Some(Self::Declined),
+            3 => Some(Self::Reserved),
+            4 => Some(Self::OutOfStock),
+            _ => None,
+        }
+    }
+}
+
+/// Why an order of the choreographed flow is cancelled, and what is to be undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancellation {
+    /// Refund the charge (made, or maybe made).
+    pub refund: bool,
+    /// Release the reservation.
+    pub release: bool,
+    /// Cancel the shipment (booked, or maybe booked).
+    pub cancel_shipment: bool,
+    /// Why.
+    pub cause: CancelCause,
+}
+
+/// Why an order was cancelled, as the choreographed flow tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelCause {
+    /// The charge was declined.
+    Declined,
+    /// The SKU ran out.
+    OutOfStock,
+    /// The carrier failed the shipment.
+    Unshipped,
+    /// A service's event was dead-lettered (its retries spent).
+    DeadLettered,
+}
+
+impl Cancellation {
+    /// The cancellation as one byte: the three undo bits, then the cause in bits 4 and 5.
+    fn code(self) -> u8 {
+        let cause = match self.cause {
+            CancelCause::Declined => 0,
+            CancelCause::OutOfStock => 1,
+            CancelCause::Unshipped => 2,
+            CancelCause::DeadLettered => 3,
+        };
+        u8::from(self.refund) | u8::from(self.release) << 1 | u8::from(self.cancel_shipment) << 2 | cause << 4
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        if code & 0b1100_1000 != 0 {
+            return None;
+        }
+        let cause = match code >> 4 {
+            0 => CancelCause::Declined,
+            1 => CancelCause::OutOfStock,
+            2 => CancelCause::Unshipped,
+            _ => CancelCause::DeadLettered,
+        };
+        Some(Self { refund: code & 1 != 0, release: code & 2 != 0, cancel_shipment: code & 4 != 0, cause })
+    }
 }
 
 /// The message the order pipeline carries: an order and the step asked of it.
@@ -168,11 +259,11 @@ impl OrderEvent {
         match self.step {
             Step::Place => kinds::PLACED,
             Step::Charge => kinds::ACCEPTED,
-            Step::Reserve => kinds::CHARGED,
-            Step::Notify | Step::Ship => kinds::RESERVED,
-            Step::Compensate(CancelReason::PaymentDeclined) => kinds::DECLINED,
-            Step::Compensate(CancelReason::OutOfStock) => kinds::OUT_OF_STOCK,
-            Step::Undo => kinds::UNDOING,
+            Step::Reserve | Step::Announce(Announced::Charged) => kinds::CHARGED,
+            Step::Notify | Step::Ship | Step::Announce(Announced::Reserved) => kinds::RESERVED,
+            Step::Compensate(CancelReason::PaymentDeclined) | Step::Announce(Announced::Declined) => kinds::DECLINED,
+            Step::Compensate(CancelReason::OutOfStock) | Step::Announce(Announced::OutOfStock) => kinds::OUT_OF_STOCK,
+            Step::Undo | Step::Cancel(_) => kinds::UNDOING,
         }
     }
 
@@ -192,6 +283,8 @@ impl OrderEvent {
             Step::Ship => (4, 0),
             Step::Compensate(reason) => (5, reason.code()),
             Step::Undo => (6, 0),
+            Step::Announce(announced) => (7, announced.code()),
+            Step::Cancel(cancellation) => (8, cancellation.code()),
         };
         out.extend_from_slice(&[step, reason]);
         if self.generation > 0 {
@@ -227,6 +320,8 @@ impl OrderEvent {
             (4, 0) => Step::Ship,
             (5, reason) => Step::Compensate(CancelReason::from_code(reason)?),
             (6, 0) => Step::Undo,
+            (7, code) => Step::Announce(Announced::from_code(code)?),
+            (8, code) => Step::Cancel(Cancellation::from_code(code)?),
             _ => return None,
         };
         Some(Self { order, step, generation })

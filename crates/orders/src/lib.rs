@@ -25,6 +25,7 @@
 //! ```
 
 mod books;
+mod choreography;
 mod config;
 mod domain;
 pub mod fuzz;
@@ -40,7 +41,10 @@ mod stages;
 mod wiring;
 
 pub use config::{keys, Flow, OrderRouting, PipelineFile, SimConfig, TopologyFile};
-pub use domain::{kinds, CancelReason, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent, Step, Workload};
+pub use domain::{
+    kinds, Announced, CancelCause, CancelReason, Cancellation, Effect, IdempotencyKey, Order, OrderCodec, OrderEvent,
+    Step, Workload,
+};
 pub use history::{Histories, OrderHistory, OrderStatus, ProviderAudit, VerifiedLedger, VerifyReport};
 pub use pipeline::OrderPipeline;
 pub use redrive::{redrive, redrive_with_provider, RedriveItem, RedrivePlan, RedriveReport};

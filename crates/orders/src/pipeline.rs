@@ -38,6 +38,8 @@ pub struct OrderPipeline {
     ledger_before: LedgerFigures,
     /// The orchestrated flow's sagas, when the flow is orchestrated.
     saga: Option<Arc<crate::saga::SagaFlow>>,
+    /// The choreographed flow's services' shared state, when the flow is choreographed.
+    choreography: Option<Arc<crate::choreography::Choreography>>,
 }
 
 impl std::fmt::Debug for OrderPipeline {
@@ -105,15 +107,24 @@ impl OrderPipeline {
     ) -> Result<Self, BuildError> {
         conduit::crashpoint::register(&crate::CRASH_POINTS);
         let ledger_before = provider.as_ref().map(|p| p.ledger()).unwrap_or_default();
-        if log.is_some() && sim.flow == crate::Flow::Orchestrated {
-            return Err(BuildError::Config(conduit::ConfigError::Invalid(
-                "the orchestrated flow runs in memory for now: its sagas are not yet resumed from a log (run it \
-                 without a log, or with flow = \"chain\")"
-                    .into(),
-            )));
+        if log.is_some() && sim.flow != crate::Flow::Chain {
+            return Err(BuildError::Config(conduit::ConfigError::Invalid(format!(
+                "the {} flow runs in memory for now: its sagas are not yet resumed from a log (run it without a \
+                 log, or with flow = \"chain\")",
+                sim.flow.name()
+            ))));
         }
-        let Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server, saga } =
-            build(config, sim, routing, provider)?;
+        let Built {
+            topology,
+            stages,
+            ports,
+            outcomes,
+            dead_letters,
+            breakers,
+            fraud: fraud_server,
+            saga,
+            choreography,
+        } = build(config, sim, routing, provider)?;
         let submitted_before = restore.map_or(0, |histories| restore_ports(histories, &ports, &outcomes));
         let mut builder = Engine::builder(topology)
             .config(config)
@@ -138,6 +149,7 @@ impl OrderPipeline {
             started: Instant::now(),
             ledger_before,
             saga,
+            choreography,
         })
     }
 
@@ -280,7 +292,11 @@ impl OrderPipeline {
             monitor: None,
             terminal_us: self.outcomes.terminal_latency(),
             flow: self.sim.flow,
-            sagas: self.saga.as_ref().map(|flow| flow.book.report_now().into()),
+            sagas: match (&self.saga, &self.choreography) {
+                (Some(flow), _) => Some(flow.book.report_now().into()),
+                (None, Some(flow)) => Some(flow.report()),
+                (None, None) => None,
+            },
         }
     }
 

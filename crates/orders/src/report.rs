@@ -23,7 +23,7 @@ pub struct OrderCounts {
     pub cancelled_out_of_stock: u64,
     /// Of the cancelled: payment declined.
     pub cancelled_declined: u64,
-    /// Of the cancelled: the carrier failed the shipment (orchestrated flow).
+    /// Of the cancelled: the carrier failed the shipment (the saga flows).
     pub cancelled_unshipped: u64,
     /// Given up on, with compensation applied.
     pub dead_lettered: u64,
@@ -122,7 +122,8 @@ impl StockReport {
     }
 }
 
-/// How the order sagas ended (orchestrated flow).
+/// How the order sagas ended (the saga flows; in the choreographed one, as its services counted:
+/// no book sees a whole saga there).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SagasReport {
     /// Sagas started.
@@ -133,11 +134,14 @@ pub struct SagasReport {
     pub compensated: u64,
     /// Sagas that failed past the point of no return.
     pub incomplete: u64,
-    /// Sagas still in progress once the pipeline drained.
+    /// Sagas still in progress once the pipeline drained (choreographed: orders the carrier
+    /// heard one answer for and not the other).
     pub stuck: u64,
-    /// Compensations run, by the step undone.
+    /// Compensations run, by the step undone (choreographed: undoings asked for, each a no-op on
+    /// the provider's books if there was nothing to undo).
     pub compensations: BTreeMap<String, u64>,
-    /// From the saga's start to its end, in microseconds.
+    /// From the saga's start to its end, in microseconds (choreographed: accepted to confirmed
+    /// or cancelled, one order in eight, as `terminal_us`).
     pub end_to_end_us: LatencySummary,
 }
 
@@ -218,7 +222,7 @@ pub struct RunReport {
     pub terminal_us: Option<LatencySummary>,
     /// How the order flow was driven.
     pub flow: crate::Flow,
-    /// How the order sagas ended (orchestrated flow).
+    /// How the order sagas ended (the saga flows).
     pub sagas: Option<SagasReport>,
 }
 

@@ -95,11 +95,6 @@ impl SagaFlow {
         &self.targets
     }
 
-    /// The ports the steps call.
-    pub(crate) fn ports(&self) -> &Ports {
-        &self.ports
-    }
-
     /// The step an event asks for, if it is one of the saga's.
     fn step_of(&self, step: Step) -> Option<StepId> {
         match step {

@@ -446,6 +446,8 @@ pub(crate) struct OrderDeadLetters {
     pub(crate) compensation_failures: AtomicU64,
     /// The orchestrated flow, whose sagas learn of their steps' dead letters here.
     pub(crate) saga: Option<Arc<crate::saga::SagaFlow>>,
+    /// The choreographed flow, whose carrier learns of the answers that will never come.
+    pub(crate) choreography: Option<Arc<crate::choreography::Choreography>>,
 }
 
 impl OrderDeadLetters {
@@ -466,9 +468,20 @@ impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
         // A notification's dead letter (in its own stage, or unroutable) leaves the order alone.
         let ends_order = letter.envelope.msg.step != Step::Notify;
         let saga_step = !matches!(event.step, Step::Notify | Step::Place);
+        let service = match &*letter.stage {
+            names::PAYMENT => Some(true),
+            names::INVENTORY => Some(false),
+            _ => None,
+        };
+        let choreographed = service.is_some() || matches!(event.step, Step::Cancel(_));
         if let (Some(saga), true) = (&self.saga, saga_step) {
             // The saga's book decides what is undone, and counts the order when it ends.
             if !saga.dead_lettered(&event) {
+                self.compensation_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if let (Some(flow), true) = (&self.choreography, choreographed) {
+            // The carrier hears the missing answer as unknown and has the order cancelled.
+            if !flow.dead_lettered(&event, service) {
                 self.compensation_failures.fetch_add(1, Ordering::Relaxed);
             }
         } else if ends_order {

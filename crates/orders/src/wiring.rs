@@ -17,6 +17,7 @@ use super::stages::{
     names, CompensationStage, InventoryStage, NotifyStage, OrderDeadLetters, OrderStage, Outcomes, PaymentStage,
     ShippingStage,
 };
+use crate::choreography::{self, Choreography};
 use crate::saga::{
     SagaCompensationStage, SagaFlow, SagaInventoryStage, SagaOrderStage, SagaPaymentStage, SagaShippingStage, Targets,
 };
@@ -137,28 +138,17 @@ pub(crate) fn build(
     let ports = Ports::new(sim, provider);
     let outcomes = Arc::new(Outcomes::default());
     let mut topology = Topology::new();
-    let order = topology.stage(names::ORDER);
-    let payment = topology.stage(names::PAYMENT);
-    let inventory = topology.stage(names::INVENTORY);
-    let email = topology.stage(names::EMAIL);
-    let sms = topology.stage(names::SMS);
-    let shipping = topology.stage(names::SHIPPING);
-    let compensation = topology.stage(names::COMPENSATION);
-    let stages = vec![
-        (names::ORDER, order),
-        (names::PAYMENT, payment),
-        (names::INVENTORY, inventory),
-        (names::EMAIL, email),
-        (names::SMS, sms),
-        (names::SHIPPING, shipping),
-        (names::COMPENSATION, compensation),
-    ];
-    debug_assert!(stages.iter().zip(names::ALL).all(|((name, id), all)| *name == all && id.index() < 7));
+    // Declared in `names::ALL`'s order: a stage's index there is its index in journal records.
+    let stages: Vec<(&'static str, StageId)> = names::ALL.iter().map(|&name| (name, topology.stage(name))).collect();
+    let [order, payment, inventory, email, sms, shipping, compensation]: [StageId; 7] =
+        std::array::from_fn(|i| stages[i].1);
     let breakers = Breakers::new(sim);
     let saga = (sim.flow == Flow::Orchestrated).then(|| {
         let targets = Targets { payment, inventory, shipping, compensation, email, sms };
         Arc::new(SagaFlow::new(targets, ports.clone(), Arc::clone(&outcomes)))
     });
+    let choreography =
+        (sim.flow == Flow::Choreography).then(|| Arc::new(Choreography::new(ports.clone(), Arc::clone(&outcomes))));
     let dead_letters = Arc::new(OrderDeadLetters {
         inventory: ports.inventory.clone(),
         gateway: ports.gateway.clone(),
@@ -166,15 +156,28 @@ pub(crate) fn build(
         letters: Mutex::new(Vec::new()),
         compensation_failures: AtomicU64::new(0),
         saga: saga.clone(),
+        choreography: choreography.clone(),
     });
-    if let Some(flow) = saga {
+    if sim.flow != Flow::Chain {
         if *routing != OrderRouting::default() {
-            return Err(BuildError::Config(conduit::ConfigError::Invalid(
-                "a topology file's bindings route the chain: the orchestrated flow has no bindings to change".into(),
-            )));
+            return Err(BuildError::Config(conduit::ConfigError::Invalid(format!(
+                "a topology file's bindings route the chain: the {} flow lays out its own",
+                sim.flow.name()
+            ))));
         }
-        wire_orchestrated(&mut topology, &flow, &breakers, order);
-        return Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: None, saga: Some(flow) });
+        let ids = [order, payment, inventory, shipping, compensation, email, sms];
+        wire_saga_flow(&mut topology, saga.as_ref(), choreography.as_ref(), &ports, &breakers, ids)?;
+        return Ok(Built {
+            topology,
+            stages,
+            ports,
+            outcomes,
+            dead_letters,
+            breakers,
+            fraud: None,
+            saga,
+            choreography,
+        });
     }
     // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
     // compensated), which the report shows.
@@ -210,12 +213,7 @@ pub(crate) fn build(
         out_of_stock,
         breaker: breaker.clone(),
     });
-    for (stage, channel, breaker) in
-        [(email, Channel::Email, breakers.email.clone()), (sms, Channel::Sms, breakers.sms.clone())]
-    {
-        let notifier = ports.notifier.clone();
-        topology.handler(stage, move |_| NotifyStage { channel, notifier: notifier.clone(), breaker: breaker.clone() });
-    }
+    wire_notifiers(&mut topology, &ports, &breakers, email, sms);
     let (carrier, shipped) = (Arc::clone(&ports.carrier), Arc::clone(&outcomes));
     topology.handler(shipping, move |_| ShippingStage { carrier: carrier.clone(), outcomes: shipped.clone() });
     let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
@@ -224,7 +222,42 @@ pub(crate) fn build(
         gateway: gateway.clone(),
         outcomes: Arc::clone(&cancelled),
     });
-    Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud: fraud_server, saga: None })
+    Ok(Built {
+        topology,
+        stages,
+        ports,
+        outcomes,
+        dead_letters,
+        breakers,
+        fraud: fraud_server,
+        saga: None,
+        choreography: None,
+    })
+}
+
+/// Wires the orchestrated or the choreographed flow; `stages` are the order, payment, inventory,
+/// shipping, compensation, email and SMS stages.
+fn wire_saga_flow(
+    topology: &mut Topology<OrderEvent>,
+    saga: Option<&Arc<SagaFlow>>,
+    choreography: Option<&Arc<Choreography>>,
+    ports: &Ports,
+    breakers: &Breakers,
+    stages: [StageId; 7],
+) -> Result<(), BuildError> {
+    let [order, payment, inventory, shipping, compensation, email, sms] = stages;
+    if let Some(flow) = saga {
+        wire_orchestrated(topology, flow, breakers, order);
+    }
+    if let Some(flow) = choreography {
+        let services = [order, payment, inventory, shipping, compensation];
+        choreography::wire(topology, flow, (breakers.payment.clone(), breakers.inventory.clone()), services)?;
+        for stage in [email, sms] {
+            topology.bind(stage, choreography::keys::SHIPPED).map_err(|e| BuildError::Topology(e.to_string()))?;
+        }
+    }
+    wire_notifiers(topology, ports, breakers, email, sms);
+    Ok(())
 }
 
 /// Lays the orchestrated flow's stages out in the saga's order (see [`crate::saga`]).
@@ -255,7 +288,16 @@ fn wire_orchestrated(topology: &mut Topology<OrderEvent>, flow: &Arc<SagaFlow>, 
     topology.handler(shipping, move |_| SagaShippingStage { flow: Arc::clone(&f) });
     let f = handler(flow);
     topology.handler(compensation, move |_| SagaCompensationStage { flow: Arc::clone(&f) });
-    let ports = flow.ports();
+}
+
+/// The email and SMS stages, in every flow.
+fn wire_notifiers(
+    topology: &mut Topology<OrderEvent>,
+    ports: &Ports,
+    breakers: &Breakers,
+    email: StageId,
+    sms: StageId,
+) {
     for (stage, channel, breaker) in
         [(email, Channel::Email, breakers.email.clone()), (sms, Channel::Sms, breakers.sms.clone())]
     {
@@ -275,4 +317,6 @@ pub(crate) struct Built {
     pub(crate) fraud: Option<Arc<RpcServer<Order, FraudVerdict>>>,
     /// The orchestrated flow's shared state, when the flow is orchestrated.
     pub(crate) saga: Option<Arc<SagaFlow>>,
+    /// The choreographed flow's shared state, when the flow is choreographed.
+    pub(crate) choreography: Option<Arc<Choreography>>,
 }

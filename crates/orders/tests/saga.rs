@@ -1,6 +1,6 @@
-//! The orchestrated order flow: every saga completes or is compensated, the providers' books
-//! balance (the carrier's against the inventory's, SKU by SKU), payment and inventory run in
-//! parallel, and what a failure leaves ambiguous is undone.
+//! The saga flows, orchestrated and choreographed: every saga completes or is compensated, the
+//! providers' books balance (the carrier's against the inventory's, SKU by SKU), payment and
+//! inventory run in parallel, and what a failure leaves ambiguous is undone.
 
 use conduit::{EngineConfig, StageSettings};
 use conduit_orders::{self as orders, Flow, RunReport, SimConfig};
@@ -8,6 +8,11 @@ use proptest::prelude::*;
 
 fn orchestrated(sim: SimConfig) -> SimConfig {
     SimConfig { flow: Flow::Orchestrated, ..sim }
+}
+
+/// Both saga flows, from the same world.
+fn both(sim: SimConfig) -> [SimConfig; 2] {
+    [SimConfig { flow: Flow::Orchestrated, ..sim.clone() }, SimConfig { flow: Flow::Choreography, ..sim }]
 }
 
 fn engine(workers: usize, batch: usize, queue: usize) -> EngineConfig {
@@ -40,8 +45,10 @@ proptest! {
         workers in 1usize..4,
         batch in 1usize..300,
         queue in 1usize..8,
+        choreographed in any::<bool>(),
     ) {
-        let sim = orchestrated(SimConfig {
+        let flow = if choreographed { Flow::Choreography } else { Flow::Orchestrated };
+        let sim = SimConfig { flow, ..orchestrated(SimConfig {
             seed,
             skus: 50,
             stock_per_sku,
@@ -51,9 +58,9 @@ proptest! {
             out_of_stock_rate,
             shipping_failure_rate,
             ..SimConfig::default()
-        });
+        }) };
         let report = run(&engine(workers, batch, queue), &sim, 2_000);
-        prop_assert!(report.violations().is_empty(), "seed {seed}: {:?}", report.violations());
+        prop_assert!(report.violations().is_empty(), "{flow:?} seed {seed}: {:?}", report.violations());
         let sagas = report.sagas.clone().expect("the orchestrated flow reports its sagas");
         prop_assert_eq!(sagas.started, 2_000);
         prop_assert_eq!(sagas.completed + sagas.compensated, 2_000);
@@ -67,44 +74,47 @@ proptest! {
 fn payment_and_inventory_run_in_parallel() {
     // Every charge is declined. In the chain no order would reach the inventory; here every
     // reservation is made beside its charge and then released.
-    let sim = orchestrated(SimConfig { seed: 3, payment_decline_rate: 1.0, ..SimConfig::default() });
-    let report = run(&EngineConfig::default(), &sim, 3_000);
-    assert!(report.violations().is_empty(), "{:?}", report.violations());
-    assert_eq!(report.orders.cancelled_declined, 3_000);
-    assert!(report.stock.reserved_units > 0);
-    assert_eq!(report.stock.released_units, report.stock.reserved_units);
-    assert_eq!(undone(&report, "reserve"), 3_000, "every reservation undone, once");
-    assert_eq!(undone(&report, "charge"), 0, "a declined charge has nothing to undo");
+    for sim in both(SimConfig { seed: 3, payment_decline_rate: 1.0, ..SimConfig::default() }) {
+        let report = run(&EngineConfig::default(), &sim, 3_000);
+        assert!(report.violations().is_empty(), "{:?}: {:?}", sim.flow, report.violations());
+        assert_eq!(report.orders.cancelled_declined, 3_000);
+        assert!(report.stock.reserved_units > 0);
+        assert_eq!(report.stock.released_units, report.stock.reserved_units);
+        assert_eq!(undone(&report, "reserve"), 3_000, "{:?}: every reservation undone, once", sim.flow);
+        assert_eq!(undone(&report, "charge"), 0, "a declined charge has nothing to undo");
+    }
 }
 
 #[test]
 fn a_shipment_whose_answer_was_lost_is_cancelled_on_the_carriers_books() {
     // Every shipment fails: half refused, half booked with the answer lost (the step times out).
-    let sim = orchestrated(SimConfig { seed: 8, shipping_failure_rate: 1.0, ..SimConfig::default() });
-    let report = run(&EngineConfig::default(), &sim, 4_000);
-    assert!(report.violations().is_empty(), "{:?}", report.violations());
-    assert_eq!(report.orders.cancelled_unshipped, 4_000);
-    let cancelled = undone(&report, "ship");
-    assert!((1_000..3_000).contains(&cancelled), "about half the shipments were booked: {cancelled}");
-    assert_eq!(report.stock.shipped_units, 0, "each booked shipment was cancelled");
-    assert_eq!(report.ledger.refunded_cents, report.ledger.charged_cents);
+    for sim in both(SimConfig { seed: 8, shipping_failure_rate: 1.0, ..SimConfig::default() }) {
+        let report = run(&EngineConfig::default(), &sim, 4_000);
+        assert!(report.violations().is_empty(), "{:?}: {:?}", sim.flow, report.violations());
+        assert_eq!(report.orders.cancelled_unshipped, 4_000);
+        let cancelled = undone(&report, "ship");
+        assert!((1_000..3_000).contains(&cancelled), "{:?}: about half were booked: {cancelled}", sim.flow);
+        assert_eq!(report.stock.shipped_units, 0, "each booked shipment was cancelled");
+        assert_eq!(report.ledger.refunded_cents, report.ledger.charged_cents);
+    }
 }
 
 #[test]
 fn a_dead_lettered_step_may_have_acted_and_is_undone() {
     // Charges fail transiently (half of them after charging) and get two attempts: the orders
     // that run out are dead-lettered, and a charge made by a failed attempt is refunded.
-    let sim = orchestrated(SimConfig { seed: 5, payment_failure_rate: 0.9, ..SimConfig::default() });
     let config = EngineConfig::builder()
         .stage("payment", StageSettings { attempts_max: Some(2), ..StageSettings::default() })
         .build()
         .expect("valid");
-    let report = run(&config, &sim, 5_000);
-    assert!(report.violations().is_empty(), "{:?}", report.violations());
-    assert!(report.orders.dead_lettered > 3_000, "most orders exhaust two attempts at 90% failure");
-    assert_eq!(report.dead_letters.by_stage.get("payment").copied(), Some(report.orders.dead_lettered));
-    assert!(undone(&report, "charge") > 0, "charges made by failed attempts were refunded");
-    assert_eq!(report.dead_letters.compensation_failures, 0);
+    for sim in both(SimConfig { seed: 5, payment_failure_rate: 0.9, ..SimConfig::default() }) {
+        let report = run(&config, &sim, 5_000);
+        assert!(report.violations().is_empty(), "{:?}: {:?}", sim.flow, report.violations());
+        assert!(report.orders.dead_lettered > 3_000, "most orders exhaust two attempts at 90% failure");
+        assert_eq!(report.dead_letters.by_stage.get("payment").copied(), Some(report.orders.dead_lettered));
+        assert!(undone(&report, "charge") > 0, "charges made by failed attempts were refunded");
+        assert_eq!(report.dead_letters.compensation_failures, 0);
+    }
 }
 
 #[test]
@@ -113,9 +123,12 @@ fn the_orchestrated_flow_refuses_what_it_cannot_do_yet() {
     let log = tempfile::tempdir().expect("a temporary directory");
     let log = conduit::log::Log::open(log.path().join("orders.redb"), conduit::log::LogOptions::default())
         .expect("a log opens");
-    let refused = orders::run(&EngineConfig::default(), &sim, 10, Some(std::sync::Arc::new(log)), |_, _| {})
-        .expect_err("no log yet");
-    assert!(refused.to_string().contains("not yet resumed from a log"), "{refused}");
+    let log = std::sync::Arc::new(log);
+    for sim in both(sim) {
+        let refused = orders::run(&EngineConfig::default(), &sim, 10, Some(std::sync::Arc::clone(&log)), |_, _| {})
+            .expect_err("no log yet");
+        assert!(refused.to_string().contains("not yet resumed from a log"), "{refused}");
+    }
     let chain = SimConfig { shipping_failure_rate: 0.1, ..SimConfig::default() };
     let refused = chain.validate().expect_err("the chain cannot fail a shipment");
     assert!(refused.to_string().contains("simulation.shipping_failure_rate"), "{refused}");

@@ -1,0 +1,430 @@
+//! The choreographed order flow: the order's saga with no orchestrator.
+//!
+//! ```text
+//!                      order.placed                payment.*, inventory.*
+//! order --+--> payment ----------+
+//!         |                      +--> shipping --+--> email, sms    shipping.shipped
+//!         +--> inventory --------+               `--> compensation  order.cancelled
+//! ```
+//!
+//! Each service reacts to the events it is bound to through the topic exchange and announces
+//! its own: payment and inventory both answer the placed order (in parallel); the carrier waits
+//! for both answers (its own table of orders half answered, one entry per order in between) and
+//! ships once both succeeded, or announces the cancellation, naming what to undo; the
+//! compensations answer the cancellation. No stage knows the whole saga, and no stage is told
+//! what to do by another: the flow is the bindings.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::domain::{Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
+use super::ports::{InventoryError, InventoryStore, PaymentError, PaymentGateway, ShipError};
+use super::stages::{breaker_record, breaker_says_wait, unexpected, Outcomes};
+use super::wiring::Ports;
+use crate::report::SagasReport;
+use conduit::breaker::CircuitBreaker;
+use conduit::routing::RouteId;
+use conduit::{BuildError, Emitter, Envelope, Handler, Outcome, StageId, Topology};
+
+/// The routing keys of the choreographed flow.
+pub(crate) mod keys {
+    /// An order was accepted (payment and inventory listen).
+    pub(crate) const PLACED: &str = "order.placed";
+    /// The payment service's answers: `payment.charged`, `payment.declined`.
+    pub(crate) const PAYMENT_ANSWERS: &str = "payment.*";
+    /// The inventory's answers: `inventory.reserved`, `inventory.out_of_stock`.
+    pub(crate) const INVENTORY_ANSWERS: &str = "inventory.*";
+    /// The order shipped (the notifiers listen).
+    pub(crate) const SHIPPED: &str = "shipping.shipped";
+    /// The order is cancelled (the compensations listen).
+    pub(crate) const CANCELLED: &str = "order.cancelled";
+}
+
+/// Shards of the carrier's table of half-answered orders (a power of two).
+const SHARDS: usize = 64;
+
+/// How a service answered, as the carrier records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Succeeded,
+    Failed,
+    /// The service's event was dead-lettered: whether it acted is unknown, so it is undone.
+    Unknown,
+}
+
+/// The carrier's record of an order it has heard about from one of the two services.
+#[derive(Debug, Clone, Copy, Default)]
+struct Half {
+    payment: Option<Answer>,
+    inventory: Option<Answer>,
+}
+
+/// What the carrier decides once both services have answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ship,
+    Cancel(Cancellation),
+}
+
+/// What the choreographed flow's services share: the ports, the carrier's table, the counts.
+pub(crate) struct Choreography {
+    ports: Ports,
+    outcomes: Arc<Outcomes>,
+    halves: Box<[Mutex<FxHashMap<u64, Half>>]>,
+    /// Orders one of whose services' events was dead-lettered: counted as dead-lettered when
+    /// their cancellation completes. At most the orders in between.
+    dead_lettered: Mutex<FxHashSet<u64>>,
+    started: AtomicU64,
+    refunds: AtomicU64,
+    releases: AtomicU64,
+    cancelled_shipments: AtomicU64,
+}
+
+impl std::fmt::Debug for Choreography {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Choreography").field("half_answered", &self.half_answered()).finish_non_exhaustive()
+    }
+}
+
+impl Choreography {
+    pub(crate) fn new(ports: Ports, outcomes: Arc<Outcomes>) -> Self {
+        Self {
+            ports,
+            outcomes,
+            halves: (0..SHARDS).map(|_| Mutex::new(FxHashMap::default())).collect(),
+            dead_lettered: Mutex::new(FxHashSet::default()),
+            started: AtomicU64::new(0),
+            refunds: AtomicU64::new(0),
+            releases: AtomicU64::new(0),
+            cancelled_shipments: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, order: u64) -> &Mutex<FxHashMap<u64, Half>> {
+        let mut z = order;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        &self.halves[usize::try_from(z % SHARDS as u64).unwrap_or(0)]
+    }
+
+    /// Records one service's answer; once both have answered, the order leaves the table and
+    /// the verdict is returned. A repeated answer changes nothing.
+    fn hear(&self, order: u64, from_payment: bool, answer: Answer) -> Option<Verdict> {
+        let mut shard = self.shard(order).lock();
+        let half = shard.entry(order).or_default();
+        let slot = if from_payment { &mut half.payment } else { &mut half.inventory };
+        slot.get_or_insert(answer);
+        let (Some(payment), Some(inventory)) = (half.payment, half.inventory) else { return None };
+        shard.remove(&order);
+        drop(shard);
+        if payment == Answer::Succeeded && inventory == Answer::Succeeded {
+            return Some(Verdict::Ship);
+        }
+        let cause = if payment == Answer::Unknown || inventory == Answer::Unknown {
+            CancelCause::DeadLettered
+        } else if payment == Answer::Failed {
+            CancelCause::Declined
+        } else {
+            CancelCause::OutOfStock
+        };
+        Some(Verdict::Cancel(Cancellation {
+            refund: payment != Answer::Failed,
+            release: inventory != Answer::Failed,
+            cancel_shipment: false,
+            cause,
+        }))
+    }
+
+    /// Orders one service has answered and the other not yet.
+    pub(crate) fn half_answered(&self) -> u64 {
+        self.halves.iter().map(|shard| shard.lock().len() as u64).sum()
+    }
+
+    /// Undoes what `cancellation` names for `event`'s order, the last step first: the shipment,
+    /// then the reservation and the charge (made side by side). Each undo is idempotent, so a
+    /// retry after a failure repeats the ones done as no-ops.
+    fn undo(&self, event: &OrderEvent, cancellation: Cancellation, attempt: u32) -> Result<(), conduit::Reason> {
+        let order = &event.order;
+        if cancellation.cancel_shipment && self.ports.carrier.cancel(event.key(Effect::Ship), order) {
+            self.cancelled_shipments.fetch_add(1, Ordering::Relaxed);
+        }
+        if cancellation.release {
+            self.ports.inventory.release(event.key(Effect::Release), order, attempt).map_err(|e| e.to_string())?;
+        }
+        if cancellation.refund {
+            self.ports.gateway.refund(event.key(Effect::Refund), order, attempt).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Counts a cancelled order, once its undoing is done.
+    fn count_cancelled(&self, order: u64, cancellation: Cancellation, out: Option<&Emitter<OrderEvent>>) {
+        let o = &*self.outcomes;
+        if cancellation.refund {
+            self.refunds.fetch_add(1, Ordering::Relaxed);
+        }
+        if cancellation.release {
+            self.releases.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.dead_lettered.lock().remove(&order) || cancellation.cause == CancelCause::DeadLettered {
+            o.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let counter = match cancellation.cause {
+            CancelCause::Declined => &o.cancelled_declined,
+            CancelCause::OutOfStock => &o.cancelled_out_of_stock,
+            CancelCause::Unshipped | CancelCause::DeadLettered => &o.cancelled_unshipped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(out) = out {
+            o.reached_terminal(order, out);
+        }
+    }
+
+    /// A service's event was dead-lettered in the stage `from_payment` names (payment, or
+    /// inventory; `None` for another stage). An answer that will never come is heard as unknown
+    /// (undone: the service may have acted before it gave up); a cancellation whose compensations
+    /// kept failing is tried a few more times here. Compensations owed here run here, as no stage
+    /// will run them. False if a compensation still fails (the caller counts it).
+    pub(crate) fn dead_lettered(&self, event: &OrderEvent, from_payment: Option<bool>) -> bool {
+        let id = event.order.id;
+        let cancellation = match (event.step, from_payment) {
+            (Step::Place, Some(from_payment)) => {
+                self.dead_lettered.lock().insert(id);
+                match self.hear(id, from_payment, Answer::Unknown) {
+                    Some(Verdict::Cancel(cancellation)) => cancellation,
+                    // The other answer is still to come: the carrier cancels the order then.
+                    Some(Verdict::Ship) | None => return true,
+                }
+            }
+            (Step::Cancel(cancellation), _) => cancellation,
+            _ => return true,
+        };
+        if !(0..3).any(|attempt| self.undo(event, cancellation, attempt).is_ok()) {
+            tracing::error!(order = id, "a compensation of a dead-lettered order failed");
+            return false;
+        }
+        self.count_cancelled(id, cancellation, None);
+        true
+    }
+
+    /// The flow's figures in the shape of the orchestrated saga's.
+    pub(crate) fn report(&self) -> SagasReport {
+        let o = self.outcomes.figures();
+        SagasReport {
+            started: self.started.load(Ordering::Relaxed),
+            completed: o.confirmed,
+            compensated: o.cancelled() + o.dead_lettered,
+            incomplete: 0,
+            stuck: self.half_answered(),
+            compensations: [
+                ("charge".to_owned(), self.refunds.load(Ordering::Relaxed)),
+                ("reserve".to_owned(), self.releases.load(Ordering::Relaxed)),
+                ("ship".to_owned(), self.cancelled_shipments.load(Ordering::Relaxed)),
+            ]
+            .into_iter()
+            .collect(),
+            end_to_end_us: self.outcomes.terminal_latency().unwrap_or_default(),
+        }
+    }
+}
+
+/// The routes each service publishes.
+#[derive(Debug, Clone, Copy)]
+struct Routes {
+    placed: RouteId,
+    charged: RouteId,
+    declined: RouteId,
+    reserved: RouteId,
+    out_of_stock: RouteId,
+    shipped: RouteId,
+    cancelled: RouteId,
+}
+
+/// Binds the services to each other's events and gives each its handler.
+pub(crate) fn wire(
+    topology: &mut Topology<OrderEvent>,
+    flow: &Arc<Choreography>,
+    breakers: (Option<Arc<CircuitBreaker>>, Option<Arc<CircuitBreaker>>),
+    stages: [StageId; 5],
+) -> Result<(), BuildError> {
+    let [order, payment, inventory, shipping, compensation] = stages;
+    let bind = |topology: &mut Topology<OrderEvent>, stage, pattern| {
+        topology.bind(stage, pattern).map_err(|e| BuildError::Topology(e.to_string())).map(|_| ())
+    };
+    bind(topology, payment, keys::PLACED)?;
+    bind(topology, inventory, keys::PLACED)?;
+    bind(topology, shipping, keys::PAYMENT_ANSWERS)?;
+    bind(topology, shipping, keys::INVENTORY_ANSWERS)?;
+    bind(topology, compensation, keys::CANCELLED)?;
+    let route = |topology: &mut Topology<OrderEvent>, from, key| {
+        topology.publishes(from, key).map_err(|e| BuildError::Topology(e.to_string()))
+    };
+    let routes = Routes {
+        placed: route(topology, order, keys::PLACED)?,
+        charged: route(topology, payment, "payment.charged")?,
+        declined: route(topology, payment, "payment.declined")?,
+        reserved: route(topology, inventory, "inventory.reserved")?,
+        out_of_stock: route(topology, inventory, "inventory.out_of_stock")?,
+        shipped: route(topology, shipping, keys::SHIPPED)?,
+        cancelled: route(topology, shipping, keys::CANCELLED)?,
+    };
+    topology.entry(order);
+    let f = Arc::clone(flow);
+    topology.handler(order, move |_| OrderService { flow: Arc::clone(&f), routes });
+    let (f, breaker) = (Arc::clone(flow), breakers.0);
+    topology.handler(payment, move |_| PaymentService { flow: Arc::clone(&f), routes, breaker: breaker.clone() });
+    let (f, breaker) = (Arc::clone(flow), breakers.1);
+    topology.handler(inventory, move |_| InventoryService { flow: Arc::clone(&f), routes, breaker: breaker.clone() });
+    let f = Arc::clone(flow);
+    topology.handler(shipping, move |_| CarrierService { flow: Arc::clone(&f), routes });
+    let f = Arc::clone(flow);
+    topology.handler(compensation, move |_| Compensations { flow: Arc::clone(&f) });
+    Ok(())
+}
+
+/// Accepts an order and announces it placed.
+struct OrderService {
+    flow: Arc<Choreography>,
+    routes: Routes,
+}
+
+impl Handler<OrderEvent> for OrderService {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        let order = &event.msg.order;
+        if event.msg.step != Step::Place {
+            return unexpected(event);
+        }
+        if order.quantity == 0 || order.amount_cents == 0 {
+            return Outcome::Malformed("malformed payload: zero quantity or amount".into());
+        }
+        out.record(super::domain::kinds::ACCEPTED, &[]);
+        self.flow.started.fetch_add(1, Ordering::Relaxed);
+        out.publish(self.routes.placed, event.msg);
+        Outcome::Done
+    }
+}
+
+/// Charges a placed order and announces how it went.
+struct PaymentService {
+    flow: Arc<Choreography>,
+    routes: Routes,
+    breaker: Option<Arc<CircuitBreaker>>,
+}
+
+impl Handler<OrderEvent> for PaymentService {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Place {
+            return unexpected(event);
+        }
+        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
+            return wait;
+        }
+        let charged = self.flow.ports.gateway.charge(event.msg.key(Effect::Charge), &event.msg.order, event.attempt);
+        breaker_record(
+            self.breaker.as_deref(),
+            matches!(charged, Err(PaymentError::Transient(_) | PaymentError::Timeout(_))),
+        );
+        let (route, announced) = match charged {
+            Ok(()) => (self.routes.charged, Announced::Charged),
+            Err(error @ (PaymentError::Transient(_) | PaymentError::Timeout(_))) => {
+                return Outcome::Retry(error.to_string().into())
+            }
+            Err(PaymentError::Declined(_) | PaymentError::Refunded(_)) => (self.routes.declined, Announced::Declined),
+        };
+        out.publish(route, event.msg.then(Step::Announce(announced)));
+        Outcome::Done
+    }
+}
+
+/// Reserves a placed order's units and announces how it went.
+struct InventoryService {
+    flow: Arc<Choreography>,
+    routes: Routes,
+    breaker: Option<Arc<CircuitBreaker>>,
+}
+
+impl Handler<OrderEvent> for InventoryService {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        if event.msg.step != Step::Place {
+            return unexpected(event);
+        }
+        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
+            return wait;
+        }
+        let reserved =
+            self.flow.ports.inventory.reserve(event.msg.key(Effect::Reserve), &event.msg.order, event.attempt);
+        breaker_record(self.breaker.as_deref(), matches!(reserved, Err(InventoryError::Transient(_))));
+        let (route, announced) = match reserved {
+            Ok(()) => (self.routes.reserved, Announced::Reserved),
+            Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
+            Err(InventoryError::OutOfStock { .. }) => (self.routes.out_of_stock, Announced::OutOfStock),
+        };
+        out.publish(route, event.msg.then(Step::Announce(announced)));
+        Outcome::Done
+    }
+}
+
+/// The carrier: waits for both answers, then ships, or announces the cancellation.
+struct CarrierService {
+    flow: Arc<Choreography>,
+    routes: Routes,
+}
+
+impl Handler<OrderEvent> for CarrierService {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        let Step::Announce(announced) = event.msg.step else { return unexpected(event) };
+        let (from_payment, answer) = match announced {
+            Announced::Charged => (true, Answer::Succeeded),
+            Announced::Declined => (true, Answer::Failed),
+            Announced::Reserved => (false, Answer::Succeeded),
+            Announced::OutOfStock => (false, Answer::Failed),
+        };
+        let flow = &*self.flow;
+        let order = &event.msg.order;
+        let cancellation = match flow.hear(order.id, from_payment, answer) {
+            None => return Outcome::Done,
+            Some(Verdict::Cancel(cancellation)) => cancellation,
+            Some(Verdict::Ship) => match flow.ports.carrier.book(event.msg.key(Effect::Ship), order, event.attempt) {
+                Ok(_) => {
+                    let o = &*flow.outcomes;
+                    o.confirmed.fetch_add(1, Ordering::Relaxed);
+                    o.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
+                    o.confirmed_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
+                    o.reached_terminal(order.id, out);
+                    out.publish(self.routes.shipped, event.msg.then(Step::Notify));
+                    return Outcome::Done;
+                }
+                Err(error) => Cancellation {
+                    refund: true,
+                    release: true,
+                    cancel_shipment: error == ShipError::Lost,
+                    cause: CancelCause::Unshipped,
+                },
+            },
+        };
+        out.publish(self.routes.cancelled, event.msg.then(Step::Cancel(cancellation)));
+        Outcome::Done
+    }
+}
+
+/// The compensations: undo what a cancellation names; a failure is retried with backoff.
+struct Compensations {
+    flow: Arc<Choreography>,
+}
+
+impl Handler<OrderEvent> for Compensations {
+    fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
+        let Step::Cancel(cancellation) = event.msg.step else { return unexpected(event) };
+        if let Err(reason) = self.flow.undo(&event.msg, cancellation, event.attempt) {
+            return Outcome::Retry(reason);
+        }
+        out.record(super::domain::kinds::CANCELLED, &[]);
+        self.flow.count_cancelled(event.msg.order.id, cancellation, Some(out));
+        Outcome::Done
+    }
+}
