@@ -120,3 +120,52 @@ fn a_message_ttl_cuts_its_retries_short_and_its_key_does_not_wait_behind() {
     assert_eq!(done.load(Ordering::Relaxed), 50, "key 1's TTL-free job and the 49 others went through");
     assert_eq!(report.snapshot.stage("work").map(|s| s.expired), Some(2));
 }
+
+#[test]
+fn an_event_emitted_within_a_time_expires_then_and_the_rest_keep_no_deadline() {
+    let letters = Arc::new(MemoryDeadLetters::default());
+    let done = Arc::new(AtomicU64::new(0));
+    let mut topology = Topology::new();
+    let (start, step) = (topology.stage("start"), topology.stage("step"));
+    topology.entry(start).link(start, step);
+    topology.handler(start, move |_| {
+        move |event: &Envelope<Job>, out: &mut Emitter<Job>| {
+            // Odd keys: a step that must be done within 80 ms; even keys (whose message has a
+            // time to live of its own): no time limit at all.
+            if event.key % 2 == 1 {
+                out.emit_within(step, event.msg, Duration::from_millis(80));
+            } else {
+                out.emit_within(step, event.msg, Duration::MAX);
+            }
+            Outcome::Done
+        }
+    });
+    let finished = Arc::clone(&done);
+    topology.handler(step, move |_| {
+        let finished = Arc::clone(&finished);
+        move |event: &Envelope<Job>, _: &mut Emitter<Job>| {
+            // Key 1's step keeps failing; the others succeed.
+            if event.key == 1 {
+                return Outcome::Retry("carrier down".into());
+            }
+            assert_eq!(event.key % 2 == 1, event.deadline != Deadline::NEVER, "key {}", event.key);
+            finished.fetch_add(1, Ordering::Relaxed);
+            Outcome::Done
+        }
+    });
+    // Without the deadline, 100 attempts 20 ms apart would take two seconds and end in
+    // `retries_exhausted`.
+    let config = EngineConfig::from_toml_str(
+        "attempts_max = 100\nretry_backoff_ms_base = 20\nretry_backoff_ms_max = 20\nretry_jitter = \"none\"\n",
+    )
+    .expect("valid");
+    let engine = Engine::start_with(topology, &config, letters.clone()).expect("valid");
+    engine.submit_many((1..=20).map(|key| Job { key, ttl_ms: if key % 2 == 0 { 300 } else { 0 } })).expect("open");
+    let report = engine.shutdown();
+    let letters = letters.drain();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!((letters[0].kind, letters[0].envelope.key), (DeadLetterKind::Expired, 1));
+    assert!(letters[0].attempts > 1 && letters[0].attempts < 20, "expired after {} attempts", letters[0].attempts);
+    assert_eq!(done.load(Ordering::Relaxed), 19);
+    assert_eq!(report.snapshot.stage("step").map(|s| s.expired), Some(1));
+}

@@ -66,6 +66,8 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
     ) -> Self {
         let now_us = clock.now_us();
         let wall_us = clock.wall_us();
+        let mut emitter = emitter;
+        emitter.clock = Some(Arc::clone(&clock));
         Self {
             name,
             config,

@@ -191,6 +191,8 @@ pub struct Emitter<M> {
     pub(crate) slot: u32,
     pub(crate) cause: u64,
     pub(crate) deadline: Deadline,
+    /// The stage's clock: what `*_within` count from (read only when they are called).
+    pub(crate) clock: Option<Arc<dyn crate::clock::Clock>>,
     /// The topology's exchange, the routes this stage may publish, and whether unroutable
     /// events are dead-lettered.
     pub(crate) exchange: Option<Arc<Exchange<StageId>>>,
@@ -218,6 +220,7 @@ impl<M> Emitter<M> {
             slot: 0,
             cause: 0,
             deadline: Deadline::NEVER,
+            clock: None,
             exchange: None,
             may_publish: Vec::new(),
             dead_letter_unroutable: false,
@@ -271,6 +274,19 @@ impl<M> Emitter<M> {
         self.emit_keyed(to, key, msg);
     }
 
+    /// Like [`emit`](Self::emit), due within `ttl` from now instead of by the deadline it would
+    /// inherit from the handled event: an event that must be handled in time, as a saga step with
+    /// a timeout, is dead-lettered as `expired` once its deadline passes, whether it waits in a
+    /// queue or for a retry on the worker's timing wheel (which wakes for the deadline).
+    /// `Duration::MAX` sends it with no deadline at all (a compensation, which must not expire
+    /// because the step before it had to hurry).
+    pub fn emit_within(&mut self, to: StageId, msg: M, ttl: std::time::Duration) {
+        let inherited = self.deadline;
+        self.deadline = self.due_within(ttl);
+        self.emit(to, msg);
+        self.deadline = inherited;
+    }
+
     /// Like [`emit`](Self::emit), with another key.
     pub fn emit_keyed(&mut self, to: StageId, key: u64, msg: M) {
         if self.links.get(to.index()).copied().unwrap_or(false) {
@@ -303,6 +319,27 @@ impl<M> Emitter<M> {
             self.record_bytes.extend_from_slice(payload);
             self.records.push((kind, start, self.record_bytes.len()));
         }
+    }
+
+    /// Like [`publish`](Self::publish), each copy due within `ttl` from now instead of by the
+    /// inherited deadline (see [`emit_within`](Self::emit_within)).
+    pub fn publish_within(&mut self, route: RouteId, msg: M, ttl: std::time::Duration)
+    where
+        M: Clone,
+    {
+        let inherited = self.deadline;
+        self.deadline = self.due_within(ttl);
+        self.publish(route, msg);
+        self.deadline = inherited;
+    }
+
+    /// `ttl` from now on the stage's clock (never, for `Duration::MAX`).
+    fn due_within(&self, ttl: std::time::Duration) -> Deadline {
+        if ttl == std::time::Duration::MAX {
+            return Deadline::NEVER;
+        }
+        let now_us = self.clock.as_ref().map_or_else(clock_us, |clock| clock.now_us());
+        Deadline::at(now_us, ttl)
     }
 
     /// Publishes `msg` through the topology's exchange: a copy goes to every stage bound to the

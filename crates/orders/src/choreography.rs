@@ -16,6 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -73,6 +74,8 @@ enum Verdict {
 pub(crate) struct Choreography {
     ports: Ports,
     outcomes: Arc<Outcomes>,
+    /// How long payment and inventory may take to answer, retries included.
+    timeout: Option<Duration>,
     halves: Box<[Mutex<FxHashMap<u64, Half>>]>,
     /// Orders one of whose services' events was dead-lettered: counted as dead-lettered when
     /// their cancellation completes. At most the orders in between.
@@ -90,10 +93,11 @@ impl std::fmt::Debug for Choreography {
 }
 
 impl Choreography {
-    pub(crate) fn new(ports: Ports, outcomes: Arc<Outcomes>) -> Self {
+    pub(crate) fn new(ports: Ports, outcomes: Arc<Outcomes>, timeout: Option<Duration>) -> Self {
         Self {
             ports,
             outcomes,
+            timeout,
             halves: (0..SHARDS).map(|_| Mutex::new(FxHashMap::default())).collect(),
             dead_lettered: Mutex::new(FxHashSet::default()),
             started: AtomicU64::new(0),
@@ -304,7 +308,8 @@ impl Handler<OrderEvent> for OrderService {
         }
         out.record(super::domain::kinds::ACCEPTED, &[]);
         self.flow.started.fetch_add(1, Ordering::Relaxed);
-        out.publish(self.routes.placed, event.msg);
+        // Payment and inventory answer within the steps' timeout, or are heard as unknown.
+        out.publish_within(self.routes.placed, event.msg, self.flow.timeout.unwrap_or(Duration::MAX));
         Outcome::Done
     }
 }
@@ -336,7 +341,8 @@ impl Handler<OrderEvent> for PaymentService {
             }
             Err(PaymentError::Declined(_) | PaymentError::Refunded(_)) => (self.routes.declined, Announced::Declined),
         };
-        out.publish(route, event.msg.then(Step::Announce(announced)));
+        // An answer must reach the carrier, however late: it does not inherit the step's deadline.
+        out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);
         Outcome::Done
     }
 }
@@ -364,7 +370,8 @@ impl Handler<OrderEvent> for InventoryService {
             Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
             Err(InventoryError::OutOfStock { .. }) => (self.routes.out_of_stock, Announced::OutOfStock),
         };
-        out.publish(route, event.msg.then(Step::Announce(announced)));
+        // An answer must reach the carrier, however late: it does not inherit the step's deadline.
+        out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);
         Outcome::Done
     }
 }
@@ -396,7 +403,7 @@ impl Handler<OrderEvent> for CarrierService {
                     o.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
                     o.confirmed_units.fetch_add(u64::from(order.quantity), Ordering::Relaxed);
                     o.reached_terminal(order.id, out);
-                    out.publish(self.routes.shipped, event.msg.then(Step::Notify));
+                    out.publish_within(self.routes.shipped, event.msg.then(Step::Notify), Duration::MAX);
                     return Outcome::Done;
                 }
                 Err(error) => Cancellation {
@@ -407,7 +414,7 @@ impl Handler<OrderEvent> for CarrierService {
                 },
             },
         };
-        out.publish(self.routes.cancelled, event.msg.then(Step::Cancel(cancellation)));
+        out.publish_within(self.routes.cancelled, event.msg.then(Step::Cancel(cancellation)), Duration::MAX);
         Outcome::Done
     }
 }

@@ -89,6 +89,10 @@ pub struct SimConfig {
     pub shipping_failure_rate: f64,
     /// Time each carrier call takes, in microseconds.
     pub shipping_latency_us: u64,
+    /// Longest a step of the order saga may take, retries included, in milliseconds (the saga
+    /// flows; 0, the default: no limit). A step still unfinished then is dead-lettered as
+    /// `expired` and counts as timed out: what it may have done is undone.
+    pub saga_step_timeout_ms: u64,
     /// Ask a fraud service over request/reply before every charge (a blocking call per order:
     /// off by default, as it costs a thread hand-off each way).
     pub fraud_check: bool,
@@ -141,6 +145,7 @@ impl Default for SimConfig {
             notify_latency_us: 0,
             shipping_failure_rate: 0.0,
             shipping_latency_us: 0,
+            saga_step_timeout_ms: 0,
             fraud_check: false,
             fraud_deny_rate: 0.0,
             fraud_latency_us: 0,
@@ -212,6 +217,9 @@ impl SimConfig {
         if !(1..=1 << 28).contains(&self.idempotency_window_keys) {
             return Err(out_of_range("idempotency_window_keys", self.idempotency_window_keys as u64, 1, 1 << 28));
         }
+        if self.saga_step_timeout_ms > 3_600_000 {
+            return Err(out_of_range("saga_step_timeout_ms", self.saga_step_timeout_ms, 0, 3_600_000));
+        }
         if !(1..=7 * 86_400).contains(&self.idempotency_window_s) {
             return Err(out_of_range("idempotency_window_s", self.idempotency_window_s, 1, 7 * 86_400));
         }
@@ -248,6 +256,11 @@ impl SimConfig {
             max_keys: self.idempotency_window_keys,
             max_age: Duration::from_secs(self.idempotency_window_s),
         }
+    }
+
+    /// The saga steps' time limit, if there is one.
+    pub(crate) fn saga_step_timeout(&self) -> Option<Duration> {
+        (self.saga_step_timeout_ms > 0).then(|| Duration::from_millis(self.saga_step_timeout_ms))
     }
 
     pub(crate) fn faults(&self, failure_rate: f64, latency_us: u64) -> Faults {

@@ -18,6 +18,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use rustc_hash::FxHashSet;
@@ -30,15 +31,22 @@ use conduit::breaker::CircuitBreaker;
 use conduit::saga::{Command, Fact, Outcome as StepOutcome, Saga, SagaBook, SagaEnd, StepId, Turn};
 use conduit::{Emitter, Envelope, Handler, Outcome, StageId};
 
-/// The order's saga: charge and reserve in parallel, then ship. Notifications follow a
-/// completed saga; they undo nothing and are not steps.
-pub(crate) fn order_saga() -> Saga {
+/// The order's saga: charge and reserve in parallel, then ship, each within `timeout` if one is
+/// given. Notifications follow a completed saga; they undo nothing and are not steps.
+pub(crate) fn order_saga(timeout: Option<Duration>) -> Saga {
     use conduit::saga::Step as SagaStep;
+    let step = |name: &str, compensation: &str| {
+        let step = SagaStep::new(name).compensated_by(compensation);
+        match timeout {
+            Some(timeout) => step.timeout(timeout),
+            None => step,
+        }
+    };
     Saga::builder("order")
-        .group([SagaStep::new("charge").compensated_by("refund"), SagaStep::new("reserve").compensated_by("release")])
-        .group([SagaStep::new("ship").compensated_by("cancel_shipment")])
+        .group([step("charge", "refund"), step("reserve", "release")])
+        .group([step("ship", "cancel_shipment")])
         .build()
-        .expect("the order saga is well formed")
+        .expect("the order saga is well formed (a zero timeout is refused by the simulation's settings)")
 }
 
 /// Where the flow's commands go.
@@ -74,8 +82,8 @@ impl std::fmt::Debug for SagaFlow {
 }
 
 impl SagaFlow {
-    pub(crate) fn new(targets: Targets, ports: Ports, outcomes: Arc<Outcomes>) -> Self {
-        let saga = order_saga();
+    pub(crate) fn new(targets: Targets, ports: Ports, outcomes: Arc<Outcomes>, timeout: Option<Duration>) -> Self {
+        let saga = order_saga(timeout);
         let step = |name| saga.step(name).expect("a step of the order saga");
         let (charge, reserve, ship) = (step("charge"), step("reserve"), step("ship"));
         Self {
@@ -112,23 +120,31 @@ impl SagaFlow {
         self.follow(event, &turn, out);
     }
 
-    /// Sends each started step to its stage and any compensation to the compensation stage;
+    /// Sends each started step to its stage, due within the step's timeout (the engine's timing
+    /// wheel expires it then), and any compensation to the compensation stage, with no deadline;
     /// counts the order once its saga ends.
     fn follow(&self, event: &OrderEvent, turn: &Turn, out: &mut Emitter<OrderEvent>) {
+        // What follows a step never inherits its deadline: each step has its own, and the
+        // compensations and notifications none.
+        let untimed = Duration::MAX;
         for command in &turn.commands {
             match command {
-                Command::Start(step) if *step == self.charge => {
-                    out.emit(self.targets.payment, event.then(Step::Charge));
+                Command::Start(step) => {
+                    let (target, asked) = if *step == self.charge {
+                        (self.targets.payment, Step::Charge)
+                    } else if *step == self.reserve {
+                        (self.targets.inventory, Step::Reserve)
+                    } else {
+                        (self.targets.shipping, Step::Ship)
+                    };
+                    let within = self.book.saga().timeout_of(*step).unwrap_or(untimed);
+                    out.emit_within(target, event.then(asked), within);
                 }
-                Command::Start(step) if *step == self.reserve => {
-                    out.emit(self.targets.inventory, event.then(Step::Reserve));
-                }
-                Command::Start(_) => out.emit(self.targets.shipping, event.then(Step::Ship)),
-                Command::Compensate(_) => out.emit(self.targets.compensation, event.then(Step::Undo)),
+                Command::Compensate(_) => out.emit_within(self.targets.compensation, event.then(Step::Undo), untimed),
                 Command::Finish(end) => {
                     if *end == SagaEnd::Completed {
-                        out.emit(self.targets.email, event.then(Step::Notify));
-                        out.emit(self.targets.sms, event.then(Step::Notify));
+                        out.emit_within(self.targets.email, event.then(Step::Notify), untimed);
+                        out.emit_within(self.targets.sms, event.then(Step::Notify), untimed);
                     }
                     self.count_end(event, end, &turn.failed, Some(out));
                 }
@@ -205,7 +221,8 @@ impl SagaFlow {
         Ok(())
     }
 
-    /// A step's event was dead-lettered (its retries spent, or rejected). Whether its action
+    /// A step's event was dead-lettered (its retries spent, its timeout passed, or rejected).
+    /// Whether its action
     /// took effect is unknown (a charge that failed after charging, then ran out of retries), so
     /// the step counts as timed out: it is compensated too, and compensating what never happened
     /// is a no-op on the other side's books. The compensations it leads to run here, a few

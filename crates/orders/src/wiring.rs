@@ -145,10 +145,10 @@ pub(crate) fn build(
     let breakers = Breakers::new(sim);
     let saga = (sim.flow == Flow::Orchestrated).then(|| {
         let targets = Targets { payment, inventory, shipping, compensation, email, sms };
-        Arc::new(SagaFlow::new(targets, ports.clone(), Arc::clone(&outcomes)))
+        Arc::new(SagaFlow::new(targets, ports.clone(), Arc::clone(&outcomes), sim.saga_step_timeout()))
     });
-    let choreography =
-        (sim.flow == Flow::Choreography).then(|| Arc::new(Choreography::new(ports.clone(), Arc::clone(&outcomes))));
+    let choreography = (sim.flow == Flow::Choreography)
+        .then(|| Arc::new(Choreography::new(ports.clone(), Arc::clone(&outcomes), sim.saga_step_timeout())));
     let dead_letters = Arc::new(OrderDeadLetters {
         inventory: ports.inventory.clone(),
         gateway: ports.gateway.clone(),

@@ -133,3 +133,25 @@ fn the_orchestrated_flow_refuses_what_it_cannot_do_yet() {
     let refused = chain.validate().expect_err("the chain cannot fail a shipment");
     assert!(refused.to_string().contains("simulation.shipping_failure_rate"), "{refused}");
 }
+
+#[test]
+fn a_step_past_its_timeout_is_undone_as_maybe_done() {
+    // The payment provider only ever fails transiently (some attempts after charging) and the
+    // stage has attempts to spare: only the steps' 30 ms timeout, on the engine's timing wheel,
+    // ends each charge. Stock is reserved beside it and released.
+    let config = EngineConfig::builder()
+        .stage("payment", StageSettings { attempts_max: Some(100), ..StageSettings::default() })
+        .build()
+        .expect("valid");
+    let world = SimConfig { seed: 9, payment_failure_rate: 1.0, saga_step_timeout_ms: 30, ..SimConfig::default() };
+    for sim in both(world) {
+        let report = run(&config, &sim, 500);
+        assert!(report.violations().is_empty(), "{:?}: {:?}", sim.flow, report.violations());
+        assert_eq!(report.dead_letters.by_reason.get("expired").copied(), Some(500), "{:?}", report.dead_letters);
+        assert_eq!(report.orders.dead_lettered, 500);
+        assert_eq!(undone(&report, "charge"), 500, "{:?}: each timed-out charge refunded (maybe made)", sim.flow);
+        assert_eq!(undone(&report, "reserve"), 500);
+        assert!(report.ledger.charged_cents > 0, "some attempts charged before failing");
+        assert_eq!(report.ledger.refunded_cents, report.ledger.charged_cents);
+    }
+}
