@@ -22,8 +22,8 @@ use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::domain::{Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
-use super::ports::{InventoryError, InventoryStore, PaymentError, PaymentGateway, ShipError};
-use super::stages::{breaker_record, breaker_says_wait, unexpected, Outcomes};
+use super::ports::{InventoryStore, PaymentGateway, ShipError};
+use super::stages::{accept, try_charge, try_reserve, unexpected, Outcomes};
 use super::wiring::Ports;
 use crate::report::SagasReport;
 use conduit::breaker::CircuitBreaker;
@@ -299,14 +299,9 @@ struct OrderService {
 
 impl Handler<OrderEvent> for OrderService {
     fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
-        let order = &event.msg.order;
-        if event.msg.step != Step::Place {
-            return unexpected(event);
+        if let Err(refused) = accept(event, out) {
+            return refused;
         }
-        if order.quantity == 0 || order.amount_cents == 0 {
-            return Outcome::Malformed("malformed payload: zero quantity or amount".into());
-        }
-        out.record(super::domain::kinds::ACCEPTED, &[]);
         self.flow.started.fetch_add(1, Ordering::Relaxed);
         // Payment and inventory answer within the steps' timeout, or are heard as unknown.
         out.publish_within(self.routes.placed, event.msg, self.flow.timeout.unwrap_or(Duration::MAX));
@@ -326,20 +321,10 @@ impl Handler<OrderEvent> for PaymentService {
         if event.msg.step != Step::Place {
             return unexpected(event);
         }
-        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
-            return wait;
-        }
-        let charged = self.flow.ports.gateway.charge(event.msg.key(Effect::Charge), &event.msg.order, event.attempt);
-        breaker_record(
-            self.breaker.as_deref(),
-            matches!(charged, Err(PaymentError::Transient(_) | PaymentError::Timeout(_))),
-        );
-        let (route, announced) = match charged {
-            Ok(()) => (self.routes.charged, Announced::Charged),
-            Err(error @ (PaymentError::Transient(_) | PaymentError::Timeout(_))) => {
-                return Outcome::Retry(error.to_string().into())
-            }
-            Err(PaymentError::Declined(_) | PaymentError::Refunded(_)) => (self.routes.declined, Announced::Declined),
+        let (route, announced) = match try_charge(&*self.flow.ports.gateway, self.breaker.as_deref(), event) {
+            Ok(true) => (self.routes.charged, Announced::Charged),
+            Ok(false) => (self.routes.declined, Announced::Declined),
+            Err(now) => return now,
         };
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
         out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);
@@ -359,16 +344,10 @@ impl Handler<OrderEvent> for InventoryService {
         if event.msg.step != Step::Place {
             return unexpected(event);
         }
-        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
-            return wait;
-        }
-        let reserved =
-            self.flow.ports.inventory.reserve(event.msg.key(Effect::Reserve), &event.msg.order, event.attempt);
-        breaker_record(self.breaker.as_deref(), matches!(reserved, Err(InventoryError::Transient(_))));
-        let (route, announced) = match reserved {
-            Ok(()) => (self.routes.reserved, Announced::Reserved),
-            Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
-            Err(InventoryError::OutOfStock { .. }) => (self.routes.out_of_stock, Announced::OutOfStock),
+        let (route, announced) = match try_reserve(&*self.flow.ports.inventory, self.breaker.as_deref(), event) {
+            Ok(true) => (self.routes.reserved, Announced::Reserved),
+            Ok(false) => (self.routes.out_of_stock, Announced::OutOfStock),
+            Err(now) => return now,
         };
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
         out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);

@@ -24,8 +24,8 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashSet;
 
 use super::domain::{kinds, Effect, OrderEvent, Step};
-use super::ports::{InventoryError, InventoryStore, PaymentError, PaymentGateway, ShipError};
-use super::stages::{breaker_record, breaker_says_wait, unexpected, Outcomes};
+use super::ports::{InventoryStore, PaymentGateway, ShipError};
+use super::stages::{accept, try_charge, try_reserve, unexpected, Outcomes};
 use super::wiring::Ports;
 use conduit::breaker::CircuitBreaker;
 use conduit::saga::{Command, Fact, Outcome as StepOutcome, Saga, SagaBook, SagaEnd, StepId, Turn};
@@ -269,15 +269,10 @@ pub(crate) struct SagaOrderStage {
 
 impl Handler<OrderEvent> for SagaOrderStage {
     fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
-        let order = &event.msg.order;
-        if event.msg.step != Step::Place {
-            return unexpected(event);
+        if let Err(refused) = accept(event, out) {
+            return refused;
         }
-        if order.quantity == 0 || order.amount_cents == 0 {
-            return Outcome::Malformed("malformed payload: zero quantity or amount".into());
-        }
-        out.record(kinds::ACCEPTED, &[]);
-        let turn = self.flow.book.start(order.id);
+        let turn = self.flow.book.start(event.msg.order.id);
         self.flow.follow(&event.msg, &turn, out);
         Outcome::Done
     }
@@ -294,21 +289,11 @@ impl Handler<OrderEvent> for SagaPaymentStage {
         if event.msg.step != Step::Charge {
             return unexpected(event);
         }
-        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
-            return wait;
-        }
         let flow = &*self.flow;
-        let charged = flow.ports.gateway.charge(event.msg.key(Effect::Charge), &event.msg.order, event.attempt);
-        breaker_record(
-            self.breaker.as_deref(),
-            matches!(charged, Err(PaymentError::Transient(_) | PaymentError::Timeout(_))),
-        );
-        let outcome = match charged {
-            Ok(()) => StepOutcome::Succeeded,
-            Err(error @ (PaymentError::Transient(_) | PaymentError::Timeout(_))) => {
-                return Outcome::Retry(error.to_string().into())
-            }
-            Err(PaymentError::Declined(_) | PaymentError::Refunded(_)) => StepOutcome::Failed,
+        let outcome = match try_charge(&*flow.ports.gateway, self.breaker.as_deref(), event) {
+            Ok(true) => StepOutcome::Succeeded,
+            Ok(false) => StepOutcome::Failed,
+            Err(now) => return now,
         };
         flow.report(&event.msg, flow.charge, outcome, out);
         Outcome::Done
@@ -326,16 +311,11 @@ impl Handler<OrderEvent> for SagaInventoryStage {
         if event.msg.step != Step::Reserve {
             return unexpected(event);
         }
-        if let Some(wait) = breaker_says_wait(self.breaker.as_deref()) {
-            return wait;
-        }
         let flow = &*self.flow;
-        let reserved = flow.ports.inventory.reserve(event.msg.key(Effect::Reserve), &event.msg.order, event.attempt);
-        breaker_record(self.breaker.as_deref(), matches!(reserved, Err(InventoryError::Transient(_))));
-        let outcome = match reserved {
-            Ok(()) => StepOutcome::Succeeded,
-            Err(InventoryError::Transient(reason)) => return Outcome::Retry(reason),
-            Err(InventoryError::OutOfStock { .. }) => StepOutcome::Failed,
+        let outcome = match try_reserve(&*flow.ports.inventory, self.breaker.as_deref(), event) {
+            Ok(true) => StepOutcome::Succeeded,
+            Ok(false) => StepOutcome::Failed,
+            Err(now) => return now,
         };
         flow.report(&event.msg, flow.reserve, outcome, out);
         Outcome::Done

@@ -190,16 +190,66 @@ pub(crate) struct OrderStage {
 
 impl Handler<OrderEvent> for OrderStage {
     fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
-        let order = &event.msg.order;
-        if event.msg.step != Step::Place {
-            return unexpected(event);
+        if let Err(refused) = accept(event, out) {
+            return refused;
         }
-        if order.quantity == 0 || order.amount_cents == 0 {
-            return Outcome::Malformed("malformed payload: zero quantity or amount".into());
-        }
-        out.record(kinds::ACCEPTED, &[]);
         out.publish(self.accepted, event.msg.then(Step::Charge));
         Outcome::Done
+    }
+}
+
+/// Checks a new order and records it accepted (the order stage's work in every flow); `Err`
+/// holds the outcome for an event that is not a sound new order.
+pub(crate) fn accept(event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Result<(), Outcome> {
+    let order = &event.msg.order;
+    if event.msg.step != Step::Place {
+        return Err(unexpected(event));
+    }
+    if order.quantity == 0 || order.amount_cents == 0 {
+        return Err(Outcome::Malformed("malformed payload: zero quantity or amount".into()));
+    }
+    out.record(kinds::ACCEPTED, &[]);
+    Ok(())
+}
+
+/// The saga flows' charge, behind the port's breaker: `Ok(true)` charged, `Ok(false)` declined
+/// for good (or refunded already: over); `Err` holds the outcome to return now (a retry, or a
+/// wait behind an open breaker).
+pub(crate) fn try_charge(
+    gateway: &dyn PaymentGateway,
+    breaker: Option<&CircuitBreaker>,
+    event: &Envelope<OrderEvent>,
+) -> Result<bool, Outcome> {
+    if let Some(wait) = breaker_says_wait(breaker) {
+        return Err(wait);
+    }
+    let charged = gateway.charge(event.msg.key(Effect::Charge), &event.msg.order, event.attempt);
+    breaker_record(breaker, matches!(charged, Err(PaymentError::Transient(_) | PaymentError::Timeout(_))));
+    match charged {
+        Ok(()) => Ok(true),
+        Err(error @ (PaymentError::Transient(_) | PaymentError::Timeout(_))) => {
+            Err(Outcome::Retry(error.to_string().into()))
+        }
+        Err(PaymentError::Declined(_) | PaymentError::Refunded(_)) => Ok(false),
+    }
+}
+
+/// The saga flows' reservation, behind the port's breaker: `Ok(true)` reserved, `Ok(false)` out
+/// of stock; `Err` holds the outcome to return now.
+pub(crate) fn try_reserve(
+    inventory: &dyn InventoryStore,
+    breaker: Option<&CircuitBreaker>,
+    event: &Envelope<OrderEvent>,
+) -> Result<bool, Outcome> {
+    if let Some(wait) = breaker_says_wait(breaker) {
+        return Err(wait);
+    }
+    let reserved = inventory.reserve(event.msg.key(Effect::Reserve), &event.msg.order, event.attempt);
+    breaker_record(breaker, matches!(reserved, Err(InventoryError::Transient(_))));
+    match reserved {
+        Ok(()) => Ok(true),
+        Err(InventoryError::Transient(reason)) => Err(Outcome::Retry(reason)),
+        Err(InventoryError::OutOfStock { .. }) => Ok(false),
     }
 }
 
@@ -401,13 +451,13 @@ impl Handler<OrderEvent> for CompensationStage {
 }
 
 /// Asks the port's breaker (if any) whether to call: `Some(defer)` when it is open.
-pub(crate) fn breaker_says_wait(breaker: Option<&CircuitBreaker>) -> Option<Outcome> {
+fn breaker_says_wait(breaker: Option<&CircuitBreaker>) -> Option<Outcome> {
     let breaker = breaker?;
     (!breaker.allow()).then(|| Outcome::Defer(breaker.retry_after()))
 }
 
 /// Tells the port's breaker (if any) how the call went.
-pub(crate) fn breaker_record(breaker: Option<&CircuitBreaker>, failed: bool) {
+fn breaker_record(breaker: Option<&CircuitBreaker>, failed: bool) {
     if let Some(breaker) = breaker {
         if failed {
             breaker.record_failure();

@@ -158,7 +158,52 @@ pub(crate) fn build(
         saga: saga.clone(),
         choreography: choreography.clone(),
     });
-    if sim.flow != Flow::Chain {
+    let fraud = if sim.flow == Flow::Chain {
+        // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
+        // compensated), which the report shows.
+        topology.entry(order).dead_letter_unroutable(true);
+        routing.apply(&mut topology, &stages)?;
+        let route = |topology: &mut Topology<OrderEvent>, from, key| {
+            topology.publishes(from, key).map_err(|e| BuildError::Topology(e.to_string()))
+        };
+        let accepted = route(&mut topology, order, keys::PAYMENT)?;
+        let (charged, declined) =
+            (route(&mut topology, payment, keys::INVENTORY)?, route(&mut topology, payment, keys::DECLINED)?);
+        let confirmed = route(&mut topology, inventory, keys::NOTIFY)?;
+        let ship = route(&mut topology, inventory, keys::SHIPPING)?;
+        let out_of_stock = route(&mut topology, inventory, keys::OUT_OF_STOCK)?;
+
+        topology.handler(order, move |_| OrderStage { accepted });
+        let gateway = ports.gateway.clone();
+        let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers.max)?;
+        let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
+        let breaker = breakers.payment.clone();
+        topology.handler(payment, move |_| PaymentStage {
+            gateway: gateway.clone(),
+            fraud: fraud.clone(),
+            charged,
+            declined,
+            breaker: breaker.clone(),
+        });
+        let (store, breaker) = (ports.inventory.clone(), breakers.inventory.clone());
+        topology.handler(inventory, move |_| InventoryStage {
+            inventory: store.clone(),
+            confirmed,
+            ship,
+            out_of_stock,
+            breaker: breaker.clone(),
+        });
+        wire_notifiers(&mut topology, &ports, &breakers, email, sms);
+        let (carrier, shipped) = (Arc::clone(&ports.carrier), Arc::clone(&outcomes));
+        topology.handler(shipping, move |_| ShippingStage { carrier: carrier.clone(), outcomes: shipped.clone() });
+        let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
+        topology.handler(compensation, move |_| CompensationStage {
+            inventory: store.clone(),
+            gateway: gateway.clone(),
+            outcomes: Arc::clone(&cancelled),
+        });
+        fraud_server
+    } else {
         if *routing != OrderRouting::default() {
             return Err(BuildError::Config(conduit::ConfigError::Invalid(format!(
                 "a topology file's bindings route the chain: the {} flow lays out its own",
@@ -167,72 +212,9 @@ pub(crate) fn build(
         }
         let ids = [order, payment, inventory, shipping, compensation, email, sms];
         wire_saga_flow(&mut topology, saga.as_ref(), choreography.as_ref(), &ports, &breakers, ids)?;
-        return Ok(Built {
-            topology,
-            stages,
-            ports,
-            outcomes,
-            dead_letters,
-            breakers,
-            fraud: None,
-            saga,
-            choreography,
-        });
-    }
-    // An order event nobody is bound to must not vanish: it is dead-lettered (and the order
-    // compensated), which the report shows.
-    topology.entry(order).dead_letter_unroutable(true);
-    routing.apply(&mut topology, &stages)?;
-    let route = |topology: &mut Topology<OrderEvent>, from, key| {
-        topology.publishes(from, key).map_err(|e| BuildError::Topology(e.to_string()))
+        None
     };
-    let accepted = route(&mut topology, order, keys::PAYMENT)?;
-    let (charged, declined) =
-        (route(&mut topology, payment, keys::INVENTORY)?, route(&mut topology, payment, keys::DECLINED)?);
-    let confirmed = route(&mut topology, inventory, keys::NOTIFY)?;
-    let ship = route(&mut topology, inventory, keys::SHIPPING)?;
-    let out_of_stock = route(&mut topology, inventory, keys::OUT_OF_STOCK)?;
-
-    topology.handler(order, move |_| OrderStage { accepted });
-    let gateway = ports.gateway.clone();
-    let fraud = Ports::fraud(sim, config.stage(names::PAYMENT).workers.max)?;
-    let fraud_server = fraud.as_ref().map(|(server, _)| Arc::clone(server));
-    let breaker = breakers.payment.clone();
-    topology.handler(payment, move |_| PaymentStage {
-        gateway: gateway.clone(),
-        fraud: fraud.clone(),
-        charged,
-        declined,
-        breaker: breaker.clone(),
-    });
-    let (store, breaker) = (ports.inventory.clone(), breakers.inventory.clone());
-    topology.handler(inventory, move |_| InventoryStage {
-        inventory: store.clone(),
-        confirmed,
-        ship,
-        out_of_stock,
-        breaker: breaker.clone(),
-    });
-    wire_notifiers(&mut topology, &ports, &breakers, email, sms);
-    let (carrier, shipped) = (Arc::clone(&ports.carrier), Arc::clone(&outcomes));
-    topology.handler(shipping, move |_| ShippingStage { carrier: carrier.clone(), outcomes: shipped.clone() });
-    let (store, gateway, cancelled) = (ports.inventory.clone(), ports.gateway.clone(), Arc::clone(&outcomes));
-    topology.handler(compensation, move |_| CompensationStage {
-        inventory: store.clone(),
-        gateway: gateway.clone(),
-        outcomes: Arc::clone(&cancelled),
-    });
-    Ok(Built {
-        topology,
-        stages,
-        ports,
-        outcomes,
-        dead_letters,
-        breakers,
-        fraud: fraud_server,
-        saga: None,
-        choreography: None,
-    })
+    Ok(Built { topology, stages, ports, outcomes, dead_letters, breakers, fraud, saga, choreography })
 }
 
 /// Wires the orchestrated or the choreographed flow; `stages` are the order, payment, inventory,
