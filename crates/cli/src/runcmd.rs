@@ -70,7 +70,7 @@ pub(crate) struct RunArgs {
     /// Probability that a charge is declined for good, 0 to 1 (overrides the file).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     payment_decline_rate: Option<f64>,
-    /// Probability that the carrier fails a shipment, 0 to 1 (with --saga orchestrated;
+    /// Probability that the carrier fails a shipment, 0 to 1 (with --saga orchestrated or choreography;
     /// overrides the file).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     shipping_failure_rate: Option<f64>,
