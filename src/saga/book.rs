@@ -185,6 +185,12 @@ impl SagaBook {
         self.shard(key).lock().get(&key).map(|entry| entry.run.owed()).unwrap_or_default()
     }
 
+    /// The story of `key`'s saga if it is in progress ([`SagaRun::story`]).
+    #[must_use]
+    pub fn story(&self, key: u64) -> Option<String> {
+        self.shard(key).lock().get(&key).map(|entry| entry.run.story(&self.saga))
+    }
+
     fn report(&self, key: u64, change: impl FnOnce(&mut SagaRun, &Saga) -> Vec<Command>) -> Turn {
         let mut shard = self.shard(key).lock();
         let Some(entry) = shard.get_mut(&key) else { return Turn::default() };
@@ -279,11 +285,16 @@ mod tests {
         let turn = book.finished(7, ship, Outcome::Failed);
         assert_eq!(turn.commands, [Command::Compensate(charge)]);
         assert_eq!(book.owed(7), [Command::Compensate(charge)]);
+        assert_eq!(
+            book.story(7).as_deref(),
+            Some("saga order: charge being compensated, reserve succeeded, ship failed; completed: reserve, charge")
+        );
         assert_eq!(book.compensated(7, charge).commands, [Command::Compensate(reserve)]);
         let turn = book.compensated(7, reserve);
         assert_eq!(turn.end(), Some(&SagaEnd::Compensated));
         assert_eq!(turn.failed, [ship]);
         assert_eq!(book.running(), 0, "an ended saga leaves the book");
+        assert_eq!(book.story(7), None);
         assert!(book.finished(7, ship, Outcome::Succeeded).commands.is_empty(), "a late report changes nothing");
         assert!(book.compensated(7, charge).commands.is_empty(), "so does a repeated compensation");
         let report = book.report_now();

@@ -504,6 +504,34 @@ impl SagaRun {
         &self.completed
     }
 
+    /// The saga's story so far, for people (a dead letter of a saga that could not be undone
+    /// carries it): each step and where it stands, in declaration order, then the order in
+    /// which steps completed. For example `saga order: charge being compensated, reserve failed,
+    /// ship not started; completed: charge`.
+    #[must_use]
+    pub fn story(&self, saga: &Saga) -> String {
+        let steps: Vec<String> = self
+            .states
+            .iter()
+            .zip(&saga.steps)
+            .map(|(state, step)| {
+                let state = match state {
+                    State::Waiting => "not started",
+                    State::Running => "running",
+                    State::Succeeded => "succeeded",
+                    State::Failed => "failed",
+                    State::TimedOut => "timed out",
+                    State::Compensating => "being compensated",
+                    State::Compensated => "compensated",
+                };
+                format!("{} {state}", step.name)
+            })
+            .collect();
+        let completed: Vec<&str> = self.completed.iter().map(|&step| saga.name_of(step)).collect();
+        let completed = if completed.is_empty() { "none".to_owned() } else { completed.join(", ") };
+        format!("saga {}: {}; completed: {completed}", saga.name, steps.join(", "))
+    }
+
     /// The steps whose action failed or timed out, in the order they were declared.
     #[must_use]
     pub fn failed(&self) -> Vec<StepId> {

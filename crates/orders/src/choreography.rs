@@ -193,8 +193,8 @@ impl Choreography {
     /// inventory; `None` for another stage). An answer that will never come is heard as unknown
     /// (undone: the service may have acted before it gave up); a cancellation whose compensations
     /// kept failing is tried a few more times here. Compensations owed here run here, as no stage
-    /// will run them. False if a compensation still fails (the caller counts it).
-    pub(crate) fn dead_lettered(&self, event: &OrderEvent, from_payment: Option<bool>) -> bool {
+    /// will run them. `Err` says what could not be undone, if a compensation still fails.
+    pub(crate) fn dead_lettered(&self, event: &OrderEvent, from_payment: Option<bool>) -> Result<(), String> {
         let id = event.order.id;
         let cancellation = match (event.step, from_payment) {
             (Step::Place, Some(from_payment)) => {
@@ -202,18 +202,25 @@ impl Choreography {
                 match self.hear(id, from_payment, Answer::Unknown) {
                     Some(Verdict::Cancel(cancellation)) => cancellation,
                     // The other answer is still to come: the carrier cancels the order then.
-                    Some(Verdict::Ship) | None => return true,
+                    Some(Verdict::Ship) | None => return Ok(()),
                 }
             }
             (Step::Cancel(cancellation), _) => cancellation,
-            _ => return true,
+            _ => return Ok(()),
         };
-        if !(0..3).any(|attempt| self.undo(event, cancellation, attempt).is_ok()) {
+        let mut undone = Ok(());
+        for attempt in 0..3 {
+            undone = self.undo(event, cancellation, attempt);
+            if undone.is_ok() {
+                break;
+            }
+        }
+        if let Err(error) = undone {
             tracing::error!(order = id, "a compensation of a dead-lettered order failed");
-            return false;
+            return Err(format!("undoing {cancellation:?} failed ({error})"));
         }
         self.count_cancelled(id, cancellation, None);
-        true
+        Ok(())
     }
 
     /// The flow's figures in the shape of the orchestrated saga's.

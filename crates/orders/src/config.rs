@@ -73,6 +73,9 @@ pub struct SimConfig {
     pub payment_failure_rate: f64,
     /// Probability that a charge is declined for good.
     pub payment_decline_rate: f64,
+    /// Probability that a refund attempt fails transiently (1.0: no refund ever goes through, so
+    /// a charge can never be undone: the failure path of compensation).
+    pub refund_failure_rate: f64,
     /// Probability that a reservation attempt fails transiently.
     pub inventory_failure_rate: f64,
     /// Probability that a notification attempt fails transiently.
@@ -138,6 +141,7 @@ impl Default for SimConfig {
             out_of_stock_rate: 0.0,
             payment_failure_rate: 0.0,
             payment_decline_rate: 0.0,
+            refund_failure_rate: 0.0,
             inventory_failure_rate: 0.0,
             notify_failure_rate: 0.0,
             payment_latency_us: 0,
@@ -178,6 +182,7 @@ impl SimConfig {
             ("poison_rate", self.poison_rate),
             ("payment_timeout_rate", self.payment_timeout_rate),
             ("shipping_failure_rate", self.shipping_failure_rate),
+            ("refund_failure_rate", self.refund_failure_rate),
         ];
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
@@ -246,6 +251,7 @@ impl SimConfig {
             self.payment_decline_rate,
         )
         .with_timeouts(self.payment_timeout_rate, Duration::from_micros(self.payment_timeout_us))
+        .with_refund_failures(self.refund_failure_rate)
         .with_window(self.idempotency_window())
     }
 

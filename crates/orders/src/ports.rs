@@ -148,6 +148,8 @@ impl LedgerFigures {
 pub struct SimulatedGateway {
     faults: Faults,
     decline_rate: f64,
+    /// Probability that a refund attempt fails (transiently: a retry may succeed).
+    refund_failure_rate: f64,
     timeout_rate: f64,
     timeout: Duration,
     timeouts: AtomicU64,
@@ -169,6 +171,7 @@ const SALT_RESERVE: u64 = 4;
 const SALT_NOTIFY: u64 = 5;
 const SALT_FRAUD: u64 = 6;
 const SALT_TIMEOUT: u64 = 7;
+const SALT_REFUND: u64 = 9;
 
 /// The salt of a coin flip for `key`'s effect: each redrive generation flips anew.
 fn salted(salt: u64, key: IdempotencyKey) -> u64 {
@@ -219,6 +222,7 @@ impl SimulatedGateway {
         Self {
             faults,
             decline_rate,
+            refund_failure_rate: 0.0,
             timeout_rate: 0.0,
             timeout: Duration::ZERO,
             timeouts: AtomicU64::new(0),
@@ -230,6 +234,13 @@ impl SimulatedGateway {
             replays: AtomicU64::new(0),
             books: None,
         }
+    }
+
+    /// Fails refund attempts with probability `rate` (transiently: a retry may succeed).
+    #[must_use]
+    pub fn with_refund_failures(mut self, rate: f64) -> Self {
+        self.refund_failure_rate = rate;
+        self
     }
 
     /// Keeps the provider's books in a file of its own at `path` (created if missing), written
@@ -410,9 +421,14 @@ impl PaymentGateway for SimulatedGateway {
         Ok(())
     }
 
-    fn refund(&self, key: IdempotencyKey, order: &Order, _attempt: u32) -> Result<(), PaymentError> {
+    fn refund(&self, key: IdempotencyKey, order: &Order, attempt: u32) -> Result<(), PaymentError> {
         debug_assert_eq!(key.effect, Effect::Refund);
         pause(self.faults.latency);
+        if self.refund_failure_rate > 0.0
+            && chance(self.faults.seed, order.id, attempt, salted(SALT_REFUND, key)) < self.refund_failure_rate
+        {
+            return Err(PaymentError::Transient("refund failed: provider unavailable".into()));
+        }
         self.ledger.update(order.id, |held| match held {
             // Only the charge of the refund's own generation: an older one is refunded already.
             Some(record) if !record.refunded && record.key.generation == key.generation => {

@@ -226,9 +226,9 @@ impl SagaFlow {
     /// took effect is unknown (a charge that failed after charging, then ran out of retries), so
     /// the step counts as timed out: it is compensated too, and compensating what never happened
     /// is a no-op on the other side's books. The compensations it leads to run here, a few
-    /// attempts each, as no stage will run them; one that still fails is counted and left owed
-    /// in the book (the saga is stuck, and says so).
-    pub(crate) fn dead_lettered(&self, event: &OrderEvent) -> bool {
+    /// attempts each, as no stage will run them; one that still fails is left owed in the book
+    /// (the saga is stuck, and says so) and `Err` holds the saga's story, for the dead letter.
+    pub(crate) fn dead_lettered(&self, event: &OrderEvent) -> Result<(), String> {
         let id = event.order.id;
         let turn = match event.step {
             Step::Undo => Turn { commands: self.book.owed(id), failed: Vec::new() },
@@ -237,7 +237,7 @@ impl SagaFlow {
                     self.dead_lettered.lock().insert(id);
                     self.book.finished(id, step, StepOutcome::TimedOut)
                 }
-                None => return false,
+                None => return Err(format!("{:?} is not a step of the order saga", event.step)),
             },
         };
         let mut pending = turn.commands;
@@ -245,9 +245,20 @@ impl SagaFlow {
         while let Some(command) = pending.pop() {
             match command {
                 Command::Compensate(step) => {
-                    if !(0..3).any(|attempt| self.undo(event, step, attempt).is_ok()) {
-                        tracing::error!(order = id, "a compensation of a dead-lettered order failed");
-                        return false;
+                    let mut undone = Ok(());
+                    for attempt in 0..3 {
+                        undone = self.undo(event, step, attempt);
+                        if undone.is_ok() {
+                            break;
+                        }
+                    }
+                    if let Err(error) = undone {
+                        let story = self.book.story(id).unwrap_or_default();
+                        tracing::error!(order = id, %story, "a compensation of a dead-lettered order failed");
+                        return Err(format!(
+                            "compensating {} failed ({error}); {story}",
+                            self.book.saga().name_of(step)
+                        ));
                     }
                     let turn = self.book.compensated(id, step);
                     pending.extend(turn.commands);
@@ -258,7 +269,7 @@ impl SagaFlow {
                 Command::Start(_) => {}
             }
         }
-        true
+        Ok(())
     }
 }
 

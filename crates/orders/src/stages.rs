@@ -524,16 +524,14 @@ impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
             _ => None,
         };
         let choreographed = service.is_some() || matches!(event.step, Step::Cancel(_));
+        // What could not be undone, and the saga's story: the dead letter carries it.
+        let mut stuck = None;
         if let (Some(saga), true) = (&self.saga, saga_step) {
             // The saga's book decides what is undone, and counts the order when it ends.
-            if !saga.dead_lettered(&event) {
-                self.compensation_failures.fetch_add(1, Ordering::Relaxed);
-            }
+            stuck = saga.dead_lettered(&event).err();
         } else if let (Some(flow), true) = (&self.choreography, choreographed) {
             // The carrier hears the missing answer as unknown and has the order cancelled.
-            if !flow.dead_lettered(&event, service) {
-                self.compensation_failures.fetch_add(1, Ordering::Relaxed);
-            }
+            stuck = flow.dead_lettered(&event, service).err();
         } else if ends_order {
             // The compensation's own attempts are bounded: the ports are idempotent, so a few
             // tries are safe; if all fail, the failure is counted and the ledger shows it.
@@ -545,10 +543,17 @@ impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
             }
             self.outcomes.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
+        let reason = match &stuck {
+            Some(story) => {
+                self.compensation_failures.fetch_add(1, Ordering::Relaxed);
+                format!("{}; then {story}", letter.reason)
+            }
+            None => letter.reason.into_owned(),
+        };
         self.letters.lock().push(OrderDeadLetter {
             stage: letter.stage.to_string(),
             kind: letter.kind.to_string(),
-            reason: letter.reason.into_owned(),
+            reason,
             attempts: letter.attempts,
             order,
         });

@@ -155,3 +155,36 @@ fn a_step_past_its_timeout_is_undone_as_maybe_done() {
         assert_eq!(report.ledger.refunded_cents, report.ledger.charged_cents);
     }
 }
+
+#[test]
+fn a_saga_that_cannot_be_undone_is_dead_lettered_with_its_story() {
+    // No stock anywhere and no refund ever goes through: every charge must be undone and none
+    // can be. Each saga is left stuck, and its dead letter tells where each step stands.
+    let sim =
+        orchestrated(SimConfig { seed: 4, out_of_stock_rate: 1.0, refund_failure_rate: 1.0, ..SimConfig::default() });
+    let config = EngineConfig::builder()
+        .stage(
+            "compensation",
+            StageSettings { attempts_max: Some(2), retry_backoff_ms_max: Some(1), ..StageSettings::default() },
+        )
+        .build()
+        .expect("valid");
+    let pipeline = orders::OrderPipeline::start(&config, &sim).expect("starts");
+    let workload = orders::Workload::new(sim.seed, sim.skus, sim.customers);
+    pipeline.submit_many(workload.take(200)).expect("accepted");
+    let (report, letters) = pipeline.finish_with_dead_letters();
+    let sagas = report.sagas.clone().expect("sagas");
+    assert_eq!((sagas.stuck, sagas.compensated, sagas.completed), (200, 0, 0));
+    assert_eq!(report.dead_letters.compensation_failures, 200);
+    assert!(report.violations().iter().any(|v| v.contains("200 sagas stuck")), "{:?}", report.violations());
+    assert_eq!(letters.len(), 200);
+    for letter in &letters {
+        assert_eq!(letter.stage, "compensation");
+        assert!(letter.reason.contains("compensating charge failed"), "{}", letter.reason);
+        assert!(
+            letter.reason.contains("saga order: charge being compensated, reserve failed, ship not started"),
+            "{}",
+            letter.reason
+        );
+    }
+}
