@@ -340,11 +340,16 @@ impl Ticket {
 /// The `n`th token of a source: splitmix64 of `n`, never zero (a zero token would vanish from
 /// the XOR). Sources are told apart by their starting points.
 pub(crate) fn token_of(n: u64) -> u64 {
-    let mut z = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    avalanche(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).max(1)
+}
+
+/// splitmix64's finaliser: every bit of the result depends on every bit of `z` (the engine's
+/// sharded maps pick a shard with it, so keys that agree on the bits a shard's map uses still
+/// spread).
+pub(crate) fn avalanche(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    z.max(1)
+    z ^ (z >> 31)
 }
 
 /// One thread's completion updates for a unit of work, and its token source.

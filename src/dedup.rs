@@ -121,10 +121,7 @@ impl<K: Hash + Eq + Copy, V> DedupWindow<K, V> {
     fn shard(&self, key: &K) -> &Mutex<Shard<K, V>> {
         // Through a full avalanche (splitmix64's finaliser): the shard's maps hash with the same
         // FxHash, and keys that agreed on any bits the maps use would crowd their probe groups.
-        let mut z = FxBuildHasher.hash_one(key);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        let z = crate::completion::avalanche(FxBuildHasher.hash_one(key));
         &self.shards[usize::try_from(z % SHARDS as u64).unwrap_or(0)]
     }
 

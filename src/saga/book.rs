@@ -119,11 +119,8 @@ impl SagaBook {
     }
 
     fn shard(&self, key: u64) -> &Mutex<FxHashMap<u64, Entry>> {
-        // splitmix64's finaliser: keys that agree on low bits still spread.
-        let mut z = key;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        // Keys that agree on low bits still spread.
+        let z = crate::completion::avalanche(key);
         &self.shards[usize::try_from(z % SHARDS as u64).unwrap_or(0)]
     }
 

@@ -23,7 +23,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::domain::{Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
-use super::stages::{accept, try_charge, try_reserve, unexpected, Outcomes};
+use super::stages::{accept, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
 use crate::report::SagasReport;
 use conduit::breaker::CircuitBreaker;
@@ -108,10 +108,8 @@ impl Choreography {
     }
 
     fn shard(&self, order: u64) -> &Mutex<FxHashMap<u64, Half>> {
-        let mut z = order;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        // Mixed: the shard's map hashes the same ids, and ids alike in their low bits would crowd it.
+        let z = super::ports::mix64(order);
         &self.halves[usize::try_from(z % SHARDS as u64).unwrap_or(0)]
     }
 
@@ -208,14 +206,7 @@ impl Choreography {
             (Step::Cancel(cancellation), _) => cancellation,
             _ => return Ok(()),
         };
-        let mut undone = Ok(());
-        for attempt in 0..3 {
-            undone = self.undo(event, cancellation, attempt);
-            if undone.is_ok() {
-                break;
-            }
-        }
-        if let Err(error) = undone {
+        if let Err(error) = undo_in_sink(|attempt| self.undo(event, cancellation, attempt)) {
             tracing::error!(order = id, "a compensation of a dead-lettered order failed");
             return Err(format!("undoing {cancellation:?} failed ({error})"));
         }

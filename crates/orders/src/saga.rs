@@ -25,7 +25,7 @@ use rustc_hash::FxHashSet;
 
 use super::domain::{kinds, Effect, OrderEvent, Step};
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
-use super::stages::{accept, try_charge, try_reserve, unexpected, Outcomes};
+use super::stages::{accept, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
 use conduit::breaker::CircuitBreaker;
 use conduit::saga::{Command, Fact, Outcome as StepOutcome, Saga, SagaBook, SagaEnd, StepId, Turn};
@@ -67,6 +67,8 @@ pub(crate) struct SagaFlow {
     charge: StepId,
     reserve: StepId,
     ship: StepId,
+    /// Each step of the saga, the order event that asks for it, and the stage that runs it.
+    steps: [(StepId, Step, StageId); 3],
     targets: Targets,
     ports: Ports,
     outcomes: Arc<Outcomes>,
@@ -86,11 +88,17 @@ impl SagaFlow {
         let saga = order_saga(timeout);
         let step = |name| saga.step(name).expect("a step of the order saga");
         let (charge, reserve, ship) = (step("charge"), step("reserve"), step("ship"));
+        let steps = [
+            (charge, Step::Charge, targets.payment),
+            (reserve, Step::Reserve, targets.inventory),
+            (ship, Step::Ship, targets.shipping),
+        ];
         Self {
             book: SagaBook::new(saga),
             charge,
             reserve,
             ship,
+            steps,
             targets,
             ports,
             outcomes,
@@ -104,13 +112,8 @@ impl SagaFlow {
     }
 
     /// The step an event asks for, if it is one of the saga's.
-    fn step_of(&self, step: Step) -> Option<StepId> {
-        match step {
-            Step::Charge => Some(self.charge),
-            Step::Reserve => Some(self.reserve),
-            Step::Ship => Some(self.ship),
-            _ => None,
-        }
+    fn step_of(&self, asked: Step) -> Option<StepId> {
+        self.steps.iter().find(|(_, step, _)| *step == asked).map(|&(id, _, _)| id)
     }
 
     /// Reports `step`'s outcome for `event`'s order, records it, and does what the book says.
@@ -129,16 +132,11 @@ impl SagaFlow {
         let untimed = Duration::MAX;
         for command in &turn.commands {
             match command {
-                Command::Start(step) => {
-                    let (target, asked) = if *step == self.charge {
-                        (self.targets.payment, Step::Charge)
-                    } else if *step == self.reserve {
-                        (self.targets.inventory, Step::Reserve)
-                    } else {
-                        (self.targets.shipping, Step::Ship)
-                    };
-                    let within = self.book.saga().timeout_of(*step).unwrap_or(untimed);
-                    out.emit_within(target, event.then(asked), within);
+                Command::Start(started) => {
+                    if let Some(&(_, asked, stage)) = self.steps.iter().find(|(id, _, _)| id == started) {
+                        let within = self.book.saga().timeout_of(*started).unwrap_or(untimed);
+                        out.emit_within(stage, event.then(asked), within);
+                    }
                 }
                 Command::Compensate(_) => out.emit_within(self.targets.compensation, event.then(Step::Undo), untimed),
                 Command::Finish(end) => {
@@ -197,22 +195,26 @@ impl SagaFlow {
         }
     }
 
-    /// Runs the compensations `event`'s saga owes, one at a time, recording each; stops at the
-    /// first that fails (the book still owes it).
+    /// Runs the compensations `event`'s saga owes, one at a time, the last completed step first,
+    /// each tried by `undo` (given the step); stops at the first that fails, which the book
+    /// still owes. With the handler's emitter, each compensation is recorded and the order's end
+    /// timed.
     fn compensate(
         &self,
         event: &OrderEvent,
-        attempt: u32,
-        out: &mut Emitter<OrderEvent>,
-    ) -> Result<(), conduit::Reason> {
+        undo: impl Fn(StepId) -> Result<(), conduit::Reason>,
+        mut out: Option<&mut Emitter<OrderEvent>>,
+    ) -> Result<(), (StepId, conduit::Reason)> {
         let id = event.order.id;
         let mut owed = self.book.owed(id);
         while let Some(Command::Compensate(step)) = owed.first().cloned() {
-            self.undo(event, step, attempt)?;
-            out.record(kinds::SAGA, &Fact::Compensated(step).encode());
+            undo(step).map_err(|error| (step, error))?;
+            if let Some(out) = out.as_deref_mut() {
+                out.record(kinds::SAGA, &Fact::Compensated(step).encode());
+            }
             let turn = self.book.compensated(id, step);
             if let Some(end) = turn.end() {
-                self.count_end(event, end, &turn.failed, Some(out));
+                self.count_end(event, end, &turn.failed, out.as_deref());
             }
             // The next compensation runs here, not in an event sent to this same stage (the
             // links stay acyclic).
@@ -222,54 +224,32 @@ impl SagaFlow {
     }
 
     /// A step's event was dead-lettered (its retries spent, its timeout passed, or rejected).
-    /// Whether its action
-    /// took effect is unknown (a charge that failed after charging, then ran out of retries), so
-    /// the step counts as timed out: it is compensated too, and compensating what never happened
-    /// is a no-op on the other side's books. The compensations it leads to run here, a few
-    /// attempts each, as no stage will run them; one that still fails is left owed in the book
-    /// (the saga is stuck, and says so) and `Err` holds the saga's story, for the dead letter.
+    /// Whether its action took effect is unknown (a charge that failed after charging, then ran
+    /// out of retries), so the step counts as timed out: it is compensated too, and compensating
+    /// what never happened is a no-op on the other side's books. The compensations it leads to
+    /// run here, a few attempts each, as no stage will run them; one that still fails is left
+    /// owed in the book (the saga is stuck, and says so) and `Err` holds the saga's story, for
+    /// the dead letter.
     pub(crate) fn dead_lettered(&self, event: &OrderEvent) -> Result<(), String> {
         let id = event.order.id;
-        let turn = match event.step {
-            Step::Undo => Turn { commands: self.book.owed(id), failed: Vec::new() },
-            step => match self.step_of(step) {
-                Some(step) => {
-                    self.dead_lettered.lock().insert(id);
-                    self.book.finished(id, step, StepOutcome::TimedOut)
-                }
-                None => return Err(format!("{:?} is not a step of the order saga", event.step)),
-            },
-        };
-        let mut pending = turn.commands;
-        let mut failed = turn.failed;
-        while let Some(command) = pending.pop() {
-            match command {
-                Command::Compensate(step) => {
-                    let mut undone = Ok(());
-                    for attempt in 0..3 {
-                        undone = self.undo(event, step, attempt);
-                        if undone.is_ok() {
-                            break;
-                        }
-                    }
-                    if let Err(error) = undone {
-                        let story = self.book.story(id).unwrap_or_default();
-                        tracing::error!(order = id, %story, "a compensation of a dead-lettered order failed");
-                        return Err(format!(
-                            "compensating {} failed ({error}); {story}",
-                            self.book.saga().name_of(step)
-                        ));
-                    }
-                    let turn = self.book.compensated(id, step);
-                    pending.extend(turn.commands);
-                    failed = turn.failed;
-                }
-                Command::Finish(end) => self.count_end(event, &end, &failed, None),
-                // A failure starts nothing.
-                Command::Start(_) => {}
+        if event.step != Step::Undo {
+            let Some(step) = self.step_of(event.step) else {
+                return Err(format!("{:?} is not a step of the order saga", event.step));
+            };
+            self.dead_lettered.lock().insert(id);
+            let turn = self.book.finished(id, step, StepOutcome::TimedOut);
+            if let Some(end) = turn.end() {
+                // Nothing had completed: nothing to undo.
+                self.count_end(event, end, &turn.failed, None);
+                return Ok(());
             }
         }
-        Ok(())
+        let undo = |step| undo_in_sink(|attempt| self.undo(event, step, attempt));
+        self.compensate(event, undo, None).map_err(|(step, error)| {
+            let story = self.book.story(id).unwrap_or_default();
+            tracing::error!(order = id, %story, "a compensation of a dead-lettered order failed");
+            format!("compensating {} failed ({error}); {story}", self.book.saga().name_of(step))
+        })
     }
 }
 
@@ -366,9 +346,10 @@ impl Handler<OrderEvent> for SagaCompensationStage {
         if event.msg.step != Step::Undo {
             return unexpected(event);
         }
-        match self.flow.compensate(&event.msg, event.attempt, out) {
+        let undo = |step| self.flow.undo(&event.msg, step, event.attempt);
+        match self.flow.compensate(&event.msg, undo, Some(out)) {
             Ok(()) => Outcome::Done,
-            Err(reason) => Outcome::Retry(reason),
+            Err((_, reason)) => Outcome::Retry(reason),
         }
     }
 }

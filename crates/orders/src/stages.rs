@@ -253,6 +253,23 @@ pub(crate) fn try_reserve(
     }
 }
 
+/// Attempts the dead-letter sink gives a compensation of its own, after the stage's: the ports
+/// are idempotent, so a few more tries are safe.
+const SINK_ATTEMPTS: u32 = 3;
+
+/// Runs `undo` (given the attempt) until it succeeds, [`SINK_ATTEMPTS`] times at most; the last
+/// error if none did.
+pub(crate) fn undo_in_sink<E>(mut undo: impl FnMut(u32) -> Result<(), E>) -> Result<(), E> {
+    let mut undone = undo(0);
+    for attempt in 1..SINK_ATTEMPTS {
+        if undone.is_ok() {
+            break;
+        }
+        undone = undo(attempt);
+    }
+    undone
+}
+
 /// Payment stage: charges once per order; a decline cancels it.
 pub(crate) struct PaymentStage {
     pub(crate) gateway: Arc<dyn PaymentGateway>,
@@ -533,11 +550,8 @@ impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
             // The carrier hears the missing answer as unknown and has the order cancelled.
             stuck = flow.dead_lettered(&event, service).err();
         } else if ends_order {
-            // The compensation's own attempts are bounded: the ports are idempotent, so a few
-            // tries are safe; if all fail, the failure is counted and the ledger shows it.
-            let compensated =
-                (0..3).any(|attempt| compensate(&*self.inventory, &*self.gateway, &event, attempt).is_ok());
-            if !compensated {
+            // If every attempt fails, the failure is counted and the ledger shows it.
+            if undo_in_sink(|attempt| compensate(&*self.inventory, &*self.gateway, &event, attempt)).is_err() {
                 tracing::error!(order = order.id, "dead-lettered order could not be compensated");
                 self.compensation_failures.fetch_add(1, Ordering::Relaxed);
             }
