@@ -13,6 +13,7 @@
 //! `max_keys / 64` keys or is `max_age` old it becomes the previous one and the previous one is
 //! dropped whole, so there is no per-key bookkeeping and no deletion.
 
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -158,16 +159,31 @@ impl<K: Hash + Eq + Copy, V> DedupWindow<K, V> {
     /// the window from now). Returns what `f` returned first.
     pub fn update<R>(&self, key: K, f: impl FnOnce(Option<&mut V>) -> (R, Option<V>)) -> R {
         let mut shard = self.lock(&key, false);
-        let shard = &mut *shard;
-        let (result, write) = match shard.current.get_mut(&key) {
-            Some(held) => f(Some(held)),
-            None => f(shard.previous.get_mut(&key)),
-        };
-        if let Some(value) = write {
-            shard.previous.remove(&key);
-            shard.current.insert(key, value);
+        let Shard { current, previous, .. } = &mut *shard;
+        // One probe of each generation for a new key (the common case: the tables are far larger
+        // than the caches, so every probe is a miss), the write landing in the slot the first
+        // probe found.
+        match current.entry(key) {
+            Entry::Occupied(mut held) => {
+                let (result, write) = f(Some(held.get_mut()));
+                if let Some(value) = write {
+                    held.insert(value);
+                }
+                result
+            }
+            Entry::Vacant(slot) => {
+                let older = previous.get_mut(&key);
+                let was_older = older.is_some();
+                let (result, write) = f(older);
+                if let Some(value) = write {
+                    if was_older {
+                        previous.remove(&key);
+                    }
+                    slot.insert(value);
+                }
+                result
+            }
         }
-        result
     }
 
     /// Stores `value` under `key` unless the window holds the key already; true if it was new.
@@ -245,6 +261,19 @@ mod tests {
         clock.advance(Duration::from_secs(8));
         window.insert(8, 0);
         assert!(window.contains(&7), "written again eight seconds ago");
+        assert_eq!(window.update(7, |held| (held.copied(), None)), Some(2));
+    }
+
+    #[test]
+    fn a_key_rewritten_from_the_previous_generation_is_held_once() {
+        let clock = Arc::new(ManualClock::default());
+        let limits = WindowLimits { max_keys: 100, max_age: Duration::from_secs(10) };
+        let window: DedupWindow<u64, u32> = DedupWindow::with_clock(limits, Arc::clone(&clock) as Arc<dyn Clock>);
+        window.insert(7, 1);
+        clock.advance(Duration::from_secs(11));
+        assert!(window.contains(&7), "in the previous generation now");
+        window.update(7, |held| ((), held.map(|v| *v + 1)));
+        assert_eq!(window.len(), 1, "moved to the current generation, not copied");
         assert_eq!(window.update(7, |held| (held.copied(), None)), Some(2));
     }
 }
