@@ -226,6 +226,16 @@ impl<M> DeadLetter<M> {
 pub trait DeadLetterSink<M>: Send + Sync {
     /// Takes one dead letter.
     fn dead_letter(&self, letter: DeadLetter<M>);
+
+    /// Takes one dead letter when the engine journals, and returns the facts to record about
+    /// it, `(kind, payload)` on the letter's stream, right after the dead letter's own record:
+    /// what the sink did about it (a saga's compensations, say), so that the log tells the whole
+    /// story in order and a recovery knows it was done. The default takes the letter through
+    /// [`dead_letter`](Self::dead_letter) and records nothing more.
+    fn dead_letter_journaled(&self, letter: DeadLetter<M>) -> Vec<(u16, Vec<u8>)> {
+        self.dead_letter(letter);
+        Vec::new()
+    }
 }
 
 /// The default sink: keeps every dead letter in memory, in arrival order.

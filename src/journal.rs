@@ -133,9 +133,18 @@ impl<M> JournalWriter<M> {
     }
 
     /// Journals a dead letter with the original event; its story goes in the note as JSON.
-    pub(crate) fn dead_letter(&mut self, letter: &DeadLetter<M>) {
+    /// Returns the record's id.
+    pub(crate) fn dead_letter(&mut self, letter: &DeadLetter<M>) -> u64 {
         let record = dead_letter_record(letter, &*self.journal.codec);
-        self.push(record);
+        self.push(record).id
+    }
+
+    /// Journals what the dead-letter sink recorded about a dead letter (record `cause`) on
+    /// `stream` ([`DeadLetterSink::dead_letter_journaled`](crate::DeadLetterSink::dead_letter_journaled)).
+    pub(crate) fn facts(&mut self, stream: u64, correlation: u64, cause: u64, facts: Vec<(u16, Vec<u8>)>) {
+        for (kind, payload) in facts {
+            self.record(stream, kind, correlation, cause, payload);
+        }
     }
 
     /// Journals that the submitted messages `seqs` (their ingress records' ids) have finished.

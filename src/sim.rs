@@ -128,9 +128,14 @@ impl<M: Message> Effects<M> for SimBooks<M> {
     }
 
     fn dead_letter(&mut self, letter: DeadLetter<M>) {
+        let (stream, correlation) = (letter.envelope.key, letter.envelope.seq);
         let record = dead_letter_record(&letter, &*self.codec);
-        self.record(Record { stage: self.stage, ..record });
-        self.dead_letters.dead_letter(letter);
+        let cause = self.record(Record { stage: self.stage, ..record });
+        for (kind, payload) in self.dead_letters.dead_letter_journaled(letter) {
+            let fact =
+                Record { stream, kind, stage: self.stage, correlation, causation: cause, payload, ..Record::default() };
+            self.record(fact);
+        }
     }
 
     fn acks(&mut self) -> &mut Acks {

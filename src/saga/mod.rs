@@ -460,20 +460,43 @@ impl SagaRun {
         (run, commands)
     }
 
-    /// Rebuilds a run of `saga` from its `facts`, in the order they were recorded, and says
-    /// what it still owes ([`owed`](Self::owed)). A fact that does not fit (an outcome for a step
-    /// not running) changes nothing, as it would not have live.
+    /// Rebuilds a run of `saga` from its `facts` and says what it still owes
+    /// ([`owed`](Self::owed)).
+    ///
+    /// Facts apply in the order they were recorded, except that one that does not fit yet (an
+    /// outcome for a step not running, a compensation not under way) waits until the others
+    /// make it fit: steps that run in parallel are reported by different threads, so a step
+    /// their outcomes started may be recorded before the outcome that started it. A fact that
+    /// never fits (its cause was lost in a crash, or it repeats one) changes nothing, as it
+    /// would not have live.
     #[must_use]
     pub fn resume(saga: &Saga, facts: &[Fact]) -> (Self, Vec<Command>) {
         let (mut run, _) = Self::start(saga);
-        for fact in facts {
-            match *fact {
-                Fact::Finished(step, outcome) => run.step_finished(saga, step, outcome),
-                Fact::Compensated(step) => run.compensated(saga, step),
-            };
+        let mut waiting: Vec<Fact> = facts.to_vec();
+        loop {
+            let before = waiting.len();
+            waiting.retain(|&fact| !run.apply(saga, fact));
+            if waiting.len() == before {
+                break;
+            }
         }
         let owed = run.owed();
         (run, owed)
+    }
+
+    /// Applies `fact` if it fits the run now; whether it did.
+    fn apply(&mut self, saga: &Saga, fact: Fact) -> bool {
+        match fact {
+            Fact::Finished(step, outcome) if self.states.get(step.0) == Some(&State::Running) => {
+                self.step_finished(saga, step, outcome);
+                true
+            }
+            Fact::Compensated(step) if self.states.get(step.0) == Some(&State::Compensating) => {
+                self.compensated(saga, step);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// What was asked and is not yet answered: each step started and not finished (to start
@@ -649,6 +672,35 @@ mod tests {
         // The point of no return is fine once it follows every undoable step.
         let ok = Saga::builder("s").group([undoable("a"), undoable("b")]).group([Step::new("notify")]).build();
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    /// Parallel steps are reported by different threads, whose records reach the journal in
+    /// either order: a step recorded before the outcome that started it still counts.
+    #[test]
+    fn facts_recorded_out_of_causal_order_rebuild_the_run() {
+        let saga = Saga::builder("order")
+            .group([undoable("charge"), undoable("reserve")])
+            .group([undoable("ship")])
+            .build()
+            .expect("valid");
+        let id = |name| saga.step(name).expect("a step");
+        let shipped = [
+            Fact::Finished(id("reserve"), Outcome::Succeeded),
+            Fact::Finished(id("ship"), Outcome::Succeeded),
+            Fact::Finished(id("charge"), Outcome::Succeeded),
+        ];
+        let (run, owed) = SagaRun::resume(&saga, &shipped);
+        assert_eq!((run.end(), owed), (Some(&SagaEnd::Completed), vec![]));
+        let undone = [
+            Fact::Compensated(id("charge")),
+            Fact::Finished(id("charge"), Outcome::Succeeded),
+            Fact::Finished(id("reserve"), Outcome::Failed),
+        ];
+        let (run, owed) = SagaRun::resume(&saga, &undone);
+        assert_eq!((run.end(), owed), (Some(&SagaEnd::Compensated), vec![]));
+        // A fact whose cause never made it (a crash) changes nothing: the step runs again.
+        let (run, owed) = SagaRun::resume(&saga, &shipped[..2]);
+        assert_eq!((run.end(), owed), (None, vec![Command::Start(id("charge"))]));
     }
 
     #[test]

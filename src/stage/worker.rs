@@ -236,10 +236,15 @@ impl<M: Message> Effects<M> for WorkerIo<M> {
     }
 
     fn dead_letter(&mut self, letter: DeadLetter<M>) {
-        if let Some(journal) = &mut self.journal {
-            journal.dead_letter(&letter);
+        match &mut self.journal {
+            Some(journal) => {
+                let (stream, correlation) = (letter.envelope.key, letter.envelope.seq);
+                let cause = journal.dead_letter(&letter);
+                let facts = self.dead_letters.dead_letter_journaled(letter);
+                journal.facts(stream, correlation, cause, facts);
+            }
+            None => self.dead_letters.dead_letter(letter),
         }
-        self.dead_letters.dead_letter(letter);
     }
 
     fn acks(&mut self) -> &mut Acks {

@@ -201,6 +201,9 @@ struct RecordView<'a> {
     causation: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     order: Option<conduit_orders::Order>,
+    /// A saga record's fact, for people (`charge succeeded`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fact: Option<String>,
     #[serde(skip_serializing_if = "str::is_empty")]
     note: &'a str,
     #[serde(skip_serializing_if = "is_zero")]
@@ -228,6 +231,7 @@ fn view(record: &Record) -> RecordView<'_> {
         correlation: record.correlation,
         causation: record.causation,
         order: OrderEvent::decode(&record.payload).map(|e| e.order),
+        fact: (record.kind == kinds::SAGA).then(|| conduit_orders::describe_fact(&record.payload)).flatten(),
         note: &record.note,
         attempts: record.attempts,
     }
@@ -244,6 +248,9 @@ fn write_view(out: &mut impl Write, record: &Record, format: Format) -> std::io:
             write!(out, "{} order {:>8} v{:<3} {:<13} {:<12}", v.time, v.stream, v.version, v.kind, v.stage)?;
             if let Some(order) = v.order {
                 write!(out, " sku {} x{} {} cents", order.sku, order.quantity, order.amount_cents)?;
+            }
+            if let Some(fact) = &v.fact {
+                write!(out, " {fact}")?;
             }
             if !v.note.is_empty() {
                 write!(out, " after {} attempts: {}", v.attempts, v.note)?;

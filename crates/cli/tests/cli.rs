@@ -716,8 +716,8 @@ fn the_orchestrated_saga_runs_from_the_command_line_and_reports_its_sagas() {
 
     assert_refused(&["run", "--saga", "sideways"], "unknown flow \"sideways\"");
     assert_refused(
-        &["run", "--saga", "orchestrated", "--log", "/tmp/never.redb"],
-        "--saga orchestrated runs in memory",
+        &["run", "--saga", "choreography", "--log", "/tmp/never.redb"],
+        "--saga choreography runs in memory",
     );
     assert_refused(&["run", "--shipping-failure-rate", "0.1"], "simulation.shipping_failure_rate needs flow");
 }

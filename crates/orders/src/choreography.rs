@@ -21,7 +21,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use super::domain::{Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
+use super::domain::{kinds, Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
 use super::stages::{accept, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
@@ -297,7 +297,7 @@ struct OrderService {
 
 impl Handler<OrderEvent> for OrderService {
     fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
-        if let Err(refused) = accept(event, out) {
+        if let Err(refused) = accept(event, out, kinds::ACCEPTED) {
             return refused;
         }
         self.flow.started.fetch_add(1, Ordering::Relaxed);
@@ -407,7 +407,7 @@ impl Handler<OrderEvent> for Compensations {
         if let Err(reason) = self.flow.undo(&event.msg, cancellation, event.attempt) {
             return Outcome::Retry(reason);
         }
-        out.record(super::domain::kinds::CANCELLED, &[]);
+        out.record(kinds::CANCELLED, &[]);
         self.flow.count_cancelled(event.msg.order.id, cancellation, Some(out));
         Outcome::Done
     }

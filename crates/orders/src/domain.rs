@@ -80,6 +80,9 @@ pub mod kinds {
     /// A fact of the order's saga (payload: a `conduit::saga::Fact`): a step's outcome, or a
     /// compensation run (the orchestrated flow).
     pub const SAGA: u16 = 12;
+    /// The order stage accepted the order and started its saga (the orchestrated flow's
+    /// `accepted`): the order's later facts are the saga's.
+    pub const SAGA_STARTED: u16 = 13;
 
     /// The name of a kind, for people.
     #[must_use]
@@ -97,6 +100,7 @@ pub mod kinds {
             CANCELLED => "cancelled",
             UNDOING => "undoing",
             SAGA => "saga",
+            SAGA_STARTED => "saga_started",
             conduit::log::KIND_DEAD_LETTER => "dead_lettered",
             conduit::log::KIND_COMPLETED => "completed",
             _ => "unknown",

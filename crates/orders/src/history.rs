@@ -8,8 +8,10 @@ use serde::Serialize;
 
 use super::domain::{kinds, CancelReason, Order, OrderEvent, Step};
 use super::ports::{Account, SimulatedGateway};
+use super::saga;
 use super::stages::names;
 use conduit::log::{Aggregate, Log, LogError, Record, KIND_DEAD_LETTER, KIND_PURGED, KIND_REDRIVEN, STAGE_INGRESS};
+use conduit::saga::{Command, Fact, Outcome as StepOutcome, SagaEnd, SagaRun};
 
 /// Facts tracked per order, by kind (index = kind, 1..=10).
 const FACTS: usize = 11;
@@ -43,6 +45,9 @@ pub struct OrderHistory {
     pub last_timestamp_us: u64,
     /// The first inconsistency met while folding.
     pub problem: Option<String>,
+    /// The facts of the order's saga in the order they were recorded, once the orchestrated
+    /// flow started it (`kinds::SAGA_STARTED`); `None` for the other flows.
+    pub saga: Option<Vec<Fact>>,
 }
 
 /// Where an order stands.
@@ -71,6 +76,15 @@ impl OrderHistory {
     /// Where the order stands.
     #[must_use]
     pub fn status(&self) -> OrderStatus {
+        if let Some(run) = self.saga_run() {
+            // A step's dead letter records the compensations its sink ran: the facts tell all.
+            return match run.end() {
+                Some(SagaEnd::Completed) => OrderStatus::Confirmed,
+                Some(SagaEnd::Compensated) if self.dead_letter_stage.is_none() => OrderStatus::Cancelled,
+                Some(_) => OrderStatus::DeadLettered,
+                None => OrderStatus::InFlight,
+            };
+        }
         if self.dead_letter_stage.is_some() {
             OrderStatus::DeadLettered
         } else if self.has(kinds::CANCELLED) {
@@ -82,16 +96,52 @@ impl OrderHistory {
         }
     }
 
+    /// The order's saga as its recorded facts rebuild it, if the orchestrated flow started one.
+    #[must_use]
+    pub fn saga_run(&self) -> Option<SagaRun> {
+        self.saga.as_ref().map(|facts| SagaRun::resume(saga::shape(), facts).0)
+    }
+
+    /// Whether the chain recorded `kind`, or the saga's facts hold `step` succeeding.
+    fn did(&self, kind: u16, step: &str) -> bool {
+        match &self.saga {
+            Some(facts) => saga::finished(facts, step, StepOutcome::Succeeded),
+            None => self.has(kind),
+        }
+    }
+
     /// Whether the customer was charged.
     #[must_use]
     pub fn charged(&self) -> bool {
-        self.has(kinds::CHARGED)
+        self.did(kinds::CHARGED, "charge")
     }
 
     /// Whether the order holds a reservation.
     #[must_use]
     pub fn reserved(&self) -> bool {
-        self.has(kinds::RESERVED)
+        self.did(kinds::RESERVED, "reserve")
+    }
+
+    /// Whether the order shipped.
+    #[must_use]
+    pub fn shipped(&self) -> bool {
+        self.did(kinds::SHIPPED, "ship")
+    }
+
+    /// Why a cancelled order was cancelled: the chain records it; a saga's first failed step
+    /// tells it (`None`: the shipment failed).
+    #[must_use]
+    pub fn cancel_cause(&self) -> Option<CancelReason> {
+        let Some(run) = self.saga_run() else { return self.cancel_reason };
+        let failed = run.failed();
+        let shape = saga::shape();
+        if shape.step("charge").is_some_and(|step| failed.contains(&step)) {
+            Some(CancelReason::PaymentDeclined)
+        } else if shape.step("reserve").is_some_and(|step| failed.contains(&step)) {
+            Some(CancelReason::OutOfStock)
+        } else {
+            None
+        }
     }
 
     /// Whether its side effects were (or are to be) undone.
@@ -111,6 +161,9 @@ impl OrderHistory {
         let Some(order) = self.order else { return Vec::new() };
         let generation = self.generation;
         let event = |stage, step| (stage, OrderEvent { order, step, generation });
+        if let Some(run) = self.saga_run() {
+            return self.resume_saga(&run, event);
+        }
         if matches!(self.status(), OrderStatus::Cancelled | OrderStatus::DeadLettered) {
             return Vec::new();
         }
@@ -119,12 +172,7 @@ impl OrderHistory {
             if !self.has(kinds::SHIPPED) {
                 steps.push(event(names::SHIPPING, Step::Ship));
             }
-            if !self.notified(kinds::EMAILED, 0) {
-                steps.push(event(names::EMAIL, Step::Notify));
-            }
-            if !self.notified(kinds::TEXTED, 1) {
-                steps.push(event(names::SMS, Step::Notify));
-            }
+            steps.extend(self.unsent_notifications(event));
             return steps;
         }
         let step = if self.has(kinds::DECLINED) {
@@ -141,6 +189,71 @@ impl OrderHistory {
         vec![step]
     }
 
+    /// The facts a saga's history lacks, by the payment provider's books: a saga the facts show
+    /// charged, running still, whose charge the provider has refunded was being compensated by
+    /// a run that crashed before its record of that was durable (the answers of its steps were
+    /// lost with it). The steps it still runs count as timed out, so that everything completed
+    /// is compensated, as it was being. Nothing when the books agree with the facts.
+    #[must_use]
+    pub fn saga_reconciliation(&self, id: u64, provider: &SimulatedGateway) -> Vec<Fact> {
+        let Some(run) = self.saga_run() else { return Vec::new() };
+        let refunded = |account: Account| account.generation == self.generation && account.refunded_cents > 0;
+        if run.end().is_some() || !self.charged() || !provider.account(id).is_some_and(refunded) {
+            return Vec::new();
+        }
+        let timed_out = |command| match command {
+            Command::Start(step) => Some(Fact::Finished(step, StepOutcome::TimedOut)),
+            _ => None,
+        };
+        run.owed().into_iter().filter_map(timed_out).collect()
+    }
+
+    /// The notifications of a confirmed order that are neither sent nor dead-lettered.
+    fn unsent_notifications(
+        &self,
+        event: impl Fn(&'static str, Step) -> (&'static str, OrderEvent),
+    ) -> Vec<(&'static str, OrderEvent)> {
+        let mut steps = Vec::new();
+        if !self.notified(kinds::EMAILED, 0) {
+            steps.push(event(names::EMAIL, Step::Notify));
+        }
+        if !self.notified(kinds::TEXTED, 1) {
+            steps.push(event(names::SMS, Step::Notify));
+        }
+        steps
+    }
+
+    /// What a saga still owes, as events: each step started and not finished goes to its stage
+    /// again (actions are idempotent), a compensation under way to the compensation stage (which
+    /// asks the book for the rest); a completed saga's unsent notifications.
+    fn resume_saga(
+        &self,
+        run: &SagaRun,
+        event: impl Fn(&'static str, Step) -> (&'static str, OrderEvent),
+    ) -> Vec<(&'static str, OrderEvent)> {
+        match run.end() {
+            Some(SagaEnd::Completed) => self.unsent_notifications(event),
+            Some(_) => Vec::new(),
+            None => {
+                let mut steps = Vec::new();
+                for command in run.owed() {
+                    match command {
+                        Command::Start(step) => {
+                            if let Some((stage, asked)) = saga::step_stage(step) {
+                                steps.push(event(stage, asked));
+                            }
+                        }
+                        Command::Compensate(_) if !steps.iter().any(|(stage, _)| *stage == names::COMPENSATION) => {
+                            steps.push(event(names::COMPENSATION, Step::Undo));
+                        }
+                        Command::Compensate(_) | Command::Finish(_) => {}
+                    }
+                }
+                steps
+            }
+        }
+    }
+
     /// [`OrderHistory::resume`], reconciled with the payment provider's books: an order the
     /// history shows charged and not compensated, whose charge the provider has refunded, was
     /// dead-lettered and compensated by a run that crashed before its record of that was durable.
@@ -150,7 +263,8 @@ impl OrderHistory {
         let refunded = |account: Account| account.generation == self.generation && account.refunded_cents > 0;
         match self.order {
             Some(order)
-                if self.charged()
+                if self.saga.is_none()
+                    && self.charged()
                     && !self.compensated()
                     && self.status() == OrderStatus::InFlight
                     && provider.account(id).is_some_and(refunded) =>
@@ -185,6 +299,21 @@ impl OrderHistory {
 
     /// The facts this history must never hold together, or in this order.
     pub(crate) fn check(&mut self) {
+        if self.saga.is_some() {
+            self.check_saga();
+        } else {
+            self.check_chain();
+        }
+        for kind in 1..FACTS {
+            if self.counts[kind] > 1 {
+                let kind = u16::try_from(kind).unwrap_or(0);
+                self.note(format!("{} recorded {} times", kinds::name(kind), self.counts[usize::from(kind)]));
+            }
+        }
+    }
+
+    /// The chain's rules.
+    fn check_chain(&mut self) {
         let rules: [(bool, &str); 10] = [
             (self.order.is_none(), "records without a placed order"),
             (self.has(kinds::ACCEPTED) && self.counts[usize::from(kinds::PLACED)] == 0, "accepted but never placed"),
@@ -206,11 +335,36 @@ impl OrderHistory {
         if let Some((_, problem)) = rules.iter().find(|(broken, _)| *broken) {
             self.note((*problem).to_owned());
         }
-        for kind in 1..FACTS {
-            if self.counts[kind] > 1 {
-                let kind = u16::try_from(kind).unwrap_or(0);
-                self.note(format!("{} recorded {} times", kinds::name(kind), self.counts[usize::from(kind)]));
-            }
+    }
+}
+
+impl OrderHistory {
+    /// A saga's rules: only saga facts beside the order's placement and notifications, each
+    /// step finished once and compensated at most once, never notified of a saga that ended
+    /// otherwise than completed. (A saga in flight may show a notification before the facts that
+    /// complete it: parallel steps are recorded by different threads, and a crash may cut the
+    /// log between them; resuming completes it.)
+    fn check_saga(&mut self) {
+        let chain = [kinds::ACCEPTED, kinds::CHARGED, kinds::DECLINED, kinds::RESERVED, kinds::OUT_OF_STOCK];
+        let chain = chain.iter().chain(&[kinds::SHIPPED, kinds::CANCELLED]).find(|&&kind| self.has(kind));
+        let notified = self.has(kinds::EMAILED) || self.has(kinds::TEXTED);
+        let undone = self.saga_run().is_some_and(|run| run.end().is_some_and(|end| *end != SagaEnd::Completed));
+        let facts = self.saga.as_deref().unwrap_or_default();
+        let twice = facts.iter().enumerate().find_map(|(i, fact)| {
+            let same_step = |other: &Fact| match (fact, other) {
+                (Fact::Finished(a, _), Fact::Finished(b, _)) | (Fact::Compensated(a), Fact::Compensated(b)) => a == b,
+                _ => false,
+            };
+            facts[i + 1..].iter().any(same_step).then_some(*fact)
+        });
+        if self.order.is_none() {
+            self.note("records without a placed order".into());
+        } else if let Some(&kind) = chain {
+            self.note(format!("the chain's {} in a saga's history", kinds::name(kind)));
+        } else if notified && undone {
+            self.note("notified, but its saga was undone".into());
+        } else if let Some(fact) = twice {
+            self.note(format!("saga fact {fact:?} recorded twice for its step"));
         }
     }
 }
@@ -242,6 +396,19 @@ impl Aggregate for OrderHistory {
                 }
                 if self.order.is_none() {
                     self.order = OrderEvent::decode(&record.payload).map(|e| e.order);
+                }
+            }
+            kinds::SAGA_STARTED => {
+                if self.saga.replace(Vec::new()).is_some() {
+                    self.note("saga started twice".into());
+                }
+            }
+            kinds::SAGA => {
+                let fact = Fact::decode(saga::shape(), &record.payload);
+                match (&mut self.saga, fact) {
+                    (Some(facts), Some(fact)) => facts.push(fact),
+                    (None, _) => self.note("a saga fact before the saga started".into()),
+                    (Some(_), None) => self.note("a saga record holds no fact".into()),
                 }
             }
             kind if usize::from(kind) < FACTS && kind > 0 => {

@@ -56,6 +56,7 @@ pub use run::{
     open_provider, recover, recover_with_provider, run, run_routed, run_until, verify, verify_with_provider, Limit,
     MonitorReport, Observer, Pace, RecoverReport, RunError, RunPlan,
 };
+pub use saga::describe_fact;
 pub use simulate::{simulate, simulate_bytes, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
 
@@ -65,4 +66,5 @@ pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
 /// |---|---|
 /// | `saga.after_charge` | the payment stage has charged, the fact not yet recorded or sent on |
 /// | `recover.resumed` | a restarted pipeline has injected the orders it resumes, none finished |
-pub const CRASH_POINTS: [&str; 2] = ["saga.after_charge", "recover.resumed"];
+/// | `orchestrated.after_refund` | the orchestrated flow has refunded a charge to compensate it, the fact not yet recorded |
+pub const CRASH_POINTS: [&str; 3] = ["saga.after_charge", "recover.resumed", "orchestrated.after_refund"];

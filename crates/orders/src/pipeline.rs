@@ -8,7 +8,7 @@ use super::domain::{Order, OrderCodec, OrderEvent};
 use super::history::{Histories, OrderHistory, OrderStatus};
 use super::ports::{Channel, FraudVerdict, LedgerFigures, SimulatedGateway};
 use super::report::RetryReport;
-use super::stages::{OrderDeadLetters, OutcomeFigures, Outcomes};
+use super::stages::{names, OrderDeadLetters, OutcomeFigures, Outcomes};
 use super::wiring::{build, Breakers, Built, Ports};
 use crate::{
     DeadLetterReport, EventCounts, LedgerReport, LogReport, OrderCounts, OrderRouting, RunReport, SimConfig,
@@ -40,6 +40,8 @@ pub struct OrderPipeline {
     saga: Option<Arc<crate::saga::SagaFlow>>,
     /// The choreographed flow's services' shared state, when the flow is choreographed.
     choreography: Option<Arc<crate::choreography::Choreography>>,
+    /// Saga facts a recovery journaled from the provider's books (beside the events' records).
+    reconciled_records: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for OrderPipeline {
@@ -107,12 +109,15 @@ impl OrderPipeline {
     ) -> Result<Self, BuildError> {
         conduit::crashpoint::register(&crate::CRASH_POINTS);
         let ledger_before = provider.as_ref().map(|p| p.ledger()).unwrap_or_default();
-        if log.is_some() && sim.flow != crate::Flow::Chain {
-            return Err(BuildError::Config(conduit::ConfigError::Invalid(format!(
-                "the {} flow runs in memory for now: its sagas are not yet resumed from a log (run it without a \
-                 log, or with flow = \"chain\")",
-                sim.flow.name()
-            ))));
+        if log.is_some() && sim.flow == crate::Flow::Choreography {
+            return Err(BuildError::Config(conduit::ConfigError::Invalid(
+                "the choreography flow runs in memory for now: its sagas are not yet resumed from a log (run it \
+                 without a log, or with flow = \"orchestrated\" or \"chain\")"
+                    .into(),
+            )));
+        }
+        if let Some(histories) = restore {
+            same_flow(histories, sim.flow)?;
         }
         let Built {
             topology,
@@ -150,6 +155,7 @@ impl OrderPipeline {
             ledger_before,
             saga,
             choreography,
+            reconciled_records: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -169,10 +175,30 @@ impl OrderPipeline {
         histories: impl IntoIterator<Item = (u64, &'h OrderHistory)>,
     ) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
         let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
+        let mut reconciled = Vec::new();
         for (id, history) in histories {
+            let mut history = std::borrow::Cow::Borrowed(history);
+            if let (Some(flow), Some(_)) = (&self.saga, &history.saga) {
+                if history.status() == OrderStatus::InFlight {
+                    let missing = history.saga_reconciliation(id, &self.ports.gateway);
+                    if !missing.is_empty() {
+                        reconciled.extend(missing.iter().map(|fact| (id, history.correlation, history.last_id, *fact)));
+                        history.to_mut().saga.get_or_insert_with(Vec::new).extend(missing);
+                    }
+                    // The book takes the saga up again before its owed events run.
+                    let facts = history.saga.as_deref().unwrap_or_default();
+                    flow.resume(id, facts, history.dead_letter_stage.is_some());
+                }
+            }
             for (stage, envelope) in history.resume_envelopes(id, &self.ports.gateway) {
                 by_stage.entry(stage).or_default().push(envelope);
             }
+        }
+        if let Err(error) = self.journal_reconciled(&reconciled) {
+            tracing::error!(%error, "the facts the provider's books add could not be journaled");
+            return Err(SubmitError::LogFailed(
+                by_stage.into_values().flatten().map(|envelope| envelope.msg).collect(),
+            ));
         }
         let mut counts = BTreeMap::new();
         // Front to back, so nothing resumed downstream waits behind a full upstream queue.
@@ -182,6 +208,36 @@ impl OrderPipeline {
             }
         }
         Ok(counts)
+    }
+
+    /// Journals the saga facts that the provider's books added on recovery
+    /// ([`OrderHistory::saga_reconciliation`]), before anything resumed can record a later one:
+    /// `(order, correlation, cause, fact)`.
+    fn journal_reconciled(&self, facts: &[(u64, u64, u64, conduit::saga::Fact)]) -> Result<(), conduit::log::LogError> {
+        let Some(log) = self.log.as_ref().filter(|_| !facts.is_empty()) else { return Ok(()) };
+        let first = log.reserve_ids(facts.len() as u64);
+        let stage = names::index_of(names::COMPENSATION).unwrap_or(0);
+        let timestamp_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX));
+        let records = facts
+            .iter()
+            .zip(first..)
+            .map(|(&(stream, correlation, causation, fact), id)| conduit::log::Record {
+                id,
+                stream,
+                kind: super::domain::kinds::SAGA,
+                stage,
+                timestamp_us,
+                correlation,
+                causation,
+                payload: fact.encode().to_vec(),
+                ..conduit::log::Record::default()
+            })
+            .collect();
+        log.append(records)?.wait()?;
+        self.reconciled_records.fetch_add(facts.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Counts a dead-lettered order as open again (it was redriven).
@@ -241,7 +297,8 @@ impl OrderPipeline {
             durability: log.options().durability,
             stats: log.stats(),
             sync_error: report.log_sync.clone().and_then(Result::err).map(|e| e.to_string()),
-            other_records: 0,
+            other_records: self.reconciled_records.load(std::sync::atomic::Ordering::Relaxed),
+            saga_records_beyond_events: self.saga.as_ref().map_or(0, |flow| flow.records_beyond_events()),
         });
         let per_sec = |n: u64| if elapsed_s > 0.0 { n as f64 / elapsed_s } else { 0.0 };
         let ledger = self.ports.gateway.ledger().since(&self.ledger_before);
@@ -336,6 +393,31 @@ fn place(order: Order) -> OrderEvent {
     OrderEvent::place(order)
 }
 
+/// Refuses to resume a log's orders in flight with a flow that did not write them: the chain's
+/// stages cannot take up a saga, nor the saga's a chain's order.
+fn same_flow(histories: &Histories, flow: crate::Flow) -> Result<(), BuildError> {
+    let in_flight = histories.orders.values().filter(|history| history.status() == OrderStatus::InFlight);
+    // An order only placed belongs to no flow yet: whichever resumes it, places it.
+    let accepted = |history: &&OrderHistory| {
+        history.saga.is_some() || history.counts[usize::from(super::domain::kinds::ACCEPTED)] > 0
+    };
+    let mismatch = in_flight
+        .filter(accepted)
+        .map(|history| history.saga.is_some())
+        .find(|&saga| saga != (flow == crate::Flow::Orchestrated));
+    match mismatch {
+        None => Ok(()),
+        Some(saga) => Err(BuildError::Config(conduit::ConfigError::Invalid(format!(
+            "the log holds orders of the {} flow in flight, which the {} flow cannot resume: recover it with \
+             flow = \"{}\" (--saga {})",
+            if saga { "orchestrated" } else { "chain" },
+            flow.name(),
+            if saga { "orchestrated" } else { "chain" },
+            if saga { "orchestrated" } else { "chain" },
+        )))),
+    }
+}
+
 /// Counts carried over from the log into the ports and outcomes; returns the orders placed.
 pub(crate) fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Outcomes) -> u64 {
     let mut figures = OutcomeFigures::default();
@@ -360,7 +442,7 @@ pub(crate) fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Out
         if history.counts[usize::from(super::domain::kinds::TEXTED)] > 0 {
             ports.notifier.restore_sent(Channel::Sms, order.id, generation);
         }
-        if history.counts[usize::from(super::domain::kinds::SHIPPED)] > 0 {
+        if history.shipped() {
             ports.carrier.restore_shipped(&order, generation);
         }
         match history.status() {
@@ -369,9 +451,10 @@ pub(crate) fn restore_ports(histories: &Histories, ports: &Ports, outcomes: &Out
                 figures.confirmed_total_cents += order.amount_cents;
                 figures.confirmed_units += u64::from(order.quantity);
             }
-            OrderStatus::Cancelled => match history.cancel_reason {
+            OrderStatus::Cancelled => match history.cancel_cause() {
                 Some(super::domain::CancelReason::PaymentDeclined) => figures.cancelled_declined += 1,
-                _ => figures.cancelled_out_of_stock += 1,
+                Some(super::domain::CancelReason::OutOfStock) => figures.cancelled_out_of_stock += 1,
+                None => figures.cancelled_unshipped += 1,
             },
             OrderStatus::DeadLettered => figures.dead_lettered += 1,
             OrderStatus::InFlight => {}

@@ -261,6 +261,10 @@ pub struct LogReport {
     pub sync_error: Option<String>,
     /// Records this run appended besides its events' (a redrive's records).
     pub other_records: u64,
+    /// Saga facts beyond one record per event handled (the orchestrated flow: a compensation
+    /// stage's event records each compensation it ran, none when nothing was owed; a step's dead
+    /// letter also records its timeout and the compensations its sink ran).
+    pub saga_records_beyond_events: i64,
 }
 
 impl RunReport {
@@ -312,12 +316,15 @@ impl RunReport {
             }
         }
         if let Some(log) = &self.log {
-            if log.stats.events_appended - log.stats.engine_records != self.events.total + log.other_records {
+            let appended = i128::from(log.stats.events_appended - log.stats.engine_records);
+            let expected = i128::from(self.events.total)
+                + i128::from(log.other_records)
+                + i128::from(log.saga_records_beyond_events);
+            if appended != expected {
                 violations.push(format!(
-                    "log appended {} events but the pipeline handled {} (and {} other records were written)",
-                    log.stats.events_appended - log.stats.engine_records,
-                    self.events.total,
-                    log.other_records
+                    "log appended {appended} events but the pipeline handled {} (and {} other records were written, {} \
+                     saga facts beyond one per event)",
+                    self.events.total, log.other_records, log.saga_records_beyond_events
                 ));
             }
             if let Some(error) = &log.sync_error {

@@ -21,11 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::domain::{kinds, Effect, OrderEvent, Step};
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
-use super::stages::{accept, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
+use super::stages::{accept, names, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
 use conduit::breaker::CircuitBreaker;
 use conduit::saga::{Command, Fact, Outcome as StepOutcome, Saga, SagaBook, SagaEnd, StepId, Turn};
@@ -47,6 +47,55 @@ pub(crate) fn order_saga(timeout: Option<Duration>) -> Saga {
         .group([step("ship", "cancel_shipment")])
         .build()
         .expect("the order saga is well formed (a zero timeout is refused by the simulation's settings)")
+}
+
+/// The order saga's steps as the journal names them (timeouts are no part of a fact).
+pub(crate) fn shape() -> &'static Saga {
+    static SHAPE: std::sync::OnceLock<Saga> = std::sync::OnceLock::new();
+    SHAPE.get_or_init(|| order_saga(None))
+}
+
+/// The stage that runs a step of the order saga, and the order event that asks for it.
+pub(crate) fn step_stage(step: StepId) -> Option<(&'static str, Step)> {
+    match shape().name_of(step) {
+        "charge" => Some((names::PAYMENT, Step::Charge)),
+        "reserve" => Some((names::INVENTORY, Step::Reserve)),
+        "ship" => Some((names::SHIPPING, Step::Ship)),
+        _ => None,
+    }
+}
+
+/// Whether `facts` hold `step`'s action ending so.
+pub(crate) fn finished(facts: &[Fact], step: &str, outcome: StepOutcome) -> bool {
+    shape().step(step).is_some_and(|step| facts.contains(&Fact::Finished(step, outcome)))
+}
+
+/// A saga record's fact for people: `charge succeeded`, `ship timed out`, `refund ran`; `None`
+/// for bytes that hold no fact of the order saga.
+#[must_use]
+pub fn describe_fact(payload: &[u8]) -> Option<String> {
+    let saga = shape();
+    Some(match Fact::decode(saga, payload)? {
+        Fact::Finished(step, outcome) => {
+            let outcome = match outcome {
+                StepOutcome::Succeeded => "succeeded",
+                StepOutcome::Failed => "failed",
+                StepOutcome::TimedOut => "timed out",
+            };
+            format!("{} {outcome}", saga.name_of(step))
+        }
+        Fact::Compensated(step) => format!("{} ran", saga.compensation_of(step).unwrap_or("compensation")),
+    })
+}
+
+/// A count of records, signed (see `SagaFlow::beyond`).
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A fact as a journal record: `(kind, payload)`.
+fn journaled(fact: Fact) -> (u16, Vec<u8>) {
+    (kinds::SAGA, fact.encode().to_vec())
 }
 
 /// Where the flow's commands go.
@@ -75,6 +124,14 @@ pub(crate) struct SagaFlow {
     /// Orders one of whose steps was dead-lettered, until their saga ends (then counted as
     /// dead-lettered, not cancelled): at most the sagas in progress.
     dead_lettered: Mutex<FxHashSet<u64>>,
+    /// Compensations run by a handler call that then failed on the next one: a retried call
+    /// journals nothing, so their facts wait here for the order's next call (or its dead
+    /// letter). At most the sagas being compensated.
+    unjournaled: Mutex<FxHashMap<u64, Vec<Fact>>>,
+    /// Records journaled beyond one per event handled: the compensation stage records each
+    /// compensation it ran (none when the book owed nothing), a step's dead letter the timeout
+    /// and the compensations its sink ran. The run's check of the log counts them.
+    beyond: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for SagaFlow {
@@ -103,7 +160,14 @@ impl SagaFlow {
             ports,
             outcomes,
             dead_lettered: Mutex::new(FxHashSet::default()),
+            unjournaled: Mutex::new(FxHashMap::default()),
+            beyond: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// Records journaled beyond one per event handled (see the field).
+    pub(crate) fn records_beyond_events(&self) -> i64 {
+        self.beyond.load(Ordering::Relaxed)
     }
 
     /// Where the flow's commands go.
@@ -196,25 +260,27 @@ impl SagaFlow {
     }
 
     /// Runs the compensations `event`'s saga owes, one at a time, the last completed step first,
-    /// each tried by `undo` (given the step); stops at the first that fails, which the book
-    /// still owes. With the handler's emitter, each compensation is recorded and the order's end
-    /// timed.
+    /// each tried by `undo` (given the step), each fact appended to `facts` (for the journal);
+    /// stops at the first that fails, which the book still owes. With the handler's emitter, the
+    /// order's end is timed.
     fn compensate(
         &self,
         event: &OrderEvent,
         undo: impl Fn(StepId) -> Result<(), conduit::Reason>,
-        mut out: Option<&mut Emitter<OrderEvent>>,
+        out: Option<&Emitter<OrderEvent>>,
+        facts: &mut Vec<Fact>,
     ) -> Result<(), (StepId, conduit::Reason)> {
         let id = event.order.id;
         let mut owed = self.book.owed(id);
         while let Some(Command::Compensate(step)) = owed.first().cloned() {
             undo(step).map_err(|error| (step, error))?;
-            if let Some(out) = out.as_deref_mut() {
-                out.record(kinds::SAGA, &Fact::Compensated(step).encode());
+            if step == self.charge {
+                conduit::crashpoint::hit("orchestrated.after_refund");
             }
+            facts.push(Fact::Compensated(step));
             let turn = self.book.compensated(id, step);
             if let Some(end) = turn.end() {
-                self.count_end(event, end, &turn.failed, out.as_deref());
+                self.count_end(event, end, &turn.failed, out);
             }
             // The next compensation runs here, not in an event sent to this same stage (the
             // links stay acyclic).
@@ -229,27 +295,44 @@ impl SagaFlow {
     /// what never happened is a no-op on the other side's books. The compensations it leads to
     /// run here, a few attempts each, as no stage will run them; one that still fails is left
     /// owed in the book (the saga is stuck, and says so) and `Err` holds the saga's story, for
-    /// the dead letter.
-    pub(crate) fn dead_lettered(&self, event: &OrderEvent) -> Result<(), String> {
+    /// the dead letter. Each fact (the step timed out, each compensation run) is appended to
+    /// `facts`, for the journal, so that the log tells what the dead letter led to.
+    pub(crate) fn dead_lettered(&self, event: &OrderEvent, facts: &mut Vec<(u16, Vec<u8>)>) -> Result<(), String> {
         let id = event.order.id;
         if event.step != Step::Undo {
             let Some(step) = self.step_of(event.step) else {
                 return Err(format!("{:?} is not a step of the order saga", event.step));
             };
             self.dead_lettered.lock().insert(id);
+            facts.push(journaled(Fact::Finished(step, StepOutcome::TimedOut)));
             let turn = self.book.finished(id, step, StepOutcome::TimedOut);
             if let Some(end) = turn.end() {
                 // Nothing had completed: nothing to undo.
                 self.count_end(event, end, &turn.failed, None);
+                self.beyond.fetch_add(count(facts.len()), Ordering::Relaxed);
                 return Ok(());
             }
         }
         let undo = |step| undo_in_sink(|attempt| self.undo(event, step, attempt));
-        self.compensate(event, undo, None).map_err(|(step, error)| {
+        let mut done = self.unjournaled.lock().remove(&id).unwrap_or_default();
+        let compensated = self.compensate(event, undo, None, &mut done);
+        facts.extend(done.into_iter().map(journaled));
+        self.beyond.fetch_add(count(facts.len()), Ordering::Relaxed);
+        compensated.map_err(|(step, error)| {
             let story = self.book.story(id).unwrap_or_default();
             tracing::error!(order = id, %story, "a compensation of a dead-lettered order failed");
             format!("compensating {} failed ({error}); {story}", self.book.saga().name_of(step))
         })
+    }
+
+    /// Takes up `id`'s saga again after a restart, from the `facts` its history records, and
+    /// says what it still owes. A saga that one of its steps' dead letters led to ends counted
+    /// as dead-lettered.
+    pub(crate) fn resume(&self, id: u64, facts: &[Fact], dead_lettered: bool) -> Vec<Command> {
+        if dead_lettered {
+            self.dead_lettered.lock().insert(id);
+        }
+        self.book.resume(id, facts).commands
     }
 }
 
@@ -260,7 +343,7 @@ pub(crate) struct SagaOrderStage {
 
 impl Handler<OrderEvent> for SagaOrderStage {
     fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
-        if let Err(refused) = accept(event, out) {
+        if let Err(refused) = accept(event, out, kinds::SAGA_STARTED) {
             return refused;
         }
         let turn = self.flow.book.start(event.msg.order.id);
@@ -346,10 +429,24 @@ impl Handler<OrderEvent> for SagaCompensationStage {
         if event.msg.step != Step::Undo {
             return unexpected(event);
         }
-        let undo = |step| self.flow.undo(&event.msg, step, event.attempt);
-        match self.flow.compensate(&event.msg, undo, Some(out)) {
-            Ok(()) => Outcome::Done,
-            Err((_, reason)) => Outcome::Retry(reason),
+        let flow = &*self.flow;
+        let id = event.msg.order.id;
+        let undo = |step| flow.undo(&event.msg, step, event.attempt);
+        let mut done = flow.unjournaled.lock().remove(&id).unwrap_or_default();
+        match flow.compensate(&event.msg, undo, Some(out), &mut done) {
+            Ok(()) => {
+                flow.beyond.fetch_add(count(done.len()) - 1, Ordering::Relaxed);
+                for fact in done {
+                    out.record(kinds::SAGA, &fact.encode());
+                }
+                Outcome::Done
+            }
+            Err((_, reason)) => {
+                if !done.is_empty() {
+                    flow.unjournaled.lock().insert(id, done);
+                }
+                Outcome::Retry(reason)
+            }
         }
     }
 }

@@ -190,7 +190,7 @@ pub(crate) struct OrderStage {
 
 impl Handler<OrderEvent> for OrderStage {
     fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
-        if let Err(refused) = accept(event, out) {
+        if let Err(refused) = accept(event, out, kinds::ACCEPTED) {
             return refused;
         }
         out.publish(self.accepted, event.msg.then(Step::Charge));
@@ -198,9 +198,9 @@ impl Handler<OrderEvent> for OrderStage {
     }
 }
 
-/// Checks a new order and records it accepted (the order stage's work in every flow); `Err`
-/// holds the outcome for an event that is not a sound new order.
-pub(crate) fn accept(event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Result<(), Outcome> {
+/// Checks a new order and records it accepted as `kind` (the order stage's work in every flow);
+/// `Err` holds the outcome for an event that is not a sound new order.
+pub(crate) fn accept(event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>, kind: u16) -> Result<(), Outcome> {
     let order = &event.msg.order;
     if event.msg.step != Step::Place {
         return Err(unexpected(event));
@@ -208,7 +208,7 @@ pub(crate) fn accept(event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>
     if order.quantity == 0 || order.amount_cents == 0 {
         return Err(Outcome::Malformed("malformed payload: zero quantity or amount".into()));
     }
-    out.record(kinds::ACCEPTED, &[]);
+    out.record(kind, &[]);
     Ok(())
 }
 
@@ -530,6 +530,20 @@ impl OrderDeadLetters {
 
 impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
     fn dead_letter(&self, letter: DeadLetter<OrderEvent>) {
+        self.take(letter, &mut Vec::new());
+    }
+
+    fn dead_letter_journaled(&self, letter: DeadLetter<OrderEvent>) -> Vec<(u16, Vec<u8>)> {
+        let mut facts = Vec::new();
+        self.take(letter, &mut facts);
+        facts
+    }
+}
+
+impl OrderDeadLetters {
+    /// Compensates what the dead letter leaves undone, counts it and keeps it; the saga facts
+    /// of what it did go to `facts`, for the journal.
+    fn take(&self, letter: DeadLetter<OrderEvent>, facts: &mut Vec<(u16, Vec<u8>)>) {
         let event = letter.envelope.msg;
         let order = event.order;
         // A notification's dead letter (in its own stage, or unroutable) leaves the order alone.
@@ -545,7 +559,7 @@ impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
         let mut stuck = None;
         if let (Some(saga), true) = (&self.saga, saga_step) {
             // The saga's book decides what is undone, and counts the order when it ends.
-            stuck = saga.dead_lettered(&event).err();
+            stuck = saga.dead_lettered(&event, facts).err();
         } else if let (Some(flow), true) = (&self.choreography, choreographed) {
             // The carrier hears the missing answer as unknown and has the order cancelled.
             stuck = flow.dead_lettered(&event, service).err();

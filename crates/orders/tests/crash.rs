@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use conduit::log::{Log, LogOptions};
 use conduit::EngineConfig;
-use conduit_orders::{self as orders, Histories, OrderPipeline, OrderRouting, OrderStatus, SimConfig, Workload};
+use conduit_orders::{self as orders, Flow, Histories, OrderPipeline, OrderRouting, OrderStatus, SimConfig, Workload};
 use rand::{Rng, SeedableRng};
 
 use common::retained_acknowledged;
@@ -27,6 +27,8 @@ fn all_points() -> Vec<&'static str> {
 }
 
 const CHILD_ENV: &str = "CONDUIT_CRASH_CHILD";
+/// The flow the child runs (`chain` unless set): the parent's test sets it.
+const FLOW_ENV: &str = "CONDUIT_CRASH_FLOW";
 /// Kill cycles; the CI tier of the reliability suite asks for at least 30. `CONDUIT_CRASH_CYCLES`
 /// sets another count (the long tier runs 500).
 /// Kill cycles on one log before the next starts.
@@ -38,19 +40,25 @@ fn cycles() -> usize {
 
 /// The payment provider keeps its own books beside the log: a file the child writes before each
 /// answer, which its death does not touch. Every check of money reads them.
-fn sim(log: &std::path::Path) -> SimConfig {
+/// The orchestrated flow's sagas also meet a carrier that fails a fifth of the shipments (half
+/// refused, half shipped with the answer lost) and declined cards.
+fn sim(log: &std::path::Path, flow: Flow) -> SimConfig {
+    let sagas = flow == Flow::Orchestrated;
     SimConfig {
         payment_failure_rate: 0.2,
         out_of_stock_rate: 0.1,
         seed: 3,
         payment_books: Some(log.with_extension("payments")),
+        flow,
+        shipping_failure_rate: if sagas { 0.2 } else { 0.0 },
+        payment_decline_rate: if sagas { 0.1 } else { 0.0 },
         ..SimConfig::default()
     }
 }
 
 /// The provider's books as they are now (the child is dead).
 fn provider(log: &std::path::Path) -> Arc<conduit_orders::ports::SimulatedGateway> {
-    orders::open_provider(&sim(log)).expect("the provider's books open").expect("the provider keeps books")
+    orders::open_provider(&sim(log, Flow::Chain)).expect("the provider's books open").expect("the provider keeps books")
 }
 
 fn engine() -> EngineConfig {
@@ -67,12 +75,13 @@ fn child_log_options() -> LogOptions {
 /// The child: recover, then place orders forever, printing `ack <highest id>` after each
 /// acknowledged chunk.
 fn child(path: &str) {
+    let flow: Flow = std::env::var(FLOW_ENV).ok().and_then(|name| name.parse().ok()).unwrap_or(Flow::Chain);
     let log = Arc::new(Log::open(path, child_log_options()).expect("child opens the log"));
     let histories = Histories::read(&log).expect("child reads the log");
     let first_id = histories.orders.keys().max().copied().unwrap_or(0) + 1;
     let pipeline = OrderPipeline::start_with_provider(
         &engine(),
-        &sim(path.as_ref()),
+        &sim(path.as_ref(), flow),
         &OrderRouting::default(),
         Some(Arc::clone(&log)),
         Some(&histories),
@@ -82,7 +91,7 @@ fn child(path: &str) {
     pipeline.resume(&histories).expect("resumes");
     println!("ready {first_id}");
     // Over all the simulated SKUs, so out_of_stock_rate of them cancel and the rest confirm.
-    let mut workload = Workload::new(first_id, sim(path.as_ref()).skus, 1_000).map(|mut order| {
+    let mut workload = Workload::new(first_id, sim(path.as_ref(), flow).skus, 1_000).map(|mut order| {
         order.id += first_id - 1;
         order
     });
@@ -100,26 +109,43 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
         child(&path);
         return;
     }
+    kill_cycles("acknowledged_orders_survive_kill_9_and_finish_exactly_once", Flow::Chain, cycles());
+}
+
+/// The same over the orchestrated flow: every saga, its parallel steps and its compensations
+/// journaled fact by fact, is taken up again after each kill and ends exactly once, completed
+/// or compensated, on the provider's books. 20 cycles unless `CONDUIT_CRASH_CYCLES` says more.
+#[test]
+fn acknowledged_sagas_survive_kill_9_and_end_exactly_once() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        child(&path);
+        return;
+    }
+    let cycles = std::env::var("CONDUIT_CRASH_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
+    kill_cycles("acknowledged_sagas_survive_kill_9_and_end_exactly_once", Flow::Orchestrated, cycles);
+}
+
+/// Kills a child running `test` (the `flow`) `cycles` times at random moments, checking the log
+/// after each kill and once recovered at the end of each log.
+fn kill_cycles(test: &str, flow: Flow, cycles: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut path = dir.path().join("crash-0.redb");
     let seed: u64 = std::env::var("CONDUIT_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
     println!("kill -9 cycles with seed {seed} (set CONDUIT_CRASH_SEED to replay)");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut acked_max = 0u64;
-    let cycles = cycles();
     let mut acked_total = 0u64;
     for cycle in 0..cycles {
         // A fresh log every LOG_CYCLES cycles, the last one finished and checked: the long tier's
         // hundreds of cycles would otherwise grow one log (and each cycle's full read) without end.
         if cycle > 0 && cycle % LOG_CYCLES == 0 {
-            finish_and_check(&path, acked_max, &format!("log ending at cycle {cycle} (seed {seed})"));
+            finish_and_check(&path, flow, acked_max, &format!("log ending at cycle {cycle} (seed {seed})"));
             acked_total += acked_max;
             acked_max = 0;
             path = dir.path().join(format!("crash-{cycle}.redb"));
         }
         // Acknowledgements are read on a thread while the parent waits a random time, then kills.
-        let (mut child, output) =
-            spawn_child("acknowledged_orders_survive_kill_9_and_finish_exactly_once", &path, None);
+        let (mut child, output) = spawn_child(test, &path, flow, None);
         let wait = Duration::from_millis(rng.random_range(30..400));
         let started = Instant::now();
         while started.elapsed() < wait {
@@ -135,7 +161,7 @@ fn acknowledged_orders_survive_kill_9_and_finish_exactly_once() {
 
         check_after_crash(&path, acked_max, &format!("cycle {cycle} (seed {seed})"));
     }
-    finish_and_check(&path, acked_max, &format!("seed {seed}"));
+    finish_and_check(&path, flow, acked_max, &format!("seed {seed}"));
     acked_total += acked_max;
     assert!(acked_total > 0, "some orders were acknowledged over {cycles} cycles");
     println!("{acked_total} orders acknowledged over {cycles} kill -9 cycles, none lost, none charged twice");
@@ -150,9 +176,19 @@ struct ChildOutput {
 
 /// Starts this test binary as a child running `test` on the log at `path` (with a crash point
 /// armed, if given), with threads that read what it prints.
-fn spawn_child(test: &str, path: &std::path::Path, crash_at: Option<&str>) -> (std::process::Child, ChildOutput) {
+fn spawn_child(
+    test: &str,
+    path: &std::path::Path,
+    flow: Flow,
+    crash_at: Option<&str>,
+) -> (std::process::Child, ChildOutput) {
     let mut command = Command::new(std::env::current_exe().expect("test binary"));
-    command.args(["--exact", test, "--nocapture"]).env(CHILD_ENV, path).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .args(["--exact", test, "--nocapture"])
+        .env(CHILD_ENV, path)
+        .env(FLOW_ENV, flow.name())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(point) = crash_at {
         command.env(conduit::crashpoint::ENV, point);
     }
@@ -195,9 +231,9 @@ fn check_after_crash(path: &std::path::Path, acked_max: u64, context: &str) {
 }
 
 /// Recovers once more and checks every acknowledged order finished exactly once.
-fn finish_and_check(path: &std::path::Path, acked_max: u64, context: &str) {
+fn finish_and_check(path: &std::path::Path, flow: Flow, acked_max: u64, context: &str) {
     let log = Arc::new(Log::open(path, LogOptions::default()).expect("reopens"));
-    let recovered = orders::recover(&engine(), &sim(path), &log).expect("final recovery");
+    let recovered = orders::recover(&engine(), &sim(path, flow), &log).expect("final recovery");
     let verify = &recovered.verify;
     assert!(verify.ok, "{context}: {:?}", verify.problems);
     let audit = recovered.verify.provider.as_ref().expect("recovery audits the provider's books");
@@ -248,11 +284,45 @@ fn every_crash_point_keeps_every_acknowledged_order() {
         ("recover.resumed", 1),
         ("log.retention", 2),
     ];
-    assert!(all_points().iter().all(|p| plan.iter().any(|(q, _)| q == p)), "every point is armed");
+    let armed = |p: &&str| plan.iter().chain(&SAGA_PLAN).any(|(q, _)| q == p);
+    assert!(all_points().iter().all(armed), "every point is armed");
+    crash_at_points(&path, Flow::Chain, &plan);
+}
+
+/// The orchestrated flow's crash points, with the passes to crash on.
+const SAGA_PLAN: [(&str, u32); 4] = [
+    ("orchestrated.after_refund", 5),
+    ("orchestrated.after_refund", 40),
+    ("recover.resumed", 1),
+    ("orchestrated.after_refund", 200),
+];
+
+/// A saga killed just after it refunded a charge, before the fact was journaled: the provider's
+/// books know of the refund, the log does not. Recovery must take the saga up as the compensation
+/// it was (not ship it again and confirm a refunded order).
+#[test]
+fn a_saga_killed_between_a_refund_and_its_record_ends_compensated() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        child(&path);
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    crash_at_points(&dir.path().join("saga-points.redb"), Flow::Orchestrated, &SAGA_PLAN);
+}
+
+/// Runs a child of `flow` armed with each `(point, pass)` of `plan` in turn on the log at
+/// `path`, checks that it died there and that the log holds what it acknowledged, and at the
+/// end recovers and checks every order ended once.
+fn crash_at_points(path: &std::path::Path, flow: Flow, plan: &[(&str, u32)]) {
+    let test = if flow == Flow::Chain {
+        "every_crash_point_keeps_every_acknowledged_order"
+    } else {
+        "a_saga_killed_between_a_refund_and_its_record_ends_compensated"
+    };
     let mut acked_max = 0u64;
-    for (point, pass) in plan {
+    for &(point, pass) in plan {
         let armed = format!("{point}:{pass}");
-        let (mut child, output) = spawn_child("every_crash_point_keeps_every_acknowledged_order", &path, Some(&armed));
+        let (mut child, output) = spawn_child(test, path, flow, Some(&armed));
         let started = Instant::now();
         let status = loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -270,13 +340,9 @@ fn every_crash_point_keeps_every_acknowledged_order() {
         let expected = format!("{} {point}: pass {pass}, aborting", conduit::crashpoint::MARKER);
         assert_eq!(crash_lines, [expected], "the child armed with {armed} crashed elsewhere ({status})");
         acked_max = acked_max.max(output.acked.join().expect("reader"));
-        check_after_crash(&path, acked_max, &format!("after crash point {point}:{pass}"));
+        check_after_crash(path, acked_max, &format!("after crash point {point}:{pass}"));
     }
     assert!(acked_max > 0);
-    finish_and_check(&path, acked_max, "crash points");
-    println!(
-        "crash points: {} crashes at {} points, {acked_max} orders acknowledged, none lost",
-        plan.len(),
-        all_points().len()
-    );
+    finish_and_check(path, flow, acked_max, "crash points");
+    println!("{flow:?} crash points: {} crashes, {acked_max} orders acknowledged, none lost", plan.len());
 }
