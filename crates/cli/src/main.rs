@@ -16,6 +16,7 @@ mod latencyout;
 mod logcmd;
 mod metricsserve;
 mod runcmd;
+mod sagacmd;
 mod topcmd;
 mod tunecmd;
 
@@ -78,6 +79,10 @@ enum Command {
     /// List, show, redrive or purge the dead letters of a log.
     #[command(subcommand)]
     Dlq(dlqcmd::DlqCommand),
+    /// Show one order's saga moment by moment, or list a log's sagas by state (the orchestrated
+    /// flow's logs).
+    #[command(subcommand)]
+    Saga(sagacmd::SagaCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => logcmd::replay(&args),
         Command::Recover(args) => runcmd::recover(&args),
         Command::Dlq(command) => dlqcmd::run(&command),
+        Command::Saga(command) => sagacmd::run(&command),
     };
     match result {
         Ok(code) => code,

@@ -721,3 +721,57 @@ fn the_orchestrated_saga_runs_from_the_command_line_and_reports_its_sagas() {
     );
     assert_refused(&["run", "--shipping-failure-rate", "0.1"], "simulation.shipping_failure_rate needs flow");
 }
+
+/// `conduit saga show` tells one order's saga moment by moment from the log, `saga list` lists
+/// the sagas by state; a chain's order, an order not in the log and nonsense are refused.
+#[test]
+fn saga_show_and_list_read_the_orchestrated_flows_log() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("conduit-sagas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let log = dir.join("sagas.redb");
+    let log = log.to_str().expect("utf-8 path");
+    let rates = ["--payment-failure-rate", "0.2", "--payment-decline-rate", "0.1", "--shipping-failure-rate", "0.2"];
+    let mut args = vec!["--orders", "5000", "--saga", "orchestrated", "--log", log];
+    args.extend_from_slice(&rates);
+    let report = json_run(&args);
+    let compensated = u(&report, "/sagas/compensated");
+    assert!(compensated > 100, "{report}");
+    assert!(conduit(&["log", "verify", log]).status.success());
+
+    let listed = conduit(&["saga", "list", log, "--state", "compensated", "--format", "json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+        .collect();
+    let dead = conduit(&["saga", "list", log, "--state", "dead_lettered", "--format", "json"]);
+    let dead = String::from_utf8_lossy(&dead.stdout).lines().count() as u64;
+    assert_eq!(listed.len() as u64 + dead, compensated, "every compensated saga is listed once");
+    assert!(listed.iter().all(|saga| saga["state"] == "compensated"));
+    let stuck = conduit(&["saga", "list", log, "--stuck-longer-than", "1s"]);
+    assert_eq!(String::from_utf8_lossy(&stuck.stdout).trim(), "0 sagas", "nothing is left in flight");
+
+    let order = listed[0]["order"].as_u64().expect("an order id").to_string();
+    let shown = conduit(&["saga", "show", log, &order, "--format", "json"]);
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("one JSON object");
+    assert_eq!(shown["state"], "compensated");
+    let moments = shown["moments"].as_array().expect("moments");
+    let whats: Vec<&str> = moments.iter().filter_map(|m| m["what"].as_str()).collect();
+    assert_eq!(whats[..2], ["placed", "started"]);
+    assert!(whats.contains(&"step") && whats.contains(&"compensation"), "{whats:?}");
+    assert!(moments.iter().any(|m| m["outcome"] != "succeeded" && m["what"] == "step"), "a step failed: {moments:?}");
+    let human = conduit(&["saga", "show", log, &order]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.starts_with(&format!("order {order}: saga order compensated after ")), "{human}");
+    assert!(human.contains("compensation refund") || human.contains("compensation release"), "{human}");
+
+    assert_refused(&["saga", "show", log, "987654321"], "order 987654321 is not in the log");
+    assert_refused(&["saga", "list", log, "--state", "sideways"], "unknown saga state \"sideways\"");
+    assert_refused(&["saga", "list", log, "--state", "completed", "--stuck-longer-than", "1s"], "sagas in flight");
+    let chain = dir.join("chain.redb");
+    let chain = chain.to_str().expect("utf-8 path");
+    json_run(&["--orders", "100", "--log", chain]);
+    assert_refused(&["saga", "show", chain, "1"], "order 1 ran no saga");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -404,7 +404,7 @@ impl Aggregate for OrderHistory {
                 }
             }
             kinds::SAGA => {
-                let fact = Fact::decode(saga::shape(), &record.payload);
+                let fact = saga::read_fact(&record.payload).map(|(fact, _)| fact);
                 match (&mut self.saga, fact) {
                     (Some(facts), Some(fact)) => facts.push(fact),
                     (None, _) => self.note("a saga fact before the saga started".into()),

@@ -38,6 +38,7 @@ mod run;
 mod saga;
 mod simulate;
 mod stages;
+mod timeline;
 mod wiring;
 
 pub use config::{keys, Flow, OrderRouting, PipelineFile, SimConfig, TopologyFile};
@@ -59,6 +60,7 @@ pub use run::{
 pub use saga::describe_fact;
 pub use simulate::{simulate, simulate_bytes, SimulationReport};
 pub use stages::{names, OrderDeadLetter, OutcomeFigures, Outcomes};
+pub use timeline::{list_sagas, Moment, SagaListing, SagaState, SagaTimeline};
 
 /// The application's crash points (see `conduit::crashpoint`), registered when a pipeline starts.
 ///

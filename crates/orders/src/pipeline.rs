@@ -231,7 +231,7 @@ impl OrderPipeline {
                 timestamp_us,
                 correlation,
                 causation,
-                payload: fact.encode().to_vec(),
+                payload: crate::saga::fact_payload(fact, crate::saga::BY_RECOVERY),
                 ..conduit::log::Record::default()
             })
             .collect();

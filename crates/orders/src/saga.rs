@@ -70,21 +70,55 @@ pub(crate) fn finished(facts: &[Fact], step: &str, outcome: StepOutcome) -> bool
     shape().step(step).is_some_and(|step| facts.contains(&Fact::Finished(step, outcome)))
 }
 
-/// A saga record's fact for people: `charge succeeded`, `ship timed out`, `refund ran`; `None`
-/// for bytes that hold no fact of the order saga.
+/// The attempt of a fact the dead-letter sink brought about.
+pub(crate) const BY_SINK: u32 = 0;
+/// The attempt of a fact a recovery added from the payment provider's books.
+pub(crate) const BY_RECOVERY: u32 = u32::MAX;
+
+/// A saga record's payload: the fact's four bytes, then the attempt that answered (u32, LE;
+/// from 1, or [`BY_SINK`], or [`BY_RECOVERY`]).
+pub(crate) fn fact_payload(fact: Fact, attempt: u32) -> Vec<u8> {
+    let mut payload = fact.encode().to_vec();
+    payload.extend_from_slice(&attempt.to_le_bytes());
+    payload
+}
+
+/// A saga record's fact and attempt (`None` for a record without one); `None` for bytes that
+/// hold no fact of the order saga.
+pub(crate) fn read_fact(payload: &[u8]) -> Option<(Fact, Option<u32>)> {
+    let fact = Fact::decode(shape(), payload.get(..Fact::ENCODED_LEN)?)?;
+    let attempt = match payload.get(Fact::ENCODED_LEN..)? {
+        [] => None,
+        &[a, b, c, d] => Some(u32::from_le_bytes([a, b, c, d])),
+        _ => return None,
+    };
+    Some((fact, attempt))
+}
+
+/// An outcome for people.
+pub(crate) fn outcome_name(outcome: StepOutcome) -> &'static str {
+    match outcome {
+        StepOutcome::Succeeded => "succeeded",
+        StepOutcome::Failed => "failed",
+        StepOutcome::TimedOut => "timed out",
+    }
+}
+
+/// A saga record's fact for people: `charge succeeded (attempt 2)`, `ship timed out`, `refund
+/// ran`; `None` for bytes that hold no fact of the order saga.
 #[must_use]
 pub fn describe_fact(payload: &[u8]) -> Option<String> {
     let saga = shape();
-    Some(match Fact::decode(saga, payload)? {
-        Fact::Finished(step, outcome) => {
-            let outcome = match outcome {
-                StepOutcome::Succeeded => "succeeded",
-                StepOutcome::Failed => "failed",
-                StepOutcome::TimedOut => "timed out",
-            };
-            format!("{} {outcome}", saga.name_of(step))
-        }
+    let (fact, attempt) = read_fact(payload)?;
+    let what = match fact {
+        Fact::Finished(step, outcome) => format!("{} {}", saga.name_of(step), outcome_name(outcome)),
         Fact::Compensated(step) => format!("{} ran", saga.compensation_of(step).unwrap_or("compensation")),
+    };
+    Some(match attempt {
+        Some(BY_SINK) => format!("{what} (in the dead-letter sink)"),
+        Some(BY_RECOVERY) => format!("{what} (by recovery, from the provider's books)"),
+        Some(n) if n > 1 => format!("{what} (attempt {n})"),
+        _ => what,
     })
 }
 
@@ -93,9 +127,9 @@ fn count(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// A fact as a journal record: `(kind, payload)`.
+/// A fact the dead-letter sink brought about, as a journal record: `(kind, payload)`.
 fn journaled(fact: Fact) -> (u16, Vec<u8>) {
-    (kinds::SAGA, fact.encode().to_vec())
+    (kinds::SAGA, fact_payload(fact, BY_SINK))
 }
 
 /// Where the flow's commands go.
@@ -181,10 +215,10 @@ impl SagaFlow {
     }
 
     /// Reports `step`'s outcome for `event`'s order, records it, and does what the book says.
-    fn report(&self, event: &OrderEvent, step: StepId, outcome: StepOutcome, out: &mut Emitter<OrderEvent>) {
-        out.record(kinds::SAGA, &Fact::Finished(step, outcome).encode());
-        let turn = self.book.finished(event.order.id, step, outcome);
-        self.follow(event, &turn, out);
+    fn report(&self, event: &Envelope<OrderEvent>, step: StepId, outcome: StepOutcome, out: &mut Emitter<OrderEvent>) {
+        out.record(kinds::SAGA, &fact_payload(Fact::Finished(step, outcome), event.attempt + 1));
+        let turn = self.book.finished(event.msg.order.id, step, outcome);
+        self.follow(&event.msg, &turn, out);
     }
 
     /// Sends each started step to its stage, due within the step's timeout (the engine's timing
@@ -369,7 +403,7 @@ impl Handler<OrderEvent> for SagaPaymentStage {
             Ok(false) => StepOutcome::Failed,
             Err(now) => return now,
         };
-        flow.report(&event.msg, flow.charge, outcome, out);
+        flow.report(event, flow.charge, outcome, out);
         Outcome::Done
     }
 }
@@ -391,7 +425,7 @@ impl Handler<OrderEvent> for SagaInventoryStage {
             Ok(false) => StepOutcome::Failed,
             Err(now) => return now,
         };
-        flow.report(&event.msg, flow.reserve, outcome, out);
+        flow.report(event, flow.reserve, outcome, out);
         Outcome::Done
     }
 }
@@ -412,7 +446,7 @@ impl Handler<OrderEvent> for SagaShippingStage {
             Err(ShipError::Refused) => StepOutcome::Failed,
             Err(ShipError::Lost) => StepOutcome::TimedOut,
         };
-        flow.report(&event.msg, flow.ship, outcome, out);
+        flow.report(event, flow.ship, outcome, out);
         Outcome::Done
     }
 }
@@ -437,7 +471,7 @@ impl Handler<OrderEvent> for SagaCompensationStage {
             Ok(()) => {
                 flow.beyond.fetch_add(count(done.len()) - 1, Ordering::Relaxed);
                 for fact in done {
-                    out.record(kinds::SAGA, &fact.encode());
+                    out.record(kinds::SAGA, &fact_payload(fact, event.attempt + 1));
                 }
                 Outcome::Done
             }
