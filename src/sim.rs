@@ -372,6 +372,14 @@ impl<M: Message> Simulation<M> {
         Ok(acknowledged)
     }
 
+    /// Journals `record` as stage `stage`'s (its id, version and timestamp given here; durable
+    /// at the next [`sync`](Self::sync)): a fact the application adds outside any handler, as a
+    /// recovery does. Returns its id.
+    pub fn record(&mut self, stage: StageId, record: Record) -> u64 {
+        let stage = u16::try_from(stage.index()).unwrap_or(u16::MAX);
+        self.books.record(Record { stage, ..record })
+    }
+
     /// Puts `envelope` in `stage`'s queue, not journaled (a resumed step).
     pub fn inject(&mut self, stage: StageId, mut envelope: Envelope<M>) {
         self.track(&mut envelope);

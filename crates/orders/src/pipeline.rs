@@ -177,19 +177,7 @@ impl OrderPipeline {
         let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
         let mut reconciled = Vec::new();
         for (id, history) in histories {
-            let mut history = std::borrow::Cow::Borrowed(history);
-            if let (Some(flow), Some(_)) = (&self.saga, &history.saga) {
-                if history.status() == OrderStatus::InFlight {
-                    let missing = history.saga_reconciliation(id, &self.ports.gateway);
-                    if !missing.is_empty() {
-                        reconciled.extend(missing.iter().map(|fact| (id, history.correlation, history.last_id, *fact)));
-                        history.to_mut().saga.get_or_insert_with(Vec::new).extend(missing);
-                    }
-                    // The book takes the saga up again before its owed events run.
-                    let facts = history.saga.as_deref().unwrap_or_default();
-                    flow.resume(id, facts, history.dead_letter_stage.is_some());
-                }
-            }
+            let history = take_up_saga(self.saga.as_deref(), id, history, &self.ports.gateway, &mut reconciled);
             for (stage, envelope) in history.resume_envelopes(id, &self.ports.gateway) {
                 by_stage.entry(stage).or_default().push(envelope);
             }
@@ -213,7 +201,7 @@ impl OrderPipeline {
     /// Journals the saga facts that the provider's books added on recovery
     /// ([`OrderHistory::saga_reconciliation`]), before anything resumed can record a later one:
     /// `(order, correlation, cause, fact)`.
-    fn journal_reconciled(&self, facts: &[(u64, u64, u64, conduit::saga::Fact)]) -> Result<(), conduit::log::LogError> {
+    fn journal_reconciled(&self, facts: &[Reconciled]) -> Result<(), conduit::log::LogError> {
         let Some(log) = self.log.as_ref().filter(|_| !facts.is_empty()) else { return Ok(()) };
         let first = log.reserve_ids(facts.len() as u64);
         let stage = names::index_of(names::COMPENSATION).unwrap_or(0);
@@ -223,17 +211,7 @@ impl OrderPipeline {
         let records = facts
             .iter()
             .zip(first..)
-            .map(|(&(stream, correlation, causation, fact), id)| conduit::log::Record {
-                id,
-                stream,
-                kind: super::domain::kinds::SAGA,
-                stage,
-                timestamp_us,
-                correlation,
-                causation,
-                payload: crate::saga::fact_payload(fact, crate::saga::BY_RECOVERY),
-                ..conduit::log::Record::default()
-            })
+            .map(|(&fact, id)| conduit::log::Record { id, stage, timestamp_us, ..reconciled_record(fact) })
             .collect();
         log.append(records)?.wait()?;
         self.reconciled_records.fetch_add(facts.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -391,6 +369,46 @@ fn stock_report(ports: &Ports, sim: &SimConfig, confirmed_units: u64) -> StockRe
 
 fn place(order: Order) -> OrderEvent {
     OrderEvent::place(order)
+}
+
+/// A saga fact a recovery adds from the provider's books: `(order, correlation, cause, fact)`.
+pub(crate) type Reconciled = (u64, u64, u64, conduit::saga::Fact);
+
+/// The record of a [`Reconciled`] fact, without its id, stage and timestamp.
+pub(crate) fn reconciled_record((stream, correlation, causation, fact): Reconciled) -> conduit::log::Record {
+    conduit::log::Record {
+        stream,
+        kind: super::domain::kinds::SAGA,
+        correlation,
+        causation,
+        payload: crate::saga::fact_payload(fact, crate::saga::BY_RECOVERY),
+        ..conduit::log::Record::default()
+    }
+}
+
+/// Takes order `id`'s saga up again after a restart, if `flow` runs sagas and the order's is
+/// in flight: adds the facts the provider's books say it lacks
+/// ([`OrderHistory::saga_reconciliation`]) to `reconciled` (to journal before anything resumed
+/// records a later one) and the book runs it from its facts. Returns the history to resume
+/// from.
+pub(crate) fn take_up_saga<'h>(
+    flow: Option<&crate::saga::SagaFlow>,
+    id: u64,
+    history: &'h OrderHistory,
+    provider: &SimulatedGateway,
+    reconciled: &mut Vec<Reconciled>,
+) -> std::borrow::Cow<'h, OrderHistory> {
+    let mut history = std::borrow::Cow::Borrowed(history);
+    let Some(flow) = flow.filter(|_| history.saga.is_some() && history.status() == OrderStatus::InFlight) else {
+        return history;
+    };
+    let missing = history.saga_reconciliation(id, provider);
+    if !missing.is_empty() {
+        reconciled.extend(missing.iter().map(|fact| (id, history.correlation, history.last_id, *fact)));
+        history.to_mut().saga.get_or_insert_with(Vec::new).extend(missing);
+    }
+    flow.resume(id, history.saga.as_deref().unwrap_or_default(), history.dead_letter_stage.is_some());
+    history
 }
 
 /// Refuses to resume a log's orders in flight with a flow that did not write them: the chain's

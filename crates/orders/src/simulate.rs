@@ -19,11 +19,11 @@ use serde::Serialize;
 
 use super::domain::{OrderCodec, OrderEvent, Workload};
 use super::history::{Histories, OrderHistory, OrderStatus};
-use super::pipeline::restore_ports;
+use super::pipeline::{reconciled_record, restore_ports, take_up_saga};
 use super::ports::SimulatedGateway;
-use super::stages::OrderDeadLetters;
+use super::stages::{names, OrderDeadLetters};
 use super::wiring::{build, Built};
-use crate::{OrderRouting, SimConfig};
+use crate::{Flow, OrderRouting, SimConfig};
 use conduit::log::{Aggregate, Log, LogOptions, MemoryDisk, PowerCut, Record, Retention};
 use conduit::sim::Simulation;
 use conduit::{EngineConfig, EngineSettings};
@@ -33,6 +33,8 @@ use conduit::{EngineConfig, EngineSettings};
 pub struct SimulationReport {
     /// The seed: the same seed replays the same run.
     pub seed: u64,
+    /// The order flow the seed chose (`chain` or `orchestrated`).
+    pub flow: &'static str,
     /// Events handled (and clock moves), over every incarnation.
     pub steps: u64,
     /// Power cuts (each followed by a restart from what the disk kept).
@@ -81,6 +83,20 @@ fn world(seed: u64, rng: &mut SmallRng) -> Result<(SimConfig, EngineConfig, LogO
         notify_failure_rate: pick(rng, &[0.0, 0.3]),
         poison_rate: pick(rng, &[0.0, 0.05]),
         ..SimConfig::default()
+    };
+    // Half the seeds run the orchestrated flow's sagas, with a carrier that fails shipments and
+    // steps that time out. Drawn from a generator of their own, so the rest of a seed's world is
+    // what it was before sagas ran under the simulation.
+    let mut sagas = SmallRng::seed_from_u64(seed ^ 0x5A6A_0F10_5A6A_0F10);
+    let world = if sagas.random_bool(0.5) {
+        SimConfig {
+            flow: Flow::Orchestrated,
+            shipping_failure_rate: pick(&mut sagas, &[0.0, 0.2]),
+            saga_step_timeout_ms: [0, 0, 40][sagas.random_range(0..3)],
+            ..world
+        }
+    } else {
+        world
     };
     let config = EngineConfig::from_settings(&EngineSettings {
         attempts_max: Some(rng.random_range(1..=5)),
@@ -155,6 +171,7 @@ impl Run {
     fn new(seed: u64) -> Result<Self, String> {
         let mut rng = SmallRng::seed_from_u64(seed);
         let (world, config, options) = world(seed, &mut rng)?;
+        let flow = world.flow.name();
         let workload = Workload::new(seed, world.skus, 50).poisoned(world.poison_rate);
         let provider = Arc::new(world.payment_gateway());
         let disk = MemoryDisk::from_image(empty_log_image()?);
@@ -171,7 +188,7 @@ impl Run {
             disk,
             log,
             now,
-            report: SimulationReport { seed, ..SimulationReport::default() },
+            report: SimulationReport { seed, flow, ..SimulationReport::default() },
             acked: Vec::new(),
             pending: Vec::new(),
             kept: Histories::default(),
@@ -384,7 +401,7 @@ fn start(
     histories: &Histories,
     seed: u64,
 ) -> Result<Incarnation, String> {
-    let Built { topology, ports, outcomes, dead_letters, .. } =
+    let Built { topology, ports, outcomes, dead_letters, saga, .. } =
         build(config, world, &OrderRouting::default(), Some(Arc::clone(provider))).map_err(|e| e.to_string())?;
     restore_ports(histories, &ports, &outcomes);
     let mut sim =
@@ -392,11 +409,20 @@ fn start(
             .map_err(|e| e.to_string())?;
     let mut ids: Vec<&u64> = histories.orders.keys().collect();
     ids.sort_unstable();
-    for id in ids {
-        for (stage, envelope) in histories.orders[id].resume_envelopes(*id, provider) {
-            let stage = sim.stage_id(stage).ok_or("a resumed stage exists")?;
-            sim.inject(stage, envelope);
-        }
+    let mut resumed = Vec::new();
+    let mut reconciled = Vec::new();
+    for &id in ids {
+        let history = take_up_saga(saga.as_deref(), id, &histories.orders[&id], provider, &mut reconciled);
+        resumed.extend(history.resume_envelopes(id, provider));
+    }
+    // Journaled before anything resumed records a later fact, as `recover` does.
+    let compensation = sim.stage_id(names::COMPENSATION).ok_or("the compensation stage exists")?;
+    for fact in reconciled {
+        sim.record(compensation, reconciled_record(fact));
+    }
+    for (stage, envelope) in resumed {
+        let stage = sim.stage_id(stage).ok_or("a resumed stage exists")?;
+        sim.inject(stage, envelope);
     }
     Ok(Incarnation { sim, dead_letters })
 }

@@ -1,5 +1,6 @@
 //! Deterministic simulation of the order pipeline on the real log (on an in-memory disk, with
-//! checkpoints and retention): each seed picks a world (failure, timeout, decline, poison rates,
+//! checkpoints and retention): each seed picks a world (the chain or the orchestrated flow's
+//! sagas with a failing carrier and step timeouts; failure, timeout, decline, poison rates,
 //! scarce stock, retry settings), an interleaving and power cuts, between commits or torn inside
 //! one; every invariant is checked after every action and at the end. A failing seed is printed and replays
 //! exactly: `CONDUIT_SIM_SEED=N cargo test --test simulation` runs that one seed.
@@ -13,12 +14,13 @@ fn two_hundred_seeds_keep_every_invariant() {
     let default = if std::env::var("CONDUIT_SIM_SEED").is_ok() { 1 } else { 200 };
     let seeds: u64 = std::env::var("CONDUIT_SIM_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(default);
     let (mut acknowledged, mut crashes, mut lost, mut steps) = (0, 0, 0, 0);
-    let (mut in_commit, mut checkpoints, mut removed) = (0, 0, 0);
+    let (mut in_commit, mut checkpoints, mut removed, mut sagas) = (0, 0, 0, 0);
     for seed in first..first + seeds {
         let report = simulate(seed, 400).unwrap_or_else(|failure| panic!("{failure}\nreplay: CONDUIT_SIM_SEED={seed}"));
         assert_eq!(report.orders, report.confirmed + report.cancelled + report.dead_lettered, "seed {seed}");
         assert!(report.orders >= report.acknowledged, "seed {seed}: {report:?}");
         in_commit += report.cuts_in_commit;
+        sagas += u64::from(report.flow == "orchestrated");
         checkpoints += report.checkpoints;
         removed += report.frames_removed;
         acknowledged += report.acknowledged;
@@ -27,13 +29,15 @@ fn two_hundred_seeds_keep_every_invariant() {
         steps += report.steps;
     }
     println!(
-        "{seeds} seeds from {first}: {steps} steps, {crashes} power cuts ({in_commit} during a commit), \
+        "{seeds} seeds from {first} ({sagas} running the orchestrated flow's sagas): {steps} steps, {crashes} \
+         power cuts ({in_commit} during a commit), \
          {acknowledged} orders acknowledged, {lost} lost before their commit; the log wrote {checkpoints} \
          checkpoints and retention removed {removed} frames"
     );
     assert!(crashes > 0 && acknowledged > 0, "the seeds must crash and acknowledge something");
     if seeds >= 50 {
         assert!(in_commit > 0 && removed > 0, "cuts during commits and retention must happen in the seeds");
+        assert!(sagas > seeds / 4 && sagas < seeds * 3 / 4, "about half the seeds run sagas: {sagas} of {seeds}");
     }
 }
 
