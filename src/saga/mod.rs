@@ -40,13 +40,15 @@ use thiserror::Error;
 
 pub use book::{SagaBook, SagaReport, Turn};
 
-/// A step as declared: its name, the steps it waits for, its compensation and its timeout.
+/// A step as declared: its name, the steps it waits for, its compensation, its timeout and its
+/// retry policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     name: String,
     after: Vec<String>,
     compensation: Option<String>,
     timeout: Option<Duration>,
+    attempts: Option<u32>,
 }
 
 impl Step {
@@ -54,7 +56,7 @@ impl Step {
     /// given a compensation.
     #[must_use]
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), after: Vec::new(), compensation: None, timeout: None }
+        Self { name: name.into(), after: Vec::new(), compensation: None, timeout: None, attempts: None }
     }
 
     /// Undone by the action named `compensation`.
@@ -75,6 +77,16 @@ impl Step {
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Tried at most `attempts` times (the first try and `attempts - 1` retries, with the
+    /// backoff of the stage that runs it, and within that stage's own limit): a transient failure
+    /// after the last fails the step, as a step that timed out (the failed tries may have taken
+    /// effect), so that what it may have done is undone. Without it, the stage's limit alone.
+    #[must_use]
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = Some(attempts);
         self
     }
 
@@ -125,6 +137,9 @@ pub enum SagaError {
     /// A timeout that fires at once.
     #[error("saga {saga}: step {step} has a zero timeout")]
     ZeroTimeout { saga: String, step: String },
+    /// A step that may never be tried.
+    #[error("saga {saga}: step {step} has zero attempts (at least 1: the first try)")]
+    ZeroAttempts { saga: String, step: String },
 }
 
 /// A checked saga definition.
@@ -206,6 +221,21 @@ impl Saga {
     pub fn after_of(&self, id: StepId) -> &[StepId] {
         &self.after[id.0]
     }
+
+    /// Step `id`'s most attempts, if its definition limits them ([`Step::attempts`]).
+    #[must_use]
+    pub fn attempts_of(&self, id: StepId) -> Option<u32> {
+        self.steps[id.0].attempts
+    }
+
+    /// Whether step `id` may be tried again after its try number `attempt` (from 0, as
+    /// [`Envelope::attempt`](crate::Envelope::attempt) counts) failed transiently: its retry
+    /// policy has tries left. Whoever runs the step retries it if so, and otherwise reports it
+    /// [`Outcome::TimedOut`] (or dead-letters its event, which the order application reports so).
+    #[must_use]
+    pub fn may_retry(&self, id: StepId, attempt: u32) -> bool {
+        self.attempts_of(id).is_none_or(|most| attempt.saturating_add(1) < most)
+    }
 }
 
 impl SagaBuilder {
@@ -254,6 +284,9 @@ impl SagaBuilder {
             }
             if step.timeout.is_some_and(|t| t.is_zero()) {
                 return Err(SagaError::ZeroTimeout { saga, step: step.name.clone() });
+            }
+            if step.attempts == Some(0) {
+                return Err(SagaError::ZeroAttempts { saga, step: step.name.clone() });
             }
         }
         let mut after = Vec::with_capacity(self.steps.len());
@@ -669,9 +702,23 @@ mod tests {
         assert!(refused(unknown).contains("step a waits for nope, which is not one of its steps"));
         let zero = Saga::builder("s").step(undoable("a").timeout(Duration::ZERO));
         assert_eq!(refused(zero), "saga s: step a has a zero timeout");
+        let never = Saga::builder("s").step(undoable("a").attempts(0));
+        assert_eq!(refused(never), "saga s: step a has zero attempts (at least 1: the first try)");
         // The point of no return is fine once it follows every undoable step.
         let ok = Saga::builder("s").group([undoable("a"), undoable("b")]).group([Step::new("notify")]).build();
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn a_steps_retry_policy_says_when_to_give_up() {
+        let saga =
+            Saga::builder("s").group([undoable("once").attempts(1), undoable("thrice").attempts(3), undoable("free")]);
+        let saga = saga.build().expect("valid");
+        let id = |name| saga.step(name).expect("a step");
+        assert!(!saga.may_retry(id("once"), 0), "one attempt: the first try is the last");
+        assert_eq!((saga.may_retry(id("thrice"), 1), saga.may_retry(id("thrice"), 2)), (true, false));
+        assert!(saga.may_retry(id("free"), 1_000), "no policy: the stage's limit alone");
+        assert_eq!(saga.attempts_of(id("thrice")), Some(3));
     }
 
     /// Parallel steps are reported by different threads, whose records reach the journal in

@@ -23,7 +23,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::domain::{kinds, Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
-use super::stages::{accept, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
+use super::stages::{accept, give_up_after, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
 use crate::report::SagasReport;
 use conduit::breaker::CircuitBreaker;
@@ -76,6 +76,8 @@ pub(crate) struct Choreography {
     outcomes: Arc<Outcomes>,
     /// How long payment and inventory may take to answer, retries included.
     timeout: Option<Duration>,
+    /// Most tries of a payment or a reservation, if limited (`SimConfig::saga_step_attempts`).
+    attempts: Option<u32>,
     halves: Box<[Mutex<FxHashMap<u64, Half>>]>,
     /// Orders one of whose services' events was dead-lettered: counted as dead-lettered when
     /// their cancellation completes. At most the orders in between.
@@ -93,11 +95,18 @@ impl std::fmt::Debug for Choreography {
 }
 
 impl Choreography {
-    pub(crate) fn new(ports: Ports, outcomes: Arc<Outcomes>, timeout: Option<Duration>) -> Self {
+    /// Whether a payment or a reservation whose try `attempt` failed transiently may be tried
+    /// again (the steps' retry policy).
+    fn may_retry(&self, attempt: u32) -> bool {
+        self.attempts.is_none_or(|most| attempt.saturating_add(1) < most)
+    }
+
+    pub(crate) fn new(ports: Ports, outcomes: Arc<Outcomes>, timeout: Option<Duration>, attempts: Option<u32>) -> Self {
         Self {
             ports,
             outcomes,
             timeout,
+            attempts,
             halves: (0..SHARDS).map(|_| Mutex::new(FxHashMap::default())).collect(),
             dead_lettered: Mutex::new(FxHashSet::default()),
             started: AtomicU64::new(0),
@@ -322,7 +331,7 @@ impl Handler<OrderEvent> for PaymentService {
         let (route, announced) = match try_charge(&*self.flow.ports.gateway, self.breaker.as_deref(), event) {
             Ok(true) => (self.routes.charged, Announced::Charged),
             Ok(false) => (self.routes.declined, Announced::Declined),
-            Err(now) => return now,
+            Err(now) => return give_up_after(self.flow.may_retry(event.attempt), event, now),
         };
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
         out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);
@@ -345,7 +354,7 @@ impl Handler<OrderEvent> for InventoryService {
         let (route, announced) = match try_reserve(&*self.flow.ports.inventory, self.breaker.as_deref(), event) {
             Ok(true) => (self.routes.reserved, Announced::Reserved),
             Ok(false) => (self.routes.out_of_stock, Announced::OutOfStock),
-            Err(now) => return now,
+            Err(now) => return give_up_after(self.flow.may_retry(event.attempt), event, now),
         };
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
         out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);

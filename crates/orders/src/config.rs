@@ -96,6 +96,10 @@ pub struct SimConfig {
     /// flows; 0, the default: no limit). A step still unfinished then is dead-lettered as
     /// `expired` and counts as timed out: what it may have done is undone.
     pub saga_step_timeout_ms: u64,
+    /// Most tries of a step of the order saga (the saga flows; 0, the default: the stage's own
+    /// `attempts_max` alone): a transient failure after the last gives the step up, its event
+    /// dead-lettered and the step counted as timed out, so what it may have done is undone.
+    pub saga_step_attempts: u32,
     /// Ask a fraud service over request/reply before every charge (a blocking call per order:
     /// off by default, as it costs a thread hand-off each way).
     pub fraud_check: bool,
@@ -150,6 +154,7 @@ impl Default for SimConfig {
             shipping_failure_rate: 0.0,
             shipping_latency_us: 0,
             saga_step_timeout_ms: 0,
+            saga_step_attempts: 0,
             fraud_check: false,
             fraud_deny_rate: 0.0,
             fraud_latency_us: 0,
@@ -225,6 +230,10 @@ impl SimConfig {
         if self.saga_step_timeout_ms > 3_600_000 {
             return Err(out_of_range("saga_step_timeout_ms", self.saga_step_timeout_ms, 0, 3_600_000));
         }
+        let most = u64::from(conduit::config::limits::ATTEMPTS_MAX);
+        if u64::from(self.saga_step_attempts) > most {
+            return Err(out_of_range("saga_step_attempts", u64::from(self.saga_step_attempts), 0, most));
+        }
         if !(1..=7 * 86_400).contains(&self.idempotency_window_s) {
             return Err(out_of_range("idempotency_window_s", self.idempotency_window_s, 1, 7 * 86_400));
         }
@@ -262,6 +271,11 @@ impl SimConfig {
             max_keys: self.idempotency_window_keys,
             max_age: Duration::from_secs(self.idempotency_window_s),
         }
+    }
+
+    /// The saga steps' most tries, if they are limited.
+    pub(crate) fn saga_step_attempts(&self) -> Option<u32> {
+        (self.saga_step_attempts > 0).then_some(self.saga_step_attempts)
     }
 
     /// The saga steps' time limit, if there is one.

@@ -25,20 +25,25 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::domain::{kinds, Effect, OrderEvent, Step};
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
-use super::stages::{accept, names, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
+use super::stages::{accept, give_up_after, names, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
 use conduit::breaker::CircuitBreaker;
 use conduit::saga::{Command, Fact, Outcome as StepOutcome, Saga, SagaBook, SagaEnd, StepId, Turn};
 use conduit::{Emitter, Envelope, Handler, Outcome, StageId};
 
-/// The order's saga: charge and reserve in parallel, then ship, each within `timeout` if one is
-/// given. Notifications follow a completed saga; they undo nothing and are not steps.
-pub(crate) fn order_saga(timeout: Option<Duration>) -> Saga {
+/// The order's saga: charge and reserve in parallel, then ship, each within `timeout` and
+/// `attempts` if given. Notifications follow a completed saga; they undo nothing and are not
+/// steps.
+pub(crate) fn order_saga(timeout: Option<Duration>, attempts: Option<u32>) -> Saga {
     use conduit::saga::Step as SagaStep;
     let step = |name: &str, compensation: &str| {
         let step = SagaStep::new(name).compensated_by(compensation);
-        match timeout {
+        let step = match timeout {
             Some(timeout) => step.timeout(timeout),
+            None => step,
+        };
+        match attempts {
+            Some(attempts) => step.attempts(attempts),
             None => step,
         }
     };
@@ -46,13 +51,13 @@ pub(crate) fn order_saga(timeout: Option<Duration>) -> Saga {
         .group([step("charge", "refund"), step("reserve", "release")])
         .group([step("ship", "cancel_shipment")])
         .build()
-        .expect("the order saga is well formed (a zero timeout is refused by the simulation's settings)")
+        .expect("the order saga is well formed (a zero timeout or attempts is refused by the simulation's settings)")
 }
 
 /// The order saga's steps as the journal names them (timeouts are no part of a fact).
 pub(crate) fn shape() -> &'static Saga {
     static SHAPE: std::sync::OnceLock<Saga> = std::sync::OnceLock::new();
-    SHAPE.get_or_init(|| order_saga(None))
+    SHAPE.get_or_init(|| order_saga(None, None))
 }
 
 /// The stage that runs a step of the order saga, and the order event that asks for it.
@@ -175,8 +180,14 @@ impl std::fmt::Debug for SagaFlow {
 }
 
 impl SagaFlow {
-    pub(crate) fn new(targets: Targets, ports: Ports, outcomes: Arc<Outcomes>, timeout: Option<Duration>) -> Self {
-        let saga = order_saga(timeout);
+    pub(crate) fn new(
+        targets: Targets,
+        ports: Ports,
+        outcomes: Arc<Outcomes>,
+        timeout: Option<Duration>,
+        attempts: Option<u32>,
+    ) -> Self {
+        let saga = order_saga(timeout, attempts);
         let step = |name| saga.step(name).expect("a step of the order saga");
         let (charge, reserve, ship) = (step("charge"), step("reserve"), step("ship"));
         let steps = [
@@ -401,7 +412,7 @@ impl Handler<OrderEvent> for SagaPaymentStage {
         let outcome = match try_charge(&*flow.ports.gateway, self.breaker.as_deref(), event) {
             Ok(true) => StepOutcome::Succeeded,
             Ok(false) => StepOutcome::Failed,
-            Err(now) => return now,
+            Err(now) => return give_up_after(flow.book.saga().may_retry(flow.charge, event.attempt), event, now),
         };
         flow.report(event, flow.charge, outcome, out);
         Outcome::Done
@@ -423,7 +434,7 @@ impl Handler<OrderEvent> for SagaInventoryStage {
         let outcome = match try_reserve(&*flow.ports.inventory, self.breaker.as_deref(), event) {
             Ok(true) => StepOutcome::Succeeded,
             Ok(false) => StepOutcome::Failed,
-            Err(now) => return now,
+            Err(now) => return give_up_after(flow.book.saga().may_retry(flow.reserve, event.attempt), event, now),
         };
         flow.report(event, flow.reserve, outcome, out);
         Outcome::Done

@@ -212,6 +212,18 @@ pub(crate) fn accept(event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>
     Ok(())
 }
 
+/// A saga step's transient failure (`now`, the handler's outcome for it) on `event`'s try:
+/// retried if `may_retry` (the step's retry policy has tries left), else given up: the event is
+/// rejected (dead-lettered), and the step counts as timed out, its failed tries maybe done.
+pub(crate) fn give_up_after(may_retry: bool, event: &Envelope<OrderEvent>, now: Outcome) -> Outcome {
+    match now {
+        Outcome::Retry(reason) if !may_retry => Outcome::Reject(
+            format!("gave up after {} attempts (the step's retry policy): {reason}", event.attempt + 1).into(),
+        ),
+        other => other,
+    }
+}
+
 /// The saga flows' charge, behind the port's breaker: `Ok(true)` charged, `Ok(false)` declined
 /// for good (or refunded already: over); `Err` holds the outcome to return now (a retry, or a
 /// wait behind an open breaker).

@@ -145,10 +145,22 @@ pub(crate) fn build(
     let breakers = Breakers::new(sim);
     let saga = (sim.flow == Flow::Orchestrated).then(|| {
         let targets = Targets { payment, inventory, shipping, compensation, email, sms };
-        Arc::new(SagaFlow::new(targets, ports.clone(), Arc::clone(&outcomes), sim.saga_step_timeout()))
+        Arc::new(SagaFlow::new(
+            targets,
+            ports.clone(),
+            Arc::clone(&outcomes),
+            sim.saga_step_timeout(),
+            sim.saga_step_attempts(),
+        ))
     });
-    let choreography = (sim.flow == Flow::Choreography)
-        .then(|| Arc::new(Choreography::new(ports.clone(), Arc::clone(&outcomes), sim.saga_step_timeout())));
+    let choreography = (sim.flow == Flow::Choreography).then(|| {
+        Arc::new(Choreography::new(
+            ports.clone(),
+            Arc::clone(&outcomes),
+            sim.saga_step_timeout(),
+            sim.saga_step_attempts(),
+        ))
+    });
     let dead_letters = Arc::new(OrderDeadLetters {
         inventory: ports.inventory.clone(),
         gateway: ports.gateway.clone(),

@@ -180,6 +180,32 @@ fn a_step_past_its_timeout_is_undone_as_maybe_done() {
 }
 
 #[test]
+fn a_step_gives_up_after_the_tries_its_retry_policy_allows() {
+    // The payment provider only ever fails transiently (some tries after charging) and the stage
+    // has tries to spare: the steps' retry policy (two tries) ends each charge, which then counts
+    // as timed out and is undone like one.
+    let config = EngineConfig::builder()
+        .stage(
+            "payment",
+            StageSettings { attempts_max: Some(100), retry_backoff_ms_max: Some(1), ..StageSettings::default() },
+        )
+        .build()
+        .expect("valid");
+    let world = SimConfig { seed: 9, payment_failure_rate: 1.0, saga_step_attempts: 2, ..SimConfig::default() };
+    for sim in both(world) {
+        let report = run(&config, &sim, 300);
+        assert!(report.violations().is_empty(), "{:?}: {:?}", sim.flow, report.violations());
+        assert_eq!(report.retries.by_stage.get("payment").copied(), Some(300), "{:?}: one retry a charge", sim.flow);
+        assert_eq!(report.dead_letters.by_reason.get("rejected").copied(), Some(300), "{:?}", report.dead_letters);
+        assert_eq!(report.orders.dead_lettered, 300);
+        assert_eq!(undone(&report, "charge"), 300, "{:?}: each given-up charge refunded (maybe made)", sim.flow);
+        assert_eq!(report.ledger.refunded_cents, report.ledger.charged_cents);
+    }
+    let refused = SimConfig { saga_step_attempts: 1_000_000, ..orchestrated(SimConfig::default()) }.validate();
+    assert!(refused.expect_err("too many").to_string().contains("saga_step_attempts"));
+}
+
+#[test]
 fn a_saga_that_cannot_be_undone_is_dead_lettered_with_its_story() {
     // No stock anywhere and no refund ever goes through: every charge must be undone and none
     // can be. Each saga is left stuck, and its dead letter tells where each step stands.
