@@ -13,7 +13,7 @@ use conduit::DeadLetterKind;
 use conduit_orders::{self as orders, kinds, names, OrderEvent, RedrivePlan, RunError};
 use serde::Serialize;
 
-use crate::logcmd::rfc3339;
+use crate::logcmd::{io, rfc3339};
 use crate::{read_config, Failure, Format, UsageError};
 
 #[derive(Debug, Subcommand)]
@@ -136,17 +136,11 @@ impl Select {
 }
 
 fn open(path: &PathBuf) -> Result<Arc<Log>, Failure> {
-    Log::open_existing(path, LogOptions::default())
-        .map(Arc::new)
-        .map_err(|e| Failure::Run(format!("cannot open the log: {e}")))
+    crate::logcmd::open(path).map(Arc::new)
 }
 
 fn read_index(log: &Log, path: &Path) -> Result<DeadLetterIndex, Failure> {
     DeadLetterIndex::read(log).map_err(|e| Failure::Run(format!("{}: {e}", path.display())))
-}
-
-fn io(e: impl std::fmt::Display) -> Failure {
-    Failure::Run(format!("cannot write the output: {e}"))
 }
 
 pub(crate) fn run(command: &DlqCommand) -> Result<ExitCode, Failure> {

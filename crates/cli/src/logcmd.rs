@@ -73,11 +73,11 @@ pub(crate) struct ReplayArgs {
     format: Format,
 }
 
-fn open(path: &PathBuf) -> Result<Log, Failure> {
+pub(crate) fn open(path: &PathBuf) -> Result<Log, Failure> {
     Log::open_existing(path, LogOptions::default()).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))
 }
 
-fn io(e: impl std::fmt::Display) -> Failure {
+pub(crate) fn io(e: impl std::fmt::Display) -> Failure {
     Failure::Run(format!("cannot write the output: {e}"))
 }
 

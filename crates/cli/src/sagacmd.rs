@@ -6,10 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Subcommand;
-use conduit::log::{Log, LogOptions};
 use conduit_orders::{self as orders, Histories, SagaState, SagaTimeline};
 
-use crate::logcmd::rfc3339;
+use crate::logcmd::{io, open, rfc3339};
 use crate::{Failure, Format, UsageError};
 
 #[derive(Debug, Subcommand)]
@@ -44,14 +43,6 @@ pub(crate) enum SagaCommand {
 
 fn parse_state(text: &str) -> Result<SagaState, String> {
     text.parse()
-}
-
-fn open(path: &PathBuf) -> Result<Log, Failure> {
-    Log::open_existing(path, LogOptions::default()).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))
-}
-
-fn io(e: impl std::fmt::Display) -> Failure {
-    Failure::Run(format!("cannot write the output: {e}"))
 }
 
 pub(crate) fn run(command: &SagaCommand) -> Result<ExitCode, Failure> {

@@ -199,8 +199,7 @@ impl OrderPipeline {
     }
 
     /// Journals the saga facts that the provider's books added on recovery
-    /// ([`OrderHistory::saga_reconciliation`]), before anything resumed can record a later one:
-    /// `(order, correlation, cause, fact)`.
+    /// ([`OrderHistory::saga_reconciliation`]), before anything resumed can record a later one.
     fn journal_reconciled(&self, facts: &[Reconciled]) -> Result<(), conduit::log::LogError> {
         let Some(log) = self.log.as_ref().filter(|_| !facts.is_empty()) else { return Ok(()) };
         let first = log.reserve_ids(facts.len() as u64);

@@ -259,7 +259,8 @@ pub struct LogReport {
     pub stats: LogStats,
     /// Set when the final sync failed.
     pub sync_error: Option<String>,
-    /// Records this run appended besides its events' (a redrive's records).
+    /// Records this run appended besides its events' (a redrive's records; the saga facts a
+    /// recovery added from the provider's books).
     pub other_records: u64,
     /// Saga facts beyond one record per event handled (the orchestrated flow: a compensation
     /// stage's event records each compensation it ran, none when nothing was owed; a step's dead
