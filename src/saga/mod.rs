@@ -588,6 +588,13 @@ impl SagaRun {
         format!("saga {}: {}; completed: {completed}", saga.name, steps.join(", "))
     }
 
+    /// The steps whose compensation has run, in the order they were declared.
+    #[must_use]
+    pub fn undone(&self) -> Vec<StepId> {
+        let undone = |(i, state): (usize, &State)| (*state == State::Compensated).then_some(StepId(i));
+        self.states.iter().enumerate().filter_map(undone).collect()
+    }
+
     /// The steps whose action failed or timed out, in the order they were declared.
     #[must_use]
     pub fn failed(&self) -> Vec<StepId> {

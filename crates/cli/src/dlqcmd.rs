@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Subcommand;
 use conduit::dlq::{self, DeadLetterIndex, DeadLetterState, Selection, StoredDeadLetter};
-use conduit::log::{Log, LogOptions};
+use conduit::log::Log;
 use conduit::DeadLetterKind;
 use conduit_orders::{self as orders, kinds, names, OrderEvent, RedrivePlan, RunError};
 use serde::Serialize;

@@ -75,9 +75,9 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     shipping_failure_rate: Option<f64>,
     /// How the order flow is driven: `chain` (stage to stage through the topic exchange),
-    /// `orchestrated` (the order's saga: payment and inventory in parallel, then shipping; its
-    /// facts journaled with --log) or `choreography` (the same saga, each service reacting to the
-    /// others' events; in memory for now). Overrides the file's `simulation.flow`.
+    /// `orchestrated` (the order's saga: payment and inventory in parallel, then shipping) or
+    /// `choreography` (the same saga, each service reacting to the others' events); with --log
+    /// both journal the saga's facts. Overrides the file's `simulation.flow`.
     #[arg(long, value_name = "FLOW", value_parser = parse_flow)]
     saga: Option<orders::Flow>,
     /// Worker threads per stage (overrides the file's default).
@@ -158,8 +158,9 @@ pub(crate) struct RecoverArgs {
     /// TOML file with `[engine]` and `[simulation]` tables (as for `run`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The flow that wrote the log: `chain` or `orchestrated` (as for `run`; a flow that cannot
-    /// resume the log's orders in flight is refused). Overrides the file's `simulation.flow`.
+    /// The flow to resume the log's orders with: `chain`, `orchestrated` or `choreography` (as
+    /// for `run`; the chain's orders need the chain, sagas either saga flow). Overrides the
+    /// file's `simulation.flow`.
     #[arg(long, value_name = "FLOW", value_parser = parse_flow)]
     saga: Option<orders::Flow>,
     /// Report format on stdout.
@@ -212,13 +213,6 @@ fn plan(args: &RunArgs) -> Result<Planned, UsageError> {
         file.engine.batch_events_max = Some(batch);
     }
     let (engine, sim) = file.validate().map_err(|e| UsageError(e.to_string()))?;
-    if sim.flow == orders::Flow::Choreography && args.log.log.is_some() {
-        return Err(UsageError(
-            "--saga choreography runs in memory for now (its sagas are not yet resumed from a log): drop --log, or \
-             use --saga orchestrated or chain"
-                .into(),
-        ));
-    }
     Ok((engine, sim, routing, file.alerts))
 }
 

@@ -22,12 +22,16 @@ use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::domain::{kinds, Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
+use super::history::OrderHistory;
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
+use super::saga::{fact_payload, shape, BY_SINK};
+use super::stages::names;
 use super::stages::{accept, give_up_after, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
 use crate::report::SagasReport;
 use conduit::breaker::CircuitBreaker;
 use conduit::routing::RouteId;
+use conduit::saga::{Command, Fact, Outcome as StepOutcome, StepId};
 use conduit::{BuildError, Emitter, Envelope, Handler, Outcome, StageId, Topology};
 
 /// The routing keys of the choreographed flow.
@@ -86,6 +90,46 @@ pub(crate) struct Choreography {
     refunds: AtomicU64,
     releases: AtomicU64,
     cancelled_shipments: AtomicU64,
+    /// Records journaled beyond one per event handled (see `SagaFlow`'s): the carrier records
+    /// only the shipment it tried, the compensations one fact per thing undone, a dead letter
+    /// what its sink did.
+    beyond: std::sync::atomic::AtomicI64,
+}
+
+/// The order saga's steps as the choreography's services journal them.
+#[derive(Debug, Clone, Copy)]
+struct Steps {
+    charge: StepId,
+    reserve: StepId,
+    ship: StepId,
+}
+
+fn steps() -> Steps {
+    let step = |name| shape().step(name).expect("a step of the order saga");
+    Steps { charge: step("charge"), reserve: step("reserve"), ship: step("ship") }
+}
+
+/// A count of records, signed.
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A service's answer as the saga's fact about its step.
+fn outcome_of(answer: Answer) -> StepOutcome {
+    match answer {
+        Answer::Succeeded => StepOutcome::Succeeded,
+        Answer::Failed => StepOutcome::Failed,
+        Answer::Unknown => StepOutcome::TimedOut,
+    }
+}
+
+/// What a cancellation undoes, as the saga's facts: the shipment, the reservation, the charge.
+fn undone_facts(cancellation: Cancellation) -> Vec<Fact> {
+    let Steps { charge, reserve, ship } = steps();
+    [(cancellation.cancel_shipment, ship), (cancellation.release, reserve), (cancellation.refund, charge)]
+        .into_iter()
+        .filter_map(|(undone, step)| undone.then_some(Fact::Compensated(step)))
+        .collect()
 }
 
 impl std::fmt::Debug for Choreography {
@@ -113,7 +157,85 @@ impl Choreography {
             refunds: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             cancelled_shipments: AtomicU64::new(0),
+            beyond: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// Records journaled beyond one per event handled.
+    pub(crate) fn records_beyond_events(&self) -> i64 {
+        self.beyond.load(Ordering::Relaxed)
+    }
+
+    /// Takes order `id`'s saga up again after a restart from its history's facts, and returns
+    /// the events that carry it on: the carrier's table gets back the answers recorded while the
+    /// other is awaited (so the missing answer completes it); the services whose answer is
+    /// missing run again (idempotently); a saga being undone gets its cancellation, naming what
+    /// is left to undo. A saga that one of its services' dead letters led to ends counted as
+    /// dead-lettered.
+    pub(crate) fn take_up(&self, id: u64, history: &OrderHistory) -> Vec<(&'static str, OrderEvent)> {
+        let (Some(order), Some(run), Some(facts)) = (history.order, history.saga_run(), history.saga.as_deref()) else {
+            return Vec::new();
+        };
+        if run.end().is_some() {
+            return Vec::new();
+        }
+        if history.dead_letter_stage.is_some() {
+            self.dead_lettered.lock().insert(id);
+        }
+        let event = |step| OrderEvent { order, step, generation: history.generation };
+        let owed = run.owed();
+        let Steps { charge, reserve, ship } = steps();
+        if owed.iter().any(|command| matches!(command, Command::Compensate(_))) {
+            let undone = run.undone();
+            let left = |step: StepId| run.completed().contains(&step) && !undone.contains(&step);
+            let failed = run.failed();
+            let failed_as = |step, outcome| facts.contains(&Fact::Finished(step, outcome));
+            let cause = if failed_as(charge, StepOutcome::TimedOut) || failed_as(reserve, StepOutcome::TimedOut) {
+                CancelCause::DeadLettered
+            } else if failed.contains(&charge) {
+                CancelCause::Declined
+            } else if failed.contains(&reserve) {
+                CancelCause::OutOfStock
+            } else {
+                CancelCause::Unshipped
+            };
+            let cancellation =
+                Cancellation { refund: left(charge), release: left(reserve), cancel_shipment: left(ship), cause };
+            return vec![(names::COMPENSATION, event(Step::Cancel(cancellation)))];
+        }
+        let answer = |step| {
+            [StepOutcome::Succeeded, StepOutcome::Failed, StepOutcome::TimedOut]
+                .into_iter()
+                .find(|&outcome| facts.contains(&Fact::Finished(step, outcome)))
+                .map(|outcome| match outcome {
+                    StepOutcome::Succeeded => Answer::Succeeded,
+                    StepOutcome::Failed => Answer::Failed,
+                    StepOutcome::TimedOut => Answer::Unknown,
+                })
+        };
+        let (paid, reserved) = (answer(charge), answer(reserve));
+        let mut events = Vec::new();
+        match (paid, reserved) {
+            // Both answered well and the shipment is owed: the carrier hears the payment again
+            // from its table and the reservation from an event, and ships.
+            (Some(paid), Some(_)) => {
+                self.hear(id, true, paid);
+                events.push((names::SHIPPING, event(Step::Announce(Announced::Reserved))));
+            }
+            (Some(paid), None) => {
+                self.hear(id, true, paid);
+                events.push((names::INVENTORY, event(Step::Place)));
+            }
+            (None, Some(reserved)) => {
+                self.hear(id, false, reserved);
+                events.push((names::PAYMENT, event(Step::Place)));
+            }
+            (None, None) => {
+                events.push((names::PAYMENT, event(Step::Place)));
+                events.push((names::INVENTORY, event(Step::Place)));
+            }
+        }
+        events
     }
 
     fn shard(&self, order: u64) -> &Mutex<FxHashMap<u64, Half>> {
@@ -201,11 +323,33 @@ impl Choreography {
     /// (undone: the service may have acted before it gave up); a cancellation whose compensations
     /// kept failing is tried a few more times here. Compensations owed here run here, as no stage
     /// will run them. `Err` says what could not be undone, if a compensation still fails.
-    pub(crate) fn dead_lettered(&self, event: &OrderEvent, from_payment: Option<bool>) -> Result<(), String> {
+    /// Each fact of what the dead letter led to (the service's step timed out, the things
+    /// undone) is appended to `facts`, for the journal.
+    pub(crate) fn dead_lettered(
+        &self,
+        event: &OrderEvent,
+        from_payment: Option<bool>,
+        facts: &mut Vec<(u16, Vec<u8>)>,
+    ) -> Result<(), String> {
+        let before = facts.len();
+        let undone = self.dead_letter_undo(event, from_payment, facts);
+        self.beyond.fetch_add(count(facts.len() - before), Ordering::Relaxed);
+        undone
+    }
+
+    fn dead_letter_undo(
+        &self,
+        event: &OrderEvent,
+        from_payment: Option<bool>,
+        facts: &mut Vec<(u16, Vec<u8>)>,
+    ) -> Result<(), String> {
         let id = event.order.id;
+        let journaled = |fact| (kinds::SAGA, fact_payload(fact, BY_SINK));
         let cancellation = match (event.step, from_payment) {
             (Step::Place, Some(from_payment)) => {
                 self.dead_lettered.lock().insert(id);
+                let step = if from_payment { steps().charge } else { steps().reserve };
+                facts.push(journaled(Fact::Finished(step, outcome_of(Answer::Unknown))));
                 match self.hear(id, from_payment, Answer::Unknown) {
                     Some(Verdict::Cancel(cancellation)) => cancellation,
                     // The other answer is still to come: the carrier cancels the order then.
@@ -219,6 +363,7 @@ impl Choreography {
             tracing::error!(order = id, "a compensation of a dead-lettered order failed");
             return Err(format!("undoing {cancellation:?} failed ({error})"));
         }
+        facts.extend(undone_facts(cancellation).into_iter().map(journaled));
         self.count_cancelled(id, cancellation, None);
         Ok(())
     }
@@ -306,7 +451,7 @@ struct OrderService {
 
 impl Handler<OrderEvent> for OrderService {
     fn handle(&mut self, event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>) -> Outcome {
-        if let Err(refused) = accept(event, out, kinds::ACCEPTED) {
+        if let Err(refused) = accept(event, out, kinds::SAGA_STARTED) {
             return refused;
         }
         self.flow.started.fetch_add(1, Ordering::Relaxed);
@@ -328,11 +473,12 @@ impl Handler<OrderEvent> for PaymentService {
         if event.msg.step != Step::Place {
             return unexpected(event);
         }
-        let (route, announced) = match try_charge(&*self.flow.ports.gateway, self.breaker.as_deref(), event) {
-            Ok(true) => (self.routes.charged, Announced::Charged),
-            Ok(false) => (self.routes.declined, Announced::Declined),
+        let (route, announced, outcome) = match try_charge(&*self.flow.ports.gateway, self.breaker.as_deref(), event) {
+            Ok(true) => (self.routes.charged, Announced::Charged, StepOutcome::Succeeded),
+            Ok(false) => (self.routes.declined, Announced::Declined, StepOutcome::Failed),
             Err(now) => return give_up_after(self.flow.may_retry(event.attempt), event, now),
         };
+        out.record(kinds::SAGA, &fact_payload(Fact::Finished(steps().charge, outcome), event.attempt + 1));
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
         out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);
         Outcome::Done
@@ -351,11 +497,13 @@ impl Handler<OrderEvent> for InventoryService {
         if event.msg.step != Step::Place {
             return unexpected(event);
         }
-        let (route, announced) = match try_reserve(&*self.flow.ports.inventory, self.breaker.as_deref(), event) {
-            Ok(true) => (self.routes.reserved, Announced::Reserved),
-            Ok(false) => (self.routes.out_of_stock, Announced::OutOfStock),
+        let (route, announced, outcome) = match try_reserve(&*self.flow.ports.inventory, self.breaker.as_deref(), event)
+        {
+            Ok(true) => (self.routes.reserved, Announced::Reserved, StepOutcome::Succeeded),
+            Ok(false) => (self.routes.out_of_stock, Announced::OutOfStock, StepOutcome::Failed),
             Err(now) => return give_up_after(self.flow.may_retry(event.attempt), event, now),
         };
+        out.record(kinds::SAGA, &fact_payload(Fact::Finished(steps().reserve, outcome), event.attempt + 1));
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
         out.publish_within(route, event.msg.then(Step::Announce(announced)), Duration::MAX);
         Outcome::Done
@@ -379,11 +527,18 @@ impl Handler<OrderEvent> for CarrierService {
         };
         let flow = &*self.flow;
         let order = &event.msg.order;
-        let cancellation = match flow.hear(order.id, from_payment, answer) {
+        let verdict = flow.hear(order.id, from_payment, answer);
+        let ship = |outcome| fact_payload(Fact::Finished(steps().ship, outcome), event.attempt + 1);
+        if verdict != Some(Verdict::Ship) {
+            // The carrier records only the shipment it tries.
+            flow.beyond.fetch_sub(1, Ordering::Relaxed);
+        }
+        let cancellation = match verdict {
             None => return Outcome::Done,
             Some(Verdict::Cancel(cancellation)) => cancellation,
             Some(Verdict::Ship) => match flow.ports.carrier.book(event.msg.key(Effect::Ship), order, event.attempt) {
                 Ok(_) => {
+                    out.record(kinds::SAGA, &ship(StepOutcome::Succeeded));
                     let o = &*flow.outcomes;
                     o.confirmed.fetch_add(1, Ordering::Relaxed);
                     o.confirmed_total_cents.fetch_add(order.amount_cents, Ordering::Relaxed);
@@ -392,12 +547,11 @@ impl Handler<OrderEvent> for CarrierService {
                     out.publish_within(self.routes.shipped, event.msg.then(Step::Notify), Duration::MAX);
                     return Outcome::Done;
                 }
-                Err(error) => Cancellation {
-                    refund: true,
-                    release: true,
-                    cancel_shipment: error == ShipError::Lost,
-                    cause: CancelCause::Unshipped,
-                },
+                Err(error) => {
+                    let lost = error == ShipError::Lost;
+                    out.record(kinds::SAGA, &ship(if lost { StepOutcome::TimedOut } else { StepOutcome::Failed }));
+                    Cancellation { refund: true, release: true, cancel_shipment: lost, cause: CancelCause::Unshipped }
+                }
             },
         };
         out.publish_within(self.routes.cancelled, event.msg.then(Step::Cancel(cancellation)), Duration::MAX);
@@ -416,7 +570,11 @@ impl Handler<OrderEvent> for Compensations {
         if let Err(reason) = self.flow.undo(&event.msg, cancellation, event.attempt) {
             return Outcome::Retry(reason);
         }
-        out.record(kinds::CANCELLED, &[]);
+        let undone = undone_facts(cancellation);
+        self.flow.beyond.fetch_add(count(undone.len()) - 1, Ordering::Relaxed);
+        for fact in undone {
+            out.record(kinds::SAGA, &fact_payload(fact, event.attempt + 1));
+        }
         self.flow.count_cancelled(event.msg.order.id, cancellation, Some(out));
         Outcome::Done
     }

@@ -284,7 +284,14 @@ impl OrderHistory {
         id: u64,
         provider: &SimulatedGateway,
     ) -> Vec<(&'static str, conduit::Envelope<OrderEvent>)> {
-        let envelope = |msg| conduit::Envelope {
+        self.resume_reconciled(id, provider).into_iter().map(|(stage, msg)| (stage, self.envelope(id, msg))).collect()
+    }
+
+    /// `msg` for order `id` as a resumed event: descending from the order's last record, with
+    /// its correlation id.
+    #[must_use]
+    pub fn envelope(&self, id: u64, msg: OrderEvent) -> conduit::Envelope<OrderEvent> {
+        conduit::Envelope {
             key: id,
             seq: self.correlation,
             cause: self.last_id,
@@ -293,8 +300,7 @@ impl OrderHistory {
             token: 0,
             deadline: conduit::Deadline::NEVER,
             msg,
-        };
-        self.resume_reconciled(id, provider).into_iter().map(|(stage, msg)| (stage, envelope(msg))).collect()
+        }
     }
 
     /// The facts this history must never hold together, or in this order.

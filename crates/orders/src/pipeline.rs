@@ -109,13 +109,6 @@ impl OrderPipeline {
     ) -> Result<Self, BuildError> {
         conduit::crashpoint::register(&crate::CRASH_POINTS);
         let ledger_before = provider.as_ref().map(|p| p.ledger()).unwrap_or_default();
-        if log.is_some() && sim.flow == crate::Flow::Choreography {
-            return Err(BuildError::Config(conduit::ConfigError::Invalid(
-                "the choreography flow runs in memory for now: its sagas are not yet resumed from a log (run it \
-                 without a log, or with flow = \"orchestrated\" or \"chain\")"
-                    .into(),
-            )));
-        }
         if let Some(histories) = restore {
             same_flow(histories, sim.flow)?;
         }
@@ -176,9 +169,9 @@ impl OrderPipeline {
     ) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {
         let mut by_stage: BTreeMap<&'static str, Vec<Envelope<OrderEvent>>> = BTreeMap::new();
         let mut reconciled = Vec::new();
+        let flows = SagaFlows { orchestrated: self.saga.as_deref(), choreography: self.choreography.as_deref() };
         for (id, history) in histories {
-            let history = take_up_saga(self.saga.as_deref(), id, history, &self.ports.gateway, &mut reconciled);
-            for (stage, envelope) in history.resume_envelopes(id, &self.ports.gateway) {
+            for (stage, envelope) in take_up(flows, id, history, &self.ports.gateway, &mut reconciled) {
                 by_stage.entry(stage).or_default().push(envelope);
             }
         }
@@ -275,7 +268,8 @@ impl OrderPipeline {
             stats: log.stats(),
             sync_error: report.log_sync.clone().and_then(Result::err).map(|e| e.to_string()),
             other_records: self.reconciled_records.load(std::sync::atomic::Ordering::Relaxed),
-            saga_records_beyond_events: self.saga.as_ref().map_or(0, |flow| flow.records_beyond_events()),
+            saga_records_beyond_events: self.saga.as_ref().map_or(0, |flow| flow.records_beyond_events())
+                + self.choreography.as_ref().map_or(0, |flow| flow.records_beyond_events()),
         });
         let per_sec = |n: u64| if elapsed_s > 0.0 { n as f64 / elapsed_s } else { 0.0 };
         let ledger = self.ports.gateway.ledger().since(&self.ledger_before);
@@ -385,52 +379,71 @@ pub(crate) fn reconciled_record((stream, correlation, causation, fact): Reconcil
     }
 }
 
-/// Takes order `id`'s saga up again after a restart, if `flow` runs sagas and the order's is
-/// in flight: adds the facts the provider's books say it lacks
-/// ([`OrderHistory::saga_reconciliation`]) to `reconciled` (to journal before anything resumed
-/// records a later one) and the book runs it from its facts. Returns the history to resume
-/// from.
-pub(crate) fn take_up_saga<'h>(
-    flow: Option<&crate::saga::SagaFlow>,
+/// The saga flows a pipeline runs, if any.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SagaFlows<'f> {
+    pub(crate) orchestrated: Option<&'f crate::saga::SagaFlow>,
+    pub(crate) choreography: Option<&'f crate::choreography::Choreography>,
+}
+
+/// The events that take order `id` to its end after a restart, by stage name. A saga in flight
+/// is first reconciled with the provider's books (the facts they add go to `reconciled`, to
+/// journal before anything resumed records a later one), then taken up by the flow that runs
+/// it: the orchestrated flow's book runs it from its facts; the choreography's carrier gets back
+/// the answers it had heard.
+pub(crate) fn take_up(
+    flows: SagaFlows<'_>,
     id: u64,
-    history: &'h OrderHistory,
+    history: &OrderHistory,
     provider: &SimulatedGateway,
     reconciled: &mut Vec<Reconciled>,
-) -> std::borrow::Cow<'h, OrderHistory> {
+) -> Vec<(&'static str, Envelope<OrderEvent>)> {
+    let saga_in_flight = history.saga.is_some() && history.status() == OrderStatus::InFlight;
+    if !saga_in_flight || (flows.orchestrated.is_none() && flows.choreography.is_none()) {
+        return history.resume_envelopes(id, provider);
+    }
     let mut history = std::borrow::Cow::Borrowed(history);
-    let Some(flow) = flow.filter(|_| history.saga.is_some() && history.status() == OrderStatus::InFlight) else {
-        return history;
-    };
     let missing = history.saga_reconciliation(id, provider);
     if !missing.is_empty() {
         reconciled.extend(missing.iter().map(|fact| (id, history.correlation, history.last_id, *fact)));
         history.to_mut().saga.get_or_insert_with(Vec::new).extend(missing);
     }
-    flow.resume(id, history.saga.as_deref().unwrap_or_default(), history.dead_letter_stage.is_some());
-    history
+    if let Some(choreography) = flows.choreography {
+        return choreography
+            .take_up(id, &history)
+            .into_iter()
+            .map(|(stage, msg)| (stage, history.envelope(id, msg)))
+            .collect();
+    }
+    if let Some(flow) = flows.orchestrated {
+        flow.resume(id, history.saga.as_deref().unwrap_or_default(), history.dead_letter_stage.is_some());
+    }
+    history.resume_envelopes(id, provider)
 }
 
-/// Refuses to resume a log's orders in flight with a flow that did not write them: the chain's
-/// stages cannot take up a saga, nor the saga's a chain's order.
+/// Refuses to resume a log's orders in flight with a flow that cannot take them up: the chain's
+/// stages cannot take up a saga, nor the saga flows' a chain's order. Both saga flows journal
+/// the same facts of the same saga, so either takes up the other's.
 fn same_flow(histories: &Histories, flow: crate::Flow) -> Result<(), BuildError> {
     let in_flight = histories.orders.values().filter(|history| history.status() == OrderStatus::InFlight);
     // An order only placed belongs to no flow yet: whichever resumes it, places it.
     let accepted = |history: &&OrderHistory| {
         history.saga.is_some() || history.counts[usize::from(super::domain::kinds::ACCEPTED)] > 0
     };
-    let mismatch = in_flight
-        .filter(accepted)
-        .map(|history| history.saga.is_some())
-        .find(|&saga| saga != (flow == crate::Flow::Orchestrated));
+    let sagas = flow != crate::Flow::Chain;
+    let mismatch = in_flight.filter(accepted).map(|history| history.saga.is_some()).find(|&saga| saga != sagas);
     match mismatch {
         None => Ok(()),
         Some(saga) => Err(BuildError::Config(conduit::ConfigError::Invalid(format!(
-            "the log holds orders of the {} flow in flight, which the {} flow cannot resume: recover it with \
-             flow = \"{}\" (--saga {})",
-            if saga { "orchestrated" } else { "chain" },
+            "the log holds orders {} in flight, which the {} flow cannot resume: recover it with {}",
+            if saga { "of a saga flow" } else { "of the chain flow" },
             flow.name(),
-            if saga { "orchestrated" } else { "chain" },
-            if saga { "orchestrated" } else { "chain" },
+            if saga {
+                "flow = \"orchestrated\" or \"choreography\" (--saga orchestrated or choreography: each takes up \
+                 the other's sagas)"
+            } else {
+                "flow = \"chain\" (--saga chain)"
+            },
         )))),
     }
 }

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::domain::{OrderCodec, OrderEvent, Workload};
 use super::history::{Histories, OrderHistory, OrderStatus};
-use super::pipeline::{reconciled_record, restore_ports, take_up_saga};
+use super::pipeline::{reconciled_record, restore_ports, take_up, SagaFlows};
 use super::ports::SimulatedGateway;
 use super::stages::{names, OrderDeadLetters};
 use super::wiring::{build, Built};
@@ -84,13 +84,13 @@ fn world(seed: u64, rng: &mut SmallRng) -> Result<(SimConfig, EngineConfig, LogO
         poison_rate: pick(rng, &[0.0, 0.05]),
         ..SimConfig::default()
     };
-    // Half the seeds run the orchestrated flow's sagas, with a carrier that fails shipments and
+    // Half the seeds run sagas (orchestrated or choreographed), with a carrier that fails shipments and
     // steps that time out. Drawn from a generator of their own, so the rest of a seed's world is
     // what it was before sagas ran under the simulation.
     let mut sagas = SmallRng::seed_from_u64(seed ^ 0x5A6A_0F10_5A6A_0F10);
     let world = if sagas.random_bool(0.5) {
         SimConfig {
-            flow: Flow::Orchestrated,
+            flow: if sagas.random_bool(0.5) { Flow::Orchestrated } else { Flow::Choreography },
             shipping_failure_rate: pick(&mut sagas, &[0.0, 0.2]),
             saga_step_timeout_ms: [0, 0, 40][sagas.random_range(0..3)],
             ..world
@@ -401,7 +401,7 @@ fn start(
     histories: &Histories,
     seed: u64,
 ) -> Result<Incarnation, String> {
-    let Built { topology, ports, outcomes, dead_letters, saga, .. } =
+    let Built { topology, ports, outcomes, dead_letters, saga, choreography, .. } =
         build(config, world, &OrderRouting::default(), Some(Arc::clone(provider))).map_err(|e| e.to_string())?;
     restore_ports(histories, &ports, &outcomes);
     let mut sim =
@@ -411,9 +411,9 @@ fn start(
     ids.sort_unstable();
     let mut resumed = Vec::new();
     let mut reconciled = Vec::new();
+    let flows = SagaFlows { orchestrated: saga.as_deref(), choreography: choreography.as_deref() };
     for &id in ids {
-        let history = take_up_saga(saga.as_deref(), id, &histories.orders[&id], provider, &mut reconciled);
-        resumed.extend(history.resume_envelopes(id, provider));
+        resumed.extend(take_up(flows, id, &histories.orders[&id], provider, &mut reconciled));
     }
     // Journaled before anything resumed records a later fact, as `recover` does.
     let compensation = sim.stage_id(names::COMPENSATION).ok_or("the compensation stage exists")?;

@@ -574,7 +574,7 @@ impl OrderDeadLetters {
             stuck = saga.dead_lettered(&event, facts).err();
         } else if let (Some(flow), true) = (&self.choreography, choreographed) {
             // The carrier hears the missing answer as unknown and has the order cancelled.
-            stuck = flow.dead_lettered(&event, service).err();
+            stuck = flow.dead_lettered(&event, service, facts).err();
         } else if ends_order {
             // If every attempt fails, the failure is counted and the ledger shows it.
             if undo_in_sink(|attempt| compensate(&*self.inventory, &*self.gateway, &event, attempt)).is_err() {

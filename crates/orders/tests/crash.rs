@@ -40,10 +40,10 @@ fn cycles() -> usize {
 
 /// The payment provider keeps its own books beside the log: a file the child writes before each
 /// answer, which its death does not touch. Every check of money reads them.
-/// The orchestrated flow's sagas also meet a carrier that fails a fifth of the shipments (half
+/// The saga flows also meet a carrier that fails a fifth of the shipments (half
 /// refused, half shipped with the answer lost) and declined cards.
 fn sim(log: &std::path::Path, flow: Flow) -> SimConfig {
-    let sagas = flow == Flow::Orchestrated;
+    let sagas = flow != Flow::Chain;
     SimConfig {
         payment_failure_rate: 0.2,
         out_of_stock_rate: 0.1,
@@ -121,8 +121,24 @@ fn acknowledged_sagas_survive_kill_9_and_end_exactly_once() {
         child(&path);
         return;
     }
-    let cycles = std::env::var("CONDUIT_CRASH_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
-    kill_cycles("acknowledged_sagas_survive_kill_9_and_end_exactly_once", Flow::Orchestrated, cycles);
+    kill_cycles("acknowledged_sagas_survive_kill_9_and_end_exactly_once", Flow::Orchestrated, saga_cycles());
+}
+
+/// The same over the choreography: its services' facts, journaled as each answers, rebuild the
+/// carrier's table of half-answered orders and what each saga owes.
+#[test]
+fn acknowledged_choreographed_sagas_survive_kill_9_and_end_exactly_once() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        child(&path);
+        return;
+    }
+    let test = "acknowledged_choreographed_sagas_survive_kill_9_and_end_exactly_once";
+    kill_cycles(test, Flow::Choreography, saga_cycles());
+}
+
+/// Kill cycles over a saga flow: 20 unless `CONDUIT_CRASH_CYCLES` says more.
+fn saga_cycles() -> usize {
+    std::env::var("CONDUIT_CRASH_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(20)
 }
 
 /// Kills a child running `test` (the `flow`) `cycles` times at random moments, checking the log

@@ -117,41 +117,37 @@ fn a_dead_lettered_step_may_have_acted_and_is_undone() {
     }
 }
 
-/// The orchestrated flow journals every saga fact: its log verifies (each saga's facts rebuild
-/// its end, every order terminal) and agrees with the provider's books; the choreography does
-/// not journal yet and says so.
+/// Both saga flows journal every saga fact: the log verifies (each saga's facts rebuild its
+/// end, every order terminal) and agrees with the provider's books.
 #[test]
-fn the_orchestrated_flow_journals_its_sagas_and_the_choreography_refuses_a_log() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let log = conduit::log::Log::open(dir.path().join("orders.redb"), conduit::log::LogOptions::default())
-        .expect("a log opens");
-    let log = std::sync::Arc::new(log);
-    let sim = SimConfig {
+fn both_saga_flows_journal_their_sagas() {
+    let world = SimConfig {
         payment_failure_rate: 0.2,
         payment_decline_rate: 0.1,
         out_of_stock_rate: 0.1,
         shipping_failure_rate: 0.2,
-        ..orchestrated(SimConfig::default())
+        ..SimConfig::default()
     };
-    let report = orders::run(&engine(2, 64, 64), &sim, 20_000, Some(std::sync::Arc::clone(&log)), |_, _| {})
-        .expect("the orchestrated flow runs on a log");
-    assert!(report.violations().is_empty(), "{:?}", report.violations());
-    let sagas = report.sagas.as_ref().expect("a saga report");
-    assert!(sagas.compensated > 1_000 && sagas.completed > 1_000, "{sagas:?}");
-    let verify = orders::verify(&log).expect("the log reads");
-    assert!(verify.ok, "{:?}", verify.problems);
-    assert_eq!((verify.orders, verify.in_flight), (20_000, 0));
-    assert_eq!(verify.confirmed, report.orders.confirmed);
-    assert_eq!(verify.cancelled + verify.dead_lettered, sagas.compensated);
-    let refused = orders::run(
-        &EngineConfig::default(),
-        &SimConfig { flow: Flow::Choreography, ..SimConfig::default() },
-        10,
-        Some(std::sync::Arc::clone(&log)),
-        |_, _| {},
-    )
-    .expect_err("no log yet");
-    assert!(refused.to_string().contains("not yet resumed from a log"), "{refused}");
+    for sim in both(world) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let log = conduit::log::Log::open(dir.path().join("orders.redb"), conduit::log::LogOptions::default())
+            .expect("a log opens");
+        let log = std::sync::Arc::new(log);
+        let report = orders::run(&engine(2, 64, 64), &sim, 20_000, Some(std::sync::Arc::clone(&log)), |_, _| {})
+            .expect("the flow runs on a log");
+        assert!(report.violations().is_empty(), "{:?}: {:?}", sim.flow, report.violations());
+        let sagas = report.sagas.as_ref().expect("a saga report");
+        assert!(sagas.compensated > 1_000 && sagas.completed > 1_000, "{sagas:?}");
+        let verify = orders::verify(&log).expect("the log reads");
+        assert!(verify.ok, "{:?}: {:?}", sim.flow, verify.problems);
+        assert_eq!((verify.orders, verify.in_flight), (20_000, 0), "{:?}", sim.flow);
+        assert_eq!(verify.confirmed, report.orders.confirmed);
+        assert_eq!(verify.cancelled + verify.dead_lettered, sagas.compensated);
+    }
+}
+
+#[test]
+fn a_chain_cannot_fail_a_shipment() {
     let chain = SimConfig { shipping_failure_rate: 0.1, ..SimConfig::default() };
     let refused = chain.validate().expect_err("the chain cannot fail a shipment");
     assert!(refused.to_string().contains("simulation.shipping_failure_rate"), "{refused}");
