@@ -105,8 +105,11 @@ struct Steps {
 }
 
 fn steps() -> Steps {
-    let step = |name| shape().step(name).expect("a step of the order saga");
-    Steps { charge: step("charge"), reserve: step("reserve"), ship: step("ship") }
+    static STEPS: std::sync::OnceLock<Steps> = std::sync::OnceLock::new();
+    *STEPS.get_or_init(|| {
+        let step = |name| shape().step(name).expect("a step of the order saga");
+        Steps { charge: step("charge"), reserve: step("reserve"), ship: step("ship") }
+    })
 }
 
 /// A count of records, signed.
@@ -344,7 +347,7 @@ impl Choreography {
         facts: &mut Vec<(u16, Vec<u8>)>,
     ) -> Result<(), String> {
         let id = event.order.id;
-        let journaled = |fact| (kinds::SAGA, fact_payload(fact, BY_SINK));
+        let journaled = |fact| (kinds::SAGA, fact_payload(fact, BY_SINK).to_vec());
         let cancellation = match (event.step, from_payment) {
             (Step::Place, Some(from_payment)) => {
                 self.dead_lettered.lock().insert(id);

@@ -374,7 +374,7 @@ pub(crate) fn reconciled_record((stream, correlation, causation, fact): Reconcil
         kind: super::domain::kinds::SAGA,
         correlation,
         causation,
-        payload: crate::saga::fact_payload(fact, crate::saga::BY_RECOVERY),
+        payload: crate::saga::fact_payload(fact, crate::saga::BY_RECOVERY).to_vec(),
         ..conduit::log::Record::default()
     }
 }

@@ -82,10 +82,10 @@ pub(crate) const BY_RECOVERY: u32 = u32::MAX;
 
 /// A saga record's payload: the fact's four bytes, then the attempt that answered (u32, LE;
 /// from 1, or [`BY_SINK`], or [`BY_RECOVERY`]).
-pub(crate) fn fact_payload(fact: Fact, attempt: u32) -> Vec<u8> {
-    let mut payload = fact.encode().to_vec();
-    payload.extend_from_slice(&attempt.to_le_bytes());
-    payload
+pub(crate) fn fact_payload(fact: Fact, attempt: u32) -> [u8; Fact::ENCODED_LEN + 4] {
+    let [a, b, c, d] = fact.encode();
+    let [e, f, g, h] = attempt.to_le_bytes();
+    [a, b, c, d, e, f, g, h]
 }
 
 /// A saga record's fact and attempt (`None` for a record without one); `None` for bytes that
@@ -134,7 +134,7 @@ fn count(n: usize) -> i64 {
 
 /// A fact the dead-letter sink brought about, as a journal record: `(kind, payload)`.
 fn journaled(fact: Fact) -> (u16, Vec<u8>) {
-    (kinds::SAGA, fact_payload(fact, BY_SINK))
+    (kinds::SAGA, fact_payload(fact, BY_SINK).to_vec())
 }
 
 /// Where the flow's commands go.
