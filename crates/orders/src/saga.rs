@@ -83,9 +83,10 @@ pub(crate) const BY_RECOVERY: u32 = u32::MAX;
 /// A saga record's payload: the fact's four bytes, then the attempt that answered (u32, LE;
 /// from 1, or [`BY_SINK`], or [`BY_RECOVERY`]).
 pub(crate) fn fact_payload(fact: Fact, attempt: u32) -> [u8; Fact::ENCODED_LEN + 4] {
-    let [a, b, c, d] = fact.encode();
-    let [e, f, g, h] = attempt.to_le_bytes();
-    [a, b, c, d, e, f, g, h]
+    let mut payload = [0; Fact::ENCODED_LEN + 4];
+    payload[..Fact::ENCODED_LEN].copy_from_slice(&fact.encode());
+    payload[Fact::ENCODED_LEN..].copy_from_slice(&attempt.to_le_bytes());
+    payload
 }
 
 /// A saga record's fact and attempt (`None` for a record without one); `None` for bytes that
