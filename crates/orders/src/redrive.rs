@@ -89,6 +89,13 @@ fn target(letter: &StoredDeadLetter, history: Option<&OrderHistory>) -> Result<T
         let stage = if stage == names::EMAIL || stage == names::SMS { stage } else { "email+sms" };
         return Ok(Target { stage, index: letter.stage, event });
     }
+    if history.saga.is_some() {
+        // A saga's dead letter ended it, its completed steps undone: a new generation of a saga
+        // is not something its flows know how to start.
+        return Err(
+            "its order ran a saga, which ended compensated: a saga is not redriven (place the order again)".into()
+        );
+    }
     if history.status() != OrderStatus::DeadLettered {
         return Err(format!("its order is {:?}, not dead-lettered", history.status()).to_lowercase());
     }

@@ -162,3 +162,19 @@ fn duplicate_deliveries_never_repeat_an_effect() {
     assert!(report.notifications.duplicates_suppressed >= 400);
     assert!(report.ledger.idempotent_replays >= 400);
 }
+
+/// A saga's dead letter ended the saga, its completed steps undone: a redrive says so and leaves
+/// it, and the log still verifies.
+#[test]
+fn a_sagas_dead_letter_is_not_redriven() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open(&dir.path().join("sagas.redb"));
+    let sim = SimConfig { payment_failure_rate: 1.0, flow: orders::Flow::Orchestrated, ..SimConfig::default() };
+    let report = orders::run(&engine(), &sim, 50, Some(Arc::clone(&log)), |_, _| {}).expect("runs");
+    assert_eq!(report.orders.dead_lettered, 50, "every charge ran out of tries");
+    let log = reopen(log);
+    let redriven = redrive_all(&log, &sim);
+    assert!(redriven.redriven.is_empty(), "{:?}", redriven.redriven);
+    assert_eq!(redriven.skipped.len(), 50);
+    assert!(redriven.skipped.iter().all(|why| why.contains("its order ran a saga")), "{:?}", redriven.skipped);
+}
