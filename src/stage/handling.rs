@@ -60,13 +60,12 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
         name: Arc<str>,
         config: StageConfig,
         handler: H,
-        emitter: Emitter<M>,
+        mut emitter: Emitter<M>,
         clock: Arc<dyn Clock>,
         seed: u64,
     ) -> Self {
         let now_us = clock.now_us();
         let wall_us = clock.wall_us();
-        let mut emitter = emitter;
         emitter.clock = Some(Arc::clone(&clock));
         Self {
             name,

@@ -281,10 +281,7 @@ impl<M> Emitter<M> {
     /// `Duration::MAX` sends it with no deadline at all (a compensation, which must not expire
     /// because the step before it had to hurry).
     pub fn emit_within(&mut self, to: StageId, msg: M, ttl: std::time::Duration) {
-        let inherited = self.deadline;
-        self.deadline = self.due_within(ttl);
-        self.emit(to, msg);
-        self.deadline = inherited;
+        self.within(ttl, |emitter| emitter.emit(to, msg));
     }
 
     /// Like [`emit`](Self::emit), with another key.
@@ -327,19 +324,20 @@ impl<M> Emitter<M> {
     where
         M: Clone,
     {
-        let inherited = self.deadline;
-        self.deadline = self.due_within(ttl);
-        self.publish(route, msg);
-        self.deadline = inherited;
+        self.within(ttl, |emitter| emitter.publish(route, msg));
     }
 
-    /// `ttl` from now on the stage's clock (never, for `Duration::MAX`).
-    fn due_within(&self, ttl: std::time::Duration) -> Deadline {
-        if ttl == std::time::Duration::MAX {
-            return Deadline::NEVER;
-        }
-        let now_us = self.clock.as_ref().map_or_else(clock_us, |clock| clock.now_us());
-        Deadline::at(now_us, ttl)
+    /// Runs `send` with the deadline `ttl` from now on the stage's clock (none for
+    /// `Duration::MAX`) in place of the inherited one, which it then gets back.
+    fn within(&mut self, ttl: std::time::Duration, send: impl FnOnce(&mut Self)) {
+        let due = if ttl == std::time::Duration::MAX {
+            Deadline::NEVER
+        } else {
+            Deadline::at(self.clock.as_ref().map_or_else(clock_us, |clock| clock.now_us()), ttl)
+        };
+        let inherited = std::mem::replace(&mut self.deadline, due);
+        send(self);
+        self.deadline = inherited;
     }
 
     /// Publishes `msg` through the topology's exchange: a copy goes to every stage bound to the

@@ -24,14 +24,14 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::domain::{kinds, Announced, CancelCause, Cancellation, Effect, OrderEvent, Step};
 use super::history::OrderHistory;
 use super::ports::{InventoryStore, PaymentGateway, ShipError};
-use super::saga::{fact_payload, shape, BY_SINK};
+use super::saga::{fact_payload, journaled, order_saga, shape};
 use super::stages::names;
 use super::stages::{accept, give_up_after, try_charge, try_reserve, undo_in_sink, unexpected, Outcomes};
 use super::wiring::Ports;
 use crate::report::SagasReport;
 use conduit::breaker::CircuitBreaker;
 use conduit::routing::RouteId;
-use conduit::saga::{Command, Fact, Outcome as StepOutcome, StepId};
+use conduit::saga::{Command, Fact, Outcome as StepOutcome, Saga, StepId};
 use conduit::{BuildError, Emitter, Envelope, Handler, Outcome, StageId, Topology};
 
 /// The routing keys of the choreographed flow.
@@ -78,10 +78,8 @@ enum Verdict {
 pub(crate) struct Choreography {
     ports: Ports,
     outcomes: Arc<Outcomes>,
-    /// How long payment and inventory may take to answer, retries included.
-    timeout: Option<Duration>,
-    /// Most tries of a payment or a reservation, if limited (`SimConfig::saga_step_attempts`).
-    attempts: Option<u32>,
+    /// The saga its services play out: the steps' timeouts and retry policy.
+    saga: Saga,
     halves: Box<[Mutex<FxHashMap<u64, Half>>]>,
     /// Orders one of whose services' events was dead-lettered: counted as dead-lettered when
     /// their cancellation completes. At most the orders in between.
@@ -90,10 +88,6 @@ pub(crate) struct Choreography {
     refunds: AtomicU64,
     releases: AtomicU64,
     cancelled_shipments: AtomicU64,
-    /// Records journaled beyond one per event handled (see `SagaFlow`'s): the carrier records
-    /// only the shipment it tried, the compensations one fact per thing undone, a dead letter
-    /// what its sink did.
-    beyond: std::sync::atomic::AtomicI64,
 }
 
 /// The order saga's steps as the choreography's services journal them.
@@ -112,17 +106,14 @@ fn steps() -> Steps {
     })
 }
 
-/// A count of records, signed.
-fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// A service's answer as the saga's fact about its step.
-fn outcome_of(answer: Answer) -> StepOutcome {
-    match answer {
-        Answer::Succeeded => StepOutcome::Succeeded,
-        Answer::Failed => StepOutcome::Failed,
-        Answer::Unknown => StepOutcome::TimedOut,
+impl Answer {
+    /// The answer a service's step recorded as `outcome` stands for.
+    fn of(outcome: StepOutcome) -> Self {
+        match outcome {
+            StepOutcome::Succeeded => Self::Succeeded,
+            StepOutcome::Failed => Self::Failed,
+            StepOutcome::TimedOut => Self::Unknown,
+        }
     }
 }
 
@@ -142,31 +133,18 @@ impl std::fmt::Debug for Choreography {
 }
 
 impl Choreography {
-    /// Whether a payment or a reservation whose try `attempt` failed transiently may be tried
-    /// again (the steps' retry policy).
-    fn may_retry(&self, attempt: u32) -> bool {
-        self.attempts.is_none_or(|most| attempt.saturating_add(1) < most)
-    }
-
     pub(crate) fn new(ports: Ports, outcomes: Arc<Outcomes>, timeout: Option<Duration>, attempts: Option<u32>) -> Self {
         Self {
             ports,
             outcomes,
-            timeout,
-            attempts,
+            saga: order_saga(timeout, attempts),
             halves: (0..SHARDS).map(|_| Mutex::new(FxHashMap::default())).collect(),
             dead_lettered: Mutex::new(FxHashSet::default()),
             started: AtomicU64::new(0),
             refunds: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             cancelled_shipments: AtomicU64::new(0),
-            beyond: std::sync::atomic::AtomicI64::new(0),
         }
-    }
-
-    /// Records journaled beyond one per event handled.
-    pub(crate) fn records_beyond_events(&self) -> i64 {
-        self.beyond.load(Ordering::Relaxed)
     }
 
     /// Takes order `id`'s saga up again after a restart from its history's facts, and returns
@@ -207,14 +185,10 @@ impl Choreography {
             return vec![(names::COMPENSATION, event(Step::Cancel(cancellation)))];
         }
         let answer = |step| {
-            [StepOutcome::Succeeded, StepOutcome::Failed, StepOutcome::TimedOut]
-                .into_iter()
-                .find(|&outcome| facts.contains(&Fact::Finished(step, outcome)))
-                .map(|outcome| match outcome {
-                    StepOutcome::Succeeded => Answer::Succeeded,
-                    StepOutcome::Failed => Answer::Failed,
-                    StepOutcome::TimedOut => Answer::Unknown,
-                })
+            facts.iter().find_map(|fact| match *fact {
+                Fact::Finished(finished, outcome) if finished == step => Some(Answer::of(outcome)),
+                _ => None,
+            })
         };
         let (paid, reserved) = (answer(charge), answer(reserve));
         let mut events = Vec::new();
@@ -334,25 +308,12 @@ impl Choreography {
         from_payment: Option<bool>,
         facts: &mut Vec<(u16, Vec<u8>)>,
     ) -> Result<(), String> {
-        let before = facts.len();
-        let undone = self.dead_letter_undo(event, from_payment, facts);
-        self.beyond.fetch_add(count(facts.len() - before), Ordering::Relaxed);
-        undone
-    }
-
-    fn dead_letter_undo(
-        &self,
-        event: &OrderEvent,
-        from_payment: Option<bool>,
-        facts: &mut Vec<(u16, Vec<u8>)>,
-    ) -> Result<(), String> {
         let id = event.order.id;
-        let journaled = |fact| (kinds::SAGA, fact_payload(fact, BY_SINK).to_vec());
         let cancellation = match (event.step, from_payment) {
             (Step::Place, Some(from_payment)) => {
                 self.dead_lettered.lock().insert(id);
                 let step = if from_payment { steps().charge } else { steps().reserve };
-                facts.push(journaled(Fact::Finished(step, outcome_of(Answer::Unknown))));
+                facts.push(journaled(Fact::Finished(step, StepOutcome::TimedOut)));
                 match self.hear(id, from_payment, Answer::Unknown) {
                     Some(Verdict::Cancel(cancellation)) => cancellation,
                     // The other answer is still to come: the carrier cancels the order then.
@@ -459,7 +420,8 @@ impl Handler<OrderEvent> for OrderService {
         }
         self.flow.started.fetch_add(1, Ordering::Relaxed);
         // Payment and inventory answer within the steps' timeout, or are heard as unknown.
-        out.publish_within(self.routes.placed, event.msg, self.flow.timeout.unwrap_or(Duration::MAX));
+        let timeout = self.flow.saga.timeout_of(steps().charge);
+        out.publish_within(self.routes.placed, event.msg, timeout.unwrap_or(Duration::MAX));
         Outcome::Done
     }
 }
@@ -479,7 +441,7 @@ impl Handler<OrderEvent> for PaymentService {
         let (route, announced, outcome) = match try_charge(&*self.flow.ports.gateway, self.breaker.as_deref(), event) {
             Ok(true) => (self.routes.charged, Announced::Charged, StepOutcome::Succeeded),
             Ok(false) => (self.routes.declined, Announced::Declined, StepOutcome::Failed),
-            Err(now) => return give_up_after(self.flow.may_retry(event.attempt), event, now),
+            Err(now) => return give_up_after(&self.flow.saga, steps().charge, event, now),
         };
         out.record(kinds::SAGA, &fact_payload(Fact::Finished(steps().charge, outcome), event.attempt + 1));
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
@@ -504,7 +466,7 @@ impl Handler<OrderEvent> for InventoryService {
         {
             Ok(true) => (self.routes.reserved, Announced::Reserved, StepOutcome::Succeeded),
             Ok(false) => (self.routes.out_of_stock, Announced::OutOfStock, StepOutcome::Failed),
-            Err(now) => return give_up_after(self.flow.may_retry(event.attempt), event, now),
+            Err(now) => return give_up_after(&self.flow.saga, steps().reserve, event, now),
         };
         out.record(kinds::SAGA, &fact_payload(Fact::Finished(steps().reserve, outcome), event.attempt + 1));
         // An answer must reach the carrier, however late: it does not inherit the step's deadline.
@@ -534,7 +496,7 @@ impl Handler<OrderEvent> for CarrierService {
         let ship = |outcome| fact_payload(Fact::Finished(steps().ship, outcome), event.attempt + 1);
         if verdict != Some(Verdict::Ship) {
             // The carrier records only the shipment it tries.
-            flow.beyond.fetch_sub(1, Ordering::Relaxed);
+            flow.outcomes.journaled(0, 1);
         }
         let cancellation = match verdict {
             None => return Outcome::Done,
@@ -574,7 +536,7 @@ impl Handler<OrderEvent> for Compensations {
             return Outcome::Retry(reason);
         }
         let undone = undone_facts(cancellation);
-        self.flow.beyond.fetch_add(count(undone.len()) - 1, Ordering::Relaxed);
+        self.flow.outcomes.journaled(undone.len(), 1);
         for fact in undone {
             out.record(kinds::SAGA, &fact_payload(fact, event.attempt + 1));
         }

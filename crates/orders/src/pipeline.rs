@@ -268,8 +268,7 @@ impl OrderPipeline {
             stats: log.stats(),
             sync_error: report.log_sync.clone().and_then(Result::err).map(|e| e.to_string()),
             other_records: self.reconciled_records.load(std::sync::atomic::Ordering::Relaxed),
-            saga_records_beyond_events: self.saga.as_ref().map_or(0, |flow| flow.records_beyond_events())
-                + self.choreography.as_ref().map_or(0, |flow| flow.records_beyond_events()),
+            saga_records_beyond_events: self.outcomes.records_beyond_events(),
         });
         let per_sec = |n: u64| if elapsed_s > 0.0 { n as f64 / elapsed_s } else { 0.0 };
         let ledger = self.ports.gateway.ledger().since(&self.ledger_before);

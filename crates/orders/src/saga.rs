@@ -128,13 +128,8 @@ pub fn describe_fact(payload: &[u8]) -> Option<String> {
     })
 }
 
-/// A count of records, signed (see `SagaFlow::beyond`).
-fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 /// A fact the dead-letter sink brought about, as a journal record: `(kind, payload)`.
-fn journaled(fact: Fact) -> (u16, Vec<u8>) {
+pub(crate) fn journaled(fact: Fact) -> (u16, Vec<u8>) {
     (kinds::SAGA, fact_payload(fact, BY_SINK).to_vec())
 }
 
@@ -168,10 +163,6 @@ pub(crate) struct SagaFlow {
     /// journals nothing, so their facts wait here for the order's next call (or its dead
     /// letter). At most the sagas being compensated.
     unjournaled: Mutex<FxHashMap<u64, Vec<Fact>>>,
-    /// Records journaled beyond one per event handled: the compensation stage records each
-    /// compensation it ran (none when the book owed nothing), a step's dead letter the timeout
-    /// and the compensations its sink ran. The run's check of the log counts them.
-    beyond: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for SagaFlow {
@@ -207,13 +198,7 @@ impl SagaFlow {
             outcomes,
             dead_lettered: Mutex::new(FxHashSet::default()),
             unjournaled: Mutex::new(FxHashMap::default()),
-            beyond: std::sync::atomic::AtomicI64::new(0),
         }
-    }
-
-    /// Records journaled beyond one per event handled (see the field).
-    pub(crate) fn records_beyond_events(&self) -> i64 {
-        self.beyond.load(Ordering::Relaxed)
     }
 
     /// Where the flow's commands go.
@@ -355,7 +340,6 @@ impl SagaFlow {
             if let Some(end) = turn.end() {
                 // Nothing had completed: nothing to undo.
                 self.count_end(event, end, &turn.failed, None);
-                self.beyond.fetch_add(count(facts.len()), Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -363,7 +347,6 @@ impl SagaFlow {
         let mut done = self.unjournaled.lock().remove(&id).unwrap_or_default();
         let compensated = self.compensate(event, undo, None, &mut done);
         facts.extend(done.into_iter().map(journaled));
-        self.beyond.fetch_add(count(facts.len()), Ordering::Relaxed);
         compensated.map_err(|(step, error)| {
             let story = self.book.story(id).unwrap_or_default();
             tracing::error!(order = id, %story, "a compensation of a dead-lettered order failed");
@@ -413,7 +396,7 @@ impl Handler<OrderEvent> for SagaPaymentStage {
         let outcome = match try_charge(&*flow.ports.gateway, self.breaker.as_deref(), event) {
             Ok(true) => StepOutcome::Succeeded,
             Ok(false) => StepOutcome::Failed,
-            Err(now) => return give_up_after(flow.book.saga().may_retry(flow.charge, event.attempt), event, now),
+            Err(now) => return give_up_after(flow.book.saga(), flow.charge, event, now),
         };
         flow.report(event, flow.charge, outcome, out);
         Outcome::Done
@@ -435,7 +418,7 @@ impl Handler<OrderEvent> for SagaInventoryStage {
         let outcome = match try_reserve(&*flow.ports.inventory, self.breaker.as_deref(), event) {
             Ok(true) => StepOutcome::Succeeded,
             Ok(false) => StepOutcome::Failed,
-            Err(now) => return give_up_after(flow.book.saga().may_retry(flow.reserve, event.attempt), event, now),
+            Err(now) => return give_up_after(flow.book.saga(), flow.reserve, event, now),
         };
         flow.report(event, flow.reserve, outcome, out);
         Outcome::Done
@@ -481,7 +464,7 @@ impl Handler<OrderEvent> for SagaCompensationStage {
         let mut done = flow.unjournaled.lock().remove(&id).unwrap_or_default();
         match flow.compensate(&event.msg, undo, Some(out), &mut done) {
             Ok(()) => {
-                flow.beyond.fetch_add(count(done.len()) - 1, Ordering::Relaxed);
+                flow.outcomes.journaled(done.len(), 1);
                 for fact in done {
                     out.record(kinds::SAGA, &fact_payload(fact, event.attempt + 1));
                 }

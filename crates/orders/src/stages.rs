@@ -23,6 +23,7 @@ use super::ports::{
 use conduit::breaker::CircuitBreaker;
 use conduit::routing::RouteId;
 use conduit::rpc::RpcServer;
+use conduit::saga::{Saga, StepId};
 use conduit::{DeadLetter, DeadLetterSink, Emitter, Envelope, Handler, Outcome};
 
 /// Stage names, as they appear in configuration and reports.
@@ -79,6 +80,11 @@ pub struct Outcomes {
     pub(crate) dead_lettered: AtomicU64,
     /// Accepted to confirmed or cancelled, in ns, of the sampled orders ([`TERMINAL_SAMPLE`]).
     terminal_ns: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Records the saga flows journaled beyond one per event handled: a compensation records
+    /// each thing it undid (none when nothing was owed), the choreography's carrier only the
+    /// shipment it tried, a dead letter also what its sink did. The run's check of the log
+    /// counts them.
+    records_beyond_events: std::sync::atomic::AtomicI64,
 }
 
 impl Default for Outcomes {
@@ -95,6 +101,7 @@ impl Default for Outcomes {
             terminal_ns: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1_000, 3_600_000_000_000, 3).expect("valid bounds"),
             ),
+            records_beyond_events: std::sync::atomic::AtomicI64::new(0),
         }
     }
 }
@@ -133,6 +140,17 @@ impl OutcomeFigures {
 }
 
 impl Outcomes {
+    /// A handler (or the dead-letter sink) journaled `records` saga facts for `events` events.
+    pub(crate) fn journaled(&self, records: usize, events: usize) {
+        let signed = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.records_beyond_events.fetch_add(signed(records) - signed(events), Ordering::Relaxed);
+    }
+
+    /// Records journaled beyond one per event handled (see [`Outcomes::journaled`]).
+    pub(crate) fn records_beyond_events(&self) -> i64 {
+        self.records_beyond_events.load(Ordering::Relaxed)
+    }
+
     /// Adds counts carried over from an earlier run (recovery).
     pub(crate) fn restore(&self, f: &OutcomeFigures) {
         self.confirmed.fetch_add(f.confirmed, Ordering::Relaxed);
@@ -212,12 +230,13 @@ pub(crate) fn accept(event: &Envelope<OrderEvent>, out: &mut Emitter<OrderEvent>
     Ok(())
 }
 
-/// A saga step's transient failure (`now`, the handler's outcome for it) on `event`'s try:
-/// retried if `may_retry` (the step's retry policy has tries left), else given up: the event is
-/// rejected (dead-lettered), and the step counts as timed out, its failed tries maybe done.
-pub(crate) fn give_up_after(may_retry: bool, event: &Envelope<OrderEvent>, now: Outcome) -> Outcome {
+/// A transient failure of `saga`'s `step` (`now`, the handler's outcome for it) on `event`'s
+/// try: retried while the step's retry policy has tries left ([`Saga::may_retry`]), else given
+/// up: the event is rejected (dead-lettered), and the step counts as timed out, its failed
+/// tries maybe done.
+pub(crate) fn give_up_after(saga: &Saga, step: StepId, event: &Envelope<OrderEvent>, now: Outcome) -> Outcome {
     match now {
-        Outcome::Retry(reason) if !may_retry => Outcome::Reject(
+        Outcome::Retry(reason) if !saga.may_retry(step, event.attempt) => Outcome::Reject(
             format!("gave up after {} attempts (the step's retry policy): {reason}", event.attempt + 1).into(),
         ),
         other => other,
@@ -538,21 +557,7 @@ impl OrderDeadLetters {
         }
         counts
     }
-}
 
-impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
-    fn dead_letter(&self, letter: DeadLetter<OrderEvent>) {
-        self.take(letter, &mut Vec::new());
-    }
-
-    fn dead_letter_journaled(&self, letter: DeadLetter<OrderEvent>) -> Vec<(u16, Vec<u8>)> {
-        let mut facts = Vec::new();
-        self.take(letter, &mut facts);
-        facts
-    }
-}
-
-impl OrderDeadLetters {
     /// Compensates what the dead letter leaves undone, counts it and keeps it; the saga facts
     /// of what it did go to `facts`, for the journal.
     fn take(&self, letter: DeadLetter<OrderEvent>, facts: &mut Vec<(u16, Vec<u8>)>) {
@@ -597,5 +602,19 @@ impl OrderDeadLetters {
             attempts: letter.attempts,
             order,
         });
+    }
+}
+
+impl DeadLetterSink<OrderEvent> for OrderDeadLetters {
+    fn dead_letter(&self, letter: DeadLetter<OrderEvent>) {
+        self.take(letter, &mut Vec::new());
+    }
+
+    fn dead_letter_journaled(&self, letter: DeadLetter<OrderEvent>) -> Vec<(u16, Vec<u8>)> {
+        let mut facts = Vec::new();
+        self.take(letter, &mut facts);
+        // The dead letter's own record counts as its event's.
+        self.outcomes.journaled(facts.len(), 0);
+        facts
     }
 }
