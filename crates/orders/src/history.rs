@@ -818,4 +818,34 @@ mod tests {
         gap.apply(&record(9, 3, kinds::ACCEPTED, Vec::new()));
         assert!(gap.problem.is_some_and(|p| p.contains("version 3 follows version 1")));
     }
+
+    /// A saga's history: placed, started, then `facts` as saga records and `kinds` as plain ones.
+    fn saga(facts: &[Fact], then: &[u16]) -> OrderHistory {
+        let mut history = OrderHistory::default();
+        history.apply(&placed(9));
+        history.apply(&record(9, 2, kinds::SAGA_STARTED, Vec::new()));
+        let records = facts.iter().map(|&fact| (kinds::SAGA, saga::fact_payload(fact, 1).to_vec()));
+        let records = records.chain(then.iter().map(|&kind| (kind, Vec::new())));
+        for (version, (kind, payload)) in (3..).zip(records) {
+            history.apply(&record(9, version, kind, payload));
+        }
+        history.check();
+        history
+    }
+
+    #[test]
+    fn a_saga_step_run_again_is_not_a_broken_history() {
+        let step = |name| saga::shape().step(name).expect("a step");
+        let (charge, reserve, ship) = (step("charge"), step("reserve"), step("ship"));
+        let done = |step| Fact::Finished(step, StepOutcome::Succeeded);
+        // Ship recorded before the charge that started it; the charge lost, run again, and the
+        // shipment with it: the same facts and notifications twice.
+        let replayed = saga(
+            &[done(reserve), done(ship), done(charge), done(ship)],
+            &[kinds::EMAILED, kinds::TEXTED, kinds::EMAILED, kinds::TEXTED],
+        );
+        assert_eq!((replayed.status(), replayed.problem), (OrderStatus::Confirmed, None));
+        let torn = saga(&[done(charge), Fact::Finished(charge, StepOutcome::Failed)], &[]);
+        assert!(torn.problem.is_some_and(|p| p.contains("recorded with another outcome")));
+    }
 }
