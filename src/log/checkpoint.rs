@@ -115,6 +115,9 @@ pub(crate) fn write(
 pub(crate) struct Heads {
     /// Stream -> (last version, changed since the last checkpoint).
     versions: FxHashMap<u64, (u32, bool)>,
+    /// The streams changed since the last checkpoint, each once: a checkpoint visits these, not
+    /// the whole cache (a walk of a million cached streams cost the writer 3-14 ms a checkpoint).
+    dirty: Vec<u64>,
     /// Buckets whose `heads` row has been read into `versions` since the cache was last cleared.
     loaded: FxHashSet<u64>,
     /// Most streams the cache keeps after a checkpoint.
@@ -125,8 +128,9 @@ impl Heads {
     /// A cache of up to `cap` streams, starting from versions found after the last checkpoint
     /// (all of them changed since).
     pub(crate) fn new(cap: usize, changed: FxHashMap<u64, u32>) -> Self {
+        let dirty = changed.keys().copied().collect();
         let versions = changed.into_iter().map(|(stream, version)| (stream, (version, true))).collect();
-        Self { versions, loaded: FxHashSet::default(), cap }
+        Self { versions, dirty, loaded: FxHashSet::default(), cap }
     }
 
     /// Streams held in memory now.
@@ -165,11 +169,15 @@ impl Heads {
     ) -> Result<u32, LogError> {
         if let Some((version, dirty)) = self.versions.get_mut(&stream) {
             *version += 1;
-            *dirty = true;
+            if !std::mem::replace(dirty, true) {
+                self.dirty.push(stream);
+            }
             return Ok(*version);
         }
         let version = self.version(stream, heads)? + 1;
+        // Not cached before, or cached clean just now from its bucket's row: not yet listed.
         self.versions.insert(stream, (version, true));
+        self.dirty.push(stream);
         Ok(version)
     }
 
@@ -177,8 +185,9 @@ impl Heads {
     /// more than its cap (everything in it is now in the table).
     pub(crate) fn checkpoint(&mut self, txn: &redb::WriteTransaction, scratch: &mut Vec<u8>) -> Result<(), LogError> {
         let mut changed: FxHashMap<u64, Vec<(u64, u32)>> = FxHashMap::default();
-        for (&stream, (version, dirty)) in &mut self.versions {
-            if std::mem::take(dirty) {
+        for stream in self.dirty.drain(..) {
+            if let Some((version, dirty)) = self.versions.get_mut(&stream) {
+                *dirty = false;
                 changed.entry(bucket_of(stream)).or_default().push((stream, *version));
             }
         }
