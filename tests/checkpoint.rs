@@ -255,6 +255,18 @@ fn a_retention_of_nothing_is_refused_by_name() {
     }
 }
 
+/// Writes `bytes` as the checkpoint in `table` of the closed log at `path`.
+fn overwrite_checkpoint(path: &Path, table: &str, bytes: &[u8]) {
+    let db = redb::Database::open(path).expect("a redb file");
+    let txn = db.begin_write().expect("writable");
+    {
+        let checkpoint: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new(table);
+        let mut table = txn.open_table(checkpoint).expect("the checkpoint table");
+        table.insert(0, bytes).expect("insert");
+    }
+    txn.commit().expect("commit");
+}
+
 #[test]
 fn an_unreadable_checkpoint_is_rebuilt_from_the_frames() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -264,19 +276,13 @@ fn an_unreadable_checkpoint_is_rebuilt_from_the_frames() {
     let expected = full_scan(&log);
     log.close().expect("closes");
     drop(log);
-    {
-        let db = redb::Database::open(&path).expect("a redb file");
-        let txn = db.begin_write().expect("writable");
-        {
-            let checkpoint: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("checkpoint");
-            let mut table = txn.open_table(checkpoint).expect("the checkpoint table");
-            table.insert(0, b"CDLF not a checkpoint".as_slice()).expect("insert");
-        }
-        txn.commit().expect("commit");
-    }
+    // The messages in flight as the checkpoint packed them, streams and frames included.
+    let packed = Log::open(&path, options(1 << 20, 4)).expect("opens").in_flight_at_open().to_vec();
+    overwrite_checkpoint(&path, "checkpoint.v2", b"CDLF not a checkpoint");
     let log = Log::open(&path, options(1 << 20, 4)).expect("opens despite the damaged checkpoint");
     assert!(!log.opened_with().from_checkpoint);
     assert_eq!(in_flight_ids(&log), expected.1);
+    assert_eq!(log.in_flight_at_open(), packed, "the checkpoint's messages in flight are the frames'");
     let (&stream, &version) = expected.0.iter().next().expect("streams");
     assert_eq!(log.append_expecting(stream, ExpectedVersion::Exact(version), vec![fact(stream)]), Ok(version + 1));
     log.close().expect("closes");
@@ -317,4 +323,27 @@ fn the_file_never_grows_past_the_size_bound() {
     let budget = stats.frame_budget.expect("a size bound has a budget");
     assert!(stats.retained_bytes <= budget && budget <= length - length / 8, "{stats:?}");
     log.close().expect("closes");
+}
+
+/// A checkpoint an earlier build wrote (its messages in flight unpacked, under the old table's
+/// name) is not read as this build's: the log opens by a full scan, once, and checkpoints anew.
+#[test]
+fn an_earlier_builds_checkpoint_is_rebuilt_from_the_frames() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    let log = Log::open(&path, options(1 << 20, 4)).expect("new log");
+    workload(&log);
+    let expected = full_scan(&log);
+    log.close().expect("closes");
+    drop(log);
+    overwrite_checkpoint(&path, "checkpoint", b"an earlier build's checkpoint");
+    let log = Log::open(&path, options(1 << 20, 4)).expect("opens");
+    assert!(!log.opened_with().from_checkpoint, "the earlier checkpoint is not trusted");
+    assert_eq!(in_flight_ids(&log), expected.1);
+    log.close().expect("closes");
+    drop(log);
+    let log = Log::open(&path, options(1 << 20, 4)).expect("reopens");
+    assert!(log.opened_with().from_checkpoint, "closing wrote this build's checkpoint");
+    assert_eq!(log.opened_with().frames_scanned, 0);
+    assert_eq!(in_flight_ids(&log), expected.1);
 }

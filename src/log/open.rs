@@ -149,17 +149,7 @@ impl Log {
         });
         // From the last checkpoint (if any), the frames after it: versions changed since,
         // messages started and finished since, the highest id.
-        let checkpoint = match contained(|| checkpoint::read(&shared.db)) {
-            Ok(checkpoint) => checkpoint,
-            // Checkpoints and heads are derived from the frames: unreadable ones are dropped and
-            // rebuilt from a full scan (and written again at the next checkpoint).
-            Err(LogError::CorruptIndex { table, key, error }) => {
-                tracing::warn!(table, key, %error, "unreadable checkpoint: rebuilding it from every frame");
-                contained(|| checkpoint::forget(&shared.db))?;
-                None
-            }
-            Err(other) => return Err(other),
-        };
+        let checkpoint = read_checkpoint(&shared.db)?;
         let from_checkpoint = checkpoint.is_some();
         let (first_frame, next_id, mut book) = match checkpoint {
             Some(checkpoint) => (checkpoint.next_frame, checkpoint.next_id, Book::from_checkpoint(checkpoint)),
@@ -311,6 +301,25 @@ fn scan_unguarded(
             f(*seq, &frame, value.value().len())?;
         }
     }
+}
+
+/// The log's last checkpoint, if it has one this build can trust. Checkpoints and heads are
+/// derived from the frames: an unreadable checkpoint, or one an earlier build wrote, is dropped
+/// with the heads, and opening rebuilds them from a full scan (written again at the next
+/// checkpoint).
+fn read_checkpoint(db: &redb::Database) -> Result<Option<checkpoint::Checkpoint>, LogError> {
+    match contained(|| checkpoint::read(db)) {
+        Ok(_) if contained(|| checkpoint::has_earlier(db))? => {
+            tracing::warn!("a checkpoint written by an earlier build: rebuilding it from every frame");
+        }
+        Ok(checkpoint) => return Ok(checkpoint),
+        Err(LogError::CorruptIndex { table, key, error }) => {
+            tracing::warn!(table, key, %error, "unreadable checkpoint: rebuilding it from every frame");
+        }
+        Err(other) => return Err(other),
+    }
+    contained(|| checkpoint::forget(db))?;
+    Ok(None)
 }
 
 /// Whether `db` is a log of this build's format with every table in place: opening it then
