@@ -18,8 +18,8 @@
 //! the old checkpoint or the new one, each consistent with the frames. Opening reads the
 //! checkpoint and scans only the frames after it.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use integer_encoding::VarInt;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use rkyv::rancor;
 use rustc_hash::{FxHashMap, FxHashSet};
 

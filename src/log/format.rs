@@ -90,6 +90,17 @@ pub struct Frame {
     pub records: Vec<Record>,
 }
 
+/// Bytes of an encoded frame besides its records: the header and the archived frame's root.
+pub(crate) const FRAME_FIXED_BYTES: usize = HEADER_LEN + std::mem::size_of::<ArchivedFrame>();
+
+/// At most the bytes `record` adds to an encoded frame: its archived fixed part and its payload
+/// and note bytes (exact, but for a note short enough for rkyv to inline: then a few bytes over).
+/// The archive is unaligned, so nothing pads them.
+#[inline]
+pub(crate) fn encoded_len(record: &Record) -> usize {
+    std::mem::size_of::<ArchivedRecord>() + record.payload.len() + record.note.len()
+}
+
 /// Why bytes are not a valid frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -233,6 +244,25 @@ pub fn decode_frame_owned(key: u64, bytes: &[u8]) -> Result<Frame, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The writer closes frames on `encoded_len`: exact for records without a note or with one
+    /// too long to inline, a few bytes over otherwise, never under.
+    #[test]
+    fn a_frames_encoded_length_is_what_its_records_say() {
+        let mut encoded = Vec::new();
+        for (count, payload, note) in [(0, 0, 0), (1, 0, 0), (3, 17, 0), (1_000, 20, 0), (5, 3, 40), (7, 1, 3)] {
+            let record =
+                Record { id: 9, stream: 4, payload: vec![7; payload], note: "n".repeat(note), ..Record::default() };
+            let frame = Frame { seq: 1, records: vec![record.clone(); count] };
+            encode_frame(&frame, &mut encoded);
+            let predicted = FRAME_FIXED_BYTES + count * encoded_len(&record);
+            if note == 0 || note > rkyv::string::repr::INLINE_CAPACITY {
+                assert_eq!(encoded.len(), predicted, "{count} records of {payload} bytes, a note of {note}");
+            } else {
+                assert!(encoded.len() <= predicted && predicted - encoded.len() <= count * note);
+            }
+        }
+    }
 
     fn sample() -> Frame {
         Frame {

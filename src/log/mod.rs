@@ -83,7 +83,8 @@ pub struct LogOptions {
     pub queue_appends: usize,
     /// Most records per write transaction.
     pub group_records_max: usize,
-    /// Frames are closed once their estimated size reaches this many bytes.
+    /// Most bytes of an encoded frame: a frame closes before a record would take it past this
+    /// (a record larger than this alone gets a frame of its own).
     pub frame_bytes_target: usize,
     /// A checkpoint is written once this many records were appended since the last one (and at
     /// [`Log::close`]): opening reads the checkpoint and at most this many records after it.
@@ -180,9 +181,9 @@ impl Default for LogOptions {
             durability: Durability::Immediate,
             queue_appends: 256,
             group_records_max: 64 * 1024,
-            // Just under 256 KiB with the header and rkyv's slack: values just over a power of two
-            // waste 40-50% of a page run in redb (ARCHITECTURE section 4).
-            frame_bytes_target: 250 * 1024,
+            // A run of 64 pages less what redb adds to a value in its leaf: values just over a
+            // power of two of pages waste 40-50% of a run (ARCHITECTURE section 4).
+            frame_bytes_target: (256 << 10) - writer::LEAF_OVERHEAD,
             checkpoint_records: 1 << 18,
             stream_cache: 1 << 20,
             retention: Retention::default(),

@@ -12,7 +12,8 @@ use rustc_hash::FxHashMap;
 use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
 use super::error::storage;
 use super::format::{
-    completed_ids, decode_frame, encode_frame, Frame, Record, HEADER_LEN, KIND_COMPLETED, STAGE_INGRESS,
+    completed_ids, decode_frame, encode_frame, encoded_len, Frame, Record, FRAME_FIXED_BYTES, HEADER_LEN,
+    KIND_COMPLETED, STAGE_INGRESS,
 };
 use super::snapshot::{self, SNAPSHOTS};
 use super::{
@@ -23,9 +24,6 @@ use super::{
 /// tables, the heads and index, and pages freed but not yet reusable take several MiB whatever
 /// the bound (a 64 MiB bound with an eighth of slack grew its file to 72 MiB in two runs of three).
 const SLACK_MIN: u64 = 16 << 20;
-
-/// Bytes a record adds to a frame besides its payload and note (rkyv's fixed part, rounded up).
-const RECORD_FIXED_BYTES: usize = 80;
 
 pub(crate) struct WriterState {
     shared: Arc<Shared>,
@@ -129,7 +127,7 @@ impl WriterState {
             undurable: false,
             last_durable: Instant::now(),
             frame: Frame::default(),
-            frame_bytes: 0,
+            frame_bytes: FRAME_FIXED_BYTES,
             buckets: Vec::new(),
             encoded: Vec::new(),
         };
@@ -372,14 +370,17 @@ impl WriterState {
                     } else {
                         record.version = self.heads.bump(record.stream, &heads)?;
                     }
+                    // A frame closes before a record would take it past its bound, so that it
+                    // fills its run of redb pages without spilling into a run twice the size.
+                    let bytes = encoded_len(&record);
+                    if self.frame_bytes + bytes > self.options.frame_bytes_target {
+                        self.flush_frame(&mut frames, &mut buckets)?;
+                    }
                     self.book.account(&record, self.next_frame);
-                    self.frame_bytes += RECORD_FIXED_BYTES + record.payload.len() + record.note.len();
+                    self.frame_bytes += bytes;
                     self.buckets.push(bucket_of(record.stream));
                     self.frame.records.push(record);
                     appended += 1;
-                    if self.frame_bytes >= self.options.frame_bytes_target {
-                        self.flush_frame(&mut frames, &mut buckets)?;
-                    }
                 }
             }
             self.flush_frame(&mut frames, &mut buckets)?;
@@ -517,6 +518,7 @@ impl WriterState {
         self.frame.seq = seq;
         encode_frame(&self.frame, &mut self.encoded);
         debug_assert!(self.encoded.len() > HEADER_LEN);
+        debug_assert!(self.encoded.len() <= self.frame_bytes, "{} > {}", self.encoded.len(), self.frame_bytes);
         frames.insert(seq, self.encoded.as_slice()).map_err(storage)?;
         self.buckets.sort_unstable();
         self.buckets.dedup();
@@ -530,7 +532,7 @@ impl WriterState {
         self.book.frames += 1;
         self.book.bytes += stored_bytes(self.encoded.len());
         self.frame.records.clear();
-        self.frame_bytes = 0;
+        self.frame_bytes = FRAME_FIXED_BYTES;
         self.buckets.clear();
         Ok(())
     }
@@ -577,13 +579,15 @@ fn send<T>(reply: &Sender<T>, value: T) {
     let _ = reply.send(value);
 }
 
+/// Bytes redb adds to a value in its leaf (its header and offsets, the key), rounded up.
+pub(crate) const LEAF_OVERHEAD: usize = 64;
+
 /// The space a frame of `len` bytes takes in the file: redb gives a value larger than a page a
 /// run of pages rounded up to a power of two (with its leaf's few bytes of overhead); smaller
 /// ones share pages.
 pub(crate) fn stored_bytes(len: usize) -> u64 {
     const PAGE: u64 = 4096;
-    const LEAF_OVERHEAD: u64 = 64;
-    let len = len as u64 + LEAF_OVERHEAD;
+    let len = (len + LEAF_OVERHEAD) as u64;
     if len <= PAGE {
         len
     } else {

@@ -243,7 +243,11 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
         write!(out, "  {:<31} {:>10.2}  {}", case.name, case.events_per_sec / 1e6, runs.join(" "))?;
         if let (Some(per_sync), Some(bytes), Some(mb)) = (case.events_per_sync, case.bytes_per_event, case.mb_per_sec) {
-            write!(out, "  [{per_sync:.0} events/commit, {bytes:.1} B/event on disk, {mb:.1} MB/s]")?;
+            write!(out, "  [{per_sync:.0} events/commit, {bytes:.1} B/event on disk")?;
+            if let Some(framed) = case.frame_bytes_per_event {
+                write!(out, " ({framed:.1} in frames)")?;
+            }
+            write!(out, ", {mb:.1} MB/s]")?;
         }
         writeln!(out)?;
     }
@@ -279,19 +283,23 @@ pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -
         report.repeat,
         report.cpus
     )?;
-    writeln!(out, "| case | M events/s | runs | events per durable commit | bytes per event on disk | MB/s |")?;
-    writeln!(out, "|---|---:|---|---:|---:|---:|")?;
+    writeln!(
+        out,
+        "| case | M events/s | runs | events per durable commit | bytes per event on disk | in frames | MB/s |"
+    )?;
+    writeln!(out, "|---|---:|---|---:|---:|---:|---:|")?;
     let or_dash = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
     for case in &report.cases {
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
         writeln!(
             out,
-            "| `{}` | {:.2} | {} | {} | {} | {} |",
+            "| `{}` | {:.2} | {} | {} | {} | {} | {} |",
             case.name,
             case.events_per_sec / 1e6,
             runs.join(" "),
             or_dash(case.events_per_sync, 0),
             or_dash(case.bytes_per_event, 1),
+            or_dash(case.frame_bytes_per_event, 1),
             or_dash(case.mb_per_sec, 1)
         )?;
     }

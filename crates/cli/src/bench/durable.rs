@@ -110,7 +110,7 @@ pub fn redb_rows(dir: &Path, records: &[Record], event_bytes: usize, per_txn: u6
     drop(db);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes) }
+    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes), frame_bytes: None }
 }
 
 /// conduit's log alone: appends of 4,096 records from one thread, immediate durability.
@@ -129,7 +129,7 @@ pub fn log_writer(dir: &Path, records: &[Record]) -> Run {
     drop(log);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(stats.durable_commits), bytes_written: Some(bytes) }
+    Run { elapsed, syncs: Some(stats.durable_commits), bytes_written: Some(bytes), frame_bytes: Some(stats.bytes) }
 }
 
 /// `event_bytes` per event to a plain file: one write and fdatasync per `per_sync` events.
@@ -153,7 +153,7 @@ pub fn disk_seq_write_fsync(dir: &Path, events: u64, event_bytes: usize, per_syn
     drop(file);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes) }
+    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes), frame_bytes: None }
 }
 
 /// The order pipeline with an immediate log.
@@ -186,9 +186,9 @@ fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, opti
     log.close().expect("healthy log");
     let elapsed = start.elapsed();
     assert!(report.violations().is_empty(), "durable run broke an invariant: {:?}", report.violations());
-    let syncs = log.stats().durable_commits;
+    let stats = log.stats();
     drop(log);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes) }
+    Run { elapsed, syncs: Some(stats.durable_commits), bytes_written: Some(bytes), frame_bytes: Some(stats.bytes) }
 }

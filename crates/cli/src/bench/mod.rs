@@ -176,6 +176,10 @@ pub struct CaseResult {
     /// Those bytes per second at the median rate, in MB/s (durable cases).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mb_per_sec: Option<f64>,
+    /// Bytes of the log's encoded frames per event (the cases that write the engine's log):
+    /// `bytes_per_event` over this is what the file adds to the frames.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame_bytes_per_event: Option<f64>,
     /// How the case is set up.
     pub setup: String,
 }
@@ -220,11 +224,13 @@ pub struct Run {
     pub syncs: Option<u64>,
     /// Disk space the file took at the end.
     pub bytes_written: Option<u64>,
+    /// Bytes of the log's encoded frames, headers included (the engine's log only).
+    pub frame_bytes: Option<u64>,
 }
 
 impl From<Duration> for Run {
     fn from(elapsed: Duration) -> Self {
-        Self { elapsed, syncs: None, bytes_written: None }
+        Self { elapsed, syncs: None, bytes_written: None, frame_bytes: None }
     }
 }
 
@@ -513,6 +519,7 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
             let syncs: Option<u64> = runs.iter().map(|r| r.syncs).sum();
             let bytes: Option<u64> = runs.iter().map(|r| r.bytes_written).sum();
             let bytes_per_event = bytes.map(|b| b as f64 / total_events.max(1.0));
+            let frame_bytes: Option<u64> = runs.iter().map(|r| r.frame_bytes).sum();
             CaseResult {
                 name: (*name).to_owned(),
                 events_per_sec,
@@ -521,6 +528,7 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
                 events_per_sync: syncs.filter(|&s| s > 0).map(|s| total_events / s as f64),
                 bytes_per_event,
                 mb_per_sec: bytes_per_event.map(|b| b * events_per_sec / 1e6),
+                frame_bytes_per_event: frame_bytes.map(|b| b as f64 / total_events.max(1.0)),
                 setup: setup.clone(),
             }
         })
