@@ -12,6 +12,7 @@
 //! The layout, the frame bytes and the invariants are described in `docs/design.md`.
 
 mod checkpoint;
+mod consumer;
 mod error;
 mod format;
 mod memory;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::journal::completion_record;
 pub use checkpoint::InFlight;
+pub use consumer::{Consumed, ConsumerInfo, ConsumerOptions, LogConsumer, Position, StartAt, CONSUMER_NAME_MAX};
 pub use error::{LogError, StorageFailure, TryAppendError};
 pub use format::{
     check_header, completed_ids, decode_frame, decode_frame_owned, encode_frame, ArchivedFrame, ArchivedRecord, Frame,
@@ -269,6 +271,12 @@ pub(crate) enum Command {
     Checkpoint {
         reply: Sender<Result<(), LogError>>,
     },
+    /// Commits a consumer's position (`None`: forgets the consumer), durably.
+    Consumer {
+        name: String,
+        row: Option<consumer::ConsumerRow>,
+        reply: Sender<Result<(), LogError>>,
+    },
 }
 
 /// Counters of what the log has written.
@@ -349,6 +357,10 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     /// The log's file, read for its length (`None` on a storage backend).
     pub(crate) file: Option<std::fs::File>,
+    /// The next frame to be committed, and the news of each commit, for consumers that follow
+    /// the tail.
+    pub(crate) tail: Mutex<u64>,
+    pub(crate) tail_changed: parking_lot::Condvar,
 }
 
 impl Shared {

@@ -146,6 +146,8 @@ impl Log {
             has_failed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             file,
+            tail: Mutex::new(0),
+            tail_changed: parking_lot::Condvar::new(),
         });
         // From the last checkpoint (if any), the frames after it: versions changed since,
         // messages started and finished since, the highest id.
@@ -190,8 +192,11 @@ impl Log {
             in_flight: in_flight.len() as u64,
         };
         shared.next_id.store(max_id + 1, Ordering::Relaxed);
+        *shared.tail.lock() = next_frame;
+        let consumers = contained(|| super::consumer::read_all(&shared.db))?;
         let heads = Heads::new(options.stream_cache, changed);
-        let state = writer::WriterState::new(Arc::clone(&shared), options, heads, book, next_frame);
+        let mut state = writer::WriterState::new(Arc::clone(&shared), options, heads, book, next_frame);
+        state.consumers = consumers.into_iter().collect();
         let writer = if options.inline_writer {
             Writer::Inline(Box::new(state))
         } else {

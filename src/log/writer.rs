@@ -10,6 +10,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 use rustc_hash::FxHashMap;
 
 use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
+use super::consumer::{self, ConsumerRow, FRAME_OFFSETS};
 use super::error::storage;
 use super::format::{
     completed_ids, decode_frame, encode_frame, encoded_len, Frame, Record, FRAME_FIXED_BYTES, HEADER_LEN,
@@ -53,6 +54,8 @@ pub(crate) struct WriterState {
     frame_bytes: usize,
     buckets: Vec<u64>,
     encoded: Vec<u8>,
+    /// Each consumer's committed position: retention keeps what those that hold it still need.
+    pub(crate) consumers: FxHashMap<String, ConsumerRow>,
 }
 
 /// The log's running account: messages in flight and counts, kept by the writer (and rebuilt by
@@ -130,6 +133,7 @@ impl WriterState {
             frame_bytes: FRAME_FIXED_BYTES,
             buckets: Vec::new(),
             encoded: Vec::new(),
+            consumers: FxHashMap::default(),
         };
         state.plan_retention();
         state
@@ -249,7 +253,7 @@ impl Group {
     fn push(&mut self, command: Command) {
         match &command {
             Command::Append { records, .. } | Command::Checked { records, .. } => self.records += records.len(),
-            Command::Sync { .. } | Command::Snapshot { .. } => self.wants_sync = true,
+            Command::Sync { .. } | Command::Snapshot { .. } | Command::Consumer { .. } => self.wants_sync = true,
             Command::Checkpoint { .. } => {
                 self.wants_sync = true;
                 self.wants_checkpoint = true;
@@ -303,6 +307,8 @@ impl WriterState {
                     self.undurable = true;
                 }
                 answer_each(commands, &mut checked);
+                *self.shared.tail.lock() = self.next_frame;
+                self.shared.tail_changed.notify_all();
                 Ok(())
             }
             Err(error) => {
@@ -330,6 +336,7 @@ impl WriterState {
         {
             let mut frames = txn.open_table(FRAMES).map_err(storage)?;
             let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
+            let mut offsets = txn.open_table(FRAME_OFFSETS).map_err(storage)?;
             let heads = txn.open_table(HEADS).map_err(storage)?;
             for (index, command) in commands.iter_mut().enumerate() {
                 let records = match command {
@@ -361,6 +368,14 @@ impl WriterState {
                         checked.insert(index, saved);
                         continue;
                     }
+                    Command::Consumer { name, row, .. } => {
+                        consumer::write(&txn, name, row.as_ref(), &mut self.scratch)?;
+                        match row {
+                            Some(row) => self.consumers.insert(name.clone(), *row),
+                            None => self.consumers.remove(name.as_str()),
+                        };
+                        continue;
+                    }
                     Command::Sync { .. } | Command::Checkpoint { .. } => continue,
                 };
                 for mut record in std::mem::take(records) {
@@ -374,7 +389,7 @@ impl WriterState {
                     // fills its run of redb pages without spilling into a run twice the size.
                     let bytes = encoded_len(&record);
                     if self.frame_bytes + bytes > self.options.frame_bytes_target {
-                        self.flush_frame(&mut frames, &mut buckets)?;
+                        self.flush_frame(&mut frames, &mut buckets, &mut offsets)?;
                     }
                     self.book.account(&record, self.next_frame);
                     self.frame_bytes += bytes;
@@ -383,7 +398,7 @@ impl WriterState {
                     appended += 1;
                 }
             }
-            self.flush_frame(&mut frames, &mut buckets)?;
+            self.flush_frame(&mut frames, &mut buckets, &mut offsets)?;
         }
         self.since_checkpoint += appended;
         let group_bytes = self.book.bytes - bytes_before;
@@ -437,7 +452,9 @@ impl WriterState {
             return Ok(());
         }
         crash_point!("log.retention");
-        let keep_from = self.book.in_flight.values().map(|m| m.frame).min().unwrap_or(self.next_frame);
+        let in_flight = self.book.in_flight.values().map(|m| m.frame);
+        let consumers = self.consumers.values().filter(|c| c.holds_retention).map(|c| c.frame);
+        let keep_from = in_flight.chain(consumers).min().unwrap_or(self.next_frame);
         let horizon_us = policy.max_age.map(|age| {
             let age_us = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
             crate::clock::unix_micros().saturating_sub(age_us)
@@ -447,6 +464,7 @@ impl WriterState {
         let frame_budget = self.budget().map(|(budget, slack)| budget.saturating_sub(slack / 2));
         let mut frames = txn.open_table(FRAMES).map_err(storage)?;
         let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
+        let mut offsets = txn.open_table(FRAME_OFFSETS).map_err(storage)?;
         let mut removed = 0u64;
         // The last version each stream had in the frames removed: a stream whose head is among
         // them has nothing left, and its head goes too.
@@ -476,6 +494,7 @@ impl WriterState {
                 (stored_bytes(value.value().len()), indexed)
             };
             frames.remove(seq).map_err(storage)?;
+            offsets.remove(seq).map_err(storage)?;
             indexed.sort_unstable();
             indexed.dedup();
             for bucket in indexed {
@@ -510,6 +529,7 @@ impl WriterState {
         &mut self,
         frames: &mut redb::Table<'_, u64, &'static [u8]>,
         buckets: &mut redb::Table<'_, (u64, u64), ()>,
+        offsets: &mut redb::Table<'_, u64, u64>,
     ) -> Result<(), LogError> {
         if self.frame.records.is_empty() {
             return Ok(());
@@ -520,6 +540,8 @@ impl WriterState {
         debug_assert!(self.encoded.len() > HEADER_LEN);
         debug_assert!(self.encoded.len() <= self.frame_bytes, "{} > {}", self.encoded.len(), self.frame_bytes);
         frames.insert(seq, self.encoded.as_slice()).map_err(storage)?;
+        let first_offset = self.book.records - self.frame.records.len() as u64;
+        offsets.insert(seq, first_offset).map_err(storage)?;
         self.buckets.sort_unstable();
         self.buckets.dedup();
         for &bucket in &self.buckets {
@@ -543,7 +565,8 @@ fn answer(commands: Vec<Command>, result: &Result<(), LogError>) {
         match command {
             Command::Append { ack: Some(ack), .. }
             | Command::Sync { reply: ack }
-            | Command::Checkpoint { reply: ack } => {
+            | Command::Checkpoint { reply: ack }
+            | Command::Consumer { reply: ack, .. } => {
                 send(&ack, result.clone());
             }
             Command::Append { ack: None, .. } => {}
@@ -558,7 +581,8 @@ fn answer_each(commands: Vec<Command>, checked: &mut FxHashMap<usize, Result<u32
         match command {
             Command::Append { ack: Some(ack), .. }
             | Command::Sync { reply: ack }
-            | Command::Checkpoint { reply: ack } => {
+            | Command::Checkpoint { reply: ack }
+            | Command::Consumer { reply: ack, .. } => {
                 send(&ack, Ok(()));
             }
             Command::Append { ack: None, .. } => {}

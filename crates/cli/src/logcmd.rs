@@ -53,6 +53,15 @@ pub(crate) enum LogCommand {
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
+    /// List the log's consumers: each one's committed position, when it committed, whether it
+    /// holds retention, and its lag in records and in time.
+    Consumers {
+        /// The log file.
+        path: PathBuf,
+        /// Output format on stdout.
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,7 +97,40 @@ pub(crate) fn run(command: &LogCommand) -> Result<ExitCode, Failure> {
         LogCommand::Compact { path, max_bytes, max_age, format } => {
             compact(path, Retention { max_bytes: *max_bytes, max_age: *max_age }, *format)
         }
+        LogCommand::Consumers { path, format } => consumers(path, *format),
     }
+}
+
+fn consumers(path: &PathBuf, format: Format) -> Result<ExitCode, Failure> {
+    let log = open(path)?;
+    let consumers = log.consumers().map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "consumers": consumers })).map_err(io)?;
+            writeln!(out).map_err(io)?;
+        }
+        Format::Human => {
+            if consumers.is_empty() {
+                writeln!(out, "no consumers").map_err(io)?;
+            }
+            let unknown = || "unknown (its frame was removed)".to_owned();
+            for c in &consumers {
+                writeln!(
+                    out,
+                    "{}: at {}, committed {}, {}; lag {} records, {}",
+                    c.name,
+                    c.position,
+                    rfc3339(c.committed_us),
+                    if c.holds_retention { "holds retention" } else { "does not hold retention" },
+                    c.lag_records.map_or_else(unknown, |n| n.to_string()),
+                    c.lag_us.map_or_else(unknown, |us| format!("{:.3} s", us as f64 / 1e6)),
+                )
+                .map_err(io)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A size: bytes, or with a unit (`2GiB`, `500 MB`).

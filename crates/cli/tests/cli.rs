@@ -781,3 +781,38 @@ fn saga_show_and_list_read_the_orchestrated_flows_log() {
     assert!(conduit(&["log", "verify", choreographed]).status.success());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn log_consumers_lists_positions_and_lag() {
+    use conduit::log::{ConsumerOptions, Log, LogOptions, Record};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("consumed.redb");
+    let log_arg = path.to_str().expect("utf-8 path");
+    {
+        let log = Log::open(&path, LogOptions::default()).expect("new log");
+        let records = (0..100).map(|n| Record { stream: n % 7, kind: 1, timestamp_us: 1_000 + n, ..Record::default() });
+        log.append(records.collect()).expect("open").wait().expect("committed");
+        let mut reader = log.consumer("projection", ConsumerOptions::default()).expect("registers");
+        assert_eq!(reader.poll(40, std::time::Duration::ZERO).expect("reads").len(), 40);
+        reader.commit().expect("commits");
+        let loose = ConsumerOptions { holds_retention: false, ..ConsumerOptions::default() };
+        log.consumer("audit", loose).expect("registers");
+        log.close().expect("closes");
+    }
+    let listed = conduit(&["log", "consumers", log_arg, "--format", "json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    let consumers = listed["consumers"].as_array().expect("a list");
+    assert_eq!(consumers.len(), 2, "{listed}");
+    let projection = consumers.iter().find(|c| c["name"] == "projection").expect("listed");
+    assert_eq!((u(projection, "/lag_records"), u(projection, "/lag_us")), (60, 59), "{projection}");
+    assert_eq!(projection["holds_retention"], true);
+    let audit = consumers.iter().find(|c| c["name"] == "audit").expect("listed");
+    assert_eq!((u(audit, "/lag_records"), audit["holds_retention"].clone()), (100, serde_json::json!(false)));
+    let human = conduit(&["log", "consumers", log_arg]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("projection: at 0:40") && human.contains("lag 60 records"), "{human}");
+    let missing = conduit(&["log", "consumers", "/nonexistent/log.redb"]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && stderr.contains("cannot open the log"), "{stderr}");
+}
