@@ -130,7 +130,8 @@ pub struct ConsumerInfo {
     pub lag_us: Option<u64>,
 }
 
-/// A named reader of the log; see the [module](self).
+/// A named reader of the log: it reads in log order from its position, follows the tail, and
+/// commits its position durably (see [`Log::consumer`]).
 #[derive(Debug)]
 pub struct LogConsumer<'a> {
     log: &'a Log,
