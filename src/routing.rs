@@ -1,9 +1,12 @@
 //! A topic exchange with RabbitMQ's semantics, compiled so routing on the hot path is a table
 //! look-up.
 //!
-//! Routing keys are words separated by `.` (a word may be empty: `a..b` has three words, `""` has
-//! one). A binding pattern's words match literally, except `*`, which matches exactly one word,
-//! and `#`, which matches zero or more words. A word like `a*` is literal, as in RabbitMQ.
+//! Routing keys are words separated by `.` (a word may be empty: `a..b` has three words, `a.` two),
+//! except the empty key, which has none: RabbitMQ's own topic exchange reads it so, and the test
+//! against a real broker (`crates/bridge/tests/topic_exchange.rs`) found `*`, `#.` and `.#`
+//! matching `""` here and not there. A binding pattern's words match literally, except `*`,
+//! which matches exactly one word, and `#`, which matches zero or more words. A word like `a*` is
+//! literal, as in RabbitMQ.
 //!
 //! Bindings are fixed when the exchange is built; so are the routing keys publishers will use
 //! ([`ExchangeBuilder::key`]), each of which gets a [`RouteId`] whose destinations are computed
@@ -68,6 +71,11 @@ impl fmt::Debug for Pattern {
     }
 }
 
+/// The words of a key or pattern: none for the empty one, as RabbitMQ splits them.
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split('.').take(if text.is_empty() { 0 } else { usize::MAX })
+}
+
 fn check_len(what: &'static str, text: &str) -> Result<(), RoutingError> {
     if text.len() > KEY_BYTES_MAX {
         let cut = text.char_indices().nth(32).map_or(text.len(), |(i, _)| i);
@@ -80,8 +88,7 @@ impl Pattern {
     /// Compiles a binding pattern.
     pub fn new(text: &str) -> Result<Self, RoutingError> {
         check_len("binding pattern", text)?;
-        let words = text
-            .split('.')
+        let words = words(text)
             .map(|w| match w {
                 "*" => Word::One,
                 "#" => Word::Any,
@@ -100,8 +107,8 @@ impl Pattern {
     /// Whether `key` matches, with RabbitMQ's topic semantics.
     #[must_use]
     pub fn matches(&self, key: &str) -> bool {
-        let key: Vec<&str> = key.split('.').collect();
-        let (p, k) = (self.words.len(), key.len());
+        let key: Vec<&str> = words(key).collect();
+        let k = key.len();
         // reach[j]: the first i pattern words can match the first j key words.
         let mut reach = vec![false; k + 1];
         reach[0] = true;
@@ -124,7 +131,6 @@ impl Pattern {
             }
             reach = next;
         }
-        debug_assert!(p > 0, "split always yields at least one word");
         reach[k]
     }
 }
@@ -241,7 +247,7 @@ mod tests {
         ("#", "a", true),
         ("#", "a.b.c", true),
         ("#", ".", true),
-        ("*", "", true),
+        ("*", "", false),
         ("*", "a", true),
         ("*", "a.b", false),
         ("*", ".", false),
@@ -271,9 +277,13 @@ mod tests {
         ("a.*.c", "a..c", true),
         ("a..c", "a..c", true),
         ("a..c", "a.b.c", false),
-        ("*.#", "", true),
+        ("*.#", "", false),
         ("*.#", "a.b", true),
-        ("#.*", "", true),
+        ("#.*", "", false),
+        ("#.", "", false),
+        (".#", "", false),
+        ("#.", ".", true),
+        ("", ".", false),
         ("#.*.#", "a", true),
         ("#.*", "a.b", true),
         ("a.b", "a.b.", false),

@@ -1,0 +1,66 @@
+//! conduit and a RabbitMQ broker, over AMQP 0.9.1 on [lapin](https://docs.rs/lapin).
+//!
+//! The engine has no async runtime and never will: everything here that speaks to the broker runs
+//! on a [`Bridge`]'s own runtime, a single-threaded tokio runtime confined to the thread that
+//! owns the bridge, so an embedder's threads never meet a future.
+//!
+//! Connection settings come from the environment ([`URL_ENV`]) or a configuration file, never
+//! from a command line (where every user of the machine could read a password); without them the
+//! bridge speaks to a broker on the loopback interface ([`DEFAULT_URL`]).
+
+use std::future::Future;
+
+pub use lapin;
+
+/// The broker a bridge speaks to unless told otherwise: RabbitMQ's default port on loopback,
+/// its default user (which RabbitMQ lets in from loopback only).
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The environment variable holding the broker's URL (`amqp://user:password@host:port/vhost`).
+pub const URL_ENV: &str = "CONDUIT_AMQP_URL";
+
+/// The broker's URL: [`URL_ENV`] if set, [`DEFAULT_URL`] otherwise.
+#[must_use]
+pub fn url_from_env() -> String {
+    std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// Why the bridge could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BridgeError {
+    /// The runtime could not start (the system refused a thread or a timer).
+    #[error("the bridge's runtime could not start: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The broker refused or dropped the connection, or an operation on it.
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// The bridge's own runtime: what speaks to the broker runs here, on the calling thread.
+#[derive(Debug)]
+pub struct Bridge {
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Bridge {
+    /// A bridge with its runtime (single-threaded: it runs only while [`block_on`](Self::block_on)
+    /// does, on the caller's thread).
+    pub fn new() -> Result<Self, BridgeError> {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(BridgeError::Runtime)?;
+        Ok(Self { runtime })
+    }
+
+    /// Runs `work` to its end on the bridge's runtime.
+    pub fn block_on<T>(&self, work: impl Future<Output = T>) -> T {
+        self.runtime.block_on(work)
+    }
+
+    /// Connects to the broker at `url`, naming the connection `name` (the broker's management
+    /// tools show it).
+    pub fn connect(&self, url: &str, name: &str) -> Result<lapin::Connection, BridgeError> {
+        let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
+        Ok(self.block_on(lapin::Connection::connect(url, properties))?)
+    }
+}
