@@ -117,9 +117,10 @@ pub fn routing(data: &[u8]) {
 }
 
 /// RabbitMQ topic matching written the plain recursive way (memoized), as the model for
-/// [`Pattern::matches`]: `*` is exactly one word, `#` zero or more, words split on `.`.
+/// [`Pattern::matches`]: `*` is exactly one word, `#` zero or more, words split on `.` (the empty
+/// key or pattern has none).
 #[must_use]
-pub fn model_matches(pattern: &str, key: &str) -> bool {
+pub fn model_matches<'a>(pattern: &'a str, key: &'a str) -> bool {
     fn go(p: &[&str], k: &[&str], memo: &mut Vec<Option<bool>>, width: usize) -> bool {
         let slot = p.len() * width + k.len();
         if let Some(known) = memo[slot] {
@@ -134,8 +135,15 @@ pub fn model_matches(pattern: &str, key: &str) -> bool {
         memo[slot] = Some(result);
         result
     }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
+    // RabbitMQ splits the empty key (or pattern) into no words, and any other into its words.
+    let words = |text: &'a str| -> Vec<&'a str> {
+        if text.is_empty() {
+            Vec::new()
+        } else {
+            text.split('.').collect()
+        }
+    };
+    let (p, k) = (words(pattern), words(key));
     let width = k.len() + 1;
     go(&p, &k, &mut vec![None; (p.len() + 1) * width], width)
 }

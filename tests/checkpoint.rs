@@ -255,6 +255,17 @@ fn a_retention_of_nothing_is_refused_by_name() {
     }
 }
 
+/// A log in a new directory holding the workload, closed (so checkpointed), with what a full
+/// scan of it found.
+fn closed_workload_log() -> (tempfile::TempDir, (BTreeMap<u64, u32>, BTreeSet<u64>)) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = Log::open(dir.path().join("log.redb"), options(1 << 20, 4)).expect("new log");
+    workload(&log);
+    let expected = full_scan(&log);
+    log.close().expect("closes");
+    (dir, expected)
+}
+
 /// Writes `bytes` as the checkpoint in `table` of the closed log at `path`.
 fn overwrite_checkpoint(path: &Path, table: &str, bytes: &[u8]) {
     let db = redb::Database::open(path).expect("a redb file");
@@ -269,13 +280,8 @@ fn overwrite_checkpoint(path: &Path, table: &str, bytes: &[u8]) {
 
 #[test]
 fn an_unreadable_checkpoint_is_rebuilt_from_the_frames() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let (dir, expected) = closed_workload_log();
     let path = dir.path().join("log.redb");
-    let log = Log::open(&path, options(1 << 20, 4)).expect("new log");
-    workload(&log);
-    let expected = full_scan(&log);
-    log.close().expect("closes");
-    drop(log);
     // The messages in flight as the checkpoint packed them, streams and frames included.
     let packed = Log::open(&path, options(1 << 20, 4)).expect("opens").in_flight_at_open().to_vec();
     overwrite_checkpoint(&path, "checkpoint.v2", b"CDLF not a checkpoint");
@@ -329,13 +335,8 @@ fn the_file_never_grows_past_the_size_bound() {
 /// name) is not read as this build's: the log opens by a full scan, once, and checkpoints anew.
 #[test]
 fn an_earlier_builds_checkpoint_is_rebuilt_from_the_frames() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let (dir, expected) = closed_workload_log();
     let path = dir.path().join("log.redb");
-    let log = Log::open(&path, options(1 << 20, 4)).expect("new log");
-    workload(&log);
-    let expected = full_scan(&log);
-    log.close().expect("closes");
-    drop(log);
     overwrite_checkpoint(&path, "checkpoint", b"an earlier build's checkpoint");
     let log = Log::open(&path, options(1 << 20, 4)).expect("opens");
     assert!(!log.opened_with().from_checkpoint, "the earlier checkpoint is not trusted");

@@ -34,6 +34,18 @@ pub(crate) const FRAME_OFFSETS: TableDefinition<u64, u64> = TableDefinition::new
 /// Longest consumer name, in bytes.
 pub const CONSUMER_NAME_MAX: usize = 128;
 
+/// `table` as `txn` sees it; `None` if the log never wrote to it.
+fn existing<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, LogError> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(storage(e)),
+    }
+}
+
 /// A record's place in the log: its frame, and its index among the frame's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
 pub struct Position {
@@ -198,10 +210,8 @@ impl Log {
     pub fn consumers(&self) -> Result<Vec<ConsumerInfo>, LogError> {
         contained(|| {
             let txn = self.shared.db.begin_read().map_err(storage)?;
-            let rows = match txn.open_table(CONSUMERS) {
-                Ok(table) => table,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(storage(e)),
+            let Some(rows) = existing(&txn, CONSUMERS)? else {
+                return Ok(Vec::new());
             };
             let head = head(&txn)?;
             let mut infos = Vec::new();
@@ -238,10 +248,8 @@ impl Log {
     fn committed(&self, name: &str) -> Result<Option<ConsumerRow>, LogError> {
         contained(|| {
             let txn = self.shared.db.begin_read().map_err(storage)?;
-            let table = match txn.open_table(CONSUMERS) {
-                Ok(table) => table,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(storage(e)),
+            let Some(table) = existing(&txn, CONSUMERS)? else {
+                return Ok(None);
             };
             let Some(value) = table.get(name).map_err(storage)? else { return Ok(None) };
             decode::<ConsumerRow>("consumers", 0, value.value()).map(Some)
@@ -262,10 +270,8 @@ impl Log {
     fn frame_range(&self) -> Result<(u64, u64), LogError> {
         contained(|| {
             let txn = self.shared.db.begin_read().map_err(storage)?;
-            let frames = match txn.open_table(FRAMES) {
-                Ok(frames) => frames,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((0, 0)),
-                Err(e) => return Err(storage(e)),
+            let Some(frames) = existing(&txn, FRAMES)? else {
+                return Ok((0, 0));
             };
             let first = frames.first().map_err(storage)?.map(|(seq, _)| seq.value());
             let last = frames.last().map_err(storage)?.map(|(seq, _)| seq.value());
@@ -303,19 +309,15 @@ struct Head {
 }
 
 fn frame_offset(txn: &redb::ReadTransaction, frame: u64) -> Result<Option<u64>, LogError> {
-    let offsets = match txn.open_table(FRAME_OFFSETS) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(storage(e)),
+    let Some(offsets) = existing(txn, FRAME_OFFSETS)? else {
+        return Ok(None);
     };
     Ok(offsets.get(frame).map_err(storage)?.map(|v| v.value()))
 }
 
 fn head(txn: &redb::ReadTransaction) -> Result<Option<Head>, LogError> {
-    let frames = match txn.open_table(FRAMES) {
-        Ok(frames) => frames,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(storage(e)),
+    let Some(frames) = existing(txn, FRAMES)? else {
+        return Ok(None);
     };
     let Some((seq, value)) = frames.last().map_err(storage)? else { return Ok(None) };
     let seq = seq.value();
@@ -423,10 +425,8 @@ impl LogConsumer<'_> {
     fn read(&mut self, max: usize) -> Result<Vec<Consumed>, LogError> {
         contained(|| {
             let txn = self.log.shared.db.begin_read().map_err(storage)?;
-            let frames = match txn.open_table(FRAMES) {
-                Ok(frames) => frames,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(storage(e)),
+            let Some(frames) = existing(&txn, FRAMES)? else {
+                return Ok(Vec::new());
             };
             if self.next_offset.is_none() {
                 self.next_offset = offset_of(&txn, self.next)?;
@@ -485,10 +485,8 @@ impl LogConsumer<'_> {
 /// Every consumer's row, for the writer (retention holds for some of them).
 pub(crate) fn read_all(db: &redb::Database) -> Result<Vec<(String, ConsumerRow)>, LogError> {
     let txn = db.begin_read().map_err(storage)?;
-    let table = match txn.open_table(CONSUMERS) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(storage(e)),
+    let Some(table) = existing(&txn, CONSUMERS)? else {
+        return Ok(Vec::new());
     };
     let mut rows = Vec::new();
     for entry in table.iter().map_err(storage)? {

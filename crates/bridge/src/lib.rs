@@ -4,6 +4,12 @@
 //! on a [`Bridge`]'s own runtime, a single-threaded tokio runtime confined to the thread that
 //! owns the bridge, so an embedder's threads never meet a future.
 //!
+//! - [`Outbox`]: a consumer of the log (`conduit::log::LogConsumer`) that publishes the records
+//!   an application chooses to a topic exchange, persistent, each under a stable message id (the
+//!   log's id for its record, under a prefix naming the log), waits for the broker's publisher
+//!   confirms, and only then commits its position: a crash in between publishes that batch again
+//!   after the restart, under the same ids, so a consumer downstream drops the repeats.
+//!
 //! Connection settings come from the environment ([`URL_ENV`]) or a configuration file, never
 //! from a command line (where every user of the machine could read a password); without them the
 //! bridge speaks to a broker on the loopback interface ([`DEFAULT_URL`]).
@@ -11,6 +17,12 @@
 use std::future::Future;
 
 pub use lapin;
+pub use outbox::{message_id, Outbox, OutboxSettings, Pumped, Select};
+
+mod outbox;
+
+/// The crash point between an outbox's confirmed publish and its commit (feature `crashpoints`).
+pub const CRASH_POINTS: [&str; 1] = ["outbox.before_commit"];
 
 /// The broker a bridge speaks to unless told otherwise: RabbitMQ's default port on loopback,
 /// its default user (which RabbitMQ lets in from loopback only).
@@ -35,6 +47,15 @@ pub enum BridgeError {
     /// The broker refused or dropped the connection, or an operation on it.
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    /// The broker refused a message (a negative publisher confirm).
+    #[error("the broker refused a message (nack); nothing was committed")]
+    Refused,
+    /// The log failed to read or to commit a position.
+    #[error("log: {0}")]
+    Log(#[from] conduit::log::LogError),
+    /// A setting that cannot work.
+    #[error("{0}")]
+    Settings(String),
 }
 
 /// The bridge's own runtime: what speaks to the broker runs here, on the calling thread.

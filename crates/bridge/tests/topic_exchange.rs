@@ -7,6 +7,8 @@
 //! start DIR` starts one from Debian's package). Without one the test says why and passes,
 //! unless `CONDUIT_REQUIRE_BROKER=1` (as in CI), where a missing broker fails it.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use conduit::routing::Pattern;
@@ -16,7 +18,6 @@ use conduit_bridge::lapin::options::{
 };
 use conduit_bridge::lapin::types::FieldTable;
 use conduit_bridge::lapin::{BasicProperties, Channel, ExchangeKind};
-use conduit_bridge::{url_from_env, Bridge};
 use rand::{Rng, SeedableRng};
 
 /// Words patterns are made of, and words keys are made of: few, so that they meet often.
@@ -105,20 +106,7 @@ async fn round(channel: &Channel, seed: u64, patterns: usize, random_keys: usize
 
 #[test]
 fn conduits_topic_exchange_routes_as_rabbitmq_does() {
-    let required = std::env::var("CONDUIT_REQUIRE_BROKER").is_ok_and(|v| v == "1");
-    let url = url_from_env();
-    let bridge = Bridge::new().expect("a runtime");
-    let connection = match bridge.connect(&url, "conduit topic exchange test") {
-        Ok(connection) => connection,
-        Err(error) if !required => {
-            eprintln!(
-                "skipped: no RabbitMQ broker at {url} ({error}); start one with `scripts/broker start DIR`, \
-                 or set CONDUIT_AMQP_URL (CONDUIT_REQUIRE_BROKER=1 makes a missing broker a failure)"
-            );
-            return;
-        }
-        Err(error) => panic!("CONDUIT_REQUIRE_BROKER=1 but no broker at {url}: {error}"),
-    };
+    let Some((bridge, connection)) = common::connect_or_skip("the topic exchange test") else { return };
     bridge.block_on(async {
         let channel = connection.create_channel().await.expect("a channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("publisher confirms");
