@@ -37,6 +37,21 @@ pub fn url_from_env() -> String {
     std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.to_owned())
 }
 
+/// `url` fit to print: its password, if any, replaced by `***` (`amqp://user:***@host/vhost`).
+#[must_use]
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    // The user information ends at the last `@` before the host's path.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// Why the bridge could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -79,9 +94,26 @@ impl Bridge {
     }
 
     /// Connects to the broker at `url`, naming the connection `name` (the broker's management
-    /// tools show it).
+    /// tools show it). Print the URL only through [`redacted`].
     pub fn connect(&self, url: &str, name: &str) -> Result<lapin::Connection, BridgeError> {
         let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
         Ok(self.block_on(lapin::Connection::connect(url, properties))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_printed_url_keeps_no_password() {
+        assert_eq!(
+            redacted("amqp://shop:s3cr%40t@broker.internal:5672/%2f"),
+            "amqp://shop:***@broker.internal:5672/%2f"
+        );
+        assert_eq!(redacted("amqps://shop:p:w@host/vhost"), "amqps://shop:***@host/vhost");
+        assert_eq!(redacted("amqp://shop@host/"), "amqp://shop@host/", "no password to hide");
+        assert_eq!(redacted("amqp://127.0.0.1:5672/%2f"), "amqp://127.0.0.1:5672/%2f", "no user information");
+        assert_eq!(redacted("not a url"), "not a url");
     }
 }
