@@ -4,9 +4,10 @@
 //! - `checkpoint.v2` (one row): the first frame not covered, the next record id, running counts,
 //!   and the messages in flight (ingress records with no completion record yet, each with the
 //!   frame that holds it), packed: sorted by id, each as three varints of its differences from
-//!   the one before, about 5 bytes a message instead of 24. A checkpoint is written every few
+//!   the one before, about 3 bytes a message instead of 24. A checkpoint is written every few
 //!   hundred thousand records with tens of thousands of messages in flight, and its bytes are
-//!   the writer's: packed, checkpoints cost `engine_durable` 1-2% instead of 5-8%.
+//!   the writer's: packed (and visiting only the changed heads), checkpoints cost
+//!   `engine_durable` 2-4% instead of 8% (BENCHMARKS.md).
 //!   (`checkpoint`, unpacked, is an earlier build's: a log that has one is opened by a full
 //!   scan, once, as when its checkpoint is unreadable.)
 //! - `heads` (one row per bucket of 1,024 streams): each stream's last version, as of the
@@ -25,7 +26,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::error::storage;
 use super::format::{check_header, encode_sealed, FrameError};
-use super::{bucket_of, LogError};
+use super::{bucket_of, existing, LogError};
 
 /// The latest checkpoint, under key 0.
 pub(crate) const CHECKPOINT: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoint.v2");
@@ -145,11 +146,7 @@ where
 /// Reads the latest checkpoint, if the log has one.
 pub(crate) fn read(db: &redb::Database) -> Result<Option<Checkpoint>, LogError> {
     let txn = db.begin_read().map_err(storage)?;
-    let table = match txn.open_table(CHECKPOINT) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(storage(e)),
-    };
+    let Some(table) = existing(&txn, CHECKPOINT)? else { return Ok(None) };
     let Some(value) = table.get(0).map_err(storage)? else { return Ok(None) };
     let stored = decode::<Stored>("checkpoint", 0, value.value())?;
     let in_flight = unpack(&stored.in_flight, stored.in_flight_count).ok_or_else(|| {
@@ -171,11 +168,7 @@ pub(crate) fn read(db: &redb::Database) -> Result<Option<Checkpoint>, LogError> 
 /// Whether the log holds an earlier build's checkpoint (to be dropped and rebuilt).
 pub(crate) fn has_earlier(db: &redb::Database) -> Result<bool, LogError> {
     let txn = db.begin_read().map_err(storage)?;
-    match txn.open_table(CHECKPOINT_V1) {
-        Ok(_) => Ok(true),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
-        Err(e) => Err(storage(e)),
-    }
+    Ok(existing(&txn, CHECKPOINT_V1)?.is_some())
 }
 
 /// Drops the checkpoint and every heads row (they are rebuilt from the frames).

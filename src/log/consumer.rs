@@ -24,7 +24,7 @@ use super::checkpoint::decode;
 use super::error::storage;
 use super::format::encode_sealed;
 use super::open::contained;
-use super::{decode_frame, Command, FrameError, Log, LogError, Record, FRAMES};
+use super::{decode_frame, decode_frame_owned, existing, Command, FrameError, Log, LogError, Record, FRAMES};
 
 /// Each consumer's committed position, by name.
 pub(crate) const CONSUMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumers");
@@ -33,18 +33,6 @@ pub(crate) const FRAME_OFFSETS: TableDefinition<u64, u64> = TableDefinition::new
 
 /// Longest consumer name, in bytes.
 pub const CONSUMER_NAME_MAX: usize = 128;
-
-/// `table` as `txn` sees it; `None` if the log never wrote to it.
-fn existing<K: redb::Key + 'static, V: redb::Value + 'static>(
-    txn: &redb::ReadTransaction,
-    table: TableDefinition<K, V>,
-) -> Result<Option<redb::ReadOnlyTable<K, V>>, LogError> {
-    match txn.open_table(table) {
-        Ok(table) => Ok(Some(table)),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-        Err(e) => Err(storage(e)),
-    }
-}
 
 /// A record's place in the log: its frame, and its index among the frame's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
@@ -153,6 +141,9 @@ pub struct LogConsumer<'a> {
     next_offset: Option<u64>,
     holds_retention: bool,
     skipped: u64,
+    /// The frame being read, validated and decoded once: a poll of fewer records than a frame
+    /// holds (thousands) takes the next ones from here instead of validating the frame again.
+    current: Option<(u64, Vec<Record>)>,
 }
 
 fn refused(what: String) -> LogError {
@@ -181,10 +172,10 @@ impl Log {
                     next_offset = Some(row.offset).filter(|&offset| offset != UNKNOWN);
                     row.position()
                 }
-                None => Position { frame: self.earliest_frame()?, index: 0 },
+                None => Position { frame: self.frame_range()?.0, index: 0 },
             },
-            StartAt::Earliest => Position { frame: self.earliest_frame()?, index: 0 },
-            StartAt::Latest => Position { frame: self.latest_frame()?, index: 0 },
+            StartAt::Earliest => Position { frame: self.frame_range()?.0, index: 0 },
+            StartAt::Latest => Position { frame: self.frame_range()?.1, index: 0 },
             StartAt::At(position) => position,
             StartAt::Timestamp(us) => self.first_at_or_after(us)?,
         };
@@ -201,6 +192,7 @@ impl Log {
             next_offset,
             holds_retention: options.holds_retention,
             skipped: 0,
+            current: None,
         };
         consumer.commit()?;
         Ok(consumer)
@@ -256,16 +248,6 @@ impl Log {
         })
     }
 
-    fn earliest_frame(&self) -> Result<u64, LogError> {
-        let (first, _) = self.frame_range()?;
-        Ok(first)
-    }
-
-    fn latest_frame(&self) -> Result<u64, LogError> {
-        let (_, end) = self.frame_range()?;
-        Ok(end)
-    }
-
     /// The first frame kept and the next frame to be committed.
     fn frame_range(&self) -> Result<(u64, u64), LogError> {
         contained(|| {
@@ -284,20 +266,26 @@ impl Log {
         })
     }
 
-    /// The position of the first record stamped at or after `us` (the end of the log if none).
+    /// The position of the first record stamped at or after `us` (the end of the log if none):
+    /// frames are read from the oldest kept until one holds such a record.
     fn first_at_or_after(&self, us: u64) -> Result<Position, LogError> {
-        let mut found = None;
-        let mut end = self.latest_frame()?;
-        super::open::scan(&self.shared.db, self.earliest_frame()?, |seq, frame| {
-            end = seq + 1;
-            if found.is_none() {
-                if let Some(index) = frame.records.iter().position(|r| r.timestamp_us >= us) {
-                    found = Some(Position { frame: seq, index: u32::try_from(index).unwrap_or(u32::MAX) });
+        contained(|| {
+            let txn = self.shared.db.begin_read().map_err(storage)?;
+            let mut end = *self.shared.tail.lock();
+            if let Some(frames) = existing(&txn, FRAMES)? {
+                for entry in frames.iter().map_err(storage)? {
+                    let (seq, value) = entry.map_err(storage)?;
+                    let seq = seq.value();
+                    let archived =
+                        decode_frame(value.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
+                    if let Some(index) = archived.records.iter().position(|r| r.timestamp_us.to_native() >= us) {
+                        return Ok(Position { frame: seq, index: u32::try_from(index).unwrap_or(u32::MAX) });
+                    }
+                    end = end.max(seq + 1);
                 }
             }
-            Ok(())
-        })?;
-        Ok(found.unwrap_or(Position { frame: end, index: 0 }))
+            Ok(Position { frame: end, index: 0 })
+        })
     }
 }
 
@@ -420,6 +408,7 @@ impl LogConsumer<'_> {
     pub fn seek(&mut self, position: Position) {
         self.next = position;
         self.next_offset = None;
+        self.current = None;
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<Consumed>, LogError> {
@@ -460,18 +449,24 @@ impl LogConsumer<'_> {
                         )),
                     });
                 }
-                let archived = decode_frame(value.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
-                let records = archived.records.len();
+                if self.current.as_ref().is_none_or(|(frame, _)| *frame != seq) {
+                    let frame = decode_frame_owned(seq, value.value())
+                        .map_err(|error| LogError::Corrupt { frame: seq, error })?;
+                    self.current = Some((seq, frame.records));
+                }
+                let frame = &mut self.current.as_mut().expect("just set").1;
+                let records = frame.len();
                 let mut index = self.next.index as usize;
                 while index < records && read.len() < max {
-                    let record = rkyv::deserialize::<Record, rkyv::rancor::Error>(&archived.records[index])
-                        .map_err(|e| LogError::Corrupt { frame: seq, error: FrameError::Invalid(e.to_string()) })?;
+                    // Positions only move on (a seek drops the frame), so each record is taken once.
+                    let record = std::mem::take(&mut frame[index]);
                     let position = Position { frame: seq, index: u32::try_from(index).unwrap_or(u32::MAX) };
                     read.push(Consumed { position, record });
                     index += 1;
                     self.next_offset = self.next_offset.map(|offset| offset + 1);
                 }
                 self.next = if index >= records {
+                    self.current = None;
                     Position { frame: seq + 1, index: 0 }
                 } else {
                     Position { frame: seq, index: u32::try_from(index).unwrap_or(u32::MAX) }

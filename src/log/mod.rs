@@ -279,6 +279,18 @@ pub(crate) enum Command {
     },
 }
 
+/// `table` as `txn` sees it; `None` if the log never wrote to it.
+pub(crate) fn existing<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, LogError> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(error::storage(e)),
+    }
+}
+
 /// Counters of what the log has written.
 #[derive(Debug, Default)]
 pub(crate) struct LogCounters {

@@ -14,8 +14,8 @@ use super::checkpoint::{self, Heads};
 use super::error::storage;
 use super::writer::Book;
 use super::{
-    decode_frame_owned, writer, Frame, FrameError, Log, LogCounters, LogError, LogOptions, OpenSummary, Shared,
-    StorageFailure, Writer, BUCKETS, ENGINE_STREAM, FORMAT_VERSION, FRAMES, META, META_FORMAT,
+    decode_frame_owned, existing, writer, Frame, FrameError, Log, LogCounters, LogError, LogOptions, OpenSummary,
+    Shared, StorageFailure, Writer, BUCKETS, ENGINE_STREAM, FORMAT_VERSION, FRAMES, META, META_FORMAT,
 };
 
 /// Opens the redb file, mapping "not a database" to a clear error.
@@ -264,11 +264,7 @@ fn scan_unguarded(
     mut f: impl FnMut(u64, &Frame, usize) -> Result<(), LogError>,
 ) -> Result<(), LogError> {
     let txn = db.begin_read().map_err(storage)?;
-    let frames = match txn.open_table(FRAMES) {
-        Ok(frames) => frames,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-        Err(e) => return Err(storage(e)),
-    };
+    let Some(frames) = existing(&txn, FRAMES)? else { return Ok(()) };
     let mut iter = frames.range(first..).map_err(storage)?;
     // After a checkpoint the first frame must be the one it names.
     let mut previous: Option<u64> = first.checked_sub(1);

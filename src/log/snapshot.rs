@@ -12,7 +12,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use super::checkpoint::decode;
 use super::error::storage;
 use super::read::Aggregate;
-use super::LogError;
+use super::{existing, LogError};
 
 /// The latest snapshot of each stream.
 pub(crate) const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
@@ -35,11 +35,7 @@ pub(crate) struct SnapshotRow {
 /// The snapshot row of `stream`, if it has one.
 pub(crate) fn read(db: &redb::Database, stream: u64) -> Result<Option<SnapshotRow>, LogError> {
     let txn = db.begin_read().map_err(storage)?;
-    let table = match txn.open_table(SNAPSHOTS) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(storage(e)),
-    };
+    let Some(table) = existing(&txn, SNAPSHOTS)? else { return Ok(None) };
     let Some(value) = table.get(stream).map_err(storage)? else { return Ok(None) };
     decode::<SnapshotRow>("snapshots", stream, value.value()).map(Some)
 }
