@@ -10,19 +10,32 @@
 //!   confirms, and only then commits its position: a crash in between publishes that batch again
 //!   after the restart, under the same ids, so a consumer downstream drops the repeats.
 //!
+//! - [`Inbox`]: commands in from a queue, with manual acknowledgements and a prefetch, each batch
+//!   acknowledged only after the application's [`Landing`] made it durable; repeats recognised by
+//!   message id (a bounded window, then the landing's own books); reconnection with backoff.
+//!
 //! Connection settings come from the environment ([`URL_ENV`]) or a configuration file, never
 //! from a command line (where every user of the machine could read a password); without them the
 //! bridge speaks to a broker on the loopback interface ([`DEFAULT_URL`]).
 
 use std::future::Future;
 
+pub use inbox::{declare, Inbound, Inbox, InboxReport, InboxSettings, Landing, Until, Verdict};
 pub use lapin;
 pub use outbox::{message_id, Outbox, OutboxSettings, Pumped, Select};
+pub use settings::{Backoff, ConnectionSettings, TlsSettings};
 
+mod inbox;
 mod outbox;
+mod settings;
 
-/// The crash point between an outbox's confirmed publish and its commit (feature `crashpoints`).
-pub const CRASH_POINTS: [&str; 1] = ["outbox.before_commit"];
+/// The bridge's crash points (feature `crashpoints`, see `conduit::crashpoint`).
+///
+/// | point | where |
+/// |---|---|
+/// | `outbox.before_commit` | an outbox's batch is published and confirmed, its position not yet committed |
+/// | `inbox.before_ack` | an inbox's batch is landed (durable), not yet acknowledged to the broker |
+pub const CRASH_POINTS: [&str; 2] = ["outbox.before_commit", "inbox.before_ack"];
 
 /// The broker a bridge speaks to unless told otherwise: RabbitMQ's default port on loopback,
 /// its default user (which RabbitMQ lets in from loopback only).
@@ -71,6 +84,9 @@ pub enum BridgeError {
     /// A setting that cannot work.
     #[error("{0}")]
     Settings(String),
+    /// An inbox's landing failed to make a batch durable; nothing of it was acknowledged.
+    #[error("the landing failed: {0}")]
+    Landing(String),
 }
 
 /// The bridge's own runtime: what speaks to the broker runs here, on the calling thread.

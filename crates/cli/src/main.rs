@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use conduit_orders::PipelineFile;
 
 mod benchcmd;
+#[cfg(feature = "bridge")]
+mod bridgecmd;
 mod dlqcmd;
 mod human;
 mod latencyout;
@@ -83,6 +85,10 @@ enum Command {
     /// flow's logs).
     #[command(subcommand)]
     Saga(sagacmd::SagaCommand),
+    /// Nodes sharing the order stream through a RabbitMQ broker: run a node, or publish orders.
+    #[cfg(feature = "bridge")]
+    #[command(subcommand)]
+    Bridge(bridgecmd::BridgeCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -118,6 +124,8 @@ fn main() -> ExitCode {
         Command::Recover(args) => runcmd::recover(&args),
         Command::Dlq(command) => dlqcmd::run(&command),
         Command::Saga(command) => sagacmd::run(&command),
+        #[cfg(feature = "bridge")]
+        Command::Bridge(command) => bridgecmd::run(&command),
     };
     match result {
         Ok(code) => code,

@@ -2,12 +2,14 @@
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use conduit::Message;
 
-/// A customer's order for some quantity of one SKU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A customer's order for some quantity of one SKU (in JSON as it travels over a broker:
+/// `{"id":1,"customer":7,"sku":3,"quantity":2,"amount_cents":1998}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Order {
     /// Unique order id; the pipeline's key.
     pub id: u64,

@@ -54,8 +54,8 @@ pub use report::{
     StockReport,
 };
 pub use run::{
-    open_provider, recover, recover_with_provider, run, run_routed, run_until, verify, verify_with_provider, Limit,
-    MonitorReport, Observer, Pace, RecoverReport, RunError, RunPlan,
+    open_provider, recover, recover_with_provider, reopen, run, run_routed, run_until, verify, verify_with_provider,
+    Limit, MonitorReport, Observer, Pace, RecoverReport, Reopened, RunError, RunPlan,
 };
 pub use saga::describe_fact;
 pub use simulate::{simulate, simulate_bytes, SimulationReport};

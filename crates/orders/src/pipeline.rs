@@ -152,6 +152,13 @@ impl OrderPipeline {
         })
     }
 
+    /// Counts payments the provider's books hold from before this pipeline (for orders it
+    /// resumes) in its report's ledger, beside what it adds.
+    pub(crate) fn count_earlier_payments(&mut self, charged_cents: u64, refunded_cents: u64) {
+        self.ledger_before.charged_cents = self.ledger_before.charged_cents.saturating_sub(charged_cents);
+        self.ledger_before.refunded_cents = self.ledger_before.refunded_cents.saturating_sub(refunded_cents);
+    }
+
     /// Injects the next step of every in-flight order of `histories`; returns how many events
     /// went to each stage.
     pub fn resume(&self, histories: &Histories) -> Result<BTreeMap<String, u64>, SubmitError<Vec<OrderEvent>>> {

@@ -376,37 +376,7 @@ pub fn recover_with_provider(
     log: &Arc<Log>,
     provider: Option<Arc<SimulatedGateway>>,
 ) -> Result<RecoverReport, RunError> {
-    let mut ids: Vec<u64> = log.in_flight_at_open().iter().map(|m| m.stream).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let histories = Histories::read_orders(log, &ids)?;
-    // Orders whose work had finished before the crash, though their completion was not yet
-    // journaled: nothing to resume; the log stops listing them.
-    let finished: Vec<u64> = log
-        .in_flight_at_open()
-        .iter()
-        .filter(|m| histories.orders.get(&m.stream).is_none_or(|history| history.resume().is_empty()))
-        .map(|m| m.id)
-        .collect();
-    if !finished.is_empty() {
-        log.append(vec![conduit::log::completion_record(&finished)])?.wait()?;
-    }
-    let pipeline = OrderPipeline::launch(
-        config,
-        sim,
-        &OrderRouting::default(),
-        Some(Arc::clone(log)),
-        Some(&histories),
-        provider.clone(),
-        true,
-    )?;
-    let resumed = match pipeline.resume(&histories) {
-        Ok(resumed) => resumed,
-        Err(error) => {
-            let unsent = error.into_inner().len();
-            return Err(RunError::Poisoned { unsent, report: Box::new(pipeline.finish()) });
-        }
-    };
+    let Reopened { pipeline, orders_in_flight: ids, resumed } = reopen(config, sim, log, provider.clone())?;
     let mut run = pipeline.finish();
     let after = Histories::read_orders(log, &ids)?;
     let mut verify = after.verify();
@@ -423,6 +393,71 @@ pub fn recover_with_provider(
         run,
         verify,
     })
+}
+
+/// A pipeline going on with a log that may hold earlier runs' orders (see [`reopen`]).
+#[derive(Debug)]
+pub struct Reopened {
+    /// The pipeline, journaling to the log, taking new orders.
+    pub pipeline: OrderPipeline,
+    /// The orders the log had in flight, resumed, by id.
+    pub orders_in_flight: Vec<u64>,
+    /// Events injected to resume them, by stage.
+    pub resumed: BTreeMap<String, u64>,
+}
+
+/// Starts a pipeline on `log` that goes on where the log's last run stopped: the orders it had
+/// in flight resume at their next step (as [`recover`] does, reading only them), and the pipeline
+/// then takes new orders, for a node that runs for as long as its orders keep coming. New orders
+/// need ids the log has not seen: an id it holds is the same order again.
+pub fn reopen(
+    config: &EngineConfig,
+    sim: &SimConfig,
+    log: &Arc<Log>,
+    provider: Option<Arc<SimulatedGateway>>,
+) -> Result<Reopened, RunError> {
+    let mut ids: Vec<u64> = log.in_flight_at_open().iter().map(|m| m.stream).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let histories = Histories::read_orders(log, &ids)?;
+    // Orders whose work had finished before the crash, though their completion was not yet
+    // journaled: nothing to resume; the log stops listing them.
+    let finished: Vec<u64> = log
+        .in_flight_at_open()
+        .iter()
+        .filter(|m| histories.orders.get(&m.stream).is_none_or(|history| history.resume().is_empty()))
+        .map(|m| m.id)
+        .collect();
+    if !finished.is_empty() {
+        log.append(vec![conduit::log::completion_record(&finished)])?.wait()?;
+    }
+    // What the provider's books hold for the resumed orders from before: the report's ledger
+    // counts it with what this run adds, as their outcomes count in this run.
+    let earlier = provider.as_ref().map(|provider| {
+        ids.iter().filter_map(|&id| provider.account(id)).fold((0, 0), |(charged, refunded), account| {
+            (charged + account.charged_cents, refunded + account.refunded_cents)
+        })
+    });
+    let mut pipeline = OrderPipeline::launch(
+        config,
+        sim,
+        &OrderRouting::default(),
+        Some(Arc::clone(log)),
+        Some(&histories),
+        provider,
+        true,
+    )?;
+    if let Some((charged_cents, refunded_cents)) = earlier {
+        pipeline.count_earlier_payments(charged_cents, refunded_cents);
+    }
+    let resumed = match pipeline.resume(&histories) {
+        Ok(resumed) => resumed,
+        Err(error) => {
+            let unsent = error.into_inner().len();
+            return Err(RunError::Poisoned { unsent, report: Box::new(pipeline.finish()) });
+        }
+    };
+    Ok(Reopened { pipeline, orders_in_flight: ids, resumed })
 }
 
 /// Reads and checks a log: frame checksums and archives, contiguous versions, every order's
