@@ -48,7 +48,9 @@ fn init_logging(format: LogFormat) -> Result<(), UsageError> {
         Ok(text) => {
             EnvFilter::try_new(&text).map_err(|e| UsageError(format!("RUST_LOG={text:?} is not a filter: {e}")))?
         }
-        Err(_) => EnvFilter::new("warn"),
+        // The AMQP client logs a dropped connection as an error; the bridge reports it itself (a
+        // warning, and a reconnection), so the client's own lines wait for RUST_LOG.
+        Err(_) => EnvFilter::new("warn,lapin=off"),
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let installed = match format {

@@ -246,3 +246,83 @@ fn a_bad_bridge_table_is_a_clear_error() {
         assert!(!log.exists(), "{text}: a log was created for a configuration that cannot run");
     }
 }
+
+/// A broker of the test's own (`scripts/broker`, Debian's rabbitmq-server), stopped when dropped.
+struct OwnBroker {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl OwnBroker {
+    const SCRIPT: &'static str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/broker");
+
+    /// Starts one in `dir` on a port of this process's own, or says why `test` skips.
+    fn start_or_skip(test: &str, dir: PathBuf) -> Option<Self> {
+        if !Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() {
+            assert!(!required(), "CONDUIT_REQUIRE_BROKER=1 but rabbitmq-server is not installed");
+            eprintln!("{test} skipped: rabbitmq-server is not installed (apt-get install rabbitmq-server)");
+            return None;
+        }
+        let port = 5_680 + u16::try_from(std::process::id() % 200).expect("below 200");
+        let broker = Self { dir, port };
+        broker.start();
+        Some(broker)
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn start(&self) {
+        let output = Command::new(Self::SCRIPT)
+            .arg("start")
+            .arg(&self.dir)
+            .arg(self.port.to_string())
+            .output()
+            .expect("runs scripts/broker");
+        assert!(output.status.success(), "the broker did not start: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    fn stop(&self) {
+        let output = Command::new(Self::SCRIPT).arg("stop").arg(&self.dir).output().expect("runs scripts/broker");
+        assert!(output.status.success(), "the broker did not stop: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        drop(Command::new(Self::SCRIPT).arg("stop").arg(&self.dir).output());
+    }
+}
+
+#[test]
+fn a_node_rides_out_a_broker_restart() {
+    const ORDERS: u64 = 30_000;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let Some(broker) = OwnBroker::start_or_skip("a_node_rides_out_a_broker_restart", dir.path().join("broker")) else {
+        return;
+    };
+    let config = node_config(dir.path(), &broker.url(), &fresh_exchange("restart"), 0, 1);
+    let log = dir.path().join("node.log");
+    publish(&config, ORDERS);
+    let node = start_node(&config, &log, "5s");
+    let began = Instant::now();
+    while std::fs::metadata(&log).map_or(0, |m| m.len()) < 2 << 20 {
+        assert!(began.elapsed() < Duration::from_secs(120), "the node landed nothing in two minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    broker.start();
+    let node = report(node);
+    assert!(u(&node, "/inbox/reconnects") >= 1, "the node never lost its broker: {node}");
+    // Mid-run: the broker took back what the node held unacknowledged, and sent it again.
+    assert!(u(&node, "/inbox/redelivered") > 0, "the broker went away with nothing in hand: {node}");
+    assert_eq!(
+        u(&node, "/inbox/delivered"),
+        ORDERS + u(&node, "/inbox/duplicates_in_window") + u(&node, "/inbox/duplicates_landed_before"),
+        "every delivery beyond the orders was recognised as a repeat: {node}"
+    );
+    assert_eq!(orders_in(&log), (1..=ORDERS).collect(), "every order published is in the log, once");
+    verify(&log);
+}
