@@ -357,30 +357,12 @@ impl<M: Message> Ingress<M> {
                 }
                 continue;
             };
-            if let Err(refused) = self.take_token(journaled) {
-                stopped = Some(refused.map(|()| messages(window)));
-                break;
-            }
-            let count = window.iter().map(|(_, batch)| batch.len()).sum();
-            let Some(mut slots) = self.slots(count, true) else {
-                journaled.tokens.0.send(()).expect("a token taken goes back");
-                stopped = Some(self.refusal(()).err().unwrap_or(SubmitError::Closed(())).map(|()| messages(window)));
-                break;
-            };
-            let mut records = Vec::new();
-            for (_, batch) in &mut window {
-                records.extend(ingress_records(&journaled.journal, batch));
-            }
-            if let Ok(commit) = journaled.journal.log.append(records) {
-                for (_, batch) in &mut window {
-                    self.track(batch, &mut slots, scheduled);
+            match self.journal_window(journaled, window, scheduled) {
+                Ok(receipt) => receipts.push(receipt),
+                Err(refused) => {
+                    stopped = Some(refused);
+                    break;
                 }
-                receipts.push(journaled.forward(window, commit));
-            } else {
-                journaled.tokens.0.send(()).expect("a token taken goes back");
-                self.give_back(&slots);
-                stopped = Some(SubmitError::LogFailed(messages(window)));
-                break;
             }
         }
         // Every window handed over settles; a refused one gives its messages back, in order.
@@ -405,6 +387,58 @@ impl<M: Message> Ingress<M> {
                 unsent.extend(msgs);
                 Err(reason.map(|()| unsent))
             }
+        }
+    }
+
+    /// Hands one window to the log and the forwarder without waiting for its commit: takes a
+    /// token (waiting while all are out), slots, appends its ingress records; the receipt settles
+    /// once the commit is in and the window in the entry queue.
+    fn journal_window(
+        &self,
+        journaled: &Journaled<M>,
+        mut window: Window<M>,
+        scheduled: Option<Instant>,
+    ) -> Result<Receipt<M>, SubmitError<Vec<M>>> {
+        if let Err(refused) = self.take_token(journaled) {
+            return Err(refused.map(|()| messages(window)));
+        }
+        let count = window.iter().map(|(_, batch)| batch.len()).sum();
+        let Some(mut slots) = self.slots(count, true) else {
+            journaled.tokens.0.send(()).expect("a token taken goes back");
+            return Err(self.refusal(()).err().unwrap_or(SubmitError::Closed(())).map(|()| messages(window)));
+        };
+        let mut records = Vec::new();
+        for (_, batch) in &mut window {
+            records.extend(ingress_records(&journaled.journal, batch));
+        }
+        if let Ok(commit) = journaled.journal.log.append(records) {
+            for (_, batch) in &mut window {
+                self.track(batch, &mut slots, scheduled);
+            }
+            Ok(journaled.forward(window, commit))
+        } else {
+            journaled.tokens.0.send(()).expect("a token taken goes back");
+            self.give_back(&slots);
+            Err(SubmitError::LogFailed(messages(window)))
+        }
+    }
+
+    /// Submits up to [`INGRESS_WINDOW_EVENTS`] messages as one window and returns without
+    /// waiting for its commit. See [`Engine::submit_window_at`](crate::Engine::submit_window_at).
+    pub(crate) fn submit_window(
+        &self,
+        msgs: Vec<M>,
+        scheduled: Option<Instant>,
+    ) -> Result<Receipt<M>, SubmitError<Vec<M>>> {
+        assert!(msgs.len() <= INGRESS_WINDOW_EVENTS, "a window holds at most INGRESS_WINDOW_EVENTS messages");
+        let msgs = self.refusal(msgs)?;
+        let mut window = self.next_window(&mut msgs.into_iter().peekable());
+        match &self.journaled {
+            Some(journaled) => self.journal_window(journaled, window, scheduled),
+            None => match self.send_tracked(&mut window, scheduled) {
+                Ok(count) => Ok(Receipt::accepted(count)),
+                Err(refused) => Err(refused.map(|()| messages(window))),
+            },
         }
     }
 

@@ -195,3 +195,27 @@ fn each_submission_reserves_exactly_the_ids_it_uses() {
     assert_eq!(log.reserve_ids(0) - before, 11, "one id per submitted job, none wasted, none for a refusal");
     assert!(engine.shutdown().is_clean());
 }
+
+#[test]
+fn submit_window_returns_before_its_commit_and_the_receipt_settles_after_it() {
+    let (log, slow) = slow_log();
+    let engine = engine(&log, None);
+    slow.store(true, Ordering::SeqCst);
+    let windows = WINDOWS_IN_FLIGHT as u64 / 2;
+    let (receipts, took) = timed(|| {
+        (0..windows)
+            .map(|w| engine.submit_window_at((w * 100..w * 100 + 100).map(Job).collect(), Instant::now()))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("healthy")
+    });
+    // Each commit takes 400 ms; handing over the windows did not wait for one.
+    assert!(took < SYNC / 4, "submit_window_at waited {took:?} on a log whose commits take {SYNC:?}");
+    assert!(!receipts[0].is_settled(), "the first window's commit cannot have finished yet");
+    for receipt in receipts {
+        assert_eq!(receipt.wait().expect("committed and accepted"), 100);
+    }
+    let report = engine.shutdown();
+    assert!(report.is_clean());
+    assert_eq!(report.snapshot.submitted, windows * 100);
+    assert_eq!(report.snapshot.stage("work").expect("declared").processed, windows * 100);
+}

@@ -248,6 +248,17 @@ impl OrderPipeline {
         self.engine.submit_many_at(orders.into_iter().map(place), scheduled)
     }
 
+    /// Places up to [`conduit::INGRESS_WINDOW_EVENTS`] orders as one window without waiting for
+    /// their commit ([`conduit::Engine::submit_window_at`]): the receipt settles once they are
+    /// durable and in the pipeline; their end-to-end latency counts from `scheduled`.
+    pub fn submit_window_at(
+        &self,
+        orders: impl IntoIterator<Item = Order>,
+        scheduled: std::time::Instant,
+    ) -> Result<Receipt<OrderEvent>, SubmitError<Vec<OrderEvent>>> {
+        self.engine.submit_window_at(orders.into_iter().map(place).collect(), scheduled)
+    }
+
     /// The engine underneath, for snapshots.
     pub fn engine(&self) -> &Engine<OrderEvent> {
         &self.engine

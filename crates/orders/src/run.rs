@@ -176,7 +176,7 @@ struct Offered {
     span: Duration,
     poisoned: u64,
     /// Orders not submitted because the engine was poisoned.
-    unsent: Option<usize>,
+    unsent: Option<u64>,
     /// Whether `plan.stop` ended it before its limit.
     stopped: bool,
 }
@@ -222,6 +222,7 @@ pub fn run_until(
     let mut report = pipeline.finish();
     report.monitor = Some(monitor);
     if let Some(unsent) = offered.unsent {
+        let unsent = usize::try_from(unsent).unwrap_or(usize::MAX);
         return Err(RunError::Poisoned { unsent, report: Box::new(report) });
     }
     report.orders.poisoned = Some(offered.poisoned);
@@ -257,6 +258,9 @@ fn offer(
     let mut submitted = 0u64;
     let mut behind_max = Duration::ZERO;
     let mut unsent = None;
+    // Windows submitted on a schedule, with their sizes, waiting for their commits.
+    let mut in_flight: std::collections::VecDeque<(u64, conduit::Receipt<OrderEvent>)> =
+        std::collections::VecDeque::new();
     let is_stopped = || plan.stop.is_some_and(|stop| stop.load(Ordering::Acquire));
     let started = Instant::now();
     loop {
@@ -296,17 +300,36 @@ fn offer(
         let take = usize::try_from(left).unwrap_or(usize::MAX).min(SUBMIT_CHUNK);
         chunk.extend(workload.by_ref().take(take));
         let sent = match scheduled {
-            Some(at) => pipeline.submit_many_at(chunk.drain(..), at),
+            // On a schedule, windows go without waiting for their commits (a wait per window
+            // would put the generator behind by a commit each time); their receipts are settled
+            // as they come in.
+            Some(at) => {
+                let count = chunk.len() as u64;
+                pipeline.submit_window_at(chunk.drain(..), at).map(|receipt| {
+                    in_flight.push_back((count, receipt));
+                    count
+                })
+            }
             None => pipeline.submit_many(chunk.drain(..)),
         };
         match sent {
             Ok(count) => submitted += count,
             Err(error) => {
-                unsent = Some(error.into_inner().len());
+                unsent = Some(error.into_inner().len() as u64);
                 break;
             }
         }
+        if let Some(refused) = settle(&mut in_flight, false) {
+            submitted -= refused;
+            unsent = Some(refused);
+            break;
+        }
         progress(submitted, pipeline.terminal());
+    }
+    // Every window handed over settles; a refused one gives back its orders.
+    if let Some(refused) = settle(&mut in_flight, true) {
+        submitted -= refused;
+        *unsent.get_or_insert(0) += refused;
     }
     Offered {
         submitted,
@@ -316,6 +339,22 @@ fn offer(
         unsent,
         stopped: is_stopped(),
     }
+}
+
+/// Settles the windows at the front of `in_flight` whose commits are in (every one, waiting for
+/// each, with `wait`); the orders of those refused, if any.
+fn settle(in_flight: &mut std::collections::VecDeque<(u64, conduit::Receipt<OrderEvent>)>, wait: bool) -> Option<u64> {
+    let mut refused = None;
+    while let Some((_, receipt)) = in_flight.front() {
+        if !wait && !receipt.is_settled() {
+            break;
+        }
+        let (count, receipt) = in_flight.pop_front().expect("the front was there");
+        if receipt.wait().is_err() {
+            *refused.get_or_insert(0) += count;
+        }
+    }
+    refused
 }
 
 /// What [`recover`] did.
