@@ -159,6 +159,12 @@ fn retention_keeps_what_a_holding_consumer_needs_and_skips_past_one_that_does_no
     let loose_listed = listed.iter().find(|c| c.name == "loose").expect("listed");
     assert_eq!(loose_listed.lag_records, Some(201_000), "committed at the start, never again");
     assert_eq!(loose_listed.lag_us, None, "the record at its position is gone");
+    // The listing and the log's figures say that retention passed it.
+    assert!(loose_listed.behind_retention, "{loose_listed:?}");
+    let holding_listed = listed.iter().find(|c| c.name == "holding").expect("listed");
+    assert!(!holding_listed.behind_retention, "{holding_listed:?}");
+    let stats = log.stats();
+    assert_eq!(stats.frames_removed_unread, stats.frames_removed, "every frame removed was unread by the loose one");
     assert!(log.remove_consumer("holding").expect("removed"));
     assert!(!log.remove_consumer("holding").expect("already gone"));
 }
@@ -172,4 +178,29 @@ fn bad_consumer_names_are_refused() {
         assert!(matches!(&refused, LogError::Options(what) if what.contains("name")), "{refused}");
     }
     assert!(log.consumers().expect("listed").is_empty(), "nothing registered");
+}
+
+#[test]
+fn lag_is_unknown_not_zero_when_the_newest_frame_has_no_offset() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("log.redb");
+    {
+        let log = Log::open(&path, LogOptions::default()).expect("new log");
+        append(&log, 0, 1_000, 500);
+        let earliest = ConsumerOptions { start: StartAt::Earliest, ..ConsumerOptions::default() };
+        log.consumer("reader", earliest).expect("registers").commit().expect("commits");
+        log.close().expect("closes");
+    }
+    // As an earlier build wrote it: no frame has its offset.
+    {
+        let db = redb::Database::open(&path).expect("opens the file");
+        let txn = db.begin_write().expect("writes");
+        txn.delete_table(redb::TableDefinition::<u64, u64>::new("frame_offsets")).expect("deletes");
+        txn.commit().expect("commits");
+    }
+    let log = Log::open(&path, LogOptions::default()).expect("reopens");
+    let listed = log.consumers().expect("listed");
+    let reader = listed.iter().find(|c| c.name == "reader").expect("listed");
+    assert_eq!(reader.lag_records, None, "1,000 records are ahead of it, but the log cannot count them: {reader:?}");
+    assert!(!reader.behind_retention);
 }

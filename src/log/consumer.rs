@@ -128,6 +128,9 @@ pub struct ConsumerInfo {
     /// How much older the record at its position is than the newest record (0 when it is
     /// caught up); `None` when retention removed its frame.
     pub lag_us: Option<u64>,
+    /// Whether retention removed frames it had not committed past (a consumer that does not
+    /// hold retention): it will skip their records and go on from the oldest frame kept.
+    pub behind_retention: bool,
 }
 
 /// A named reader of the log: it reads in log order from its position, follows the tail, and
@@ -206,6 +209,10 @@ impl Log {
                 return Ok(Vec::new());
             };
             let head = head(&txn)?;
+            let first_frame = match existing(&txn, FRAMES)? {
+                Some(frames) => frames.first().map_err(storage)?.map(|(seq, _)| seq.value()),
+                None => None,
+            };
             let mut infos = Vec::new();
             for entry in rows.iter().map_err(storage)? {
                 let (name, value) = entry.map_err(storage)?;
@@ -219,6 +226,7 @@ impl Log {
                     holds_retention: row.holds_retention,
                     lag_records,
                     lag_us,
+                    behind_retention: first_frame.is_some_and(|first| row.frame < first),
                 });
             }
             Ok(infos)
@@ -289,9 +297,10 @@ impl Log {
     }
 }
 
-/// The newest record's offset past it (the log's record count) and its timestamp.
+/// The newest record's offset past it (the log's record count; `None` when its frame was written
+/// before frames had offsets) and its timestamp.
 struct Head {
-    records: u64,
+    records: Option<u64>,
     newest_us: u64,
     next_frame: u64,
 }
@@ -311,8 +320,8 @@ fn head(txn: &redb::ReadTransaction) -> Result<Option<Head>, LogError> {
     let seq = seq.value();
     let archived = decode_frame(value.value()).map_err(|error| LogError::Corrupt { frame: seq, error })?;
     let newest_us = archived.records.iter().map(|r| r.timestamp_us.to_native()).max().unwrap_or(0);
-    let Some(offset) = frame_offset(txn, seq)? else { return Ok(None) };
-    Ok(Some(Head { records: offset + archived.records.len() as u64, newest_us, next_frame: seq + 1 }))
+    let records = frame_offset(txn, seq)?.map(|offset| offset + archived.records.len() as u64);
+    Ok(Some(Head { records, newest_us, next_frame: seq + 1 }))
 }
 
 /// Records in the log before `position`, if known: its frame's offset and its index, or the
@@ -322,7 +331,7 @@ fn offset_of(txn: &redb::ReadTransaction, position: Position) -> Result<Option<u
         return Ok(Some(offset + u64::from(position.index)));
     }
     Ok(match head(txn)? {
-        Some(head) if position.frame >= head.next_frame => Some(head.records),
+        Some(head) if position.frame >= head.next_frame => head.records,
         Some(_) => None,
         None => Some(0),
     })
@@ -341,15 +350,21 @@ fn lag(
     if position.frame >= head.next_frame {
         return Ok((Some(0), Some(0)));
     }
-    let by_row = Some(row.offset).filter(|&offset| offset != UNKNOWN).map(|offset| head.records.saturating_sub(offset));
-    let Some(offset) = frame_offset(txn, position.frame)? else { return Ok((by_row, None)) };
+    let by_row = Some(row.offset)
+        .filter(|&offset| offset != UNKNOWN)
+        .zip(head.records)
+        .map(|(offset, records)| records.saturating_sub(offset));
     let frames = txn.open_table(FRAMES).map_err(storage)?;
     let Some(value) = frames.get(position.frame).map_err(storage)? else { return Ok((by_row, None)) };
     let archived = decode_frame(value.value()).map_err(|error| LogError::Corrupt { frame: position.frame, error })?;
     let at = archived.records.get(position.index as usize).map(|r| r.timestamp_us.to_native());
-    let records = head.records.saturating_sub(offset + u64::from(position.index));
     let age = at.map_or(0, |at| head.newest_us.saturating_sub(at));
-    Ok((Some(records), Some(if records == 0 { 0 } else { age })))
+    let records = match (frame_offset(txn, position.frame)?, head.records) {
+        (Some(offset), Some(total)) => Some(total.saturating_sub(offset + u64::from(position.index))),
+        _ => by_row,
+    };
+    // At the newest record and past it, the lag is none; otherwise its age.
+    Ok((records, Some(if records == Some(0) { 0 } else { age })))
 }
 
 impl LogConsumer<'_> {

@@ -298,6 +298,7 @@ pub(crate) struct LogCounters {
     pub(crate) engine_records: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
     pub(crate) frames_removed: AtomicU64,
+    pub(crate) frames_removed_unread: AtomicU64,
     pub(crate) retained_bytes: AtomicU64,
     /// `u64::MAX` for none.
     pub(crate) frame_budget: AtomicU64,
@@ -319,6 +320,10 @@ pub struct LogStats {
     pub checkpoints: u64,
     /// Frames removed by retention.
     pub frames_removed: u64,
+    /// Of those, frames a registered consumer that does not hold retention had not committed
+    /// past: it will skip their records ([`LogConsumer::skipped`], [`ConsumerInfo::behind_retention`]).
+    #[serde(default)]
+    pub frames_removed_unread: u64,
     /// The space the log's frames take in its file, as of the last checkpoint.
     pub retained_bytes: u64,
     /// The space retention lets frames take, as of the last checkpoint (`None` without
@@ -530,6 +535,7 @@ impl Log {
             engine_records: c.engine_records.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             frames_removed: c.frames_removed.load(Ordering::Relaxed),
+            frames_removed_unread: c.frames_removed_unread.load(Ordering::Relaxed),
             retained_bytes: c.retained_bytes.load(Ordering::Relaxed),
             frame_budget: Some(c.frame_budget.load(Ordering::Relaxed)).filter(|&b| b != u64::MAX),
             cached_streams: c.cached_streams.load(Ordering::Relaxed),

@@ -455,6 +455,9 @@ impl WriterState {
         let in_flight = self.book.in_flight.values().map(|m| m.frame);
         let consumers = self.consumers.values().filter(|c| c.holds_retention).map(|c| c.frame);
         let keep_from = in_flight.chain(consumers).min().unwrap_or(self.next_frame);
+        // Consumers that let retention pass them lose the frames from theirs on, unread.
+        let unread_from = self.consumers.values().filter(|c| !c.holds_retention).map(|c| c.frame).min();
+        let mut removed_unread = 0u64;
         let horizon_us = policy.max_age.map(|age| {
             let age_us = u64::try_from(age.as_micros()).unwrap_or(u64::MAX);
             crate::clock::unix_micros().saturating_sub(age_us)
@@ -503,6 +506,7 @@ impl WriterState {
             self.book.bytes = self.book.bytes.saturating_sub(bytes);
             self.book.first_frame += 1;
             removed += 1;
+            removed_unread += u64::from(unread_from.is_some_and(|from| seq >= from));
         }
         ended.remove(&ENGINE_STREAM);
         let snapshots = txn.open_table(SNAPSHOTS).map_err(storage)?;
@@ -521,6 +525,13 @@ impl WriterState {
         drop(snapshots);
         self.heads.forget(txn, &ended, &mut self.scratch)?;
         self.shared.counters.frames_removed.fetch_add(removed, Ordering::Relaxed);
+        if removed_unread > 0 {
+            self.shared.counters.frames_removed_unread.fetch_add(removed_unread, Ordering::Relaxed);
+            tracing::warn!(
+                frames = removed_unread,
+                "retention removed frames a consumer had not read (it does not hold retention)"
+            );
+        }
         self.plan_retention();
         Ok(())
     }

@@ -356,6 +356,17 @@ async fn serve(prefix: &str, service: Service, prefetch: u16) {
     }
 }
 
+/// The branches of an order the driver hears of, as bits: an order is done when every branch of
+/// its outcome reported.
+const EMAILED: u8 = 1;
+const TEXTED: u8 = 1 << 1;
+const SHIPPED: u8 = 1 << 2;
+const REFUNDED: u8 = 1 << 3;
+const RELEASED: u8 = 1 << 4;
+const REJECTED: u8 = 1 << 5;
+const CONFIRMED: u8 = EMAILED | TEXTED | SHIPPED;
+const CANCELLED: u8 = REFUNDED | RELEASED;
+
 /// The driver's report (the same fields as `conduit run`'s where they mean the same).
 #[derive(Debug, Serialize, Deserialize)]
 struct DriveReport {
@@ -378,6 +389,54 @@ struct Percentiles {
     max: f64,
 }
 
+/// Counts the orders done as the results come in, until all `orders` are: confirmed, cancelled
+/// and rejected, and their end-to-end latencies in microseconds.
+async fn count(
+    mut consumer: conduit_bridge::lapin::Consumer,
+    orders: u64,
+) -> (u64, u64, u64, hdrhistogram::Histogram<u64>) {
+    // Per order: which branches reported (bits), until every branch of its outcome did.
+    let mut branches: HashMap<u64, u8> = HashMap::new();
+    // Microseconds, up to an hour.
+    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("a histogram");
+    let (mut confirmed, mut cancelled, mut rejected, mut delivered) = (0u64, 0u64, 0u64, 0u64);
+    while confirmed + cancelled + rejected < orders {
+        let delivery = consumer.next().await.expect("the results go on").expect("a delivery");
+        delivered += 1;
+        let message: Message = serde_json::from_slice(&delivery.data).expect("a message of the flow");
+        let bit = match delivery.routing_key.as_str() {
+            "done.emailed" => EMAILED,
+            "done.texted" => TEXTED,
+            "done.shipped" => SHIPPED,
+            "done.refunded" => REFUNDED,
+            "done.released" => RELEASED,
+            _ => REJECTED,
+        };
+        let seen = branches.entry(message.order.id).or_default();
+        let before = *seen;
+        *seen |= bit;
+        let reached = |outcome: u8| *seen & outcome == outcome && before & outcome != outcome;
+        let done = if reached(CONFIRMED) {
+            Some(&mut confirmed)
+        } else if reached(CANCELLED) {
+            Some(&mut cancelled)
+        } else if reached(REJECTED) {
+            Some(&mut rejected)
+        } else {
+            None
+        };
+        if let Some(count) = done {
+            *count += 1;
+            latency.saturating_record(now_us().saturating_sub(message.due_us));
+            branches.remove(&message.order.id);
+        }
+        if delivered % 500 == 0 {
+            delivery.acker.ack(BasicAckOptions { multiple: true }).await.expect("acks");
+        }
+    }
+    (confirmed, cancelled, rejected, latency)
+}
+
 // Slots of a schedule: the rate is positive and finite, counts fit f64 exactly.
 #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 async fn drive(prefix: &str, orders: u64, rate: Option<f64>) -> DriveReport {
@@ -385,7 +444,7 @@ async fn drive(prefix: &str, orders: u64, rate: Option<f64>) -> DriveReport {
     let connection = connect("h2h driver").await;
     let results = connection.create_channel().await.expect("a channel");
     results.basic_qos(2_000, BasicQosOptions::default()).await.expect("qos");
-    let mut consumer = results
+    let consumer = results
         .basic_consume(
             format!("{prefix}.results").as_str().into(),
             "driver".into(),
@@ -395,44 +454,7 @@ async fn drive(prefix: &str, orders: u64, rate: Option<f64>) -> DriveReport {
         .await
         .expect("consumes the results");
     let started = Instant::now();
-    let counting = tokio::spawn(async move {
-        // Per order: which branches reported (bits), until every branch of its outcome did.
-        let mut branches: HashMap<u64, u8> = HashMap::new();
-        // Microseconds, up to an hour.
-        let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("a histogram");
-        let (mut confirmed, mut cancelled, mut rejected, mut delivered) = (0u64, 0u64, 0u64, 0u64);
-        while confirmed + cancelled + rejected < orders {
-            let delivery = consumer.next().await.expect("the results go on").expect("a delivery");
-            delivered += 1;
-            let message: Message = serde_json::from_slice(&delivery.data).expect("a message of the flow");
-            let bit = match delivery.routing_key.as_str() {
-                "done.emailed" => 1,
-                "done.texted" => 2,
-                "done.shipped" => 4,
-                "done.refunded" => 8,
-                "done.released" => 16,
-                _ => 32,
-            };
-            let seen = branches.entry(message.order.id).or_default();
-            let before = *seen;
-            *seen |= bit;
-            let done = match *seen {
-                s if s & 7 == 7 && before & 7 != 7 => Some(&mut confirmed),
-                s if s & 24 == 24 && before & 24 != 24 => Some(&mut cancelled),
-                s if s & 32 == 32 && before & 32 != 32 => Some(&mut rejected),
-                _ => None,
-            };
-            if let Some(count) = done {
-                *count += 1;
-                latency.saturating_record(now_us().saturating_sub(message.due_us));
-                branches.remove(&message.order.id);
-            }
-            if delivered % 500 == 0 {
-                delivery.acker.ack(BasicAckOptions { multiple: true }).await.expect("acks");
-            }
-        }
-        (confirmed, cancelled, rejected, latency)
-    });
+    let counting = tokio::spawn(count(consumer, orders));
     let mut publisher = Publisher::new(&connection, prefix).await;
     let mut workload = Workload::new(sim.seed, sim.skus, sim.customers);
     let epoch_started = now_us();

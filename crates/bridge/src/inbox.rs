@@ -251,11 +251,7 @@ impl<'a> Inbox<'a> {
 
     /// One connection: declare, consume, land and acknowledge batch after batch.
     async fn session(&mut self, landing: &mut dyn Landing, until: &Until<'_>) -> Result<Ended, BridgeError> {
-        let url = self.connection.url();
-        let tls = self.connection.tls_config()?;
-        let properties = lapin::ConnectionProperties::default().with_connection_name(self.name.as_str().into());
-        let runtime = lapin::runtime::default_runtime()?;
-        let connection = lapin::Connection::connect_with_config(&url, properties, tls, runtime).await?;
+        let connection = self.connection.connect(&self.name).await?;
         let channel = connection.create_channel().await?;
         if self.settings.declare {
             declare(&channel, &self.settings).await?;

@@ -99,6 +99,15 @@ impl ConnectionSettings {
         Ok(())
     }
 
+    /// Connects as the settings say (the URL, the TLS files), naming the connection `name` (the
+    /// broker's management tools show it). Run it on a [`Bridge`](crate::Bridge)'s runtime.
+    pub async fn connect(&self, name: &str) -> Result<lapin::Connection, BridgeError> {
+        let tls = self.tls_config()?;
+        let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
+        let runtime = lapin::runtime::default_runtime()?;
+        Ok(lapin::Connection::connect_with_config(&self.url(), properties, tls, runtime).await?)
+    }
+
     /// The TLS configuration for the client: the files read now.
     pub fn tls_config(&self) -> Result<OwnedTLSConfig, BridgeError> {
         let read = |field: &str, path: &PathBuf| {

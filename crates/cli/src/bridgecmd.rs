@@ -18,13 +18,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conduit::log::{Durability, Log, LogOptions};
-use conduit_bridge::lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use conduit_bridge::lapin::BasicProperties;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use conduit_bridge::lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use conduit_bridge::lapin::types::FieldTable;
+use conduit_bridge::lapin::{BasicProperties, ExchangeKind};
 use conduit_bridge::{
     Backoff, Bridge, ConnectionSettings, Inbound, Inbox, InboxReport, InboxSettings, Landing, TlsSettings, Until,
     Verdict,
 };
 use conduit_orders::{self as orders, Order, OrderPipeline, PipelineFile, RunReport, Workload};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::{Failure, Format, UsageError};
@@ -98,6 +102,70 @@ struct BridgeTable {
     dedupe_secs: u64,
     /// Messages published between waits for the broker's confirms.
     publish_batch: usize,
+    /// The node's outbox: its orders' chosen events, published from its log.
+    outbox: OutboxTable,
+}
+
+/// The `[bridge.outbox]` table: a node publishes chosen events of its log to a topic exchange,
+/// each under routing key `order.<kind>` and a stable message id, committing its position in the
+/// log only after the broker confirmed them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct OutboxTable {
+    /// Publish at all.
+    enabled: bool,
+    /// The topic exchange (declared, durable).
+    exchange: String,
+    /// The kinds of events published (`shipped`, `cancelled`, `dead_lettered`, `charged`, ...,
+    /// as `conduit log inspect` names them).
+    kinds: Vec<String>,
+    /// Most events read and published between two commits of its position.
+    batch: usize,
+}
+
+impl Default for OutboxTable {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            exchange: "conduit.events".into(),
+            kinds: vec!["shipped".into(), "cancelled".into(), "dead_lettered".into()],
+            batch: 1_000,
+        }
+    }
+}
+
+/// Every kind of event an order's log holds, by name.
+fn event_kinds() -> Vec<(u16, &'static str)> {
+    (1..=64u16)
+        .chain([conduit::log::KIND_DEAD_LETTER])
+        .map(|kind| (kind, orders::kinds::name(kind)))
+        .filter(|(_, name)| *name != "unknown" && *name != "completed")
+        .collect()
+}
+
+impl OutboxTable {
+    fn validate(&self) -> Result<(), UsageError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.exchange.is_empty() {
+            return Err(UsageError("bridge.outbox.exchange: name the exchange to publish to".into()));
+        }
+        if self.batch == 0 {
+            return Err(UsageError("bridge.outbox.batch: must be at least 1".into()));
+        }
+        if self.kinds.is_empty() {
+            return Err(UsageError("bridge.outbox.kinds: name at least one kind of event".into()));
+        }
+        let known = event_kinds();
+        for kind in &self.kinds {
+            if !known.iter().any(|(_, name)| name == kind) {
+                let names: Vec<&str> = known.iter().map(|(_, name)| *name).collect();
+                return Err(UsageError(format!("bridge.outbox.kinds: {kind:?} is not one of {}", names.join(", "))));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for BridgeTable {
@@ -116,6 +184,7 @@ impl Default for BridgeTable {
             dedupe_keys: inbox.dedupe_keys,
             dedupe_secs: inbox.dedupe_secs,
             publish_batch: 1_000,
+            outbox: OutboxTable::default(),
         }
     }
 }
@@ -157,6 +226,7 @@ impl BridgeTable {
         if self.publish_batch == 0 {
             return Err(UsageError("bridge.publish_batch: must be at least 1".into()));
         }
+        self.outbox.validate()?;
         self.connection().validate().map_err(usage)?;
         self.inbox(self.partition).validate().map_err(usage)
     }
@@ -259,6 +329,8 @@ struct NodeReport {
     resumed: u64,
     /// What the inbox did.
     inbox: InboxReport,
+    /// What the outbox did, if the node runs one.
+    outbox: Option<OutboxReport>,
     /// The pipeline's report for this run of the node.
     run: RunReport,
 }
@@ -284,13 +356,24 @@ fn node(args: &NodeArgs) -> Result<ExitCode, Failure> {
     );
     let mut inbox = Inbox::new(&bridge, bridge_table.connection(), settings, &name)
         .map_err(|e| Failure::Usage(UsageError(e.to_string())))?;
-    let mut landing = OrderLanding { pipeline: &reopened.pipeline, log: &log };
-    let inboxed = inbox.run(&mut landing, &Until { stop: None, idle: args.until_idle });
-    let run = reopened.pipeline.finish();
+    let resumed = reopened.orders_in_flight.len() as u64;
+    let stop_outbox = AtomicBool::new(false);
+    let (inboxed, outbox, run) = std::thread::scope(|scope| {
+        let outbox = bridge_table.outbox.enabled.then(|| {
+            let thread = std::thread::Builder::new().name("conduit:outbox".into());
+            thread.spawn_scoped(scope, || run_outbox(&log, &bridge_table, &stop_outbox)).expect("a thread")
+        });
+        let mut landing = OrderLanding { pipeline: &reopened.pipeline, log: &log };
+        let inboxed = inbox.run(&mut landing, &Until { stop: None, idle: args.until_idle });
+        let run = reopened.pipeline.finish();
+        // The outbox publishes what the pipeline's last events added, then stops.
+        stop_outbox.store(true, Ordering::Release);
+        let outbox = outbox.map(|thread| thread.join().expect("the outbox thread does not panic"));
+        (inboxed, outbox, run)
+    });
     log.close().map_err(|e| Failure::Run(format!("cannot close the log: {e}")))?;
     let inbox = inboxed.map_err(|e| Failure::Run(e.to_string()))?;
-    let report =
-        NodeReport { partition: bridge_table.partition, resumed: reopened.orders_in_flight.len() as u64, inbox, run };
+    let report = NodeReport { partition: bridge_table.partition, resumed, inbox, outbox, run };
     let mut out = std::io::stdout().lock();
     let written = match args.format {
         Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
@@ -302,6 +385,97 @@ fn node(args: &NodeArgs) -> Result<ExitCode, Failure> {
         eprintln!("invariant broken: {problem}");
     }
     Ok(if broken.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// What a node's outbox did.
+#[derive(Debug, Default, Serialize)]
+struct OutboxReport {
+    /// Events read from the log.
+    read: u64,
+    /// Of those, published and confirmed (the chosen kinds).
+    published: u64,
+    /// Times the connection was lost and made again.
+    reconnects: u64,
+    /// Why it stopped with events left to publish (the broker was away when the node stopped):
+    /// they go out when the node starts again.
+    left_unpublished: Option<String>,
+}
+
+/// Publishes the node's chosen events until `stop`, then what is left; reconnects with backoff
+/// when the broker goes away. Its position lives in the log (consumer `outbox`), so a node
+/// started again goes on from its last commit.
+fn run_outbox(log: &Log, table: &BridgeTable, stop: &AtomicBool) -> OutboxReport {
+    let mut report = OutboxReport::default();
+    let bridge = match Bridge::new() {
+        Ok(bridge) => bridge,
+        Err(error) => {
+            report.left_unpublished = Some(error.to_string());
+            return report;
+        }
+    };
+    let settings = table.connection();
+    let kinds: Vec<u16> = event_kinds()
+        .into_iter()
+        .filter(|(_, name)| table.outbox.kinds.iter().any(|k| k == name))
+        .map(|(kind, _)| kind)
+        .collect();
+    let name = format!("conduit outbox {} ({})", table.partition, std::process::id());
+    let mut failures = 0u32;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(std::process::id()));
+    loop {
+        let mut session = || -> Result<(), conduit_bridge::BridgeError> {
+            let amqp = bridge.block_on(settings.connect(&name))?;
+            bridge.block_on(declare_events(&amqp, &table.outbox.exchange))?;
+            let kinds = kinds.clone();
+            let select: conduit_bridge::Select = Box::new(move |record| {
+                (record.stream != conduit::log::ENGINE_STREAM && kinds.contains(&record.kind))
+                    .then(|| format!("order.{}", orders::kinds::name(record.kind)))
+            });
+            let outbox_settings = conduit_bridge::OutboxSettings {
+                consumer: "outbox".into(),
+                exchange: table.outbox.exchange.clone(),
+                id_prefix: format!("{}.{}", table.exchange, table.partition),
+                batch: table.outbox.batch,
+            };
+            let mut outbox = conduit_bridge::Outbox::new(&bridge, &amqp, log, outbox_settings, select)?;
+            loop {
+                let stopping = stop.load(Ordering::Acquire);
+                let pumped = outbox.pump(Duration::from_millis(100))?;
+                report.read += pumped.read as u64;
+                report.published += pumped.published as u64;
+                failures = 0;
+                if stopping && pumped.read == 0 {
+                    return Ok(());
+                }
+            }
+        };
+        match session() {
+            Ok(()) => return report,
+            Err(error) if stop.load(Ordering::Acquire) => {
+                report.left_unpublished = Some(error.to_string());
+                return report;
+            }
+            Err(error) => {
+                let wait = settings.reconnect.wait(failures, &mut rng);
+                tracing::warn!(%error, wait_ms = wait.as_millis(), "the outbox lost the broker; reconnecting");
+                report.reconnects += 1;
+                failures = failures.saturating_add(1);
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+/// Declares the outbox's topic exchange, durable.
+async fn declare_events(
+    amqp: &conduit_bridge::lapin::Connection,
+    exchange: &str,
+) -> Result<(), conduit_bridge::BridgeError> {
+    let channel = amqp.create_channel().await?;
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    channel.exchange_declare(exchange.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+    channel.close(200, "declared".into()).await?;
+    Ok(())
 }
 
 fn write_node(out: &mut impl Write, report: &NodeReport) -> std::io::Result<()> {
@@ -321,6 +495,19 @@ fn write_node(out: &mut impl Write, report: &NodeReport) -> std::io::Result<()> 
         inbox.batches,
         inbox.reconnects
     )?;
+    if let Some(outbox) = &report.outbox {
+        writeln!(
+            out,
+            "outbox: {} events read, {} published and confirmed, {} reconnects{}",
+            outbox.read,
+            outbox.published,
+            outbox.reconnects,
+            outbox
+                .left_unpublished
+                .as_ref()
+                .map_or_else(String::new, |why| format!("; events left for the next start ({why})"))
+        )?;
+    }
     write!(
         out,
         "orders: {} confirmed, {} cancelled, {} dead-lettered, {} in flight",
@@ -351,14 +538,10 @@ fn publish(args: &PublishArgs) -> Result<ExitCode, Failure> {
     let broker = |e: conduit_bridge::lapin::Error| Failure::Run(format!("broker at {shown}: {e}"));
     let started = Instant::now();
     let mut by_partition = vec![0u64; table.partitions as usize];
-    let tls = connection.tls_config().map_err(|e| Failure::Usage(UsageError(e.to_string())))?;
+    connection.tls_config().map_err(|e| Failure::Usage(UsageError(e.to_string())))?;
     bridge.block_on(async {
-        let properties = conduit_bridge::lapin::ConnectionProperties::default()
-            .with_connection_name(format!("conduit publish ({})", std::process::id()).into());
-        let runtime = conduit_bridge::lapin::runtime::default_runtime().map_err(broker)?;
-        let amqp = conduit_bridge::lapin::Connection::connect_with_config(&url, properties, tls, runtime)
-            .await
-            .map_err(broker)?;
+        let name = format!("conduit publish ({})", std::process::id());
+        let amqp = connection.connect(&name).await.map_err(|e| Failure::Run(format!("broker at {shown}: {e}")))?;
         let channel = amqp.create_channel().await.map_err(broker)?;
         // Every partition's queue exists before the first order: none is published to nowhere.
         for partition in 0..table.partitions {

@@ -114,17 +114,22 @@ fn consumers(path: &PathBuf, format: Format) -> Result<ExitCode, Failure> {
             if consumers.is_empty() {
                 writeln!(out, "no consumers").map_err(io)?;
             }
-            let unknown = || "unknown (its frame was removed)".to_owned();
+            let unknown = || "unknown".to_owned();
             for c in &consumers {
                 writeln!(
                     out,
-                    "{}: at {}, committed {}, {}; lag {} records, {}",
+                    "{}: at {}, committed {}, {}; lag {} records, {}{}",
                     c.name,
                     c.position,
                     rfc3339(c.committed_us),
                     if c.holds_retention { "holds retention" } else { "does not hold retention" },
                     c.lag_records.map_or_else(unknown, |n| n.to_string()),
                     c.lag_us.map_or_else(unknown, |us| format!("{:.3} s", us as f64 / 1e6)),
+                    if c.behind_retention {
+                        "; retention removed frames it had not read (they will be skipped)"
+                    } else {
+                        ""
+                    },
                 )
                 .map_err(io)?;
             }

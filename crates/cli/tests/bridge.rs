@@ -233,6 +233,8 @@ fn a_bad_bridge_table_is_a_clear_error() {
         ("[bridge]\ndedupe_keys = 0\n", "bridge.dedupe_keys"),
         ("[bridge.tls]\ncert_file = \"c.pem\"\n", "bridge.tls"),
         ("[engine]\nworkers = 0\n[bridge]\n", "workers"),
+        ("[bridge.outbox]\nenabled = true\nkinds = [\"shiped\"]\n", "bridge.outbox.kinds: \"shiped\" is not one of"),
+        ("[bridge.outbox]\nenabled = true\nbatch = 0\n", "bridge.outbox.batch"),
     ];
     for (i, (text, expected)) in cases.into_iter().enumerate() {
         let config = dir.path().join(format!("bad{i}.toml"));
@@ -325,4 +327,70 @@ fn a_node_rides_out_a_broker_restart() {
     );
     assert_eq!(orders_in(&log), (1..=ORDERS).collect(), "every order published is in the log, once");
     verify(&log);
+}
+
+#[test]
+fn a_nodes_outbox_publishes_each_outcome_once_under_a_stable_id() {
+    let Some(url) = broker_or_skip("a_nodes_outbox_publishes_each_outcome_once_under_a_stable_id") else { return };
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let exchange = fresh_exchange("outbox");
+    let events = format!("{exchange}.events");
+    let config = node_config(dir.path(), &url, &exchange, 0, 1);
+    let outbox =
+        format!("[bridge.outbox]\nenabled = true\nexchange = \"{events}\"\nkinds = [\"shipped\", \"cancelled\"]\n");
+    let text = std::fs::read_to_string(&config).expect("reads") + &outbox;
+    std::fs::write(&config, text).expect("writes");
+    // A queue of the test's own on the node's events, bound before anything is published.
+    let bridge = Bridge::new().expect("a runtime");
+    let connection = bridge.connect(&url, "outbox test").expect("connects");
+    let queue = format!("{events}.seen");
+    bridge.block_on(async {
+        let channel = connection.create_channel().await.expect("a channel");
+        let durable = conduit_bridge::lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..conduit_bridge::lapin::options::ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                events.as_str().into(),
+                conduit_bridge::lapin::ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .expect("declares the exchange");
+        channel
+            .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
+            .await
+            .expect("declares");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                events.as_str().into(),
+                "order.#".into(),
+                conduit_bridge::lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("binds");
+    });
+    publish(&config, 2_000);
+    let node = report(start_node(&config, &dir.path().join("node.log"), "2s"));
+    assert_eq!(u(&node, "/outbox/published"), 2_000, "one outcome per order: {}", node["outbox"]);
+    assert!(node["outbox"]["left_unpublished"].is_null(), "{}", node["outbox"]);
+    let seen: Vec<(String, String)> = bridge.block_on(async {
+        let channel = connection.create_channel().await.expect("a channel");
+        let mut seen = Vec::new();
+        while let Some(message) =
+            channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("gets")
+        {
+            let id = message.delivery.properties.message_id().as_ref().map(|id| id.as_str().to_owned());
+            seen.push((message.delivery.routing_key.as_str().to_owned(), id.expect("every message has an id")));
+        }
+        seen
+    });
+    assert_eq!(seen.len(), 2_000);
+    assert!(seen.iter().all(|(key, _)| key == "order.shipped"), "every order of the default run ships");
+    let ids: BTreeSet<&String> = seen.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), 2_000, "each event under an id of its own");
 }
