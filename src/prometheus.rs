@@ -123,6 +123,13 @@ fn families(s: &Snapshot, latency: &LatencyHistograms) -> Vec<MetricFamily> {
                 log.durable_commits as f64,
             ),
             single("conduit_log_bytes", "Bytes the log's frames hold", GAUGE, log.bytes as f64),
+            single("conduit_log_frames_removed_total", "Frames retention removed", COUNTER, log.frames_removed as f64),
+            single(
+                "conduit_log_frames_removed_unread_total",
+                "Frames retention removed before a consumer that does not hold retention read them",
+                COUNTER,
+                log.frames_removed_unread as f64,
+            ),
         ]);
     }
     all
