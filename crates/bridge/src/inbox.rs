@@ -169,8 +169,9 @@ pub struct InboxReport {
     pub last_failure: Option<String>,
 }
 
-/// A consumer of a broker's queue that acknowledges only what its landing made durable (see the
-/// [module](self) docs).
+/// A consumer of a broker's queue that acknowledges only what its [`Landing`] made durable, and
+/// recognises repeats by message id: in a bounded window of the ids it landed, then by asking the
+/// landing (which holds what outlived the window and the process).
 pub struct Inbox<'a> {
     bridge: &'a Bridge,
     connection: ConnectionSettings,

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conduit::log::{Durability, Log, LogOptions};
+use conduit::log::{Durability, Log, LogOptions, Retention};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use conduit_bridge::lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
@@ -51,6 +51,15 @@ pub(crate) struct NodeArgs {
     /// orders it had in flight). Always fsynced before the broker hears an acknowledgement.
     #[arg(long, value_name = "PATH")]
     log: PathBuf,
+    /// Keep at most this much of the log (for example `2GiB`): the oldest frames no order in
+    /// flight (and no consumer that holds retention, such as the outbox) needs are removed at
+    /// each checkpoint. A repeat of an order whose frames are gone is no longer recognised by
+    /// the log, only by the window.
+    #[arg(long, value_name = "SIZE", value_parser = crate::logcmd::parse_size)]
+    retention_max_bytes: Option<u64>,
+    /// Remove frames older than this (for example `7d`), under the same terms.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    retention_max_age: Option<Duration>,
     /// Stop once no order came for this long while connected (for example `10s`); without it the
     /// node runs until it is stopped.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -339,7 +348,8 @@ fn node(args: &NodeArgs) -> Result<ExitCode, Failure> {
     let (file, bridge_table) = read_node_config(args.config.as_deref())?;
     let (engine, mut sim) = file.validate().map_err(|e| UsageError(e.to_string()))?;
     crate::payment_books(&mut sim, &args.log);
-    let options = LogOptions { durability: Durability::Immediate, ..LogOptions::default() };
+    let retention = Retention { max_bytes: args.retention_max_bytes, max_age: args.retention_max_age };
+    let options = LogOptions { durability: Durability::Immediate, retention, ..LogOptions::default() };
     let log = Arc::new(Log::open(&args.log, options).map_err(|e| Failure::Run(format!("cannot open the log: {e}")))?);
     let provider = orders::open_provider(&sim).map_err(|e| Failure::Run(e.to_string()))?;
     let reopened = orders::reopen(&engine, &sim, &log, provider).map_err(|e| match e {
