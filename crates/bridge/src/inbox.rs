@@ -130,7 +130,8 @@ pub enum Verdict {
 
 /// The application's side of an inbox: makes the new commands of a batch durable.
 pub trait Landing {
-    /// Lands `messages` (in delivery order, no two with the same id) and says what became of
+    /// Lands `messages` (in delivery order, no two with the same id: a repeat within a batch waits
+    /// for a later call, made once the first is settled) and says what became of
     /// each, in the same order. It returns only when every [`Verdict::Landed`] one is durable;
     /// an error acknowledges nothing and stops the inbox.
     fn land(&mut self, messages: &[Inbound]) -> Result<Vec<Verdict>, Box<dyn std::error::Error + Send + Sync>>;
@@ -212,9 +213,9 @@ impl<'a> Inbox<'a> {
         Ok(Self { bridge, connection, settings, window, report: InboxReport::default(), name: name.to_owned() })
     }
 
-    /// Consumes until `until` says stop, landing each batch with `landing`, reconnecting whenever the connection is lost. Returns
-    /// what it did; an error only when the landing failed (the batch in hand is not
-    /// acknowledged: the broker delivers it again).
+    /// Consumes until `until` says stop, landing each batch with `landing` and reconnecting
+    /// whenever the connection is lost. Returns what it did; an error only when the landing
+    /// failed (the batch in hand is not acknowledged: the broker delivers it again).
     pub fn run(&mut self, landing: &mut dyn Landing, until: &Until<'_>) -> Result<InboxReport, BridgeError> {
         // Jitter only: the seed needs to differ between nodes, not to be secret.
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
@@ -279,7 +280,7 @@ impl<'a> Inbox<'a> {
             }
             match tokio::time::timeout(Duration::from_millis(100), consumer.next()).await {
                 Err(_) => continue,
-                Ok(None) => return Err(BridgeError::Settings("the broker cancelled the consumer".into())),
+                Ok(None) => return Err(BridgeError::Cancelled),
                 Ok(Some(delivery)) => batch.push(delivery?),
             }
             let deadline = tokio::time::Instant::now() + linger;
@@ -305,30 +306,38 @@ impl<'a> Inbox<'a> {
     ) -> Result<Option<Ended>, BridgeError> {
         let hasher = BuildHasherDefault::<DefaultHasher>::default();
         let mut verdicts: Vec<Option<Verdict>> = vec![None; batch.len()];
-        let mut inbound = Vec::with_capacity(batch.len());
-        let mut landing_index = Vec::with_capacity(batch.len());
-        let mut in_batch = std::collections::HashSet::with_capacity(batch.len());
-        for (i, delivery) in batch.iter_mut().enumerate() {
+        for delivery in batch.iter() {
             self.report.delivered += 1;
             self.report.redelivered += u64::from(delivery.redelivered);
-            let Some(id) = delivery.properties.message_id().as_ref().map(|id| id.as_str().to_owned()) else {
-                verdicts[i] = Some(Verdict::Refused("no message id: it could not be told from a repeat".into()));
-                continue;
-            };
-            let key = digest(&hasher, &id);
-            if self.window.contains(&key) || !in_batch.insert(key) {
-                verdicts[i] = Some(Verdict::Duplicate);
-                self.report.duplicates_in_window += 1;
+        }
+        // Rounds: a message whose id an earlier one of the batch holds waits for the next round,
+        // where it is a repeat if that one landed, and lands itself if that one was refused.
+        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        while !pending.is_empty() {
+            let mut round = std::collections::HashSet::with_capacity(pending.len());
+            let (mut inbound, mut landing_index, mut later) = (Vec::new(), Vec::new(), Vec::new());
+            for i in pending {
+                let delivery = &mut batch[i];
+                let Some(id) = delivery.properties.message_id().as_ref().map(|id| id.as_str().to_owned()) else {
+                    verdicts[i] = Some(Verdict::Refused("no message id: it could not be told from a repeat".into()));
+                    continue;
+                };
+                let key = digest(&hasher, &id);
+                if self.window.contains(&key) {
+                    verdicts[i] = Some(Verdict::Duplicate);
+                    self.report.duplicates_in_window += 1;
+                } else if round.insert(key) {
+                    landing_index.push(i);
+                    let body = std::mem::take(&mut delivery.data);
+                    inbound.push(Inbound { message_id: id, body, redelivered: delivery.redelivered });
+                } else {
+                    later.push(i);
+                }
+            }
+            pending = later;
+            if inbound.is_empty() {
                 continue;
             }
-            landing_index.push(i);
-            inbound.push(Inbound {
-                message_id: id,
-                body: std::mem::take(&mut delivery.data),
-                redelivered: delivery.redelivered,
-            });
-        }
-        if !inbound.is_empty() {
             let landed = match landing.land(&inbound) {
                 Ok(landed) => landed,
                 Err(error) => return Ok(Some(Ended::Landing(error))),

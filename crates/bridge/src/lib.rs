@@ -84,6 +84,10 @@ pub enum BridgeError {
     /// A setting that cannot work.
     #[error("{0}")]
     Settings(String),
+    /// The broker cancelled an inbox's consumer (its queue was deleted, or the broker is
+    /// stopping): the inbox reconnects.
+    #[error("the broker cancelled the consumer")]
+    Cancelled,
     /// An inbox's landing failed to make a batch durable; nothing of it was acknowledged.
     #[error("the landing failed: {0}")]
     Landing(String),

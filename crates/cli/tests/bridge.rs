@@ -178,15 +178,19 @@ fn what_is_not_an_order_is_dead_lettered_and_the_rest_lands() {
     let connection = bridge.connect(&url, "refused test").expect("connects");
     // Ids none of the good orders has: a message id is its message's identity, so a repeated
     // id would be dropped as a repeat whatever its body.
-    let bad: [(Option<&str>, &[u8]); 4] = [
+    let bad: [(Option<&str>, &[u8]); 5] = [
         (Some("order-1007"), b"not json"),
         (Some("order-1001"), br#"{"id":1002,"customer":1,"sku":1,"quantity":1,"amount_cents":100}"#),
         (None, br#"{"id":1003,"customer":1,"sku":1,"quantity":1,"amount_cents":100}"#),
         (Some("order-1009"), br#"{"id":1009,"customer":1,"sku":1,"quantity":1,"amount_cents":100,"extra":1}"#),
+        (Some("order-1011"), br#"{"id":1011,"cust"#),
     ];
+    // A publisher's retry of the last one, right behind it in the same batch: the refused first
+    // copy does not make the good second one a repeat.
+    let retried: &[u8] = br#"{"id":1011,"customer":1,"sku":1,"quantity":1,"amount_cents":100}"#;
     bridge.block_on(async {
         let channel = connection.create_channel().await.expect("a channel");
-        for (id, body) in bad {
+        for (id, body) in bad.into_iter().chain([(Some("order-1011"), retried)]) {
             let mut properties = BasicProperties::default().with_delivery_mode(2);
             if let Some(id) = id {
                 properties = properties.with_message_id(id.into());
@@ -200,9 +204,9 @@ fn what_is_not_an_order_is_dead_lettered_and_the_rest_lands() {
         }
     });
     let node = report(start_node(&config, &dir.path().join("node.log"), "2s"));
-    assert_eq!(u(&node, "/inbox/refused"), 4, "{node}");
-    assert_eq!(u(&node, "/inbox/landed"), 100, "{node}");
-    assert_eq!(orders_in(&dir.path().join("node.log")), (1..=100).collect());
+    assert_eq!(u(&node, "/inbox/refused"), 5, "{node}");
+    assert_eq!(u(&node, "/inbox/landed"), 101, "{node}");
+    assert_eq!(orders_in(&dir.path().join("node.log")), (1..=100).chain([1011]).collect());
     // The refused messages wait in the dead-letter queue, bodies intact.
     let refused = format!("{exchange}.refused");
     let bodies: Vec<Vec<u8>> = bridge.block_on(async {
