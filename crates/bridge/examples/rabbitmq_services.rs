@@ -38,7 +38,7 @@ use conduit_bridge::lapin::types::{AMQPValue, FieldTable};
 use conduit_bridge::lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use conduit_bridge::{url_from_env, Bridge};
 use conduit_orders::ports::{
-    Channel as NotifyChannel, Faults, InventoryStore, Notifier, PaymentError, PaymentGateway, SimulatedCarrier,
+    Channel as NotifyChannel, InventoryStore, Notifier, PaymentError, PaymentGateway, SimulatedCarrier,
     SimulatedInventory, SimulatedNotifier,
 };
 use conduit_orders::{Effect, IdempotencyKey, Order, SimConfig, Workload};
@@ -233,29 +233,11 @@ struct Ports {
 
 impl Ports {
     fn new(sim: &SimConfig) -> Self {
-        let faults = |failure_rate, latency_us| Faults {
-            seed: sim.seed,
-            failure_rate,
-            latency: Duration::from_micros(latency_us),
-        };
-        let window = sim.idempotency_window();
-        let empty_skus = sim.empty_skus();
         Self {
             gateway: sim.payment_gateway(),
-            inventory: SimulatedInventory::new(
-                faults(sim.inventory_failure_rate, sim.inventory_latency_us),
-                sim.skus,
-                sim.stock_per_sku,
-                empty_skus,
-            )
-            .with_window(window),
-            notifier: SimulatedNotifier::new(faults(sim.notify_failure_rate, sim.notify_latency_us))
-                .with_window(window),
-            carrier: SimulatedCarrier::with_faults(
-                window,
-                faults(sim.shipping_failure_rate, sim.shipping_latency_us),
-                sim.skus,
-            ),
+            inventory: sim.inventory(),
+            notifier: sim.notifier(),
+            carrier: sim.carrier(),
         }
     }
 }

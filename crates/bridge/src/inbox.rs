@@ -30,10 +30,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::{Bridge, BridgeError, ConnectionSettings};
+use crate::{Bridge, BridgeError, ConnectionSettings, Reconnects};
 
 /// Where an inbox reads and how much it takes at once (the `[bridge]` table's inbox keys).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,10 +216,7 @@ impl<'a> Inbox<'a> {
     /// whenever the connection is lost. Returns what it did; an error only when the landing
     /// failed (the batch in hand is not acknowledged: the broker delivers it again).
     pub fn run(&mut self, landing: &mut dyn Landing, until: &Until<'_>) -> Result<InboxReport, BridgeError> {
-        // Jitter only: the seed needs to differ between nodes, not to be secret.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(nanos) << 32 | u64::from(std::process::id()));
-        let mut failures = 0u32;
+        let mut reconnects = Reconnects::new(self.connection.reconnect);
         loop {
             let landed_before = self.report.landed + self.report.duplicates_in_window;
             match self.bridge.block_on(self.session(landing, until)) {
@@ -230,16 +226,12 @@ impl<'a> Inbox<'a> {
                     if until.stop.is_some_and(|stop| stop.load(Ordering::Acquire)) {
                         return Ok(self.report.clone());
                     }
-                    // A connection that got work done starts the backoff over.
                     if self.report.landed + self.report.duplicates_in_window > landed_before {
-                        failures = 0;
+                        reconnects.progressed();
                     }
-                    let wait = self.connection.reconnect.wait(failures, &mut rng);
-                    tracing::warn!(%error, wait_ms = wait.as_millis(), "the broker connection is lost; reconnecting");
+                    reconnects.wait_after(&error, "the inbox");
                     self.report.last_failure = Some(error.to_string());
                     self.report.reconnects += 1;
-                    failures = failures.saturating_add(1);
-                    std::thread::sleep(wait);
                 }
             }
         }

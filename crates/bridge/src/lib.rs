@@ -23,7 +23,7 @@ use std::future::Future;
 pub use inbox::{declare, Inbound, Inbox, InboxReport, InboxSettings, Landing, Until, Verdict};
 pub use lapin;
 pub use outbox::{message_id, Outbox, OutboxSettings, Pumped, Select};
-pub use settings::{Backoff, ConnectionSettings, TlsSettings};
+pub use settings::{Backoff, ConnectionSettings, Reconnects, TlsSettings};
 
 mod inbox;
 mod outbox;
@@ -116,8 +116,7 @@ impl Bridge {
     /// Connects to the broker at `url`, naming the connection `name` (the broker's management
     /// tools show it). Print the URL only through [`redacted`].
     pub fn connect(&self, url: &str, name: &str) -> Result<lapin::Connection, BridgeError> {
-        let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
-        Ok(self.block_on(lapin::Connection::connect(url, properties))?)
+        self.block_on(ConnectionSettings { url: Some(url.to_owned()), ..ConnectionSettings::default() }.connect(name))
     }
 }
 

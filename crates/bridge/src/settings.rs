@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{BridgeError, DEFAULT_URL, URL_ENV};
@@ -63,6 +63,40 @@ impl Backoff {
     pub fn wait(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
         let full = self.min_ms.saturating_mul(1u64 << attempt.min(20)).min(self.max_ms);
         Duration::from_millis(full - rng.random_range(0..=full / 2))
+    }
+}
+
+/// Reconnections paced by a [`Backoff`], shared by whatever keeps a connection to the broker (the
+/// inbox, an outbox's runner): the wait doubles with each failed try, and a connection that got
+/// work done starts it over.
+#[derive(Debug)]
+pub struct Reconnects {
+    backoff: Backoff,
+    failures: u32,
+    rng: rand::rngs::SmallRng,
+}
+
+impl Reconnects {
+    /// No failure yet.
+    #[must_use]
+    pub fn new(backoff: Backoff) -> Self {
+        // Jitter only: the seed needs to differ between processes, not to be secret.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.subsec_nanos());
+        let seed = u64::from(nanos) << 32 | u64::from(std::process::id());
+        Self { backoff, failures: 0, rng: rand::rngs::SmallRng::seed_from_u64(seed) }
+    }
+
+    /// The connection got work done: the next loss waits the shortest time again.
+    pub fn progressed(&mut self) {
+        self.failures = 0;
+    }
+
+    /// `who` lost the broker with `error`: says so, and waits out the backoff.
+    pub fn wait_after(&mut self, error: &dyn std::fmt::Display, who: &str) {
+        let wait = self.backoff.wait(self.failures, &mut self.rng);
+        tracing::warn!(%error, wait_ms = wait.as_millis(), "{who} lost the broker; reconnecting");
+        self.failures = self.failures.saturating_add(1);
+        std::thread::sleep(wait);
     }
 }
 

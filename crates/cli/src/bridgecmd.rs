@@ -24,11 +24,10 @@ use conduit_bridge::lapin::options::{BasicPublishOptions, ConfirmSelectOptions, 
 use conduit_bridge::lapin::types::FieldTable;
 use conduit_bridge::lapin::{BasicProperties, ExchangeKind};
 use conduit_bridge::{
-    Backoff, Bridge, ConnectionSettings, Inbound, Inbox, InboxReport, InboxSettings, Landing, TlsSettings, Until,
-    Verdict,
+    Backoff, Bridge, ConnectionSettings, Inbound, Inbox, InboxReport, InboxSettings, Landing, Reconnects, TlsSettings,
+    Until, Verdict,
 };
 use conduit_orders::{self as orders, Order, OrderPipeline, PipelineFile, RunReport, Workload};
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::{Failure, Format, UsageError};
@@ -241,14 +240,10 @@ impl BridgeTable {
     }
 }
 
-/// The partition an order belongs to: its id, mixed (splitmix64's finalizer, so that ids in a
-/// row spread evenly), modulo the partitions.
+/// The partition an order belongs to: its id, mixed (so that ids in a row spread evenly),
+/// modulo the partitions.
 fn partition_of(order: u64, partitions: u32) -> u32 {
-    let mut x = order;
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
-    u32::try_from(x % u64::from(partitions)).expect("below a u32")
+    u32::try_from(orders::ports::mix64(order) % u64::from(partitions)).expect("below a u32")
 }
 
 /// An order's message id: the same order always travels under the same id.
@@ -430,8 +425,7 @@ fn run_outbox(log: &Log, table: &BridgeTable, stop: &AtomicBool) -> OutboxReport
         .map(|(kind, _)| kind)
         .collect();
     let name = format!("conduit outbox {} ({})", table.partition, std::process::id());
-    let mut failures = 0u32;
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(std::process::id()));
+    let mut reconnects = Reconnects::new(settings.reconnect);
     loop {
         let mut session = || -> Result<(), conduit_bridge::BridgeError> {
             let amqp = bridge.block_on(settings.connect(&name))?;
@@ -453,7 +447,7 @@ fn run_outbox(log: &Log, table: &BridgeTable, stop: &AtomicBool) -> OutboxReport
                 let pumped = outbox.pump(Duration::from_millis(100))?;
                 report.read += pumped.read as u64;
                 report.published += pumped.published as u64;
-                failures = 0;
+                reconnects.progressed();
                 if stopping && pumped.read == 0 {
                     return Ok(());
                 }
@@ -466,11 +460,8 @@ fn run_outbox(log: &Log, table: &BridgeTable, stop: &AtomicBool) -> OutboxReport
                 return report;
             }
             Err(error) => {
-                let wait = settings.reconnect.wait(failures, &mut rng);
-                tracing::warn!(%error, wait_ms = wait.as_millis(), "the outbox lost the broker; reconnecting");
+                reconnects.wait_after(&error, "the outbox");
                 report.reconnects += 1;
-                failures = failures.saturating_add(1);
-                std::thread::sleep(wait);
             }
         }
     }

@@ -264,6 +264,35 @@ impl SimConfig {
         .with_window(self.idempotency_window())
     }
 
+    /// The stock this world describes: its SKUs, their units, those that start empty.
+    #[must_use]
+    pub fn inventory(&self) -> crate::ports::SimulatedInventory {
+        crate::ports::SimulatedInventory::new(
+            self.faults(self.inventory_failure_rate, self.inventory_latency_us),
+            self.skus,
+            self.stock_per_sku,
+            self.empty_skus(),
+        )
+        .with_window(self.idempotency_window())
+    }
+
+    /// The email and SMS service this world describes.
+    #[must_use]
+    pub fn notifier(&self) -> crate::ports::SimulatedNotifier {
+        crate::ports::SimulatedNotifier::new(self.faults(self.notify_failure_rate, self.notify_latency_us))
+            .with_window(self.idempotency_window())
+    }
+
+    /// The carrier this world describes.
+    #[must_use]
+    pub fn carrier(&self) -> crate::ports::SimulatedCarrier {
+        crate::ports::SimulatedCarrier::with_faults(
+            self.idempotency_window(),
+            self.faults(self.shipping_failure_rate, self.shipping_latency_us),
+            self.skus,
+        )
+    }
+
     /// The simulated services' deduplication window.
     #[must_use]
     pub fn idempotency_window(&self) -> conduit::dedup::WindowLimits {

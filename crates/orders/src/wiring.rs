@@ -40,28 +40,13 @@ pub(crate) struct Ports {
 
 impl Ports {
     fn new(sim: &SimConfig, provider: Option<Arc<SimulatedGateway>>) -> Self {
-        let window = sim.idempotency_window();
         let external_gateway = provider.is_some();
         Self {
             gateway: provider.unwrap_or_else(|| Arc::new(sim.payment_gateway())),
             external_gateway,
-            inventory: Arc::new(
-                SimulatedInventory::new(
-                    sim.faults(sim.inventory_failure_rate, sim.inventory_latency_us),
-                    sim.skus,
-                    sim.stock_per_sku,
-                    sim.empty_skus(),
-                )
-                .with_window(window),
-            ),
-            notifier: Arc::new(
-                SimulatedNotifier::new(sim.faults(sim.notify_failure_rate, sim.notify_latency_us)).with_window(window),
-            ),
-            carrier: Arc::new(SimulatedCarrier::with_faults(
-                window,
-                sim.faults(sim.shipping_failure_rate, sim.shipping_latency_us),
-                sim.skus,
-            )),
+            inventory: Arc::new(sim.inventory()),
+            notifier: Arc::new(sim.notifier()),
+            carrier: Arc::new(sim.carrier()),
         }
     }
 
