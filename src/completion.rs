@@ -2,10 +2,11 @@
 //!
 //! Apache Storm's acker, in process. Every event carries a random 64-bit `token`; each submitted
 //! message (a *root*, keyed by its `seq`) has one word, the XOR of the tokens of its events still
-//! unfinished. When a stage finishes an event (forwarded, or dead-lettered) it XORs into its
-//! root's word the event's token and the tokens of every event it emitted; a retried or parked
-//! event changes nothing. XOR is commutative, so a child's own update may land before its
-//! parent's; the word is zero exactly when every descendant has finished (a stray zero needs a
+//! unfinished. An event that ends by emitting others splits its token among them (see
+//! `Acks::split`), so the word does not change; an event that ends with nothing to pass on (its
+//! work's last step, or dead-lettered) XORs its token into the word; a retried or parked event
+//! changes nothing. XOR is commutative, so the ends of a message's branches may land in any
+//! order; the word is zero exactly when every descendant has finished (a stray zero needs a
 //! 2^-64 coincidence). Memory: one entry per message in flight, whatever the history.
 //!
 //! Each message in flight holds a slot of the tracker (its events carry the slot's index), so an
@@ -382,6 +383,32 @@ impl Acks {
         token_of(self.state)
     }
 
+    /// Splits an event's `token` among its `children` (`set` gives a child its token): all but
+    /// the last draw fresh tokens, the last takes `token` XOR theirs. Their tokens XOR to the
+    /// event's, so as the event ends and they begin its message's word does not change: no
+    /// update, and none that the children's own could overtake. The word stays the XOR of the
+    /// tokens of the events in flight, and that is zero only when none is: each fresh token
+    /// appears in exactly two lines of descent (from the child that drew it, and from its last
+    /// sibling, each through last children), and the events in flight are never ancestor and
+    /// descendant, so no nonempty set of them XORs to zero but by a 2^-64 coincidence. A last
+    /// token that came out zero (the same coincidence, which would vanish from the XOR) is drawn
+    /// again.
+    pub(crate) fn split<T>(&mut self, token: u64, children: &mut [T], mut set: impl FnMut(&mut T, u64)) {
+        let Some((last, others)) = children.split_last_mut() else { return };
+        loop {
+            let mut rest = token;
+            for child in others.iter_mut() {
+                let fresh = self.token();
+                set(child, fresh);
+                rest ^= fresh;
+            }
+            if rest != 0 || others.is_empty() {
+                set(last, rest);
+                return;
+            }
+        }
+    }
+
     /// The word of the message in `slot` changes by `delta`.
     #[inline]
     pub(crate) fn update(&mut self, slot: u32, delta: u64) {
@@ -399,6 +426,47 @@ impl Acks {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.updates.len()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// A message's events split and end in any order the choices say: the tracker reports
+        /// the message finished exactly when its last event ends, never before. Each choice
+        /// picks an event in flight and ends it (`0`) or has it emit 1 to 3 children.
+        #[test]
+        fn a_message_finishes_when_its_last_event_ends(choices in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..4), 1..200)) {
+            let tracker = Tracker::new(None);
+            let mut slots = Vec::new();
+            prop_assert!(tracker.try_acquire(1, &mut slots));
+            let slot = slots[0];
+            let mut acks = Acks::new(1 << 40, true);
+            let mut live = vec![acks.token()];
+            tracker.register_fresh(std::iter::once((slot, 9, live[0])), 0);
+            let mut finished = Vec::new();
+            let mut choices = choices.into_iter();
+            while !live.is_empty() {
+                // Past the choices, or with too many in flight, events only end.
+                let (pick, children) = choices.next().map_or((0, 0), |(i, n)| (i.index(live.len()), n));
+                let token = live.swap_remove(pick);
+                if children == 0 || live.len() > 64 {
+                    acks.update(slot, token);
+                } else {
+                    let mut emitted = vec![0u64; children];
+                    acks.split(token, &mut emitted, |child, t| *child = t);
+                    live.extend(emitted);
+                }
+                tracker.apply(&mut acks, &mut finished);
+                prop_assert_eq!(finished.len(), usize::from(live.is_empty()), "finished with {} in flight", live.len());
+            }
+            prop_assert_eq!(finished, vec![9]);
+            prop_assert_eq!((tracker.in_flight(), tracker.completed()), (0, 1));
+        }
     }
 }
 

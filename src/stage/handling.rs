@@ -262,21 +262,13 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
         tally.emitted += self.emitter.staged.len() as u64;
         let acks = fx.acks();
         if acks.enabled() {
-            // The event is finished and its children begin: one update to its root's word.
-            if let [(_, only)] = self.emitter.staged.as_mut_slice() {
-                // One child carries on the event's token: the event ends as the child begins,
-                // nothing changes, and a stage that passes each event on never touches the
-                // tracker's shared memory. Only for one child: with more, the child's own end
-                // could cancel the token while this update, holding its siblings' tokens, is
-                // still to be applied, and the word would read zero too soon.
-                only.token = event.token;
+            // The event ends as its children begin: its token is split among them (their tokens
+            // XOR to it), so its root's word does not change and the tracker's shared memory is
+            // touched only where the work ends, by events that emit nothing.
+            if self.emitter.staged.is_empty() {
+                acks.update(event.slot, event.token);
             } else {
-                let mut delta = event.token;
-                for (_, child) in &mut self.emitter.staged {
-                    child.token = acks.token();
-                    delta ^= child.token;
-                }
-                acks.update(event.slot, delta);
+                acks.split(event.token, &mut self.emitter.staged, |(_, child), token| child.token = token);
             }
         }
         let cause = fx.forward(event, &mut self.emitter)?;
