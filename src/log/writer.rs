@@ -1,12 +1,19 @@
-//! The log writer thread: drain the append queue, assign versions, pack frames, commit once,
-//! release acknowledgements. After a failed commit it acknowledges nothing ever again.
+//! The log writer: drain the append queue, assign versions, pack frames, commit once, release
+//! acknowledgements. After a failed commit it acknowledges nothing ever again.
+//!
+//! Two threads share the work of a group: the writer prepares it without a transaction
+//! (versions, the running account, frames encoded), and once the group before it has committed,
+//! writes it into a transaction (with a checkpoint when one is due) and hands it to the
+//! committer, which commits (redb's page writes and fsync) and answers the group while the
+//! writer prepares the next. Groups still commit one at a time and in order, so what a crash
+//! leaves is what it left with one thread: every group up to some commit, nothing after it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use rustc_hash::FxHashMap;
 
 use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
@@ -53,7 +60,8 @@ pub(crate) struct WriterState {
     frame: Frame,
     frame_bytes: usize,
     buckets: Vec<u64>,
-    encoded: Vec<u8>,
+    /// Frame buffers written and free again.
+    spare: Vec<PackedFrame>,
     /// Each consumer's committed position: retention keeps what those that hold it still need.
     pub(crate) consumers: FxHashMap<String, ConsumerRow>,
 }
@@ -132,7 +140,7 @@ impl WriterState {
             frame: Frame::default(),
             frame_bytes: FRAME_FIXED_BYTES,
             buckets: Vec::new(),
-            encoded: Vec::new(),
+            spare: Vec::new(),
             consumers: FxHashMap::default(),
         };
         state.plan_retention();
@@ -199,6 +207,14 @@ struct Group {
 }
 
 pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
+    let mut committer = match Committer::start(Arc::clone(&state.shared)) {
+        Ok(committer) => committer,
+        Err(error) => {
+            // No second thread: every group commits here, one after another.
+            tracing::warn!(%error, "the log's commit thread did not start; the writer commits itself");
+            return run_serial(state, receiver);
+        }
+    };
     let mut group = Group::default();
     loop {
         let first = match state.options.durability {
@@ -208,7 +224,7 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
                     Ok(command) => command,
                     Err(RecvTimeoutError::Timeout) => {
                         // Quiet for a whole interval: make the earlier commits durable now.
-                        let _ = state.commit_group(&mut Group { wants_sync: true, ..Group::default() });
+                        state.pipeline_group(&mut Group { wants_sync: true, ..Group::default() }, &mut committer);
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -227,9 +243,141 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
                 Err(_) => break,
             }
         }
+        state.pipeline_group(&mut group, &mut committer);
+    }
+    state.settle(committer.finish());
+    state.shut_down();
+}
+
+/// [`run`] with every group committed on the writer thread.
+fn run_serial(mut state: WriterState, receiver: &Receiver<Command>) {
+    let mut group = Group::default();
+    while let Ok(first) = receiver.recv() {
+        group.push(first);
+        let limit = state.group_limit();
+        while group.records < limit {
+            match receiver.try_recv() {
+                Ok(command) => group.push(command),
+                Err(_) => break,
+            }
+        }
         let _ = state.commit_group(&mut group);
     }
     state.shut_down();
+}
+
+/// The thread that commits sealed groups while the writer packs the next one: redb's page
+/// writes and fsync on one side, versions, accounts and encoding on the other.
+struct Committer {
+    shared: Arc<Shared>,
+    sealed: Sender<Sealed>,
+    done: Receiver<Committed>,
+    handle: std::thread::JoinHandle<()>,
+    /// The group committing now, and whether it wrote a checkpoint (which rewrote rows of the
+    /// heads table that the next group may read).
+    outstanding: Option<bool>,
+}
+
+/// How a group's commit ended: whether it was durable, if it succeeded.
+#[derive(Debug, Clone, Copy)]
+struct Committed(Option<bool>);
+
+impl Committer {
+    fn start(shared: Arc<Shared>) -> std::io::Result<Self> {
+        let (sealed, incoming) = crossbeam_channel::bounded::<Sealed>(1);
+        let (report, done) = crossbeam_channel::bounded(1);
+        let committing = Arc::clone(&shared);
+        let handle = std::thread::Builder::new().name("conduit:log-commit".into()).spawn(move || {
+            for group in incoming {
+                if report.send(group.commit(&committing)).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(Self { shared, sealed, done, handle, outstanding: None })
+    }
+
+    /// Waits for the group committing now, if any.
+    fn wait(&mut self) -> Option<Committed> {
+        self.outstanding.take()?;
+        Some(self.done.recv().unwrap_or_else(|_| {
+            // A committer that died (a panic in redb) reports nothing: the log has failed.
+            fail_shared(&self.shared, "the log's commit thread stopped".to_owned());
+            Committed(None)
+        }))
+    }
+
+    /// Waits for the group committing now if it checkpointed.
+    fn wait_for_checkpoint(&mut self) -> Option<Committed> {
+        if self.outstanding == Some(true) {
+            self.wait()
+        } else {
+            None
+        }
+    }
+
+    fn hand(&mut self, group: Sealed) {
+        self.outstanding = Some(group.checkpointed);
+        if let Err(crossbeam_channel::SendError(group)) = self.sealed.send(group) {
+            // Only a committer that died drops its end.
+            self.outstanding = None;
+            let reason = "the log's commit thread stopped".to_owned();
+            fail_shared(&self.shared, reason.clone());
+            answer(group.commands, &Err(LogError::Failed(reason)));
+        }
+    }
+
+    /// Waits for the last group and stops the thread.
+    fn finish(mut self) -> Option<Committed> {
+        let last = self.wait();
+        let Self { sealed, handle, .. } = self;
+        drop(sealed);
+        handle.join().ok();
+        last
+    }
+}
+
+/// A group whose frames are in its transaction, ready to commit, and what its commit owes.
+struct Sealed {
+    txn: redb::WriteTransaction,
+    commands: Vec<Command>,
+    checked: FxHashMap<usize, Result<u32, LogError>>,
+    appended: u64,
+    engine_records: u64,
+    durable: bool,
+    checkpointed: bool,
+    /// The frame after the group's last.
+    tail: u64,
+}
+
+impl Sealed {
+    /// Commits, then answers everyone in the group; a failure fails the log for good.
+    fn commit(self, shared: &Shared) -> Committed {
+        let Self { txn, commands, mut checked, appended, engine_records, durable, tail, .. } = self;
+        crash_point!("log.before_commit");
+        let result = txn.commit().map_err(storage);
+        crash_point!("log.after_commit");
+        match result {
+            Ok(()) => {
+                let counters = &shared.counters;
+                counters.engine_records.fetch_add(engine_records, Ordering::Relaxed);
+                counters.events_appended.fetch_add(appended, Ordering::Relaxed);
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                if durable {
+                    counters.durable_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                answer_each(commands, &mut checked);
+                *shared.tail.lock() = tail;
+                shared.tail_changed.notify_all();
+                Committed(Some(durable))
+            }
+            Err(error) => {
+                fail_shared(shared, error.to_string());
+                answer(commands, &Err(LogError::Failed(error.to_string())));
+                Committed(None)
+            }
+        }
+    }
 }
 
 impl WriterState {
@@ -269,13 +417,53 @@ impl WriterState {
     }
 
     fn fail(&self, reason: String) {
-        tracing::error!(%reason, "log commit failed; the log accepts nothing more");
-        self.shared.failed.lock().get_or_insert(reason);
-        self.shared.has_failed.store(true, Ordering::Release);
+        fail_shared(&self.shared, reason);
     }
 
-    /// Writes one group in one transaction and answers everyone in it.
+    /// Writes one group in one transaction, commits it and answers everyone in it, all on this
+    /// thread.
     fn commit_group(&mut self, group: &mut Group) -> Result<(), LogError> {
+        let prepared = self.prepare(group)?;
+        let sealed = self.seal(prepared)?;
+        let committed = sealed.commit(&self.shared);
+        self.settle(Some(committed));
+        if self.failure().is_some() {
+            return Err(LogError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Prepares `group` while the group before it commits, then seals it once that commit is
+    /// done and hands it to the committer.
+    fn pipeline_group(&mut self, group: &mut Group, committer: &mut Committer) {
+        // A checkpoint rewrote heads rows the preparation may read: those must be on disk.
+        let checkpoint = committer.wait_for_checkpoint();
+        self.settle(checkpoint);
+        let prepared = self.prepare(group);
+        let before = committer.wait();
+        self.settle(before);
+        if let Ok(sealed) = prepared.and_then(|prepared| self.seal(prepared)) {
+            committer.hand(sealed);
+        }
+    }
+
+    /// Takes in how a commit ended.
+    fn settle(&mut self, committed: Option<Committed>) {
+        match committed {
+            Some(Committed(Some(true))) => {
+                self.undurable = false;
+                self.last_durable = Instant::now();
+            }
+            Some(Committed(Some(false))) => self.undurable = true,
+            Some(Committed(None)) | None => {}
+        }
+    }
+
+    /// Everything of `group` that needs no write transaction: versions (reading cold heads
+    /// through a read transaction), expected versions checked, the running account, and the
+    /// records packed into encoded frames. Versions are assigned in place: if the commit fails,
+    /// the log fails for good, so the map never needs rolling back.
+    fn prepare(&mut self, group: &mut Group) -> Result<Prepared, LogError> {
         let mut commands = std::mem::take(&mut group.commands);
         let wants_sync = std::mem::take(&mut group.wants_sync);
         let wants_checkpoint = std::mem::take(&mut group.wants_checkpoint);
@@ -284,33 +472,20 @@ impl WriterState {
             answer(commands, &Err(LogError::Failed(reason)));
             return Err(LogError::Closed);
         }
-        let durable = match self.options.durability {
-            Durability::Immediate => true,
-            Durability::Eventual { sync_interval_ms } => {
-                wants_sync || self.last_durable.elapsed() >= Duration::from_millis(sync_interval_ms)
-            }
-        };
         let mut checked: FxHashMap<usize, Result<u32, LogError>> = FxHashMap::default();
-        // Versions are assigned in place: if the commit fails, the log fails for good, so the
-        // map never needs rolling back.
-        let result = self.write(&mut commands, durable, wants_checkpoint, &mut checked);
-        match result {
-            Ok(appended) => {
-                let counters = &self.shared.counters;
-                counters.events_appended.fetch_add(appended, Ordering::Relaxed);
-                counters.commits.fetch_add(1, Ordering::Relaxed);
-                if durable {
-                    counters.durable_commits.fetch_add(1, Ordering::Relaxed);
-                    self.undurable = false;
-                    self.last_durable = Instant::now();
-                } else {
-                    self.undurable = true;
-                }
-                answer_each(commands, &mut checked);
-                *self.shared.tail.lock() = self.next_frame;
-                self.shared.tail_changed.notify_all();
-                Ok(())
-            }
+        let mut frames = Vec::new();
+        let bytes_before = self.book.bytes;
+        match self.pack(&mut commands, &mut checked, &mut frames) {
+            Ok((appended, engine_records)) => Ok(Prepared {
+                commands,
+                checked,
+                frames,
+                appended,
+                engine_records,
+                group_bytes: self.book.bytes - bytes_before,
+                wants_sync,
+                wants_checkpoint,
+            }),
             Err(error) => {
                 self.fail(error.to_string());
                 answer(commands, &Err(LogError::Failed(error.to_string())));
@@ -319,106 +494,158 @@ impl WriterState {
         }
     }
 
-    fn write(
+    fn pack(
         &mut self,
         commands: &mut [Command],
-        durable: bool,
-        wants_checkpoint: bool,
         checked: &mut FxHashMap<usize, Result<u32, LogError>>,
-    ) -> Result<u64, LogError> {
+        frames: &mut Vec<PackedFrame>,
+    ) -> Result<(u64, u64), LogError> {
+        let read = self.shared.db.begin_read().map_err(storage)?;
+        let heads = read.open_table(HEADS).map_err(storage)?;
+        let mut appended = 0u64;
+        let mut engine_records = 0u64;
+        for (index, command) in commands.iter_mut().enumerate() {
+            let records = match command {
+                Command::Append { records, .. } => records,
+                Command::Checked { stream, expected, records, .. } => {
+                    let actual = self.heads.version(*stream, &heads)?;
+                    let ok = match *expected {
+                        ExpectedVersion::Any => true,
+                        ExpectedVersion::NoStream => actual == 0,
+                        ExpectedVersion::Exact(v) => actual == v,
+                    };
+                    if !ok {
+                        let conflict = LogError::VersionConflict { stream: *stream, expected: *expected, actual };
+                        checked.insert(index, Err(conflict));
+                        continue;
+                    }
+                    let added = u32::try_from(records.len()).unwrap_or(u32::MAX);
+                    checked.insert(index, Ok(actual.saturating_add(added)));
+                    records
+                }
+                Command::Snapshot { stream, version, .. } => {
+                    // Written when the group is sealed; checked against the head here.
+                    let head = self.heads.version(*stream, &heads)?;
+                    let verdict = if *version == 0 || *version > head {
+                        Err(LogError::SnapshotAhead { stream: *stream, version: *version, head })
+                    } else {
+                        Ok(head)
+                    };
+                    checked.insert(index, verdict);
+                    continue;
+                }
+                Command::Consumer { .. } | Command::Sync { .. } | Command::Checkpoint { .. } => continue,
+            };
+            for mut record in std::mem::take(records) {
+                if record.stream == ENGINE_STREAM {
+                    // The engine's bookkeeping has no versions.
+                    engine_records += 1;
+                } else {
+                    record.version = self.heads.bump(record.stream, &heads)?;
+                }
+                // A frame closes before a record would take it past its bound, so that it
+                // fills its run of redb pages without spilling into a run twice the size.
+                let bytes = encoded_len(&record);
+                if self.frame_bytes + bytes > self.options.frame_bytes_target {
+                    self.pack_frame(frames);
+                }
+                self.book.account(&record, self.next_frame);
+                self.frame_bytes += bytes;
+                self.buckets.push(bucket_of(record.stream));
+                self.frame.records.push(record);
+                appended += 1;
+            }
+        }
+        self.pack_frame(frames);
+        Ok((appended, engine_records))
+    }
+
+    /// Opens the group's write transaction (once the one before has committed) and writes its
+    /// frames, snapshots and consumer positions, and a checkpoint when one is due.
+    fn seal(&mut self, mut prepared: Prepared) -> Result<Sealed, LogError> {
+        if let Some(reason) = self.failure() {
+            answer(prepared.commands, &Err(LogError::Failed(reason)));
+            return Err(LogError::Closed);
+        }
+        let durable = match self.options.durability {
+            Durability::Immediate => true,
+            Durability::Eventual { sync_interval_ms } => {
+                prepared.wants_sync || self.last_durable.elapsed() >= Duration::from_millis(sync_interval_ms)
+            }
+        };
+        match self.write(&mut prepared, durable) {
+            Ok((txn, checkpointed)) => Ok(Sealed {
+                txn,
+                commands: prepared.commands,
+                checked: prepared.checked,
+                appended: prepared.appended,
+                engine_records: prepared.engine_records,
+                durable,
+                checkpointed,
+                tail: self.next_frame,
+            }),
+            Err(error) => {
+                self.fail(error.to_string());
+                answer(prepared.commands, &Err(LogError::Failed(error.to_string())));
+                Err(error)
+            }
+        }
+    }
+
+    fn write(&mut self, prepared: &mut Prepared, durable: bool) -> Result<(redb::WriteTransaction, bool), LogError> {
+        let Prepared { commands, checked, frames: packed, appended, group_bytes, wants_checkpoint, .. } = prepared;
+        let (appended, group_bytes) = (*appended, *group_bytes);
         let mut txn = self.shared.db.begin_write().map_err(storage)?;
         txn.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
             .map_err(storage)?;
         txn.set_quick_repair(durable && self.options.quick_repair);
-        let mut appended = 0u64;
-        let mut engine_records = 0u64;
-        let bytes_before = self.book.bytes;
         {
             let mut frames = txn.open_table(FRAMES).map_err(storage)?;
             let mut buckets = txn.open_table(BUCKETS).map_err(storage)?;
             let mut offsets = txn.open_table(FRAME_OFFSETS).map_err(storage)?;
-            let heads = txn.open_table(HEADS).map_err(storage)?;
-            for (index, command) in commands.iter_mut().enumerate() {
-                let records = match command {
-                    Command::Append { records, .. } => records,
-                    Command::Checked { stream, expected, records, .. } => {
-                        let actual = self.heads.version(*stream, &heads)?;
-                        let ok = match *expected {
-                            ExpectedVersion::Any => true,
-                            ExpectedVersion::NoStream => actual == 0,
-                            ExpectedVersion::Exact(v) => actual == v,
-                        };
-                        if !ok {
-                            let conflict = LogError::VersionConflict { stream: *stream, expected: *expected, actual };
-                            checked.insert(index, Err(conflict));
-                            continue;
-                        }
-                        let added = u32::try_from(records.len()).unwrap_or(u32::MAX);
-                        checked.insert(index, Ok(actual.saturating_add(added)));
-                        records
-                    }
-                    Command::Snapshot { stream, version, state, .. } => {
-                        let head = self.heads.version(*stream, &heads)?;
-                        let saved = if *version == 0 || *version > head {
-                            Err(LogError::SnapshotAhead { stream: *stream, version: *version, head })
-                        } else {
-                            snapshot::write(&txn, *stream, *version, std::mem::take(state), &mut self.scratch)
-                                .map(|()| head)
-                        };
-                        checked.insert(index, saved);
-                        continue;
-                    }
-                    Command::Consumer { name, row, .. } => {
-                        consumer::write(&txn, name, row.as_ref(), &mut self.scratch)?;
-                        match row {
-                            Some(row) => self.consumers.insert(name.clone(), *row),
-                            None => self.consumers.remove(name.as_str()),
-                        };
-                        continue;
-                    }
-                    Command::Sync { .. } | Command::Checkpoint { .. } => continue,
-                };
-                for mut record in std::mem::take(records) {
-                    if record.stream == ENGINE_STREAM {
-                        // The engine's bookkeeping has no versions.
-                        engine_records += 1;
-                    } else {
-                        record.version = self.heads.bump(record.stream, &heads)?;
-                    }
-                    // A frame closes before a record would take it past its bound, so that it
-                    // fills its run of redb pages without spilling into a run twice the size.
-                    let bytes = encoded_len(&record);
-                    if self.frame_bytes + bytes > self.options.frame_bytes_target {
-                        self.flush_frame(&mut frames, &mut buckets, &mut offsets)?;
-                    }
-                    self.book.account(&record, self.next_frame);
-                    self.frame_bytes += bytes;
-                    self.buckets.push(bucket_of(record.stream));
-                    self.frame.records.push(record);
-                    appended += 1;
+            for frame in packed.drain(..) {
+                frames.insert(frame.seq, frame.bytes.as_slice()).map_err(storage)?;
+                offsets.insert(frame.seq, frame.first_offset).map_err(storage)?;
+                for &bucket in &frame.buckets {
+                    buckets.insert((bucket, frame.seq), ()).map_err(storage)?;
                 }
+                self.spare.push(frame);
             }
-            self.flush_frame(&mut frames, &mut buckets, &mut offsets)?;
+        }
+        for (index, command) in commands.iter_mut().enumerate() {
+            match command {
+                Command::Snapshot { stream, version, state, .. } => {
+                    if matches!(checked.get(&index), Some(Ok(_))) {
+                        let saved = snapshot::write(&txn, *stream, *version, std::mem::take(state), &mut self.scratch);
+                        if let Err(error) = saved {
+                            checked.insert(index, Err(error));
+                        }
+                    }
+                }
+                Command::Consumer { name, row, .. } => {
+                    consumer::write(&txn, name, row.as_ref(), &mut self.scratch)?;
+                    match row {
+                        Some(row) => self.consumers.insert(name.clone(), *row),
+                        None => self.consumers.remove(name.as_str()),
+                    };
+                }
+                _ => {}
+            }
         }
         self.since_checkpoint += appended;
-        let group_bytes = self.book.bytes - bytes_before;
         self.written_bytes += group_bytes;
         self.written_records += appended;
         if group_bytes > self.largest_group && !self.options.retention.is_unbounded() {
             self.largest_group = group_bytes;
             self.plan_retention();
         }
-        if wants_checkpoint
+        let checkpointed = *wants_checkpoint
             || self.since_checkpoint >= self.options.checkpoint_records
-            || self.book.bytes > self.retain_at
-        {
+            || self.book.bytes > self.retain_at;
+        if checkpointed {
             self.checkpoint(&txn)?;
         }
-        crash_point!("log.before_commit");
-        txn.commit().map_err(storage)?;
-        crash_point!("log.after_commit");
-        self.shared.counters.engine_records.fetch_add(engine_records, Ordering::Relaxed);
-        Ok(appended)
+        Ok((txn, checkpointed))
     }
 
     /// Writes the heads changed since the last checkpoint and a new checkpoint, in `txn`.
@@ -536,39 +763,60 @@ impl WriterState {
         Ok(())
     }
 
-    fn flush_frame(
-        &mut self,
-        frames: &mut redb::Table<'_, u64, &'static [u8]>,
-        buckets: &mut redb::Table<'_, (u64, u64), ()>,
-        offsets: &mut redb::Table<'_, u64, u64>,
-    ) -> Result<(), LogError> {
+    /// Closes the frame being filled: encoded into a buffer of the group's, its buckets listed.
+    fn pack_frame(&mut self, out: &mut Vec<PackedFrame>) {
         if self.frame.records.is_empty() {
-            return Ok(());
+            return;
         }
         let seq = self.next_frame;
         self.frame.seq = seq;
-        encode_frame(&self.frame, &mut self.encoded);
-        debug_assert!(self.encoded.len() > HEADER_LEN);
-        debug_assert!(self.encoded.len() <= self.frame_bytes, "{} > {}", self.encoded.len(), self.frame_bytes);
-        frames.insert(seq, self.encoded.as_slice()).map_err(storage)?;
-        let first_offset = self.book.records - self.frame.records.len() as u64;
-        offsets.insert(seq, first_offset).map_err(storage)?;
-        self.buckets.sort_unstable();
-        self.buckets.dedup();
-        for &bucket in &self.buckets {
-            buckets.insert((bucket, seq), ()).map_err(storage)?;
-        }
+        let mut packed = self.spare.pop().unwrap_or_default();
+        encode_frame(&self.frame, &mut packed.bytes);
+        debug_assert!(packed.bytes.len() > HEADER_LEN);
+        debug_assert!(packed.bytes.len() <= self.frame_bytes, "{} > {}", packed.bytes.len(), self.frame_bytes);
+        packed.seq = seq;
+        packed.first_offset = self.book.records - self.frame.records.len() as u64;
+        packed.buckets.clear();
+        packed.buckets.append(&mut self.buckets);
+        packed.buckets.sort_unstable();
+        packed.buckets.dedup();
         let counters = &self.shared.counters;
         counters.frames.fetch_add(1, Ordering::Relaxed);
-        counters.bytes.fetch_add(self.encoded.len() as u64, Ordering::Relaxed);
+        counters.bytes.fetch_add(packed.bytes.len() as u64, Ordering::Relaxed);
         self.next_frame += 1;
         self.book.frames += 1;
-        self.book.bytes += stored_bytes(self.encoded.len());
+        self.book.bytes += stored_bytes(packed.bytes.len());
         self.frame.records.clear();
         self.frame_bytes = FRAME_FIXED_BYTES;
-        self.buckets.clear();
-        Ok(())
+        out.push(packed);
     }
+}
+
+/// A group made ready outside any transaction.
+struct Prepared {
+    commands: Vec<Command>,
+    checked: FxHashMap<usize, Result<u32, LogError>>,
+    frames: Vec<PackedFrame>,
+    appended: u64,
+    engine_records: u64,
+    group_bytes: u64,
+    wants_sync: bool,
+    wants_checkpoint: bool,
+}
+
+/// One encoded frame, the offset of its first record and the buckets its records index.
+#[derive(Default)]
+struct PackedFrame {
+    seq: u64,
+    bytes: Vec<u8>,
+    first_offset: u64,
+    buckets: Vec<u64>,
+}
+
+fn fail_shared(shared: &Shared, reason: String) {
+    tracing::error!(%reason, "log commit failed; the log accepts nothing more");
+    shared.failed.lock().get_or_insert(reason);
+    shared.has_failed.store(true, Ordering::Release);
 }
 
 fn answer(commands: Vec<Command>, result: &Result<(), LogError>) {
