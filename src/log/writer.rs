@@ -224,7 +224,11 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
                     Ok(command) => command,
                     Err(RecvTimeoutError::Timeout) => {
                         // Quiet for a whole interval: make the earlier commits durable now.
-                        state.pipeline_group(&mut Group { wants_sync: true, ..Group::default() }, &mut committer);
+                        state.pipeline_group(
+                            &mut Group { wants_sync: true, ..Group::default() },
+                            receiver,
+                            &mut committer,
+                        );
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -243,7 +247,7 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
                 Err(_) => break,
             }
         }
-        state.pipeline_group(&mut group, &mut committer);
+        state.pipeline_group(&mut group, receiver, &mut committer);
     }
     state.settle(committer.finish());
     state.shut_down();
@@ -299,12 +303,20 @@ impl Committer {
 
     /// Waits for the group committing now, if any.
     fn wait(&mut self) -> Option<Committed> {
-        self.outstanding.take()?;
-        Some(self.done.recv().unwrap_or_else(|_| {
-            // A committer that died (a panic in redb) reports nothing: the log has failed.
+        self.outstanding?;
+        // A committer that died (a panic in redb) reports nothing.
+        let report = self.done.recv().ok();
+        Some(self.received(report))
+    }
+
+    /// Takes in the report of the group committing now, received by the caller (`None`: the
+    /// committer died, and the log has failed).
+    fn received(&mut self, report: Option<Committed>) -> Committed {
+        self.outstanding = None;
+        report.unwrap_or_else(|| {
             fail_shared(&self.shared, "the log's commit thread stopped".to_owned());
             Committed(None)
-        }))
+        })
     }
 
     /// Waits for the group committing now if it checkpointed.
@@ -423,7 +435,9 @@ impl WriterState {
     /// Writes one group in one transaction, commits it and answers everyone in it, all on this
     /// thread.
     fn commit_group(&mut self, group: &mut Group) -> Result<(), LogError> {
-        let prepared = self.prepare(group)?;
+        let mut prepared = Prepared::after(self.book.bytes);
+        // A failure is answered by `seal`, to every command of the group.
+        self.prepare(&mut prepared, group).ok();
         let sealed = self.seal(prepared)?;
         let committed = sealed.commit(&self.shared);
         self.settle(Some(committed));
@@ -433,16 +447,38 @@ impl WriterState {
         Ok(())
     }
 
-    /// Prepares `group` while the group before it commits, then seals it once that commit is
-    /// done and hands it to the committer.
-    fn pipeline_group(&mut self, group: &mut Group, committer: &mut Committer) {
+    /// Prepares `group` while the group before it commits, and whatever else arrives until that
+    /// commit is done (so a group waiting on a commit grows as it would in the queue, already
+    /// prepared); then seals it and hands it to the committer.
+    fn pipeline_group(&mut self, group: &mut Group, receiver: &Receiver<Command>, committer: &mut Committer) {
         // A checkpoint rewrote heads rows the preparation may read: those must be on disk.
         let checkpoint = committer.wait_for_checkpoint();
         self.settle(checkpoint);
-        let prepared = self.prepare(group);
+        let mut prepared = Prepared::after(self.book.bytes);
+        let limit = self.group_limit();
+        let mut ok = self.prepare(&mut prepared, group).is_ok();
+        while ok && committer.outstanding.is_some() && prepared.records < limit {
+            crossbeam_channel::select! {
+                recv(receiver) -> command => {
+                    let Ok(command) = command else { break };
+                    group.push(command);
+                    while prepared.records + group.records < limit {
+                        match receiver.try_recv() {
+                            Ok(command) => group.push(command),
+                            Err(_) => break,
+                        }
+                    }
+                    ok = self.prepare(&mut prepared, group).is_ok();
+                }
+                recv(committer.done) -> report => {
+                    let report = committer.received(report.ok());
+                    self.settle(Some(report));
+                }
+            }
+        }
         let before = committer.wait();
         self.settle(before);
-        if let Ok(sealed) = prepared.and_then(|prepared| self.seal(prepared)) {
+        if let Ok(sealed) = self.seal(prepared) {
             committer.hand(sealed);
         }
     }
@@ -459,36 +495,29 @@ impl WriterState {
         }
     }
 
-    /// Everything of `group` that needs no write transaction: versions (reading cold heads
-    /// through a read transaction), expected versions checked, the running account, and the
-    /// records packed into encoded frames. Versions are assigned in place: if the commit fails,
-    /// the log fails for good, so the map never needs rolling back.
-    fn prepare(&mut self, group: &mut Group) -> Result<Prepared, LogError> {
-        let mut commands = std::mem::take(&mut group.commands);
-        let wants_sync = std::mem::take(&mut group.wants_sync);
-        let wants_checkpoint = std::mem::take(&mut group.wants_checkpoint);
-        group.records = 0;
-        if let Some(reason) = self.failure() {
-            answer(commands, &Err(LogError::Failed(reason)));
+    /// Adds `group` to `prepared`, doing all that needs no write transaction: versions (reading
+    /// cold heads through a read transaction), expected versions checked, the running account,
+    /// and the records packed into encoded frames (the last frame stays open until the group is
+    /// sealed). Versions are assigned in place: if the commit fails, the log fails for good, so
+    /// the map never needs rolling back. A failure fails the log; `seal` answers it.
+    fn prepare(&mut self, prepared: &mut Prepared, group: &mut Group) -> Result<(), LogError> {
+        let first = prepared.commands.len();
+        prepared.commands.append(&mut group.commands);
+        prepared.wants_sync |= std::mem::take(&mut group.wants_sync);
+        prepared.wants_checkpoint |= std::mem::take(&mut group.wants_checkpoint);
+        prepared.records += std::mem::take(&mut group.records);
+        if self.failure().is_some() {
             return Err(LogError::Closed);
         }
-        let mut checked: FxHashMap<usize, Result<u32, LogError>> = FxHashMap::default();
-        let mut frames = Vec::new();
-        let bytes_before = self.book.bytes;
-        match self.pack(&mut commands, &mut checked, &mut frames) {
-            Ok((appended, engine_records)) => Ok(Prepared {
-                commands,
-                checked,
-                frames,
-                appended,
-                engine_records,
-                group_bytes: self.book.bytes - bytes_before,
-                wants_sync,
-                wants_checkpoint,
-            }),
+        let Prepared { commands, checked, frames, .. } = prepared;
+        match self.pack(&mut commands[first..], first, checked, frames) {
+            Ok((appended, engine_records)) => {
+                prepared.appended += appended;
+                prepared.engine_records += engine_records;
+                Ok(())
+            }
             Err(error) => {
                 self.fail(error.to_string());
-                answer(commands, &Err(LogError::Failed(error.to_string())));
                 Err(error)
             }
         }
@@ -497,6 +526,7 @@ impl WriterState {
     fn pack(
         &mut self,
         commands: &mut [Command],
+        first: usize,
         checked: &mut FxHashMap<usize, Result<u32, LogError>>,
         frames: &mut Vec<PackedFrame>,
     ) -> Result<(u64, u64), LogError> {
@@ -504,7 +534,7 @@ impl WriterState {
         let heads = read.open_table(HEADS).map_err(storage)?;
         let mut appended = 0u64;
         let mut engine_records = 0u64;
-        for (index, command) in commands.iter_mut().enumerate() {
+        for (index, command) in (first..).zip(commands.iter_mut()) {
             let records = match command {
                 Command::Append { records, .. } => records,
                 Command::Checked { stream, expected, records, .. } => {
@@ -556,7 +586,6 @@ impl WriterState {
                 appended += 1;
             }
         }
-        self.pack_frame(frames);
         Ok((appended, engine_records))
     }
 
@@ -567,6 +596,7 @@ impl WriterState {
             answer(prepared.commands, &Err(LogError::Failed(reason)));
             return Err(LogError::Closed);
         }
+        self.pack_frame(&mut prepared.frames);
         let durable = match self.options.durability {
             Durability::Immediate => true,
             Durability::Eventual { sync_interval_ms } => {
@@ -593,8 +623,8 @@ impl WriterState {
     }
 
     fn write(&mut self, prepared: &mut Prepared, durable: bool) -> Result<(redb::WriteTransaction, bool), LogError> {
-        let Prepared { commands, checked, frames: packed, appended, group_bytes, wants_checkpoint, .. } = prepared;
-        let (appended, group_bytes) = (*appended, *group_bytes);
+        let Prepared { commands, checked, frames: packed, appended, bytes_before, wants_checkpoint, .. } = prepared;
+        let (appended, group_bytes) = (*appended, self.book.bytes - *bytes_before);
         let mut txn = self.shared.db.begin_write().map_err(storage)?;
         txn.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
             .map_err(storage)?;
@@ -793,15 +823,25 @@ impl WriterState {
 }
 
 /// A group made ready outside any transaction.
+#[derive(Default)]
 struct Prepared {
     commands: Vec<Command>,
     checked: FxHashMap<usize, Result<u32, LogError>>,
     frames: Vec<PackedFrame>,
+    /// Records the commands carry, and those appended (less any whose expected version failed).
+    records: usize,
     appended: u64,
     engine_records: u64,
-    group_bytes: u64,
+    /// The frames' bytes before the group.
+    bytes_before: u64,
     wants_sync: bool,
     wants_checkpoint: bool,
+}
+
+impl Prepared {
+    fn after(bytes_before: u64) -> Self {
+        Self { bytes_before, ..Self::default() }
+    }
 }
 
 /// One encoded frame, the offset of its first record and the buckets its records index.
