@@ -1,5 +1,5 @@
 //! Appending to the log: conduit's writer (frames, one commit per group) against one redb row per
-//! event at 10,000 rows per transaction, both fsynced, on the same records.
+//! event, both at 10,000 events per fsynced transaction, on the same records.
 //!
 //! `cargo bench --bench log_append`; figures are events per second.
 
@@ -26,7 +26,7 @@ fn log_append(c: &mut Criterion) {
         b.iter_custom(|iters| (0..iters).map(|_| redb_rows(dir.path(), &records, 75, 10_000).elapsed).sum());
     });
     group.bench_function("log_writer", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| log_writer(dir.path(), &records).elapsed).sum());
+        b.iter_custom(|iters| (0..iters).map(|_| log_writer(dir.path(), &records, 10_000).elapsed).sum());
     });
     group.finish();
 }

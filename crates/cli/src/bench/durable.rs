@@ -43,31 +43,51 @@ fn disk_bytes(path: &Path) -> u64 {
 }
 
 /// The records a pipeline run journals for `events` events: one placement (with its 34-byte
-/// payload) then six facts without payload, per order.
+/// payload) then six facts without payload, per order; and, as the engine's workers do, the
+/// orders' completions in records of [`COMPLETIONS_PER_RECORD`] ids, each a block behind the
+/// orders it lists (so that, as in the engine, a few thousand messages are in flight at any
+/// checkpoint rather than every message ever placed).
 pub(super) fn typical_records(events: u64) -> Vec<Record> {
-    (0..events)
-        .map(|i| {
-            let order = i / EVENTS_PER_ORDER + 1;
-            let mut payload = Vec::new();
-            let kind = u16::try_from(i % EVENTS_PER_ORDER).unwrap_or(0) + 1;
-            if kind == 1 {
-                let event = OrderEvent::place(Order { id: order, customer: 7, sku: 3, quantity: 1, amount_cents: 990 });
-                event.encode(&mut payload);
+    let mut records = Vec::with_capacity(usize::try_from(events).unwrap_or(0));
+    let mut placed = Vec::new();
+    let mut finished = Vec::new();
+    for i in 0..events {
+        let order = i / EVENTS_PER_ORDER + 1;
+        let mut payload = Vec::new();
+        let kind = u16::try_from(i % EVENTS_PER_ORDER).unwrap_or(0) + 1;
+        if kind == 1 {
+            let event = OrderEvent::place(Order { id: order, customer: 7, sku: 3, quantity: 1, amount_cents: 990 });
+            event.encode(&mut payload);
+            placed.push(i + 1);
+        }
+        records.push(Record {
+            id: i + 1,
+            stream: order,
+            kind,
+            stage: if kind == 1 { STAGE_INGRESS } else { 0 },
+            timestamp_us: 1_795_000_000_000_000 + i,
+            correlation: order,
+            causation: i,
+            payload,
+            ..Record::default()
+        });
+        if placed.len() == COMPLETIONS_PER_RECORD && i % EVENTS_PER_ORDER == EVENTS_PER_ORDER - 1 {
+            if !finished.is_empty() {
+                records.push(conduit::log::completion_record(&finished));
             }
-            Record {
-                id: i + 1,
-                stream: order,
-                kind,
-                stage: if kind == 1 { STAGE_INGRESS } else { 0 },
-                timestamp_us: 1_795_000_000_000_000 + i,
-                correlation: order,
-                causation: i,
-                payload,
-                ..Record::default()
-            }
-        })
-        .collect()
+            finished = std::mem::take(&mut placed);
+        }
+    }
+    for ids in [finished, placed] {
+        if !ids.is_empty() {
+            records.push(conduit::log::completion_record(&ids));
+        }
+    }
+    records
 }
+
+/// Message ids a worker's completion record lists at most (the engine's own bound).
+const COMPLETIONS_PER_RECORD: usize = 4_096;
 
 /// Bytes per event in a full frame of typical records.
 pub(super) fn encoded_event_bytes(records: &[Record]) -> usize {
@@ -114,9 +134,13 @@ pub fn redb_rows(dir: &Path, records: &[Record], event_bytes: usize, per_txn: u6
 }
 
 /// conduit's log alone: appends of 4,096 records from one thread, immediate durability.
-pub fn log_writer(dir: &Path, records: &[Record]) -> Run {
+/// conduit's log alone: `records` appended from one thread, at most `per_commit` records a
+/// group (the engine's cadence).
+pub fn log_writer(dir: &Path, records: &[Record], per_commit: u64) -> Run {
     let path = scratch(dir, "log.redb");
-    let log = Log::open(&path, LogOptions::default()).expect("the bench directory is writable");
+    let group_records_max = usize::try_from(per_commit).unwrap_or(usize::MAX).clamp(1, 1 << 20);
+    let options = LogOptions { group_records_max, ..LogOptions::default() };
+    let log = Log::open(&path, options).expect("the bench directory is writable");
     let batches: Vec<Vec<Record>> = records.chunks(4_096).map(<[Record]>::to_vec).collect();
     let start = Instant::now();
     for batch in batches {
