@@ -207,6 +207,27 @@ pub(crate) fn write(
     Ok(())
 }
 
+/// The `heads` table as the last commit left it, opened (a read transaction) only when a head
+/// missing from the cache must be read: most groups never need it.
+pub(crate) struct HeadsTable<'db> {
+    db: &'db redb::Database,
+    table: Option<redb::ReadOnlyTable<u64, &'static [u8]>>,
+}
+
+impl<'db> HeadsTable<'db> {
+    pub(crate) fn new(db: &'db redb::Database) -> Self {
+        Self { db, table: None }
+    }
+
+    fn table(&mut self) -> Result<&redb::ReadOnlyTable<u64, &'static [u8]>, LogError> {
+        if self.table.is_none() {
+            let txn = self.db.begin_read().map_err(storage)?;
+            self.table = Some(txn.open_table(HEADS).map_err(storage)?);
+        }
+        Ok(self.table.as_ref().expect("opened just now"))
+    }
+}
+
 /// The writer's stream versions: a bounded cache over the `heads` table, plus every version
 /// changed since the last checkpoint (those stay until the checkpoint has written them).
 #[derive(Debug, Default)]
@@ -237,17 +258,13 @@ impl Heads {
     }
 
     /// The last version of `stream` (0: none), reading its bucket's row on a miss.
-    pub(crate) fn version(
-        &mut self,
-        stream: u64,
-        heads: &impl ReadableTable<u64, &'static [u8]>,
-    ) -> Result<u32, LogError> {
+    pub(crate) fn version(&mut self, stream: u64, heads: &mut HeadsTable<'_>) -> Result<u32, LogError> {
         if let Some(&(version, _)) = self.versions.get(&stream) {
             return Ok(version);
         }
         let bucket = bucket_of(stream);
         if self.loaded.insert(bucket) {
-            if let Some(row) = heads.get(bucket).map_err(storage)? {
+            if let Some(row) = heads.table()?.get(bucket).map_err(storage)? {
                 let row: HeadsRow = decode("heads", bucket, row.value())?;
                 for (s, version) in row.heads {
                     // Versions changed since the checkpoint are newer than the row's.
@@ -260,11 +277,7 @@ impl Heads {
 
     /// Gives `stream` its next version and returns it.
     #[inline]
-    pub(crate) fn bump(
-        &mut self,
-        stream: u64,
-        heads: &impl ReadableTable<u64, &'static [u8]>,
-    ) -> Result<u32, LogError> {
+    pub(crate) fn bump(&mut self, stream: u64, heads: &mut HeadsTable<'_>) -> Result<u32, LogError> {
         if let Some((version, dirty)) = self.versions.get_mut(&stream) {
             *version += 1;
             if !std::mem::replace(dirty, true) {

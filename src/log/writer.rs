@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableTable, ReadableTableMetadata};
 use rustc_hash::FxHashMap;
 
-use super::checkpoint::{self, Checkpoint, Heads, InFlight, HEADS};
+use super::checkpoint::{self, Checkpoint, Heads, HeadsTable, InFlight};
 use super::consumer::{self, ConsumerRow, FRAME_OFFSETS};
 use super::error::storage;
 use super::format::{
@@ -530,15 +530,15 @@ impl WriterState {
         checked: &mut FxHashMap<usize, Result<u32, LogError>>,
         frames: &mut Vec<PackedFrame>,
     ) -> Result<(u64, u64), LogError> {
-        let read = self.shared.db.begin_read().map_err(storage)?;
-        let heads = read.open_table(HEADS).map_err(storage)?;
+        let shared = Arc::clone(&self.shared);
+        let mut heads = HeadsTable::new(&shared.db);
         let mut appended = 0u64;
         let mut engine_records = 0u64;
         for (index, command) in (first..).zip(commands.iter_mut()) {
             let records = match command {
                 Command::Append { records, .. } => records,
                 Command::Checked { stream, expected, records, .. } => {
-                    let actual = self.heads.version(*stream, &heads)?;
+                    let actual = self.heads.version(*stream, &mut heads)?;
                     let ok = match *expected {
                         ExpectedVersion::Any => true,
                         ExpectedVersion::NoStream => actual == 0,
@@ -555,7 +555,7 @@ impl WriterState {
                 }
                 Command::Snapshot { stream, version, .. } => {
                     // Written when the group is sealed; checked against the head here.
-                    let head = self.heads.version(*stream, &heads)?;
+                    let head = self.heads.version(*stream, &mut heads)?;
                     let verdict = if *version == 0 || *version > head {
                         Err(LogError::SnapshotAhead { stream: *stream, version: *version, head })
                     } else {
@@ -571,7 +571,7 @@ impl WriterState {
                     // The engine's bookkeeping has no versions.
                     engine_records += 1;
                 } else {
-                    record.version = self.heads.bump(record.stream, &heads)?;
+                    record.version = self.heads.bump(record.stream, &mut heads)?;
                 }
                 // A frame closes before a record would take it past its bound, so that it
                 // fills its run of redb pages without spilling into a run twice the size.
