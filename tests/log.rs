@@ -36,6 +36,9 @@ fn appends_get_contiguous_versions_and_survive_reopening() {
         let stats = log.stats();
         assert_eq!(stats.events_appended, 5_000);
         assert!(stats.commits >= 1 && stats.durable_commits == stats.commits);
+        let commits = log.commit_latency().expect("durable commits were timed");
+        assert_eq!(commits.count, stats.durable_commits, "every durable commit timed once");
+        assert!(commits.p50 > 0.0 && commits.p50 <= commits.p99 && commits.p99 <= commits.max, "{commits:?}");
         log.close().expect("closes");
     }
     let log = Log::open(&path, LogOptions::default()).expect("reopens");
@@ -113,7 +116,11 @@ fn eventual_durability_still_commits_everything() {
             log.append_detached((0..500).map(|s| event(s, round, 0)).collect()).expect("open");
         }
         log.close().expect("closing syncs");
-        assert_eq!(log.stats().events_appended, 10_000);
+        let stats = log.stats();
+        assert_eq!(stats.events_appended, 10_000);
+        // Only the durable commits are timed: the disk's part of an acknowledgement.
+        let timed = log.commit_latency().map_or(0, |commits| commits.count);
+        assert_eq!(timed, stats.durable_commits, "{stats:?}");
     }
     let log = Log::open(&path, LogOptions::default()).expect("reopens");
     assert_eq!(log.opened_with().records, 10_000);

@@ -378,6 +378,8 @@ pub(crate) struct Shared {
     /// the tail.
     pub(crate) tail: Mutex<u64>,
     pub(crate) tail_changed: parking_lot::Condvar,
+    /// How long each durable commit took, in ns: redb's page writes and fsync.
+    pub(crate) commit_ns: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl Shared {
@@ -436,6 +438,14 @@ impl Log {
     /// Reserves `count` consecutive record ids; returns the first.
     pub fn reserve_ids(&self, count: u64) -> u64 {
         self.shared.next_id.fetch_add(count, Ordering::Relaxed)
+    }
+
+    /// How long the durable commits since opening took (redb's page writes and fsync, from the
+    /// call to its return), in microseconds; `None` before the first. Beside the commits per
+    /// second, it tells whether an acknowledgement's latency is the disk's or the queue's.
+    pub fn commit_latency(&self) -> Option<crate::LatencySummary> {
+        let histogram = self.shared.commit_ns.lock();
+        (!histogram.is_empty()).then(|| crate::LatencySummary::from_histogram(&histogram))
     }
 
     /// Why the log failed, if it did.

@@ -148,6 +148,7 @@ impl Log {
             file,
             tail: Mutex::new(0),
             tail_changed: parking_lot::Condvar::new(),
+            commit_ns: Mutex::new(crate::metrics::new_growing_histogram()),
         });
         // From the last checkpoint (if any), the frames after it: versions changed since,
         // messages started and finished since, the highest id.

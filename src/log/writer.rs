@@ -367,7 +367,16 @@ impl Sealed {
     fn commit(self, shared: &Shared) -> Committed {
         let Self { txn, commands, mut checked, appended, engine_records, durable, tail, .. } = self;
         crash_point!("log.before_commit");
+        let started = Instant::now();
         let result = txn.commit().map_err(storage);
+        if durable && result.is_ok() {
+            let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+            let mut histogram = shared.commit_ns.lock();
+            // The histogram grows to `ns`; only a failed allocation leaves it to saturate.
+            if histogram.record(ns).is_err() {
+                histogram.saturating_record(ns);
+            }
+        }
         crash_point!("log.after_commit");
         match result {
             Ok(()) => {

@@ -346,6 +346,13 @@ fn write_log(out: &mut impl Write, report: &RunReport) -> io::Result<()> {
             s.frames,
             s.bytes as f64 / f64::from(1 << 20)
         )?;
+        if let Some(commit) = &log.commit_latency_us {
+            writeln!(
+                out,
+                "  commits      a durable commit took p50 {:.1} us  p99 {:.1} us  max {:.1} us",
+                commit.p50, commit.p99, commit.max
+            )?;
+        }
         if let Some(budget) = s.frame_budget {
             let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
             writeln!(

@@ -284,6 +284,7 @@ impl OrderPipeline {
             path: log.path().display().to_string(),
             durability: log.options().durability,
             stats: log.stats(),
+            commit_latency_us: log.commit_latency(),
             sync_error: report.log_sync.clone().and_then(Result::err).map(|e| e.to_string()),
             other_records: self.reconciled_records.load(std::sync::atomic::Ordering::Relaxed),
             saga_records_beyond_events: self.outcomes.records_beyond_events(),

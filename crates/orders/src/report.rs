@@ -257,6 +257,8 @@ pub struct LogReport {
     /// What the log wrote.
     #[serde(flatten)]
     pub stats: LogStats,
+    /// How long its durable commits took (redb's page writes and fsync), in microseconds.
+    pub commit_latency_us: Option<conduit::LatencySummary>,
     /// Set when the final sync failed.
     pub sync_error: Option<String>,
     /// Records this run appended besides its events' (a redrive's records; the saga facts a
