@@ -207,14 +207,12 @@ struct Group {
 }
 
 pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
-    let mut committer = match Committer::start(Arc::clone(&state.shared)) {
-        Ok(committer) => committer,
-        Err(error) => {
+    let mut committer = Committer::start(Arc::clone(&state.shared))
+        .map_err(|error| {
             // No second thread: every group commits here, one after another.
             tracing::warn!(%error, "the log's commit thread did not start; the writer commits itself");
-            return run_serial(state, receiver);
-        }
-    };
+        })
+        .ok();
     let mut group = Group::default();
     loop {
         let first = match state.options.durability {
@@ -224,11 +222,8 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
                     Ok(command) => command,
                     Err(RecvTimeoutError::Timeout) => {
                         // Quiet for a whole interval: make the earlier commits durable now.
-                        state.pipeline_group(
-                            &mut Group { wants_sync: true, ..Group::default() },
-                            receiver,
-                            &mut committer,
-                        );
+                        let mut sync = Group { wants_sync: true, ..Group::default() };
+                        state.next_group(&mut sync, receiver, committer.as_mut());
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -240,32 +235,11 @@ pub(crate) fn run(mut state: WriterState, receiver: &Receiver<Command>) {
             },
         };
         group.push(first);
-        let limit = state.group_limit();
-        while group.records < limit {
-            match receiver.try_recv() {
-                Ok(command) => group.push(command),
-                Err(_) => break,
-            }
-        }
-        state.pipeline_group(&mut group, receiver, &mut committer);
+        group.take_waiting(receiver, state.group_limit());
+        state.next_group(&mut group, receiver, committer.as_mut());
     }
-    state.settle(committer.finish());
-    state.shut_down();
-}
-
-/// [`run`] with every group committed on the writer thread.
-fn run_serial(mut state: WriterState, receiver: &Receiver<Command>) {
-    let mut group = Group::default();
-    while let Ok(first) = receiver.recv() {
-        group.push(first);
-        let limit = state.group_limit();
-        while group.records < limit {
-            match receiver.try_recv() {
-                Ok(command) => group.push(command),
-                Err(_) => break,
-            }
-        }
-        let _ = state.commit_group(&mut group);
+    if let Some(committer) = committer {
+        state.settle(committer.finish());
     }
     state.shut_down();
 }
@@ -419,6 +393,16 @@ impl WriterState {
 }
 
 impl Group {
+    /// Adds what is already waiting in the queue, up to `limit` records.
+    fn take_waiting(&mut self, receiver: &Receiver<Command>, limit: usize) {
+        while self.records < limit {
+            match receiver.try_recv() {
+                Ok(command) => self.push(command),
+                Err(_) => break,
+            }
+        }
+    }
+
     fn push(&mut self, command: Command) {
         match &command {
             Command::Append { records, .. } | Command::Checked { records, .. } => self.records += records.len(),
@@ -456,6 +440,17 @@ impl WriterState {
         Ok(())
     }
 
+    /// Commits `group`: through the commit thread if there is one, otherwise here.
+    fn next_group(&mut self, group: &mut Group, receiver: &Receiver<Command>, committer: Option<&mut Committer>) {
+        match committer {
+            Some(committer) => self.pipeline_group(group, receiver, committer),
+            None => {
+                // A failure is answered to the group and kept as the log's failure.
+                self.commit_group(group).ok();
+            }
+        }
+    }
+
     /// Prepares `group` while the group before it commits, and whatever else arrives until that
     /// commit is done (so a group waiting on a commit grows as it would in the queue, already
     /// prepared); then seals it and hands it to the committer.
@@ -471,12 +466,7 @@ impl WriterState {
                 recv(receiver) -> command => {
                     let Ok(command) = command else { break };
                     group.push(command);
-                    while prepared.records + group.records < limit {
-                        match receiver.try_recv() {
-                            Ok(command) => group.push(command),
-                            Err(_) => break,
-                        }
-                    }
+                    group.take_waiting(receiver, limit - prepared.records);
                     ok = self.prepare(&mut prepared, group).is_ok();
                 }
                 recv(committer.done) -> report => {
