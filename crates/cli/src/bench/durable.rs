@@ -43,47 +43,67 @@ fn disk_bytes(path: &Path) -> u64 {
 }
 
 /// The records a pipeline run journals for `events` events: one placement (with its 34-byte
-/// payload) then six facts without payload, per order; and, as the engine's workers do, the
-/// orders' completions in records of [`COMPLETIONS_PER_RECORD`] ids, each a block behind the
-/// orders it lists (so that, as in the engine, a few thousand messages are in flight at any
-/// checkpoint rather than every message ever placed).
+/// payload) then six facts without payload, per order.
 pub(super) fn typical_records(events: u64) -> Vec<Record> {
-    let mut records = Vec::with_capacity(usize::try_from(events).unwrap_or(0));
-    let mut placed = Vec::new();
-    let mut finished = Vec::new();
-    for i in 0..events {
-        let order = i / EVENTS_PER_ORDER + 1;
-        let mut payload = Vec::new();
-        let kind = u16::try_from(i % EVENTS_PER_ORDER).unwrap_or(0) + 1;
-        if kind == 1 {
-            let event = OrderEvent::place(Order { id: order, customer: 7, sku: 3, quantity: 1, amount_cents: 990 });
-            event.encode(&mut payload);
-            placed.push(i + 1);
+    (0..events)
+        .map(|i| {
+            let order = i / EVENTS_PER_ORDER + 1;
+            let mut payload = Vec::new();
+            let kind = u16::try_from(i % EVENTS_PER_ORDER).unwrap_or(0) + 1;
+            if kind == 1 {
+                let event = OrderEvent::place(Order { id: order, customer: 7, sku: 3, quantity: 1, amount_cents: 990 });
+                event.encode(&mut payload);
+            }
+            Record {
+                id: i + 1,
+                stream: order,
+                kind,
+                stage: if kind == 1 { STAGE_INGRESS } else { 0 },
+                timestamp_us: 1_795_000_000_000_000 + i,
+                correlation: order,
+                causation: i,
+                payload,
+                ..Record::default()
+            }
+        })
+        .collect()
+}
+
+/// `records` in appends of `append` records, with what the engine's workers journal besides: the messages'
+/// completions, in records of [`COMPLETIONS_PER_RECORD`] ids, each a block behind the placements
+/// it lists (so that, as in the engine, a few thousand messages are in flight at a checkpoint,
+/// not every message ever placed). Also returns how many records that is in all.
+fn appends_with_completions(records: &[Record], append: usize) -> (Vec<Vec<Record>>, u64) {
+    let mut batches = Vec::new();
+    let mut batch = Vec::with_capacity(append);
+    let (mut placed, mut finished) = (Vec::new(), Vec::new());
+    let mut total = 0u64;
+    for record in records {
+        if record.stage == STAGE_INGRESS {
+            placed.push(record.id);
         }
-        records.push(Record {
-            id: i + 1,
-            stream: order,
-            kind,
-            stage: if kind == 1 { STAGE_INGRESS } else { 0 },
-            timestamp_us: 1_795_000_000_000_000 + i,
-            correlation: order,
-            causation: i,
-            payload,
-            ..Record::default()
-        });
-        if placed.len() == COMPLETIONS_PER_RECORD && i % EVENTS_PER_ORDER == EVENTS_PER_ORDER - 1 {
+        batch.push(record.clone());
+        if placed.len() == COMPLETIONS_PER_RECORD {
             if !finished.is_empty() {
-                records.push(conduit::log::completion_record(&finished));
+                batch.push(conduit::log::completion_record(&finished));
             }
             finished = std::mem::take(&mut placed);
+        }
+        if batch.len() >= append {
+            total += batch.len() as u64;
+            batches.push(std::mem::replace(&mut batch, Vec::with_capacity(append)));
         }
     }
     for ids in [finished, placed] {
         if !ids.is_empty() {
-            records.push(conduit::log::completion_record(&ids));
+            batch.push(conduit::log::completion_record(&ids));
         }
     }
-    records
+    if !batch.is_empty() {
+        total += batch.len() as u64;
+        batches.push(batch);
+    }
+    (batches, total)
 }
 
 /// Message ids a worker's completion record lists at most (the engine's own bound).
@@ -134,14 +154,15 @@ pub fn redb_rows(dir: &Path, records: &[Record], event_bytes: usize, per_txn: u6
 }
 
 /// conduit's log alone: appends of 4,096 records from one thread, immediate durability.
-/// conduit's log alone: `records` appended from one thread, at most `per_commit` records a
-/// group (the engine's cadence).
+/// conduit's log alone: `records` and their messages' completions appended from one thread in
+/// appends of 4,096 (fewer if `per_commit` is less), at most `per_commit` records a group (the
+/// engine's cadence) but for the last append taken in.
 pub fn log_writer(dir: &Path, records: &[Record], per_commit: u64) -> Run {
     let path = scratch(dir, "log.redb");
     let group_records_max = usize::try_from(per_commit).unwrap_or(usize::MAX).clamp(1, 1 << 20);
     let options = LogOptions { group_records_max, ..LogOptions::default() };
     let log = Log::open(&path, options).expect("the bench directory is writable");
-    let batches: Vec<Vec<Record>> = records.chunks(4_096).map(<[Record]>::to_vec).collect();
+    let (batches, total) = appends_with_completions(records, group_records_max.min(4_096));
     let start = Instant::now();
     for batch in batches {
         log.append_detached(batch).expect("healthy log");
@@ -149,7 +170,7 @@ pub fn log_writer(dir: &Path, records: &[Record], per_commit: u64) -> Run {
     log.sync().expect("healthy log");
     let elapsed = start.elapsed();
     let stats = log.stats();
-    assert_eq!(stats.events_appended, records.len() as u64);
+    assert_eq!(stats.events_appended, total);
     drop(log);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
