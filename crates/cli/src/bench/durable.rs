@@ -69,10 +69,10 @@ pub(super) fn typical_records(events: u64) -> Vec<Record> {
         .collect()
 }
 
-/// `records` in appends of `append` records, with what the engine's workers journal besides: the messages'
-/// completions, in records of [`COMPLETIONS_PER_RECORD`] ids, each a block behind the placements
-/// it lists (so that, as in the engine, a few thousand messages are in flight at a checkpoint,
-/// not every message ever placed). Also returns how many records that is in all.
+/// `records` in appends of `append` records, with what the engine's workers journal besides:
+/// the messages' completions, in records of [`COMPLETIONS_PER_RECORD`] ids, each a block behind
+/// the placements it lists (so that, as in the engine, a few thousand messages are in flight at a
+/// checkpoint, not every message ever placed). Also returns how many records that is in all.
 fn appends_with_completions(records: &[Record], append: usize) -> (Vec<Vec<Record>>, u64) {
     let mut batches = Vec::new();
     let mut batch = Vec::with_capacity(append);
@@ -153,7 +153,6 @@ pub fn redb_rows(dir: &Path, records: &[Record], event_bytes: usize, per_txn: u6
     Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes), frame_bytes: None }
 }
 
-/// conduit's log alone: appends of 4,096 records from one thread, immediate durability.
 /// conduit's log alone: `records` and their messages' completions appended from one thread in
 /// appends of 4,096 (fewer if `per_commit` is less), at most `per_commit` records a group (the
 /// engine's cadence) but for the last append taken in.
