@@ -46,6 +46,12 @@ pub(crate) struct BenchArgs {
     /// slow email stage (50 us a event), its pool fixed at 1 and then elastic (1 to 16).
     #[arg(long, conflicts_with = "sweep")]
     campaign: bool,
+    /// Instead of the cases: durable acknowledgement latency at this offered rate (orders a
+    /// second, for example 100000/s), the pipeline with an immediate log against the disk's own
+    /// floor (one writer, a write and an fdatasync per group, the same bytes), --durable-orders
+    /// orders a run, --repeat runs of each.
+    #[arg(long, value_name = "N/s", value_parser = crate::runcmd::parse_rate, conflicts_with_all = ["sweep", "campaign"])]
+    paced: Option<f64>,
     /// Report format on stdout.
     #[arg(long, value_enum, default_value_t = Format::Human)]
     format: Format,
@@ -54,7 +60,7 @@ pub(crate) struct BenchArgs {
     markdown: bool,
     /// Run only these cases (comma-separated names, as the report prints them), for example
     /// `engine_memory,engine_memory_untracked` to measure one ratio over many rounds.
-    #[arg(long, value_name = "NAMES", value_delimiter = ',', conflicts_with_all = ["sweep", "campaign"])]
+    #[arg(long, value_name = "NAMES", value_delimiter = ',', conflicts_with_all = ["sweep", "campaign", "paced"])]
     cases: Vec<String>,
 }
 
@@ -99,7 +105,26 @@ pub(crate) fn bench(args: &BenchArgs) -> Result<ExitCode, Failure> {
         }
     }
     let mut out = std::io::stdout().lock();
-    let written = if args.campaign {
+    let written = if let Some(rate) = args.paced {
+        if config.durable_orders == 0 {
+            return Err(UsageError("--paced runs --durable-orders orders: give it at least 1".into()).into());
+        }
+        let paced = conduit_cli::bench::PacedConfig {
+            rate,
+            orders: config.durable_orders,
+            repeat: config.repeat,
+            engine: config.engine.clone(),
+            dir: config.dir.clone(),
+        };
+        let report =
+            conduit_cli::bench::paced(&paced, |side, round| eprintln!("bench: paced {side} (run {})", round + 1))
+                .map_err(Failure::Run)?;
+        match args.format {
+            _ if args.markdown => human::write_paced(&mut out, &report, true).map_err(|e| e.to_string()),
+            Format::Json => serde_json::to_writer(&mut out, &report).map_err(|e| e.to_string()),
+            Format::Human => human::write_paced(&mut out, &report, false).map_err(|e| e.to_string()),
+        }
+    } else if args.campaign {
         let campaign = conduit_cli::bench::CampaignConfig::default();
         let report = conduit_cli::bench::campaign(&campaign, |pool| eprintln!("campaign: email pool {pool}"))
             .map_err(Failure::Run)?;

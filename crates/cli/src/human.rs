@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use conduit::AlertsSnapshot;
-use conduit_cli::bench::{BenchReport, SweepPoint};
+use conduit_cli::bench::{BenchReport, PacedReport, SweepPoint};
 use conduit_orders::{LoadReport, RecoverReport, RunReport, VerifyReport};
 
 fn millions(n: f64) -> String {
@@ -238,10 +238,19 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
         report.repeat,
         report.cpus
     )?;
-    writeln!(out, "  {:<31} {:>10}  runs (M events/s)", "case", "M events/s")?;
+    writeln!(out, "  {:<31} {:>10} {:>9} {:>6}  runs (M events/s)", "case", "M events/s", "CPU ns/ev", "cores")?;
+    let or_dash = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
     for case in &report.cases {
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
-        write!(out, "  {:<31} {:>10.2}  {}", case.name, case.events_per_sec / 1e6, runs.join(" "))?;
+        write!(
+            out,
+            "  {:<31} {:>10.2} {:>9} {:>6}  {}",
+            case.name,
+            case.events_per_sec / 1e6,
+            or_dash(case.cpu_ns_per_event, 0),
+            or_dash(case.cores_busy, 2),
+            runs.join(" ")
+        )?;
         if let (Some(per_sync), Some(bytes), Some(mb)) = (case.events_per_sync, case.bytes_per_event, case.mb_per_sec) {
             write!(out, "  [{per_sync:.0} events/commit, {bytes:.1} B/event on disk")?;
             if let Some(framed) = case.frame_bytes_per_event {
@@ -253,7 +262,11 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
     }
     writeln!(out)?;
     for (pair, ratio) in &report.ratios {
-        writeln!(out, "  {pair:<48} {ratio:>6.2}x")?;
+        write!(out, "  {pair:<48} {ratio:>6.2}x")?;
+        if let Some(cpu) = report.cpu_ratios.get(pair) {
+            write!(out, "  ({cpu:.2}x with every core busy: CPU per event)")?;
+        }
+        writeln!(out)?;
     }
     if let Some(m) = &report.memory {
         writeln!(
@@ -285,17 +298,19 @@ pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -
     )?;
     writeln!(
         out,
-        "| case | M events/s | runs | events per durable commit | bytes per event on disk | in frames | MB/s |"
+        "| case | M events/s | CPU ns per event | cores busy | runs | events per durable commit | bytes per event on disk | in frames | MB/s |"
     )?;
-    writeln!(out, "|---|---:|---|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---:|---:|---:|---|---:|---:|---:|---:|")?;
     let or_dash = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
     for case in &report.cases {
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
         writeln!(
             out,
-            "| `{}` | {:.2} | {} | {} | {} | {} | {} |",
+            "| `{}` | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
             case.name,
             case.events_per_sec / 1e6,
+            or_dash(case.cpu_ns_per_event, 0),
+            or_dash(case.cores_busy, 2),
             runs.join(" "),
             or_dash(case.events_per_sync, 0),
             or_dash(case.bytes_per_event, 1),
@@ -303,10 +318,87 @@ pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -
             or_dash(case.mb_per_sec, 1)
         )?;
     }
-    writeln!(out, "\n| ratio | value |")?;
-    writeln!(out, "|---|---:|")?;
+    writeln!(out, "\n| ratio | value | with every core busy (CPU per event) |")?;
+    writeln!(out, "|---|---:|---:|")?;
     for (pair, ratio) in &report.ratios {
-        writeln!(out, "| `{pair}` | {ratio:.2}x |")?;
+        let cpu = report.cpu_ratios.get(pair).map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.2}x"));
+        writeln!(out, "| `{pair}` | {ratio:.2}x | {cpu} |")?;
+    }
+    Ok(())
+}
+
+/// The paced comparison: every run of each side, then the medians, as text or Markdown.
+pub(crate) fn write_paced(out: &mut impl Write, report: &PacedReport, markdown: bool) -> io::Result<()> {
+    let title = format!(
+        "`conduit bench --paced`: {:.0} orders/s offered, {} orders a run, {} runs of each side, alternated",
+        report.rate,
+        report.orders,
+        report.engine.len()
+    );
+    let header = [
+        "side",
+        "ack p50 ms",
+        "ack p99 ms",
+        "commits",
+        "period ms",
+        "commit p50 ms",
+        "commit p99 ms",
+        "ack p99 in periods",
+        "B/event on disk",
+    ];
+    if markdown {
+        writeln!(out, "{title}\n\n| {} |\n|---|{}", header.join(" | "), "---:|".repeat(header.len() - 1))?;
+    } else {
+        writeln!(out, "{}", title.replace('`', ""))?;
+        writeln!(
+            out,
+            "  {:<12} {:>10} {:>10} {:>8} {:>9} {:>13} {:>13} {:>7} {:>9}",
+            "side", "ack p50", "ack p99", "commits", "period", "commit p50", "commit p99", "periods", "B/event"
+        )?;
+    }
+    let sides = report.engine.iter().map(|r| ("engine", r)).chain(report.disk.iter().map(|r| ("disk floor", r)));
+    for (side, r) in sides {
+        let cells = [
+            format!("{:.2}", r.ack_p50_ms),
+            format!("{:.2}", r.ack_p99_ms),
+            r.commits.to_string(),
+            format!("{:.2}", r.period_ms),
+            format!("{:.2}", r.commit_p50_ms),
+            format!("{:.2}", r.commit_p99_ms),
+            format!("{:.1}", r.ack_p99_periods()),
+            format!("{:.1}", r.bytes_per_event),
+        ];
+        if markdown {
+            writeln!(out, "| {side} | {} |", cells.join(" | "))?;
+        } else {
+            writeln!(
+                out,
+                "  {side:<12} {:>10} {:>10} {:>8} {:>9} {:>13} {:>13} {:>7} {:>9}",
+                cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+            )?;
+        }
+    }
+    let (e, d) = (&report.engine_median, &report.disk_median);
+    let lines = [
+        format!(
+            "median ack p99: engine {:.2} ms, disk floor {:.2} ms ({:.2}x)",
+            e.ack_p99_ms,
+            d.ack_p99_ms,
+            e.ack_p99_ms / d.ack_p99_ms.max(f64::MIN_POSITIVE)
+        ),
+        format!(
+            "median ack p99 in group-commit periods: engine {:.1}, disk floor {:.1}",
+            e.ack_p99_periods, d.ack_p99_periods
+        ),
+        format!(
+            "median commit p99 over period: engine {:.1}, disk floor {:.1}",
+            e.commit_p99_ms / e.period_ms.max(f64::MIN_POSITIVE),
+            d.commit_p99_ms / d.period_ms.max(f64::MIN_POSITIVE)
+        ),
+    ];
+    writeln!(out)?;
+    for line in lines {
+        writeln!(out, "{}{line}", if markdown { "- " } else { "  " })?;
     }
     Ok(())
 }

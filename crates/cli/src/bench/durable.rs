@@ -37,7 +37,7 @@ impl Cadence {
 }
 
 /// The disk space `path` occupies (allocated blocks), 0 if it cannot be read.
-fn disk_bytes(path: &Path) -> u64 {
+pub(super) fn disk_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
@@ -150,7 +150,7 @@ pub fn redb_rows(dir: &Path, records: &[Record], event_bytes: usize, per_txn: u6
     drop(db);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes), frame_bytes: None }
+    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes), frame_bytes: None, cpu: None }
 }
 
 /// conduit's log alone: `records` and their messages' completions appended from one thread in
@@ -162,18 +162,21 @@ pub fn log_writer(dir: &Path, records: &[Record], per_commit: u64) -> Run {
     let options = LogOptions { group_records_max, ..LogOptions::default() };
     let log = Log::open(&path, options).expect("the bench directory is writable");
     let (batches, total) = appends_with_completions(records, group_records_max.min(4_096));
+    // Its own CPU clock: building the appends above is not the log's work.
+    let cpu_before = super::process_cpu();
     let start = Instant::now();
     for batch in batches {
         log.append_detached(batch).expect("healthy log");
     }
     log.sync().expect("healthy log");
     let elapsed = start.elapsed();
+    let cpu = cpu_before.zip(super::process_cpu()).map(|(before, after)| after.saturating_sub(before));
     let stats = log.stats();
     assert_eq!(stats.events_appended, total);
     drop(log);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(stats.durable_commits), bytes_written: Some(bytes), frame_bytes: Some(stats.bytes) }
+    Run { elapsed, syncs: Some(stats.durable_commits), bytes_written: Some(bytes), frame_bytes: Some(stats.bytes), cpu }
 }
 
 /// `event_bytes` per event to a plain file: one write and fdatasync per `per_sync` events.
@@ -197,7 +200,7 @@ pub fn disk_seq_write_fsync(dir: &Path, events: u64, event_bytes: usize, per_syn
     drop(file);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes), frame_bytes: None }
+    Run { elapsed, syncs: Some(syncs), bytes_written: Some(bytes), frame_bytes: None, cpu: None }
 }
 
 /// The order pipeline with an immediate log.
@@ -234,5 +237,11 @@ fn engine_durable_with(config: &EngineConfig, orders: &[Order], dir: &Path, opti
     drop(log);
     let bytes = disk_bytes(&path);
     let _ = std::fs::remove_file(&path);
-    Run { elapsed, syncs: Some(stats.durable_commits), bytes_written: Some(bytes), frame_bytes: Some(stats.bytes) }
+    Run {
+        elapsed,
+        syncs: Some(stats.durable_commits),
+        bytes_written: Some(bytes),
+        frame_bytes: Some(stats.bytes),
+        cpu: None,
+    }
 }

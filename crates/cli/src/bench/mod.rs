@@ -43,6 +43,7 @@ use serde::Serialize;
 mod campaign;
 mod durable;
 mod overload;
+mod paced;
 mod pipeline;
 mod synthetic;
 
@@ -55,6 +56,7 @@ pub use durable::{
     redb_rows, Cadence,
 };
 pub use overload::{overload_memory, MemoryReport};
+pub use paced::{disk_paced, paced, PacedConfig, PacedMedians, PacedReport, PacedRun};
 pub use pipeline::{
     ceiling_one_thread, crossbeam_per_event_chain, disruptor_chain, engine_memory, engine_memory_tracked,
     engine_memory_watched, sweep,
@@ -180,6 +182,14 @@ pub struct CaseResult {
     /// `bytes_per_event` over this is what the file adds to the frames.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frame_bytes_per_event: Option<f64>,
+    /// CPU time per event, all the process's threads, over every run: what the case costs a
+    /// machine whose cores are all busy, where its events per second say what it does with this
+    /// one's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ns_per_event: Option<f64>,
+    /// CPU time over wall time, over every run: how many cores the case kept busy on average.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cores_busy: Option<f64>,
     /// How the case is set up.
     pub setup: String,
 }
@@ -191,6 +201,10 @@ pub struct BenchReport {
     pub cases: Vec<CaseResult>,
     /// `a / b` for the pairs that matter.
     pub ratios: BTreeMap<String, f64>,
+    /// For the same pairs, `b`'s CPU time per event over `a`'s: the ratio `a / b` would be
+    /// where both keep every core busy (this machine's when it has too few cores for either to
+    /// run its threads side by side). A ratio beyond it needs the case to do less work per event.
+    pub cpu_ratios: BTreeMap<String, f64>,
     /// Orders per run.
     pub orders: u64,
     /// Runs per case.
@@ -226,11 +240,30 @@ pub struct Run {
     pub bytes_written: Option<u64>,
     /// Bytes of the log's encoded frames, headers included (the engine's log only).
     pub frame_bytes: Option<u64>,
+    /// CPU time the process spent over the run, all its threads. A case whose call does untimed
+    /// work besides the run (building its input) measures its own; for the others the bench
+    /// measures the whole call.
+    pub cpu: Option<Duration>,
 }
 
 impl From<Duration> for Run {
     fn from(elapsed: Duration) -> Self {
-        Self { elapsed, syncs: None, bytes_written: None, frame_bytes: None }
+        Self { elapsed, ..Self::default() }
+    }
+}
+
+/// CPU time this process has used so far, all its threads together (`None` where the platform
+/// does not say).
+#[must_use]
+pub fn process_cpu() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+        Some(Duration::new(u64::try_from(now.tv_sec).ok()?, u32::try_from(now.tv_nsec).ok()?))
+    }
+    #[cfg(not(unix))]
+    {
+        None
     }
 }
 
@@ -508,7 +541,12 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
         for i in round_order(cases.len(), round) {
             let (name, _, _, case) = &cases[i];
             progress(name, round);
-            runs[i].push(case());
+            let before = process_cpu();
+            let mut run = case();
+            if run.cpu.is_none() {
+                run.cpu = before.zip(process_cpu()).map(|(before, after)| after.saturating_sub(before));
+            }
+            runs[i].push(run);
         }
     }
     cases
@@ -523,6 +561,8 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
             let bytes: Option<u64> = runs.iter().map(|r| r.bytes_written).sum();
             let bytes_per_event = bytes.map(|b| b as f64 / total_events.max(1.0));
             let frame_bytes: Option<u64> = runs.iter().map(|r| r.frame_bytes).sum();
+            let cpu: Option<Duration> = runs.iter().map(|r| r.cpu).sum();
+            let wall: Duration = runs.iter().map(|r| r.elapsed).sum();
             CaseResult {
                 name: (*name).to_owned(),
                 events_per_sec,
@@ -532,6 +572,8 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
                 bytes_per_event,
                 mb_per_sec: bytes_per_event.map(|b| b * events_per_sec / 1e6),
                 frame_bytes_per_event: frame_bytes.map(|b| b as f64 / total_events.max(1.0)),
+                cpu_ns_per_event: cpu.map(|c| c.as_secs_f64() * 1e9 / total_events.max(1.0)),
+                cores_busy: cpu.map(|c| c.as_secs_f64() / wall.as_secs_f64().max(1e-9)),
                 setup: setup.clone(),
             }
         })
@@ -552,7 +594,8 @@ fn round_order(cases: usize, round: u32) -> Box<dyn Iterator<Item = usize>> {
 /// The cases' medians and the ratios that matter.
 fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
     let rate = |name: &str| results.iter().find(|c| c.name == name).map_or(0.0, |c| c.events_per_sec);
-    let mut ratios = BTreeMap::new();
+    let cpu = |name: &str| results.iter().find(|c| c.name == name).and_then(|c| c.cpu_ns_per_event);
+    let (mut ratios, mut cpu_ratios) = (BTreeMap::new(), BTreeMap::new());
     for (a, b) in [
         ("engine_memory", "ceiling_one_thread"),
         ("engine_memory", "disruptor_chain"),
@@ -578,10 +621,16 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         if denominator > 0.0 && rate(a) > 0.0 {
             ratios.insert(format!("{a} / {b}"), rate(a) / denominator);
         }
+        if let (Some(a_cpu), Some(b_cpu)) = (cpu(a), cpu(b)) {
+            if a_cpu > 0.0 {
+                cpu_ratios.insert(format!("{a} / {b}"), b_cpu / a_cpu);
+            }
+        }
     }
     BenchReport {
         cases: results,
         ratios,
+        cpu_ratios,
         orders: config.orders,
         repeat: config.repeat,
         cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
@@ -656,10 +705,35 @@ mod tests {
         assert!(alone <= engine * 1.1, "log_writer: {alone} events per sync, engine {engine}");
         assert_eq!(report.ratios.len(), 15);
         assert!(report.ratios.contains_key("log_writer / disk_seq_write_fsync"), "{:?}", report.ratios.keys());
+        // Every case's CPU time (the process's: other tests add theirs), and for every ratio the
+        // one its CPU times allow.
+        for case in &report.cases {
+            let (cpu, cores) = (case.cpu_ns_per_event.unwrap_or(0.0), case.cores_busy.unwrap_or(0.0));
+            assert!(cpu > 0.0 && cores > 0.0, "{}: {cpu} ns, {cores} cores", case.name);
+        }
+        assert_eq!(report.cpu_ratios.keys().collect::<Vec<_>>(), report.ratios.keys().collect::<Vec<_>>());
         if let Some(memory) = report.memory {
             assert_eq!(memory.orders, 200);
             assert!(memory.peak_rss_mib >= memory.steady_rss_mib && memory.steady_rss_mib > 0.0);
         }
+    }
+
+    #[test]
+    fn the_process_cpu_clock_counts_work() {
+        // The whole process's clock (other tests' threads add to it): it never goes back, and
+        // 50 ms of spinning on this thread adds at least most of that.
+        let before = process_cpu().expect("a CPU clock on this platform");
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = process_cpu().expect("a CPU clock");
+        assert!(
+            after >= before + Duration::from_millis(30),
+            "{:?} of CPU while spinning 50 ms",
+            after.saturating_sub(before)
+        );
     }
 
     #[test]
