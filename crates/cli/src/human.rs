@@ -229,6 +229,11 @@ pub(crate) fn write_recover(out: &mut impl Write, r: &RecoverReport) -> io::Resu
     write_verify(out, "the resumed orders, verified after recovery", &r.verify)
 }
 
+/// `v` with `digits` decimals, or a dash when there is none.
+fn or_dash(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+}
+
 pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Result<()> {
     writeln!(
         out,
@@ -239,7 +244,6 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
         report.cpus
     )?;
     writeln!(out, "  {:<31} {:>10} {:>9} {:>6}  runs (M events/s)", "case", "M events/s", "CPU ns/ev", "cores")?;
-    let or_dash = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
     for case in &report.cases {
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
         write!(
@@ -301,7 +305,6 @@ pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -
         "| case | M events/s | CPU ns per event | cores busy | runs | events per durable commit | bytes per event on disk | in frames | MB/s |"
     )?;
     writeln!(out, "|---|---:|---:|---:|---|---:|---:|---:|---:|")?;
-    let or_dash = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
     for case in &report.cases {
         let runs: Vec<String> = case.runs_events_per_sec.iter().map(|r| format!("{:.2}", r / 1e6)).collect();
         writeln!(
