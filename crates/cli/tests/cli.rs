@@ -668,12 +668,43 @@ fn bench_runs_only_the_cases_asked_for() {
         report["cases"].as_array().expect("cases").iter().map(|c| c["name"].as_str().expect("name")).collect();
     assert_eq!(names, ["engine_memory", "engine_memory_untracked"]);
     assert!(report["ratios"]["engine_memory / engine_memory_untracked"].as_f64().is_some_and(|r| r > 0.0), "{report}");
+    for case in report["cases"].as_array().expect("cases") {
+        assert!(case["cpu_ns_per_event"].as_f64().is_some_and(|ns| ns > 0.0), "{case}");
+    }
+    assert!(
+        report["cpu_ratios"]["engine_memory / engine_memory_untracked"].as_f64().is_some_and(|r| r > 0.0),
+        "{report}"
+    );
     assert!(report["memory"].is_null(), "the overload measurement is not one of the cases asked for");
     assert_refused(&["bench", "--cases", "engine_memory,nope"], "no case is named \"nope\"");
     assert_refused(
         &["bench", "--cases", "redb_rows", "--durable-orders", "0"],
         "redb_rows does not run with these settings",
     );
+}
+
+#[test]
+fn bench_paced_reads_the_engines_acknowledgements_against_the_disks_floor() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().to_str().expect("a UTF-8 path");
+    let args = ["bench", "--paced", "20000/s", "--durable-orders", "2000", "--repeat", "2", "--dir", path];
+    let output = conduit(&[&args[..], &["--format", "json"]].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    for side in ["engine", "disk"] {
+        let runs = report[side].as_array().expect("runs");
+        assert_eq!(runs.len(), 2, "{report}");
+        assert!(runs.iter().all(|r| r["commits"].as_u64().is_some_and(|c| c > 0)), "{report}");
+        let median = &report[format!("{side}_median")];
+        assert!(median["ack_p99_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{report}");
+    }
+    let human = conduit(&args);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(human.status.success() && text.contains("disk floor") && text.contains("median ack p99"), "{text}");
+    assert!(dir.path().read_dir().expect("the directory").next().is_none(), "the runs remove their files");
+    assert_refused(&["bench", "--paced", "0/s"], "is not a rate");
+    assert_refused(&["bench", "--paced", "1000/s", "--durable-orders", "0"], "--durable-orders");
+    assert_refused(&["bench", "--paced", "1000/s", "--cases", "engine_memory"], "--cases");
 }
 
 #[test]
