@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
-use crate::metrics::{new_growing_histogram, ns_since, LATENCY_NS_MAX};
+use crate::metrics::{new_growing_histogram, ns_since, record_growing, LATENCY_NS_MAX};
 use crate::sync::{fence, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Most messages in flight at once: a submission waits for one of them to finish beyond this
@@ -229,12 +229,7 @@ impl Tracker {
         {
             let mut end_to_end = self.end_to_end.lock();
             for born in acks.born.drain(..) {
-                let ns = now.saturating_sub(born).clamp(1, LATENCY_NS_MAX);
-                // The histogram grows to `ns` (`saturating_record` would clamp to its current
-                // size instead); only a failed allocation leaves it to saturate.
-                if end_to_end.record(ns).is_err() {
-                    end_to_end.saturating_record(ns);
-                }
+                record_growing(&mut end_to_end, now.saturating_sub(born).clamp(1, LATENCY_NS_MAX));
             }
         }
         self.in_flight.fetch_sub(done.len() as u64, Ordering::Relaxed);

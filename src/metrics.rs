@@ -34,6 +34,15 @@ pub(crate) fn new_growing_histogram() -> Histogram<u64> {
     Histogram::new(LATENCY_SIGFIG).expect("a constant sigfig of at most 5 is valid")
 }
 
+/// Records `ns` in a histogram from [`new_growing_histogram`], growing it to `ns`
+/// (`saturating_record` would clamp to its current size instead); only a failed allocation
+/// leaves it to saturate.
+pub(crate) fn record_growing(histogram: &mut Histogram<u64>, ns: u64) {
+    if histogram.record(ns).is_err() {
+        histogram.saturating_record(ns);
+    }
+}
+
 /// Live counters of one stage, shared by its workers and the engine.
 #[derive(Debug)]
 pub(crate) struct StageMetrics {

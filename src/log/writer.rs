@@ -344,12 +344,8 @@ impl Sealed {
         let started = Instant::now();
         let result = txn.commit().map_err(storage);
         if durable && result.is_ok() {
-            let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
-            let mut histogram = shared.commit_ns.lock();
-            // The histogram grows to `ns`; only a failed allocation leaves it to saturate.
-            if histogram.record(ns).is_err() {
-                histogram.saturating_record(ns);
-            }
+            let ns = crate::metrics::ns_since(started, Instant::now()).max(1);
+            crate::metrics::record_growing(&mut shared.commit_ns.lock(), ns);
         }
         crash_point!("log.after_commit");
         match result {

@@ -207,10 +207,7 @@ impl SagaBook {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).clamp(1, LATENCY_NS_MAX);
-        let mut histogram = self.end_to_end.lock();
-        if histogram.record(ns).is_err() {
-            histogram.saturating_record(ns);
-        }
+        crate::metrics::record_growing(&mut self.end_to_end.lock(), ns);
     }
 
     /// Sagas in progress.

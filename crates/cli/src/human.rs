@@ -349,15 +349,18 @@ pub(crate) fn write_paced(out: &mut impl Write, report: &PacedReport, markdown: 
         "ack p99 in periods",
         "B/event on disk",
     ];
+    // As text: the side, then each figure right-aligned in its column.
+    let text_row = |side: &str, cells: &[String]| {
+        let cells: Vec<String> =
+            cells.iter().zip([10, 10, 8, 9, 13, 13, 7, 9]).map(|(c, w)| format!("{c:>w$}")).collect();
+        format!("  {side:<12} {}", cells.join(" "))
+    };
     if markdown {
         writeln!(out, "{title}\n\n| {} |\n|---|{}", header.join(" | "), "---:|".repeat(header.len() - 1))?;
     } else {
         writeln!(out, "{}", title.replace('`', ""))?;
-        writeln!(
-            out,
-            "  {:<12} {:>10} {:>10} {:>8} {:>9} {:>13} {:>13} {:>7} {:>9}",
-            "side", "ack p50", "ack p99", "commits", "period", "commit p50", "commit p99", "periods", "B/event"
-        )?;
+        let short = ["ack p50", "ack p99", "commits", "period", "commit p50", "commit p99", "periods", "B/event"];
+        writeln!(out, "{}", text_row("side", &short.map(String::from)))?;
     }
     let sides = report.engine.iter().map(|r| ("engine", r)).chain(report.disk.iter().map(|r| ("disk floor", r)));
     for (side, r) in sides {
@@ -374,11 +377,7 @@ pub(crate) fn write_paced(out: &mut impl Write, report: &PacedReport, markdown: 
         if markdown {
             writeln!(out, "| {side} | {} |", cells.join(" | "))?;
         } else {
-            writeln!(
-                out,
-                "  {side:<12} {:>10} {:>10} {:>8} {:>9} {:>13} {:>13} {:>7} {:>9}",
-                cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
-            )?;
+            writeln!(out, "{}", text_row(side, &cells))?;
         }
     }
     let (e, d) = (&report.engine_median, &report.disk_median);

@@ -170,7 +170,7 @@ pub fn log_writer(dir: &Path, records: &[Record], per_commit: u64) -> Run {
     }
     log.sync().expect("healthy log");
     let elapsed = start.elapsed();
-    let cpu = cpu_before.zip(super::process_cpu()).map(|(before, after)| after.saturating_sub(before));
+    let cpu = super::cpu_since(cpu_before);
     let stats = log.stats();
     assert_eq!(stats.events_appended, total);
     drop(log);

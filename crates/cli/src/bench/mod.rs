@@ -274,6 +274,11 @@ pub fn process_cpu() -> Option<Duration> {
     }
 }
 
+/// CPU time this process has used since `before` (a [`process_cpu`] reading).
+fn cpu_since(before: Option<Duration>) -> Option<Duration> {
+    before.zip(process_cpu()).map(|(before, after)| after.saturating_sub(before))
+}
+
 /// A case: name, setup, events per run, and the run itself.
 type Case<'a> = (&'static str, String, u64, Box<dyn Fn() -> Run + 'a>);
 
@@ -551,7 +556,7 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
             let before = process_cpu();
             let mut run = case();
             if run.cpu.is_none() {
-                run.cpu = before.zip(process_cpu()).map(|(before, after)| after.saturating_sub(before));
+                run.cpu = cpu_since(before);
             }
             runs[i].push(run);
         }

@@ -55,6 +55,29 @@ pub struct PacedRun {
 }
 
 impl PacedRun {
+    /// A run's figures from its acknowledgement and commit latencies (in microseconds), its
+    /// commits over `elapsed_s`, and the disk space it took for `events`.
+    // Counts fit f64 exactly at any size a bench run reaches.
+    #[allow(clippy::cast_precision_loss)]
+    fn of(
+        ack: &LatencySummary,
+        commit: &LatencySummary,
+        commits: u64,
+        elapsed_s: f64,
+        bytes: u64,
+        events: u64,
+    ) -> Self {
+        Self {
+            ack_p50_ms: ack.p50 / 1_000.0,
+            ack_p99_ms: ack.p99 / 1_000.0,
+            commits,
+            period_ms: elapsed_s * 1_000.0 / commits.max(1) as f64,
+            commit_p50_ms: commit.p50 / 1_000.0,
+            commit_p99_ms: commit.p99 / 1_000.0,
+            bytes_per_event: bytes as f64 / events.max(1) as f64,
+        }
+    }
+
     /// The acknowledgement p99 in group-commit periods.
     #[must_use]
     pub fn ack_p99_periods(&self) -> f64 {
@@ -132,10 +155,6 @@ pub fn paced(config: &PacedConfig, mut progress: impl FnMut(&str, u32)) -> Resul
     })
 }
 
-fn ms(summary: &LatencySummary, pick: fn(&LatencySummary) -> f64) -> f64 {
-    pick(summary) / 1_000.0
-}
-
 /// The order pipeline with an immediate log, offered `config.rate` orders a second as `conduit
 /// run --rate` offers them.
 fn engine_paced(config: &PacedConfig) -> Result<PacedRun, String> {
@@ -164,15 +183,7 @@ fn engine_paced(config: &PacedConfig) -> Result<PacedRun, String> {
     drop(log);
     let bytes = disk_bytes(&path);
     std::fs::remove_file(&path).ok();
-    Ok(PacedRun {
-        ack_p50_ms: ms(&ack, |s| s.p50),
-        ack_p99_ms: ms(&ack, |s| s.p99),
-        commits,
-        period_ms: report.elapsed_s * 1_000.0 / commits.max(1) as f64,
-        commit_p50_ms: ms(&commit, |s| s.p50),
-        commit_p99_ms: ms(&commit, |s| s.p99),
-        bytes_per_event: bytes as f64 / (report.orders.submitted.max(1) * EVENTS_PER_ORDER) as f64,
-    })
+    Ok(PacedRun::of(&ack, &commit, commits, report.elapsed_s, bytes, report.orders.submitted * EVENTS_PER_ORDER))
 }
 
 /// The floor: `orders` offered at `rate` a second, in windows of those due each millisecond,
@@ -229,15 +240,7 @@ pub fn disk_paced(dir: &Path, rate: f64, orders: u64, bytes_per_event: f64) -> P
     let bytes = disk_bytes(&path);
     std::fs::remove_file(&path).ok();
     let (ack, commit) = (LatencySummary::from_histogram(&ack), LatencySummary::from_histogram(&commit));
-    PacedRun {
-        ack_p50_ms: ms(&ack, |s| s.p50),
-        ack_p99_ms: ms(&ack, |s| s.p99),
-        commits,
-        period_ms: elapsed.as_secs_f64() * 1_000.0 / commits.max(1) as f64,
-        commit_p50_ms: ms(&commit, |s| s.p50),
-        commit_p99_ms: ms(&commit, |s| s.p99),
-        bytes_per_event: bytes as f64 / (orders.max(1) * EVENTS_PER_ORDER) as f64,
-    }
+    PacedRun::of(&ack, &commit, commits, elapsed.as_secs_f64(), bytes, orders * EVENTS_PER_ORDER)
 }
 
 /// Nanoseconds from 1 to an hour, three significant figures.
