@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 
 use conduit::AlertsSnapshot;
-use conduit_cli::bench::{BenchReport, PacedReport, SweepPoint};
+use conduit_cli::bench::{BenchReport, Interval, PacedReport, SweepPoint};
 use conduit_orders::{LoadReport, RecoverReport, RunReport, VerifyReport};
 
 fn millions(n: f64) -> String {
@@ -271,6 +271,13 @@ pub(crate) fn write_bench(out: &mut impl Write, report: &BenchReport) -> io::Res
             write!(out, "  ({cpu:.2}x with every core busy: CPU per event)")?;
         }
         writeln!(out)?;
+        if let Some(paired) = report.paired_ratios.get(pair) {
+            write!(out, "  {:<48} {}", format!("  round by round, {} rounds", paired.rounds), interval(paired))?;
+            if let Some(cpu) = report.paired_cpu_ratios.get(pair) {
+                write!(out, "  (CPU per event {})", interval(cpu))?;
+            }
+            writeln!(out)?;
+        }
     }
     if let Some(m) = &report.memory {
         writeln!(
@@ -321,13 +328,25 @@ pub(crate) fn write_bench_markdown(out: &mut impl Write, report: &BenchReport) -
             or_dash(case.mb_per_sec, 1)
         )?;
     }
-    writeln!(out, "\n| ratio | value | with every core busy (CPU per event) |")?;
-    writeln!(out, "|---|---:|---:|")?;
+    writeln!(
+        out,
+        "\n| ratio | value | with every core busy (CPU per event) | round by round: median (95% CI) | of CPU per event |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    let paired = |intervals: &std::collections::BTreeMap<String, Interval>, pair: &str| {
+        intervals.get(pair).map_or_else(|| "-".to_owned(), interval)
+    };
     for (pair, ratio) in &report.ratios {
         let cpu = report.cpu_ratios.get(pair).map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.2}x"));
-        writeln!(out, "| `{pair}` | {ratio:.2}x | {cpu} |")?;
+        let (rounds, cpu_rounds) = (paired(&report.paired_ratios, pair), paired(&report.paired_cpu_ratios, pair));
+        writeln!(out, "| `{pair}` | {ratio:.2}x | {cpu} | {rounds} | {cpu_rounds} |")?;
     }
     Ok(())
+}
+
+/// A per-round ratio's median and 95% interval: `0.96x (0.94-0.98)`.
+fn interval(i: &Interval) -> String {
+    format!("{:.2}x ({:.2}-{:.2})", i.median, i.low, i.high)
 }
 
 /// The paced comparison: every run of each side, then the medians, as text or Markdown.

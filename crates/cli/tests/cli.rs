@@ -656,7 +656,7 @@ fn bench_runs_only_the_cases_asked_for() {
         "--orders",
         "2000",
         "--repeat",
-        "2",
+        "6",
         "--cases",
         "engine_memory,engine_memory_untracked",
         "--format",
@@ -675,6 +675,13 @@ fn bench_runs_only_the_cases_asked_for() {
         report["cpu_ratios"]["engine_memory / engine_memory_untracked"].as_f64().is_some_and(|r| r > 0.0),
         "{report}"
     );
+    // Six rounds give each ratio round by round, with a 95% interval around its median.
+    for paired in ["paired_ratios", "paired_cpu_ratios"] {
+        let interval = &report[paired]["engine_memory / engine_memory_untracked"];
+        let end = |name: &str| interval[name].as_f64().unwrap_or(f64::NAN);
+        assert!(end("low") > 0.0 && end("low") <= end("median") && end("median") <= end("high"), "{report}");
+        assert_eq!(interval["rounds"].as_u64(), Some(6), "{report}");
+    }
     assert!(report["memory"].is_null(), "the overload measurement is not one of the cases asked for");
     assert_refused(&["bench", "--cases", "engine_memory,nope"], "no case is named \"nope\"");
     assert_refused(

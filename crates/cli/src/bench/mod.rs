@@ -37,6 +37,13 @@
 //! side, its events per second are its CPU per event over the cores: beside each ratio of rates
 //! the report gives the one the two cases' CPU times allow with every core busy.
 //!
+//! The two cases of a ratio run one right after the other in every round, so each round also
+//! gives the ratio on its own: with at least six rounds the report gives the median of those
+//! per-round ratios and a 95% confidence interval for it (distribution-free, from their order
+//! statistics), of rates and of CPU per event. A noisy moment that slows both cases of a round
+//! cancels out of that round's ratio; the interval says how far apart the cases could be and
+//! still have given these rounds.
+//!
 //! [`paced`] measures durable acknowledgements at an offered rate instead (`--paced`).
 
 use std::collections::BTreeMap;
@@ -174,6 +181,9 @@ pub struct CaseResult {
     pub events: u64,
     /// Every run's events per second, in run order.
     pub runs_events_per_sec: Vec<f64>,
+    /// Every run's CPU time per event, in run order (empty where the CPU clock cannot be read).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs_cpu_ns_per_event: Vec<f64>,
     /// Events per durable commit, measured over every run (durable cases). A commit ends in
     /// one fsync, or two for the engine's log (redb's two-phase commit, which quick repair
     /// turns on).
@@ -212,6 +222,11 @@ pub struct BenchReport {
     /// where both keep every core busy (this machine's when it has too few cores for either to
     /// run its threads side by side). A ratio beyond it needs the case to do less work per event.
     pub cpu_ratios: BTreeMap<String, f64>,
+    /// For the same pairs, with at least [`PAIRED_ROUNDS_MIN`] rounds: the ratio of rates round
+    /// by round, its median and a 95% confidence interval.
+    pub paired_ratios: BTreeMap<String, Interval>,
+    /// The same of CPU time per event (`b`'s over `a`'s, round by round).
+    pub paired_cpu_ratios: BTreeMap<String, Interval>,
     /// Orders per run.
     pub orders: u64,
     /// Runs per case.
@@ -221,6 +236,23 @@ pub struct BenchReport {
     /// Memory under overload (Linux only; `null` elsewhere or when skipped).
     pub memory: Option<MemoryReport>,
 }
+
+/// A median and a 95% confidence interval for it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Interval {
+    /// The median.
+    pub median: f64,
+    /// The interval's ends.
+    pub low: f64,
+    /// See `low`.
+    pub high: f64,
+    /// The values it was computed from.
+    pub rounds: usize,
+}
+
+/// Fewest rounds that give a 95% interval for a median: with five, even the smallest and the
+/// largest bound it with only 94% confidence (1 - 2 / 2^5).
+pub const PAIRED_ROUNDS_MIN: usize = 6;
 
 /// One sweep point: the engine at a batch size and pool size.
 #[derive(Debug, Clone, Serialize)]
@@ -566,6 +598,8 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
         .zip(runs)
         .map(|((name, setup, events, _), runs)| {
             let rates: Vec<f64> = runs.iter().map(|r| *events as f64 / r.elapsed.as_secs_f64().max(1e-9)).collect();
+            let runs_cpu: Option<Vec<f64>> =
+                runs.iter().map(|r| r.cpu.map(|c| c.as_secs_f64() * 1e9 / (*events as f64).max(1.0))).collect();
             let events_per_sec = median(&rates);
             // Over every run: what the case wrote and how often it synced.
             let total_events = *events as f64 * runs.len() as f64;
@@ -580,6 +614,7 @@ fn measure(cases: &[Case<'_>], repeat: u32, progress: &mut impl FnMut(&str, u32)
                 events_per_sec,
                 events: *events,
                 runs_events_per_sec: rates,
+                runs_cpu_ns_per_event: runs_cpu.unwrap_or_default(),
                 events_per_sync: syncs.filter(|&s| s > 0).map(|s| total_events / s as f64),
                 bytes_per_event,
                 mb_per_sec: bytes_per_event.map(|b| b * events_per_sec / 1e6),
@@ -607,7 +642,9 @@ fn round_order(cases: usize, round: u32) -> Box<dyn Iterator<Item = usize>> {
 fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
     let rate = |name: &str| results.iter().find(|c| c.name == name).map_or(0.0, |c| c.events_per_sec);
     let cpu = |name: &str| results.iter().find(|c| c.name == name).and_then(|c| c.cpu_ns_per_event);
+    let case = |name: &str| results.iter().find(|c| c.name == name);
     let (mut ratios, mut cpu_ratios) = (BTreeMap::new(), BTreeMap::new());
+    let (mut paired_ratios, mut paired_cpu_ratios) = (BTreeMap::new(), BTreeMap::new());
     for (a, b) in [
         ("engine_memory", "ceiling_one_thread"),
         ("engine_memory", "disruptor_chain"),
@@ -638,11 +675,22 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
                 cpu_ratios.insert(format!("{a} / {b}"), b_cpu / a_cpu);
             }
         }
+        if let (Some(a), Some(b)) = (case(a), case(b)) {
+            let pair = format!("{} / {}", a.name, b.name);
+            if let Some(interval) = paired(&a.runs_events_per_sec, &b.runs_events_per_sec) {
+                paired_ratios.insert(pair.clone(), interval);
+            }
+            if let Some(interval) = paired(&b.runs_cpu_ns_per_event, &a.runs_cpu_ns_per_event) {
+                paired_cpu_ratios.insert(pair, interval);
+            }
+        }
     }
     BenchReport {
         cases: results,
         ratios,
         cpu_ratios,
+        paired_ratios,
+        paired_cpu_ratios,
         orders: config.orders,
         repeat: config.repeat,
         cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
@@ -663,6 +711,46 @@ const POISON_RATE: f64 = 1e-4;
 #[must_use]
 pub fn poisoned_workload(seed: u64, orders: u64, rate: f64) -> Vec<Order> {
     Workload::new(seed, 1_000, 100_000).poisoned(rate).take(usize::try_from(orders).unwrap_or(usize::MAX)).collect()
+}
+
+/// `top[i] / bottom[i]` round by round, their median and its 95% interval; `None` with fewer
+/// than [`PAIRED_ROUNDS_MIN`] rounds, or a round with nothing to divide by.
+fn paired(top: &[f64], bottom: &[f64]) -> Option<Interval> {
+    if top.len() != bottom.len() || top.len() < PAIRED_ROUNDS_MIN || bottom.iter().any(|&b| b <= 0.0) {
+        return None;
+    }
+    let ratios: Vec<f64> = top.iter().zip(bottom).map(|(t, b)| t / b).collect();
+    median_interval(&ratios)
+}
+
+/// The median of `values` and a 95% confidence interval for it that assumes nothing of their
+/// distribution: the `k`th smallest and `k`th largest, with the largest `k` for which fewer
+/// than `k` values on one side of the true median has probability at most 2.5% (each value
+/// falls on either side with probability 1/2: a binomial tail). `None` with fewer than
+/// [`PAIRED_ROUNDS_MIN`] values.
+fn median_interval(values: &[f64]) -> Option<Interval> {
+    let n = values.len();
+    if n < PAIRED_ROUNDS_MIN {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    // P(B <= j) for B ~ Binomial(n, 1/2), summed in logarithms (2^-n underflows past 1,074).
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    let (mut ln_choose, mut tail, mut k) = (0.0f64, 0.0f64, 0);
+    for j in 0..n {
+        if j > 0 {
+            ln_choose += ((n - j + 1) as f64).ln() - (j as f64).ln();
+        }
+        tail += (ln_choose + ln_half_n).exp();
+        if tail > 0.025 {
+            break;
+        }
+        // Fewer than j + 1 values below the median has probability `tail` <= 2.5%.
+        k = j + 1;
+    }
+    let k = k.max(1);
+    Some(Interval { median: median(&sorted), low: sorted[k - 1], high: sorted[n - k], rounds: n })
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -752,5 +840,38 @@ mod tests {
     fn median_of_even_and_odd_counts() {
         assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < f64::EPSILON);
         assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < f64::EPSILON);
+    }
+
+    /// The interval's ends are the order statistics the binomial tables give for a median's
+    /// 95% interval: the extremes of 6, the 4th from each end of 16, the 40th of 100.
+    #[test]
+    fn a_medians_interval_takes_the_order_statistics_of_the_binomial_tables() {
+        let values = |n: usize| -> Vec<f64> { (1..=n).rev().map(|v| v as f64).collect() };
+        assert_eq!(super::median_interval(&values(5)), None, "five values give no 95% interval");
+        let six = super::median_interval(&values(6)).expect("six values give one");
+        assert_eq!((six.low, six.median, six.high, six.rounds), (1.0, 3.5, 6.0, 6));
+        let sixteen = super::median_interval(&values(16)).expect("sixteen");
+        assert_eq!((sixteen.low, sixteen.high), (4.0, 13.0));
+        let hundred = super::median_interval(&values(100)).expect("a hundred");
+        assert_eq!((hundred.low, hundred.high), (40.0, 61.0));
+        // Past 1,074 values 2^-n underflows: the tail is summed in logarithms.
+        let many = super::median_interval(&values(2_000)).expect("two thousand");
+        assert_eq!((many.low, many.high), (956.0, 1045.0));
+    }
+
+    /// A slowdown that hits both cases of a round cancels out of its ratio: rounds at wildly
+    /// different speeds, the same ratio in each, give that ratio and an interval of width zero.
+    #[test]
+    fn round_by_round_ratios_cancel_what_slows_both_cases_of_a_round() {
+        let noise = [1.0, 0.5, 1.5, 0.7, 1.2, 0.9, 1.1, 0.6];
+        let fast: Vec<f64> = noise.iter().map(|n| 4.0 * n).collect();
+        let slow: Vec<f64> = noise.iter().map(|n| 5.0 * n).collect();
+        let paired = super::paired(&fast, &slow).expect("eight rounds");
+        for end in [paired.median, paired.low, paired.high] {
+            assert!((end - 0.8).abs() < 1e-12, "{paired:?}");
+        }
+        assert_eq!(paired.rounds, 8);
+        assert_eq!(super::paired(&fast[..5], &slow[..5]), None, "too few rounds");
+        assert_eq!(super::paired(&fast, &slow[..7]), None, "rounds missing on one side");
     }
 }
