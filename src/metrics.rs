@@ -38,8 +38,13 @@ pub(crate) fn new_growing_histogram() -> Histogram<u64> {
 /// (`saturating_record` would clamp to its current size instead); only a failed allocation
 /// leaves it to saturate.
 pub(crate) fn record_growing(histogram: &mut Histogram<u64>, ns: u64) {
-    if histogram.record(ns).is_err() {
-        histogram.saturating_record(ns);
+    record_growing_n(histogram, ns, 1);
+}
+
+/// [`record_growing`] of `count` equal values at once.
+pub(crate) fn record_growing_n(histogram: &mut Histogram<u64>, ns: u64, count: u64) {
+    if histogram.record_n(ns, count).is_err() {
+        histogram.saturating_record_n(ns, count);
     }
 }
 
