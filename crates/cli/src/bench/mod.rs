@@ -640,8 +640,6 @@ fn round_order(cases: usize, round: u32) -> Box<dyn Iterator<Item = usize>> {
 
 /// The cases' medians and the ratios that matter.
 fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
-    let rate = |name: &str| results.iter().find(|c| c.name == name).map_or(0.0, |c| c.events_per_sec);
-    let cpu = |name: &str| results.iter().find(|c| c.name == name).and_then(|c| c.cpu_ns_per_event);
     let case = |name: &str| results.iter().find(|c| c.name == name);
     let (mut ratios, mut cpu_ratios) = (BTreeMap::new(), BTreeMap::new());
     let (mut paired_ratios, mut paired_cpu_ratios) = (BTreeMap::new(), BTreeMap::new());
@@ -666,23 +664,21 @@ fn report(results: Vec<CaseResult>, config: &BenchConfig) -> BenchReport {
         ("chain_engine", "chain_crossbeam_per_event"),
         ("chain_engine", "chain_engine_untracked"),
     ] {
-        let denominator = rate(b);
-        if denominator > 0.0 && rate(a) > 0.0 {
-            ratios.insert(format!("{a} / {b}"), rate(a) / denominator);
+        let (Some(a), Some(b)) = (case(a), case(b)) else { continue };
+        let pair = format!("{} / {}", a.name, b.name);
+        if a.events_per_sec > 0.0 && b.events_per_sec > 0.0 {
+            ratios.insert(pair.clone(), a.events_per_sec / b.events_per_sec);
         }
-        if let (Some(a_cpu), Some(b_cpu)) = (cpu(a), cpu(b)) {
+        if let (Some(a_cpu), Some(b_cpu)) = (a.cpu_ns_per_event, b.cpu_ns_per_event) {
             if a_cpu > 0.0 {
-                cpu_ratios.insert(format!("{a} / {b}"), b_cpu / a_cpu);
+                cpu_ratios.insert(pair.clone(), b_cpu / a_cpu);
             }
         }
-        if let (Some(a), Some(b)) = (case(a), case(b)) {
-            let pair = format!("{} / {}", a.name, b.name);
-            if let Some(interval) = paired(&a.runs_events_per_sec, &b.runs_events_per_sec) {
-                paired_ratios.insert(pair.clone(), interval);
-            }
-            if let Some(interval) = paired(&b.runs_cpu_ns_per_event, &a.runs_cpu_ns_per_event) {
-                paired_cpu_ratios.insert(pair, interval);
-            }
+        if let Some(interval) = paired(&a.runs_events_per_sec, &b.runs_events_per_sec) {
+            paired_ratios.insert(pair.clone(), interval);
+        }
+        if let Some(interval) = paired(&b.runs_cpu_ns_per_event, &a.runs_cpu_ns_per_event) {
+            paired_cpu_ratios.insert(pair, interval);
         }
     }
     BenchReport {
@@ -749,7 +745,7 @@ fn median_interval(values: &[f64]) -> Option<Interval> {
         // Fewer than j + 1 values below the median has probability `tail` <= 2.5%.
         k = j + 1;
     }
-    let k = k.max(1);
+    // k >= 1: with n >= PAIRED_ROUNDS_MIN, P(B = 0) = 2^-n <= 1/64.
     Some(Interval { median: median(&sorted), low: sorted[k - 1], high: sorted[n - k], rounds: n })
 }
 
