@@ -226,38 +226,35 @@ impl Tracker {
         }
     }
 
-    /// Changes the word of the message in `slot` by `delta`; a message this finishes is noted
-    /// in `ended`, to be announced by [`Self::apply`].
-    // Inlined into the worker's hot path, `note` kept out of line: with `split`'s one-child
-    // case, tracking's instructions an order went 336 -> 297 (scripts/instructions); with a
-    // call per update they had stayed at 337.
-    #[allow(clippy::inline_always)]
-    #[inline(always)]
-    fn update(&self, slot: u32, delta: u64, ended: &mut Ended) {
-        let held = self.slot(slot);
-        if held.word.fetch_xor(delta, Ordering::AcqRel) == delta {
-            ended.note(held, slot);
-        }
-    }
-
-    /// Applies a unit's updates still waiting; the messages they (and the unit's updates
-    /// applied at once) finished are appended to `finished` (and counted, announced to the
-    /// callback and to ticket holders) and their slots freed.
+    /// Applies a unit's updates; the messages they finish are appended to `finished` (and
+    /// counted, announced to the callback and to ticket holders) and their slots freed.
     pub(crate) fn apply(&self, acks: &mut Acks, finished: &mut Vec<u64>) {
+        let start = finished.len();
         for &(slot, delta) in &acks.updates {
-            self.update(slot, delta, &mut acks.ended);
+            let held = self.slot(slot);
+            if held.word.fetch_xor(delta, Ordering::AcqRel) == delta {
+                finished.push(held.seq.load(Ordering::Relaxed));
+                acks.freed.push(slot);
+                // Messages accepted together (one ingress batch) mostly finish together, and
+                // finished in one unit they took the same time: one entry, and one histogram
+                // record, per run of them (a record is a sixth of the instructions tracking
+                // costs an order otherwise).
+                let born = held.born.load(std::sync::atomic::Ordering::Relaxed);
+                match acks.born.last_mut() {
+                    Some((last, count)) if *last == born => *count += 1,
+                    _ => acks.born.push((born, 1)),
+                }
+            }
         }
         acks.updates.clear();
-        if acks.ended.seqs.is_empty() {
+        let done = &finished[start..];
+        if done.is_empty() {
             return;
         }
-        let start = finished.len();
-        finished.append(&mut acks.ended.seqs);
-        let done = &finished[start..];
         let now = self.ns_at(Instant::now());
         {
             let mut end_to_end = self.end_to_end.lock();
-            for (born, count) in acks.ended.born.drain(..) {
+            for (born, count) in acks.born.drain(..) {
                 record_growing_n(&mut end_to_end, now.saturating_sub(born).clamp(1, LATENCY_NS_MAX), count);
             }
         }
@@ -283,8 +280,8 @@ impl Tracker {
             }
         }
         // Freed only now: a ticket asked for meanwhile still finds the slot naming its seq.
-        self.give_back(&acks.ended.slots);
-        acks.ended.slots.clear();
+        self.give_back(&acks.freed);
+        acks.freed.clear();
     }
 
     /// A ticket that settles when message `seq`, held in `slot`, finishes (at once if it has).
@@ -380,58 +377,21 @@ pub(crate) fn avalanche(mut z: u64) -> u64 {
 /// One thread's completion updates for a unit of work, and its token source.
 #[derive(Debug)]
 pub(crate) struct Acks {
-    /// `(slot, delta)`: a message's word changes by `delta`, once the unit's records are in the
-    /// log (see [`Tracker::apply`]).
+    /// `(slot, delta)`: a message's word changes by `delta`.
     updates: Vec<(u32, u64)>,
-    /// Without a journal nothing waits for a unit's records: updates go to this tracker as they
-    /// are made (a word depends only on which events are in flight, not on when their
-    /// predecessors' updates land), and only the messages they finish wait for the unit's end.
-    at_once: Option<Arc<Tracker>>,
-    /// Messages the unit's updates finished, to be announced.
-    ended: Ended,
+    /// Scratch: slots a unit's updates freed, and when their messages were accepted (with how
+    /// many in a row were accepted then).
+    freed: Vec<u32>,
+    born: Vec<(u64, u64)>,
     state: u64,
     /// Off when the engine does not track completion: updates are not even collected.
     enabled: bool,
 }
 
-/// Messages a unit's updates finished: their `seq`s and slots, and when they were accepted (with
-/// how many in a row were accepted then).
-#[derive(Debug, Default)]
-struct Ended {
-    seqs: Vec<u64>,
-    slots: Vec<u32>,
-    born: Vec<(u64, u64)>,
-}
-
-impl Ended {
-    /// Notes that the message in `slot` (`held`) finished. Out of line: the caller's common
-    /// path, an update that finishes nothing, stays a lookup and an XOR.
-    #[inline(never)]
-    fn note(&mut self, held: &Slot, slot: u32) {
-        self.seqs.push(held.seq.load(Ordering::Relaxed));
-        self.slots.push(slot);
-        // Messages accepted together (one ingress batch) mostly finish together, and finished in
-        // one unit they took the same time: one entry, and one histogram record, per run of them
-        // (a record is a sixth of the instructions tracking costs an order otherwise).
-        let born = held.born.load(std::sync::atomic::Ordering::Relaxed);
-        match self.born.last_mut() {
-            Some((last, count)) if *last == born => *count += 1,
-            _ => self.born.push((born, 1)),
-        }
-    }
-}
-
 impl Acks {
     /// A token source starting at `seed` (distinct per thread: the seed's high bits).
     pub(crate) fn new(seed: u64, enabled: bool) -> Self {
-        Self { updates: Vec::new(), at_once: None, ended: Ended::default(), state: seed, enabled }
-    }
-
-    /// Updates applied to `tracker` as they are made (no journal to wait for): each is a slot
-    /// lookup and an XOR where the event ends, not an entry collected and read back.
-    pub(crate) fn applied_at_once(mut self, tracker: Arc<Tracker>) -> Self {
-        self.at_once = Some(tracker);
-        self
+        Self { updates: Vec::new(), freed: Vec::new(), born: Vec::new(), state: seed, enabled }
     }
 
     /// Whether updates are collected.
@@ -455,14 +415,8 @@ impl Acks {
     /// descendant, so no nonempty set of them XORs to zero but by a 2^-64 coincidence. A last
     /// token that came out zero (the same coincidence, which would vanish from the XOR) is drawn
     /// again.
-    #[inline]
     pub(crate) fn split<T>(&mut self, token: u64, children: &mut [T], mut set: impl FnMut(&mut T, u64)) {
-        let (last, others) = match children {
-            [] => return,
-            // Most events hand their work to one successor: it takes the event's token.
-            [only] => return set(only, token),
-            [others @ .., last] => (last, others),
-        };
+        let Some((last, others)) = children.split_last_mut() else { return };
         loop {
             let mut rest = token;
             for child in others.iter_mut() {
@@ -470,7 +424,7 @@ impl Acks {
                 set(child, fresh);
                 rest ^= fresh;
             }
-            if rest != 0 {
+            if rest != 0 || others.is_empty() {
                 set(last, rest);
                 return;
             }
@@ -481,16 +435,13 @@ impl Acks {
     #[inline]
     pub(crate) fn update(&mut self, slot: u32, delta: u64) {
         if self.enabled && delta != 0 {
-            match &self.at_once {
-                Some(tracker) => tracker.update(slot, delta, &mut self.ended),
-                None => self.updates.push((slot, delta)),
-            }
+            self.updates.push((slot, delta));
         }
     }
 
-    /// Whether there is anything to apply or announce.
+    /// Whether there is anything to apply.
     pub(crate) fn is_empty(&self) -> bool {
-        self.updates.is_empty() && self.ended.seqs.is_empty()
+        self.updates.is_empty()
     }
 
     /// Updates waiting to be applied.
@@ -510,18 +461,12 @@ mod tests {
     /// at once: each keeps its own latency, and each is counted.
     #[test]
     fn messages_finished_together_keep_their_own_latencies() {
-        for at_once in [false, true] {
-            messages_finished_together_keep_their_own_latencies_when(at_once);
-        }
-    }
-
-    fn messages_finished_together_keep_their_own_latencies_when(at_once: bool) {
-        let tracker = Arc::new(Tracker::new(None));
+        let tracker = Tracker::new(None);
         let mut slots = Vec::new();
         assert!(tracker.try_acquire(4, &mut slots));
         let now = tracker.ns_at(Instant::now());
         let (second_ago, milli_ago) = (now - 1_000_000_000, now - 1_000_000);
-        let mut acks = acks(1 << 40, &tracker, at_once);
+        let mut acks = Acks::new(1 << 40, true);
         for (seq, (&slot, born)) in slots.iter().zip([second_ago, second_ago, milli_ago, second_ago]).enumerate() {
             let token = acks.token();
             tracker.register_fresh(std::iter::once((slot, seq as u64, token)), born);
@@ -536,31 +481,17 @@ mod tests {
         assert_eq!(end_to_end.count_between(1_000_000, 100_000_000), 1, "one accepted a millisecond before");
     }
 
-    /// A token source whose updates wait for [`Tracker::apply`], or go to `tracker` at once.
-    fn acks(seed: u64, tracker: &Arc<Tracker>, at_once: bool) -> Acks {
-        let acks = Acks::new(seed, true);
-        if at_once {
-            acks.applied_at_once(Arc::clone(tracker))
-        } else {
-            acks
-        }
-    }
-
     proptest! {
         /// A message's events split and end in any order the choices say: the tracker reports
         /// the message finished exactly when its last event ends, never before. Each choice
-        /// picks an event in flight and ends it (`0`) or has it emit 1 to 3 children. Updates
-        /// wait for the unit's end, or are applied at once.
+        /// picks an event in flight and ends it (`0`) or has it emit 1 to 3 children.
         #[test]
-        fn a_message_finishes_when_its_last_event_ends(
-            choices in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..4), 1..200),
-            at_once in any::<bool>(),
-        ) {
-            let tracker = Arc::new(Tracker::new(None));
+        fn a_message_finishes_when_its_last_event_ends(choices in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..4), 1..200)) {
+            let tracker = Tracker::new(None);
             let mut slots = Vec::new();
             prop_assert!(tracker.try_acquire(1, &mut slots));
             let slot = slots[0];
-            let mut acks = acks(1 << 40, &tracker, at_once);
+            let mut acks = Acks::new(1 << 40, true);
             let mut live = vec![acks.token()];
             tracker.register_fresh(std::iter::once((slot, 9, live[0])), 0);
             let mut finished = Vec::new();
@@ -595,13 +526,9 @@ mod loom_models {
 
     use super::*;
 
-    /// A worker's unit: the update of one finished event, made when the unit ends (with a
-    /// journal), or `at_once` as the event ends (without).
-    fn finish(tracker: &Arc<Tracker>, slot: u32, delta: u64, at_once: bool) -> Vec<u64> {
+    /// A worker's unit: the updates of one finished event, applied at once.
+    fn finish(tracker: &Tracker, slot: u32, delta: u64) -> Vec<u64> {
         let mut acks = Acks::new(0, true);
-        if at_once {
-            acks = acks.applied_at_once(Arc::clone(tracker));
-        }
         acks.update(slot, delta);
         let mut finished = Vec::new();
         tracker.apply(&mut acks, &mut finished);
@@ -625,13 +552,11 @@ mod loom_models {
             let slot = slots[0];
             let (parent, left, right) = (token_of(1), token_of(2), token_of(3));
             tracker.register_fresh(std::iter::once((slot, 7, parent)), 0);
-            // The parent's worker journals (its update waits for the unit's end), the
-            // children's do not (theirs land at once).
-            let workers: Vec<_> = [(parent ^ left ^ right, false), (left, true), (right, true)]
+            let workers: Vec<_> = [parent ^ left ^ right, left, right]
                 .into_iter()
-                .map(|(delta, at_once)| {
+                .map(|delta| {
                     let tracker = Arc::clone(&tracker);
-                    thread::spawn(move || finish(&tracker, slot, delta, at_once))
+                    thread::spawn(move || finish(&tracker, slot, delta))
                 })
                 .collect();
             let ticket = tracker.ticket(slot, 7);
@@ -656,7 +581,7 @@ mod loom_models {
                 .register_fresh(slots.iter().enumerate().map(|(n, &s)| (s, n as u64 + 1, token_of(n as u64 + 1))), 0);
             let worker = {
                 let tracker = Arc::clone(&tracker);
-                thread::spawn(move || finish(&tracker, slot, token_of(1), true))
+                thread::spawn(move || finish(&tracker, slot, token_of(1)))
             };
             let submitter = {
                 let tracker = Arc::clone(&tracker);

@@ -368,16 +368,12 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         // Each worker draws tokens from its own range of the counter, so no two events share one
         // (a pool's workers by the order they were started in, 4,096 before a range comes back).
         let token_seed = (u64::from(ctx.stage) + 1) << 48 | (ctx.serial & 0xFFF) << 36;
-        let mut acks = Acks::new(token_seed, ctx.track_completion);
-        if ctx.track_completion && journal.is_none() {
-            acks = acks.applied_at_once(Arc::clone(&ctx.tracker));
-        }
         let io = WorkerIo {
             outboxes,
             journal,
             dead_letters: ctx.dead_letters,
             wall_us: 0,
-            acks,
+            acks: Acks::new(token_seed, ctx.track_completion),
             tracker: ctx.tracker,
             finished: Vec::new(),
             finished_since: None,
