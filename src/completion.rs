@@ -10,10 +10,10 @@
 //! 2^-64 coincidence). Memory: one entry per message in flight, whatever the history.
 //!
 //! Each message in flight holds a slot of the tracker (its events carry the slot's index), so an
-//! update is one atomic XOR, no lock and no lookup. Without a journal a worker XORs as each event
-//! ends and announces the messages that finished once per unit of work. With a journal it
-//! collects its updates and applies them only after handing that unit's records to the log, so
-//! the completion record it then appends always follows every record of the finished work.
+//! update is one atomic XOR, no lock and no lookup. Workers collect their updates per unit of work
+//! and apply them once per unit. With a journal a worker
+//! applies its updates only after handing that unit's records to the log, so the completion record
+//! the applying worker then appends always follows every record of the finished work.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
