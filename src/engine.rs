@@ -17,7 +17,7 @@ use crate::completion::{token_of, OnComplete, Ticket, Tracker};
 use crate::config::EngineConfig;
 use crate::dead_letter::{DeadLetterSink, MemoryDeadLetters};
 use crate::error::{BuildError, RecoverError, ResizeError, SubmitError, TrySubmitError};
-use crate::ingress::{fill_window, send_window, Ingress, Receipt, INGRESS_WINDOW_EVENTS};
+use crate::ingress::{fill_window, send_window, Ingress, Receipt};
 use crate::journal::Journal;
 use crate::log::LogError;
 use crate::metrics::{LatencyHistograms, LatencySummary, Snapshot, StageMetrics};
@@ -405,59 +405,77 @@ impl<M: Message> Engine<M> {
 
     /// Puts events straight into `stage`'s queue, blocking while it is full; they are not
     /// journaled again. For resuming work after a restart and for redriving dead letters: the
-    /// caller gives each envelope its key, correlation `seq` and `cause`.
+    /// caller gives each envelope its key, correlation `seq` and `cause`. Events of one `seq`
+    /// are one message's work, finished when all of them are (see [`Self::inject_all`]).
     pub fn inject_many(
         &self,
         stage: StageId,
         events: impl IntoIterator<Item = Envelope<M>>,
     ) -> Result<u64, SubmitError<Vec<M>>> {
-        let mut events = events.into_iter().peekable();
-        let Some(input) = self.stage_senders.get(stage.index()) else {
-            return Err(SubmitError::Closed(events.map(|e| e.msg).collect()));
-        };
-        let mut sent = 0;
-        // Injected events of one `seq` are one message's work, in one slot, finished when all are.
-        let mut slots: rustc_hash::FxHashMap<u64, u32> = rustc_hash::FxHashMap::default();
-        while events.peek().is_some() {
-            let mut chunk = Vec::with_capacity(INGRESS_WINDOW_EVENTS.min(events.size_hint().0.max(1)));
-            while chunk.len() < INGRESS_WINDOW_EVENTS {
-                let Some(mut event) = events.next() else { break };
-                let tracked = !self.track_completion || self.track_injected(&mut event, &mut slots);
-                chunk.push(event);
-                if !tracked {
-                    return Err(self.refuse_injected(chunk, events));
-                }
-            }
-            let mut window = fill_window(input, chunk.into_iter());
-            match send_window(input, &mut window) {
-                Ok(count) => sent += count,
-                Err(_) => return Err(self.refuse_injected(window.into_iter().flat_map(|(_, batch)| batch), events)),
-            }
-        }
-        Ok(sent)
+        let counts = self.inject_all(vec![(stage, events.into_iter().collect())])?;
+        Ok(counts.iter().sum())
     }
 
-    /// Gives an injected event a token and its `seq`'s slot (acquiring one for a new `seq`) and
-    /// counts it as that message's work; false if the engine stopped before a slot was free.
-    fn track_injected(&self, event: &mut Envelope<M>, slots: &mut rustc_hash::FxHashMap<u64, u32>) -> bool {
-        let slot = if let Some(&slot) = slots.get(&event.seq) {
-            slot
-        } else {
-            let mut one = Vec::with_capacity(1);
-            if !self.tracker.acquire(1, &mut one, &|| self.shared.is_poisoned()) {
-                return false;
-            }
-            slots.insert(event.seq, one[0]);
-            one[0]
+    /// Puts each group's events straight into its stage's queue, groups in order (front stages
+    /// first, so that nothing resumed downstream waits behind a full upstream queue), blocking
+    /// while a queue is full; returns how many went to each group's stage. Events of one `seq`
+    /// are one message's work, in one slot of the completion tracker, whichever groups they are
+    /// in: every event of a message is counted before any of them is sent, so a message finishes
+    /// once, after all of them (counted group by group, a message's events in one stage could
+    /// all end before those in the next were counted, and the message be reported finished, and
+    /// journaled so, with work still to resume). Messages are taken [`INJECTED_MESSAGES_AT_ONCE`]
+    /// at a time, each with all its events. A refusal hands back every message not sent.
+    pub fn inject_all(&self, groups: Vec<(StageId, Vec<Envelope<M>>)>) -> Result<Vec<u64>, SubmitError<Vec<M>>> {
+        let mut counts = vec![0; groups.len()];
+        let Some(inputs) =
+            groups.iter().map(|(stage, _)| self.stage_senders.get(stage.index())).collect::<Option<Vec<_>>>()
+        else {
+            return Err(SubmitError::Closed(
+                groups.into_iter().flat_map(|(_, events)| events).map(|e| e.msg).collect(),
+            ));
         };
-        event.slot = slot;
-        event.token = token_of(self.inject_tokens.fetch_add(1, Ordering::Relaxed));
-        self.tracker.register(slot, event.seq, event.token);
+        let mut parts = injected_parts(groups.into_iter().map(|(_, events)| events).collect()).into_iter();
+        while let Some(mut part) = parts.next() {
+            if self.track_completion && !self.track_injected(&mut part) {
+                return Err(
+                    self.refuse_injected(Vec::new(), part.into_iter().flatten().chain(parts.flatten().flatten()))
+                );
+            }
+            let mut part = part.into_iter().enumerate();
+            while let Some((group, events)) = part.next() {
+                let mut window = fill_window(inputs[group], events.into_iter());
+                let Ok(count) = send_window(inputs[group], &mut window) else {
+                    let taken = window.into_iter().flat_map(|(_, batch)| batch).chain(part.flat_map(|(_, e)| e));
+                    return Err(self.refuse_injected(taken, parts.flatten().flatten()));
+                };
+                counts[group] += count;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Gives every event of `part` a token and its `seq`'s slot (one acquired per message) and
+    /// counts it as that message's work; false, with nothing counted, if the engine stopped
+    /// before enough slots were free.
+    fn track_injected(&self, part: &mut [Vec<Envelope<M>>]) -> bool {
+        let mut seqs: Vec<u64> = part.iter().flatten().map(|event| event.seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut slots = Vec::with_capacity(seqs.len());
+        if !self.tracker.acquire(seqs.len(), &mut slots, &|| self.shared.is_poisoned()) {
+            return false;
+        }
+        let slot_of: rustc_hash::FxHashMap<u64, u32> = seqs.into_iter().zip(slots).collect();
+        for event in part.iter_mut().flatten() {
+            event.slot = slot_of[&event.seq];
+            event.token = token_of(self.inject_tokens.fetch_add(1, Ordering::Relaxed));
+            self.tracker.register(event.slot, event.seq, event.token);
+        }
         true
     }
 
     /// The refusal of an injection: `taken` (tracked, never sent) are taken back, and every
-    /// message not sent comes back in order.
+    /// message not sent (`taken`, then `rest`) comes back in order.
     fn refuse_injected(
         &self,
         taken: impl IntoIterator<Item = Envelope<M>>,
@@ -677,5 +695,60 @@ fn stage_queues<M>(
 impl<M: Message> Drop for Engine<M> {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// Messages [`Engine::inject_all`] counts at once (each takes a slot of the completion tracker
+/// until its work has finished): half of what the tracker holds, so that an injection never
+/// waits for more slots than the tracker has.
+pub const INJECTED_MESSAGES_AT_ONCE: usize = crate::completion::ROOTS_MAX / 2;
+
+/// `groups` cut into parts of at most [`INJECTED_MESSAGES_AT_ONCE`] messages (`seq`s), each
+/// message's events all in one part, in the order its first event came; within a part the events
+/// keep their groups and their order.
+fn injected_parts<M>(groups: Vec<Vec<Envelope<M>>>) -> Vec<Vec<Vec<Envelope<M>>>> {
+    let mut part_of: rustc_hash::FxHashMap<u64, usize> = rustc_hash::FxHashMap::default();
+    let mut parts: Vec<Vec<Vec<Envelope<M>>>> = Vec::new();
+    let width = groups.len();
+    for (group, events) in groups.into_iter().enumerate() {
+        for event in events {
+            let next = part_of.len() / INJECTED_MESSAGES_AT_ONCE;
+            let part = *part_of.entry(event.seq).or_insert(next);
+            if parts.len() <= part {
+                parts.resize_with(part + 1, || (0..width).map(|_| Vec::new()).collect());
+            }
+            parts[part][group].push(event);
+        }
+    }
+    parts
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    struct Job;
+
+    impl Message for Job {
+        fn key(&self) -> u64 {
+            0
+        }
+    }
+
+    /// More messages than one part takes: each message's events stay in one part, whichever
+    /// groups they are in, and a part holds at most `INJECTED_MESSAGES_AT_ONCE` messages.
+    #[test]
+    fn an_injected_message_keeps_all_its_events_in_one_part() {
+        let count = INJECTED_MESSAGES_AT_ONCE as u64 + 2;
+        // Group 0: every message once; group 1: the first message again, and the last.
+        let first: Vec<_> = (0..count).map(|seq| Envelope::submitted(seq, Job)).collect();
+        let second = vec![Envelope::submitted(0, Job), Envelope::submitted(count - 1, Job)];
+        let parts = injected_parts(vec![first, second]);
+        assert_eq!(parts.len(), 2);
+        let seqs = |part: &Vec<Vec<Envelope<Job>>>, group: usize| part[group].iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&parts[0], 0), (0..INJECTED_MESSAGES_AT_ONCE as u64).collect::<Vec<_>>());
+        assert_eq!(seqs(&parts[0], 1), [0], "the first message's second event joins its part");
+        assert_eq!(seqs(&parts[1], 0), [count - 2, count - 1]);
+        assert_eq!(seqs(&parts[1], 1), [count - 1], "the last message's second event joins its part");
     }
 }

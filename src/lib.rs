@@ -145,7 +145,7 @@ pub use config::{
     EngineConfig, EngineConfigBuilder, EngineSettings, Jitter, Overflow, StageConfig, StageSettings, Workers,
 };
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetterNote, DeadLetterSink, MemoryDeadLetters};
-pub use engine::{Engine, EngineBuilder, ShutdownReport};
+pub use engine::{Engine, EngineBuilder, ShutdownReport, INJECTED_MESSAGES_AT_ONCE};
 pub use error::{BuildError, ConfigError, RecoverError, ResizeError, SubmitError, TrySubmitError};
 pub use ingress::{Receipt, INGRESS_WINDOW_EVENTS, WINDOWS_IN_FLIGHT};
 pub use journal::{Journal, JournalCodec};

@@ -189,6 +189,52 @@ fn a_ticket_settles_when_the_work_is_done() {
     engine.shutdown();
 }
 
+/// Work resumed in two stages at once (as recovery resumes an order with steps left in both):
+/// the message finishes once, after its events in both, not when those in one have ended.
+#[test]
+fn a_message_injected_into_two_stages_finishes_after_both() {
+    let (handled, quick_done) = crossbeam_channel::unbounded::<()>();
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let mut topology = Topology::new();
+    let quick = topology.stage("quick");
+    let held = topology.stage("held");
+    // Linked so that the topology is whole; the quick stage emits nothing.
+    topology.entry(quick).link(quick, held);
+    topology.handler(quick, move |_| {
+        let handled = handled.clone();
+        move |_: &Envelope<Job>, _: &mut Emitter<Job>| {
+            handled.send(()).ok();
+            Outcome::Done
+        }
+    });
+    topology.handler(held, move |_| {
+        let gate = gate.clone();
+        move |_: &Envelope<Job>, _: &mut Emitter<Job>| {
+            // Bounded, so that a failing test still shuts down.
+            gate.recv_timeout(Duration::from_secs(5)).ok();
+            Outcome::Done
+        }
+    });
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let reported = Arc::clone(&calls);
+    let engine =
+        Engine::builder(topology).on_complete(Arc::new(move |seq| reported.lock().push(seq))).start().expect("valid");
+    let counts = engine
+        .inject_all(vec![(quick, vec![Envelope::submitted(5, Job(1))]), (held, vec![Envelope::submitted(5, Job(1))])])
+        .expect("room");
+    assert_eq!(counts, [1, 1]);
+    quick_done.recv_timeout(Duration::from_secs(5)).expect("the quick stage handles its event");
+    // Time for the quick stage's worker to settle its unit, which would report a message whose
+    // events there were all its work.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(calls.lock().as_slice(), [] as [u64; 0], "finished while its event in the held stage waits");
+    assert_eq!(engine.in_flight(), 1);
+    open.send(()).expect("the held worker waits");
+    let report = engine.shutdown();
+    assert_eq!(calls.lock().as_slice(), [5], "finished once, after both");
+    assert_eq!((report.snapshot.completed, report.snapshot.in_flight), (1, 0));
+}
+
 #[test]
 fn without_tracking_nothing_is_counted() {
     let seen = Arc::new(Seen::default());

@@ -188,14 +188,15 @@ impl OrderPipeline {
                 by_stage.into_values().flatten().map(|envelope| envelope.msg).collect(),
             ));
         }
-        let mut counts = BTreeMap::new();
-        // Front to back, so nothing resumed downstream waits behind a full upstream queue.
-        for (name, stage) in &self.stages {
-            if let Some(events) = by_stage.remove(name) {
-                counts.insert((*name).to_owned(), self.engine.inject_many(*stage, events)?);
-            }
-        }
-        Ok(counts)
+        // Front to back, so nothing resumed downstream waits behind a full upstream queue; in
+        // one injection, so that an order resumed in several stages finishes once, after all.
+        let (names, groups): (Vec<_>, Vec<_>) = self
+            .stages
+            .iter()
+            .filter_map(|(name, stage)| by_stage.remove(name).map(|events| (*name, (*stage, events))))
+            .unzip();
+        let counts = self.engine.inject_all(groups)?;
+        Ok(names.into_iter().map(str::to_owned).zip(counts).collect())
     }
 
     /// Journals the saga facts that the provider's books added on recovery
