@@ -352,8 +352,9 @@ impl<M: Message> Engine<M> {
     /// Submits messages in batches of the entry stage's `batch_events_max`, blocking while the
     /// entry queue is full. Returns how many were submitted.
     ///
-    /// With a journal, messages are journaled in windows of up to [`INGRESS_WINDOW_EVENTS`]
-    /// (one append, one commit each) that enter the pipeline only once committed; up to
+    /// With a journal, messages are journaled in windows of up to
+    /// [`INGRESS_WINDOW_EVENTS`](crate::INGRESS_WINDOW_EVENTS) (one append, one commit each)
+    /// that enter the pipeline only once committed; up to
     /// [`WINDOWS_IN_FLIGHT`](crate::WINDOWS_IN_FLIGHT) windows commit at once, and the call returns
     /// when all of its windows are in.
     ///
@@ -375,16 +376,16 @@ impl<M: Message> Engine<M> {
         self.submit_scheduled(msgs, Some(scheduled))
     }
 
-    /// Submits up to [`INGRESS_WINDOW_EVENTS`] messages as one window and returns at once with
-    /// its [`Receipt`], which settles once the window is durable (with a journal) and in the
-    /// entry queue: one caller keeps several windows committing at a time, as an open-loop load
-    /// generator must (a caller that waited for each commit would fall behind its schedule by a
-    /// commit per window). Blocks only while [`WINDOWS_IN_FLIGHT`](crate::WINDOWS_IN_FLIGHT)
+    /// Submits up to [`INGRESS_WINDOW_EVENTS`](crate::INGRESS_WINDOW_EVENTS) messages as one
+    /// window and returns at once with its [`Receipt`], which settles once the window is durable
+    /// (with a journal) and in the entry queue: one caller keeps several windows committing at a
+    /// time, as an open-loop load generator must (a caller that waited for each commit would fall
+    /// behind its schedule by a commit per window). Blocks only while [`WINDOWS_IN_FLIGHT`](crate::WINDOWS_IN_FLIGHT)
     /// windows are out (across all callers), or, without a journal, while the entry queue is full.
     /// End-to-end latency counts from `scheduled`, as for [`submit_many_at`](Self::submit_many_at).
     ///
     /// # Panics
-    /// If `msgs` holds more than [`INGRESS_WINDOW_EVENTS`] messages.
+    /// If `msgs` holds more than [`INGRESS_WINDOW_EVENTS`](crate::INGRESS_WINDOW_EVENTS) messages.
     pub fn submit_window_at(&self, msgs: Vec<M>, scheduled: Instant) -> Result<Receipt<M>, SubmitError<Vec<M>>> {
         match self.ingress.as_ref() {
             Some(ingress) => ingress.submit_window(msgs, Some(scheduled)),
