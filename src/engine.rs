@@ -418,14 +418,16 @@ impl<M: Message> Engine<M> {
     }
 
     /// Puts each group's events straight into its stage's queue, groups in order (front stages
-    /// first, so that nothing resumed downstream waits behind a full upstream queue), blocking
-    /// while a queue is full; returns how many went to each group's stage. Events of one `seq`
-    /// are one message's work, in one slot of the completion tracker, whichever groups they are
-    /// in: every event of a message is counted before any of them is sent, so a message finishes
-    /// once, after all of them (counted group by group, a message's events in one stage could
-    /// all end before those in the next were counted, and the message be reported finished, and
-    /// journaled so, with work still to resume). Messages are taken [`INJECTED_MESSAGES_AT_ONCE`]
-    /// at a time, each with all its events. A refusal hands back every message not sent.
+    /// first, so that nothing resumed downstream waits behind a full upstream queue; with more
+    /// messages than one part takes, part by part), blocking while a queue is full; returns how
+    /// many went to each group's stage. Events of one `seq` are one message's work, in one slot
+    /// of the completion tracker, whichever groups they are in: every event of a message is
+    /// counted before any of them is sent, so a message finishes once, after all of them
+    /// (counted group by group, a message's events in one stage could all end before those in
+    /// the next were counted, and the message be reported finished, and journaled so, with work
+    /// still to resume). Messages are taken [`INJECTED_MESSAGES_AT_ONCE`] at a time, each with
+    /// all its events. A refusal hands back every message not sent; a message some of whose
+    /// events went stays in flight, never reported finished (recovery resumes it).
     pub fn inject_all(&self, groups: Vec<(StageId, Vec<Envelope<M>>)>) -> Result<Vec<u64>, SubmitError<Vec<M>>> {
         let mut counts = vec![0; groups.len()];
         let Some(inputs) =
@@ -438,16 +440,18 @@ impl<M: Message> Engine<M> {
         let mut parts = injected_parts(groups.into_iter().map(|(_, events)| events).collect()).into_iter();
         while let Some(mut part) = parts.next() {
             if self.track_completion && !self.track_injected(&mut part) {
-                return Err(
-                    self.refuse_injected(Vec::new(), part.into_iter().flatten().chain(parts.flatten().flatten()))
-                );
+                // Nothing of this part counted, nothing sent.
+                let unsent = part.into_iter().flatten().chain(parts.flatten().flatten());
+                return Err(SubmitError::Poisoned(unsent.map(|event| event.msg).collect()));
             }
+            let events_of = events_by_seq(&part);
             let mut part = part.into_iter().enumerate();
             while let Some((group, events)) = part.next() {
                 let mut window = fill_window(inputs[group], events.into_iter());
                 let Ok(count) = send_window(inputs[group], &mut window) else {
-                    let taken = window.into_iter().flat_map(|(_, batch)| batch).chain(part.flat_map(|(_, e)| e));
-                    return Err(self.refuse_injected(taken, parts.flatten().flatten()));
+                    let taken: Vec<_> =
+                        window.into_iter().flat_map(|(_, batch)| batch).chain(part.flat_map(|(_, e)| e)).collect();
+                    return Err(self.refuse_part(taken, &events_of, parts.flatten().flatten()));
                 };
                 counts[group] += count;
             }
@@ -457,14 +461,19 @@ impl<M: Message> Engine<M> {
 
     /// Gives every event of `part` a token and its `seq`'s slot (one acquired per message) and
     /// counts it as that message's work; false, with nothing counted, if the engine stopped
-    /// before enough slots were free.
+    /// before enough slots were free. Slots are taken a few at a time as they come free, so a
+    /// busy engine's submitters, which take theirs a window at a time, do not starve it.
     fn track_injected(&self, part: &mut [Vec<Envelope<M>>]) -> bool {
         let mut seqs: Vec<u64> = part.iter().flatten().map(|event| event.seq).collect();
         seqs.sort_unstable();
         seqs.dedup();
         let mut slots = Vec::with_capacity(seqs.len());
-        if !self.tracker.acquire(seqs.len(), &mut slots, &|| self.shared.is_poisoned()) {
-            return false;
+        while slots.len() < seqs.len() {
+            let some = (seqs.len() - slots.len()).min(INJECTED_SLOTS_AT_ONCE);
+            if !self.tracker.acquire(some, &mut slots, &|| self.shared.is_poisoned()) {
+                self.tracker.give_back(&slots);
+                return false;
+            }
         }
         let slot_of: rustc_hash::FxHashMap<u64, u32> = seqs.into_iter().zip(slots).collect();
         for event in part.iter_mut().flatten() {
@@ -475,19 +484,27 @@ impl<M: Message> Engine<M> {
         true
     }
 
-    /// The refusal of an injection: `taken` (tracked, never sent) are taken back, and every
-    /// message not sent (`taken`, then `rest`) comes back in order.
-    fn refuse_injected(
+    /// The refusal of a part half sent: its events not sent (`taken`) come back, with every
+    /// message of the parts after it (`rest`); the work of a message none of whose events went
+    /// is taken back, but a message partly sent stays in flight for good (its events not sent
+    /// keep their count), so that it is never reported finished, nor journaled so, with those
+    /// events left out: recovery resumes it. `events_of` counts each message's events in the
+    /// part.
+    fn refuse_part(
         &self,
-        taken: impl IntoIterator<Item = Envelope<M>>,
+        taken: Vec<Envelope<M>>,
+        events_of: &rustc_hash::FxHashMap<u64, usize>,
         rest: impl Iterator<Item = Envelope<M>>,
     ) -> SubmitError<Vec<M>> {
-        let mut unsent = Vec::new();
+        let not_sent = events_by_seq(std::slice::from_ref(&taken));
+        let mut unsent = Vec::with_capacity(taken.len());
         for event in taken {
-            self.tracker.unregister(event.slot, event.token);
+            if not_sent.get(&event.seq) == events_of.get(&event.seq) {
+                self.tracker.unregister(event.slot, event.token);
+            }
             unsent.push(event.msg);
         }
-        unsent.extend(rest.map(|e| e.msg));
+        unsent.extend(rest.map(|event| event.msg));
         SubmitError::Poisoned(unsent)
     }
 
@@ -703,6 +720,18 @@ impl<M: Message> Drop for Engine<M> {
 /// until its work has finished): half of what the tracker holds, so that an injection never
 /// waits for more slots than the tracker has.
 pub const INJECTED_MESSAGES_AT_ONCE: usize = crate::completion::ROOTS_MAX / 2;
+
+/// Slots an injection asks the tracker for at a time.
+const INJECTED_SLOTS_AT_ONCE: usize = 1_024;
+
+/// How many of `groups`' events each message (`seq`) has.
+fn events_by_seq<M>(groups: &[Vec<Envelope<M>>]) -> rustc_hash::FxHashMap<u64, usize> {
+    let mut counts = rustc_hash::FxHashMap::default();
+    for event in groups.iter().flatten() {
+        *counts.entry(event.seq).or_insert(0) += 1;
+    }
+    counts
+}
 
 /// `groups` cut into parts of at most [`INJECTED_MESSAGES_AT_ONCE`] messages (`seq`s), each
 /// message's events all in one part, in the order its first event came; within a part the events

@@ -276,6 +276,58 @@ fn a_dead_worker_poisons_the_engine_instead_of_hanging_callers() {
     assert!(!engine.shutdown().is_clean());
 }
 
+/// An injection refused halfway (its second stage's worker died): every message not sent comes
+/// back; one of whose events went stays in flight, never reported finished (recovery resumes it),
+/// and one none of whose events went is taken back.
+#[test]
+fn an_injection_refused_halfway_never_reports_a_message_half_sent_as_finished() {
+    let (handled, fine_done) = crossbeam_channel::unbounded::<u64>();
+    let mut topology = Topology::new();
+    let fine = topology.stage("fine");
+    let broken = topology.stage("broken");
+    // Linked so that the topology is whole; the fine stage emits nothing.
+    topology.entry(fine).link(fine, broken);
+    topology.handler(fine, move |_| {
+        let handled = handled.clone();
+        move |event: &Envelope<Job>, _: &mut Emitter<Job>| {
+            handled.send(event.seq).ok();
+            Outcome::Done
+        }
+    });
+    // Its dead letters go to a sink that panics: its worker dies.
+    topology.handler(broken, |_| |_: &Envelope<Job>, _: &mut Emitter<Job>| Outcome::Reject("no".into()));
+    let calls = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let reported = Arc::clone(&calls);
+    let config = EngineConfig::builder().queue_batches(1).batch_events_max(1).build().expect("valid");
+    let engine = Engine::builder(topology)
+        .config(&config)
+        .dead_letters(Arc::new(PanickingSink))
+        .on_complete(Arc::new(move |seq| reported.lock().push(seq)))
+        .start()
+        .expect("valid");
+    // The first kills the broken stage's worker, the second fills its queue for good.
+    engine.inject_many(broken, [Envelope::submitted(100, Job(100))]).expect("sent");
+    engine.inject_many(broken, [Envelope::submitted(101, Job(101))]).expect("sent");
+    let poisoned = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        engine.poisoned().is_some()
+    });
+    assert!(poisoned, "the broken worker died");
+    // Message 7 has an event in each stage, message 8 one in the broken stage only.
+    let refused = engine.inject_all(vec![
+        (fine, vec![Envelope::submitted(7, Job(7))]),
+        (broken, vec![Envelope::submitted(7, Job(7)), Envelope::submitted(8, Job(8))]),
+    ]);
+    assert!(matches!(&refused, Err(SubmitError::Poisoned(unsent)) if unsent == &[Job(7), Job(8)]), "{refused:?}");
+    assert_eq!(fine_done.recv_timeout(Duration::from_secs(5)), Ok(7), "message 7's first event went");
+    // Time for the fine stage's worker to settle its unit, which would report message 7 had its
+    // unsent event been taken back.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(calls.lock().as_slice(), [] as [u64; 0], "nothing finished");
+    assert_eq!(engine.in_flight(), 3, "100 and 101 in the dead stage, and 7; not 8");
+    engine.shutdown();
+}
+
 #[test]
 fn malformed_topologies_are_refused_with_the_reason() {
     let config = EngineConfig::default();
