@@ -380,8 +380,9 @@ impl<M: Message> Engine<M> {
     /// window and returns at once with its [`Receipt`], which settles once the window is durable
     /// (with a journal) and in the entry queue: one caller keeps several windows committing at a
     /// time, as an open-loop load generator must (a caller that waited for each commit would fall
-    /// behind its schedule by a commit per window). Blocks only while [`WINDOWS_IN_FLIGHT`](crate::WINDOWS_IN_FLIGHT)
-    /// windows are out (across all callers), or, without a journal, while the entry queue is full.
+    /// behind its schedule by a commit per window). Blocks only while
+    /// [`WINDOWS_IN_FLIGHT`](crate::WINDOWS_IN_FLIGHT) windows are out (across all callers), or,
+    /// without a journal, while the entry queue is full.
     /// End-to-end latency counts from `scheduled`, as for [`submit_many_at`](Self::submit_many_at).
     ///
     /// # Panics
@@ -439,19 +440,23 @@ impl<M: Message> Engine<M> {
         };
         let mut parts = injected_parts(groups.into_iter().map(|(_, events)| events).collect()).into_iter();
         while let Some(mut part) = parts.next() {
-            if self.track_completion && !self.track_injected(&mut part) {
-                // Nothing of this part counted, nothing sent.
-                let unsent = part.into_iter().flatten().chain(parts.flatten().flatten());
-                return Err(SubmitError::Poisoned(unsent.map(|event| event.msg).collect()));
-            }
-            let events_of = events_by_seq(&part);
+            let injected = if self.track_completion {
+                let Some(injected) = self.track_injected(&mut part) else {
+                    // Nothing of this part counted, nothing sent.
+                    let unsent = part.into_iter().flatten().chain(parts.flatten().flatten());
+                    return Err(SubmitError::Poisoned(unsent.map(|event| event.msg).collect()));
+                };
+                injected
+            } else {
+                Injected::default()
+            };
             let mut part = part.into_iter().enumerate();
             while let Some((group, events)) = part.next() {
                 let mut window = fill_window(inputs[group], events.into_iter());
                 let Ok(count) = send_window(inputs[group], &mut window) else {
                     let taken: Vec<_> =
                         window.into_iter().flat_map(|(_, batch)| batch).chain(part.flat_map(|(_, e)| e)).collect();
-                    return Err(self.refuse_part(taken, &events_of, parts.flatten().flatten()));
+                    return Err(self.refuse_part(taken, &injected, parts.flatten().flatten()));
                 };
                 counts[group] += count;
             }
@@ -460,46 +465,52 @@ impl<M: Message> Engine<M> {
     }
 
     /// Gives every event of `part` a token and its `seq`'s slot (one acquired per message) and
-    /// counts it as that message's work; false, with nothing counted, if the engine stopped
+    /// counts it as that message's work; `None`, with nothing counted, if the engine stopped
     /// before enough slots were free. Slots are taken a few at a time as they come free, so a
     /// busy engine's submitters, which take theirs a window at a time, do not starve it.
-    fn track_injected(&self, part: &mut [Vec<Envelope<M>>]) -> bool {
-        let mut seqs: Vec<u64> = part.iter().flatten().map(|event| event.seq).collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        let mut slots = Vec::with_capacity(seqs.len());
-        while slots.len() < seqs.len() {
-            let some = (seqs.len() - slots.len()).min(INJECTED_SLOTS_AT_ONCE);
+    fn track_injected(&self, part: &mut [Vec<Envelope<M>>]) -> Option<Injected> {
+        let mut injected = Injected::default();
+        for event in part.iter().flatten() {
+            injected.entry(event.seq).or_default().1 += 1;
+        }
+        let mut slots = Vec::with_capacity(injected.len());
+        while slots.len() < injected.len() {
+            let some = (injected.len() - slots.len()).min(INJECTED_SLOTS_AT_ONCE);
             if !self.tracker.acquire(some, &mut slots, &|| self.shared.is_poisoned()) {
                 self.tracker.give_back(&slots);
-                return false;
+                return None;
             }
         }
-        let slot_of: rustc_hash::FxHashMap<u64, u32> = seqs.into_iter().zip(slots).collect();
+        for ((slot, _), free) in injected.values_mut().zip(slots) {
+            *slot = free;
+        }
         for event in part.iter_mut().flatten() {
-            event.slot = slot_of[&event.seq];
+            event.slot = injected[&event.seq].0;
             event.token = token_of(self.inject_tokens.fetch_add(1, Ordering::Relaxed));
             self.tracker.register(event.slot, event.seq, event.token);
         }
-        true
+        Some(injected)
     }
 
     /// The refusal of a part half sent: its events not sent (`taken`) come back, with every
     /// message of the parts after it (`rest`); the work of a message none of whose events went
     /// is taken back, but a message partly sent stays in flight for good (its events not sent
     /// keep their count), so that it is never reported finished, nor journaled so, with those
-    /// events left out: recovery resumes it. `events_of` counts each message's events in the
-    /// part.
+    /// events left out: recovery resumes it. `injected` holds the part's messages (none when
+    /// the engine does not track).
     fn refuse_part(
         &self,
         taken: Vec<Envelope<M>>,
-        events_of: &rustc_hash::FxHashMap<u64, usize>,
+        injected: &Injected,
         rest: impl Iterator<Item = Envelope<M>>,
     ) -> SubmitError<Vec<M>> {
-        let not_sent = events_by_seq(std::slice::from_ref(&taken));
+        let mut not_sent: rustc_hash::FxHashMap<u64, usize> = rustc_hash::FxHashMap::default();
+        for event in &taken {
+            *not_sent.entry(event.seq).or_default() += 1;
+        }
         let mut unsent = Vec::with_capacity(taken.len());
         for event in taken {
-            if not_sent.get(&event.seq) == events_of.get(&event.seq) {
+            if injected.get(&event.seq).is_some_and(|&(_, events)| events == not_sent[&event.seq]) {
                 self.tracker.unregister(event.slot, event.token);
             }
             unsent.push(event.msg);
@@ -724,14 +735,9 @@ pub const INJECTED_MESSAGES_AT_ONCE: usize = crate::completion::ROOTS_MAX / 2;
 /// Slots an injection asks the tracker for at a time.
 const INJECTED_SLOTS_AT_ONCE: usize = 1_024;
 
-/// How many of `groups`' events each message (`seq`) has.
-fn events_by_seq<M>(groups: &[Vec<Envelope<M>>]) -> rustc_hash::FxHashMap<u64, usize> {
-    let mut counts = rustc_hash::FxHashMap::default();
-    for event in groups.iter().flatten() {
-        *counts.entry(event.seq).or_insert(0) += 1;
-    }
-    counts
-}
+/// The messages of a part being injected, by `seq`: each one's tracker slot and how many of the
+/// part's events it has.
+type Injected = rustc_hash::FxHashMap<u64, (u32, usize)>;
 
 /// `groups` cut into parts of at most [`INJECTED_MESSAGES_AT_ONCE`] messages (`seq`s), each
 /// message's events all in one part, in the order its first event came; within a part the events
