@@ -448,6 +448,9 @@ impl<M: Message> Engine<M> {
                 };
                 injected
             } else {
+                // Untracked events carry token zero, whatever the caller left in them: their
+                // children's tokens and their ends then touch no slot.
+                part.iter_mut().flatten().for_each(|event| event.token = 0);
                 Injected::default()
             };
             let mut part = part.into_iter().enumerate();

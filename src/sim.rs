@@ -23,7 +23,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::clock::{Clock, ManualClock};
-use crate::completion::{Acks, Tracker};
+use crate::completion::{Acks, Tokens, Tracker};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::error::BuildError;
 use crate::journal::{completion_record, dead_letter_record, JournalCodec};
@@ -70,7 +70,7 @@ struct SimBooks<M> {
     /// token source for what the simulation submits; the tracker; and the messages the updates
     /// applied last finished.
     acks: Vec<Acks>,
-    tokens: Acks,
+    tokens: Tokens,
     /// Updates applied to the tracker's words so far.
     #[cfg(test)]
     applied: usize,
@@ -222,6 +222,7 @@ impl<M: Message> Simulation<M> {
                 let linked = (0..count).map(|to| links.iter().any(|&(f, t)| f.index() == index && t.index() == to));
                 let mut emitter = Emitter::new(linked.collect(), true);
                 emitter.set_routes(Arc::clone(&exchange), may_publish[index].clone(), dead_letter_unroutable);
+                emitter.tokens = Tokens::new((index as u64 + 1) << 48);
                 let shared: Arc<dyn Clock> = Arc::clone(&clock) as Arc<dyn Clock>;
                 let stage_seed = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 let core = StageCore::new(
@@ -245,8 +246,8 @@ impl<M: Message> Simulation<M> {
             clock: Arc::clone(&clock),
             stage: 0,
             outgoing: Vec::new(),
-            acks: (1..=count as u64).map(|n| Acks::new(n << 48, true)).collect(),
-            tokens: Acks::new((count as u64 + 1) << 48, true),
+            acks: (0..count).map(|_| Acks::default()).collect(),
+            tokens: Tokens::new((count as u64 + 1) << 48),
             #[cfg(test)]
             applied: 0,
             tracker: Tracker::new(None),
@@ -350,7 +351,7 @@ impl<M: Message> Simulation<M> {
             }
         };
         envelope.slot = slot;
-        envelope.token = self.books.tokens.token();
+        envelope.token = self.books.tokens.next();
         tracker.register(slot, envelope.seq, envelope.token);
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conduit::log::{completed_ids, Log, LogOptions, ENGINE_STREAM, KIND_COMPLETED, STAGE_INGRESS};
-use conduit::{Emitter, Engine, EngineConfig, Envelope, Journal, JournalCodec, Message, Outcome, Topology};
+use conduit::{Emitter, Engine, EngineConfig, Envelope, Journal, JournalCodec, Message, Outcome, StageId, Topology};
 use parking_lot::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,11 @@ struct Seen {
 /// split (fans each job out in two, rejects some) -> slow (retries every third event once)
 /// -> sink (counts arrivals by seq, records a fact); two workers per stage.
 fn topology(seen: &Arc<Seen>) -> Topology<Job> {
+    topology_from_split(seen).0
+}
+
+/// [`topology`], and its entry stage.
+fn topology_from_split(seen: &Arc<Seen>) -> (Topology<Job>, StageId) {
     let mut topology = Topology::new();
     let split = topology.stage("split");
     let slow = topology.stage("slow");
@@ -95,7 +100,7 @@ fn topology(seen: &Arc<Seen>) -> Topology<Job> {
             Outcome::Done
         }
     });
-    topology
+    (topology, split)
 }
 
 fn config() -> EngineConfig {
@@ -243,6 +248,19 @@ fn without_tracking_nothing_is_counted() {
     let snapshot = engine.shutdown().snapshot;
     assert_eq!((snapshot.completed, snapshot.in_flight), (0, 0));
     assert_eq!(snapshot.end_to_end_us, None, "nothing measured without tracking");
+}
+
+/// Envelopes injected into an engine that does not track are untracked whatever tokens their
+/// builder left in them: their children and their ends touch no slot of the tracker.
+#[test]
+fn without_tracking_an_injected_token_is_ignored() {
+    let seen = Arc::new(Seen::default());
+    let (topology, split) = topology_from_split(&seen);
+    let engine = Engine::builder(topology).config(&config()).track_completion(false).start().expect("valid");
+    let events = (0..100).map(|id| Envelope { slot: 0, token: 7, ..Envelope::submitted(id, Job(id * 10)) });
+    assert_eq!(engine.inject_many(split, events).expect("injected"), 100);
+    let snapshot = engine.shutdown().snapshot;
+    assert_eq!((snapshot.completed, snapshot.in_flight), (0, 0), "a slot that was never taken was updated");
 }
 
 #[test]

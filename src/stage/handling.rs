@@ -260,16 +260,11 @@ impl<M: crate::Message, H: Handler<M>> StageCore<M, H> {
     ) -> Result<(), E::Stop> {
         tally.processed += 1;
         tally.emitted += self.emitter.staged.len() as u64;
-        let acks = fx.acks();
-        if acks.enabled() {
-            // The event ends as its children begin: its token is split among them (their tokens
-            // XOR to it), so its root's word does not change and the tracker's shared memory is
-            // touched only where the work ends, by events that emit nothing.
-            if self.emitter.staged.is_empty() {
-                acks.update(event.slot, event.token);
-            } else {
-                acks.split(event.token, &mut self.emitter.staged, |(_, child), token| child.token = token);
-            }
+        // The event ends as its children begin: its token was split among them as they were
+        // emitted (their tokens XOR to it), so its root's word does not change and the tracker's
+        // shared memory is touched only where the work ends, by events that emit nothing.
+        if self.emitter.staged.is_empty() {
+            fx.acks().update(event.slot, event.token);
         }
         let cause = fx.forward(event, &mut self.emitter)?;
         tally.unroutable += self.emitter.unroutable_count;

@@ -189,6 +189,10 @@ pub struct Emitter<M> {
     pub(crate) key: u64,
     pub(crate) seq: u64,
     pub(crate) slot: u32,
+    /// The handled event's completion token, which its children split (zero when untracked),
+    /// and where their fresh tokens come from.
+    pub(crate) token: u64,
+    pub(crate) tokens: crate::completion::Tokens,
     pub(crate) cause: u64,
     pub(crate) deadline: Deadline,
     /// The stage's clock: what `*_within` count from (read only when they are called).
@@ -218,6 +222,8 @@ impl<M> Emitter<M> {
             key: 0,
             seq: 0,
             slot: 0,
+            token: 0,
+            tokens: crate::completion::Tokens::default(),
             cause: 0,
             deadline: Deadline::NEVER,
             clock: None,
@@ -253,6 +259,7 @@ impl<M> Emitter<M> {
         self.key = event.key;
         self.seq = event.seq;
         self.slot = event.slot;
+        self.token = event.token;
         self.cause = event.cause;
         self.deadline = event.deadline;
     }
@@ -287,13 +294,14 @@ impl<M> Emitter<M> {
     /// Like [`emit`](Self::emit), with another key.
     pub fn emit_keyed(&mut self, to: StageId, key: u64, msg: M) {
         if self.links.get(to.index()).copied().unwrap_or(false) {
+            let first = self.staged.first_mut().map(|(_, first)| &mut first.token);
             let envelope = Envelope {
                 key,
                 seq: self.seq,
                 cause: self.cause,
                 attempt: 0,
                 slot: self.slot,
-                token: 0,
+                token: self.tokens.child(self.token, first),
                 deadline: self.deadline,
                 msg,
             };

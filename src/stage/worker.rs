@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use crate::channel::{partition_of, BatchReceiver, Received, SendFailure, StageInput};
 use crate::clock::Clock;
-use crate::completion::{Acks, Tracker};
+use crate::completion::{Acks, Tokens, Tracker};
 use crate::config::{Overflow, StageConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterKind, DeadLetterSink, Failures};
 use crate::journal::{Journal, JournalWriter};
@@ -359,21 +359,22 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         let mut emitter = Emitter::new(links, journal.is_some());
         if ctx.track_completion {
             emitter.tracker = Some(Arc::clone(&ctx.tracker));
+            // Each worker draws tokens from its own range of the counter, so no two events share
+            // one (a pool's workers by the order they were started in, 4,096 before a range
+            // comes back).
+            emitter.tokens = Tokens::new((u64::from(ctx.stage) + 1) << 48 | (ctx.serial & 0xFFF) << 36);
         }
         if let Some((exchange, may_publish, dead_letter_unroutable)) = ctx.routes.take() {
             emitter.set_routes(exchange, may_publish, dead_letter_unroutable);
         }
         let seed = (u64::from(ctx.stage) << 32) ^ ctx.worker as u64;
         let core = StageCore::new(ctx.stage_name, ctx.config, handler, emitter, ctx.clock, seed);
-        // Each worker draws tokens from its own range of the counter, so no two events share one
-        // (a pool's workers by the order they were started in, 4,096 before a range comes back).
-        let token_seed = (u64::from(ctx.stage) + 1) << 48 | (ctx.serial & 0xFFF) << 36;
         let io = WorkerIo {
             outboxes,
             journal,
             dead_letters: ctx.dead_letters,
             wall_us: 0,
-            acks: Acks::new(token_seed, ctx.track_completion),
+            acks: Acks::default(),
             tracker: ctx.tracker,
             finished: Vec::new(),
             finished_since: None,
