@@ -2,22 +2,22 @@
 //!
 //! Apache Storm's acker, in process. Every event carries a random 64-bit `token`; each submitted
 //! message (a *root*, keyed by its `seq`) has one word, the XOR of the tokens of its events still
-//! unfinished. An event that ends by emitting others splits its token among them (see
-//! [`Tokens::child`]), so the word does not change; an event that ends with nothing to pass on (its
-//! work's last step, or dead-lettered) XORs its token into the word; a retried or parked event
-//! changes nothing. XOR is commutative, so the ends of a message's branches may land in any
-//! order; the word is zero exactly when every descendant has finished (a stray zero needs a
-//! 2^-64 coincidence). Memory: one entry per message in flight, whatever the history.
+//! unfinished. An event that ends by emitting others splits its token among them, so the word does
+//! not change; an event that ends with nothing to pass on (its work's last step, or dead-lettered)
+//! XORs its token into the word; a retried or parked event changes nothing. XOR is commutative, so
+//! the ends of a message's branches may land in any order; the word is zero exactly when every
+//! descendant has finished (a stray zero needs a 2^-64 coincidence). Memory: one entry per message
+//! in flight, whatever the history.
+//!
+//! Tokens are split as a handler emits: an event's first child takes its token, each later one a
+//! fresh token that the first's also takes in by XOR. An event that hands its work to one successor
+//! (most of them) costs tracking nothing at all.
 //!
 //! Each message in flight holds a slot of the tracker (its events carry the slot's index), so an
 //! update is one atomic XOR, no lock and no lookup. Workers collect their updates per unit of work
-//! and apply them once per unit. With a journal a worker
-//! applies its updates only after handing that unit's records to the log, so the completion record
-//! the applying worker then appends always follows every record of the finished work.
-//!
-//! Tokens are split as a handler emits ([`Tokens::child`]): an event's first child takes its
-//! token, each later one a fresh token that the first's also takes in by XOR. An event that hands
-//! its work to one successor (most of them) costs tracking nothing at all.
+//! and apply them once per unit. With a journal a worker applies its updates only after handing
+//! that unit's records to the log, so the completion record the applying worker then appends always
+//! follows every record of the finished work.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
