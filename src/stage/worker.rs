@@ -360,8 +360,8 @@ impl<M: Message, H: Handler<M>> Worker<M, H> {
         if ctx.track_completion {
             emitter.tracker = Some(Arc::clone(&ctx.tracker));
             // Each worker draws tokens from its own range of the counter, so no two events share
-            // one (a pool's workers by the order they were started in, 4,096 before a range
-            // comes back).
+            // one but by a 2^-64 coincidence (a pool's workers by the order they were started in,
+            // 4,096 before a range comes back).
             emitter.tokens = Tokens::new((u64::from(ctx.stage) + 1) << 48 | (ctx.serial & 0xFFF) << 36);
         }
         if let Some((exchange, may_publish, dead_letter_unroutable)) = ctx.routes.take() {
